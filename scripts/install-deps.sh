@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs every outside tool the tests use, on a fresh Debian 12 machine.
+# Idempotent and quiet when everything is present already.
+set -euo pipefail
+
+pkgs=(
+  # userspace NBD clients and peers (tests/nbd, bench/)
+  fio nbdkit qemu-utils libnbd-bin python3-libnbd fuse3 nbd-server nbd-client
+  e2fsprogs util-linux
+  # kernel VM harness (tests/vm)
+  qemu-system-x86 busybox-static kmod xz-utils cpio
+  # vagrant/ syntax check
+  ruby
+)
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# /dev/fuse for nbdfuse
+[ -e /dev/fuse ] || { mknod /dev/fuse c 10 229 2>/dev/null || true; }
+go mod download
