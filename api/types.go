@@ -1,0 +1,341 @@
+// Package api is the master's wire contract: the JSON types exchanged over
+// HTTP under /v1/ and a Go client (Client) that finds and follows the raft
+// leader among several master addresses. It is a leaf package: the master,
+// the volume server and the CLI import it; it imports nothing of blockd.
+//
+// Endpoints (all JSON; errors are an Error object with a stable Code):
+//
+//	GET    /v1/status                    StatusResponse (served by any master)
+//	POST   /v1/heartbeat                 HeartbeatRequest -> HeartbeatResponse
+//	GET    /v1/servers                   []ServerInfo
+//	GET    /v1/volumes                   []VolumeInfo
+//	POST   /v1/volumes                   CreateVolumeRequest -> VolumeInfo (201)
+//	POST   /v1/volumes/plan              CreateVolumeRequest -> PlanResponse (dry run)
+//	POST   /v1/volumes/resolve           CreateVolumeRequest -> ResolveResponse (dry run)
+//	GET    /v1/volumes/{name}            VolumeInfo
+//	DELETE /v1/volumes/{name}            204
+//	POST   /v1/volumes/{name}/expand     ExpandRequest -> VolumeInfo
+//	GET    /v1/volumes/{name}/primary    PrimaryInfo
+//	GET    /v1/volumes/{name}/preflight  PreflightResponse (read only)
+//	POST   /v1/volumes/{name}/promote    PromoteRequest -> PromoteResponse
+//	POST   /v1/raft/join                 JoinRequest (adds a master as a voter)
+//
+// Only the raft leader acts. A follower answers every request except
+// /v1/status with HTTP 307 to the same path on the leader's API address (the
+// body is an Error with Code "not_leader" and Leader set), or 503 "not_leader"
+// when it knows no leader. Client follows both.
+package api
+
+// Durability modes (DESIGN.md §3).
+const (
+	DurabilityBestEffort = "best_effort"
+	DurabilitySyncAll    = "sync_all"
+	DurabilitySyncQuorum = "sync_quorum"
+)
+
+// Roles of a server for one volume (DESIGN.md §3). RoleNone in an assignment
+// means: this server is not in the volume's set; stop serving it (keep data).
+const (
+	RolePrimary    = "primary"
+	RoleReplica    = "replica"
+	RoleRebuilding = "rebuilding"
+	RoleNone       = "none"
+)
+
+// Replica states (DESIGN.md §3), as reported by a primary for each replica.
+const (
+	StateDisconnected = "Disconnected"
+	StateConnecting   = "Connecting"
+	StateCatchingUp   = "CatchingUp"
+	StateInSync       = "InSync"
+	StateDegraded     = "Degraded"
+	StateNeedsRebuild = "NeedsRebuild"
+	StateRebuilding   = "Rebuilding"
+)
+
+// Volume status values in VolumeInfo.Status (computed by the leader).
+const (
+	StatusPending     = "pending"      // assignment not yet confirmed by the primary's heartbeat
+	StatusHealthy     = "healthy"      // primary confirmed, every replica InSync
+	StatusDegraded    = "degraded"     // primary confirmed, some replica not InSync (or unknown)
+	StatusFailingOver = "failing_over" // primary lost; waiting for its lease to expire
+	StatusUnavailable = "unavailable"  // primary lost and no eligible replica to promote
+)
+
+// ---- volumes ----
+
+// CreateVolumeRequest is the body of create, plan and resolve. Zero fields
+// are filled from the preset (or the built-in defaults); set fields override it.
+type CreateVolumeRequest struct {
+	Name         string `json:"name"`
+	SizeBytes    int64  `json:"size_bytes"`
+	BlockSize    int    `json:"block_size,omitempty"`
+	RF           int    `json:"rf,omitempty"`
+	Durability   string `json:"durability,omitempty"`
+	Preset       string `json:"preset,omitempty"`
+	WALSizeBytes int64  `json:"wal_size_bytes,omitempty"`
+	// RequestID makes create idempotent across retries and leader changes:
+	// a create whose name exists with the same RequestID succeeds with the
+	// existing volume. Client.CreateVolume fills it when empty.
+	RequestID string `json:"request_id,omitempty"`
+}
+
+// PrimaryRef names a volume's primary.
+type PrimaryRef struct {
+	ServerID string `json:"server_id"`
+	NBDAddr  string `json:"nbd_addr"`
+	Addr     string `json:"addr"` // control/replication address
+}
+
+// ReplicaInfo is one replica of a volume as the master knows it. State and
+// FlushedLSN come from the primary's last heartbeat report (the replica's own
+// durable LSN when the primary has not reported it).
+type ReplicaInfo struct {
+	ServerID   string `json:"server_id"`
+	Addr       string `json:"addr"`
+	State      string `json:"state"`
+	FlushedLSN uint64 `json:"flushed_lsn"`
+}
+
+// VolumeInfo is `blockd volume info NAME -o json` (DESIGN.md §8).
+type VolumeInfo struct {
+	Name         string        `json:"name"`
+	ID           uint64        `json:"id"` // incarnation: changes when a name is deleted and re-created
+	SizeBytes    int64         `json:"size_bytes"`
+	BlockSize    int           `json:"block_size"`
+	Epoch        uint64        `json:"epoch"`
+	Durability   string        `json:"durability"`
+	RF           int           `json:"rf"`
+	Preset       string        `json:"preset"`
+	Status       string        `json:"status"`
+	WALSizeBytes int64         `json:"wal_size_bytes"`
+	Primary      PrimaryRef    `json:"primary"`
+	Replicas     []ReplicaInfo `json:"replicas"`
+	HeadLSN      uint64        `json:"head_lsn"` // primary's last reported head LSN (0 if unknown)
+}
+
+// ExpandRequest grows a volume. Size may only grow.
+type ExpandRequest struct {
+	SizeBytes int64 `json:"size_bytes"`
+}
+
+// PrimaryInfo answers PrimaryOf: where to attach a volume.
+type PrimaryInfo struct {
+	Volume   string `json:"volume"`
+	Epoch    uint64 `json:"epoch"`
+	ServerID string `json:"server_id"`
+	Addr     string `json:"addr"`
+	NBDAddr  string `json:"nbd_addr"`
+}
+
+// ---- plan / resolve ----
+
+// Warning is a non-fatal remark about a request (stable Code).
+type Warning struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// ResolvedPolicy is a create request with every field decided.
+type ResolvedPolicy struct {
+	Preset       string `json:"preset"`
+	SizeBytes    int64  `json:"size_bytes"`
+	BlockSize    int    `json:"block_size"`
+	RF           int    `json:"rf"`
+	Durability   string `json:"durability"`
+	WALSizeBytes int64  `json:"wal_size_bytes"`
+}
+
+// ResolveResponse is the dry run of preset resolution. Errors lists what
+// would make create fail (as Error objects with stable codes).
+type ResolveResponse struct {
+	Policy   ResolvedPolicy `json:"policy"`
+	Warnings []Warning      `json:"warnings"`
+	Errors   []Error        `json:"errors"`
+}
+
+// PlacementCandidate is one server considered by placement.
+type PlacementCandidate struct {
+	ServerID    string `json:"server_id"`
+	FreeBytes   int64  `json:"free_bytes"`
+	VolumeCount int    `json:"volume_count"`
+	Selected    bool   `json:"selected"`
+	Rejection   string `json:"rejection,omitempty"` // stable reason: not_alive, insufficient_capacity
+}
+
+// PlanResponse is the dry run of create: resolution plus placement.
+type PlanResponse struct {
+	Policy     ResolvedPolicy       `json:"policy"`
+	Primary    string               `json:"primary"`
+	Replicas   []string             `json:"replicas"`
+	Candidates []PlacementCandidate `json:"candidates"`
+	Warnings   []Warning            `json:"warnings"`
+	Errors     []Error              `json:"errors"`
+}
+
+// ---- preflight / promote ----
+
+// Rejection reasons of promotion candidates (stable strings). Hard reasons
+// cannot be bypassed by force; soft ones can.
+const (
+	// hard
+	ReasonNotAReplica       = "not_a_replica"
+	ReasonIsPrimary         = "is_primary"
+	ReasonServerUnknown     = "server_unknown"
+	ReasonNoHeartbeat       = "no_heartbeat"
+	ReasonHeartbeatStale    = "heartbeat_stale"
+	ReasonVolumeNotReported = "volume_not_reported"
+	ReasonWrongRole         = "wrong_role"
+	ReasonNeedsRebuild      = "replica_needs_rebuild"
+	ReasonVolumeIDMismatch  = "volume_id_mismatch"
+	// soft
+	ReasonStaleEpoch      = "stale_epoch"
+	ReasonNotInSync       = "not_in_sync"
+	ReasonLagExceeded     = "lag_exceeded"
+	ReasonLowerFlushedLSN = "lower_flushed_lsn"
+	ReasonPrimaryAlive    = "primary_alive" // volume level: the primary still holds a lease
+)
+
+// Candidate is one replica evaluated for promotion.
+type Candidate struct {
+	ServerID   string   `json:"server_id"`
+	Eligible   bool     `json:"eligible"`  // no reasons at all: automatic failover may pick it
+	Forceable  bool     `json:"forceable"` // only soft reasons: promote --force may pick it
+	FlushedLSN uint64   `json:"flushed_lsn"`
+	Role       string   `json:"role"`
+	Epoch      uint64   `json:"epoch"`
+	State      string   `json:"state"` // as reported by the primary
+	Reasons    []string `json:"reasons"`
+}
+
+// PreflightResponse is the read-only answer to "could this volume be promoted now?".
+type PreflightResponse struct {
+	Volume         string      `json:"volume"`
+	Epoch          uint64      `json:"epoch"`
+	Primary        string      `json:"primary"`
+	PrimaryAlive   bool        `json:"primary_alive"`
+	LeaseExpiresMS int64       `json:"lease_expires_in_ms"` // >0: the primary's lease may still be live that long
+	Best           string      `json:"best"`                // the candidate automatic failover would choose ("" if none)
+	Candidates     []Candidate `json:"candidates"`
+	Blockers       []string    `json:"blockers"` // volume-level reasons (primary_alive)
+}
+
+// PromoteRequest asks to make Target (or the best candidate) the primary.
+type PromoteRequest struct {
+	Target string `json:"target,omitempty"`
+	Force  bool   `json:"force,omitempty"`
+	// Epoch, when non-zero, must equal the volume's current epoch (409 epoch_changed otherwise).
+	Epoch uint64 `json:"epoch,omitempty"`
+}
+
+// PromoteResponse reports a promotion.
+type PromoteResponse struct {
+	Volume      string   `json:"volume"`
+	OldPrimary  string   `json:"old_primary"`
+	NewPrimary  string   `json:"new_primary"`
+	Epoch       uint64   `json:"epoch"`
+	Bypassed    []string `json:"bypassed,omitempty"` // soft reasons bypassed by force
+	LeaseWaitMS int64    `json:"lease_wait_ms"`      // the new primary gets no lease before this
+}
+
+// ---- servers and heartbeats ----
+
+// HeartbeatReplica is a primary's view of one of its replicas.
+type HeartbeatReplica struct {
+	ServerID   string `json:"server_id"`
+	State      string `json:"state"`
+	FlushedLSN uint64 `json:"flushed_lsn"`
+}
+
+// HeartbeatVolume is one volume a server hosts, as it reports it.
+type HeartbeatVolume struct {
+	Name          string             `json:"name"`
+	ID            uint64             `json:"id,omitempty"` // VolumeAssignment.ID the server was given (0 = unknown)
+	Role          string             `json:"role"`
+	Epoch         uint64             `json:"epoch"`
+	HeadLSN       uint64             `json:"head_lsn"`
+	CheckpointLSN uint64             `json:"checkpoint_lsn"`
+	DurableLSN    uint64             `json:"durable_lsn"`        // local FlushedLSN (covered by fdatasync)
+	Replicas      []HeartbeatReplica `json:"replicas,omitempty"` // primary only
+}
+
+// HeartbeatRequest is what a volume server sends every HeartbeatIntervalMS.
+type HeartbeatRequest struct {
+	ServerID      string            `json:"server_id"`
+	Addr          string            `json:"addr"` // control/replication address (host:port); an empty host is filled with the caller's IP
+	NBDAddr       string            `json:"nbd_addr"`
+	CapacityBytes int64             `json:"capacity_bytes"`
+	FreeBytes     int64             `json:"free_bytes"`
+	Volumes       []HeartbeatVolume `json:"volumes"`
+}
+
+// ServerRef is a server in an assignment.
+type ServerRef struct {
+	ServerID string `json:"server_id"`
+	Addr     string `json:"addr"`
+	NBDAddr  string `json:"nbd_addr,omitempty"`
+}
+
+// VolumeAssignment is the master's desired state of one volume on the
+// heartbeating server. Every heartbeat reply carries the assignments of every
+// volume the server belongs to (it is repeated until, and after, a heartbeat
+// confirms it by reporting the same role and epoch).
+type VolumeAssignment struct {
+	Volume       string `json:"volume"`
+	ID           uint64 `json:"id"` // volume incarnation; report it back in HeartbeatVolume.ID
+	SizeBytes    int64  `json:"size_bytes"`
+	BlockSize    int    `json:"block_size"`
+	WALSizeBytes int64  `json:"wal_size_bytes"`
+	Durability   string `json:"durability"`
+	Role         string `json:"role"` // primary | replica | none
+	Epoch        uint64 `json:"epoch"`
+	// LeaseTTLMS > 0 only for the primary: it may accept writes for this
+	// epoch until (time it SENT this heartbeat) + LeaseTTLMS. 0 = no lease:
+	// do not accept writes (e.g. right after a promotion while the old
+	// primary's lease may still be live).
+	LeaseTTLMS int64       `json:"lease_ttl_ms"`
+	Primary    ServerRef   `json:"primary"`
+	Replicas   []ServerRef `json:"replicas"`
+	Confirmed  bool        `json:"confirmed"` // this heartbeat reported exactly this role and epoch
+}
+
+// HeartbeatResponse is the master's reply to a heartbeat.
+type HeartbeatResponse struct {
+	LeaseTTLMS          int64              `json:"lease_ttl_ms"`
+	HeartbeatIntervalMS int64              `json:"heartbeat_interval_ms"` // send the next heartbeat within this
+	Assignments         []VolumeAssignment `json:"assignments"`
+	// Drop lists volumes the server reported that were deleted (or belong to
+	// an older incarnation of the name): stop serving them and delete their data.
+	Drop []string `json:"drop"`
+}
+
+// ServerInfo is one registered volume server.
+type ServerInfo struct {
+	ServerID        string `json:"server_id"`
+	Addr            string `json:"addr"`
+	NBDAddr         string `json:"nbd_addr"`
+	CapacityBytes   int64  `json:"capacity_bytes"`
+	FreeBytes       int64  `json:"free_bytes"`
+	Alive           bool   `json:"alive"`
+	LastHeartbeatMS int64  `json:"last_heartbeat_ms_ago"` // -1: none since this leader started
+	Volumes         int    `json:"volumes"`
+}
+
+// ---- masters ----
+
+// StatusResponse describes one master.
+type StatusResponse struct {
+	ID       string   `json:"id"` // the master's API address (its raft server ID)
+	State    string   `json:"state"`
+	IsLeader bool     `json:"is_leader"`
+	Leader   string   `json:"leader"` // leader's API address ("" if unknown)
+	Peers    []string `json:"peers"`
+	Term     uint64   `json:"term"`
+	Applied  uint64   `json:"applied_index"`
+}
+
+// JoinRequest adds a master (ID = its API address) to the raft cluster.
+type JoinRequest struct {
+	ID       string `json:"id"`
+	RaftAddr string `json:"raft_addr"`
+}
