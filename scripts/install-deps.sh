@@ -23,6 +23,17 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# tests/vm boots Debian's 6.12 kernel (linux-image-6.12-amd64, from
+# bookworm-security): make sure apt can find it.
+if ! apt-cache show linux-image-6.12-amd64 >/dev/null 2>&1; then
+  apt-get update -qq || true
+  if ! apt-cache show linux-image-6.12-amd64 >/dev/null 2>&1; then
+    echo "install-deps: adding bookworm-security to the apt sources for the 6.12 kernel"
+    echo "deb http://deb.debian.org/debian-security bookworm-security main" \
+      >/etc/apt/sources.list.d/blockd-security.list
+    apt-get update -qq
+  fi
+fi
 # /dev/fuse for nbdfuse
 [ -e /dev/fuse ] || { mknod /dev/fuse c 10 229 2>/dev/null || true; }
 go mod download
