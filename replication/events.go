@@ -1,0 +1,21 @@
+package replication
+
+// Stable event names (slog msg). Tests and operators match on these.
+const (
+	EvSessionCreated   = "session_created"    // replica, session, epoch, addr
+	EvSessionEnded     = "session_ended"      // replica, session, reason
+	EvPlanChosen       = "plan_chosen"        // replica, session, plan, reason, detail, from, to
+	EvPlanCancelled    = "plan_cancelled"     // replica, session, reason
+	EvEscalated        = "escalated"          // replica, reason, from_lsn, head_lsn, to
+	EvStateChanged     = "state_changed"      // replica, from, to, reason
+	EvCatchUpDone      = "catchup_done"       // replica, session, lsn, records
+	EvTransferBegun    = "transfer_begun"     // replica, session, kind, reset_lsn, regions
+	EvTransferDone     = "transfer_done"      // replica, session, kind, achieved_lsn, bytes
+	EvRetentionRelease = "retention_released" // replica, reason, lsn
+	EvEndpointMoved    = "endpoint_moved"     // replica, old_addr, new_addr
+	EvReplicaRejected  = "replica_rejected"   // reason (missing server ID ...)
+	EvFlushFailed      = "flush_failed"       // lsn, reason, missing
+	EvRefused          = "refused"            // replica side: code, epoch, session
+	EvTruncated        = "truncated"          // replica side: from, to
+	EvBarrier          = "barrier"            // replica side (debug): lsn, flushed
+)

@@ -1,0 +1,107 @@
+package replication
+
+import "fmt"
+
+// Facts are what the primary knows about one replica when a session
+// (re)starts: the replica's handshake answer plus the primary's own WAL.
+type Facts struct {
+	ReplicaFlushed uint64 // R: the replica's FlushedLSN
+	ReplicaHead    uint64 // the replica's head (≥ R; records beyond R are not yet durable)
+	PrimaryHead    uint64 // H
+	OldestRetained uint64 // S: first LSN still readable from the primary's WAL (H+1 when empty)
+	Blank          bool   // the replica has never held data
+	Trusted        bool   // the replica's image is consistent (no interrupted transfer, no divergent history)
+	// BitmapFrom: the primary's dirty-region bitmap for this replica covers
+	// every record with LSN ≥ BitmapFrom; BitmapOK says whether one exists.
+	BitmapOK   bool
+	BitmapFrom uint64
+	// DivergentKnown: when the replica is ahead (head > H), it could list
+	// the regions its divergent records touched.
+	DivergentKnown bool
+	// Pending: the replica holds an interrupted transfer that this primary
+	// can continue (same epoch, resumable).
+	PendingResumable bool
+	PendingKind      TransferKind
+}
+
+// PlanKind is the recovery decision.
+type PlanKind int
+
+const (
+	PlanInSync PlanKind = iota
+	PlanCatchUp
+	PlanResync
+	PlanRebuild
+	PlanTruncateThenCatchUp
+	PlanResume
+)
+
+func (k PlanKind) String() string {
+	return [...]string{"in_sync", "catch_up", "resync", "rebuild", "truncate_then_catch_up", "resume"}[k]
+}
+
+// Plan is the planner's answer. From/To is the LSN range to stream
+// (catch-up), Reason a stable machine-readable word, Detail the proof
+// with LSN values.
+type Plan struct {
+	Kind     PlanKind
+	From, To uint64
+	Reason   string
+	Detail   string
+}
+
+// Decide is the recovery planner: a pure function of the facts.
+//
+//	untrusted                         → Rebuild (or Resume of the pending transfer)
+//	blank, H = 0                      → InSync
+//	blank, S ≤ 1                      → CatchUp [1, H]
+//	blank                             → Rebuild
+//	replica head > H                  → TruncateThenCatchUp (divergent regions known) | Rebuild
+//	R = H                             → InSync
+//	S ≤ R+1 ≤ H                       → CatchUp [R+1, H]
+//	R+1 < S, bitmap covers R+1        → Resync (bitmap regions + WAL tail)
+//	R+1 < S                           → Rebuild
+func Decide(f Facts) Plan {
+	H, S, R := f.PrimaryHead, f.OldestRetained, f.ReplicaFlushed
+	if f.PendingResumable {
+		return Plan{Kind: PlanResume, Reason: "pending_" + f.PendingKind.String(),
+			Detail: fmt.Sprintf("resume interrupted %s; replica flushed=%d head=%d primary head=%d", f.PendingKind, R, f.ReplicaHead, H)}
+	}
+	if !f.Trusted {
+		return Plan{Kind: PlanRebuild, Reason: "untrusted",
+			Detail: fmt.Sprintf("replica image not trusted (flushed=%d head=%d); primary head=%d", R, f.ReplicaHead, H)}
+	}
+	if f.Blank {
+		switch {
+		case H == 0:
+			return Plan{Kind: PlanInSync, Reason: "both_empty", Detail: "blank replica, empty primary"}
+		case S <= 1:
+			return Plan{Kind: PlanCatchUp, From: 1, To: H, Reason: "blank_wal_covers",
+				Detail: fmt.Sprintf("blank replica; primary WAL retains [1,%d]", H)}
+		default:
+			return Plan{Kind: PlanRebuild, Reason: "blank",
+				Detail: fmt.Sprintf("blank replica needs LSN 1 but oldest retained=%d head=%d", S, H)}
+		}
+	}
+	if f.ReplicaHead > H || R > H {
+		if f.DivergentKnown {
+			return Plan{Kind: PlanTruncateThenCatchUp, From: H + 1, To: H, Reason: "replica_ahead",
+				Detail: fmt.Sprintf("replica head=%d flushed=%d beyond primary head=%d: truncate to %d", f.ReplicaHead, R, H, H)}
+		}
+		return Plan{Kind: PlanRebuild, Reason: "replica_ahead_unknown_tail",
+			Detail: fmt.Sprintf("replica head=%d beyond primary head=%d and its divergent records are not readable", f.ReplicaHead, H)}
+	}
+	if R == H {
+		return Plan{Kind: PlanInSync, Reason: "caught_up", Detail: fmt.Sprintf("replica flushed=%d = primary head", R)}
+	}
+	if S <= R+1 {
+		return Plan{Kind: PlanCatchUp, From: R + 1, To: H, Reason: "wal_covers_gap",
+			Detail: fmt.Sprintf("stream [%d,%d]; oldest retained=%d", R+1, H, S)}
+	}
+	if f.BitmapOK && f.BitmapFrom <= R+1 {
+		return Plan{Kind: PlanResync, From: R + 1, To: H, Reason: "gap_beyond_retention",
+			Detail: fmt.Sprintf("need LSN %d but oldest retained=%d; bitmap covers from %d", R+1, S, f.BitmapFrom)}
+	}
+	return Plan{Kind: PlanRebuild, Reason: "gap_beyond_retention_no_bitmap",
+		Detail: fmt.Sprintf("need LSN %d but oldest retained=%d and no dirty bitmap covers it", R+1, S)}
+}

@@ -1,0 +1,304 @@
+package replication
+
+import (
+	"bytes"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestWireRoundTrip(t *testing.T) {
+	msgs := []*Msg{
+		{Type: MsgHello, Volume: "v1", Epoch: 3, Session: 9, LSNFrom: 1, LSNTo: 2,
+			Payload: Hello{PrimaryID: "s1", TargetServerID: "s2", HeadLSN: 100, OldestLSN: 7}.Encode()},
+		{Type: MsgRecord, Volume: "vol-a", Epoch: 1, Session: 1, LSNFrom: 5, LSNTo: 5,
+			Payload: RecordBody{Type: RecWrite, Epoch: 1, Offset: 4096, Length: 4, Data: []byte("abcd")}.Encode(nil)},
+		{Type: MsgBarrierResp, Volume: strings.Repeat("x", MaxVolumeName), LSNTo: 1 << 60},
+		{Type: MsgPing, Volume: "v"},
+	}
+	var stream bytes.Buffer
+	for _, m := range msgs {
+		if err := WriteMsg(&stream, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	all := stream.Bytes()
+	for i, want := range msgs {
+		got, err := ReadMsg(&stream)
+		if err != nil {
+			t.Fatalf("msg %d: %v", i, err)
+		}
+		if got.Type != want.Type || got.Volume != want.Volume || got.Epoch != want.Epoch || got.Session != want.Session ||
+			got.LSNFrom != want.LSNFrom || got.LSNTo != want.LSNTo || !bytes.Equal(got.Payload, want.Payload) {
+			t.Fatalf("msg %d: got %+v want %+v", i, got, want)
+		}
+		got2, n, err := DecodeMsg(all)
+		if err != nil || got2.Type != want.Type || !bytes.Equal(got2.Payload, want.Payload) {
+			t.Fatalf("DecodeMsg %d: %v", i, err)
+		}
+		all = all[n:]
+	}
+	h, err := DecodeHello(msgs[0].Payload)
+	if err != nil || h.TargetServerID != "s2" || h.HeadLSN != 100 || h.OldestLSN != 7 {
+		t.Fatalf("hello: %+v %v", h, err)
+	}
+	r, err := DecodeRecordBody(msgs[1].Payload)
+	if err != nil || r.Offset != 4096 || string(r.Data) != "abcd" {
+		t.Fatalf("record: %+v %v", r, err)
+	}
+	hr := HelloResp{FlushedLSN: 4, HeadLSN: 6, HasPending: true, Pending: Pending{Session: 2, Epoch: 3, Kind: TransferRebuild, ResetLSN: 50, Progress: 12},
+		DivergentKnown: true, Divergent: []uint32{1, 5}}
+	hr2, err := DecodeHelloResp(hr.Encode())
+	if err != nil || hr2.Pending != hr.Pending || len(hr2.Divergent) != 2 || !hr2.DivergentKnown || hr2.HeadLSN != 6 {
+		t.Fatalf("hello resp: %+v %v", hr2, err)
+	}
+	b := Begin{Kind: TransferResync, ResetLSN: 9, RegionSize: 65536, Regions: []uint32{3, 4}, Resume: true}
+	b2, err := DecodeBegin(b.Encode())
+	if err != nil || b2.Kind != b.Kind || b2.ResetLSN != 9 || len(b2.Regions) != 2 || !b2.Resume {
+		t.Fatalf("begin: %+v %v", b2, err)
+	}
+	c := BaseChunk{Offset: 8192, Length: 512, Done: 3, Data: make([]byte, 512)}
+	c2, err := DecodeBaseChunk(c.Encode(nil))
+	if err != nil || c2.Offset != 8192 || c2.Done != 3 || len(c2.Data) != 512 {
+		t.Fatalf("chunk: %+v %v", c2, err)
+	}
+}
+
+func TestWireRejectsCorruption(t *testing.T) {
+	m := &Msg{Type: MsgRecord, Volume: "v", Epoch: 1, Session: 1, LSNFrom: 1, LSNTo: 1,
+		Payload: RecordBody{Type: RecWrite, Length: 3, Data: []byte("xyz")}.Encode(nil)}
+	good, _ := AppendMsg(nil, m)
+	for i := range good {
+		bad := append([]byte(nil), good...)
+		bad[i] ^= 0x40
+		if _, _, err := DecodeMsg(bad); err == nil {
+			t.Fatalf("flipping byte %d was not detected", i)
+		}
+		if _, err := ReadMsg(bytes.NewReader(bad)); err == nil {
+			t.Fatalf("ReadMsg: flipping byte %d was not detected", i)
+		}
+	}
+	for n := 0; n < len(good); n++ {
+		if _, _, err := DecodeMsg(good[:n]); err == nil {
+			t.Fatalf("truncated frame of %d bytes accepted", n)
+		}
+	}
+	// A header announcing a huge payload is refused before allocating.
+	huge := append([]byte(nil), good[:headerSize]...)
+	huge[40], huge[41], huge[42], huge[43] = 0xff, 0xff, 0xff, 0xff
+	if _, err := ReadMsg(bytes.NewReader(huge)); !errors.Is(err, ErrBadFrame) {
+		t.Fatalf("huge payload: %v", err)
+	}
+	if _, err := AppendMsg(nil, &Msg{Type: MsgPing}); err == nil {
+		t.Fatal("empty volume name accepted")
+	}
+	if _, err := DecodeRecordBody(RecordBody{Type: RecWrite, Length: 10, Data: []byte("abc")}.Encode(nil)); err == nil {
+		t.Fatal("record with wrong length accepted")
+	}
+	if _, err := DecodeRecordBody(RecordBody{Type: 77}.Encode(nil)); err == nil {
+		t.Fatal("unknown record type accepted")
+	}
+	if _, err := DecodeBegin(Begin{Kind: TransferRebuild, RegionSize: 100}.Encode()); err == nil {
+		t.Fatal("bad region size accepted")
+	}
+}
+
+func FuzzDecodeMsg(f *testing.F) {
+	for _, m := range []*Msg{
+		{Type: MsgHello, Volume: "v", Payload: Hello{TargetServerID: "a"}.Encode()},
+		{Type: MsgHelloResp, Volume: "v", Payload: HelloResp{Divergent: []uint32{1}}.Encode()},
+		{Type: MsgBegin, Volume: "v", Payload: Begin{Kind: 1, RegionSize: 512, Regions: []uint32{2}}.Encode()},
+		{Type: MsgBase, Volume: "v", Payload: BaseChunk{Offset: 0, Length: 512, Zero: true}.Encode(nil)},
+		{Type: MsgRecord, Volume: "v", Payload: RecordBody{Type: RecWrite, Length: 1, Data: []byte{1}}.Encode(nil)},
+	} {
+		b, _ := AppendMsg(nil, m)
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		m, _, err := DecodeMsg(data)
+		if err == nil {
+			// Every payload decoder must also be safe on whatever it gets.
+			_, _ = DecodeHello(m.Payload)
+			_, _ = DecodeHelloResp(m.Payload)
+			_, _ = DecodeBegin(m.Payload)
+			_, _ = DecodeBaseChunk(m.Payload)
+			_, _ = DecodeRecordBody(m.Payload)
+			_, _ = DecodeErrorBody(m.Payload)
+			re, err := AppendMsg(nil, m)
+			if err != nil {
+				t.Fatalf("re-encode of a decoded frame: %v", err)
+			}
+			m2, _, err := DecodeMsg(re)
+			if err != nil || m2.Type != m.Type || !bytes.Equal(m2.Payload, m.Payload) {
+				t.Fatalf("round trip changed the frame")
+			}
+		}
+		_, _ = ReadMsg(bytes.NewReader(data))
+		_, _ = DecodeHelloResp(data)
+		_, _ = DecodeBegin(data)
+	})
+}
+
+func TestPlannerTable(t *testing.T) {
+	base := Facts{Trusted: true}
+	cases := []struct {
+		name   string
+		f      Facts
+		kind   PlanKind
+		from   uint64
+		to     uint64
+		reason string
+	}{
+		{"in sync", Facts{Trusted: true, ReplicaFlushed: 10, ReplicaHead: 10, PrimaryHead: 10, OldestRetained: 1}, PlanInSync, 0, 0, "caught_up"},
+		{"catch up", Facts{Trusted: true, ReplicaFlushed: 5, ReplicaHead: 5, PrimaryHead: 10, OldestRetained: 3}, PlanCatchUp, 6, 10, "wal_covers_gap"},
+		{"catch up exactly at S", Facts{Trusted: true, ReplicaFlushed: 5, ReplicaHead: 5, PrimaryHead: 10, OldestRetained: 6}, PlanCatchUp, 6, 10, "wal_covers_gap"},
+		{"gap with bitmap", Facts{Trusted: true, ReplicaFlushed: 5, ReplicaHead: 5, PrimaryHead: 10, OldestRetained: 7, BitmapOK: true, BitmapFrom: 4}, PlanResync, 6, 10, "gap_beyond_retention"},
+		{"gap bitmap too young", Facts{Trusted: true, ReplicaFlushed: 5, ReplicaHead: 5, PrimaryHead: 10, OldestRetained: 7, BitmapOK: true, BitmapFrom: 7}, PlanRebuild, 0, 0, "gap_beyond_retention_no_bitmap"},
+		{"gap no bitmap", Facts{Trusted: true, ReplicaFlushed: 5, ReplicaHead: 5, PrimaryHead: 10, OldestRetained: 7}, PlanRebuild, 0, 0, "gap_beyond_retention_no_bitmap"},
+		{"ahead known", Facts{Trusted: true, ReplicaFlushed: 12, ReplicaHead: 12, PrimaryHead: 10, OldestRetained: 1, DivergentKnown: true}, PlanTruncateThenCatchUp, 11, 10, "replica_ahead"},
+		{"ahead unflushed tail", Facts{Trusted: true, ReplicaFlushed: 9, ReplicaHead: 12, PrimaryHead: 10, OldestRetained: 1, DivergentKnown: true}, PlanTruncateThenCatchUp, 11, 10, "replica_ahead"},
+		{"ahead unknown", Facts{Trusted: true, ReplicaFlushed: 12, ReplicaHead: 12, PrimaryHead: 10, OldestRetained: 1}, PlanRebuild, 0, 0, "replica_ahead_unknown_tail"},
+		{"blank empty", Facts{Trusted: true, Blank: true, OldestRetained: 1}, PlanInSync, 0, 0, "both_empty"},
+		{"blank wal covers", Facts{Trusted: true, Blank: true, PrimaryHead: 8, OldestRetained: 1}, PlanCatchUp, 1, 8, "blank_wal_covers"},
+		{"blank rebuild", Facts{Trusted: true, Blank: true, PrimaryHead: 8, OldestRetained: 5}, PlanRebuild, 0, 0, "blank"},
+		{"untrusted", Facts{ReplicaFlushed: 8, ReplicaHead: 8, PrimaryHead: 8, OldestRetained: 1}, PlanRebuild, 0, 0, "untrusted"},
+		{"resume", Facts{PendingResumable: true, PendingKind: TransferRebuild, PrimaryHead: 8}, PlanResume, 0, 0, "pending_rebuild"},
+		{"zero zero", base, PlanInSync, 0, 0, "caught_up"},
+	}
+	for _, c := range cases {
+		p := Decide(c.f)
+		if p.Kind != c.kind || p.From != c.from || p.To != c.to || p.Reason != c.reason {
+			t.Errorf("%s: got %v [%d,%d] %s (%s), want %v [%d,%d] %s", c.name, p.Kind, p.From, p.To, p.Reason, p.Detail, c.kind, c.from, c.to, c.reason)
+		}
+		if p.Detail == "" {
+			t.Errorf("%s: empty detail", c.name)
+		}
+	}
+}
+
+func TestDurabilityTable(t *testing.T) {
+	in := func(id string, f uint64) ReplicaProgress { return ReplicaProgress{ID: id, State: InSync, FlushedLSN: f} }
+	st := func(id string, s ReplicaState, f uint64) ReplicaProgress { return ReplicaProgress{ID: id, State: s, FlushedLSN: f} }
+	cases := []struct {
+		name string
+		mode Durability
+		reps []ReplicaProgress
+		lsn  uint64
+		want Outcome
+	}{
+		{"be none", BestEffort, nil, 5, Succeed},
+		{"be degraded", BestEffort, []ReplicaProgress{st("a", Degraded, 0)}, 5, Succeed},
+		{"all rf1", SyncAll, nil, 5, Succeed},
+		{"all ok", SyncAll, []ReplicaProgress{in("a", 5), in("b", 9)}, 5, Succeed},
+		{"all behind", SyncAll, []ReplicaProgress{in("a", 4), in("b", 9)}, 5, Wait},
+		{"all degraded", SyncAll, []ReplicaProgress{in("a", 9), st("b", Degraded, 9)}, 5, Fail},
+		{"all catching up counts not", SyncAll, []ReplicaProgress{st("a", CatchingUp, 9)}, 5, Fail},
+		{"all rebuilding", SyncAll, []ReplicaProgress{st("a", Rebuilding, 9)}, 5, Fail},
+		{"quorum rf3 one down", SyncQuorum, []ReplicaProgress{in("a", 5), st("b", Disconnected, 0)}, 5, Succeed},
+		{"quorum rf3 one down other behind", SyncQuorum, []ReplicaProgress{in("a", 4), st("b", Disconnected, 0)}, 5, Wait},
+		{"quorum rf3 two down", SyncQuorum, []ReplicaProgress{st("a", Degraded, 9), st("b", Disconnected, 9)}, 5, Fail},
+		{"quorum rf2 down", SyncQuorum, []ReplicaProgress{st("a", Degraded, 9)}, 5, Fail},
+		{"quorum rf5 two down", SyncQuorum, []ReplicaProgress{in("a", 5), in("b", 7), st("c", Degraded, 0), st("d", NeedsRebuild, 0)}, 5, Succeed},
+		{"quorum rf5 three down", SyncQuorum, []ReplicaProgress{in("a", 5), st("b", Degraded, 7), st("c", Degraded, 0), st("d", NeedsRebuild, 0)}, 5, Fail},
+	}
+	for _, c := range cases {
+		d := DecideFlush(c.mode, c.reps, c.lsn)
+		if d.Outcome != c.want {
+			t.Errorf("%s: got %v (%s %v) want %v", c.name, d.Outcome, d.Reason, d.Missing, c.want)
+		}
+	}
+	for _, s := range []string{"best_effort", "sync_all", "sync_quorum"} {
+		d, err := ParseDurability(s)
+		if err != nil || d.String() != s {
+			t.Errorf("parse %s: %v %v", s, d, err)
+		}
+	}
+	if _, err := ParseDurability("sometimes"); err == nil {
+		t.Error("bad durability accepted")
+	}
+}
+
+func TestCatchUpBudget(t *testing.T) {
+	b := CatchUpBudget{MaxAttempts: 3, MaxDuration: time.Minute, MaxBytes: 100}
+	if esc, _ := b.Verdict(2, time.Second, 10); esc {
+		t.Fatal("escalated within budget")
+	}
+	for _, c := range []struct {
+		n   int
+		d   time.Duration
+		by  int64
+		key string
+	}{{3, 0, 0, "catchup_attempts_exhausted"}, {0, 2 * time.Minute, 0, "catchup_time_budget"}, {0, 0, 101, "catchup_byte_budget"}} {
+		esc, why := b.Verdict(c.n, c.d, c.by)
+		if !esc || !strings.HasPrefix(why, c.key) {
+			t.Errorf("%+v: %v %q", c, esc, why)
+		}
+	}
+}
+
+func TestRetentionBudget(t *testing.T) {
+	now := time.Unix(1000, 0)
+	b := RetentionBudget{MaxAge: time.Minute, MaxBytes: 1 << 20}
+	if ex, _ := b.Exceeded(Hold{FromLSN: 5, Since: now.Add(-30 * time.Second), BytesAhead: 10}, now); ex {
+		t.Fatal("within budget")
+	}
+	if ex, why := b.Exceeded(Hold{FromLSN: 5, Since: now.Add(-2 * time.Minute)}, now); !ex || !strings.Contains(why, "retention_time_budget") || !strings.Contains(why, "LSN 5") {
+		t.Fatalf("time: %v %q", ex, why)
+	}
+	if ex, why := b.Exceeded(Hold{FromLSN: 5, BytesAhead: 2 << 20}, now); !ex || !strings.Contains(why, "retention_byte_budget") {
+		t.Fatalf("bytes: %v %q", ex, why)
+	}
+	// An InSync replica (Since zero) is never aged out.
+	if ex, _ := b.Exceeded(Hold{FromLSN: 5}, now.Add(time.Hour)); ex {
+		t.Fatal("in-sync hold aged out")
+	}
+	// Overlapping holds: the floor is the minimum; releasing moves it.
+	holds := []Hold{{ID: "a", FromLSN: 11}, {ID: "b", FromLSN: 12}}
+	if f, ok := RetentionFloor(holds); !ok || f != 11 {
+		t.Fatalf("floor %d %v", f, ok)
+	}
+	if f, ok := RetentionFloor(holds[1:]); !ok || f != 12 {
+		t.Fatalf("floor after release %d %v", f, ok)
+	}
+	if _, ok := RetentionFloor(nil); ok {
+		t.Fatal("floor without holds")
+	}
+}
+
+func TestFence(t *testing.T) {
+	f := Fence{Epoch: 3, Session: 7}
+	if err := f.Check(3, 7); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Check(2, 7); !errors.Is(err, ErrStaleEpoch) {
+		t.Fatalf("old epoch: %v", err)
+	}
+	if err := f.Check(2, 6); !errors.Is(err, ErrStaleEpoch) {
+		t.Fatalf("old epoch+session must report epoch first: %v", err)
+	}
+	if err := f.Check(3, 6); !errors.Is(err, ErrStaleSession) {
+		t.Fatalf("old session: %v", err)
+	}
+}
+
+func TestStateMachine(t *testing.T) {
+	legal := [][2]ReplicaState{{Disconnected, Connecting}, {Connecting, CatchingUp}, {CatchingUp, InSync},
+		{InSync, Degraded}, {Degraded, Connecting}, {Connecting, Rebuilding}, {Rebuilding, InSync}, {CatchingUp, NeedsRebuild}}
+	for _, p := range legal {
+		if !CanTransition(p[0], p[1]) {
+			t.Errorf("%v→%v should be legal", p[0], p[1])
+		}
+	}
+	illegal := [][2]ReplicaState{{Disconnected, InSync}, {Degraded, InSync}, {NeedsRebuild, InSync}, {NeedsRebuild, CatchingUp}}
+	for _, p := range illegal {
+		if CanTransition(p[0], p[1]) {
+			t.Errorf("%v→%v should be illegal", p[0], p[1])
+		}
+	}
+	for s := Disconnected; s <= Rebuilding; s++ {
+		if s.CountsForBarrier() != (s == InSync) {
+			t.Errorf("%v counts for barrier = %v", s, s.CountsForBarrier())
+		}
+	}
+}
