@@ -1,0 +1,487 @@
+package nbd
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/blockd/blockd/blockdev"
+)
+
+const readBufferSize = 256 << 10
+
+type conn struct {
+	srv    *Server
+	nc     net.Conn
+	br     *bufio.Reader
+	remote string
+	done   chan struct{}
+
+	// negotiation results
+	noZeroes   bool
+	structured bool
+	metaAlloc  bool
+	metaExport string
+
+	mu    sync.Mutex // guards exp and phase
+	exp   Export
+	phase int // 0 negotiating, 1 transmitting, 2 draining
+
+	dev    blockdev.Device
+	size   int64
+	tflags uint16
+
+	sem      chan struct{}
+	inflight sync.WaitGroup
+	out      sender
+	draining atomic.Bool
+}
+
+func newConn(s *Server, nc net.Conn) *conn {
+	c := &conn{
+		srv:    s,
+		nc:     nc,
+		br:     bufio.NewReaderSize(nc, readBufferSize),
+		remote: nc.RemoteAddr().String(),
+		done:   make(chan struct{}),
+		sem:    make(chan struct{}, s.maxInFlight),
+	}
+	c.out.nc = nc
+	return c
+}
+
+func (c *conn) exportName() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.exp.Name
+}
+
+func (c *conn) serve() {
+	defer close(c.done)
+	defer c.nc.Close()
+	log := c.srv.log
+	if err := c.negotiate(); err != nil {
+		if !errors.Is(err, errAbort) {
+			log.Info("nbd: negotiation ended", "remote", c.remote, "err", err)
+		}
+		return
+	}
+	_ = c.nc.SetDeadline(time.Time{})
+	c.mu.Lock()
+	drainNow := c.phase == 2
+	if c.phase == 0 {
+		c.phase = 1
+	}
+	c.mu.Unlock()
+	if drainNow {
+		return
+	}
+	log.Debug("nbd: transmission started", "remote", c.remote, "export", c.exp.Name,
+		"structured", c.structured, "base_allocation", c.metaAlloc)
+	reason := c.transmit()
+	// Every request read is answered (or its reply dropped on a dead
+	// socket) before the connection closes.
+	c.inflight.Wait()
+	log.Info("nbd: connection closed", "remote", c.remote, "export", c.exp.Name, "reason", reason)
+}
+
+// drain stops reading new requests; in-flight ones finish and are answered,
+// then the connection closes. A connection still negotiating closes now.
+func (c *conn) drain(why string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch c.phase {
+	case 0:
+		c.phase = 2
+		c.nc.Close()
+	case 1:
+		c.phase = 2
+		c.draining.Store(true)
+		_ = c.nc.SetReadDeadline(time.Now())
+		c.srv.log.Info("nbd: draining connection", "remote", c.remote, "export", c.exp.Name, "reason", why)
+	}
+}
+
+// abort closes the socket: in-flight requests finish, their replies are lost.
+func (c *conn) abort() { c.nc.Close() }
+
+// request is one transmission request and its payload.
+type request struct {
+	flags  uint16
+	typ    uint16
+	handle uint64
+	off    uint64
+	length uint32
+	buf    *[]byte // pooled: WRITE payload or READ destination
+}
+
+// transmit reads requests until DISC, a broken stream or a drain, and
+// dispatches each to its own goroutine. It returns why it stopped.
+func (c *conn) transmit() string {
+	var hdr [requestSize]byte
+	for {
+		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
+			return c.readStopReason(err)
+		}
+		if m := binary.BigEndian.Uint32(hdr[0:]); m != magicRequest {
+			c.srv.log.Warn("nbd: bad request magic, closing connection", "remote", c.remote, "magic", fmt.Sprintf("%#x", m))
+			return "bad request magic"
+		}
+		r := &request{
+			flags:  binary.BigEndian.Uint16(hdr[4:]),
+			typ:    binary.BigEndian.Uint16(hdr[6:]),
+			handle: binary.BigEndian.Uint64(hdr[8:]),
+			off:    binary.BigEndian.Uint64(hdr[16:]),
+			length: binary.BigEndian.Uint32(hdr[24:]),
+		}
+		switch r.typ {
+		case cmdDisc:
+			return "client disconnect"
+		case cmdWrite:
+			if r.length > c.srv.maxBlock {
+				// Too large to buffer: skip the payload, refuse the request.
+				if err := discard(c.br, int64(r.length)); err != nil {
+					return c.readStopReason(err)
+				}
+				c.inflight.Add(1)
+				c.replyError(r, errOverflow, "write larger than the maximum block size")
+				c.inflight.Done()
+				continue
+			}
+			r.buf = getBuf(int(r.length))
+			if _, err := io.ReadFull(c.br, *r.buf); err != nil {
+				putBuf(r.buf)
+				return c.readStopReason(err)
+			}
+		}
+		c.sem <- struct{}{}
+		c.inflight.Add(1)
+		go c.handle(r)
+	}
+}
+
+func (c *conn) readStopReason(err error) string {
+	if c.draining.Load() {
+		return "drained"
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return "client closed the connection"
+	}
+	if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded) {
+		return "closed by server"
+	}
+	return "read error: " + err.Error()
+}
+
+func (c *conn) handle(r *request) {
+	defer func() {
+		<-c.sem
+		c.inflight.Done()
+	}()
+	c.exec(r)
+}
+
+// allowed command flags per command.
+var allowedFlags = [...]uint16{
+	cmdRead:        cmdFlagFUA | cmdFlagDF,
+	cmdWrite:       cmdFlagFUA,
+	cmdFlush:       cmdFlagFUA,
+	cmdTrim:        cmdFlagFUA,
+	cmdCache:       cmdFlagFUA,
+	cmdWriteZeroes: cmdFlagFUA | cmdFlagNoHole | cmdFlagFastZero,
+	cmdBlockStatus: cmdFlagFUA | cmdFlagReqOne,
+}
+
+func (c *conn) exec(r *request) {
+	if int(r.typ) >= len(allowedFlags) || r.typ == cmdDisc {
+		c.replyError(r, errInval, fmt.Sprintf("unknown command %d", r.typ))
+		return
+	}
+	if r.flags&^allowedFlags[r.typ] != 0 {
+		c.replyError(r, errInval, fmt.Sprintf("command flags %#x not valid for command %d", r.flags, r.typ))
+		return
+	}
+	off, n := int64(r.off), int64(r.length)
+	switch r.typ {
+	case cmdRead:
+		if e, msg := c.checkRange(r, false); e != 0 {
+			c.replyError(r, e, msg)
+			return
+		}
+		r.buf = getBuf(int(n))
+		if err := c.dev.ReadAt(*r.buf, off); err != nil {
+			putBuf(r.buf)
+			c.replyDevError(r, "read", err)
+			return
+		}
+		c.replyRead(r)
+
+	case cmdWrite:
+		defer putBuf(r.buf)
+		if e, msg := c.checkRange(r, true); e != 0 {
+			c.replyError(r, e, msg)
+			return
+		}
+		if err := c.dev.WriteAt(*r.buf, off, r.flags&cmdFlagFUA != 0); err != nil {
+			c.replyDevError(r, "write", err)
+			return
+		}
+		c.replyOK(r)
+
+	case cmdFlush:
+		if err := c.dev.Flush(); err != nil {
+			c.replyDevError(r, "flush", err)
+			return
+		}
+		c.replyOK(r)
+
+	case cmdTrim, cmdWriteZeroes:
+		if e, msg := c.checkRange(r, true); e != 0 {
+			c.replyError(r, e, msg)
+			return
+		}
+		var err error
+		if r.typ == cmdTrim {
+			err = c.dev.Trim(off, n)
+		} else {
+			err = c.dev.WriteZeroes(off, n, r.flags&cmdFlagNoHole == 0)
+		}
+		if err == nil && r.flags&cmdFlagFUA != 0 {
+			err = c.dev.Flush()
+		}
+		if err != nil {
+			c.replyDevError(r, cmdName(r.typ), err)
+			return
+		}
+		c.replyOK(r)
+
+	case cmdCache:
+		if e, msg := c.checkRange(r, false); e != 0 {
+			c.replyError(r, e, msg)
+			return
+		}
+		c.replyOK(r) // reads are served from the engine; nothing to prefetch
+
+	case cmdBlockStatus:
+		if !c.structured || !c.metaAlloc {
+			c.replyError(r, errInval, "no metadata context negotiated")
+			return
+		}
+		if n == 0 || off < 0 || r.off > uint64(c.size) || n > c.size-off {
+			c.replyError(r, errInval, "block status range beyond the end of the export")
+			return
+		}
+		exts, err := c.dev.BlockStatus(off, n)
+		if err != nil {
+			c.replyDevError(r, "block status", err)
+			return
+		}
+		c.replyBlockStatus(r, exts)
+
+	default:
+		c.replyError(r, errInval, fmt.Sprintf("unknown command %d", r.typ))
+	}
+}
+
+// checkRange validates a data command. Writes beyond the end get ENOSPC,
+// other commands beyond the end EINVAL, as the protocol recommends.
+func (c *conn) checkRange(r *request, write bool) (uint32, string) {
+	if write && c.tflags&FlagReadOnly != 0 {
+		return errPerm, "export is read-only"
+	}
+	n := uint64(r.length)
+	switch {
+	case n == 0:
+		return errInval, "zero-length request"
+	case r.off%blockdev.SectorSize != 0 || n%blockdev.SectorSize != 0:
+		return errInval, "offset and length must be multiples of 512"
+	case (r.typ == cmdRead || r.typ == cmdWrite) && n > uint64(c.srv.maxBlock):
+		return errOverflow, "request larger than the maximum block size"
+	case r.off > uint64(c.size) || n > uint64(c.size)-r.off:
+		if write {
+			return errNoSpc, "request beyond the end of the export"
+		}
+		return errInval, "request beyond the end of the export"
+	}
+	return 0, ""
+}
+
+func cmdName(t uint16) string {
+	switch t {
+	case cmdRead:
+		return "read"
+	case cmdWrite:
+		return "write"
+	case cmdFlush:
+		return "flush"
+	case cmdTrim:
+		return "trim"
+	case cmdCache:
+		return "cache"
+	case cmdWriteZeroes:
+		return "write zeroes"
+	case cmdBlockStatus:
+		return "block status"
+	}
+	return fmt.Sprintf("command %d", t)
+}
+
+// wireErrno maps a device error to one of the errno values the protocol
+// allows.
+func wireErrno(err error) uint32 {
+	if errors.Is(err, blockdev.ErrClosed) {
+		return errShutdown
+	}
+	switch e := blockdev.Errno(err); e {
+	case syscall.EPERM, syscall.EROFS, syscall.EACCES:
+		return errPerm
+	case syscall.EINVAL:
+		return errInval
+	case syscall.ENOSPC, syscall.EDQUOT, syscall.EFBIG:
+		return errNoSpc
+	case syscall.EOVERFLOW:
+		return errOverflow
+	case syscall.ENOMEM:
+		return errNoMem
+	case syscall.ENOTSUP:
+		return errNotSup
+	case syscall.ESHUTDOWN:
+		return errShutdown
+	default:
+		return errIO
+	}
+}
+
+func (c *conn) replyDevError(r *request, what string, err error) {
+	e := wireErrno(err)
+	c.srv.log.Warn("nbd: request failed", "remote", c.remote, "export", c.exp.Name, "op", what,
+		"offset", r.off, "length", r.length, "errno", e, "err", err)
+	c.replyError(r, e, sanitize(err.Error()))
+}
+
+// replyOK answers a request without payload.
+func (c *conn) replyOK(r *request) {
+	var h [simpleReplySize]byte
+	binary.BigEndian.PutUint32(h[0:], magicSimple)
+	binary.BigEndian.PutUint64(h[8:], r.handle)
+	c.out.send(h[:], nil, nil)
+}
+
+// replyError answers with an error: a structured error chunk when
+// negotiated (it carries a message), else a simple reply without payload.
+func (c *conn) replyError(r *request, errno uint32, msg string) {
+	if !c.structured {
+		var h [simpleReplySize]byte
+		binary.BigEndian.PutUint32(h[0:], magicSimple)
+		binary.BigEndian.PutUint32(h[4:], errno)
+		binary.BigEndian.PutUint64(h[8:], r.handle)
+		c.out.send(h[:], nil, nil)
+		return
+	}
+	if len(msg) > 1024 {
+		msg = msg[:1024]
+	}
+	h := make([]byte, structuredReplySize+6+len(msg))
+	binary.BigEndian.PutUint32(h[0:], magicStructured)
+	binary.BigEndian.PutUint16(h[4:], replyFlagDone)
+	binary.BigEndian.PutUint16(h[6:], replyTypeError)
+	binary.BigEndian.PutUint64(h[8:], r.handle)
+	binary.BigEndian.PutUint32(h[16:], uint32(6+len(msg)))
+	binary.BigEndian.PutUint32(h[20:], errno)
+	binary.BigEndian.PutUint16(h[24:], uint16(len(msg)))
+	copy(h[26:], msg)
+	c.out.send(h, nil, nil)
+}
+
+// replyRead sends the data of a successful read (r.buf, handed over).
+func (c *conn) replyRead(r *request) {
+	data := *r.buf
+	if !c.structured {
+		var h [simpleReplySize]byte
+		binary.BigEndian.PutUint32(h[0:], magicSimple)
+		binary.BigEndian.PutUint64(h[8:], r.handle)
+		c.out.send(h[:], data, r.buf)
+		return
+	}
+	// One OFFSET_DATA chunk, final: the data is already read, no error can
+	// follow, and DF is honoured trivially.
+	var h [structuredReplySize + 8]byte
+	binary.BigEndian.PutUint32(h[0:], magicStructured)
+	binary.BigEndian.PutUint16(h[4:], replyFlagDone)
+	binary.BigEndian.PutUint16(h[6:], replyTypeOffsetData)
+	binary.BigEndian.PutUint64(h[8:], r.handle)
+	binary.BigEndian.PutUint32(h[16:], uint32(8+len(data)))
+	binary.BigEndian.PutUint64(h[20:], r.off)
+	c.out.send(h[:], data, r.buf)
+}
+
+// maxStatusDescriptors bounds one BLOCK_STATUS reply.
+const maxStatusDescriptors = 1024
+
+func (c *conn) replyBlockStatus(r *request, exts []blockdev.Extent) {
+	reqEnd := int64(r.off) + int64(r.length)
+	pos := int64(r.off)
+	var desc []byte
+	var last uint32 = ^uint32(0)
+	count := 0
+	for _, e := range exts {
+		if pos >= reqEnd || count >= maxStatusDescriptors {
+			break
+		}
+		end := min(e.Offset+e.Length, reqEnd)
+		if e.Offset > pos || end <= pos {
+			if end <= pos {
+				continue
+			}
+			break // a gap: stop at what is known contiguously
+		}
+		var st uint32
+		if e.Hole {
+			st |= stateHole | stateZero
+		}
+		if e.Zero {
+			st |= stateZero
+		}
+		for pos < end {
+			n := min(end-pos, 1<<31) // descriptor lengths are 32-bit
+			if count > 0 && st == last && uint64(binary.BigEndian.Uint32(desc[len(desc)-8:]))+uint64(n) < 1<<32 {
+				prev := binary.BigEndian.Uint32(desc[len(desc)-8:])
+				binary.BigEndian.PutUint32(desc[len(desc)-8:], prev+uint32(n))
+			} else {
+				desc = binary.BigEndian.AppendUint32(desc, uint32(n))
+				desc = binary.BigEndian.AppendUint32(desc, st)
+				count++
+				last = st
+			}
+			pos += n
+		}
+		if r.flags&cmdFlagReqOne != 0 && count > 0 {
+			break
+		}
+	}
+	if count == 0 {
+		// The device said nothing usable: "allocated, unknown" is always safe.
+		desc = binary.BigEndian.AppendUint32(desc, min(r.length, 1<<31))
+		desc = binary.BigEndian.AppendUint32(desc, 0)
+	}
+	if r.flags&cmdFlagReqOne != 0 {
+		desc = desc[:8]
+	}
+	h := make([]byte, structuredReplySize+4, structuredReplySize+4+len(desc))
+	binary.BigEndian.PutUint32(h[0:], magicStructured)
+	binary.BigEndian.PutUint16(h[4:], replyFlagDone)
+	binary.BigEndian.PutUint16(h[6:], replyTypeBlockStatus)
+	binary.BigEndian.PutUint64(h[8:], r.handle)
+	binary.BigEndian.PutUint32(h[16:], uint32(4+len(desc)))
+	binary.BigEndian.PutUint32(h[20:], metaBaseAllocationID)
+	h = append(h, desc...)
+	c.out.send(h, nil, nil)
+}

@@ -1,0 +1,140 @@
+package nbd
+
+import (
+	"math/bits"
+	"net"
+	"sync"
+)
+
+// copyThreshold: reply data up to this size is copied into the coalescing
+// buffer; larger data goes out as its own iovec (writev), uncopied.
+const copyThreshold = 16 << 10
+
+// sender coalesces replies from many goroutines into few write(2)s without
+// a dedicated writer goroutine ("flat combining"): the first goroutine to
+// find the connection idle becomes the flusher and keeps writing whatever
+// the others queued meanwhile, until the queue is empty.
+type sender struct {
+	nc net.Conn
+
+	mu       sync.Mutex
+	arena    []byte      // small replies, appended
+	segStart int         // start of the arena part not yet in q
+	q        net.Buffers // pending segments, in order
+	rel      []*[]byte   // pooled buffers referenced by q
+	flushing bool
+	err      error
+
+	spareArena []byte
+	spareQ     net.Buffers
+	spareRel   []*[]byte
+}
+
+// send queues hdr (copied) and data (copied when small; otherwise
+// referenced until written, then pooled is returned to the pool) and
+// makes sure they get written. pooled may be nil.
+func (s *sender) send(hdr, data []byte, pooled *[]byte) {
+	s.mu.Lock()
+	if s.err != nil {
+		s.mu.Unlock()
+		putBuf(pooled)
+		return
+	}
+	s.arena = append(s.arena, hdr...)
+	if len(data) <= copyThreshold {
+		s.arena = append(s.arena, data...)
+		putBuf(pooled)
+	} else {
+		s.q = append(s.q, s.arena[s.segStart:])
+		s.segStart = len(s.arena)
+		s.q = append(s.q, data)
+		s.rel = append(s.rel, pooled)
+	}
+	if s.flushing {
+		s.mu.Unlock()
+		return
+	}
+	s.flushing = true
+	for {
+		if s.segStart < len(s.arena) {
+			s.q = append(s.q, s.arena[s.segStart:])
+		}
+		if len(s.q) == 0 {
+			break
+		}
+		q, rel, arena := s.q, s.rel, s.arena
+		s.q, s.rel, s.arena, s.segStart = s.spareQ[:0], s.spareRel[:0], s.spareArena[:0], 0
+		s.mu.Unlock()
+
+		wq := q // WriteTo consumes its receiver
+		_, err := wq.WriteTo(s.nc)
+		for i, b := range rel {
+			putBuf(b)
+			rel[i] = nil
+		}
+		clear(q)
+
+		s.mu.Lock()
+		s.spareQ, s.spareRel = q[:0], rel[:0]
+		if cap(arena) <= 4<<20 {
+			s.spareArena = arena[:0]
+		} else {
+			s.spareArena = nil
+		}
+		if err != nil {
+			s.err = err
+			for _, b := range s.rel {
+				putBuf(b)
+			}
+			s.q, s.rel, s.arena, s.segStart = nil, nil, nil, 0
+			// The peer is gone or the socket broken: unblock the reader.
+			s.nc.Close()
+			break
+		}
+	}
+	s.flushing = false
+	s.mu.Unlock()
+}
+
+// Buffer pool: power-of-two classes from 4 KiB to 32 MiB.
+const (
+	minPoolShift = 12
+	maxPoolShift = 25
+)
+
+var pools [maxPoolShift + 1]sync.Pool
+
+func poolClass(n int) int {
+	if n <= 1<<minPoolShift {
+		return minPoolShift
+	}
+	return bits.Len(uint(n - 1))
+}
+
+// getBuf returns a buffer of length n from the pool.
+func getBuf(n int) *[]byte {
+	cl := poolClass(n)
+	if cl > maxPoolShift {
+		b := make([]byte, n)
+		return &b
+	}
+	if v := pools[cl].Get(); v != nil {
+		b := v.(*[]byte)
+		*b = (*b)[:n]
+		return b
+	}
+	b := make([]byte, n, 1<<cl)
+	return &b
+}
+
+// putBuf returns a buffer obtained from getBuf; nil is ignored.
+func putBuf(b *[]byte) {
+	if b == nil {
+		return
+	}
+	c := cap(*b)
+	if c < 1<<minPoolShift || c > 1<<maxPoolShift || c&(c-1) != 0 {
+		return
+	}
+	pools[bits.Len(uint(c))-1].Put(b)
+}

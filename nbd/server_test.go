@@ -1,0 +1,652 @@
+package nbd
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/blockd/blockd/blockdev"
+)
+
+const testSize = 64 << 20
+
+type testServer struct {
+	srv  *Server
+	addr string
+	dev  *memDev
+	errc chan error
+}
+
+func startServer(t *testing.T, src ExportSource, opts ...Option) *testServer {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts = append([]Option{WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}, opts...)
+	ts := &testServer{srv: NewServer(src, opts...), addr: l.Addr().String(), errc: make(chan error, 1)}
+	go func() { ts.errc <- ts.srv.Serve(l) }()
+	t.Cleanup(func() {
+		_ = ts.srv.Close()
+		if err := <-ts.errc; !errors.Is(err, ErrServerClosed) {
+			t.Errorf("Serve returned %v", err)
+		}
+	})
+	return ts
+}
+
+func startMem(t *testing.T) *testServer {
+	dev := newMemDev(testSize)
+	ts := startServer(t, StaticExports{{Name: "vol0", Description: "test volume", Device: dev}})
+	ts.dev = dev
+	return ts
+}
+
+func pattern(n int, seed byte) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = seed + byte(i*7) + byte(i>>9)
+	}
+	return b
+}
+
+func TestNegotiationOptions(t *testing.T) {
+	dev := newMemDev(testSize)
+	ts := startServer(t, StaticExports{
+		{Name: "vol0", Description: "first", Device: dev},
+		{Name: "ro", Device: dev, ReadOnly: true},
+	})
+	rc := dialRaw(t, "tcp", ts.addr)
+	rc.clientFlags(clientFlagFixedNewstyle | clientFlagNoZeroes)
+
+	// Unknown option: ERR_UNSUP, negotiation goes on.
+	rc.sendOpt(99, []byte("junk"))
+	if r := rc.readOptReply(); r.typ != repErrUnsup || r.opt != 99 {
+		t.Fatalf("unknown option: %+v", r)
+	}
+	rc.sendOpt(optStartTLS, nil)
+	if r := rc.readOptReply(); r.typ != repErrUnsup {
+		t.Fatalf("starttls: %+v", r)
+	}
+
+	// OPT_LIST: both exports, description carried, then ACK.
+	rc.sendOpt(optList, nil)
+	var names []string
+	for {
+		r := rc.readOptReply()
+		if r.typ == repAck {
+			break
+		}
+		if r.typ != repServer {
+			t.Fatalf("list reply %#x", r.typ)
+		}
+		nl := binary.BigEndian.Uint32(r.data)
+		names = append(names, string(r.data[4:4+nl])+"|"+string(r.data[4+nl:]))
+	}
+	if strings.Join(names, ",") != "ro|,vol0|first" {
+		t.Fatalf("list: %v", names)
+	}
+	rc.sendOpt(optList, []byte("x"))
+	if r := rc.readOptReply(); r.typ != repErrInvalid {
+		t.Fatalf("list with data: %#x", r.typ)
+	}
+
+	// OPT_INFO with NAME, DESCRIPTION, BLOCK_SIZE.
+	gi := rc.info(optInfo, "vol0", infoName, infoDescription, infoBlockSize)
+	if gi.errType != 0 || gi.size != testSize || gi.name != "vol0" || gi.desc != "first" {
+		t.Fatalf("info: %+v", gi)
+	}
+	if gi.minB != 512 || gi.prefB != 4096 || gi.maxB != 32<<20 {
+		t.Fatalf("block sizes %d/%d/%d", gi.minB, gi.prefB, gi.maxB)
+	}
+	want := FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes |
+		FlagCanMultiConn | FlagSendCache | FlagSendFastZero
+	if gi.flags != want {
+		t.Fatalf("flags %#x want %#x", gi.flags, want)
+	}
+	gi = rc.info(optInfo, "ro")
+	if gi.flags&FlagReadOnly == 0 || gi.flags&FlagSendTrim != 0 {
+		t.Fatalf("read-only flags %#x", gi.flags)
+	}
+	// Empty name with two exports: no default.
+	if gi := rc.info(optInfo, ""); gi.errType != repErrUnknown {
+		t.Fatalf("empty name with two exports: %+v", gi)
+	}
+	// Malformed OPT_GO.
+	rc.sendOpt(optGo, []byte{0, 0, 0, 9, 'x'})
+	if r := rc.readOptReply(); r.typ != repErrInvalid {
+		t.Fatalf("malformed go: %#x", r.typ)
+	}
+	// Meta context before structured replies: invalid.
+	rc.sendOpt(optSetMetaContext, metaData("vol0", metaBaseAllocation))
+	if r := rc.readOptReply(); r.typ != repErrInvalid {
+		t.Fatalf("meta context without structured: %#x", r.typ)
+	}
+	rc.sendOpt(optStructuredReply, nil)
+	if r := rc.readOptReply(); r.typ != repAck {
+		t.Fatalf("structured: %#x", r.typ)
+	}
+	// LIST_META_CONTEXT with no query lists base:allocation (id 0).
+	rc.sendOpt(optListMetaContext, metaData("vol0"))
+	r := rc.readOptReply()
+	if r.typ != repMetaContext || string(r.data[4:]) != metaBaseAllocation || binary.BigEndian.Uint32(r.data) != 0 {
+		t.Fatalf("list meta: %+v", r)
+	}
+	if r := rc.readOptReply(); r.typ != repAck {
+		t.Fatalf("list meta ack %#x", r.typ)
+	}
+	// SET with an unknown context selects nothing.
+	rc.sendOpt(optSetMetaContext, metaData("vol0", "qemu:dirty-bitmap:x"))
+	if r := rc.readOptReply(); r.typ != repAck {
+		t.Fatalf("set unknown meta: %#x", r.typ)
+	}
+	rc.sendOpt(optSetMetaContext, metaData("vol0", metaBaseAllocation))
+	r = rc.readOptReply()
+	if r.typ != repMetaContext || binary.BigEndian.Uint32(r.data) != metaBaseAllocationID {
+		t.Fatalf("set meta: %+v", r)
+	}
+	rc.readOptReply()
+	rc.structured = true
+	gi = rc.info(optGo, "vol0")
+	if gi.errType != 0 || gi.flags&FlagSendDF == 0 {
+		t.Fatalf("go: %+v", gi)
+	}
+	// Transmission works and block status is available.
+	rc.request(cmdBlockStatus, 0, 1, 0, 1<<20, nil)
+	if rep := rc.readReply(); rep.errno != 0 || len(rep.extents) != 1 || rep.extents[0] != [2]uint32{1 << 20, stateHole | stateZero} {
+		t.Fatalf("block status: %+v", rep)
+	}
+}
+
+func TestExportNameFallback(t *testing.T) {
+	ts := startMem(t)
+	for _, noZeroes := range []bool{false, true} {
+		rc := dialRaw(t, "tcp", ts.addr)
+		f := clientFlagFixedNewstyle
+		if noZeroes {
+			f |= clientFlagNoZeroes
+		}
+		rc.clientFlags(f)
+		rc.sendOpt(optExportName, nil) // empty: the only export
+		var b [10]byte
+		rc.readFull(b[:])
+		if binary.BigEndian.Uint64(b[:]) != testSize {
+			t.Fatalf("size %d", binary.BigEndian.Uint64(b[:]))
+		}
+		if !noZeroes {
+			var z [124]byte
+			rc.readFull(z[:])
+			if z != [124]byte{} {
+				t.Fatal("reserved bytes not zero")
+			}
+		}
+		rc.request(cmdWrite, 0, 7, 4096, 4096, pattern(4096, 1))
+		if r := rc.readReply(); r.errno != 0 || r.handle != 7 {
+			t.Fatalf("write: %+v", r)
+		}
+		rc.request(cmdRead, 0, 8, 4096, 4096, nil)
+		if r := rc.readReply(); r.errno != 0 || !bytes.Equal(r.data, pattern(4096, 1)) {
+			t.Fatalf("read back: errno %d", r.errno)
+		}
+	}
+	// Unknown export with EXPORT_NAME: the session ends.
+	rc := dialRaw(t, "tcp", ts.addr)
+	rc.clientFlags(clientFlagFixedNewstyle)
+	rc.sendOpt(optExportName, []byte("nope"))
+	rc.expectClosed()
+	// Unknown client flags: closed.
+	rc = dialRaw(t, "tcp", ts.addr)
+	rc.clientFlags(1 << 7)
+	rc.expectClosed()
+}
+
+func TestAbort(t *testing.T) {
+	ts := startMem(t)
+	rc := dialRaw(t, "tcp", ts.addr)
+	rc.clientFlags(clientFlagFixedNewstyle)
+	rc.sendOpt(optAbort, nil)
+	if r := rc.readOptReply(); r.typ != repAck {
+		t.Fatalf("abort: %#x", r.typ)
+	}
+	rc.expectClosed()
+}
+
+// notPrimary refuses every export with the message a volume server uses.
+type notPrimary struct{}
+
+func (notPrimary) Lookup(name string) (Export, error) {
+	return Export{}, fmt.Errorf("volume %s: this server is not its primary; primary is server s2 at 10.0.0.2:10809", name)
+}
+func (notPrimary) Names() []string { return []string{"vol1"} }
+
+func TestLookupErrorReachesClient(t *testing.T) {
+	ts := startServer(t, notPrimary{})
+	rc := dialRaw(t, "tcp", ts.addr)
+	rc.clientFlags(clientFlagFixedNewstyle | clientFlagNoZeroes)
+	gi := rc.info(optGo, "vol1")
+	if gi.errType != repErrUnknown || !strings.Contains(gi.errMsg, "primary is server s2 at 10.0.0.2:10809") {
+		t.Fatalf("got %#x %q", gi.errType, gi.errMsg)
+	}
+	// Negotiation continues after the error.
+	rc.sendOpt(optList, nil)
+	if r := rc.readOptReply(); r.typ != repServer {
+		t.Fatalf("list after error: %#x", r.typ)
+	}
+}
+
+func testIO(t *testing.T, structured bool) {
+	ts := startMem(t)
+	rc := dialRaw(t, "tcp", ts.addr)
+	rc.connect("vol0", structured)
+	// Pipeline many writes, then reads, and match replies by handle.
+	const n = 64
+	for i := 0; i < n; i++ {
+		fl := uint16(0)
+		if i%8 == 0 {
+			fl = cmdFlagFUA
+		}
+		rc.request(cmdWrite, fl, uint64(i), uint64(i)*8192, 8192, pattern(8192, byte(i)))
+	}
+	seen := map[uint64]bool{}
+	for i := 0; i < n; i++ {
+		r := rc.readReply()
+		if r.errno != 0 || seen[r.handle] {
+			t.Fatalf("write reply %+v", r)
+		}
+		seen[r.handle] = true
+	}
+	for i := 0; i < n; i++ {
+		rc.request(cmdRead, 0, uint64(1000+i), uint64(i)*8192, 8192, nil)
+	}
+	for i := 0; i < n; i++ {
+		r := rc.readReply()
+		idx := int(r.handle) - 1000
+		if r.errno != 0 || idx < 0 || idx >= n || !bytes.Equal(r.data, pattern(8192, byte(idx))) {
+			t.Fatalf("read reply handle %d errno %d", r.handle, r.errno)
+		}
+		if structured && (r.chunks != 1 || r.dataOff != uint64(idx)*8192) {
+			t.Fatalf("structured read: %d chunks at %d", r.chunks, r.dataOff)
+		}
+	}
+	// A large read (over the copy threshold: goes out by writev).
+	big := pattern(4<<20, 9)
+	rc.request(cmdWrite, 0, 1, 8<<20, uint32(len(big)), big)
+	rc.readReply()
+	rc.request(cmdRead, cmdFlagDF&^uint16(boolToFlag(!structured)), 2, 8<<20, uint32(len(big)), nil)
+	if r := rc.readReply(); r.errno != 0 || !bytes.Equal(r.data, big) {
+		t.Fatalf("big read errno %d len %d", r.errno, len(r.data))
+	}
+	rc.request(cmdFlush, 0, 3, 0, 0, nil)
+	if r := rc.readReply(); r.errno != 0 {
+		t.Fatalf("flush %d", r.errno)
+	}
+	flushes, fuas, _, _, _ := ts.dev.counters()
+	if flushes != 1 || fuas != n/8 {
+		t.Fatalf("flushes %d fuas %d", flushes, fuas)
+	}
+	// TRIM, WRITE_ZEROES with and without NO_HOLE, FAST_ZERO, FUA.
+	rc.request(cmdTrim, 0, 4, 0, 8192, nil)
+	rc.request(cmdWriteZeroes, 0, 5, 8192, 8192, nil)
+	rc.request(cmdWriteZeroes, cmdFlagNoHole|cmdFlagFUA, 6, 16384, 8192, nil)
+	rc.request(cmdWriteZeroes, cmdFlagFastZero, 7, 24576, 4096, nil)
+	rc.request(cmdCache, 0, 8, 0, 1<<20, nil)
+	for i := 0; i < 5; i++ {
+		if r := rc.readReply(); r.errno != 0 {
+			t.Fatalf("handle %d errno %d %s", r.handle, r.errno, r.errMsg)
+		}
+	}
+	_, _, punches, zeroes, trims := ts.dev.counters()
+	if punches != 2 || zeroes != 1 || trims != 1 {
+		t.Fatalf("punches %d zeroes %d trims %d", punches, zeroes, trims)
+	}
+	if f, _, _, _, _ := ts.dev.counters(); f != 2 {
+		t.Fatalf("FUA on write zeroes did not flush: %d flushes", f)
+	}
+	rc.request(cmdRead, 0, 9, 0, 32768, nil)
+	if r := rc.readReply(); r.errno != 0 || !bytes.Equal(r.data[:28672], make([]byte, 28672)) ||
+		!bytes.Equal(r.data[28672:], pattern(8192, 3)[4096:]) {
+		t.Fatalf("zeroed range reads back wrong")
+	}
+	if structured {
+		rc.request(cmdBlockStatus, 0, 10, 0, 32768, nil)
+		r := rc.readReply()
+		want := [][2]uint32{{8192, 3}, {8192, 0}, {8192, 0}, {4096, 3}, {4096, 0}}
+		// memDev merges only by allocation: trim+punch are holes,
+		// NO_HOLE zeroes stay allocated.
+		want = [][2]uint32{{16384, 3}, {8192, 0}, {4096, 3}, {4096, 0}}
+		if fmt.Sprint(r.extents) != fmt.Sprint(want) {
+			t.Fatalf("extents %v want %v", r.extents, want)
+		}
+		rc.request(cmdBlockStatus, cmdFlagReqOne, 11, 0, 32768, nil)
+		if r := rc.readReply(); len(r.extents) != 1 {
+			t.Fatalf("REQ_ONE extents %v", r.extents)
+		}
+	}
+}
+
+func boolToFlag(b bool) uint16 {
+	if b {
+		return 0xffff
+	}
+	return 0
+}
+
+func TestIOSimple(t *testing.T)     { testIO(t, false) }
+func TestIOStructured(t *testing.T) { testIO(t, true) }
+
+func testErrors(t *testing.T, structured bool) {
+	dev := newMemDev(testSize)
+	ts := startServer(t, StaticExports{{Name: "vol0", Device: dev}, {Name: "ro", Device: dev, ReadOnly: true}})
+	rc := dialRaw(t, "tcp", ts.addr)
+	rc.connect("vol0", structured)
+	cases := []struct {
+		typ, flags uint16
+		off        uint64
+		n          uint32
+		payload    bool
+		want       uint32
+	}{
+		{cmdRead, 0, testSize, 4096, false, errInval},       // beyond end
+		{cmdRead, 0, testSize - 512, 4096, false, errInval}, // straddles end
+		{cmdWrite, 0, testSize - 512, 4096, true, errNoSpc}, // write beyond end
+		{cmdWrite, 0, 1 << 62, 4096, true, errNoSpc},        // huge offset
+		{cmdRead, 0, 100, 512, false, errInval},             // misaligned offset
+		{cmdWrite, 0, 0, 100, true, errInval},               // misaligned length
+		{cmdRead, 0, 0, 64 << 20, false, errOverflow},       // oversized read
+		{cmdWrite, 0, 0, 33 << 20, true, errOverflow},       // oversized write, payload skipped
+		{cmdRead, 0, 0, 0, false, errInval},                 // zero length
+		{cmdTrim, 0, testSize, 4096, false, errNoSpc},       // trim beyond end
+		{42, 0, 0, 0, false, errInval},                      // unknown command
+		{cmdFlush, cmdFlagNoHole, 0, 0, false, errInval},    // bad flag
+		{cmdWrite, cmdFlagReqOne, 0, 512, true, errInval},   // bad flag with payload
+		{cmdBlockStatus, 0, testSize, 512, false, errInval}, // beyond end
+	}
+	if !structured {
+		cases = append(cases, struct {
+			typ, flags uint16
+			off        uint64
+			n          uint32
+			payload    bool
+			want       uint32
+		}{cmdBlockStatus, 0, 0, 512, false, errInval}) // not negotiated
+	}
+	for i, c := range cases {
+		var p []byte
+		if c.payload {
+			p = make([]byte, c.n)
+		}
+		rc.request(c.typ, c.flags, uint64(i), c.off, c.n, p)
+		r := rc.readReply()
+		if r.handle != uint64(i) || r.errno != c.want {
+			t.Fatalf("case %d (cmd %d off %d len %d): handle %d errno %d (%s), want %d", i, c.typ, c.off, c.n, r.handle, r.errno, r.errMsg, c.want)
+		}
+		if structured && r.errMsg == "" {
+			t.Fatalf("case %d: structured error without message", i)
+		}
+		if r.data != nil {
+			t.Fatalf("case %d: error reply carried data", i)
+		}
+	}
+	// A failing read is an error, never data.
+	dev.mu.Lock()
+	dev.failReadAt = 1 << 20
+	dev.mu.Unlock()
+	rc.request(cmdRead, 0, 100, 1<<20, 4096, nil)
+	if r := rc.readReply(); r.errno != errIO || r.data != nil {
+		t.Fatalf("failed read: %+v", r)
+	}
+	// The connection still works.
+	rc.request(cmdWrite, 0, 101, 0, 4096, pattern(4096, 5))
+	if r := rc.readReply(); r.errno != 0 || r.handle != 101 {
+		t.Fatalf("write after errors: handle %d errno %d", r.handle, r.errno)
+	}
+	rc.request(cmdRead, 0, 102, 0, 4096, nil)
+	if r := rc.readReply(); r.errno != 0 || !bytes.Equal(r.data, pattern(4096, 5)) {
+		t.Fatalf("read after errors: handle %d errno %d", r.handle, r.errno)
+	}
+	// Read-only export: EPERM for writes, trims, zeroes; reads work.
+	ro := dialRaw(t, "tcp", ts.addr)
+	ro.connect("ro", structured)
+	for i, typ := range []uint16{cmdWrite, cmdTrim, cmdWriteZeroes} {
+		var p []byte
+		if typ == cmdWrite {
+			p = make([]byte, 4096)
+		}
+		ro.request(typ, 0, uint64(i), 0, 4096, p)
+		if r := ro.readReply(); r.errno != errPerm {
+			t.Fatalf("read-only cmd %d: errno %d", typ, r.errno)
+		}
+	}
+	ro.request(cmdRead, 0, 9, 0, 4096, nil)
+	if r := ro.readReply(); r.errno != 0 || !bytes.Equal(r.data, pattern(4096, 5)) {
+		t.Fatalf("read-only read: errno %d", r.errno)
+	}
+}
+
+func TestErrorsSimple(t *testing.T)     { testErrors(t, false) }
+func TestErrorsStructured(t *testing.T) { testErrors(t, true) }
+
+// TestConcurrentOutOfOrder: a read held inside the device does not stop
+// later requests on the same connection; their replies overtake it.
+func TestConcurrentOutOfOrder(t *testing.T) {
+	ts := startMem(t)
+	ts.dev.mu.Lock()
+	ts.dev.gateAt = 1 << 20
+	ts.dev.gate = make(chan struct{})
+	ts.dev.gated = make(chan struct{}, 1)
+	ts.dev.mu.Unlock()
+	rc := dialRaw(t, "tcp", ts.addr)
+	rc.connect("vol0", true)
+	rc.request(cmdRead, 0, 1, 1<<20, 4096, nil)
+	<-ts.dev.gated
+	for i := 2; i <= 10; i++ {
+		rc.request(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, pattern(4096, byte(i)))
+	}
+	for i := 2; i <= 10; i++ {
+		if r := rc.readReply(); r.handle == 1 || r.errno != 0 {
+			t.Fatalf("reply %+v before the held read was released", r)
+		}
+	}
+	close(ts.dev.gate)
+	if r := rc.readReply(); r.handle != 1 || r.errno != 0 {
+		t.Fatalf("held read: %+v", r)
+	}
+}
+
+// TestDiscDrains: DISC after a held read: the read is answered, then the
+// server closes.
+func TestDiscDrains(t *testing.T) {
+	ts := startMem(t)
+	ts.dev.mu.Lock()
+	ts.dev.gateAt = 0
+	ts.dev.gate = make(chan struct{})
+	ts.dev.gated = make(chan struct{}, 1)
+	ts.dev.mu.Unlock()
+	rc := dialRaw(t, "tcp", ts.addr)
+	rc.connect("vol0", false)
+	rc.request(cmdRead, 0, 1, 0, 4096, nil)
+	<-ts.dev.gated
+	rc.request(cmdDisc, 0, 2, 0, 0, nil)
+	go func() { time.Sleep(50 * time.Millisecond); close(ts.dev.gate) }()
+	if r := rc.readReply(); r.handle != 1 || r.errno != 0 || len(r.data) != 4096 {
+		t.Fatalf("read before disc: %+v", r)
+	}
+	rc.expectClosed()
+}
+
+// TestShutdownDrains: Shutdown answers the in-flight request before closing.
+func TestShutdownDrains(t *testing.T) {
+	dev := newMemDev(testSize)
+	dev.gateAt, dev.gate, dev.gated = 0, make(chan struct{}), make(chan struct{}, 1)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := NewServer(StaticExports{{Name: "vol0", Device: dev}}, WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(l) }()
+	rc := dialRaw(t, "tcp", l.Addr().String())
+	rc.connect("vol0", true)
+	rc.request(cmdRead, 0, 1, 0, 4096, nil)
+	<-dev.gated
+	shut := make(chan error, 1)
+	go func() { shut <- srv.Shutdown(context.Background()) }()
+	// New connections are refused once shutdown started.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		nc, err := net.Dial("tcp", l.Addr().String())
+		if err != nil {
+			break
+		}
+		nc.Close()
+		if time.Now().After(deadline) {
+			t.Fatal("listener still accepting")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	close(dev.gate)
+	if r := rc.readReply(); r.handle != 1 || r.errno != 0 || len(r.data) != 4096 {
+		t.Fatalf("in-flight read during shutdown: %+v", r)
+	}
+	rc.expectClosed()
+	if err := <-shut; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-errc; !errors.Is(err, ErrServerClosed) {
+		t.Fatal(err)
+	}
+}
+
+// TestBadMagicClosesOnlyThatConnection.
+func TestBadMagicClosesOnlyThatConnection(t *testing.T) {
+	ts := startMem(t)
+	good := dialRaw(t, "tcp", ts.addr)
+	good.connect("vol0", true)
+	bad := dialRaw(t, "tcp", ts.addr)
+	bad.connect("vol0", true)
+	bad.write(bytes.Repeat([]byte{0xde, 0xad}, 14))
+	bad.expectClosed()
+	good.request(cmdWrite, 0, 1, 0, 4096, pattern(4096, 1))
+	if r := good.readReply(); r.errno != 0 {
+		t.Fatal(r.errno)
+	}
+	fresh := dialRaw(t, "tcp", ts.addr)
+	fresh.connect("vol0", false)
+	fresh.request(cmdRead, 0, 2, 0, 4096, nil)
+	if r := fresh.readReply(); r.errno != 0 || !bytes.Equal(r.data, pattern(4096, 1)) {
+		t.Fatal("fresh connection read failed")
+	}
+}
+
+// TestVanishingClientsLeakNothing: clients that drop mid-request (with
+// payload half sent, or with replies pending) leave no goroutine behind.
+func TestVanishingClientsLeakNothing(t *testing.T) {
+	ts := startMem(t)
+	// Warm up once so lazily started runtime goroutines are counted.
+	w := dialRaw(t, "tcp", ts.addr)
+	w.connect("vol0", true)
+	w.nc.Close()
+	waitConns(t, ts.srv, 0)
+	base := runtime.NumGoroutine()
+	for i := 0; i < 20; i++ {
+		rc := dialRaw(t, "tcp", ts.addr)
+		switch i % 4 {
+		case 0: // mid-negotiation
+			rc.clientFlags(clientFlagFixedNewstyle)
+		case 1: // half a write payload
+			rc.connect("vol0", false)
+			rc.request(cmdWrite, 0, 1, 0, 1<<20, make([]byte, 1000))
+		case 2: // many reads, replies never read
+			rc.connect("vol0", true)
+			for j := 0; j < 64; j++ {
+				rc.request(cmdRead, 0, uint64(j), 0, 1<<20, nil)
+			}
+		case 3: // half a request header
+			rc.connect("vol0", true)
+			rc.write([]byte{0x25, 0x60})
+		}
+		rc.nc.Close()
+	}
+	waitConns(t, ts.srv, 0)
+	deadline := time.Now().Add(30 * time.Second)
+	for runtime.NumGoroutine() > base {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			t.Fatalf("goroutines %d > %d\n%s", runtime.NumGoroutine(), base, buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// The device lock is free: a new client works.
+	rc := dialRaw(t, "tcp", ts.addr)
+	rc.connect("vol0", false)
+	rc.request(cmdWrite, 0, 1, 0, 4096, pattern(4096, 2))
+	if r := rc.readReply(); r.errno != 0 {
+		t.Fatal(r.errno)
+	}
+}
+
+func waitConns(t *testing.T, s *Server, n int) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for s.Conns() != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("connections %d, want %d", s.Conns(), n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestUnixSocketAndDisconnectExport(t *testing.T) {
+	dev := newMemDev(testSize)
+	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := NewServer(StaticExports{{Name: "vol0", Device: dev}}, WithLogger(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))))
+	go srv.Serve(l)
+	defer srv.Close()
+	rc := dialRaw(t, "unix", sock)
+	rc.connect("", true) // empty name: the only export
+	rc.request(cmdWrite, cmdFlagFUA, 1, 512, 1024, pattern(1024, 3))
+	if r := rc.readReply(); r.errno != 0 {
+		t.Fatal(r.errno)
+	}
+	rc.request(cmdRead, 0, 2, 0, 2048, nil)
+	if r := rc.readReply(); r.errno != 0 || !bytes.Equal(r.data[512:1536], pattern(1024, 3)) {
+		t.Fatal("unix read back")
+	}
+	if n := srv.DisconnectExport("vol0"); n != 1 {
+		t.Fatalf("DisconnectExport closed %d", n)
+	}
+	rc.expectClosed()
+}
+
+// Check that Errno-mapped device errors go out as protocol errnos.
+func TestWireErrno(t *testing.T) {
+	cases := map[error]uint32{
+		blockdev.ErrNotPrimary:                   errPerm,
+		blockdev.ErrReadOnly:                     errPerm,
+		fmt.Errorf("x: %w", blockdev.ErrNoSpace): errNoSpc,
+		blockdev.ErrOutOfRange:                   errInval,
+		blockdev.ErrClosed:                       errShutdown,
+		errors.New("anything"):                   errIO,
+		fmt.Errorf("y: %w", blockdev.ErrIO):      errIO,
+	}
+	for err, want := range cases {
+		if got := wireErrno(err); got != want {
+			t.Errorf("%v: %d want %d", err, got, want)
+		}
+	}
+}
