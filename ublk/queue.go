@@ -1,0 +1,292 @@
+package ublk
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"unsafe"
+
+	"github.com/blockd/blockd/ublk/uring"
+	"golang.org/x/sys/unix"
+)
+
+// Data copy: this package uses the driver's default mode, a per-tag buffer
+// whose address travels in the FETCH_REQ / COMMIT_AND_FETCH_REQ command.
+// The driver copies WRITE data into it before handing the request over and
+// copies READ data out of it when the result is committed, in the context
+// of the queue's thread. It needs no extra system call per request, unlike
+// UBLK_F_USER_COPY (a pread/pwrite on /dev/ublkcN per request), and the
+// buffers are anonymous mmaps, so the Go garbage collector never sees
+// or moves them.
+
+var errStopped = errors.New("ublk: queue stopped")
+
+// wakeTag marks the eventfd read in user_data; I/O commands carry the tag.
+const wakeTag = 1 << 32
+
+type completion struct {
+	tag uint16
+	res int32
+}
+
+// queue is one hardware queue: its own io_uring on /dev/ublkcN, driven by
+// one goroutine locked to one OS thread (the driver only accepts a queue's
+// commands from the task that fetched them). Requests are executed by
+// worker goroutines, so up to depth requests are in flight at once; their
+// results come back through done and an eventfd the queue thread reads
+// through its own ring.
+type queue struct {
+	dev   *Device
+	id    int
+	depth int
+	bufSz int
+
+	ring  *uring.Ring
+	descs []byte // mmapped descriptor array (read-only)
+	bufs  []byte // depth * bufSz, anonymous mmap
+	efd   int
+	wbuf  []byte // 8-byte target of the eventfd read (mmapped)
+
+	mu       sync.Mutex
+	done     []completion
+	stopping atomic.Bool
+
+	exited chan struct{}
+	err    error // why the loop ended (nil: all tags aborted by the driver)
+}
+
+func newQueue(d *Device, id int) *queue {
+	return &queue{dev: d, id: id, depth: int(d.info.QueueDepth), bufSz: int(d.info.MaxIOBufBytes), efd: -1, exited: make(chan struct{})}
+}
+
+func (q *queue) log() *slog.Logger { return q.dev.log }
+
+// setup maps the queue's memory and creates its ring. Called on the
+// queue's own thread.
+func (q *queue) setup() error {
+	ps := os.Getpagesize()
+	var err error
+	q.descs, err = unix.Mmap(q.dev.charFd, descArrayOffset(q.id, ps), descArraySize(q.depth, ps), unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE)
+	if err != nil {
+		return fmt.Errorf("ublk: queue %d: mmap descriptors: %w", q.id, err)
+	}
+	q.bufs, err = unix.Mmap(-1, 0, q.depth*q.bufSz+ps, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		return fmt.Errorf("ublk: queue %d: I/O buffers: %w", q.id, err)
+	}
+	q.wbuf = q.bufs[q.depth*q.bufSz : q.depth*q.bufSz+8]
+	q.efd, err = unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("ublk: queue %d: eventfd: %w", q.id, err)
+	}
+	entries := uint32(1)
+	for entries < uint32(q.depth+2) {
+		entries <<= 1
+	}
+	q.ring, err = uring.New(entries, uring.SetupSQE128)
+	if err != nil {
+		return fmt.Errorf("ublk: queue %d: ring: %w", q.id, err)
+	}
+	return nil
+}
+
+func (q *queue) teardown() {
+	if q.ring != nil {
+		q.ring.Close()
+		q.ring = nil
+	}
+	if q.descs != nil {
+		unix.Munmap(q.descs)
+		q.descs = nil
+	}
+	if q.efd >= 0 {
+		unix.Close(q.efd)
+		q.efd = -1
+	}
+	// bufs are unmapped by the Device once no worker can touch them.
+}
+
+func (q *queue) buf(tag uint16) []byte {
+	o := int(tag) * q.bufSz
+	return q.bufs[o : o+q.bufSz : o+q.bufSz]
+}
+
+func (q *queue) prepIO(op uint32, tag uint16, res int32) bool {
+	sqe := q.ring.GetSQE()
+	if sqe == nil {
+		return false
+	}
+	sqe.Opcode = uring.OpURingCmd
+	sqe.Fd = int32(q.dev.charFd)
+	sqe.SetCmdOp(op)
+	sqe.UserData = uint64(tag)
+	ioCmd{qid: uint16(q.id), tag: tag, result: res, addr: uint64(uintptr(unsafe.Pointer(&q.buf(tag)[0])))}.encode(q.ring.Cmd(sqe))
+	return true
+}
+
+func (q *queue) prepWake() bool {
+	sqe := q.ring.GetSQE()
+	if sqe == nil {
+		return false
+	}
+	sqe.Opcode = uring.OpRead
+	sqe.Fd = int32(q.efd)
+	sqe.Addr = uint64(uintptr(unsafe.Pointer(&q.wbuf[0])))
+	sqe.Len = 8
+	sqe.UserData = wakeTag
+	return true
+}
+
+// wake interrupts the queue thread's wait.
+func (q *queue) wake() {
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], 1)
+	for {
+		_, err := unix.Write(q.efd, b[:])
+		if err != unix.EINTR {
+			return
+		}
+	}
+}
+
+// complete is called by workers.
+func (q *queue) complete(tag uint16, res int32) {
+	q.mu.Lock()
+	first := len(q.done) == 0
+	q.done = append(q.done, completion{tag, res})
+	q.mu.Unlock()
+	if first {
+		q.wake()
+	}
+}
+
+// stop asks the loop to exit without waiting for the driver: used on
+// errors before START_DEV and by Release (leave the device for recovery).
+func (q *queue) stop() {
+	q.stopping.Store(true)
+	if q.efd >= 0 {
+		q.wake()
+	}
+}
+
+// run is the queue loop. ready receives the setup result once every tag
+// has been fetched (the driver then counts the queue as ready).
+func (q *queue) run(ready chan<- error) {
+	// Never unlocked: when the loop ends, the thread ends with it, so no
+	// other goroutine ever runs on the task the driver bound to this queue.
+	runtime.LockOSThread()
+	defer close(q.exited)
+	if err := q.setup(); err != nil {
+		q.teardown()
+		q.err = err
+		ready <- err
+		return
+	}
+	for tag := 0; tag < q.depth; tag++ {
+		q.prepIO(ioFetchReq, uint16(tag), -1)
+	}
+	q.prepWake()
+	if _, err := q.ring.Submit(0); err != nil {
+		q.teardown()
+		q.err = fmt.Errorf("ublk: queue %d: FETCH_REQ: %w", q.id, err)
+		ready <- q.err
+		return
+	}
+	// A FETCH_REQ the driver refuses completes at once with an error.
+	for q.ring.Ready() > 0 {
+		c, _ := q.ring.PeekCQE()
+		if c.UserData != wakeTag && c.Res < 0 {
+			q.teardown()
+			q.err = fmt.Errorf("ublk: queue %d: FETCH_REQ tag %d: %w", q.id, c.UserData, mapCtrlErr(syscall.Errno(-c.Res)))
+			ready <- q.err
+			return
+		}
+		break
+	}
+	ready <- nil
+	q.err = q.loop()
+	q.teardown()
+	q.log().Debug("ublk.queue.exit", "dev", q.dev.info.DevID, "queue", q.id, "err", q.err)
+}
+
+func (q *queue) loop() error {
+	inKernel := q.depth // tags with a command owned by the driver
+	inWorker := 0       // tags being executed by a worker
+	wakeArmed := true
+	var batch []completion
+	for {
+		if q.stopping.Load() && inWorker == 0 {
+			// Hand the last results to the driver before the ring goes.
+			if q.ring.Unsubmitted() > 0 {
+				q.ring.Submit(0)
+			}
+			return errStopped
+		}
+		if inKernel == 0 && inWorker == 0 {
+			return nil // every tag aborted: the device was stopped
+		}
+		if _, err := q.ring.Submit(1); err != nil {
+			return fmt.Errorf("ublk: queue %d: %w", q.id, err)
+		}
+		for {
+			c, ok := q.ring.PeekCQE()
+			if !ok {
+				break
+			}
+			q.ring.SeenCQE()
+			if c.UserData == wakeTag {
+				wakeArmed = false
+				if c.Res < 0 && c.Res != -int32(unix.EINTR) && c.Res != -int32(unix.EAGAIN) {
+					return fmt.Errorf("ublk: queue %d: eventfd read: %w", q.id, syscall.Errno(-c.Res))
+				}
+				continue
+			}
+			tag := uint16(c.UserData)
+			inKernel--
+			switch {
+			case c.Res == 0: // UBLK_IO_RES_OK: a request for this tag
+				inWorker++
+				d := decodeIODesc(q.descs[int(tag)*ioDescSize:])
+				go q.work(tag, d)
+			case c.Res == ioResAbort:
+				// The driver will not hand this tag out again (STOP_DEV,
+				// or the queue is being torn down).
+			default:
+				q.log().Error("ublk.queue.cmd_failed", "dev", q.dev.info.DevID, "queue", q.id, "tag", tag, "err", syscall.Errno(-c.Res))
+			}
+		}
+		if !wakeArmed {
+			wakeArmed = q.prepWake()
+		}
+		q.mu.Lock()
+		batch, q.done = q.done, batch[:0]
+		q.mu.Unlock()
+		for i, c := range batch {
+			if !q.prepIO(ioCommitAndFetchReq, c.tag, c.res) {
+				// Cannot happen with entries >= depth+2; keep the rest.
+				q.mu.Lock()
+				q.done = append(q.done, batch[i:]...)
+				q.mu.Unlock()
+				break
+			}
+			inWorker--
+			inKernel++
+		}
+	}
+}
+
+func (q *queue) work(tag uint16, d ioDesc) {
+	res, err := execute(q.dev.dev, d, q.buf(tag))
+	if err != nil {
+		q.dev.ioErrors.Add(1)
+		q.log().Warn("ublk.io.error", "dev", q.dev.info.DevID, "queue", q.id, "tag", tag, "op", opName(d.op()),
+			"offset", int64(d.startSector)*512, "length", int64(d.nrSectors)*512, "errno", -res, "err", err)
+	}
+	q.complete(tag, res)
+}
