@@ -1,0 +1,268 @@
+package master
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"sort"
+	"sync"
+
+	"github.com/hashicorp/raft"
+
+	"github.com/blockd/blockd/api"
+)
+
+// VolumeRecord is a volume in the raft registry (the source of truth for
+// names, sizes, roles and epochs).
+type VolumeRecord struct {
+	Name         string   `json:"name"`
+	ID           uint64   `json:"id"` // raft index of its create: the incarnation
+	SizeBytes    int64    `json:"size_bytes"`
+	BlockSize    int      `json:"block_size"`
+	RF           int      `json:"rf"`
+	Durability   string   `json:"durability"`
+	Preset       string   `json:"preset"`
+	WALSizeBytes int64    `json:"wal_size_bytes"`
+	Epoch        uint64   `json:"epoch"`
+	Primary      string   `json:"primary"`
+	Replicas     []string `json:"replicas"`
+	RequestID    string   `json:"request_id,omitempty"`
+}
+
+func (v *VolumeRecord) clone() *VolumeRecord {
+	c := *v
+	c.Replicas = append([]string(nil), v.Replicas...)
+	return &c
+}
+
+// Members returns primary then replicas.
+func (v *VolumeRecord) Members() []string {
+	return append([]string{v.Primary}, v.Replicas...)
+}
+
+func (v *VolumeRecord) has(id string) bool {
+	for _, m := range v.Members() {
+		if m == id {
+			return true
+		}
+	}
+	return false
+}
+
+// ServerRecord is a volume server's identity and endpoints in the registry.
+// Liveness and capacity are leader memory, not raft state.
+type ServerRecord struct {
+	ID      string `json:"id"`
+	Addr    string `json:"addr"`
+	NBDAddr string `json:"nbd_addr"`
+}
+
+type fsmState struct {
+	Volumes    map[string]*VolumeRecord `json:"volumes"`
+	Servers    map[string]*ServerRecord `json:"servers"`
+	Tombstones map[string]uint64        `json:"tombstones"` // deleted name -> its last incarnation ID
+}
+
+func newState() *fsmState {
+	return &fsmState{Volumes: map[string]*VolumeRecord{}, Servers: map[string]*ServerRecord{}, Tombstones: map[string]uint64{}}
+}
+
+// command ops
+const (
+	opCreate       = "create"
+	opDelete       = "delete"
+	opExpand       = "expand"
+	opReassign     = "reassign"
+	opUpsertServer = "upsert_server"
+)
+
+type command struct {
+	Op     string        `json:"op"`
+	Volume *VolumeRecord `json:"volume,omitempty"` // create
+	Name   string        `json:"name,omitempty"`
+	Size   int64         `json:"size,omitempty"` // expand
+	// reassign: compare-and-set on (ID, ExpectEpoch); the epoch becomes ExpectEpoch+1.
+	ID          uint64        `json:"id,omitempty"`
+	ExpectEpoch uint64        `json:"expect_epoch,omitempty"`
+	Primary     string        `json:"primary,omitempty"`
+	Replicas    []string      `json:"replicas,omitempty"`
+	Server      *ServerRecord `json:"server,omitempty"`
+}
+
+type applyResult struct {
+	Err *api.Error
+	Vol *VolumeRecord
+}
+
+// fsm is the raft state machine. Readers get deep copies.
+type fsm struct {
+	mu sync.RWMutex
+	st *fsmState
+}
+
+func (f *fsm) Apply(l *raft.Log) any {
+	var c command
+	if err := json.Unmarshal(l.Data, &c); err != nil {
+		return &applyResult{Err: api.Errorf(api.CodeInternal, "decode raft command at index %d: %v", l.Index, err)}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.st.apply(&c, l.Index)
+}
+
+// apply is deterministic in (state, command, index).
+func (s *fsmState) apply(c *command, index uint64) *applyResult {
+	switch c.Op {
+	case opCreate:
+		v := c.Volume
+		if v == nil {
+			return &applyResult{Err: api.Errorf(api.CodeBadRequest, "create without volume")}
+		}
+		if old, ok := s.Volumes[v.Name]; ok {
+			if v.RequestID != "" && old.RequestID == v.RequestID {
+				return &applyResult{Vol: old.clone()} // a retry of the same create
+			}
+			return &applyResult{Err: api.Errorf(api.CodeAlreadyExists, "volume %q already exists", v.Name)}
+		}
+		nv := v.clone()
+		nv.ID = index
+		if nv.Epoch == 0 {
+			nv.Epoch = 1
+		}
+		s.Volumes[nv.Name] = nv
+		delete(s.Tombstones, nv.Name)
+		return &applyResult{Vol: nv.clone()}
+	case opDelete:
+		v, ok := s.Volumes[c.Name]
+		if !ok {
+			return &applyResult{Err: api.Errorf(api.CodeNotFound, "volume %q not found", c.Name)}
+		}
+		delete(s.Volumes, c.Name)
+		s.Tombstones[c.Name] = v.ID
+		return &applyResult{Vol: v.clone()}
+	case opExpand:
+		v, ok := s.Volumes[c.Name]
+		if !ok {
+			return &applyResult{Err: api.Errorf(api.CodeNotFound, "volume %q not found", c.Name)}
+		}
+		if c.Size < v.SizeBytes {
+			return &applyResult{Err: api.Errorf(api.CodeBadSize, "volume %q is %d bytes; size may only grow (asked %d)", c.Name, v.SizeBytes, c.Size)}
+		}
+		if c.Size%int64(v.BlockSize) != 0 {
+			return &applyResult{Err: api.Errorf(api.CodeBadSize, "size %d is not a multiple of the block size %d", c.Size, v.BlockSize)}
+		}
+		v.SizeBytes = c.Size
+		return &applyResult{Vol: v.clone()}
+	case opReassign:
+		v, ok := s.Volumes[c.Name]
+		if !ok {
+			return &applyResult{Err: api.Errorf(api.CodeNotFound, "volume %q not found", c.Name)}
+		}
+		if v.ID != c.ID || v.Epoch != c.ExpectEpoch {
+			return &applyResult{Err: api.Errorf(api.CodeEpochChanged, "volume %q is at id %d epoch %d, expected id %d epoch %d", c.Name, v.ID, v.Epoch, c.ID, c.ExpectEpoch)}
+		}
+		v.Epoch = c.ExpectEpoch + 1
+		v.Primary = c.Primary
+		v.Replicas = append([]string{}, c.Replicas...)
+		return &applyResult{Vol: v.clone()}
+	case opUpsertServer:
+		if c.Server == nil || c.Server.ID == "" {
+			return &applyResult{Err: api.Errorf(api.CodeBadRequest, "upsert_server without id")}
+		}
+		sv := *c.Server
+		s.Servers[sv.ID] = &sv
+		return &applyResult{}
+	}
+	return &applyResult{Err: api.Errorf(api.CodeInternal, "unknown raft command %q", c.Op)}
+}
+
+func (f *fsm) volume(name string) *VolumeRecord {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	if v, ok := f.st.Volumes[name]; ok {
+		return v.clone()
+	}
+	return nil
+}
+
+func (f *fsm) volumes() []*VolumeRecord {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	out := make([]*VolumeRecord, 0, len(f.st.Volumes))
+	for _, v := range f.st.Volumes {
+		out = append(out, v.clone())
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+func (f *fsm) server(id string) *ServerRecord {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	if s, ok := f.st.Servers[id]; ok {
+		c := *s
+		return &c
+	}
+	return nil
+}
+
+func (f *fsm) servers() []ServerRecord {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	out := make([]ServerRecord, 0, len(f.st.Servers))
+	for _, s := range f.st.Servers {
+		out = append(out, *s)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+func (f *fsm) tombstone(name string) (uint64, bool) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	id, ok := f.st.Tombstones[name]
+	return id, ok
+}
+
+func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	data, err := json.Marshal(f.st)
+	if err != nil {
+		return nil, fmt.Errorf("master: snapshot encode: %w", err)
+	}
+	return &fsmSnapshot{data: data}, nil
+}
+
+func (f *fsm) Restore(rc io.ReadCloser) error {
+	defer rc.Close()
+	st := newState()
+	if err := json.NewDecoder(rc).Decode(st); err != nil {
+		return fmt.Errorf("master: snapshot restore: %w", err)
+	}
+	if st.Volumes == nil {
+		st.Volumes = map[string]*VolumeRecord{}
+	}
+	if st.Servers == nil {
+		st.Servers = map[string]*ServerRecord{}
+	}
+	if st.Tombstones == nil {
+		st.Tombstones = map[string]uint64{}
+	}
+	f.mu.Lock()
+	f.st = st
+	f.mu.Unlock()
+	return nil
+}
+
+type fsmSnapshot struct{ data []byte }
+
+func (s *fsmSnapshot) Persist(sink raft.SnapshotSink) error {
+	if _, err := sink.Write(s.data); err != nil {
+		_ = sink.Cancel()
+		return fmt.Errorf("master: snapshot persist: %w", err)
+	}
+	return sink.Close()
+}
+
+func (s *fsmSnapshot) Release() {}

@@ -1,0 +1,519 @@
+package master
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"sort"
+	"time"
+
+	"github.com/blockd/blockd/api"
+)
+
+func jsonMarshal(v any) ([]byte, error) { return json.Marshal(v) }
+
+// liveServer is the leader's memory of one server's heartbeats.
+type liveServer struct {
+	heard    time.Time // when the leader last answered its heartbeat
+	capacity int64
+	free     int64
+	reports  map[string]api.HeartbeatVolume
+}
+
+// pendingFailover is a deferred failover of one volume: armed when its
+// primary's heartbeats stop, it fires when the primary's lease has surely
+// expired. It is bound to the volume's incarnation and epoch; a heartbeat
+// from the primary cancels it.
+type pendingFailover struct {
+	name     string
+	id       uint64
+	epoch    uint64
+	primary  string
+	lastSeen time.Time
+	expiry   time.Time
+	timer    *time.Timer
+	expired  bool // the lease wait is over; retried by the sweep until a candidate appears
+	running  bool
+	noCand   bool // failover_no_candidate was logged
+}
+
+// leaderState is what only the current leader holds, rebuilt on election.
+type leaderState struct {
+	since          time.Time
+	servers        map[string]*liveServer
+	pending        map[string]*pendingFailover
+	leaseNotBefore map[string]time.Time // volume -> no primary lease before this
+	sent           map[string]string    // volume/server -> role@epoch last logged as sent
+	confirmed      map[string]string    // volume/server -> role@epoch last logged as confirmed
+	unknownLogged  map[string]bool
+}
+
+func newLeaderState(now time.Time) *leaderState {
+	return &leaderState{since: now, servers: map[string]*liveServer{}, pending: map[string]*pendingFailover{},
+		leaseNotBefore: map[string]time.Time{}, sent: map[string]string{}, confirmed: map[string]string{}, unknownLogged: map[string]bool{}}
+}
+
+func (ld *leaderState) stopTimers() {
+	for _, p := range ld.pending {
+		if p.timer != nil {
+			p.timer.Stop()
+		}
+	}
+}
+
+// lastSeen is the last time the leader may have granted id a lease: its
+// last answered heartbeat, or the leader's start (a previous leader may
+// have granted one until then).
+func (ld *leaderState) lastSeen(id string) time.Time {
+	t := ld.since
+	if ls := ld.servers[id]; ls != nil && ls.heard.After(t) {
+		t = ls.heard
+	}
+	return t
+}
+
+func (m *Master) leaseDeadline(ld *leaderState, id string) time.Time {
+	return ld.lastSeen(id).Add(m.cfg.LeaseTTL + m.cfg.LeaseMargin)
+}
+
+func (m *Master) leader() *leaderState {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.ld
+}
+
+func notLeader(m *Master) *api.Error {
+	return &api.Error{Code: api.CodeNotLeader, Message: "this master is not the leader", Leader: m.leaderAPI(), Status: 503}
+}
+
+// canonicalAddr fills an empty or wildcard host with the caller's IP (a
+// server bound to ":port" must not be advertised as ":port").
+func canonicalAddr(addr, remoteIP string) string {
+	if addr == "" || remoteIP == "" {
+		return addr
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		return net.JoinHostPort(remoteIP, port)
+	}
+	return addr
+}
+
+// Heartbeat processes one server heartbeat (the leader only).
+func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.HeartbeatResponse, *api.Error) {
+	if req.ServerID == "" {
+		return nil, api.Errorf(api.CodeBadRequest, "heartbeat without server_id")
+	}
+	if req.Addr == "" {
+		return nil, api.Errorf(api.CodeBadRequest, "heartbeat from %s without addr", req.ServerID)
+	}
+	req.Addr = canonicalAddr(req.Addr, remoteIP)
+	req.NBDAddr = canonicalAddr(req.NBDAddr, remoteIP)
+	ld := m.leader()
+	if ld == nil {
+		return nil, notLeader(m)
+	}
+	// Identity and endpoints are raft state: record a new server or an
+	// address change (the ID stays; the endpoint follows).
+	if rec := m.fsm.server(req.ServerID); rec == nil || rec.Addr != req.Addr || rec.NBDAddr != req.NBDAddr {
+		res := m.apply(command{Op: opUpsertServer, Server: &ServerRecord{ID: req.ServerID, Addr: req.Addr, NBDAddr: req.NBDAddr}})
+		if res.Err != nil {
+			return nil, res.Err
+		}
+		if rec == nil {
+			m.log.Info("server_registered", "server", req.ServerID, "addr", req.Addr, "nbd_addr", req.NBDAddr)
+		} else {
+			m.log.Info("server_address_changed", "server", req.ServerID, "old_addr", rec.Addr, "addr", req.Addr, "nbd_addr", req.NBDAddr)
+		}
+	}
+
+	now := time.Now()
+	reports := make(map[string]api.HeartbeatVolume, len(req.Volumes))
+	for _, v := range req.Volumes {
+		reports[v.Name] = v
+	}
+	m.mu.Lock()
+	if m.ld != ld {
+		m.mu.Unlock()
+		return nil, notLeader(m)
+	}
+	// Record the answer time BEFORE reading the registry: a promotion that
+	// commits after this point sees it when it computes the lease fence.
+	ls := ld.servers[req.ServerID]
+	if ls == nil {
+		ls = &liveServer{}
+		ld.servers[req.ServerID] = ls
+	}
+	ls.heard, ls.capacity, ls.free, ls.reports = now, req.CapacityBytes, req.FreeBytes, reports
+	for name, p := range ld.pending {
+		if p.primary == req.ServerID {
+			if p.timer != nil {
+				p.timer.Stop()
+			}
+			delete(ld.pending, name)
+			m.log.Info("failover_cancelled", "volume", name, "primary", p.primary, "epoch", p.epoch, "reason", "primary_heartbeat_returned")
+		}
+	}
+	m.mu.Unlock()
+
+	resp := &api.HeartbeatResponse{
+		LeaseTTLMS:          m.cfg.LeaseTTL.Milliseconds(),
+		HeartbeatIntervalMS: m.cfg.HeartbeatInterval.Milliseconds(),
+		Assignments:         []api.VolumeAssignment{},
+		Drop:                []string{},
+	}
+	vols := m.fsm.volumes()
+	known := map[string]*VolumeRecord{}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, v := range vols {
+		known[v.Name] = v
+		if !v.has(req.ServerID) {
+			continue
+		}
+		a := m.assignment(v, req.ServerID)
+		if a.Role == api.RolePrimary {
+			if nb, ok := ld.leaseNotBefore[v.Name]; ok && now.Before(nb) {
+				a.LeaseTTLMS = 0
+				m.log.Info("lease_withheld", "volume", v.Name, "server", req.ServerID, "epoch", v.Epoch, "wait_ms", nb.Sub(now).Milliseconds())
+			} else {
+				a.LeaseTTLMS = m.cfg.LeaseTTL.Milliseconds()
+			}
+		}
+		key := v.Name + "/" + req.ServerID
+		want := fmt.Sprintf("%s@%d", a.Role, a.Epoch)
+		if r, ok := reports[v.Name]; ok && r.Role == a.Role && r.Epoch == a.Epoch {
+			a.Confirmed = true
+			if ld.confirmed[key] != want {
+				ld.confirmed[key] = want
+				m.log.Info("assignment_confirmed", "volume", v.Name, "server", req.ServerID, "role", a.Role, "epoch", a.Epoch)
+			}
+		} else if ld.sent[key] != want {
+			ld.sent[key] = want
+			m.log.Info("assignment_sent", "volume", v.Name, "server", req.ServerID, "role", a.Role, "epoch", a.Epoch,
+				"reported_role", r.Role, "reported_epoch", r.Epoch)
+		}
+		if r, ok := reports[v.Name]; ok && r.Epoch > v.Epoch {
+			m.log.Warn("epoch_ahead_of_registry", "volume", v.Name, "server", req.ServerID, "reported_epoch", r.Epoch, "epoch", v.Epoch)
+		}
+		resp.Assignments = append(resp.Assignments, a)
+	}
+	// Reported volumes this server should not have.
+	for _, r := range req.Volumes {
+		v := known[r.Name]
+		switch {
+		case v != nil && r.ID != 0 && r.ID != v.ID:
+			resp.Drop = append(resp.Drop, r.Name)
+			m.log.Info("volume_drop", "volume", r.Name, "server", req.ServerID, "reason", "old_incarnation", "reported_id", r.ID, "id", v.ID)
+		case v != nil && !v.has(req.ServerID):
+			resp.Assignments = append(resp.Assignments, api.VolumeAssignment{Volume: v.Name, ID: v.ID, SizeBytes: v.SizeBytes,
+				BlockSize: v.BlockSize, WALSizeBytes: v.WALSizeBytes, Durability: v.Durability, Role: api.RoleNone, Epoch: v.Epoch,
+				Replicas: []api.ServerRef{}})
+		case v == nil:
+			if _, dead := m.fsm.tombstone(r.Name); dead {
+				resp.Drop = append(resp.Drop, r.Name)
+				m.log.Info("volume_drop", "volume", r.Name, "server", req.ServerID, "reason", "deleted")
+			} else if !ld.unknownLogged[r.Name+"/"+req.ServerID] {
+				ld.unknownLogged[r.Name+"/"+req.ServerID] = true
+				m.log.Warn("unknown_volume_reported", "volume", r.Name, "server", req.ServerID, "epoch", r.Epoch, "role", r.Role)
+			}
+		}
+	}
+	return resp, nil
+}
+
+// assignment is the desired state of v on server id (lease not filled).
+func (m *Master) assignment(v *VolumeRecord, id string) api.VolumeAssignment {
+	a := api.VolumeAssignment{Volume: v.Name, ID: v.ID, SizeBytes: v.SizeBytes, BlockSize: v.BlockSize,
+		WALSizeBytes: v.WALSizeBytes, Durability: v.Durability, Epoch: v.Epoch, Role: api.RoleReplica, Replicas: []api.ServerRef{}}
+	if v.Primary == id {
+		a.Role = api.RolePrimary
+	}
+	a.Primary = m.serverRef(v.Primary)
+	for _, r := range v.Replicas {
+		a.Replicas = append(a.Replicas, m.serverRef(r))
+	}
+	return a
+}
+
+func (m *Master) serverRef(id string) api.ServerRef {
+	ref := api.ServerRef{ServerID: id}
+	if s := m.fsm.server(id); s != nil {
+		ref.Addr, ref.NBDAddr = s.Addr, s.NBDAddr
+	}
+	return ref
+}
+
+// suspectAfter: a primary silent this long gets a deferred failover armed.
+func (m *Master) suspectAfter() time.Duration { return 2 * m.cfg.HeartbeatInterval }
+
+// sweep arms deferred failovers for silent primaries and retries expired
+// ones that found no candidate (a replica may have come back since).
+func (m *Master) sweep(now time.Time) {
+	vols := m.fsm.volumes()
+	var retry []*pendingFailover
+	m.mu.Lock()
+	ld := m.ld
+	if ld == nil {
+		m.mu.Unlock()
+		return
+	}
+	live := map[string]bool{}
+	for _, v := range vols {
+		live[v.Name] = true
+		p := ld.pending[v.Name]
+		if p != nil && (p.id != v.ID || p.epoch != v.Epoch || p.primary != v.Primary) {
+			if p.timer != nil {
+				p.timer.Stop()
+			}
+			delete(ld.pending, v.Name)
+			m.log.Info("failover_timer_stale", "volume", v.Name, "armed_epoch", p.epoch, "epoch", v.Epoch)
+			p = nil
+		}
+		if v.Primary == "" {
+			continue
+		}
+		last := ld.lastSeen(v.Primary)
+		if now.Sub(last) <= m.suspectAfter() {
+			continue
+		}
+		if p == nil {
+			p = &pendingFailover{name: v.Name, id: v.ID, epoch: v.Epoch, primary: v.Primary, lastSeen: last,
+				expiry: m.leaseDeadline(ld, v.Primary)}
+			ld.pending[v.Name] = p
+			wait := p.expiry.Sub(now)
+			m.log.Info("lease_wait", "volume", v.Name, "primary", v.Primary, "epoch", v.Epoch,
+				"silent_ms", now.Sub(last).Milliseconds(), "wait_ms", wait.Milliseconds())
+			pf := p
+			p.timer = time.AfterFunc(max(wait, 0), func() { m.failoverFire(pf) })
+			continue
+		}
+		if p.expired && !p.running {
+			retry = append(retry, p)
+		}
+	}
+	for name, p := range ld.pending {
+		if !live[name] {
+			if p.timer != nil {
+				p.timer.Stop()
+			}
+			delete(ld.pending, name)
+		}
+	}
+	m.mu.Unlock()
+	for _, p := range retry {
+		m.tryFailover(p)
+	}
+}
+
+// failoverFire is the deferred timer: it re-checks everything before acting.
+func (m *Master) failoverFire(p *pendingFailover) {
+	m.mu.Lock()
+	if m.ld == nil || m.ld.pending[p.name] != p {
+		m.mu.Unlock()
+		return // cancelled, superseded, or leadership lost
+	}
+	p.expired = true
+	m.mu.Unlock()
+	m.tryFailover(p)
+}
+
+// candidateInputs gathers what the leader knows of v's replicas. Caller holds m.mu.
+func (m *Master) candidateInputs(ld *leaderState, v *VolumeRecord, now time.Time) ([]CandidateInput, uint64) {
+	var primaryRep *api.HeartbeatVolume
+	if ls := ld.servers[v.Primary]; ls != nil {
+		if r, ok := ls.reports[v.Name]; ok && r.Epoch == v.Epoch && r.Role == api.RolePrimary {
+			primaryRep = &r
+		}
+	}
+	var head uint64
+	if primaryRep != nil {
+		head = primaryRep.HeadLSN
+	}
+	var in []CandidateInput
+	for _, id := range v.Replicas {
+		c := CandidateInput{ServerID: id, Registered: m.fsm.server(id) != nil}
+		if ls := ld.servers[id]; ls != nil {
+			c.Heard, c.Age = true, now.Sub(ls.heard)
+			if r, ok := ls.reports[v.Name]; ok {
+				c.Report = &r
+			}
+		}
+		if primaryRep != nil {
+			for i := range primaryRep.Replicas {
+				if primaryRep.Replicas[i].ServerID == id {
+					pv := primaryRep.Replicas[i]
+					c.PrimaryView = &pv
+				}
+			}
+		}
+		in = append(in, c)
+	}
+	return in, head
+}
+
+func (m *Master) gates() Gates { return Gates{FreshWindow: m.cfg.freshWindow(), MaxLag: m.cfg.MaxLag} }
+
+// tryFailover promotes the best candidate of p's volume if everything still holds.
+func (m *Master) tryFailover(p *pendingFailover) {
+	v := m.fsm.volume(p.name)
+	now := time.Now()
+	m.mu.Lock()
+	ld := m.ld
+	if ld == nil || ld.pending[p.name] != p || p.running {
+		m.mu.Unlock()
+		return
+	}
+	if v == nil || v.ID != p.id || v.Epoch != p.epoch || v.Primary != p.primary {
+		delete(ld.pending, p.name)
+		m.mu.Unlock()
+		m.log.Info("failover_timer_stale", "volume", p.name, "armed_epoch", p.epoch)
+		return
+	}
+	if ld.lastSeen(p.primary).After(p.lastSeen) {
+		delete(ld.pending, p.name) // the primary spoke since: not lost after all
+		m.mu.Unlock()
+		m.log.Info("failover_cancelled", "volume", p.name, "primary", p.primary, "epoch", p.epoch, "reason", "primary_seen_again")
+		return
+	}
+	if now.Before(m.leaseDeadline(ld, p.primary)) {
+		m.mu.Unlock() // its lease may still be live: never promote before it surely expired
+		return
+	}
+	in, head := m.candidateInputs(ld, v, now)
+	p.running = true
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		p.running = false
+		m.mu.Unlock()
+	}()
+
+	cands, best := EvaluateCandidates(v.ID, v.Epoch, head, in, m.gates())
+	if best == "" {
+		m.mu.Lock()
+		first := !p.noCand
+		p.noCand = true
+		m.mu.Unlock()
+		if first {
+			m.log.Warn("failover_no_candidate", "volume", v.Name, "primary", v.Primary, "epoch", v.Epoch, "candidates", summarize(cands))
+		}
+		return
+	}
+	var lsn uint64
+	for _, c := range cands {
+		if c.ServerID == best {
+			lsn = c.FlushedLSN
+		}
+	}
+	m.log.Info("failover_candidate_chosen", "volume", v.Name, "old_primary", v.Primary, "candidate", best,
+		"flushed_lsn", lsn, "primary_head_lsn", head, "epoch", v.Epoch, "candidates", summarize(cands))
+	res := m.apply(command{Op: opReassign, Name: v.Name, ID: v.ID, ExpectEpoch: v.Epoch, Primary: best,
+		Replicas: FailoverReplicas(v.Primary, v.Replicas, best)})
+	m.mu.Lock()
+	if m.ld == ld && ld.pending[p.name] == p {
+		delete(ld.pending, p.name)
+	}
+	var fence time.Time
+	if res.Err == nil && m.ld == ld {
+		fence = m.leaseDeadline(ld, v.Primary)
+		ld.leaseNotBefore[v.Name] = fence
+	}
+	m.mu.Unlock()
+	if res.Err != nil {
+		m.log.Warn("failover_apply_failed", "volume", v.Name, "candidate", best, "epoch", v.Epoch, "err", res.Err)
+		return
+	}
+	m.log.Info("promotion", "volume", v.Name, "reason", "failover", "old_primary", v.Primary, "new_primary", best,
+		"epoch", res.Vol.Epoch, "flushed_lsn", lsn, "lease_wait_ms", max(fence.Sub(time.Now()), 0).Milliseconds())
+}
+
+// ---- read side ----
+
+func (m *Master) primaryAlive(ld *leaderState, v *VolumeRecord, now time.Time) (bool, time.Duration) {
+	if v.Primary == "" {
+		return false, 0
+	}
+	d := m.leaseDeadline(ld, v.Primary).Sub(now)
+	return d > 0, max(d, 0)
+}
+
+// volumeInfo renders v with the leader's live knowledge. Caller holds m.mu.
+func (m *Master) volumeInfo(ld *leaderState, v *VolumeRecord, now time.Time) api.VolumeInfo {
+	info := api.VolumeInfo{Name: v.Name, ID: v.ID, SizeBytes: v.SizeBytes, BlockSize: v.BlockSize, Epoch: v.Epoch,
+		Durability: v.Durability, RF: v.RF, Preset: v.Preset, WALSizeBytes: v.WALSizeBytes, Replicas: []api.ReplicaInfo{}}
+	pr := m.serverRef(v.Primary)
+	info.Primary = api.PrimaryRef{ServerID: pr.ServerID, NBDAddr: pr.NBDAddr, Addr: pr.Addr}
+	var primaryRep *api.HeartbeatVolume
+	fresh := false
+	if ls := ld.servers[v.Primary]; ls != nil {
+		fresh = now.Sub(ls.heard) <= m.cfg.freshWindow()
+		if r, ok := ls.reports[v.Name]; ok && r.Epoch == v.Epoch && r.Role == api.RolePrimary {
+			primaryRep = &r
+			info.HeadLSN = r.HeadLSN
+		}
+	}
+	allInSync := true
+	for _, id := range v.Replicas {
+		ref := m.serverRef(id)
+		ri := api.ReplicaInfo{ServerID: id, Addr: ref.Addr, State: api.StateDisconnected}
+		found := false
+		if primaryRep != nil {
+			for _, pr := range primaryRep.Replicas {
+				if pr.ServerID == id {
+					ri.State, ri.FlushedLSN, found = pr.State, pr.FlushedLSN, true
+				}
+			}
+		}
+		if !found {
+			if ls := ld.servers[id]; ls != nil {
+				if r, ok := ls.reports[v.Name]; ok {
+					ri.FlushedLSN = r.DurableLSN
+				}
+			}
+		}
+		if ri.State != api.StateInSync {
+			allInSync = false
+		}
+		info.Replicas = append(info.Replicas, ri)
+	}
+	switch p := ld.pending[v.Name]; {
+	case p != nil && p.expired:
+		info.Status = api.StatusUnavailable
+	case p != nil:
+		info.Status = api.StatusFailingOver
+	case primaryRep == nil || !fresh:
+		info.Status = api.StatusPending
+	case allInSync:
+		info.Status = api.StatusHealthy
+	default:
+		info.Status = api.StatusDegraded
+	}
+	return info
+}
+
+// serverStates feeds placement. Caller holds m.mu.
+func (m *Master) serverStates(ld *leaderState, now time.Time) []ServerState {
+	vols := m.fsm.volumes()
+	count, prim := map[string]int{}, map[string]int{}
+	for _, v := range vols {
+		prim[v.Primary]++
+		for _, id := range v.Members() {
+			count[id]++
+		}
+	}
+	var out []ServerState
+	for _, s := range m.fsm.servers() {
+		st := ServerState{ID: s.ID, Volumes: count[s.ID], Primaries: prim[s.ID]}
+		if ls := ld.servers[s.ID]; ls != nil {
+			st.Alive = now.Sub(ls.heard) <= m.cfg.freshWindow()
+			st.CapacityBytes, st.FreeBytes = ls.capacity, ls.free
+		}
+		out = append(out, st)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}

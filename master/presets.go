@@ -1,0 +1,164 @@
+package master
+
+import (
+	"fmt"
+	"regexp"
+	"sort"
+
+	"github.com/blockd/blockd/api"
+)
+
+// Size limits and defaults of volume policy.
+const (
+	DefaultBlockSize = 4096
+	DefaultWALSize   = 64 << 20  // general / no preset
+	LargeWALSize     = 256 << 20 // database, throughput
+	MinWALSize       = 1 << 20
+	MaxVolumeSize    = 256 << 40
+	MaxRF            = 8
+)
+
+// Preset is a named volume policy. Fields of a request override it.
+type Preset struct {
+	Name       string
+	Durability string
+	RF         int
+	WALSize    int64
+}
+
+// Presets are the built-in policies (DESIGN.md §4).
+var Presets = map[string]Preset{
+	"database":   {Name: "database", Durability: api.DurabilitySyncAll, RF: 2, WALSize: LargeWALSize},
+	"general":    {Name: "general", Durability: api.DurabilityBestEffort, RF: 2, WALSize: DefaultWALSize},
+	"throughput": {Name: "throughput", Durability: api.DurabilityBestEffort, RF: 2, WALSize: LargeWALSize},
+}
+
+// PresetNames returns the preset names, sorted.
+func PresetNames() []string {
+	var n []string
+	for k := range Presets {
+		n = append(n, k)
+	}
+	sort.Strings(n)
+	return n
+}
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// ValidateName checks a volume name (it is also the NBD export name).
+func ValidateName(name string) *api.Error {
+	if !nameRE.MatchString(name) {
+		return api.Errorf(api.CodeBadRequest, "invalid volume name %q: 1-64 characters of [A-Za-z0-9._-], starting with a letter or digit", name)
+	}
+	return nil
+}
+
+func validDurability(d string) bool {
+	switch d {
+	case api.DurabilityBestEffort, api.DurabilitySyncAll, api.DurabilitySyncQuorum:
+		return true
+	}
+	return false
+}
+
+// Resolve turns a create request into a complete policy: preset values,
+// overridden field by field by the request, defaults for the rest, with
+// warnings where the result departs from the preset or cannot be met as
+// well as asked, and errors where create would fail. servers is the number
+// of registered volume servers (RF may not exceed it). It is pure: resolve
+// (the dry run) and create share it.
+func Resolve(req api.CreateVolumeRequest, servers int) api.ResolveResponse {
+	out := api.ResolveResponse{Warnings: []api.Warning{}, Errors: []api.Error{}}
+	fail := func(code, f string, a ...any) { out.Errors = append(out.Errors, *api.Errorf(code, f, a...)) }
+	warn := func(code, f string, a ...any) {
+		out.Warnings = append(out.Warnings, api.Warning{Code: code, Message: fmt.Sprintf(f, a...)})
+	}
+
+	var p Preset
+	if req.Preset != "" {
+		var ok bool
+		if p, ok = Presets[req.Preset]; !ok {
+			fail(api.CodeUnknownPreset, "unknown preset %q (known: %v)", req.Preset, PresetNames())
+		}
+	}
+	pol := api.ResolvedPolicy{Preset: req.Preset, SizeBytes: req.SizeBytes, BlockSize: req.BlockSize,
+		RF: req.RF, Durability: req.Durability, WALSizeBytes: req.WALSizeBytes}
+
+	// block size
+	if pol.BlockSize == 0 {
+		pol.BlockSize = DefaultBlockSize
+	} else if pol.BlockSize < 512 || pol.BlockSize > 65536 || pol.BlockSize&(pol.BlockSize-1) != 0 {
+		fail(api.CodeBadRequest, "block size %d must be a power of two between 512 and 65536", pol.BlockSize)
+		pol.BlockSize = DefaultBlockSize
+	}
+
+	// size
+	switch {
+	case req.SizeBytes <= 0:
+		fail(api.CodeBadSize, "size must be positive (got %d)", req.SizeBytes)
+	case req.SizeBytes > MaxVolumeSize:
+		fail(api.CodeBadSize, "size %d exceeds the maximum %d", req.SizeBytes, int64(MaxVolumeSize))
+	case req.SizeBytes%int64(pol.BlockSize) != 0:
+		fail(api.CodeBadSize, "size %d is not a multiple of the block size %d", req.SizeBytes, pol.BlockSize)
+	}
+
+	// durability
+	switch {
+	case pol.Durability == "" && p.Name != "":
+		pol.Durability = p.Durability
+	case pol.Durability == "":
+		pol.Durability = api.DurabilityBestEffort
+	case !validDurability(pol.Durability):
+		fail(api.CodeBadRequest, "unknown durability %q (best_effort, sync_all, sync_quorum)", pol.Durability)
+	case p.Name != "" && pol.Durability != p.Durability:
+		if p.Durability == api.DurabilitySyncAll {
+			warn("durability_weakened", "durability %s overrides the %s preset's %s: acknowledged flushes may exist on fewer copies", pol.Durability, p.Name, p.Durability)
+		} else {
+			warn("preset_override", "durability %s overrides the %s preset's %s", pol.Durability, p.Name, p.Durability)
+		}
+	}
+
+	// replication factor
+	switch {
+	case pol.RF < 0 || pol.RF > MaxRF:
+		fail(api.CodeBadRequest, "rf %d out of range 1..%d", pol.RF, MaxRF)
+	case pol.RF == 0 && p.Name != "":
+		pol.RF = p.RF
+	case pol.RF == 0:
+		pol.RF = 2
+		if servers < 2 {
+			pol.RF = 1
+			warn("rf_defaulted", "rf defaults to 1: only %d volume server(s) registered", servers)
+		}
+	case p.Name != "" && pol.RF != p.RF:
+		warn("preset_override", "rf %d overrides the %s preset's %d", pol.RF, p.Name, p.RF)
+	}
+	if pol.RF >= 1 && pol.RF > servers {
+		fail(api.CodeInsufficientServers, "rf %d needs %d distinct servers, %d registered", pol.RF, pol.RF, servers)
+	}
+	if pol.Durability == api.DurabilitySyncQuorum && pol.RF >= 1 && pol.RF < 3 {
+		fail(api.CodeBadRequest, "sync_quorum needs rf >= 3 (got %d)", pol.RF)
+	}
+	if pol.Durability == api.DurabilitySyncAll && pol.RF == 1 {
+		warn("single_copy", "sync_all with rf 1 keeps a single copy")
+	}
+	if pol.RF == 1 && p.Name != "" {
+		warn("no_redundancy", "rf 1: the volume does not survive the loss of its server")
+	}
+
+	// WAL size
+	switch {
+	case pol.WALSizeBytes == 0 && p.Name != "":
+		pol.WALSizeBytes = p.WALSize
+	case pol.WALSizeBytes == 0:
+		pol.WALSizeBytes = DefaultWALSize
+	case pol.WALSizeBytes < MinWALSize:
+		fail(api.CodeBadSize, "wal size %d below the minimum %d", pol.WALSizeBytes, int64(MinWALSize))
+	case pol.WALSizeBytes%int64(pol.BlockSize) != 0:
+		fail(api.CodeBadSize, "wal size %d is not a multiple of the block size %d", pol.WALSizeBytes, pol.BlockSize)
+	case p.Name != "" && pol.WALSizeBytes < p.WALSize:
+		warn("wal_smaller_than_preset", "wal size %d is below the %s preset's %d: more flusher stalls under write bursts", pol.WALSizeBytes, p.Name, p.WALSize)
+	}
+	out.Policy = pol
+	return out
+}
