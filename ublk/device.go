@@ -568,3 +568,43 @@ func DeleteDevice(ctx context.Context, id int) error {
 		return fmt.Errorf("ublk: DEL_DEV %d: %w", id, ctx.Err())
 	}
 }
+
+// MountPoint returns where /dev/ublkbN is mounted, or "" when it is not
+// (matched by device number in /proc/self/mountinfo).
+func MountPoint(id int) (string, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(BlockPath(id), &st); err != nil {
+		return "", nil
+	}
+	want := fmt.Sprintf("%d:%d", unix.Major(st.Rdev), unix.Minor(st.Rdev))
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return "", fmt.Errorf("ublk: %w", err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 4 && f[2] == want {
+			return f[4], nil
+		}
+	}
+	return "", nil
+}
+
+// ErrMounted: Detach refused because the device holds a mounted filesystem.
+var ErrMounted = errors.New("device is mounted")
+
+// Detach removes device id served by another process: STOP_DEV (requests
+// in flight complete, later ones fail with EIO, the server's queue loops
+// end), then DEL_DEV, which returns once the server has closed
+// /dev/ublkcN. A mounted device is refused unless force is set; with force
+// the filesystem sees I/O errors and DEL_DEV completes only after it is
+// unmounted (ctx bounds the wait).
+func Detach(ctx context.Context, id int, force bool) error {
+	if mp, err := MountPoint(id); err == nil && mp != "" && !force {
+		return fmt.Errorf("ublk: %s is mounted at %s; unmount it first (or force): %w", BlockPath(id), mp, ErrMounted)
+	}
+	if err := StopDevice(id); err != nil && !errors.Is(err, ErrNoDevice) {
+		return err
+	}
+	return DeleteDevice(ctx, id)
+}

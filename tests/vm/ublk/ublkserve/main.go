@@ -24,6 +24,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/blockd/blockd/blockdev"
 	"github.com/blockd/blockd/nbd"
@@ -42,7 +43,23 @@ func main() {
 	nbdAddr := flag.String("nbd", "", "also serve the backing store over NBD on this address (export vol0)")
 	ready := flag.String("ready", "", "write the device path to this file when ready")
 	verbose := flag.Bool("v", false, "debug logging")
+	detach := flag.String("detach", "", "detach this /dev/ublkbN (as blockd detach does) and exit")
+	force := flag.Bool("force", false, "with --detach: even when mounted")
 	flag.Parse()
+	if *detach != "" {
+		id, err := ublk.ParsePath(*detach)
+		if err == nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			err = ublk.Detach(ctx, id, *force)
+			cancel()
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "ublkserve: %v\n", err)
+			os.Exit(1)
+		}
+		fmt.Printf("detached %s\n", *detach)
+		return
+	}
 	lvl := slog.LevelInfo
 	if *verbose {
 		lvl = slog.LevelDebug
