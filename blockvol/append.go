@@ -1,0 +1,377 @@
+package blockvol
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/blockd/blockd/blockdev"
+	"github.com/blockd/blockd/wal"
+)
+
+// completion tracks which reserved records have been written (pwrite done
+// and dirty map updated). Records complete out of order; done is the
+// highest LSN below which every record is complete, and doneEnd the log
+// position after it. Flush and the flusher only ever act on done records,
+// so a hole left by a slow writer is never synced over or checkpointed.
+type completion struct {
+	mu      sync.Mutex
+	cond    sync.Cond
+	done    uint64
+	doneEnd uint64
+	doneA   atomic.Uint64 // done, readable without mu
+	// ends[lsn&compMask] is the end position of a completed record above
+	// done (0: not complete yet).
+	ends [compWindow]uint64
+}
+
+const (
+	compWindow = 1 << 14
+	compMask   = compWindow - 1
+)
+
+func (c *completion) init(done, end uint64) {
+	c.cond.L = &c.mu
+	c.done, c.doneEnd = done, end
+	c.doneA.Store(done)
+}
+
+func (c *completion) markDone(lsn, end uint64) {
+	c.mu.Lock()
+	if lsn != c.done+1 {
+		c.ends[lsn&compMask] = end
+		c.mu.Unlock()
+		return
+	}
+	c.done, c.doneEnd = lsn, end
+	defer c.doneA.Store(c.done)
+	for {
+		i := (c.done + 1) & compMask
+		e := c.ends[i]
+		if e == 0 {
+			break
+		}
+		c.ends[i] = 0
+		c.done++
+		c.doneEnd = e
+	}
+	c.cond.Broadcast()
+	c.mu.Unlock()
+}
+
+func (c *completion) get() (uint64, uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.done, c.doneEnd
+}
+
+func (c *completion) wakeAll() {
+	c.mu.Lock()
+	c.cond.Broadcast()
+	c.mu.Unlock()
+}
+
+// groupCommit shares one WAL fdatasync among concurrent flushes: the first
+// caller syncs at once (no added delay); callers that arrive while a sync
+// runs wait for it and, if it did not cover them, one of them leads the
+// next sync for all of them.
+type groupCommit struct {
+	mu      sync.Mutex
+	cond    sync.Cond
+	syncing bool
+	durLSN  uint64
+	durEnd  uint64
+}
+
+// syncWAL makes every record with LSN <= target durable.
+func (v *Volume) syncWAL(target uint64) error {
+	if target == 0 {
+		return v.failErr()
+	}
+	c := &v.comp
+	c.mu.Lock()
+	for c.done < target && v.failed.Load() == nil {
+		c.cond.Wait()
+	}
+	c.mu.Unlock()
+	if err := v.failErr(); err != nil {
+		return err
+	}
+	g := &v.gc
+	g.mu.Lock()
+	for {
+		if g.durLSN >= target {
+			g.mu.Unlock()
+			return nil
+		}
+		if !g.syncing {
+			break
+		}
+		g.cond.Wait()
+	}
+	g.syncing = true
+	g.mu.Unlock()
+	lsn, end := c.get()
+	err := v.walF.Sync()
+	g.mu.Lock()
+	g.syncing = false
+	if err == nil && lsn > g.durLSN {
+		g.durLSN, g.durEnd = lsn, end
+		v.durLSN.Store(lsn)
+	}
+	g.cond.Broadcast()
+	g.mu.Unlock()
+	if err != nil {
+		// After a failed fsync the page cache state is unknown
+		// (fsyncgate): stop rather than promise anything.
+		v.fail(err)
+		return ioError(fmt.Errorf("sync WAL: %w", err))
+	}
+	return nil
+}
+
+func (v *Volume) durable() (uint64, uint64) {
+	v.gc.mu.Lock()
+	defer v.gc.mu.Unlock()
+	return v.gc.durLSN, v.gc.durEnd
+}
+
+// Write buffers: header and payload go out in one pwrite for records up to
+// pooledMax; bigger ones use two pwrites (header, payload).
+const pooledMax = 256 << 10
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 16<<10); return &b }}
+
+func getBuf(n int) *[]byte {
+	bp := bufPool.Get().(*[]byte)
+	if cap(*bp) < n {
+		*bp = make([]byte, n)
+	}
+	*bp = (*bp)[:n]
+	return bp
+}
+
+func putBuf(bp *[]byte) {
+	if cap(*bp) <= pooledMax+wal.HeaderSize+wal.Align {
+		bufPool.Put(bp)
+	}
+}
+
+// appendRecord appends one record: it reserves the LSN and log space under
+// appendMu (waiting, bounded, for space), writes the record outside the
+// lock, applies it to the dirty map and marks it complete. rec.LSN is
+// assigned unless fixedLSN (replica side: it must be the next LSN).
+// rec.Epoch is the volume's epoch unless fixedLSN.
+func (v *Volume) appendRecord(rec wal.Record, fixedLSN bool) (uint64, error) {
+	size := rec.Size()
+	if int64(size) > v.walSize/2 {
+		return 0, fmt.Errorf("record of %d bytes too large for a %d-byte WAL: %w", size, v.walSize, blockdev.ErrTooLarge)
+	}
+	v.appendMu.Lock()
+	var start uint64
+	var gap int64
+	var deadline time.Time
+	for {
+		if err := v.failErr(); err != nil {
+			v.appendMu.Unlock()
+			return 0, err
+		}
+		start, gap = v.ring.Place(v.head, size)
+		if start+uint64(size)-v.tailPos.Load() <= uint64(v.walSize) && v.nextLSN-v.comp.doneRelaxed() < compWindow-1 {
+			break
+		}
+		// The log is full: nudge the flusher and wait for the tail.
+		if deadline.IsZero() {
+			deadline = time.Now().Add(v.fullTO)
+		}
+		ch := v.spaceCh
+		v.appendMu.Unlock()
+		v.kick()
+		wait := time.Until(deadline)
+		if wait <= 0 {
+			return 0, v.walFullError()
+		}
+		t := time.NewTimer(min(wait, 50*time.Millisecond))
+		select {
+		case <-ch:
+		case <-t.C:
+		case <-v.stop:
+		}
+		t.Stop()
+		v.appendMu.Lock()
+	}
+	if fixedLSN {
+		if rec.LSN != v.nextLSN {
+			want := v.nextLSN
+			v.appendMu.Unlock()
+			return 0, fmt.Errorf("apply record LSN %d, expected %d: %w", rec.LSN, want, blockdev.ErrInvalid)
+		}
+	} else {
+		rec.LSN = v.nextLSN
+		rec.Epoch = v.epoch.Load()
+	}
+	rec.Gen = v.gen
+	v.nextLSN++
+	resStart := v.head
+	v.head = start + uint64(size)
+	v.index.add(rec.LSN, resStart)
+	v.headLSN.Store(rec.LSN)
+	if v.sink != nil {
+		v.sink(rec)
+	}
+	used := v.head - v.ckptPos.Load()
+	v.appendMu.Unlock()
+	if used >= flushHighWater(v.walSize) {
+		v.kick()
+	}
+
+	if err := v.writeRecord(rec, start, resStart, gap); err != nil {
+		v.fail(err)
+		return 0, ioError(fmt.Errorf("append LSN %d: %w", rec.LSN, err))
+	}
+	dataPos := start + wal.HeaderSize
+	switch rec.Type {
+	case wal.Write:
+		v.dirty.putRange(uint64(rec.Offset)>>v.bshift, uint64(rec.Length)>>v.bshift, dataPos, uint64(v.bs))
+	case wal.Zero:
+		v.zeros.add(uint64(rec.Offset)>>v.bshift, uint64(rec.Offset+int64(rec.Length))>>v.bshift, start)
+	}
+	v.comp.markDone(rec.LSN, start+uint64(size))
+	return rec.LSN, nil
+}
+
+func (c *completion) doneRelaxed() uint64 { return c.doneA.Load() }
+
+func (v *Volume) writeRecord(rec wal.Record, start, resStart uint64, gap int64) error {
+	if gap >= wal.HeaderSize {
+		var hdr [wal.HeaderSize]byte
+		wal.PutHeader(hdr[:], wal.Record{Type: wal.Padding, LSN: rec.LSN, Gen: rec.Gen, Length: uint32(gap - wal.HeaderSize)}, nil)
+		if _, err := v.walF.WriteAt(hdr[:], v.ring.Phys(resStart)); err != nil {
+			return err
+		}
+	}
+	size := rec.Size()
+	phys := v.ring.Phys(start)
+	if size <= pooledMax+wal.HeaderSize+wal.Align {
+		bp := getBuf(size)
+		wal.EncodeInto(*bp, rec)
+		_, err := v.walF.WriteAt(*bp, phys)
+		putBuf(bp)
+		return err
+	}
+	var hdr [wal.HeaderSize]byte
+	wal.PutHeader(hdr[:], rec, rec.Payload)
+	if _, err := v.walF.WriteAt(rec.Payload, phys+wal.HeaderSize); err != nil {
+		return err
+	}
+	_, err := v.walF.WriteAt(hdr[:], phys)
+	return err
+}
+
+func (v *Volume) walFullError() error {
+	if p := v.flushErr.Load(); p != nil {
+		return ioError(fmt.Errorf("WAL full for %v, flusher failing: %w", v.fullTO, *p))
+	}
+	return fmt.Errorf("WAL full for %v: %w", v.fullTO, blockdev.ErrIO)
+}
+
+func (v *Volume) kick() {
+	select {
+	case v.nudge <- struct{}{}:
+	default:
+	}
+}
+
+func isNoSpace(err error) bool {
+	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) || errors.Is(err, blockdev.ErrNoSpace)
+}
+
+func mapNoSpace(err error) error {
+	if isNoSpace(err) && !errors.Is(err, blockdev.ErrNoSpace) {
+		return fmt.Errorf("%w: %w", blockdev.ErrNoSpace, err)
+	}
+	return err
+}
+
+// lsnIndex is a sparse map from LSN to the log position where its
+// reservation starts: one entry every indexEvery LSNs plus one at the
+// tail. Positions of other LSNs are found by walking record headers.
+type lsnIndex struct {
+	e     []idxEnt
+	first int
+}
+
+type idxEnt struct{ lsn, pos uint64 }
+
+const indexEvery = 64
+
+func (x *lsnIndex) reset(lsn, pos uint64) {
+	x.e = append(x.e[:0], idxEnt{lsn, pos})
+	x.first = 0
+}
+
+func (x *lsnIndex) add(lsn, pos uint64) {
+	if lsn%indexEvery == 0 {
+		x.e = append(x.e, idxEnt{lsn, pos})
+	}
+}
+
+// lookup returns the closest entry at or before lsn.
+func (x *lsnIndex) lookup(lsn uint64) idxEnt {
+	live := x.e[x.first:]
+	lo, hi := 0, len(live)
+	for lo < hi {
+		m := (lo + hi) / 2
+		if live[m].lsn <= lsn {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	if lo == 0 {
+		return live[0]
+	}
+	return live[lo-1]
+}
+
+// lookupPos returns the last entry whose position is <= pos.
+func (x *lsnIndex) lookupPos(pos uint64) idxEnt {
+	live := x.e[x.first:]
+	lo, hi := 0, len(live)
+	for lo < hi {
+		m := (lo + hi) / 2
+		if live[m].pos <= pos {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	if lo == 0 {
+		return live[0]
+	}
+	return live[lo-1]
+}
+
+// trim drops entries before the new tail and records the tail itself.
+func (x *lsnIndex) trim(lsn, pos uint64) {
+	live := x.e[x.first:]
+	k := 0
+	for k < len(live) && live[k].lsn <= lsn {
+		k++
+	}
+	if k == 0 {
+		// The tail is before every entry: cannot happen (the tail only
+		// moves forward), keep the index as it is.
+		return
+	}
+	x.first += k - 1
+	x.e[x.first] = idxEnt{lsn, pos}
+	if x.first > 1024 && x.first > len(x.e)/2 {
+		n := copy(x.e, x.e[x.first:])
+		x.e = x.e[:n]
+		x.first = 0
+	}
+}

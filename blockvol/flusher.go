@@ -1,0 +1,252 @@
+package blockvol
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/blockd/blockd/wal"
+)
+
+// flusher runs flush cycles when nudged (the log passed flushHighWater, a
+// writer waits for space, many zero ranges) or every flushInterval, and
+// keeps going while the unflushed log is above flushLowWater.
+func (v *Volume) flusher() {
+	defer close(v.stopped)
+	t := time.NewTicker(flushInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-v.stop:
+			return
+		case <-v.nudge:
+		case <-t.C:
+		}
+		for {
+			progressed, err := v.flushCycle()
+			if err != nil {
+				e := err
+				if v.flushErr.Swap(&e) == nil {
+					v.log.Error("blockvol.flusher_error", "err", err)
+				}
+				select {
+				case <-v.stop:
+					return
+				case <-time.After(100 * time.Millisecond):
+				}
+				break
+			}
+			if v.flushErr.Load() != nil {
+				v.flushErr.Store(nil)
+				v.log.Info("blockvol.flusher_recovered")
+			}
+			if !progressed {
+				break
+			}
+			_, end := v.comp.get()
+			if end-v.ckptPos.Load() < flushLowWater(v.walSize) && v.zeros.n.Load() < 32 {
+				break
+			}
+			select {
+			case <-v.stop:
+				return
+			default:
+			}
+		}
+	}
+}
+
+// flushCycle moves one batch (at most flushBatchBytes of log) from the WAL
+// to the extent: sync the WAL up to what is complete, copy the batch's
+// dirty blocks and apply its zero ranges, fdatasync the extent, drop the
+// flushed entries, persist the new checkpoint and tail in the superblock,
+// and only then let writers reuse the space. It reports whether the
+// checkpoint or the tail moved.
+func (v *Volume) flushCycle() (bool, error) {
+	v.flushMu.Lock()
+	defer v.flushMu.Unlock()
+	if err := v.failErr(); err != nil {
+		return false, err
+	}
+	done, _ := v.comp.get()
+	if err := v.syncWAL(done); err != nil {
+		return false, err
+	}
+	durLSN, durEnd := v.durable()
+	ckLSN, ckPos := v.ckptLSN.Load(), v.ckptPos.Load()
+	target, targetEnd := ckLSN, ckPos
+	if durLSN > ckLSN {
+		target, targetEnd = durLSN, durEnd
+		if durEnd-ckPos > flushBatchBytes {
+			var err error
+			target, targetEnd, err = v.lsnEndingBy(ckLSN, ckPos, ckPos+flushBatchBytes, durLSN)
+			if err != nil {
+				return false, err
+			}
+		}
+	}
+	if target > ckLSN {
+		if err := v.applyToExtent(targetEnd); err != nil {
+			return false, err
+		}
+	}
+	// The new tail: right after the checkpoint, unless a retention floor
+	// holds older records for replication.
+	tailLSN := v.tailLSN.Load()
+	newTailLSN, newTailPos := target+1, targetEnd
+	if fp := v.floor.Load(); fp != nil {
+		if fl, ok := (*fp)(); ok && fl < newTailLSN {
+			newTailLSN = max(fl, tailLSN)
+			var err error
+			if newTailPos, err = v.posOf(newTailLSN); err != nil {
+				return false, err
+			}
+		}
+	}
+	if target == ckLSN && newTailLSN == tailLSN {
+		return false, nil
+	}
+	v.superMu.Lock()
+	v.sb.CheckpointLSN, v.sb.CheckpointPos = target, targetEnd
+	v.sb.TailLSN, v.sb.TailPos = newTailLSN, newTailPos
+	v.sb.DurableLSN = durLSN
+	err := v.persistSuperblock()
+	v.superMu.Unlock()
+	if err != nil {
+		return false, fmt.Errorf("checkpoint LSN %d: %w", target, err)
+	}
+	v.ckptLSN.Store(target)
+	v.ckptPos.Store(targetEnd)
+	v.appendMu.Lock()
+	v.tailLSN.Store(newTailLSN)
+	v.tailPos.Store(newTailPos)
+	v.index.trim(newTailLSN, newTailPos)
+	close(v.spaceCh)
+	v.spaceCh = make(chan struct{})
+	v.appendMu.Unlock()
+	return true, nil
+}
+
+// applyToExtent writes every dirty block and zero range whose record lies
+// before log position end into the extent and syncs it, then drops them
+// from the dirty map and zero set.
+func (v *Volume) applyToExtent(end uint64) error {
+	zr := v.zeros.collect(end)
+	ents := v.dirty.collect(nil, end)
+	for _, z := range zr {
+		off, n := int64(z.start)<<v.bshift, int64(z.end-z.start)<<v.bshift
+		if err := v.extF.PunchHole(off, n); err != nil {
+			return fmt.Errorf("punch extent [%d,+%d): %w", off, n, err)
+		}
+	}
+	bs := uint64(v.bs)
+	bp := getBuf(flushRunMax)
+	defer putBuf(bp)
+	for i := 0; i < len(ents); {
+		if superseded(zr, ents[i]) {
+			i++
+			continue
+		}
+		// A run: consecutive blocks whose data is consecutive in the log.
+		j := i + 1
+		for j < len(ents) && uint64(j-i)*bs < flushRunMax &&
+			ents[j].block == ents[i].block+uint64(j-i) &&
+			ents[j].pos == ents[i].pos+uint64(j-i)*bs && !superseded(zr, ents[j]) {
+			j++
+		}
+		buf := (*bp)[:uint64(j-i)*bs]
+		if _, err := v.walF.ReadAt(buf, v.ring.Phys(ents[i].pos)); err != nil {
+			return fmt.Errorf("flusher read WAL at %d: %w", ents[i].pos, err)
+		}
+		if _, err := v.extF.WriteAt(buf, int64(ents[i].block)<<v.bshift); err != nil {
+			return fmt.Errorf("flusher write extent block %d: %w", ents[i].block, err)
+		}
+		i = j
+	}
+	if len(ents) > 0 || len(zr) > 0 {
+		if err := v.extF.Sync(); err != nil {
+			return fmt.Errorf("sync extent: %w", err)
+		}
+	}
+	// Entries first, zero ranges after (see classify).
+	v.dirty.removeIf(ents)
+	v.zeros.remove(zr)
+	return nil
+}
+
+const flushRunMax = 1 << 20
+
+func superseded(zr []zeroRange, e dirtyEnt) bool {
+	for _, z := range zr {
+		if e.block >= z.start && e.block < z.end && z.pos > e.pos {
+			return true
+		}
+	}
+	return false
+}
+
+// posOf returns the log position where the record lsn (its reservation,
+// padding included) starts. lsn must be retained and at most done+1.
+func (v *Volume) posOf(lsn uint64) (uint64, error) {
+	v.appendMu.Lock()
+	e := v.index.lookup(lsn)
+	v.appendMu.Unlock()
+	pos, cur := e.pos, e.lsn
+	var hdr [wal.HeaderSize]byte
+	for cur < lsn {
+		if rem := v.ring.Remaining(pos); rem < wal.HeaderSize {
+			pos += uint64(rem)
+		}
+		if _, err := v.walF.ReadAt(hdr[:], v.ring.Phys(pos)); err != nil {
+			return 0, fmt.Errorf("walk WAL at %d: %w", pos, err)
+		}
+		h, size, err := wal.DecodeHeader(hdr[:])
+		if err != nil || h.LSN != cur {
+			return 0, fmt.Errorf("%w: walking WAL at %d for LSN %d: header LSN %d: %v", ErrCorrupt, pos, cur, h.LSN, err)
+		}
+		pos += uint64(size)
+		if h.Type != wal.Padding {
+			cur++
+		}
+	}
+	return pos, nil
+}
+
+// lsnEndingBy finds the largest LSN in (ckLSN, maxLSN] whose record ends
+// at or before limit (at least ckLSN+1), and its end position.
+func (v *Volume) lsnEndingBy(ckLSN, ckPos, limit, maxLSN uint64) (uint64, uint64, error) {
+	v.appendMu.Lock()
+	e := v.index.lookupPos(limit)
+	v.appendMu.Unlock()
+	cur, pos := e.lsn, e.pos
+	if cur <= ckLSN {
+		cur, pos = ckLSN+1, ckPos
+	}
+	// pos is where record cur starts; walk while it ends by limit.
+	bestLSN, bestEnd := cur-1, pos
+	var hdr [wal.HeaderSize]byte
+	for cur <= maxLSN {
+		if rem := v.ring.Remaining(pos); rem < wal.HeaderSize {
+			pos += uint64(rem)
+		}
+		if _, err := v.walF.ReadAt(hdr[:], v.ring.Phys(pos)); err != nil {
+			return 0, 0, fmt.Errorf("walk WAL at %d: %w", pos, err)
+		}
+		h, size, err := wal.DecodeHeader(hdr[:])
+		if err != nil || h.LSN != cur {
+			return 0, 0, fmt.Errorf("%w: walking WAL at %d for LSN %d: header LSN %d: %v", ErrCorrupt, pos, cur, h.LSN, err)
+		}
+		pos += uint64(size)
+		if h.Type == wal.Padding {
+			continue
+		}
+		if pos > limit && bestLSN > ckLSN {
+			break
+		}
+		bestLSN, bestEnd = cur, pos
+		cur++
+		if pos > limit {
+			break
+		}
+	}
+	return bestLSN, bestEnd, nil
+}

@@ -1,0 +1,167 @@
+package blockvol
+
+import (
+	"fmt"
+
+	"github.com/blockd/blockd/blockdev"
+	"github.com/blockd/blockd/wal"
+)
+
+// HeadLSN is the last LSN assigned.
+func (v *Volume) HeadLSN() uint64 { return v.headLSN.Load() }
+
+// DurableLSN is the highest LSN covered by a local WAL fdatasync.
+func (v *Volume) DurableLSN() uint64 { return v.durLSN.Load() }
+
+// CheckpointLSN: every record <= it is in the extent, which is synced.
+func (v *Volume) CheckpointLSN() uint64 { return v.ckptLSN.Load() }
+
+// OldestRetainedLSN is the first LSN still readable from the WAL
+// (HeadLSN()+1 when the WAL holds none).
+func (v *Volume) OldestRetainedLSN() uint64 { return v.tailLSN.Load() }
+
+// SetRecordSink sets fn to be called for every record appended, in LSN
+// order, under the append lock: it must not block, and must copy
+// rec.Payload if it keeps it. nil removes the sink.
+func (v *Volume) SetRecordSink(fn func(rec wal.Record)) {
+	v.appendMu.Lock()
+	v.sink = fn
+	v.appendMu.Unlock()
+}
+
+// SetRetentionFloor sets a hook the flusher asks before recycling WAL:
+// while it returns ok, records with LSN >= lsn stay in the WAL.
+func (v *Volume) SetRetentionFloor(fn func() (lsn uint64, ok bool)) {
+	if fn == nil {
+		v.floor.Store(nil)
+		return
+	}
+	v.floor.Store(&fn)
+}
+
+// ReadRecords calls fn for each retained record with LSN >= fromLSN, in
+// order, up to the last completed record. rec.Payload is only valid during
+// the call. It fails with an error wrapping ErrNotRetained when fromLSN is
+// older than OldestRetainedLSN (or becomes so while reading).
+func (v *Volume) ReadRecords(fromLSN uint64, fn func(wal.Record) error) error {
+	v.ioMu.RLock()
+	defer v.ioMu.RUnlock()
+	if v.closed.Load() {
+		return fmt.Errorf("blockvol: read records: %w", blockdev.ErrClosed)
+	}
+	if fromLSN == 0 {
+		fromLSN = 1
+	}
+	tail := v.tailLSN.Load()
+	if fromLSN < tail {
+		return fmt.Errorf("blockvol: read records from LSN %d: oldest retained is %d: %w", fromLSN, tail, ErrNotRetained)
+	}
+	done, doneEnd := v.comp.get()
+	if fromLSN > done {
+		return nil
+	}
+	pos, err := v.posOf(fromLSN)
+	if err != nil {
+		if v.tailLSN.Load() > fromLSN {
+			return fmt.Errorf("blockvol: read records from LSN %d: %w", fromLSN, ErrNotRetained)
+		}
+		return fmt.Errorf("blockvol: read records: %w", err)
+	}
+	next := fromLSN
+	res, err := wal.Scan(v.walF, v.ring, wal.ScanOptions{
+		From: pos, FirstLSN: fromLSN, MaxLSN: done, Limit: doneEnd - pos,
+	}, func(_ uint64, rec wal.Record) error {
+		if err := fn(rec); err != nil {
+			return err
+		}
+		next = rec.LSN + 1
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("blockvol: read records: %w", err)
+	}
+	if res.LastLSN < done {
+		if t := v.tailLSN.Load(); t > next {
+			return fmt.Errorf("blockvol: read records: LSN %d recycled while reading (oldest retained %d): %w", next, t, ErrNotRetained)
+		}
+		return fmt.Errorf("blockvol: read records: %w: stopped at LSN %d of %d: %v", ErrCorrupt, res.LastLSN, done, res.Stop)
+	}
+	return nil
+}
+
+// ApplyRecord appends a record received from the primary, keeping its LSN
+// and epoch. rec.LSN must be HeadLSN()+1.
+func (v *Volume) ApplyRecord(rec wal.Record) error {
+	v.ioMu.RLock()
+	defer v.ioMu.RUnlock()
+	if v.closed.Load() {
+		return fmt.Errorf("blockvol: apply record: %w", blockdev.ErrClosed)
+	}
+	if err := v.failErr(); err != nil {
+		return fmt.Errorf("blockvol: apply record: %w", err)
+	}
+	if err := v.checkRecord(rec); err != nil {
+		return fmt.Errorf("blockvol: apply record LSN %d: %v: %w", rec.LSN, err, blockdev.ErrInvalid)
+	}
+	if rec.Type == wal.Write && len(rec.Payload) != int(rec.Length) {
+		return fmt.Errorf("blockvol: apply record LSN %d: payload %d bytes, length %d: %w", rec.LSN, len(rec.Payload), rec.Length, blockdev.ErrInvalid)
+	}
+	var first, nb uint64
+	if rec.Type != wal.Barrier {
+		first, nb = uint64(rec.Offset)>>v.bshift, uint64(rec.Length)>>v.bshift
+		v.lockStripes(first, nb)
+		defer v.unlockStripes(first, nb)
+	}
+	if _, err := v.appendRecord(rec, true); err != nil {
+		return fmt.Errorf("blockvol: apply record: %w", err)
+	}
+	return nil
+}
+
+// Epoch is the persisted epoch.
+func (v *Volume) Epoch() uint64 { return v.epoch.Load() }
+
+// Role is the persisted role ("none" for a new volume).
+func (v *Volume) Role() string { return *v.role.Load() }
+
+// SetEpochRole persists epoch and role with fsync before returning. The
+// epoch never decreases.
+func (v *Volume) SetEpochRole(epoch uint64, role string) error {
+	if len(role) > maxRoleLen {
+		return fmt.Errorf("blockvol: set role %q: longer than %d bytes: %w", role, maxRoleLen, blockdev.ErrInvalid)
+	}
+	v.ioMu.RLock()
+	defer v.ioMu.RUnlock()
+	if v.closed.Load() {
+		return fmt.Errorf("blockvol: set epoch: %w", blockdev.ErrClosed)
+	}
+	v.superMu.Lock()
+	defer v.superMu.Unlock()
+	if epoch < v.sb.Epoch {
+		return fmt.Errorf("blockvol: set epoch %d: below current epoch %d: %w", epoch, v.sb.Epoch, blockdev.ErrInvalid)
+	}
+	old := v.sb
+	v.sb.Epoch, v.sb.Role = epoch, role
+	if err := v.persistSuperblock(); err != nil {
+		v.sb.Epoch, v.sb.Role = old.Epoch, old.Role
+		return fmt.Errorf("blockvol: set epoch %d role %s: %w", epoch, role, ioError(err))
+	}
+	// Records appended from now on carry the new epoch.
+	v.appendMu.Lock()
+	v.epoch.Store(epoch)
+	v.appendMu.Unlock()
+	r := role
+	v.role.Store(&r)
+	v.log.Info("blockvol.epoch_role", "epoch", epoch, "role", role)
+	return nil
+}
+
+// Barrier appends a Barrier record (no data) and returns its LSN.
+func (v *Volume) Barrier() (uint64, error) {
+	v.ioMu.RLock()
+	defer v.ioMu.RUnlock()
+	if v.closed.Load() {
+		return 0, fmt.Errorf("blockvol: barrier: %w", blockdev.ErrClosed)
+	}
+	return v.appendRecord(wal.Record{Type: wal.Barrier}, false)
+}

@@ -1,0 +1,438 @@
+// Package blockvol is the volume engine: one volume in one directory, with
+// a superblock, a write-ahead log (wal/) and a sparse extent file holding
+// the data. Writes are appended to the WAL and acknowledged once they are
+// in the page cache and in the in-memory dirty map; Flush makes them
+// durable with one fdatasync of the WAL shared by every concurrent flusher
+// (group commit); a background flusher copies dirty blocks from the WAL to
+// the extent, syncs the extent, records the checkpoint in the superblock
+// and only then lets the WAL space be reused. Open replays the WAL from
+// the superblock's tail until the first record that does not check out.
+package blockvol
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/blockd/blockd/blockdev"
+	"github.com/blockd/blockd/vfs"
+	"github.com/blockd/blockd/wal"
+)
+
+// File names inside a volume directory.
+const (
+	SuperblockFile = "superblock"
+	WALFile        = "wal"
+	ExtentFile     = "extent"
+)
+
+// Sizing of the WAL and back-pressure.
+//
+// The earlier system used a 64 MiB WAL and flushed it to the extent in one
+// go: under sustained 4 KiB writes at disk speed the log filled in seconds,
+// every writer then waited for a whole-log flush cycle, and those waits
+// grew into client timeouts and forced rebuilds. What keeps writers from
+// timing out is not a large log but a flusher that frees space steadily:
+//
+//   - The flusher works in batches of at most flushBatchBytes of log and
+//     advances the checkpoint and the tail after every batch, so space comes
+//     back in steps of flushBatchBytes however large the log is. A writer
+//     that finds the log full waits for one batch: with 32 MiB batches and
+//     the 2x write amplification of a WAL (log + extent), about 0.3 s on a
+//     200 MB/s disk, far inside the bound below and the kernel's 30 s
+//     NBD/ublk I/O timeouts.
+//   - The flusher starts as soon as the unflushed part of the log passes
+//     flushHighWater (1/8 of it) and keeps going until it is below
+//     flushLowWater, and also drains an idle log every flushInterval, so in
+//     steady state most of the log is free to absorb bursts and writers
+//     rarely wait at all.
+//   - DefaultWALSize, 1 GiB, absorbs a burst of about 5 s at 200 MB/s (1 s
+//     at NVMe speed) without any writer waiting, while the flusher catches
+//     up; sustained writes faster than the disk can take them twice are
+//     then paced by the batch rhythm above instead of stalling. It is
+//     reserved with fallocate at create, so appends never hit ENOSPC. It is
+//     capped at twice the volume size (a log larger than that buys
+//     nothing for a small volume) and never below MinWALSize.
+//   - walFullTimeout bounds a writer's wait for space: only a flusher that
+//     cannot make progress at all (the extent's disk is full or failing)
+//     makes it expire, and the write then fails with ENOSPC or EIO rather
+//     than hanging.
+const (
+	DefaultWALSize  = 1 << 30
+	MinWALSize      = 1 << 20
+	flushBatchBytes = 32 << 20
+	flushInterval   = 200 * time.Millisecond
+	walFullTimeout  = 30 * time.Second
+)
+
+func flushHighWater(walSize int64) uint64 { return uint64(walSize / 8) }
+func flushLowWater(walSize int64) uint64  { return uint64(walSize / 16) }
+
+// Errors besides the wrapped blockdev sentinels.
+var (
+	ErrNotRetained = errors.New("blockvol: records no longer retained in the WAL")
+	ErrCorrupt     = errors.New("blockvol: corrupt volume")
+	ErrExists      = errors.New("blockvol: volume already exists")
+)
+
+// Options configure Create and Open.
+type Options struct {
+	Size      int64 // bytes, multiple of BlockSize (Create only)
+	BlockSize int   // 4096 default (Create only)
+	WALSize   int64 // 0 = default, see DefaultWALSize (Create only)
+	FS        vfs.FS
+	Logger    *slog.Logger
+	// WALFullTimeout bounds how long a write waits for WAL space (0 =
+	// 30 s default).
+	WALFullTimeout time.Duration
+}
+
+// Volume is one open volume. All methods are safe for concurrent use.
+type Volume struct {
+	dir     string
+	fs      vfs.FS
+	log     *slog.Logger
+	size    int64
+	bs      int64
+	bshift  uint
+	walSize int64
+	ring    wal.Ring
+	fullTO  time.Duration
+
+	walF, extF, sbF vfs.File
+
+	// ioMu is held shared by every I/O and exclusively by Drain and Close.
+	ioMu   sync.RWMutex
+	closed atomic.Bool
+	failed atomic.Pointer[error] // fail-stop: a WAL write or sync failed
+
+	// Append state, under appendMu: LSN and position reservation only;
+	// the pwrite happens outside it.
+	appendMu sync.Mutex
+	nextLSN  uint64
+	head     uint64 // logical position where the next record goes
+	gen      uint32
+	sink     func(wal.Record)
+	index    lsnIndex
+	spaceCh  chan struct{} // closed and replaced when the tail advances
+
+	epoch   atomic.Uint64
+	headLSN atomic.Uint64 // last assigned LSN
+	tailPos atomic.Uint64 // oldest retained position (WAL before it is reusable)
+	tailLSN atomic.Uint64
+	ckptLSN atomic.Uint64
+	ckptPos atomic.Uint64
+	durLSN  atomic.Uint64
+
+	comp completion
+	gc   groupCommit
+
+	dirty   dirtyMap
+	zeros   zeroSet
+	stripes [nStripes]stripe
+
+	// flushMu is held by the flusher for a whole cycle (and by Drain).
+	flushMu  sync.Mutex
+	nudge    chan struct{}
+	stop     chan struct{}
+	stopped  chan struct{}
+	floor    atomic.Pointer[func() (uint64, bool)]
+	flushErr atomic.Pointer[error]
+
+	superMu sync.Mutex
+	sb      superblock
+	sbBuf   []byte
+
+	role atomic.Pointer[string]
+}
+
+var _ blockdev.Device = (*Volume)(nil)
+
+func (o *Options) fsys() vfs.FS {
+	if o.FS == nil {
+		return vfs.Default
+	}
+	return o.FS
+}
+
+func (o *Options) logger() *slog.Logger {
+	if o.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return o.Logger
+}
+
+// Exists reports whether dir holds a volume (a superblock file).
+func Exists(dir string) bool { return existsFS(vfs.Default, dir) }
+
+func existsFS(fs vfs.FS, dir string) bool {
+	_, err := fs.Stat(filepath.Join(dir, SuperblockFile))
+	return err == nil
+}
+
+// DefaultWALSizeFor is the WAL size Create uses for a volume of size bytes
+// when Options.WALSize is 0.
+func DefaultWALSizeFor(size int64) int64 {
+	w := int64(DefaultWALSize)
+	if c := 2 * size; c < w {
+		w = c
+	}
+	if w < MinWALSize {
+		w = MinWALSize
+	}
+	return w &^ 4095
+}
+
+// Create makes a new volume in dir (created if needed) and opens it. It
+// fails with ErrExists if dir already holds one.
+func Create(dir string, o Options) (*Volume, error) {
+	fs := o.fsys()
+	if o.BlockSize == 0 {
+		o.BlockSize = 4096
+	}
+	if o.WALSize == 0 {
+		o.WALSize = DefaultWALSizeFor(o.Size)
+	}
+	sb := superblock{
+		Seq: 1, Size: o.Size, BlockSize: uint32(o.BlockSize), WALSize: o.WALSize,
+		Gen: 1, TailLSN: 1, Role: "none", CreatedUnix: time.Now().Unix(),
+	}
+	if o.BlockSize <= 0 || o.BlockSize > 65536 {
+		return nil, fmt.Errorf("blockvol: create %s: block size %d: %w", dir, o.BlockSize, blockdev.ErrInvalid)
+	}
+	if err := sb.validate(); err != nil {
+		return nil, fmt.Errorf("blockvol: create %s: %v: %w", dir, err, blockdev.ErrInvalid)
+	}
+	if err := fs.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("blockvol: create %s: %w", dir, err)
+	}
+	if existsFS(fs, dir) {
+		return nil, fmt.Errorf("blockvol: create %s: %w", dir, ErrExists)
+	}
+	if err := createFiles(fs, dir, &sb); err != nil {
+		for _, n := range []string{SuperblockFile, WALFile, ExtentFile} {
+			_ = fs.Remove(filepath.Join(dir, n))
+		}
+		return nil, fmt.Errorf("blockvol: create %s: %w", dir, mapNoSpace(err))
+	}
+	o.logger().Info("blockvol.create", "dir", dir, "size", o.Size, "block_size", o.BlockSize, "wal_size", o.WALSize)
+	return Open(dir, o)
+}
+
+func createFiles(fs vfs.FS, dir string, sb *superblock) error {
+	mk := func(name string, fn func(f vfs.File) error) error {
+		f, err := fs.OpenFile(filepath.Join(dir, name), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+		if err != nil {
+			return err
+		}
+		if err := fn(f); err != nil {
+			f.Close()
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		if err := f.Sync(); err != nil {
+			f.Close()
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		return f.Close()
+	}
+	if err := mk(ExtentFile, func(f vfs.File) error { return f.Truncate(sb.Size) }); err != nil {
+		return err
+	}
+	if err := mk(WALFile, func(f vfs.File) error { return f.Allocate(0, sb.WALSize) }); err != nil {
+		return err
+	}
+	// The superblock goes last: a directory without it is not a volume.
+	if err := mk(SuperblockFile, func(f vfs.File) error {
+		buf := make([]byte, sbFileSize)
+		sb.encode(buf[:sbSlotSize])
+		s2 := *sb
+		s2.Seq = 0
+		s2.encode(buf[sbSlotSize:])
+		_, err := f.WriteAt(buf, 0)
+		return err
+	}); err != nil {
+		return err
+	}
+	return fs.SyncDir(dir)
+}
+
+// Open opens the volume in dir and recovers it from its WAL.
+func Open(dir string, o Options) (*Volume, error) {
+	fs := o.fsys()
+	v := &Volume{
+		dir: dir, fs: fs, log: o.logger().With("volume", dir),
+		nudge: make(chan struct{}, 1), stop: make(chan struct{}), stopped: make(chan struct{}),
+		spaceCh: make(chan struct{}), sbBuf: make([]byte, sbSlotSize),
+		fullTO: o.WALFullTimeout,
+	}
+	if v.fullTO <= 0 {
+		v.fullTO = walFullTimeout
+	}
+	if err := v.open(); err != nil {
+		v.closeFiles()
+		return nil, fmt.Errorf("blockvol: open %s: %w", dir, err)
+	}
+	go v.flusher()
+	return v, nil
+}
+
+func (v *Volume) open() error {
+	var err error
+	if v.sbF, err = v.fs.OpenFile(filepath.Join(v.dir, SuperblockFile), os.O_RDWR, 0); err != nil {
+		return err
+	}
+	buf := make([]byte, sbFileSize)
+	if n, err := v.sbF.ReadAt(buf, 0); n < len(buf) {
+		return fmt.Errorf("%w: superblock file short (%d bytes): %v", ErrCorrupt, n, err)
+	}
+	if v.sb, err = readSuperblock(buf); err != nil {
+		return err
+	}
+	sb := &v.sb
+	v.size, v.bs, v.walSize = sb.Size, int64(sb.BlockSize), sb.WALSize
+	for 1<<v.bshift < v.bs {
+		v.bshift++
+	}
+	v.ring = wal.Ring{Size: v.walSize}
+	v.epoch.Store(sb.Epoch)
+	role := sb.Role
+	v.role.Store(&role)
+	if v.walF, err = v.fs.OpenFile(filepath.Join(v.dir, WALFile), os.O_RDWR, 0); err != nil {
+		return err
+	}
+	if v.extF, err = v.fs.OpenFile(filepath.Join(v.dir, ExtentFile), os.O_RDWR, 0); err != nil {
+		return err
+	}
+	if st, err := v.extF.Stat(); err != nil {
+		return err
+	} else if st.Size() != v.size {
+		return fmt.Errorf("%w: extent is %d bytes, superblock says %d", ErrCorrupt, st.Size(), v.size)
+	}
+	if st, err := v.walF.Stat(); err != nil {
+		return err
+	} else if st.Size() < v.walSize {
+		return fmt.Errorf("%w: WAL is %d bytes, superblock says %d", ErrCorrupt, st.Size(), v.walSize)
+	}
+	v.dirty.init()
+	return v.recover()
+}
+
+// fail puts the volume in fail-stop mode: a WAL write or sync failed, so
+// the log may have a hole and nothing more may be appended or promised.
+func (v *Volume) fail(err error) {
+	e := fmt.Errorf("blockvol: volume failed: %w", err)
+	if v.failed.CompareAndSwap(nil, &e) {
+		v.log.Error("blockvol.failed", "err", err)
+	}
+	v.comp.wakeAll()
+}
+
+func (v *Volume) failErr() error {
+	if p := v.failed.Load(); p != nil {
+		return ioError(*p)
+	}
+	return nil
+}
+
+// ioError wraps err with the blockdev sentinel a frontend should report.
+func ioError(err error) error {
+	if errors.Is(err, blockdev.ErrNoSpace) || errors.Is(err, blockdev.ErrIO) || errors.Is(err, blockdev.ErrClosed) {
+		return err
+	}
+	if isNoSpace(err) {
+		return fmt.Errorf("%w: %w", blockdev.ErrNoSpace, err)
+	}
+	return fmt.Errorf("%w: %w", blockdev.ErrIO, err)
+}
+
+// Close flushes everything to the extent, stops the flusher and closes the
+// files. I/O after Close fails with blockdev.ErrClosed.
+func (v *Volume) Close() error {
+	v.ioMu.Lock()
+	if v.closed.Swap(true) {
+		v.ioMu.Unlock()
+		return nil
+	}
+	v.ioMu.Unlock()
+	close(v.stop)
+	<-v.stopped
+	var errs []error
+	if v.failErr() == nil {
+		if err := v.syncWAL(v.headLSN.Load()); err != nil {
+			errs = append(errs, err)
+		} else {
+			for i := 0; i < 1<<20; i++ {
+				progressed, err := v.flushCycle()
+				if err != nil {
+					errs = append(errs, err)
+					break
+				}
+				if !progressed {
+					break
+				}
+			}
+		}
+	}
+	errs = append(errs, v.closeFiles())
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("blockvol: close %s: %w", v.dir, err)
+	}
+	v.log.Info("blockvol.closed", "checkpoint_lsn", v.ckptLSN.Load(), "head_lsn", v.headLSN.Load())
+	return nil
+}
+
+func (v *Volume) closeFiles() error {
+	var errs []error
+	for _, f := range []vfs.File{v.walF, v.extF, v.sbF} {
+		if f != nil {
+			errs = append(errs, f.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// persistSuperblock writes the next slot and fdatasyncs it. Callers hold
+// superMu and have updated v.sb.
+func (v *Volume) persistSuperblock() error {
+	v.sb.Seq++
+	v.sb.encode(v.sbBuf)
+	off := int64(v.sb.Seq%2) * sbSlotSize
+	if _, err := v.sbF.WriteAt(v.sbBuf, off); err != nil {
+		return fmt.Errorf("write superblock: %w", err)
+	}
+	if err := v.sbF.Sync(); err != nil {
+		return fmt.Errorf("sync superblock: %w", err)
+	}
+	return nil
+}
+
+// Size is the volume size in bytes.
+func (v *Volume) Size() int64 { return v.size }
+
+// BlockSize is the volume's block size.
+func (v *Volume) BlockSize() int { return int(v.bs) }
+
+// Dir is the volume's directory.
+func (v *Volume) Dir() string { return v.dir }
+
+// WALSize is the size of the WAL ring in bytes.
+func (v *Volume) WALSize() int64 { return v.walSize }
+
+// Drain runs fn with all I/O drained and blocked and the flusher paused:
+// for destructive operations (restore, import, expand). fn must not call
+// the volume's I/O methods.
+func (v *Volume) Drain(fn func() error) error {
+	v.ioMu.Lock()
+	defer v.ioMu.Unlock()
+	if v.closed.Load() {
+		return fmt.Errorf("blockvol: drain: %w", blockdev.ErrClosed)
+	}
+	v.flushMu.Lock()
+	defer v.flushMu.Unlock()
+	return fn()
+}
