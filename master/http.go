@@ -291,6 +291,14 @@ func (m *Master) create(ld *leaderState, req api.CreateVolumeRequest) (*api.Volu
 		return nil, api.Errorf(api.CodeAlreadyExists, "volume %q already exists", req.Name)
 	}
 	pl := m.plan(ld, req)
+	if len(pl.Errors) > 0 && pl.Errors[0].Code == api.CodeInsufficientServers {
+		// A new leader knows no server alive until they heartbeat to it:
+		// give them one freshness window before refusing.
+		if warm := ld.since.Add(m.cfg.freshWindow()); time.Now().Before(warm) {
+			time.Sleep(time.Until(warm))
+			pl = m.plan(ld, req)
+		}
+	}
 	if len(pl.Errors) > 0 {
 		e := pl.Errors[0]
 		e.Status = api.StatusFor(e.Code)
