@@ -1,0 +1,209 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/nbd/kernel"
+)
+
+// attach nbd / detach: the kernel NBD client and its keeper (nbd/kernel).
+// `attach ublk` lives in the ublk owner's file and adds itself with
+// addAttach from its own init (any file order works: attachCmd is a
+// package-level variable, initialised before every init runs).
+
+// attachCmd is `blockd attach`; its subcommands are the kinds (nbd, ublk).
+var attachCmd = &cli.Command{
+	Name:  "attach",
+	Usage: "attach a volume as a local block device (nbd, ublk)",
+}
+
+// addAttach adds a `blockd attach KIND` subcommand.
+func addAttach(c *cli.Command) { attachCmd.Subcommands = append(attachCmd.Subcommands, c) }
+
+func init() {
+	register(attachCmd)
+	addAttach(&cli.Command{
+		Name:      "nbd",
+		Usage:     "attach a volume as /dev/nbdN through the kernel nbd driver and keep it connected",
+		ArgsUsage: "NAME",
+		Description: "Asks the master for the volume's primary, negotiates, hands the sockets to the kernel\n" +
+			"over netlink, prints the device path and stays running as the device's keeper:\n" +
+			"when the connections die (server restart, failover) it finds the current primary\n" +
+			"and reconnects, so a mounted filesystem continues. After --give-up without a\n" +
+			"connection it disconnects the device (I/O fails instead of hanging) and exits 1.\n" +
+			"SIGINT/SIGTERM (or `blockd detach DEVICE`) disconnect the device and exit 0.",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "device", Usage: "use this device (/dev/nbdN); default: a free one"},
+			&cli.IntFlag{Name: "connections", Value: 2, Usage: "TCP connections (more than 1 needs the server's CAN_MULTI_CONN)"},
+			&cli.StringFlag{Name: "master", Value: api.DefaultMaster, EnvVars: []string{"BLOCKD_MASTER"}, Usage: "master API address(es), comma-separated"},
+			&cli.StringFlag{Name: "nbd", Usage: "connect to this NBD address instead of asking the master (no failover)"},
+			&cli.DurationFlag{Name: "give-up", Value: 5 * time.Minute, Usage: "give up (fail I/O, exit) after this long without a connection"},
+			&cli.DurationFlag{Name: "timeout", Value: 30 * time.Second, Usage: "per-request timeout: an unanswered request marks its connection dead and is retried on a new one"},
+			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "json: print {\"device\": ...} instead of the bare path"},
+		},
+		Action: attachNBD,
+	})
+	register(&cli.Command{
+		Name:      "detach",
+		Usage:     "disconnect an attached device cleanly (stops its keeper)",
+		ArgsUsage: "DEVICE",
+		Flags: []cli.Flag{
+			&cli.BoolFlag{Name: "force", Usage: "disconnect even while mounted (the filesystem gets I/O errors)"},
+			&cli.DurationFlag{Name: "wait", Value: 30 * time.Second, Usage: "how long to wait for the device to be released"},
+		},
+		Action: func(c *cli.Context) error {
+			if err := interspersedFlags(c); err != nil {
+				return fmt.Errorf("detach: %w", err)
+			}
+			args := argsOf(c)
+			if len(args) != 1 {
+				return fmt.Errorf("detach: exactly one DEVICE is needed (e.g. /dev/nbd0)")
+			}
+			ctx, cancel := context.WithTimeout(c.Context, c.Duration("wait"))
+			defer cancel()
+			if err := kernel.Detach(ctx, args[0], c.Bool("force")); err != nil {
+				return err
+			}
+			fmt.Fprintf(os.Stderr, "detached %s\n", args[0])
+			return nil
+		},
+	})
+}
+
+// interspersedFlags applies flags given after the positional arguments
+// (`blockd attach nbd NAME --device /dev/nbd1`, as DESIGN.md §8 writes
+// them): urfave/cli stops parsing at the first argument, so the rest is
+// parsed here with the command's own flags and set on the context. It leaves
+// c.Args() holding the positional arguments only when called, so callers use
+// positionalArgs afterwards.
+func interspersedFlags(c *cli.Context) error {
+	args := c.Args().Slice()
+	var pos, rest []string
+	for i, a := range args {
+		if strings.HasPrefix(a, "-") && a != "-" {
+			rest = args[i:]
+			break
+		}
+		pos = append(pos, a)
+	}
+	if len(rest) == 0 {
+		return nil
+	}
+	fs := flag.NewFlagSet(c.Command.Name, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	for _, f := range c.Command.Flags {
+		if err := f.Apply(fs); err != nil {
+			return err
+		}
+	}
+	if err := fs.Parse(rest); err != nil {
+		return err
+	}
+	var setErr error
+	fs.Visit(func(f *flag.Flag) {
+		if err := c.Set(f.Name, f.Value.String()); err != nil && setErr == nil {
+			setErr = fmt.Errorf("flag --%s: %w", f.Name, err)
+		}
+	})
+	if setErr != nil {
+		return setErr
+	}
+	pos = append(pos, fs.Args()...)
+	positional[c] = pos
+	return nil
+}
+
+// positional holds the positional arguments of contexts whose flags came
+// after them (see interspersedFlags).
+var positional = map[*cli.Context][]string{}
+
+func argsOf(c *cli.Context) []string {
+	if p, ok := positional[c]; ok {
+		return p
+	}
+	return c.Args().Slice()
+}
+
+func attachNBD(c *cli.Context) error {
+	if err := interspersedFlags(c); err != nil {
+		return fmt.Errorf("attach nbd: %w", err)
+	}
+	if len(argsOf(c)) != 1 {
+		return fmt.Errorf("attach nbd: exactly one volume NAME is needed")
+	}
+	name := argsOf(c)[0]
+	index := -1
+	if dev := c.String("device"); dev != "" {
+		i, err := kernel.ParseDevice(dev)
+		if err != nil {
+			return fmt.Errorf("attach nbd: %w", err)
+		}
+		index = i
+	}
+	giveUp := c.Duration("give-up")
+	if giveUp <= 0 {
+		return fmt.Errorf("attach nbd: --give-up must be positive")
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	var resolve func(ctx context.Context) (string, error)
+	if addr := c.String("nbd"); addr != "" {
+		resolve = func(context.Context) (string, error) { return addr, nil }
+	} else {
+		mc := api.NewClient(api.ParseAddrs(c.String("master")))
+		mc.RetryFor = 10 * time.Second
+		resolve = func(ctx context.Context) (string, error) {
+			p, err := mc.PrimaryOf(ctx, name)
+			if err != nil {
+				if api.IsCode(err, api.CodeNotFound) {
+					return "", fmt.Errorf("unknown volume %q: %w", name, err)
+				}
+				return "", err
+			}
+			if p.NBDAddr == "" {
+				return "", fmt.Errorf("volume %q: primary %s has no NBD address", name, p.ServerID)
+			}
+			log.Info("nbd.primary", "volume", name, "server", p.ServerID, "nbd_addr", p.NBDAddr, "epoch", p.Epoch)
+			return p.NBDAddr, nil
+		}
+	}
+	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	pol := kernel.DefaultPolicy
+	pol.GiveUp = giveUp
+	actx, cancel := context.WithTimeout(ctx, time.Minute)
+	dev, err := kernel.Attach(actx, kernel.Options{
+		Volume:      name,
+		Resolve:     resolve,
+		Connections: c.Int("connections"),
+		Index:       index,
+		Timeout:     c.Duration("timeout"),
+		Policy:      pol,
+		Logger:      log,
+	})
+	cancel()
+	if err != nil {
+		if errors.Is(err, kernel.ErrNoModule) {
+			return fmt.Errorf("%w; on Debian: modprobe nbd (package linux-image-*)", err)
+		}
+		return err
+	}
+	if c.String("output") == "json" {
+		fmt.Printf("{\"device\": %q, \"volume\": %q, \"size_bytes\": %d}\n", dev.Path, name, dev.Export.Size)
+	} else {
+		fmt.Println(dev.Path)
+	}
+	return dev.Keep(ctx)
+}

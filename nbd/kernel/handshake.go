@@ -1,0 +1,210 @@
+// Package kernel attaches a remote NBD export to the Linux nbd driver: the
+// client side of the fixed-newstyle handshake, the generic-netlink "nbd"
+// family (CONNECT, RECONFIGURE, DISCONNECT, STATUS, LINK_DEAD events), and
+// the keeper that stays with the device and hands it new sockets when its
+// connections die (server restart, failover), so that a mounted filesystem
+// continues.
+package kernel
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+)
+
+// Protocol constants (NetworkBlockDevice doc/proto.md).
+const (
+	nbdMagic        = 0x4e42444d41474943 // "NBDMAGIC"
+	optMagic        = 0x49484156454F5054 // "IHAVEOPT"
+	optReplyMagic   = 0x0003e889045565a9
+	flagFixedNew    = 1 << 0
+	flagNoZeroes    = 1 << 1
+	optExportName   = 1
+	optAbort        = 2
+	optGo           = 7
+	repAck          = 1
+	repInfo         = 3
+	repFlagError    = 1 << 31
+	repErrUnsup     = repFlagError | 1
+	repErrPolicy    = repFlagError | 2
+	repErrUnknown   = repFlagError | 6
+	repErrShutdown  = repFlagError | 7
+	infoExport      = 0
+	infoBlockSize   = 3
+	maxOptReplySize = 1 << 20
+)
+
+// Transmission flags the server announces (also what the kernel takes as
+// NBD_ATTR_SERVER_FLAGS).
+const (
+	FlagHasFlags     = 1 << 0
+	FlagReadOnly     = 1 << 1
+	FlagSendFlush    = 1 << 2
+	FlagSendFUA      = 1 << 3
+	FlagSendTrim     = 1 << 5
+	FlagWriteZeroes  = 1 << 6
+	FlagCanMultiConn = 1 << 8
+)
+
+// ErrUnknownExport means the server has no such export (volume).
+var ErrUnknownExport = errors.New("nbd: unknown export")
+
+// ErrRefused means the server refused the export for another reason, for
+// example because it is not the volume's primary (its message says which).
+var ErrRefused = errors.New("nbd: export refused")
+
+// Export is what the handshake learned.
+type Export struct {
+	Name  string
+	Size  uint64
+	Flags uint16
+	// Block size constraints if the server sent them (0 otherwise).
+	MinBlock, PrefBlock, MaxBlock uint32
+}
+
+// Negotiate runs the fixed-newstyle handshake on conn for the named export:
+// NBD_OPT_GO (falling back to NBD_OPT_EXPORT_NAME when the server does not
+// know OPT_GO). On success conn is in the transmission phase. The deadline
+// bounds the whole handshake (zero: none).
+func Negotiate(conn net.Conn, name string, deadline time.Time) (Export, error) {
+	if !deadline.IsZero() {
+		_ = conn.SetDeadline(deadline)
+		defer conn.SetDeadline(time.Time{})
+	}
+	var hello [18]byte
+	if _, err := io.ReadFull(conn, hello[:]); err != nil {
+		return Export{}, fmt.Errorf("nbd handshake: read greeting: %w", err)
+	}
+	if binary.BigEndian.Uint64(hello[0:]) != nbdMagic {
+		return Export{}, fmt.Errorf("nbd handshake: not an NBD server (bad magic %#x)", binary.BigEndian.Uint64(hello[0:]))
+	}
+	if binary.BigEndian.Uint64(hello[8:]) != optMagic {
+		return Export{}, fmt.Errorf("nbd handshake: server speaks oldstyle NBD, need fixed newstyle")
+	}
+	hflags := binary.BigEndian.Uint16(hello[16:])
+	if hflags&flagFixedNew == 0 {
+		return Export{}, fmt.Errorf("nbd handshake: server lacks fixed newstyle (flags %#x)", hflags)
+	}
+	cflags := uint32(flagFixedNew)
+	noZeroes := hflags&flagNoZeroes != 0
+	if noZeroes {
+		cflags |= flagNoZeroes
+	}
+	if err := binary.Write(conn, binary.BigEndian, cflags); err != nil {
+		return Export{}, fmt.Errorf("nbd handshake: write client flags: %w", err)
+	}
+	// OPT_GO: name, and one info request (block size).
+	data := make([]byte, 0, 4+len(name)+4)
+	data = binary.BigEndian.AppendUint32(data, uint32(len(name)))
+	data = append(data, name...)
+	data = binary.BigEndian.AppendUint16(data, 1)
+	data = binary.BigEndian.AppendUint16(data, infoBlockSize)
+	if err := writeOpt(conn, optGo, data); err != nil {
+		return Export{}, err
+	}
+	exp := Export{Name: name}
+	gotExport := false
+	for {
+		opt, typ, payload, err := readOptReply(conn)
+		if err != nil {
+			return Export{}, err
+		}
+		if opt != optGo {
+			return Export{}, fmt.Errorf("nbd handshake: reply for option %d, want %d", opt, optGo)
+		}
+		switch {
+		case typ == repAck:
+			if !gotExport {
+				return Export{}, fmt.Errorf("nbd handshake: server acked OPT_GO without NBD_INFO_EXPORT")
+			}
+			return exp, nil
+		case typ == repInfo:
+			if len(payload) < 2 {
+				return Export{}, fmt.Errorf("nbd handshake: short NBD_REP_INFO")
+			}
+			switch binary.BigEndian.Uint16(payload) {
+			case infoExport:
+				if len(payload) != 12 {
+					return Export{}, fmt.Errorf("nbd handshake: NBD_INFO_EXPORT of %d bytes", len(payload))
+				}
+				exp.Size = binary.BigEndian.Uint64(payload[2:])
+				exp.Flags = binary.BigEndian.Uint16(payload[10:])
+				gotExport = true
+			case infoBlockSize:
+				if len(payload) == 14 {
+					exp.MinBlock = binary.BigEndian.Uint32(payload[2:])
+					exp.PrefBlock = binary.BigEndian.Uint32(payload[6:])
+					exp.MaxBlock = binary.BigEndian.Uint32(payload[10:])
+				}
+			}
+		case typ == repErrUnsup:
+			return exportName(conn, name, noZeroes)
+		case typ == repErrUnknown:
+			return Export{}, fmt.Errorf("%w %q: %s", ErrUnknownExport, name, msgOr(payload, "no such export"))
+		case typ&repFlagError != 0:
+			return Export{}, fmt.Errorf("%w: %q: %s (NBD error %#x)", ErrRefused, name, msgOr(payload, "refused"), typ)
+		default:
+			// Unknown informational reply: ignore, per the protocol.
+		}
+	}
+}
+
+func msgOr(p []byte, def string) string {
+	if len(p) == 0 {
+		return def
+	}
+	return string(p)
+}
+
+// exportName is the NBD_OPT_EXPORT_NAME fallback: the server answers with
+// size and flags, or closes the connection for an unknown export.
+func exportName(conn net.Conn, name string, noZeroes bool) (Export, error) {
+	if err := writeOpt(conn, optExportName, []byte(name)); err != nil {
+		return Export{}, err
+	}
+	n := 10
+	if !noZeroes {
+		n += 124
+	}
+	buf := make([]byte, n)
+	if _, err := io.ReadFull(conn, buf); err != nil {
+		return Export{}, fmt.Errorf("%w %q: server closed the connection after NBD_OPT_EXPORT_NAME: %v", ErrUnknownExport, name, err)
+	}
+	return Export{Name: name, Size: binary.BigEndian.Uint64(buf), Flags: binary.BigEndian.Uint16(buf[8:])}, nil
+}
+
+func writeOpt(w io.Writer, opt uint32, data []byte) error {
+	b := make([]byte, 0, 16+len(data))
+	b = binary.BigEndian.AppendUint64(b, optMagic)
+	b = binary.BigEndian.AppendUint32(b, opt)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
+	b = append(b, data...)
+	if _, err := w.Write(b); err != nil {
+		return fmt.Errorf("nbd handshake: write option %d: %w", opt, err)
+	}
+	return nil
+}
+
+func readOptReply(r io.Reader) (opt, typ uint32, payload []byte, err error) {
+	var h [20]byte
+	if _, err := io.ReadFull(r, h[:]); err != nil {
+		return 0, 0, nil, fmt.Errorf("nbd handshake: read option reply: %w", err)
+	}
+	if m := binary.BigEndian.Uint64(h[0:]); m != optReplyMagic {
+		return 0, 0, nil, fmt.Errorf("nbd handshake: bad option reply magic %#x", m)
+	}
+	opt = binary.BigEndian.Uint32(h[8:])
+	typ = binary.BigEndian.Uint32(h[12:])
+	n := binary.BigEndian.Uint32(h[16:])
+	if n > maxOptReplySize {
+		return 0, 0, nil, fmt.Errorf("nbd handshake: option reply of %d bytes", n)
+	}
+	payload = make([]byte, n)
+	if _, err := io.ReadFull(r, payload); err != nil {
+		return 0, 0, nil, fmt.Errorf("nbd handshake: read option reply payload: %w", err)
+	}
+	return opt, typ, payload, nil
+}
