@@ -1,0 +1,485 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/dustin/go-humanize"
+	"github.com/urfave/cli/v2"
+
+	"github.com/blockd/blockd/api"
+)
+
+// `blockd volume ...`: the master's client commands (DESIGN.md §8).
+
+func clientFlags(extra ...cli.Flag) []cli.Flag {
+	return append([]cli.Flag{
+		&cli.StringFlag{Name: "master", Value: api.DefaultMaster, EnvVars: []string{"BLOCKD_MASTER"}, Usage: "master API address(es), comma-separated"},
+		&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "output format: json (default: text)"},
+		&cli.DurationFlag{Name: "timeout", Value: 30 * time.Second, Usage: "give up after this long without an answer from a leader"},
+	}, extra...)
+}
+
+func policyFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "size", Usage: "volume size in human units (512MiB, 10GiB, 1TB)"},
+		&cli.IntFlag{Name: "rf", Usage: "replication factor (copies, primary included); default from the preset"},
+		&cli.StringFlag{Name: "durability", Usage: "best_effort | sync_all | sync_quorum; default from the preset"},
+		&cli.StringFlag{Name: "preset", Usage: "database | general | throughput"},
+		&cli.StringFlag{Name: "wal-size", Usage: "WAL size in human units; default from the preset"},
+		&cli.IntFlag{Name: "block-size", Usage: "block size in bytes (default 4096)"},
+	}
+}
+
+func init() {
+	register(&cli.Command{
+		Name:  "volume",
+		Usage: "create, inspect, resize, delete and promote volumes (talks to the master)",
+		Subcommands: []*cli.Command{
+			{Name: "create", Usage: "create a volume", ArgsUsage: "NAME --size SIZE [--rf N] [--durability MODE] [--preset NAME] [--wal-size SIZE]",
+				Flags: clientFlags(policyFlags()...), Action: volumeCmd(volCreate)},
+			{Name: "list", Usage: "list volumes", Flags: clientFlags(), Action: volumeCmd(volList)},
+			{Name: "info", Usage: "show one volume", ArgsUsage: "NAME", Flags: clientFlags(), Action: volumeCmd(volInfo)},
+			{Name: "delete", Usage: "delete a volume (servers drop its data)", ArgsUsage: "NAME", Flags: clientFlags(), Action: volumeCmd(volDelete)},
+			{Name: "expand", Usage: "grow a volume", ArgsUsage: "NAME --size SIZE",
+				Flags: clientFlags(&cli.StringFlag{Name: "size", Usage: "new size (human units); may only grow"}), Action: volumeCmd(volExpand)},
+			{Name: "plan", Usage: "dry run of create: resolved policy and placement", ArgsUsage: "[NAME] --size SIZE [...]",
+				Flags: clientFlags(policyFlags()...), Action: volumeCmd(volPlan)},
+			{Name: "resolve", Usage: "dry run of preset resolution", ArgsUsage: "[NAME] --size SIZE [...]",
+				Flags: clientFlags(policyFlags()...), Action: volumeCmd(volResolve)},
+			{Name: "preflight", Usage: "read-only: which replica could be promoted, and why not", ArgsUsage: "NAME",
+				Flags: clientFlags(), Action: volumeCmd(volPreflight)},
+			{Name: "promote", Usage: "make a replica the primary (epoch+1)", ArgsUsage: "NAME [--target ID] [--force]",
+				Flags: clientFlags(
+					&cli.StringFlag{Name: "target", Usage: "server ID to promote (default: the best candidate)"},
+					&cli.BoolFlag{Name: "force", Usage: "bypass soft gates (lag, not in sync, lower LSN, live primary); hard gates still hold"},
+				), Action: volumeCmd(volPromote)},
+		},
+	})
+}
+
+// volCtx is one invocation of a volume subcommand.
+type volCtx struct {
+	c    *cli.Context
+	args []string
+	cl   *api.Client
+	ctx  context.Context
+	json bool
+	out  io.Writer
+}
+
+func volumeCmd(fn func(*volCtx) error) cli.ActionFunc {
+	return func(c *cli.Context) error {
+		name := "volume " + c.Command.Name
+		args, err := flagsAfterArgs(c)
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		switch o := c.String("output"); o {
+		case "", "text", "json":
+		default:
+			return fmt.Errorf("%s: unknown output format %q (json)", name, o)
+		}
+		ctx, cancel := context.WithTimeout(c.Context, c.Duration("timeout"))
+		defer cancel()
+		cl := api.NewClient(api.ParseAddrs(c.String("master")))
+		cl.RetryFor = c.Duration("timeout")
+		v := &volCtx{c: c, args: args, cl: cl, ctx: ctx, json: c.String("output") == "json", out: os.Stdout}
+		if err := fn(v); err != nil {
+			return fmt.Errorf("%s: %w", name, oneLine(err))
+		}
+		return nil
+	}
+}
+
+func oneLine(err error) error {
+	var ae *api.Error
+	if errors.As(err, &ae) {
+		return errors.New(strings.ReplaceAll(ae.Error(), "\n", " "))
+	}
+	return errors.New(strings.ReplaceAll(err.Error(), "\n", " "))
+}
+
+// flagsAfterArgs parses flags written after positional arguments
+// (`volume create NAME --size 1GiB`): urfave/cli stops at the first
+// positional, so the rest is parsed with the command's own flags and set
+// on the context. It returns the positional arguments.
+func flagsAfterArgs(c *cli.Context) ([]string, error) {
+	rest := c.Args().Slice()
+	var pos []string
+	for len(rest) > 0 {
+		i := 0
+		for i < len(rest) && (!strings.HasPrefix(rest[i], "-") || rest[i] == "-") {
+			i++
+		}
+		pos = append(pos, rest[:i]...)
+		rest = rest[i:]
+		if len(rest) == 0 {
+			break
+		}
+		if rest[0] == "--" {
+			pos = append(pos, rest[1:]...)
+			break
+		}
+		fs := flag.NewFlagSet(c.Command.Name, flag.ContinueOnError)
+		fs.SetOutput(io.Discard)
+		for _, f := range c.Command.Flags {
+			if err := f.Apply(fs); err != nil {
+				return nil, err
+			}
+		}
+		if err := fs.Parse(rest); err != nil {
+			return nil, err
+		}
+		var setErr error
+		fs.Visit(func(f *flag.Flag) {
+			if err := c.Set(f.Name, f.Value.String()); err != nil && setErr == nil {
+				setErr = fmt.Errorf("flag --%s: %w", f.Name, err)
+			}
+		})
+		if setErr != nil {
+			return nil, setErr
+		}
+		rest = fs.Args()
+	}
+	return pos, nil
+}
+
+func (v *volCtx) name(optional bool) (string, error) {
+	switch {
+	case len(v.args) == 1:
+		return v.args[0], nil
+	case len(v.args) == 0 && optional:
+		return "", nil
+	case len(v.args) == 0:
+		return "", errors.New("a volume NAME is needed")
+	default:
+		return "", fmt.Errorf("one volume NAME expected, got %q", strings.Join(v.args, " "))
+	}
+}
+
+// parseSize reads human units; align rounds up to a multiple of align.
+func parseSize(flagName, s string, align int64) (int64, error) {
+	if s == "" {
+		return 0, nil
+	}
+	n, err := humanize.ParseBytes(s)
+	if err != nil {
+		return 0, fmt.Errorf("--%s %q: %w", flagName, s, err)
+	}
+	if n > 1<<62 {
+		return 0, fmt.Errorf("--%s %q: too large", flagName, s)
+	}
+	sz := int64(n)
+	if align > 0 && sz%align != 0 {
+		r := (sz/align + 1) * align
+		fmt.Fprintf(os.Stderr, "note: --%s %s rounded up to %d bytes (a multiple of the %d-byte block size)\n", flagName, s, r, align)
+		sz = r
+	}
+	return sz, nil
+}
+
+func (v *volCtx) policy(name string) (api.CreateVolumeRequest, error) {
+	c := v.c
+	bs := int64(c.Int("block-size"))
+	if bs <= 0 {
+		bs = 4096
+	}
+	req := api.CreateVolumeRequest{Name: name, RF: c.Int("rf"), Durability: c.String("durability"), Preset: c.String("preset"), BlockSize: c.Int("block-size")}
+	var err error
+	if req.SizeBytes, err = parseSize("size", c.String("size"), bs); err != nil {
+		return req, err
+	}
+	if req.WALSizeBytes, err = parseSize("wal-size", c.String("wal-size"), bs); err != nil {
+		return req, err
+	}
+	return req, nil
+}
+
+func (v *volCtx) emitJSON(x any) error {
+	enc := json.NewEncoder(v.out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(x)
+}
+
+func size(n int64) string {
+	if n < 0 {
+		return fmt.Sprint(n)
+	}
+	return humanize.IBytes(uint64(n))
+}
+
+func (v *volCtx) printInfo(i *api.VolumeInfo) error {
+	if v.json {
+		return v.emitJSON(i)
+	}
+	w := tabwriter.NewWriter(v.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(w, "name:\t%s\n", i.Name)
+	fmt.Fprintf(w, "size:\t%s (%d bytes)\n", size(i.SizeBytes), i.SizeBytes)
+	fmt.Fprintf(w, "block size:\t%d\n", i.BlockSize)
+	fmt.Fprintf(w, "status:\t%s\n", i.Status)
+	fmt.Fprintf(w, "epoch:\t%d\n", i.Epoch)
+	fmt.Fprintf(w, "durability:\t%s\n", i.Durability)
+	fmt.Fprintf(w, "rf:\t%d\n", i.RF)
+	if i.Preset != "" {
+		fmt.Fprintf(w, "preset:\t%s\n", i.Preset)
+	}
+	fmt.Fprintf(w, "wal size:\t%s\n", size(i.WALSizeBytes))
+	fmt.Fprintf(w, "primary:\t%s nbd=%s addr=%s head_lsn=%d\n", i.Primary.ServerID, i.Primary.NBDAddr, i.Primary.Addr, i.HeadLSN)
+	for _, r := range i.Replicas {
+		fmt.Fprintf(w, "replica:\t%s %s flushed_lsn=%d addr=%s\n", r.ServerID, r.State, r.FlushedLSN, r.Addr)
+	}
+	return w.Flush()
+}
+
+func volCreate(v *volCtx) error {
+	name, err := v.name(false)
+	if err != nil {
+		return err
+	}
+	if v.c.String("size") == "" {
+		return errors.New("--size is required")
+	}
+	req, err := v.policy(name)
+	if err != nil {
+		return err
+	}
+	info, err := v.cl.CreateVolume(v.ctx, req)
+	if err != nil {
+		return err
+	}
+	return v.printInfo(info)
+}
+
+func volList(v *volCtx) error {
+	if len(v.args) != 0 {
+		return fmt.Errorf("unexpected arguments %q", strings.Join(v.args, " "))
+	}
+	vols, err := v.cl.ListVolumes(v.ctx)
+	if err != nil {
+		return err
+	}
+	if v.json {
+		return v.emitJSON(vols)
+	}
+	w := tabwriter.NewWriter(v.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "NAME\tSIZE\tRF\tDURABILITY\tEPOCH\tSTATUS\tPRIMARY\tREPLICAS")
+	for _, i := range vols {
+		var reps []string
+		for _, r := range i.Replicas {
+			reps = append(reps, r.ServerID+":"+r.State)
+		}
+		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%d\t%s\t%s\t%s\n", i.Name, size(i.SizeBytes), i.RF, i.Durability, i.Epoch, i.Status, i.Primary.ServerID, strings.Join(reps, ","))
+	}
+	return w.Flush()
+}
+
+func volInfo(v *volCtx) error {
+	name, err := v.name(false)
+	if err != nil {
+		return err
+	}
+	info, err := v.cl.VolumeInfo(v.ctx, name)
+	if err != nil {
+		return err
+	}
+	return v.printInfo(info)
+}
+
+func volDelete(v *volCtx) error {
+	name, err := v.name(false)
+	if err != nil {
+		return err
+	}
+	if err := v.cl.DeleteVolume(v.ctx, name); err != nil {
+		return err
+	}
+	if v.json {
+		return v.emitJSON(map[string]string{"deleted": name})
+	}
+	fmt.Fprintf(v.out, "deleted %s\n", name)
+	return nil
+}
+
+func volExpand(v *volCtx) error {
+	name, err := v.name(false)
+	if err != nil {
+		return err
+	}
+	if v.c.String("size") == "" {
+		return errors.New("--size is required")
+	}
+	sz, err := parseSize("size", v.c.String("size"), 0)
+	if err != nil {
+		return err
+	}
+	info, err := v.cl.ExpandVolume(v.ctx, name, sz)
+	if err != nil {
+		return err
+	}
+	return v.printInfo(info)
+}
+
+func printWarnings(w io.Writer, ws []api.Warning, es []api.Error) {
+	for _, x := range ws {
+		fmt.Fprintf(w, "warning:\t%s: %s\n", x.Code, x.Message)
+	}
+	for _, x := range es {
+		fmt.Fprintf(w, "error:\t%s: %s\n", x.Code, x.Message)
+	}
+}
+
+func printPolicy(w io.Writer, p api.ResolvedPolicy) {
+	if p.Preset != "" {
+		fmt.Fprintf(w, "preset:\t%s\n", p.Preset)
+	}
+	fmt.Fprintf(w, "size:\t%s (%d bytes)\n", size(p.SizeBytes), p.SizeBytes)
+	fmt.Fprintf(w, "block size:\t%d\n", p.BlockSize)
+	fmt.Fprintf(w, "rf:\t%d\n", p.RF)
+	fmt.Fprintf(w, "durability:\t%s\n", p.Durability)
+	fmt.Fprintf(w, "wal size:\t%s\n", size(p.WALSizeBytes))
+}
+
+// dryRunErr makes a dry run that found errors exit non-zero (after printing).
+func dryRunErr(es []api.Error) error {
+	if len(es) == 0 {
+		return nil
+	}
+	return errors.New(es[0].Error())
+}
+
+func volPlan(v *volCtx) error {
+	name, err := v.name(true)
+	if err != nil {
+		return err
+	}
+	req, err := v.policy(name)
+	if err != nil {
+		return err
+	}
+	p, err := v.cl.PlanVolume(v.ctx, req)
+	if err != nil {
+		return err
+	}
+	if v.json {
+		if err := v.emitJSON(p); err != nil {
+			return err
+		}
+		return dryRunErr(p.Errors)
+	}
+	w := tabwriter.NewWriter(v.out, 0, 4, 2, ' ', 0)
+	printPolicy(w, p.Policy)
+	if p.Primary != "" {
+		fmt.Fprintf(w, "primary:\t%s\n", p.Primary)
+		fmt.Fprintf(w, "replicas:\t%s\n", strings.Join(p.Replicas, ","))
+	}
+	printWarnings(w, p.Warnings, p.Errors)
+	fmt.Fprintln(w, "\nSERVER\tVOLUMES\tFREE\tSELECTED\tREJECTION")
+	for _, c := range p.Candidates {
+		fmt.Fprintf(w, "%s\t%d\t%s\t%v\t%s\n", c.ServerID, c.VolumeCount, size(c.FreeBytes), c.Selected, c.Rejection)
+	}
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	return dryRunErr(p.Errors)
+}
+
+func volResolve(v *volCtx) error {
+	name, err := v.name(true)
+	if err != nil {
+		return err
+	}
+	req, err := v.policy(name)
+	if err != nil {
+		return err
+	}
+	r, err := v.cl.ResolveVolume(v.ctx, req)
+	if err != nil {
+		return err
+	}
+	if v.json {
+		if err := v.emitJSON(r); err != nil {
+			return err
+		}
+		return dryRunErr(r.Errors)
+	}
+	w := tabwriter.NewWriter(v.out, 0, 4, 2, ' ', 0)
+	printPolicy(w, r.Policy)
+	printWarnings(w, r.Warnings, r.Errors)
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	return dryRunErr(r.Errors)
+}
+
+func printCandidates(w io.Writer, cs []api.Candidate) {
+	fmt.Fprintln(w, "SERVER\tELIGIBLE\tFORCEABLE\tROLE\tEPOCH\tSTATE\tFLUSHED_LSN\tREASONS")
+	for _, c := range cs {
+		fmt.Fprintf(w, "%s\t%v\t%v\t%s\t%d\t%s\t%d\t%s\n", c.ServerID, c.Eligible, c.Forceable, c.Role, c.Epoch, c.State, c.FlushedLSN, strings.Join(c.Reasons, ","))
+	}
+}
+
+func volPreflight(v *volCtx) error {
+	name, err := v.name(false)
+	if err != nil {
+		return err
+	}
+	p, err := v.cl.Preflight(v.ctx, name)
+	if err != nil {
+		return err
+	}
+	if v.json {
+		return v.emitJSON(p)
+	}
+	w := tabwriter.NewWriter(v.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(w, "volume:\t%s\n", p.Volume)
+	fmt.Fprintf(w, "epoch:\t%d\n", p.Epoch)
+	fmt.Fprintf(w, "primary:\t%s (lease may be live: %v, %dms left)\n", p.Primary, p.PrimaryAlive, p.LeaseExpiresMS)
+	best := p.Best
+	if best == "" {
+		best = "(none)"
+	}
+	fmt.Fprintf(w, "best candidate:\t%s\n", best)
+	if len(p.Blockers) > 0 {
+		fmt.Fprintf(w, "blockers:\t%s\n", strings.Join(p.Blockers, ","))
+	}
+	fmt.Fprintln(w)
+	printCandidates(w, p.Candidates)
+	return w.Flush()
+}
+
+func volPromote(v *volCtx) error {
+	name, err := v.name(false)
+	if err != nil {
+		return err
+	}
+	// Pin the epoch we decided on, so a retry can never promote twice.
+	info, err := v.cl.VolumeInfo(v.ctx, name)
+	if err != nil {
+		return err
+	}
+	r, err := v.cl.Promote(v.ctx, name, api.PromoteRequest{Target: v.c.String("target"), Force: v.c.Bool("force"), Epoch: info.Epoch})
+	if err != nil {
+		return err // one line; `volume preflight NAME` shows every candidate
+	}
+	if v.json {
+		return v.emitJSON(r)
+	}
+	fmt.Fprintf(v.out, "promoted %s: %s -> %s at epoch %d", r.Volume, r.OldPrimary, r.NewPrimary, r.Epoch)
+	if len(r.Bypassed) > 0 {
+		fmt.Fprintf(v.out, " (forced past: %s)", strings.Join(r.Bypassed, ","))
+	}
+	if r.LeaseWaitMS > 0 {
+		fmt.Fprintf(v.out, "; it accepts writes after the old lease expires (%dms)", r.LeaseWaitMS)
+	}
+	fmt.Fprintln(v.out)
+	return nil
+}
