@@ -116,6 +116,7 @@ func boot(t *testing.T, s server, script string) vmtest.Result {
 	t.Helper()
 	return vmtest.Boot(t, vmtest.Guest{
 		Binaries:  s.binaries,
+		Files:     map[string][]byte{"/etc/passwd": []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n")},
 		Env:       map[string]string{"SERVER_CMD": s.cmd, "ATTACH_ARGS": s.attachArgs},
 		Script:    prelude + script,
 		MemoryMiB: 1536,
@@ -171,6 +172,9 @@ cat /tmp/err; grep -q busy /tmp/err
 # an unknown volume fails clearly, and leaves no device behind
 if blockd attach nbd $ATTACH_ARGS nosuchvol >/dev/null 2>/tmp/err; then echo "attach of unknown volume succeeded"; exit 1; fi
 cat /tmp/err; grep -q 'unknown volume' /tmp/err
+# a non-root caller is refused clearly
+if su nobody -s /bin/sh -c "blockd attach nbd $ATTACH_ARGS vol0" >/dev/null 2>/tmp/err; then echo "non-root attach succeeded"; exit 1; fi
+cat /tmp/err; grep -q 'needs root' /tmp/err
 # detach refuses while mounted
 mount -t ext4 $DEV /mnt/v
 if blockd detach $DEV 2>/tmp/err; then echo "detach while mounted succeeded"; exit 1; fi
@@ -234,4 +238,32 @@ grep -E 'nbd\.(link_dead|reconnect|reconnected|reconnect_failed)' /tmp/attach.lo
 echo SCENARIO3-OK
 `)
 	expect(t, res, "SCENARIO3-OK", "keeper reconnected", "keeper exit 0", "verified 4 files before", "verified 3 files after")
+}
+
+// TestAttachGivesUp: with the server gone for good, the keeper gives up
+// after --give-up, disconnects the device so that pending and new I/O fail
+// with EIO instead of hanging, and exits non-zero.
+func TestAttachGivesUp(t *testing.T) {
+	s := guestServer(t)
+	res := boot(t, s, `
+start_server
+attach --connections 1 --timeout 5s --give-up 8s
+dd if=/dev/urandom of=$DEV bs=4k count=16 oflag=direct 2>/dev/null
+kill -9 $SERVER
+wait $SERVER || true
+echo "server killed for good"
+start=$(date +%s)
+if dd if=/dev/urandom of=$DEV bs=4k count=16 oflag=direct 2>/tmp/dd.err; then echo "write after give-up succeeded"; exit 1; fi
+echo "write failed after $(( $(date +%s) - start ))s: $(tail -1 /tmp/dd.err)"
+rc=0; wait $KEEPER || rc=$?
+echo "keeper exit $rc"
+test $rc -ne 0
+grep -E 'nbd\.give_up' /tmp/attach.log
+# the device is released (disconnected, size 0), not left hanging
+waitfor 30 test "$(cat /sys/block/$(basename $DEV)/size)" = 0
+echo GIVEUP-OK
+`)
+	if res.ExitCode != 0 || !strings.Contains(res.Console, "GIVEUP-OK") {
+		t.Fatalf("give-up scenario failed: exit %d", res.ExitCode)
+	}
 }
