@@ -11,7 +11,7 @@ import (
 func TestWireRoundTrip(t *testing.T) {
 	msgs := []*Msg{
 		{Type: MsgHello, Volume: "v1", Epoch: 3, Session: 9, LSNFrom: 1, LSNTo: 2,
-			Payload: Hello{PrimaryID: "s1", TargetServerID: "s2", HeadLSN: 100, OldestLSN: 7}.Encode()},
+			Payload: Hello{PrimaryID: "s1", TargetServerID: "s2", HeadLSN: 100, OldestLSN: 7, RegionSize: 65536}.Encode()},
 		{Type: MsgRecord, Volume: "vol-a", Epoch: 1, Session: 1, LSNFrom: 5, LSNTo: 5,
 			Payload: RecordBody{Type: RecWrite, Epoch: 1, Offset: 4096, Length: 4, Data: []byte("abcd")}.Encode(nil)},
 		{Type: MsgBarrierResp, Volume: strings.Repeat("x", MaxVolumeName), LSNTo: 1 << 60},
@@ -47,10 +47,10 @@ func TestWireRoundTrip(t *testing.T) {
 	if err != nil || r.Offset != 4096 || string(r.Data) != "abcd" {
 		t.Fatalf("record: %+v %v", r, err)
 	}
-	hr := HelloResp{FlushedLSN: 4, HeadLSN: 6, HasPending: true, Pending: Pending{Session: 2, Epoch: 3, Kind: TransferRebuild, ResetLSN: 50, Progress: 12},
+	hr := HelloResp{FlushedLSN: 4, HeadLSN: 6, HasPending: true, Pending: Pending{Session: 2, Epoch: 3, Kind: TransferResync, ResetLSN: 50, Progress: 12, Regions: []uint32{7, 9}},
 		DivergentKnown: true, Divergent: []uint32{1, 5}}
 	hr2, err := DecodeHelloResp(hr.Encode())
-	if err != nil || hr2.Pending != hr.Pending || len(hr2.Divergent) != 2 || !hr2.DivergentKnown || hr2.HeadLSN != 6 {
+	if err != nil || hr2.Pending.ResetLSN != 50 || hr2.Pending.Progress != 12 || len(hr2.Pending.Regions) != 2 || hr2.Pending.Kind != TransferResync || len(hr2.Divergent) != 2 || !hr2.DivergentKnown || hr2.HeadLSN != 6 {
 		t.Fatalf("hello resp: %+v %v", hr2, err)
 	}
 	b := Begin{Kind: TransferResync, ResetLSN: 9, RegionSize: 65536, Regions: []uint32{3, 4}, Resume: true}
@@ -106,7 +106,7 @@ func TestWireRejectsCorruption(t *testing.T) {
 
 func FuzzDecodeMsg(f *testing.F) {
 	for _, m := range []*Msg{
-		{Type: MsgHello, Volume: "v", Payload: Hello{TargetServerID: "a"}.Encode()},
+		{Type: MsgHello, Volume: "v", Payload: Hello{TargetServerID: "a", RegionSize: 512}.Encode()},
 		{Type: MsgHelloResp, Volume: "v", Payload: HelloResp{Divergent: []uint32{1}}.Encode()},
 		{Type: MsgBegin, Volume: "v", Payload: Begin{Kind: 1, RegionSize: 512, Regions: []uint32{2}}.Encode()},
 		{Type: MsgBase, Volume: "v", Payload: BaseChunk{Offset: 0, Length: 512, Zero: true}.Encode(nil)},
@@ -178,8 +178,12 @@ func TestPlannerTable(t *testing.T) {
 }
 
 func TestDurabilityTable(t *testing.T) {
-	in := func(id string, f uint64) ReplicaProgress { return ReplicaProgress{ID: id, State: InSync, FlushedLSN: f} }
-	st := func(id string, s ReplicaState, f uint64) ReplicaProgress { return ReplicaProgress{ID: id, State: s, FlushedLSN: f} }
+	in := func(id string, f uint64) ReplicaProgress {
+		return ReplicaProgress{ID: id, State: InSync, FlushedLSN: f}
+	}
+	st := func(id string, s ReplicaState, f uint64) ReplicaProgress {
+		return ReplicaProgress{ID: id, State: s, FlushedLSN: f}
+	}
 	cases := []struct {
 		name string
 		mode Durability

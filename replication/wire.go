@@ -286,19 +286,27 @@ type Hello struct {
 	TargetServerID string
 	HeadLSN        uint64 // primary head H
 	OldestLSN      uint64 // oldest LSN the primary still retains, S
+	RegionSize     uint32 // the unit of region lists (divergent regions, transfers)
 }
 
 func (h Hello) Encode() []byte {
 	b := appendStr(nil, h.PrimaryID)
 	b = appendStr(b, h.TargetServerID)
 	b = binary.BigEndian.AppendUint64(b, h.HeadLSN)
-	return binary.BigEndian.AppendUint64(b, h.OldestLSN)
+	b = binary.BigEndian.AppendUint64(b, h.OldestLSN)
+	return binary.BigEndian.AppendUint32(b, h.RegionSize)
 }
 
 func DecodeHello(p []byte) (Hello, error) {
 	d := dec{b: p}
-	h := Hello{PrimaryID: d.str(), TargetServerID: d.str(), HeadLSN: d.u64(), OldestLSN: d.u64()}
-	return h, d.done()
+	h := Hello{PrimaryID: d.str(), TargetServerID: d.str(), HeadLSN: d.u64(), OldestLSN: d.u64(), RegionSize: d.u32()}
+	if err := d.done(); err != nil {
+		return h, err
+	}
+	if h.RegionSize == 0 || h.RegionSize%512 != 0 {
+		return h, fmt.Errorf("%w: region size %d", ErrBadFrame, h.RegionSize)
+	}
+	return h, nil
 }
 
 // Pending describes an interrupted base transfer the replica persisted.
@@ -307,7 +315,9 @@ type Pending struct {
 	Epoch    uint64
 	Kind     TransferKind
 	ResetLSN uint64 // the LSN the replica's head was reset to
-	Progress int64  // index of the first region not yet persisted (region units)
+	Progress int64  // regions (in the transfer's order) already persisted
+	All      bool   // every region of the volume (rebuild)
+	Regions  []uint32
 }
 
 // HelloResp is the replica's answer to Hello.
@@ -347,6 +357,15 @@ func (r HelloResp) Encode() []byte {
 	b = append(b, byte(r.Pending.Kind))
 	b = binary.BigEndian.AppendUint64(b, r.Pending.ResetLSN)
 	b = binary.BigEndian.AppendUint64(b, uint64(r.Pending.Progress))
+	if r.Pending.All {
+		b = append(b, 1)
+	} else {
+		b = append(b, 0)
+	}
+	b = binary.BigEndian.AppendUint32(b, uint32(len(r.Pending.Regions)))
+	for _, x := range r.Pending.Regions {
+		b = binary.BigEndian.AppendUint32(b, x)
+	}
 	b = binary.BigEndian.AppendUint32(b, uint32(len(r.Divergent)))
 	for _, x := range r.Divergent {
 		b = binary.BigEndian.AppendUint32(b, x)
@@ -366,6 +385,17 @@ func DecodeHelloResp(p []byte) (HelloResp, error) {
 	r.Pending.Kind = TransferKind(d.u8())
 	r.Pending.ResetLSN = d.u64()
 	r.Pending.Progress = int64(d.u64())
+	r.Pending.All = d.u8() == 1
+	pn := int(d.u32())
+	if d.err == nil && pn > len(d.b)/4 {
+		return r, fmt.Errorf("%w: pending region count %d", ErrBadFrame, pn)
+	}
+	if pn > 0 {
+		r.Pending.Regions = make([]uint32, pn)
+		for i := range r.Pending.Regions {
+			r.Pending.Regions[i] = d.u32()
+		}
+	}
 	n := int(d.u32())
 	if d.err == nil && n > len(d.b)/4 {
 		return r, fmt.Errorf("%w: divergent count %d", ErrBadFrame, n)

@@ -1,0 +1,661 @@
+package replication
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/blockd/blockd/blockvol"
+	"github.com/blockd/blockd/vfs"
+	"github.com/blockd/blockd/wal"
+)
+
+// ReplicaTarget is what the volume server tells the receiver about one of
+// its replica volumes.
+type ReplicaTarget struct {
+	Vol *blockvol.Volume
+	// Epoch is the epoch the master assigned to this server for the volume.
+	// Only a primary of exactly this epoch is served.
+	Epoch uint64
+	// Dir is where the receiver keeps its transfer state (resume point of
+	// an interrupted rebuild/resync). Empty: the volume's directory.
+	Dir string
+}
+
+// ReceiverConfig configures the replica side.
+type ReceiverConfig struct {
+	// ServerID is this server's stable ID. A primary that names another
+	// server in its Hello is refused (address reuse never misdirects data).
+	ServerID string
+	// Lookup finds a replica volume by name. It is called for every
+	// message, so an epoch bump by the server fences the old primary at
+	// its very next record or barrier.
+	Lookup func(volume string) (ReplicaTarget, bool)
+	Logger *slog.Logger
+	FS     vfs.FS
+}
+
+// Receiver serves every replica volume of a volume server on one listener.
+type Receiver struct {
+	cfg ReceiverConfig
+	log *slog.Logger
+
+	mu     sync.Mutex
+	vols   map[string]*rvol
+	lns    []net.Listener
+	conns  map[net.Conn]struct{}
+	closed bool
+	wg     sync.WaitGroup
+}
+
+// rvol serialises sessions of one volume: a new session closes the old
+// connection and waits for its handler to finish before it starts.
+type rvol struct {
+	mu      sync.Mutex
+	run     sync.Mutex
+	session uint64
+	conn    net.Conn
+}
+
+// NewReceiver makes a receiver; call Serve with a listener.
+func NewReceiver(cfg ReceiverConfig) *Receiver {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.FS == nil {
+		cfg.FS = vfs.Default
+	}
+	return &Receiver{cfg: cfg, log: cfg.Logger.With("side", "replica", "server", cfg.ServerID),
+		vols: map[string]*rvol{}, conns: map[net.Conn]struct{}{}}
+}
+
+// Serve accepts primaries on ln until Close. It returns nil after Close.
+func (r *Receiver) Serve(ln net.Listener) error {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		ln.Close()
+		return nil
+	}
+	r.lns = append(r.lns, ln)
+	r.mu.Unlock()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			r.mu.Lock()
+			closed := r.closed
+			r.mu.Unlock()
+			if closed {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return fmt.Errorf("replication: accept: %w", err)
+		}
+		r.mu.Lock()
+		if r.closed {
+			r.mu.Unlock()
+			c.Close()
+			return nil
+		}
+		r.conns[c] = struct{}{}
+		r.wg.Add(1)
+		r.mu.Unlock()
+		go func() {
+			defer r.wg.Done()
+			r.handle(c)
+			c.Close()
+			r.mu.Lock()
+			delete(r.conns, c)
+			r.mu.Unlock()
+		}()
+	}
+}
+
+// Close stops accepting, ends every session and waits for the handlers.
+func (r *Receiver) Close() error {
+	r.mu.Lock()
+	r.closed = true
+	for _, ln := range r.lns {
+		ln.Close()
+	}
+	for c := range r.conns {
+		c.Close()
+	}
+	r.mu.Unlock()
+	r.wg.Wait()
+	return nil
+}
+
+func (r *Receiver) rv(name string) *rvol {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	v := r.vols[name]
+	if v == nil {
+		v = &rvol{}
+		r.vols[name] = v
+	}
+	return v
+}
+
+// rconn is one primary connection.
+type rconn struct {
+	r      *Receiver
+	c      net.Conn
+	wmu    sync.Mutex
+	volume string
+	fence  Fence
+	tgt    ReplicaTarget
+	log    *slog.Logger
+
+	// barrier worker
+	bmu     sync.Mutex
+	bcond   *sync.Cond
+	bwant   uint64
+	bdone   bool
+	bactive bool
+
+	xfer *rxfer
+}
+
+func (rc *rconn) send(m *Msg) error {
+	m.Volume, m.Epoch, m.Session = rc.volume, rc.fence.Epoch, rc.fence.Session
+	rc.wmu.Lock()
+	defer rc.wmu.Unlock()
+	rc.c.SetWriteDeadline(time.Now().Add(60 * time.Second))
+	return WriteMsg(rc.c, m)
+}
+
+func (rc *rconn) refuse(code, msg string, attrs ...any) {
+	rc.log.Warn(EvRefused, append([]any{"code", code, "detail", msg}, attrs...)...)
+	rc.send(&Msg{Type: MsgError, Payload: ErrorBody{Code: code, Message: msg}.Encode()})
+}
+
+func (r *Receiver) handle(c net.Conn) {
+	c.SetReadDeadline(time.Now().Add(60 * time.Second))
+	m, err := ReadMsg(c)
+	if err != nil {
+		if err != io.EOF {
+			r.log.Warn(EvRefused, "code", CodeProtocol, "detail", err.Error(), "remote", c.RemoteAddr().String())
+		}
+		return
+	}
+	rc := &rconn{r: r, c: c, volume: m.Volume, fence: Fence{Epoch: m.Epoch, Session: m.Session}}
+	rc.log = r.log.With("volume", m.Volume, "session", m.Session, "epoch", m.Epoch)
+	if m.Type != MsgHello {
+		rc.refuse(CodeProtocol, "first message must be hello, got "+m.Type.String())
+		return
+	}
+	h, err := DecodeHello(m.Payload)
+	if err != nil {
+		rc.refuse(CodeProtocol, err.Error())
+		return
+	}
+	if h.TargetServerID != r.cfg.ServerID {
+		rc.refuse(CodeWrongServer, fmt.Sprintf("hello for server %q reached server %q", h.TargetServerID, r.cfg.ServerID))
+		return
+	}
+	tgt, ok := r.cfg.Lookup(m.Volume)
+	if !ok || tgt.Vol == nil {
+		rc.refuse(CodeNoVolume, "no replica volume "+m.Volume)
+		return
+	}
+	if m.Epoch != tgt.Epoch {
+		rc.refuse(CodeStaleEpoch, fmt.Sprintf("primary epoch %d, replica epoch %d", m.Epoch, tgt.Epoch), "replica_epoch", tgt.Epoch)
+		return
+	}
+	if tgt.Dir == "" {
+		tgt.Dir = tgt.Vol.Dir()
+	}
+	rc.tgt = tgt
+	v := r.rv(m.Volume)
+	v.mu.Lock()
+	if old := v.conn; old != nil {
+		old.Close() // supersede the previous session
+	}
+	v.conn, v.session = c, m.Session
+	v.mu.Unlock()
+	v.run.Lock()
+	defer v.run.Unlock()
+	defer func() {
+		v.mu.Lock()
+		if v.conn == c {
+			v.conn = nil
+		}
+		v.mu.Unlock()
+	}()
+	v.mu.Lock()
+	current := v.session == m.Session
+	v.mu.Unlock()
+	if !current {
+		return
+	}
+	rc.log.Info(EvSessionCreated, "primary", h.PrimaryID, "primary_head", h.HeadLSN)
+	rc.bcond = sync.NewCond(&rc.bmu)
+	go rc.barrierWorker()
+	defer rc.stopBarrier()
+
+	resp, err := rc.helloResp(h)
+	if err != nil {
+		rc.refuse(CodeApply, err.Error())
+		return
+	}
+	if err := rc.send(&Msg{Type: MsgHelloResp, Payload: resp.Encode()}); err != nil {
+		return
+	}
+	err = rc.loop()
+	if err != nil && !errors.Is(err, net.ErrClosed) && err != io.EOF {
+		rc.log.Info(EvSessionEnded, "reason", err.Error())
+	}
+}
+
+func (rc *rconn) helloResp(h Hello) (HelloResp, error) {
+	vol := rc.tgt.Vol
+	resp := HelloResp{FlushedLSN: vol.DurableLSN(), HeadLSN: vol.HeadLSN()}
+	st, err := rc.loadState()
+	if err != nil {
+		return resp, err
+	}
+	if st != nil {
+		// An interrupted transfer: resumable by a primary of the same epoch.
+		if st.Epoch == rc.fence.Epoch && st.ResetDone && vol.HeadLSN() >= st.ResetLSN {
+			resp.HasPending = true
+			resp.Pending = Pending{Session: st.Session, Epoch: st.Epoch, Kind: st.Kind, ResetLSN: st.ResetLSN,
+				Progress: st.Progress, All: st.All, Regions: st.Regions}
+		}
+		resp.Untrusted = true
+		return resp, nil
+	}
+	resp.Blank = resp.HeadLSN == 0 && resp.FlushedLSN == 0
+	if resp.HeadLSN > h.HeadLSN {
+		set := map[uint32]bool{}
+		err := vol.ReadRecords(h.HeadLSN+1, func(rec wal.Record) error {
+			if rec.Type == wal.Write || rec.Type == wal.Zero {
+				for i := rec.Offset / int64(h.RegionSize); i <= (rec.Offset+int64(rec.Length)-1)/int64(h.RegionSize); i++ {
+					set[uint32(i)] = true
+				}
+			}
+			return nil
+		})
+		if err == nil {
+			resp.DivergentKnown = true
+			for i := range set {
+				resp.Divergent = append(resp.Divergent, i)
+			}
+			slices.Sort(resp.Divergent)
+		} else {
+			rc.log.Warn("divergent_tail_unreadable", "from", h.HeadLSN+1, "head", resp.HeadLSN, "err", err.Error())
+		}
+	}
+	return resp, nil
+}
+
+func (rc *rconn) loop() error {
+	for {
+		rc.c.SetReadDeadline(time.Time{})
+		m, err := ReadMsg(rc.c)
+		if err != nil {
+			return err
+		}
+		if m.Volume != rc.volume {
+			rc.refuse(CodeProtocol, "volume changed within a session")
+			return ErrBadFrame
+		}
+		if err := rc.fence.Check(m.Epoch, m.Session); err != nil {
+			rc.refuse(CodeStaleSession, err.Error())
+			return err
+		}
+		// The server may have moved this volume to a newer epoch since the
+		// session began: the old primary is refused before anything is applied.
+		if tgt, ok := rc.r.cfg.Lookup(rc.volume); !ok || tgt.Epoch != m.Epoch {
+			rc.refuse(CodeStaleEpoch, fmt.Sprintf("message epoch %d, replica epoch %d", m.Epoch, tgt.Epoch), "replica_epoch", tgt.Epoch, "type", m.Type.String())
+			return ErrStaleEpoch
+		}
+		switch m.Type {
+		case MsgRecord:
+			if err := rc.applyRecord(m); err != nil {
+				return err
+			}
+		case MsgBarrier:
+			rc.bmu.Lock()
+			if m.LSNTo > rc.bwant || !rc.bactive {
+				rc.bwant = max(rc.bwant, m.LSNTo)
+				rc.bactive = true
+			}
+			rc.bcond.Signal()
+			rc.bmu.Unlock()
+		case MsgPing:
+			if err := rc.send(&Msg{Type: MsgPong}); err != nil {
+				return err
+			}
+		case MsgBegin:
+			b, err := DecodeBegin(m.Payload)
+			if err != nil {
+				rc.refuse(CodeProtocol, err.Error())
+				return err
+			}
+			if err := rc.begin(b); err != nil {
+				rc.refuse(CodeApply, err.Error())
+				return err
+			}
+		case MsgBase:
+			c, err := DecodeBaseChunk(m.Payload)
+			if err != nil {
+				rc.refuse(CodeProtocol, err.Error())
+				return err
+			}
+			if err := rc.base(c); err != nil {
+				rc.refuse(CodeApply, err.Error())
+				return err
+			}
+		case MsgDone:
+			if err := rc.done(m.LSNTo); err != nil {
+				rc.refuse(CodeApply, err.Error())
+				return err
+			}
+		default:
+			rc.refuse(CodeProtocol, "unexpected "+m.Type.String())
+			return ErrBadFrame
+		}
+	}
+}
+
+func (rc *rconn) applyRecord(m *Msg) error {
+	body, err := DecodeRecordBody(m.Payload)
+	if err != nil {
+		rc.refuse(CodeProtocol, err.Error())
+		return err
+	}
+	vol := rc.tgt.Vol
+	lsn := m.LSNFrom
+	head := vol.HeadLSN()
+	if lsn <= head {
+		return nil // duplicate (catch-up overlap): skipped
+	}
+	if lsn != head+1 {
+		rc.refuse(CodeGap, fmt.Sprintf("record LSN %d after head %d", lsn, head), "lsn", lsn, "head", head)
+		return fmt.Errorf("replication: LSN gap: got %d, head %d", lsn, head)
+	}
+	if body.Type != RecBarrier && (body.Offset+int64(body.Length) > vol.Size() || body.Length == 0) {
+		rc.refuse(CodeProtocol, fmt.Sprintf("record beyond volume: off=%d len=%d", body.Offset, body.Length))
+		return ErrBadFrame
+	}
+	rec := wal.Record{LSN: lsn, Epoch: body.Epoch, Type: wal.RecordType(body.Type), Offset: body.Offset, Length: body.Length, Payload: body.Data}
+	if err := vol.ApplyRecord(rec); err != nil {
+		rc.refuse(CodeApply, err.Error(), "lsn", lsn)
+		return fmt.Errorf("replication: apply LSN %d: %w", lsn, err)
+	}
+	if x := rc.xfer; x != nil && lsn > x.st.ResetLSN && body.Type != RecBarrier {
+		x.live.mark(body.Offset, int64(body.Length))
+	}
+	return nil
+}
+
+func (rc *rconn) barrierWorker() {
+	rc.bmu.Lock()
+	defer rc.bmu.Unlock()
+	for {
+		for !rc.bactive && !rc.bdone {
+			rc.bcond.Wait()
+		}
+		if rc.bdone {
+			return
+		}
+		want := rc.bwant
+		rc.bactive = false
+		rc.bmu.Unlock()
+		err := rc.tgt.Vol.Flush()
+		flushed := rc.tgt.Vol.DurableLSN()
+		if err != nil {
+			rc.log.Error("barrier_failed", "lsn", want, "err", err.Error())
+			rc.refuse(CodeApply, "fdatasync: "+err.Error())
+			rc.c.Close()
+		} else {
+			rc.log.Debug(EvBarrier, "lsn", want, "flushed", flushed)
+			rc.send(&Msg{Type: MsgBarrierResp, LSNFrom: want, LSNTo: flushed})
+		}
+		rc.bmu.Lock()
+	}
+}
+
+func (rc *rconn) stopBarrier() {
+	rc.bmu.Lock()
+	rc.bdone = true
+	rc.bcond.Broadcast()
+	rc.bmu.Unlock()
+}
+
+// ---- base transfers (rebuild, resync, truncate) on the replica ----
+
+// xferState is persisted in Dir while a transfer is incomplete: the
+// replica's image is not trustworthy until MsgDone, and a restart resumes.
+type xferState struct {
+	Session    uint64       `json:"session"`
+	Epoch      uint64       `json:"epoch"`
+	Kind       TransferKind `json:"kind"`
+	ResetLSN   uint64       `json:"reset_lsn"`
+	ResetDone  bool         `json:"reset_done"`
+	RegionSize uint32       `json:"region_size"`
+	All        bool         `json:"all"`
+	Regions    []uint32     `json:"regions,omitempty"`
+	Progress   int64        `json:"progress"`
+}
+
+type rxfer struct {
+	st        xferState
+	live      *sectorSet
+	unsynced  int64
+	bytes     int64
+	lastDone  int64
+	startTime time.Time
+}
+
+const stateFile = "repl-transfer.json"
+
+func (rc *rconn) statePath() string {
+	if rc.tgt.Dir == "" {
+		return ""
+	}
+	return filepath.Join(rc.tgt.Dir, stateFile)
+}
+
+func (rc *rconn) loadState() (*xferState, error) {
+	p := rc.statePath()
+	if p == "" {
+		return nil, nil
+	}
+	fs := rc.r.cfg.FS
+	f, err := fs.OpenFile(p, os.O_RDONLY, 0)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("replication: open %s: %w", p, err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	buf := make([]byte, fi.Size())
+	if _, err := f.ReadAt(buf, 0); err != nil && err != io.EOF {
+		return nil, fmt.Errorf("replication: read %s: %w", p, err)
+	}
+	var st xferState
+	if err := json.Unmarshal(buf, &st); err != nil {
+		// A torn state file still means "transfer incomplete": untrusted.
+		return &xferState{}, nil
+	}
+	return &st, nil
+}
+
+func (rc *rconn) saveState(st *xferState) error {
+	p := rc.statePath()
+	if p == "" {
+		return nil
+	}
+	fs := rc.r.cfg.FS
+	data, _ := json.Marshal(st)
+	tmp := p + ".tmp"
+	f, err := fs.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	if err != nil {
+		return fmt.Errorf("replication: create %s: %w", tmp, err)
+	}
+	if _, err := f.WriteAt(data, 0); err != nil {
+		f.Close()
+		return fmt.Errorf("replication: write %s: %w", tmp, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("replication: sync %s: %w", tmp, err)
+	}
+	f.Close()
+	if err := fs.Rename(tmp, p); err != nil {
+		return fmt.Errorf("replication: rename %s: %w", p, err)
+	}
+	return fs.SyncDir(rc.tgt.Dir)
+}
+
+func (rc *rconn) removeState() error {
+	p := rc.statePath()
+	if p == "" {
+		return nil
+	}
+	if err := rc.r.cfg.FS.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("replication: remove %s: %w", p, err)
+	}
+	return rc.r.cfg.FS.SyncDir(rc.tgt.Dir)
+}
+
+func (rc *rconn) begin(b Begin) error {
+	vol := rc.tgt.Vol
+	x := &rxfer{live: newSectorSet(vol.Size()), startTime: time.Now()}
+	if b.Resume {
+		st, err := rc.loadState()
+		if err != nil {
+			return err
+		}
+		if st == nil || st.Epoch != rc.fence.Epoch || !st.ResetDone || st.ResetLSN != b.ResetLSN || vol.HeadLSN() < st.ResetLSN {
+			return fmt.Errorf("replication: no resumable transfer matching reset LSN %d", b.ResetLSN)
+		}
+		x.st = *st
+		x.st.Session = rc.fence.Session
+		// Live records already applied since the reset still win over base data.
+		from := max(st.ResetLSN+1, vol.OldestRetainedLSN())
+		err = vol.ReadRecords(from, func(rec wal.Record) error {
+			if rec.Type == wal.Write || rec.Type == wal.Zero {
+				x.live.mark(rec.Offset, int64(rec.Length))
+			}
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("replication: resume: scan own WAL from %d: %w", from, err)
+		}
+		if err := rc.saveState(&x.st); err != nil {
+			return err
+		}
+	} else {
+		x.st = xferState{Session: rc.fence.Session, Epoch: rc.fence.Epoch, Kind: b.Kind, ResetLSN: b.ResetLSN,
+			RegionSize: b.RegionSize, All: b.AllRegions || b.Kind == TransferRebuild, Regions: b.Regions}
+		if err := rc.saveState(&x.st); err != nil {
+			return err
+		}
+		old := vol.HeadLSN()
+		if err := vol.ReplResetHead(b.ResetLSN); err != nil {
+			return fmt.Errorf("replication: reset head to %d: %w", b.ResetLSN, err)
+		}
+		if b.Kind == TransferTrunc {
+			rc.log.Info(EvTruncated, "from", old, "to", b.ResetLSN, "regions", len(b.Regions))
+		}
+		x.st.ResetDone = true
+		if err := rc.saveState(&x.st); err != nil {
+			return err
+		}
+	}
+	x.lastDone = x.st.Progress
+	rc.xfer = x
+	rc.log.Info(EvTransferBegun, "kind", x.st.Kind.String(), "reset_lsn", x.st.ResetLSN, "regions", len(x.st.Regions), "all", x.st.All, "resume", b.Resume, "progress", x.st.Progress)
+	return nil
+}
+
+const progressEvery = 64 << 20
+
+func (rc *rconn) base(c BaseChunk) error {
+	x := rc.xfer
+	if x == nil {
+		return fmt.Errorf("replication: base data outside a transfer")
+	}
+	vol := rc.tgt.Vol
+	if c.Offset+int64(c.Length) > vol.Size() {
+		return fmt.Errorf("replication: base chunk beyond volume: off=%d len=%d", c.Offset, c.Length)
+	}
+	err := x.live.freeRuns(c.Offset, int64(c.Length), func(off, n int64) error {
+		if c.Zero {
+			return vol.ReplZeroBase(off, n)
+		}
+		return vol.ReplWriteBase(off, c.Data[off-c.Offset:off-c.Offset+n])
+	})
+	if err != nil {
+		return fmt.Errorf("replication: base write at %d: %w", c.Offset, err)
+	}
+	x.unsynced += int64(c.Length)
+	x.bytes += int64(len(c.Data))
+	x.lastDone = max(x.lastDone, c.Done)
+	if x.unsynced >= progressEvery {
+		return rc.persistProgress()
+	}
+	return nil
+}
+
+func (rc *rconn) persistProgress() error {
+	x := rc.xfer
+	if err := rc.tgt.Vol.ReplSyncBase(); err != nil {
+		return fmt.Errorf("replication: sync base: %w", err)
+	}
+	x.unsynced = 0
+	if x.lastDone == x.st.Progress {
+		return nil
+	}
+	x.st.Progress = x.lastDone
+	if err := rc.saveState(&x.st); err != nil {
+		return err
+	}
+	return rc.send(&Msg{Type: MsgProgress, LSNTo: uint64(x.st.Progress)})
+}
+
+func (rc *rconn) done(achieved uint64) error {
+	x := rc.xfer
+	if x == nil {
+		return fmt.Errorf("replication: done outside a transfer")
+	}
+	vol := rc.tgt.Vol
+	if h := vol.HeadLSN(); h < achieved {
+		return fmt.Errorf("replication: done at LSN %d but head is %d", achieved, h)
+	}
+	if achieved < x.st.ResetLSN {
+		return fmt.Errorf("replication: achieved LSN %d below target %d", achieved, x.st.ResetLSN)
+	}
+	if err := vol.Flush(); err != nil {
+		return fmt.Errorf("replication: flush at done: %w", err)
+	}
+	if err := vol.ReplSyncBase(); err != nil {
+		return fmt.Errorf("replication: sync base at done: %w", err)
+	}
+	if err := rc.removeState(); err != nil {
+		return err
+	}
+	rc.xfer = nil
+	flushed := vol.DurableLSN()
+	rc.log.Info(EvTransferDone, "kind", x.st.Kind.String(), "achieved_lsn", achieved, "target_lsn", x.st.ResetLSN, "flushed", flushed, "base_bytes", x.bytes)
+	return rc.send(&Msg{Type: MsgDoneResp, LSNFrom: achieved, LSNTo: flushed})
+}
