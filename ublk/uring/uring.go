@@ -21,8 +21,11 @@ import (
 
 // Setup flags (include/uapi/linux/io_uring.h).
 const (
-	SetupSQE128 = 1 << 10 // IORING_SETUP_SQE128
-	SetupCQE32  = 1 << 11 // IORING_SETUP_CQE32
+	SetupCoopTaskrun  = 1 << 8  // IORING_SETUP_COOP_TASKRUN
+	SetupSQE128       = 1 << 10 // IORING_SETUP_SQE128
+	SetupCQE32        = 1 << 11 // IORING_SETUP_CQE32
+	SetupSingleIssuer = 1 << 12 // IORING_SETUP_SINGLE_ISSUER
+	SetupDeferTaskrun = 1 << 13 // IORING_SETUP_DEFER_TASKRUN (needs SINGLE_ISSUER)
 )
 
 // Opcodes used by this project.

@@ -5,6 +5,8 @@
 package ublk_test
 
 import (
+	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -217,4 +219,67 @@ wait $SERVER
 echo UBLK-DETACH-OK
 `, "fio")
 	expect(t, res, "UBLK-DETACH-OK", "detach returned", "server exited with 0", "is mounted at /mnt/u")
+}
+
+// BenchmarkUblkVsNBD runs fio 4k random read and random write at QD32 on
+// /dev/ublkb0 and on /dev/nbd0 in the same guest, both served by the same
+// process from the same backing store, and reports IOPS and the ublk/NBD
+// ratios (emulation makes the absolute numbers meaningless). One guest run
+// per benchmark iteration; use -benchtime=1x.
+//
+//	go test ./tests/vm/ublk -run '^$' -bench UblkVsNBD -benchtime=1x
+func BenchmarkUblkVsNBD(b *testing.B) {
+	runtime := os.Getenv("BLOCKD_BENCH_RUNTIME")
+	if runtime == "" {
+		runtime = "10"
+	}
+	for i := 0; i < b.N; i++ {
+		res := vmtest.Boot(b, vmtest.Guest{
+			Binaries: map[string]string{"/usr/local/bin/ublkserve": vmtest.GoBuild(b, "./tests/vm/ublk/ublkserve")},
+			Tools:    []string{"fio"},
+			Timeout:  10 * time.Minute,
+			Env:      map[string]string{"RT": runtime},
+			Script: prelude + `
+serve /tmp/s.log --file /tmp/vol.img --size 512M --nbd 127.0.0.1:10809
+nbd-client 127.0.0.1 10809 /dev/nbd0 -N vol0 -b 4096
+# lay the data down once so reads hit written blocks on both paths
+dd if=/dev/urandom of=$DEV bs=1M count=256 oflag=direct 2>/dev/null
+for rw in randread randwrite; do
+	for dev in $DEV /dev/nbd0; do
+		fio --name=b --filename=$dev --direct=1 --ioengine=libaio --iodepth=32 --rw=$rw --bs=4k --size=256M \
+			--time_based --runtime=$RT --ramp_time=1 --output-format=terse > /tmp/b.out 2>/tmp/b.err
+		f=$(tail -1 /tmp/b.out)
+		if [ $rw = randread ]; then iops=$(echo "$f" | cut -d';' -f8); else iops=$(echo "$f" | cut -d';' -f49); fi
+		echo "BENCH $rw $(basename $dev | tr -d 0-9) $iops"
+	done
+done
+nbd-client -d /dev/nbd0
+kill -TERM $SERVER; wait $SERVER
+`,
+		})
+		if res.ExitCode != 0 {
+			b.Fatalf("guest failed: exit %d", res.ExitCode)
+		}
+		iops := map[string]float64{}
+		for _, line := range strings.Split(res.Console, "\n") {
+			f := strings.Fields(line)
+			if len(f) == 4 && f[0] == "BENCH" {
+				v, err := strconv.ParseFloat(f[3], 64)
+				if err != nil {
+					b.Fatalf("bad line %q", line)
+				}
+				iops[f[1]+"/"+f[2]] = v
+			}
+		}
+		for _, rw := range []string{"randread", "randwrite"} {
+			u, n := iops[rw+"/ublkb"], iops[rw+"/nbd"]
+			if u == 0 || n == 0 {
+				b.Fatalf("missing %s results: %v", rw, iops)
+			}
+			b.ReportMetric(u, rw+"-ublk-iops")
+			b.ReportMetric(n, rw+"-nbd-iops")
+			b.ReportMetric(u/n, rw+"-ublk/nbd")
+			b.Logf("%s 4k QD32: ublk %.0f IOPS, nbd %.0f IOPS, ratio %.2f", rw, u, n, u/n)
+		}
+	}
 }
