@@ -39,8 +39,18 @@ type conn struct {
 	size   int64
 	tflags uint16
 
-	sem      chan struct{}
-	inflight sync.WaitGroup
+	// Transmission uses a pool of workers per connection, each of which
+	// takes the read lock, reads one request (header and payload),
+	// releases the lock and executes the request ("leader/followers"):
+	// no hand-off between a reader and executors. The pool grows while
+	// every worker is busy and requests keep coming, up to maxInFlight.
+	readMu     sync.Mutex
+	stopped    bool   // under readMu: no more requests will be read
+	stopReason string // under readMu
+	waiting    atomic.Int32
+	nworkers   int // under readMu
+	workers    sync.WaitGroup
+
 	out      sender
 	draining atomic.Bool
 }
@@ -52,7 +62,6 @@ func newConn(s *Server, nc net.Conn) *conn {
 		br:     bufio.NewReaderSize(nc, readBufferSize),
 		remote: nc.RemoteAddr().String(),
 		done:   make(chan struct{}),
-		sem:    make(chan struct{}, s.maxInFlight),
 	}
 	c.out.nc = nc
 	return c
@@ -86,10 +95,10 @@ func (c *conn) serve() {
 	}
 	log.Debug("nbd: transmission started", "remote", c.remote, "export", c.exp.Name,
 		"structured", c.structured, "base_allocation", c.metaAlloc)
-	reason := c.transmit()
 	// Every request read is answered (or its reply dropped on a dead
 	// socket) before the connection closes.
-	c.inflight.Wait()
+	reason := c.transmit()
+	c.out.stop()
 	log.Info("nbd: connection closed", "remote", c.remote, "export", c.exp.Name, "reason", reason)
 }
 
@@ -123,17 +132,58 @@ type request struct {
 	buf    *[]byte // pooled: WRITE payload or READ destination
 }
 
-// transmit reads requests until DISC, a broken stream or a drain, and
-// dispatches each to its own goroutine. It returns why it stopped.
+// transmit serves requests until DISC, a broken stream or a drain, and
+// returns why it stopped, once every request read has been answered.
 func (c *conn) transmit() string {
+	c.readMu.Lock()
+	c.nworkers = 1
+	c.readMu.Unlock()
+	c.workers.Add(1)
+	c.worker()
+	c.workers.Wait()
+	return c.stopReason
+}
+
+func (c *conn) worker() {
+	defer c.workers.Done()
+	for {
+		c.waiting.Add(1)
+		c.readMu.Lock()
+		c.waiting.Add(-1)
+		if c.stopped {
+			c.readMu.Unlock()
+			return
+		}
+		r, reason := c.readRequest()
+		if r == nil {
+			c.stopped, c.stopReason = true, reason
+			c.readMu.Unlock()
+			return
+		}
+		c.out.busy.Add(1)
+		// Keep one worker reading while this one executes.
+		if c.waiting.Load() == 0 && c.nworkers < c.srv.maxInFlight {
+			c.nworkers++
+			c.workers.Add(1)
+			go c.worker()
+		}
+		c.readMu.Unlock()
+		c.exec(r)
+	}
+}
+
+// readRequest reads the next executable request (header and payload).
+// Requests refused before their payload is buffered are answered here. A
+// nil request means the stream ends, for the reason returned.
+func (c *conn) readRequest() (*request, string) {
 	var hdr [requestSize]byte
 	for {
 		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
-			return c.readStopReason(err)
+			return nil, c.readStopReason(err)
 		}
 		if m := binary.BigEndian.Uint32(hdr[0:]); m != magicRequest {
 			c.srv.log.Warn("nbd: bad request magic, closing connection", "remote", c.remote, "magic", fmt.Sprintf("%#x", m))
-			return "bad request magic"
+			return nil, "bad request magic"
 		}
 		r := &request{
 			flags:  binary.BigEndian.Uint16(hdr[4:]),
@@ -144,27 +194,24 @@ func (c *conn) transmit() string {
 		}
 		switch r.typ {
 		case cmdDisc:
-			return "client disconnect"
+			return nil, "client disconnect"
 		case cmdWrite:
 			if r.length > c.srv.maxBlock {
 				// Too large to buffer: skip the payload, refuse the request.
 				if err := discard(c.br, int64(r.length)); err != nil {
-					return c.readStopReason(err)
+					return nil, c.readStopReason(err)
 				}
-				c.inflight.Add(1)
+				c.out.busy.Add(1)
 				c.replyError(r, errOverflow, "write larger than the maximum block size")
-				c.inflight.Done()
 				continue
 			}
 			r.buf = getBuf(int(r.length))
 			if _, err := io.ReadFull(c.br, *r.buf); err != nil {
 				putBuf(r.buf)
-				return c.readStopReason(err)
+				return nil, c.readStopReason(err)
 			}
 		}
-		c.sem <- struct{}{}
-		c.inflight.Add(1)
-		go c.handle(r)
+		return r, ""
 	}
 }
 
@@ -179,14 +226,6 @@ func (c *conn) readStopReason(err error) string {
 		return "closed by server"
 	}
 	return "read error: " + err.Error()
-}
-
-func (c *conn) handle(r *request) {
-	defer func() {
-		<-c.sem
-		c.inflight.Done()
-	}()
-	c.exec(r)
 }
 
 // allowed command flags per command.

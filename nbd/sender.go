@@ -4,18 +4,30 @@ import (
 	"math/bits"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // copyThreshold: reply data up to this size is copied into the coalescing
 // buffer; larger data goes out as its own iovec (writev), uncopied.
 const copyThreshold = 16 << 10
 
+// flushDelay bounds how long a finished reply may wait for the requests
+// still executing on its connection before it is written anyway.
+const flushDelay = 200 * time.Microsecond
+
 // sender coalesces replies from many goroutines into few write(2)s without
-// a dedicated writer goroutine ("flat combining"): the first goroutine to
-// find the connection idle becomes the flusher and keeps writing whatever
-// the others queued meanwhile, until the queue is empty.
+// a dedicated writer goroutine. A reply is written when no other request of
+// the connection is still executing (the queue drained), or after
+// flushDelay at the latest; the goroutine that writes ("flat combining")
+// keeps writing whatever the others queued meanwhile until the queue is
+// empty. busy counts requests dispatched and not yet answered: the reader
+// increments it, every send decrements it.
 type sender struct {
-	nc net.Conn
+	nc    net.Conn
+	busy  atomic.Int32
+	timer *time.Timer
+	armed bool
 
 	mu       sync.Mutex
 	arena    []byte      // small replies, appended
@@ -30,12 +42,22 @@ type sender struct {
 	spareRel   []*[]byte
 }
 
+// stop releases the flush timer once the connection is finished.
+func (s *sender) stop() {
+	s.mu.Lock()
+	if s.timer != nil {
+		s.timer.Stop()
+	}
+	s.mu.Unlock()
+}
+
 // send queues hdr (copied) and data (copied when small; otherwise
 // referenced until written, then pooled is returned to the pool) and
 // makes sure they get written. pooled may be nil.
 func (s *sender) send(hdr, data []byte, pooled *[]byte) {
 	s.mu.Lock()
 	if s.err != nil {
+		s.busy.Add(-1)
 		s.mu.Unlock()
 		putBuf(pooled)
 		return
@@ -50,10 +72,41 @@ func (s *sender) send(hdr, data []byte, pooled *[]byte) {
 		s.q = append(s.q, data)
 		s.rel = append(s.rel, pooled)
 	}
+	left := s.busy.Add(-1)
 	if s.flushing {
 		s.mu.Unlock()
 		return
 	}
+	if left > 0 {
+		// Others are still executing: let the last of them (or the
+		// timer) write this reply together with theirs.
+		if !s.armed {
+			s.armed = true
+			if s.timer == nil {
+				s.timer = time.AfterFunc(flushDelay, s.timerFlush)
+			} else {
+				s.timer.Reset(flushDelay)
+			}
+		}
+		s.mu.Unlock()
+		return
+	}
+	s.flushLocked()
+}
+
+func (s *sender) timerFlush() {
+	s.mu.Lock()
+	s.armed = false
+	if s.flushing || s.err != nil {
+		s.mu.Unlock()
+		return
+	}
+	s.flushLocked()
+}
+
+// flushLocked writes everything queued, releasing s.mu while writing; it
+// returns with s.mu released.
+func (s *sender) flushLocked() {
 	s.flushing = true
 	for {
 		if s.segStart < len(s.arena) {

@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# NBD benchmark: fio's nbd engine against blockd, and against the NBD
+# servers people use today, on the same machine, in one run, alternating.
+#
+#   bash bench/run.sh            (or: make bench)
+#
+# Servers (each on its own port, own data under $BENCH_DIR, same filesystem):
+#   blockd    `blockd serve` (the engine: WAL, group commit, flusher)
+#   nbdfile   blockd's nbd package over a plain file (bench/nbdfile): the
+#             protocol layer alone, same backing as nbdkit file
+#   nbdkit    `nbdkit file`
+#   qemu-nbd  `qemu-nbd -f raw -t`
+# and, for write+flush QD1, a raw local file (fio psync, fdatasync=1).
+#
+# Workloads: 4k randwrite QD32, 4k randread QD32, 1M seq write QD8,
+# 4k write+flush QD1, 4k write+flush 8 jobs (QD1 each).
+# For every run the server's CPU time (utime+stime from /proc/PID/stat) is
+# divided by the I/Os done: µs of server CPU per I/O.
+#
+# Environment: RUNTIME (s per run, default 10), ROUNDS (default 2), REGION
+# (bytes of the export touched, default 256MiB), BENCH_DIR (default
+# /var/tmp/blockd-bench), SERVERS (default "blockd nbdfile nbdkit qemu-nbd"),
+# PROFILE=1 writes CPU profiles of nbdfile and blockd (if it supports
+# BLOCKD_CPUPROFILE) under $BENCH_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNTIME=${RUNTIME:-10}
+ROUNDS=${ROUNDS:-2}
+REGION=${REGION:-$((256 << 20))}
+SIZE=$((1 << 30))
+BENCH_DIR=${BENCH_DIR:-/var/tmp/blockd-bench}
+SERVERS=${SERVERS:-"blockd nbdfile nbdkit qemu-nbd"}
+PROFILE=${PROFILE:-0}
+CLK_TCK=$(getconf CLK_TCK)
+
+for t in fio nbdkit qemu-nbd nbdinfo python3; do
+  command -v "$t" >/dev/null || { echo "bench: $t missing (run scripts/install-deps.sh)" >&2; exit 1; }
+done
+
+rm -rf "$BENCH_DIR"
+mkdir -p "$BENCH_DIR/bin"
+go build -o "$BENCH_DIR/bin/nbdfile" ./bench/nbdfile
+have_blockd=0
+if go build -o "$BENCH_DIR/bin/blockd" ./cmd/blockd 2>/dev/null &&
+  "$BENCH_DIR/bin/blockd" serve --help >/dev/null 2>&1; then
+  have_blockd=1
+else
+  echo "bench: 'blockd serve' is not available yet; skipping the blockd column" >&2
+  SERVERS=${SERVERS//blockd/}
+fi
+
+declare -A PORT=([blockd]=10950 [nbdfile]=10951 [nbdkit]=10952 [qemu-nbd]=10953)
+declare -A PID=()
+declare -A EXPORT=([blockd]=vol0 [nbdfile]=vol0 [nbdkit]="" [qemu-nbd]=vol0)
+
+wait_port() { # port
+  for _ in $(seq 1 300); do
+    nbdinfo --size "nbd://127.0.0.1:$1/" >/dev/null 2>&1 && return 0
+    nbdinfo --size "nbd://127.0.0.1:$1/vol0" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "bench: server on port $1 did not come up" >&2
+  return 1
+}
+
+start_server() { # name
+  local s=$1 d="$BENCH_DIR/$1" p=${PORT[$1]}
+  mkdir -p "$d"
+  case $s in
+  blockd)
+    BLOCKD_CPUPROFILE=$([ "$PROFILE" = 1 ] && echo "$d/cpu.pprof" || true) \
+      "$BENCH_DIR/bin/blockd" serve --data "$d/data" --nbd "127.0.0.1:$p" \
+      --api "127.0.0.1:$((p + 100))" --volume "vol0:$SIZE" >"$d/log" 2>&1 &
+    ;;
+  nbdfile)
+    "$BENCH_DIR/bin/nbdfile" -file "$d/disk.img" -size "$SIZE" -listen "127.0.0.1:$p" \
+      $([ "$PROFILE" = 1 ] && echo "-cpuprofile $d/cpu.pprof") >"$d/log" 2>&1 &
+    ;;
+  nbdkit)
+    truncate -s "$SIZE" "$d/disk.img"
+    nbdkit -f -p "$p" -i 127.0.0.1 file "$d/disk.img" >"$d/log" 2>&1 &
+    ;;
+  qemu-nbd)
+    truncate -s "$SIZE" "$d/disk.img"
+    qemu-nbd -f raw -t -b 127.0.0.1 -p "$p" -x vol0 -e 32 "$d/disk.img" >"$d/log" 2>&1 &
+    ;;
+  esac
+  PID[$s]=$!
+  wait_port "$p"
+}
+
+stop_servers() {
+  for s in "${!PID[@]}"; do kill -TERM "${PID[$s]}" 2>/dev/null || true; done
+  for s in "${!PID[@]}"; do wait "${PID[$s]}" 2>/dev/null || true; done
+}
+trap stop_servers EXIT
+
+cpu_ticks() { # pid -> utime+stime (ticks)
+  awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
+# run_fio NAME SERVER ARGS... -> prints "iops cpu_us_per_io"
+run_fio() {
+  local wl=$1 s=$2
+  shift 2
+  local out="$BENCH_DIR/$s/$wl.json"
+  local c0 c1
+  c0=$(cpu_ticks "${PID[$s]}")
+  fio --name="$wl" --ioengine=nbd --uri="nbd://127.0.0.1:${PORT[$s]}/${EXPORT[$s]}" \
+    --size="$REGION" --time_based --runtime="$RUNTIME" --output-format=json --output="$out" "$@" >/dev/null
+  c1=$(cpu_ticks "${PID[$s]}")
+  python3 - "$out" "$((c1 - c0))" "$CLK_TCK" <<'EOF'
+import json, sys
+j = json.load(open(sys.argv[1]))
+ios = sum(jb["read"]["total_ios"] + jb["write"]["total_ios"] for jb in j["jobs"])
+iops = sum(jb["read"]["iops"] + jb["write"]["iops"] for jb in j["jobs"])
+ticks, hz = int(sys.argv[2]), int(sys.argv[3])
+print(f"{iops:.0f} {ticks / hz * 1e6 / max(ios, 1):.2f}")
+EOF
+}
+
+declare -A WL_ARGS=(
+  [randwrite]="--rw=randwrite --bs=4k --iodepth=32"
+  [randread]="--rw=randread --bs=4k --iodepth=32"
+  [seqwrite]="--rw=write --bs=1M --iodepth=8"
+  [flushqd1]="--rw=randwrite --bs=4k --iodepth=1 --fsync=1"
+  [flush8j]="--rw=randwrite --bs=4k --iodepth=1 --fsync=1 --numjobs=8 --group_reporting"
+)
+WORKLOADS="randwrite randread seqwrite flushqd1 flush8j"
+
+for s in $SERVERS; do start_server "$s"; done
+# Prefill the region so reads hit written data everywhere.
+for s in $SERVERS; do
+  fio --name=prefill --ioengine=nbd --uri="nbd://127.0.0.1:${PORT[$s]}/${EXPORT[$s]}" \
+    --rw=write --bs=1M --iodepth=8 --size="$REGION" --output-format=terse >/dev/null
+done
+
+declare -A SUM_IOPS=() SUM_CPU=() N=()
+for r in $(seq 1 "$ROUNDS"); do
+  for wl in $WORKLOADS; do
+    # Alternate the order every round so no server always runs first.
+    order=$SERVERS
+    if ((r % 2 == 0)); then order=$(echo "$SERVERS" | tr ' ' '\n' | tac | tr '\n' ' '); fi
+    for s in $order; do
+      read -r iops cpu < <(run_fio "$wl" "$s" ${WL_ARGS[$wl]})
+      echo "round $r $wl $s: $iops IOPS, $cpu µs CPU/IO" >&2
+      SUM_IOPS[$wl.$s]=$(python3 -c "print(${SUM_IOPS[$wl.$s]:-0} + $iops)")
+      SUM_CPU[$wl.$s]=$(python3 -c "print(${SUM_CPU[$wl.$s]:-0} + $cpu)")
+      N[$wl.$s]=$((${N[$wl.$s]:-0} + 1))
+    done
+  done
+  # The raw local file for the QD1 write+flush comparison.
+  mkdir -p "$BENCH_DIR/raw"
+  fio --name=raw --ioengine=psync --filename="$BENCH_DIR/raw/file" --size="$REGION" \
+    --rw=randwrite --bs=4k --fdatasync=1 --time_based --runtime="$RUNTIME" \
+    --output-format=json --output="$BENCH_DIR/raw/flushqd1.json" >/dev/null
+  raw=$(jq '.jobs[0].write.iops' "$BENCH_DIR/raw/flushqd1.json")
+  echo "round $r flushqd1 raw-file: $raw IOPS" >&2
+  SUM_IOPS[flushqd1.raw]=$(python3 -c "print(${SUM_IOPS[flushqd1.raw]:-0} + $raw)")
+  N[flushqd1.raw]=$((${N[flushqd1.raw]:-0} + 1))
+done
+stop_servers
+trap - EXIT
+
+if [ "$PROFILE" = 1 ]; then
+  for s in blockd nbdfile; do
+    [ -s "$BENCH_DIR/$s/cpu.pprof" ] && go tool pprof -top -nodecount=25 "$BENCH_DIR/bin/$s" "$BENCH_DIR/$s/cpu.pprof" \
+      >"$BENCH_DIR/$s/pprof.txt" 2>/dev/null && echo "bench: profile of $s in $BENCH_DIR/$s/pprof.txt" >&2
+  done
+fi
+
+# Table: mean IOPS and mean CPU/IO per server, with the goal ratios.
+{
+  for k in "${!SUM_IOPS[@]}"; do
+    echo "$k ${SUM_IOPS[$k]} ${SUM_CPU[$k]:-0} ${N[$k]}"
+  done
+} | python3 -c '
+import sys
+rows = {}
+for line in sys.stdin:
+    k, iops, cpu, n = line.split()
+    wl, s = k.split(".", 1)
+    rows.setdefault(wl, {})[s] = (float(iops) / int(n), float(cpu) / int(n))
+servers = [s for s in "'"$SERVERS"'".split()]
+names = {"randwrite": "4k randwrite QD32", "randread": "4k randread QD32",
+         "seqwrite": "1M seq write QD8", "flushqd1": "4k write+flush QD1",
+         "flush8j": "4k write+flush 8 jobs"}
+def g(wl, s):
+    return rows.get(wl, {}).get(s, (0.0, 0.0))
+hdr = "| workload | " + " | ".join(f"{s} IOPS" for s in servers) + " | raw file | blockd ratio | goal |"
+print(hdr)
+print("|" + "---|" * (hdr.count("|") - 1))
+for wl in ["randwrite", "randread", "seqwrite", "flushqd1", "flush8j"]:
+    b = g(wl, "blockd")[0] if "blockd" in servers else g(wl, "nbdfile")[0]
+    who = "blockd" if "blockd" in servers else "nbdfile"
+    peers = {s: g(wl, s)[0] for s in ("nbdkit", "qemu-nbd") if s in servers}
+    best = max(peers.values()) if peers else 0
+    nk = peers.get("nbdkit", 0)
+    raw = g(wl, "raw")[0]
+    if wl == "randwrite":
+        ratio, goal = (b / best if best else 0), ">= 1.2x best peer"
+    elif wl == "randread":
+        ratio, goal = (b / best if best else 0), ">= 1.0x best peer"
+    elif wl == "seqwrite":
+        ratio, goal = (b / nk if nk else 0), ">= 1.0x nbdkit"
+    elif wl == "flushqd1":
+        ratio, goal = (b / raw if raw else 0), ">= 0.95x raw file"
+    else:
+        ratio, goal = (b / nk if nk else 0), ">= 2x nbdkit"
+    cells = " | ".join(f"{g(wl, s)[0]:.0f}" for s in servers)
+    rawc = f"{raw:.0f}" if wl == "flushqd1" else ""
+    print(f"| {names[wl]} | {cells} | {rawc} | {who} {ratio:.2f}x | {goal} |")
+print()
+hdr = "| server CPU µs per I/O | " + " | ".join(servers) + " | " + " / ".join(s for s in servers if s in ("blockd", "nbdfile")) + " vs nbdkit |"
+print(hdr)
+print("|" + "---|" * (hdr.count("|") - 1))
+for wl in ["randwrite", "randread", "seqwrite", "flushqd1", "flush8j"]:
+    cells = " | ".join(f"{g(wl, s)[1]:.1f}" for s in servers)
+    nk = g(wl, "nbdkit")[1]
+    rat = " / ".join(f"{g(wl, s)[1] / nk:.2f}x" if nk else "-" for s in servers if s in ("blockd", "nbdfile"))
+    print(f"| {names[wl]} | {cells} | {rat} |")
+print()
+print("goal for CPU per 4k write at QD32: <= 0.8x nbdkit")
+' | tee "$BENCH_DIR/results.md"
