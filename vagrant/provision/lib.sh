@@ -1,0 +1,81 @@
+# Shared helpers for the provisioning scripts (sourced).
+#
+# Every path is under $ROOT (default /), so the same scripts run on a Vagrant
+# VM and, in CI, several "nodes" side by side inside one QEMU guest
+# (tests/vm/nbdkern). Services are systemd units; where systemd is not PID 1
+# (the CI guest) the unit's ExecStart line is run in the background instead,
+# so the unit files themselves are exercised.
+set -euo pipefail
+
+ROOT=${ROOT:-}
+BLOCKD=${BLOCKD:-/usr/local/bin/blockd}
+UNITDIR=$ROOT/etc/systemd/system
+STATE=$ROOT/var/lib/blockd
+
+log() { echo "provision[$(hostname 2>/dev/null || echo node)${ROOT:+:$ROOT}]: $*"; }
+
+have_systemd() { [ -z "$ROOT" ] && [ -d /run/systemd/system ]; }
+
+# unit NAME DESCRIPTION EXECSTART [AFTER]: write a systemd unit.
+unit() {
+	local name=$1 desc=$2 exec=$3 after=${4:-network-online.target}
+	mkdir -p "$UNITDIR"
+	cat >"$UNITDIR/$name.service" <<UNIT
+[Unit]
+Description=$desc
+Wants=network-online.target
+After=$after
+
+[Service]
+ExecStart=$exec
+Restart=on-failure
+RestartSec=2
+KillSignal=SIGTERM
+TimeoutStopSec=60
+LimitNOFILE=65536
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+}
+
+# start NAME: enable and start the unit (or run its ExecStart without systemd).
+start() {
+	local name=$1
+	if have_systemd; then
+		systemctl daemon-reload
+		systemctl enable --now "$name.service"
+		return
+	fi
+	local exec
+	exec=$(sed -n 's/^ExecStart=//p' "$UNITDIR/$name.service")
+	mkdir -p "$STATE"
+	if [ -f "$STATE/$name.pid" ] && kill -0 "$(cat "$STATE/$name.pid")" 2>/dev/null; then
+		log "$name already running (pid $(cat "$STATE/$name.pid"))"
+		return
+	fi
+	log "no systemd: running $name: $exec"
+	# shellcheck disable=SC2086
+	nohup $exec >>"$STATE/$name.log" 2>&1 &
+	echo $! >"$STATE/$name.pid"
+}
+
+# wait_for SECONDS CMD...: poll until CMD succeeds.
+wait_for() {
+	local n=$(( $1 * 5 )); shift
+	until "$@" >/dev/null 2>&1; do
+		n=$((n - 1))
+		if [ $n -le 0 ]; then log "timed out waiting for: $*"; return 1; fi
+		sleep 0.2
+	done
+}
+
+# port_open HOST:PORT: something listens there.
+port_open() {
+	local host=${1%:*} port=${1##*:}
+	if command -v nc >/dev/null 2>&1 && nc -h 2>&1 | grep -q -- ' -z'; then
+		nc -z "$host" "$port"
+	else
+		(exec 3<>"/dev/tcp/$host/$port") 2>/dev/null
+	fi
+}
