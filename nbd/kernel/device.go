@@ -230,8 +230,16 @@ func (d *Device) reconnect(ctx context.Context) error {
 		return err
 	}
 	defer closeAll(files)
-	if err := d.nl.reconfigure(d.Index, d.o.Volume, fds); err != nil {
+	var grow uint64
+	if exp.Size > d.Export.Size {
+		grow = exp.Size
+	}
+	if err := d.nl.reconfigure(d.Index, d.o.Volume, grow, fds); err != nil {
 		return err
+	}
+	if grow > 0 {
+		d.log.Info("nbd.resized", "from", d.Export.Size, "to", grow)
+		d.Export.Size = grow
 	}
 	d.log.Info("nbd.reconnected", "addr", addr, "connections", len(conns))
 	return nil

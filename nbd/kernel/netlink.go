@@ -314,9 +314,13 @@ func (c *nlConn) connect(cfg Config, fds []int) (int, error) {
 
 // reconfigure hands replacement sockets for dead connections of device
 // index. The kernel uses as many as it has dead slots and ignores the rest.
-func (c *nlConn) reconfigure(index int, backend string, fds []int) error {
+// A non-zero size resizes the device (a volume that grew while it was away).
+func (c *nlConn) reconfigure(index int, backend string, size uint64, fds []int) error {
 	var a attrBuf
 	a.u32(attrIndex, uint32(index))
+	if size > 0 {
+		a.u64(attrSizeBytes, size)
+	}
 	if backend != "" {
 		a.str(attrBackendID, backend)
 	}
