@@ -2,9 +2,12 @@
 // without the volume engine: pread/pwrite on the file, fdatasync for FLUSH
 // and FUA, fallocate for TRIM/WRITE_ZEROES, SEEK_DATA/SEEK_HOLE for block
 // status. bench/run.sh uses it to measure the protocol layer alone against
-// `nbdkit file` on the same file; tests may use it as a peer.
+// `nbdkit file` on the same file. With -vol DIR it serves a blockvol volume
+// instead (created if missing): the engine behind the same nbd layer, for
+// profiling without the rest of blockd.
 //
-//	nbdfile -file disk.img -size 1GiB -listen 127.0.0.1:10900 [-name vol0] [-cpuprofile f]
+//	nbdfile -file disk.img -size 1073741824 -listen 127.0.0.1:10900 [-name vol0] [-cpuprofile f]
+//	nbdfile -vol DIR -size 1073741824 -listen ...
 package main
 
 import (
@@ -23,6 +26,7 @@ import (
 	"time"
 
 	"github.com/blockd/blockd/blockdev"
+	"github.com/blockd/blockd/blockvol"
 	"github.com/blockd/blockd/nbd"
 	"golang.org/x/sys/unix"
 )
@@ -112,29 +116,48 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:10900", "TCP address or unix:PATH")
 	name := flag.String("name", "vol0", "export name")
 	cpuprof := flag.String("cpuprofile", "", "write a CPU profile until SIGTERM")
+	vol := flag.String("vol", "", "serve a blockvol volume in this directory instead of -file")
 	flag.Parse()
-	if err := run(*file, *size, *listen, *name, *cpuprof); err != nil {
+	if err := run(*file, *vol, *size, *listen, *name, *cpuprof); err != nil {
 		fmt.Fprintln(os.Stderr, "nbdfile:", err)
 		os.Exit(1)
 	}
 }
 
-func run(file string, size int64, listen, name, cpuprof string) error {
-	f, err := os.OpenFile(file, os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return err
-	}
-	st, err := f.Stat()
-	if err != nil {
-		return err
-	}
-	if st.Size() == 0 {
-		if err := f.Truncate(size); err != nil {
+func run(file, vol string, size int64, listen, name, cpuprof string) error {
+	var dev blockdev.Device
+	var closeDev func() error
+	if vol != "" {
+		var v *blockvol.Volume
+		var err error
+		if blockvol.Exists(vol) {
+			v, err = blockvol.Open(vol, blockvol.Options{})
+		} else {
+			v, err = blockvol.Create(vol, blockvol.Options{Size: size})
+		}
+		if err != nil {
 			return err
 		}
+		dev, closeDev, file = v, v.Close, vol
 	} else {
-		size = st.Size()
+		f, err := os.OpenFile(file, os.O_RDWR|os.O_CREATE, 0o644)
+		if err != nil {
+			return err
+		}
+		st, err := f.Stat()
+		if err != nil {
+			return err
+		}
+		if st.Size() == 0 {
+			if err := f.Truncate(size); err != nil {
+				return err
+			}
+		} else {
+			size = st.Size()
+		}
+		dev, closeDev = &fileDev{f: f, size: size}, f.Close
 	}
+	size = dev.Size()
 	network, addr := "tcp", listen
 	if strings.HasPrefix(listen, "unix:") {
 		network, addr = "unix", strings.TrimPrefix(listen, "unix:")
@@ -155,7 +178,7 @@ func run(file string, size int64, listen, name, cpuprof string) error {
 		defer func() { pprof.StopCPUProfile(); pf.Close() }()
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	srv := nbd.NewServer(nbd.StaticExports{{Name: name, Device: &fileDev{f: f, size: size}}}, nbd.WithLogger(log))
+	srv := nbd.NewServer(nbd.StaticExports{{Name: name, Device: dev}}, nbd.WithLogger(log))
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	go func() {
@@ -168,5 +191,5 @@ func run(file string, size int64, listen, name, cpuprof string) error {
 	if err := srv.Serve(l); !errors.Is(err, nbd.ErrServerClosed) {
 		return err
 	}
-	return f.Close()
+	return closeDev()
 }
