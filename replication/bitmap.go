@@ -58,6 +58,9 @@ func (b *dirtyBitmap) rotate(flushed, nextLSN uint64) bool {
 	}
 	b.prev = b.cur
 	b.cur = newBitGen(nextLSN, b.n)
+	if flushed+1 >= nextLSN {
+		b.prev = nil // every record so far is durable on the replica
+	}
 	return true
 }
 

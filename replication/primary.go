@@ -888,8 +888,18 @@ func (s *session) begin(b Begin) error {
 		s.all = true
 		s.nRegions = (p.vol.Size() + p.cfg.RegionSize - 1) / p.cfg.RegionSize
 	}
+	s.allowBarrier = true // answers advance the retention hold; only MsgDone promotes
 	p.mu.Lock()
-	s.r.setStateLocked(Rebuilding, b.Kind.String())
+	r := s.r
+	r.setStateLocked(Rebuilding, b.Kind.String())
+	if !b.Resume {
+		r.flushed = b.ResetLSN // the replica's log restarts there
+	}
+	// Hold the WAL from the replica's durable point so that an interrupted
+	// transfer can resume; the budget clock starts now.
+	r.everSynced = true
+	r.notInSyncSince = time.Now()
+	r.bytesAtLeave = p.cumBytes.Load()
 	p.mu.Unlock()
 	s.log.Info(EvTransferBegun, "kind", b.Kind.String(), "reset_lsn", b.ResetLSN, "regions", s.nRegions, "progress", s.progress, "resume", b.Resume)
 	return s.write(&Msg{Type: MsgBegin, Payload: b.Encode()})
@@ -912,7 +922,16 @@ func (s *session) recvLoop() {
 			s.r.onFlushed(s, m.LSNTo, false)
 		case MsgDoneResp:
 			s.r.onFlushed(s, m.LSNTo, true)
-		case MsgPong, MsgProgress:
+		case MsgProgress:
+			// The transfer is moving: its retention budget measures stalls.
+			p := s.r.p
+			p.mu.Lock()
+			if s.r.cur == s {
+				s.r.notInSyncSince = time.Now()
+				s.r.bytesAtLeave = p.cumBytes.Load()
+			}
+			p.mu.Unlock()
+		case MsgPong:
 		case MsgError:
 			eb, _ := DecodeErrorBody(m.Payload)
 			s.log.Warn(EvRefused, "code", eb.Code, "detail", eb.Message)

@@ -588,7 +588,8 @@ func (rc *rconn) begin(b Begin) error {
 	return nil
 }
 
-const progressEvery = 64 << 20
+// progressEvery: base bytes between persisted resume points (a var for tests).
+var progressEvery int64 = 64 << 20
 
 func (rc *rconn) base(c BaseChunk) error {
 	x := rc.xfer
