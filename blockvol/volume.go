@@ -64,7 +64,7 @@ const (
 //     than hanging.
 const (
 	DefaultWALSize  = 1 << 30
-	MinWALSize      = 1 << 20
+	MinWALSize      = 64 << 10
 	flushBatchBytes = 32 << 20
 	flushInterval   = 200 * time.Millisecond
 	walFullTimeout  = 30 * time.Second
@@ -322,7 +322,8 @@ func (v *Volume) open() error {
 	return v.recover()
 }
 
-// fail puts the volume in fail-stop mode: a WAL write or sync failed, so
+// fail puts the volume in fail-stop mode (the caller must not hold
+// appendMu): a WAL write or sync failed, so
 // the log may have a hole and nothing more may be appended or promised.
 func (v *Volume) fail(err error) {
 	e := fmt.Errorf("blockvol: volume failed: %w", err)
@@ -330,6 +331,11 @@ func (v *Volume) fail(err error) {
 		v.log.Error("blockvol.failed", "err", err)
 	}
 	v.comp.wakeAll()
+	// Wake writers waiting for WAL space: they must give up now.
+	v.appendMu.Lock()
+	close(v.spaceCh)
+	v.spaceCh = make(chan struct{})
+	v.appendMu.Unlock()
 }
 
 func (v *Volume) failErr() error {
