@@ -241,6 +241,12 @@ func (f *fakeServer) vol(name string) (fakeVol, bool) {
 	return *v, true
 }
 
+// waitVol waits until f applied an assignment of vol at epoch.
+func (f *fakeServer) waitVol(t *testing.T, vol string, epoch uint64) {
+	t.Helper()
+	waitFor(t, f.id+" holds "+vol, 30*time.Second, func() bool { v, ok := f.vol(vol); return ok && v.Epoch == epoch })
+}
+
 func (f *fakeServer) grants(vol string) []leaseGrant {
 	f.mu.Lock()
 	defer f.mu.Unlock()
