@@ -7,6 +7,8 @@ import (
 	"sort"
 	"time"
 
+	"github.com/hashicorp/raft"
+
 	"github.com/blockd/blockd/api"
 )
 
@@ -136,7 +138,7 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 		reports[v.Name] = v
 	}
 	m.mu.Lock()
-	if m.ld != ld {
+	if m.ld != ld || m.raft.State() != raft.Leader {
 		m.mu.Unlock()
 		return nil, notLeader(m)
 	}

@@ -56,8 +56,9 @@ type Config struct {
 	// (default 5s).
 	LeaseTTL time.Duration
 	// LeaseMargin is added to LeaseTTL before a lost primary's lease is
-	// considered surely expired (default 500ms: clock-rate drift and a
-	// deposed raft leader's stale window).
+	// considered surely expired (default 250ms: clock-rate drift and
+	// timer slack; a deposed raft leader steps down (500ms) before a new
+	// one is elected (>= 1s), and the new leader counts leases from its start).
 	LeaseMargin time.Duration
 	// HeartbeatInterval is what servers are told to use (default
 	// min(LeaseTTL/5, 500ms)).
@@ -74,7 +75,7 @@ func (c *Config) setDefaults() {
 		c.LeaseTTL = 5 * time.Second
 	}
 	if c.LeaseMargin <= 0 {
-		c.LeaseMargin = 500 * time.Millisecond
+		c.LeaseMargin = 250 * time.Millisecond
 	}
 	if c.HeartbeatInterval <= 0 {
 		c.HeartbeatInterval = c.LeaseTTL / 5

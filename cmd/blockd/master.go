@@ -34,7 +34,7 @@ func init() {
 			&cli.StringFlag{Name: "join", Usage: "API address of a member of an existing cluster to join"},
 			&cli.StringFlag{Name: "peers", Usage: "every member of a new cluster: APIADDR=RAFTADDR,..."},
 			&cli.DurationFlag{Name: "lease-ttl", Value: 5 * time.Second, Usage: "primary lease granted per heartbeat"},
-			&cli.DurationFlag{Name: "lease-margin", Value: 500 * time.Millisecond, Usage: "extra wait after a lost primary's lease before promoting"},
+			&cli.DurationFlag{Name: "lease-margin", Value: 250 * time.Millisecond, Usage: "extra wait after a lost primary's lease before promoting"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug | info | warn | error"},
 		},
 		Action: runMaster,
