@@ -52,6 +52,7 @@ func init() {
 			&cli.StringFlag{Name: "nbd", Usage: "connect to this NBD address instead of asking the master (no failover)"},
 			&cli.DurationFlag{Name: "give-up", Value: 5 * time.Minute, Usage: "give up (fail I/O, exit) after this long without a connection"},
 			&cli.DurationFlag{Name: "timeout", Value: 30 * time.Second, Usage: "per-request timeout: an unanswered request marks its connection dead and is retried on a new one"},
+			&cli.DurationFlag{Name: "wait", Value: 30 * time.Second, Usage: "keep trying this long for a primary that does not answer yet or refuses the export (a server starting, a failover)"},
 			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "json: print {\"device\": ...} instead of the bare path"},
 		},
 		Action: attachNBD,
@@ -183,7 +184,7 @@ func attachNBD(c *cli.Context) error {
 	defer stop()
 	pol := kernel.DefaultPolicy
 	pol.GiveUp = giveUp
-	actx, cancel := context.WithTimeout(ctx, time.Minute)
+	actx, cancel := context.WithTimeout(ctx, c.Duration("wait")+time.Minute)
 	dev, err := kernel.Attach(actx, kernel.Options{
 		Volume:      name,
 		Resolve:     resolve,
@@ -192,6 +193,10 @@ func attachNBD(c *cli.Context) error {
 		Timeout:     c.Duration("timeout"),
 		Policy:      pol,
 		Logger:      log,
+		AttachWait:  c.Duration("wait"),
+		// The master vouched for the volume: an "unknown export" from its
+		// server means "not hosted yet", worth waiting for.
+		RetryUnknownExport: c.String("nbd") == "",
 	})
 	cancel()
 	if err != nil {

@@ -39,7 +39,16 @@ type Options struct {
 	Policy Policy
 	// DialTimeout bounds one dial plus handshake (default 10s).
 	DialTimeout time.Duration
-	Logger      *slog.Logger
+	// AttachWait is how long Attach retries a primary that does not
+	// answer yet or refuses the export (a server still starting, a volume
+	// not hosted yet, a failover in progress). 0: one attempt.
+	AttachWait time.Duration
+	// RetryUnknownExport retries "unknown export" answers within
+	// AttachWait too: right when the master vouches that the volume
+	// exists (its server may not have picked it up yet). Without it an
+	// unknown export fails at once.
+	RetryUnknownExport bool
+	Logger             *slog.Logger
 }
 
 // Device is an attached /dev/nbdN and its keeper state.
@@ -53,6 +62,13 @@ type Device struct {
 	mon *monitor
 	log *slog.Logger
 }
+
+// errPermanent marks errors retrying cannot fix (wrapped with an empty text).
+var errPermanent = permanentError{}
+
+type permanentError struct{}
+
+func (permanentError) Error() string { return "" }
 
 // PidFile is where the keeper of /dev/nbdN records its pid, for detach.
 func PidFile(index int) string { return fmt.Sprintf("/run/blockd/nbd%d.pid", index) }
@@ -108,13 +124,31 @@ func Attach(ctx context.Context, o Options) (*Device, error) {
 	if d.mon, err = newMonitor(); err != nil {
 		return nil, fmt.Errorf("attach: %w", err)
 	}
-	addr, err := o.Resolve(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("attach: find the primary of %q: %w", o.Volume, err)
-	}
-	conns, exp, err := d.dialAll(ctx, addr)
-	if err != nil {
-		return nil, fmt.Errorf("attach: %w", err)
+	var (
+		addr  string
+		conns []net.Conn
+		exp   Export
+	)
+	giveUp := time.Now().Add(o.AttachWait)
+	for attempt := 1; ; attempt++ {
+		addr, err = o.Resolve(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("attach: find the primary of %q: %w", o.Volume, err)
+		}
+		conns, exp, err = d.dialAll(ctx, addr)
+		if err == nil {
+			break
+		}
+		permanent := errors.Is(err, errPermanent) || (errors.Is(err, ErrUnknownExport) && !o.RetryUnknownExport)
+		if permanent || time.Now().After(giveUp) {
+			return nil, fmt.Errorf("attach: %w", err)
+		}
+		d.log.Info("nbd.attach_retry", "addr", addr, "attempt", attempt, "err", err)
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("attach: %w (last error: %v)", ctx.Err(), err)
+		case <-time.After(500 * time.Millisecond):
+		}
 	}
 	defer closeAll(conns)
 	if exp.Flags&FlagReadOnly != 0 {
@@ -173,7 +207,7 @@ func (d *Device) dialAll(ctx context.Context, addr string) ([]net.Conn, Export, 
 			exp = e
 			if d.o.Connections > 1 && e.Flags&FlagCanMultiConn == 0 {
 				c.Close()
-				return nil, Export{}, fmt.Errorf("%s does not allow several connections (no CAN_MULTI_CONN): use --connections 1", addr)
+				return nil, Export{}, fmt.Errorf("%s does not allow several connections (no CAN_MULTI_CONN): use --connections 1%w", addr, errPermanent)
 			}
 		} else if e.Size != exp.Size {
 			c.Close()

@@ -8,6 +8,7 @@ VOLUME=${VOLUME:-vol0}
 VOLUME_SIZE=${VOLUME_SIZE:-2GiB}
 RF=${RF:-2}
 DURABILITY=${DURABILITY:-sync_all}
+WAL_SIZE=${WAL_SIZE:-}   # empty: the preset's
 DEVICE=${DEVICE:-/dev/nbd0}
 MNT=${MNT:-$ROOT/mnt/$VOLUME}
 FIO_SIZE=${FIO_SIZE:-64M}
@@ -19,7 +20,7 @@ fi
 
 # The servers register asynchronously: retry create until placement works.
 if ! "$BLOCKD" volume info --master "$MASTER" "$VOLUME" >/dev/null 2>&1; then
-	wait_for 180 "$BLOCKD" volume create --master "$MASTER" --size "$VOLUME_SIZE" --rf "$RF" --durability "$DURABILITY" "$VOLUME"
+	wait_for 180 "$BLOCKD" volume create --master "$MASTER" --size "$VOLUME_SIZE" --rf "$RF" --durability "$DURABILITY" ${WAL_SIZE:+--wal-size "$WAL_SIZE"} "$VOLUME"
 fi
 "$BLOCKD" volume info --master "$MASTER" "$VOLUME"
 

@@ -121,7 +121,7 @@ func boot(t *testing.T, s server, script string) vmtest.Result {
 		Files:     map[string][]byte{"/etc/passwd": []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n")},
 		Env:       map[string]string{"SERVER_CMD": s.cmd, "ATTACH_ARGS": s.attachArgs},
 		Script:    prelude + script,
-		MemoryMiB: 1536,
+		MemoryMiB: 2048,
 		Timeout:   8 * time.Minute,
 	})
 }
@@ -148,7 +148,8 @@ func TestNBDClientExt4(t *testing.T) {
 	s := guestServer(t)
 	res := boot(t, s, `
 start_server
-nbd-client 127.0.0.1 10809 /dev/nbd0 -N vol0 -C 2 -b 4096
+# the port may open before the volume is served: retry until it negotiates
+waitfor 60 nbd-client 127.0.0.1 10809 /dev/nbd0 -N vol0 -C 2 -b 4096
 echo "nbd0 size $(cat /sys/block/nbd0/size) sectors, block $(cat /sys/block/nbd0/queue/logical_block_size)"
 fs_roundtrip /dev/nbd0
 nbd-client -d /dev/nbd0
@@ -308,7 +309,7 @@ blockd server --data /tmp/s2 $M --id s2 --listen 127.0.0.1:7002 --nbd 127.0.0.1:
 S2=$!
 waitfor 120 listening 10801 || { cat /tmp/s1.log; exit 1; }
 waitfor 120 listening 10802 || { cat /tmp/s2.log; exit 1; }
-waitfor 60 blockd volume create $M --size 256MiB --rf 2 --durability sync_all vol0 || { blockd volume create $M --size 256MiB --rf 2 --durability sync_all vol0; cat /tmp/master.log; exit 1; }
+waitfor 60 blockd volume create $M --size 256MiB --rf 2 --durability sync_all --wal-size 64MiB vol0 || { blockd volume create $M --size 256MiB --rf 2 --durability sync_all --wal-size 64MiB vol0; cat /tmp/master.log; exit 1; }
 primary_nbd() { blockd volume info $M -o json vol0 | tr -d ' \n' | grep -o '"nbd_addr":"[^"]*"' | head -1 | cut -d'"' -f4; }
 waitfor 120 test -n "$(primary_nbd)" || { blockd volume info $M vol0; exit 1; }
 blockd volume info $M vol0
@@ -389,9 +390,9 @@ ROOT=/tmp/n-master MASTER_IP=127.0.0.10 bash $P/master.sh
 for i in 1 2 3; do
 	ROOT=/tmp/n-s$i SERVER_ID=s$i SERVER_IP=127.0.0.1$i MASTER=127.0.0.10:9333 bash $P/server.sh
 done
-ROOT=/tmp/n-client MASTER=127.0.0.10:9333 VOLUME=vol0 VOLUME_SIZE=256MiB RF=2 DURABILITY=sync_all FIO_SIZE=16M bash $P/client.sh
+ROOT=/tmp/n-client MASTER=127.0.0.10:9333 VOLUME=vol0 VOLUME_SIZE=256MiB RF=2 DURABILITY=sync_all WAL_SIZE=64MiB FIO_SIZE=16M bash $P/client.sh
 # idempotent: a second run neither recreates nor reformats
-ROOT=/tmp/n-client MASTER=127.0.0.10:9333 VOLUME=vol0 VOLUME_SIZE=256MiB RF=2 DURABILITY=sync_all FIO_SIZE=16M bash $P/client.sh 2>&1 | grep -c mkfs.ext4 | grep -qx 0
+ROOT=/tmp/n-client MASTER=127.0.0.10:9333 VOLUME=vol0 VOLUME_SIZE=256MiB RF=2 DURABILITY=sync_all WAL_SIZE=64MiB FIO_SIZE=16M bash $P/client.sh 2>&1 | grep -c mkfs.ext4 | grep -qx 0
 cat /tmp/n-client/etc/systemd/system/blockd-attach-vol0.service
 umount /tmp/n-client/mnt/vol0
 blockd detach /dev/nbd0
