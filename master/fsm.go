@@ -27,6 +27,11 @@ type VolumeRecord struct {
 	Primary      string   `json:"primary"`
 	Replicas     []string `json:"replicas"`
 	RequestID    string   `json:"request_id,omitempty"`
+	// LeaseFenceUnixMS (wall clock, set by a reassign): no primary lease
+	// before this, because the previous primary's lease may run until
+	// then. Leader memory holds the exact fence; this copy lets a new
+	// leader honour it.
+	LeaseFenceUnixMS int64 `json:"lease_fence_unix_ms,omitempty"`
 }
 
 func (v *VolumeRecord) clone() *VolumeRecord {
@@ -86,6 +91,7 @@ type command struct {
 	ExpectEpoch uint64        `json:"expect_epoch,omitempty"`
 	Primary     string        `json:"primary,omitempty"`
 	Replicas    []string      `json:"replicas,omitempty"`
+	FenceUnixMS int64         `json:"fence_unix_ms,omitempty"`
 	Server      *ServerRecord `json:"server,omitempty"`
 }
 
@@ -164,6 +170,7 @@ func (s *fsmState) apply(c *command, index uint64) *applyResult {
 		v.Epoch = c.ExpectEpoch + 1
 		v.Primary = c.Primary
 		v.Replicas = append([]string{}, c.Replicas...)
+		v.LeaseFenceUnixMS = c.FenceUnixMS
 		return &applyResult{Vol: v.clone()}
 	case opUpsertServer:
 		if c.Server == nil || c.Server.ID == "" {

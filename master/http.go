@@ -406,16 +406,13 @@ func (m *Master) hPromote(w http.ResponseWriter, r *http.Request, ld *leaderStat
 		writeErr(w, e)
 		return
 	}
-	res := m.apply(command{Op: opReassign, Name: v.Name, ID: v.ID, ExpectEpoch: v.Epoch, Primary: target,
-		Replicas: FailoverReplicas(v.Primary, v.Replicas, target)})
+	res, fence := m.reassign(ld, v, target)
 	if res.Err != nil {
 		writeErr(w, res.Err)
 		return
 	}
 	now := time.Now()
 	m.mu.Lock()
-	fence := m.leaseDeadline(ld, v.Primary)
-	ld.leaseNotBefore[v.Name] = fence
 	if p := ld.pending[v.Name]; p != nil {
 		if p.timer != nil {
 			p.timer.Stop()

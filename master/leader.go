@@ -413,16 +413,10 @@ func (m *Master) tryFailover(p *pendingFailover) {
 	}
 	m.log.Info("failover_candidate_chosen", "volume", v.Name, "old_primary", v.Primary, "candidate", best,
 		"flushed_lsn", lsn, "primary_head_lsn", head, "epoch", v.Epoch, "candidates", summarize(cands))
-	res := m.apply(command{Op: opReassign, Name: v.Name, ID: v.ID, ExpectEpoch: v.Epoch, Primary: best,
-		Replicas: FailoverReplicas(v.Primary, v.Replicas, best)})
+	res, fence := m.reassign(ld, v, best)
 	m.mu.Lock()
 	if m.ld == ld && ld.pending[p.name] == p {
 		delete(ld.pending, p.name)
-	}
-	var fence time.Time
-	if res.Err == nil && m.ld == ld {
-		fence = m.leaseDeadline(ld, v.Primary)
-		ld.leaseNotBefore[v.Name] = fence
 	}
 	m.mu.Unlock()
 	if res.Err != nil {
@@ -431,6 +425,36 @@ func (m *Master) tryFailover(p *pendingFailover) {
 	}
 	m.log.Info("promotion", "volume", v.Name, "reason", "failover", "old_primary", v.Primary, "new_primary", best,
 		"epoch", res.Vol.Epoch, "flushed_lsn", lsn, "lease_wait_ms", max(fence.Sub(time.Now()), 0).Milliseconds())
+}
+
+// reassign makes newPrimary the primary of v at epoch+1 (raft
+// compare-and-set on incarnation and epoch) and fences its lease: no lease
+// before the old primary's surely expired. The fence is kept in leader
+// memory (exact: computed after the commit, so it covers a heartbeat that
+// raced with it) and in the registry as wall-clock time for a next leader.
+func (m *Master) reassign(ld *leaderState, v *VolumeRecord, newPrimary string) (*applyResult, time.Time) {
+	now := time.Now()
+	m.mu.Lock()
+	fence := m.leaseDeadline(ld, v.Primary)
+	if ls := ld.servers[v.Primary]; ls != nil && now.Sub(ls.heard) <= m.cfg.freshWindow() {
+		// Alive: it may be renewed until the commit.
+		fence = now.Add(m.cfg.LeaseTTL + m.cfg.LeaseMargin)
+	}
+	m.mu.Unlock()
+	res := m.apply(command{Op: opReassign, Name: v.Name, ID: v.ID, ExpectEpoch: v.Epoch, Primary: newPrimary,
+		Replicas: FailoverReplicas(v.Primary, v.Replicas, newPrimary), FenceUnixMS: fence.UnixMilli()})
+	if res.Err != nil {
+		return res, time.Time{}
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if after := m.leaseDeadline(ld, v.Primary); after.After(fence) {
+		fence = after
+	}
+	if m.ld == ld {
+		ld.leaseNotBefore[v.Name] = fence
+	}
+	return res, fence
 }
 
 // ---- read side ----

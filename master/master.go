@@ -429,6 +429,13 @@ func (m *Master) monitor() {
 				continue
 			}
 			nl := newLeaderState(time.Now())
+			// Honour lease fences of promotions made by a previous leader.
+			for _, v := range m.fsm.volumes() {
+				if d := time.Until(time.UnixMilli(v.LeaseFenceUnixMS)); v.LeaseFenceUnixMS > 0 && d > 0 {
+					nl.leaseNotBefore[v.Name] = nl.since.Add(d)
+					m.log.Info("lease_fence_inherited", "volume", v.Name, "epoch", v.Epoch, "primary", v.Primary, "wait_ms", d.Milliseconds())
+				}
+			}
 			m.mu.Lock()
 			m.ld = nl
 			m.mu.Unlock()

@@ -84,6 +84,26 @@ func TestSingleNodeRestartKeepsRegistry(t *testing.T) {
 	if p.NBDAddr == "" || p.Epoch != before.Epoch || p.ServerID != before.Primary.ServerID {
 		t.Fatalf("PrimaryOf after restart = %+v", p)
 	}
+	// The forced promotion's lease fence survives the restart: the new
+	// primary gets its role but no lease while the old one's may still run.
+	if len(logs.find("lease_fence_inherited", "volume", "keep")) == 0 {
+		t.Fatal("no lease_fence_inherited event")
+	}
+	for _, s := range servers {
+		if s.id != pr.NewPrimary {
+			continue
+		}
+		s.c = c2
+		resp, err := s.beat(ctxT(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, a := range resp.Assignments {
+			if a.Volume == "keep" && (a.Role != api.RolePrimary || a.LeaseTTLMS != 0) {
+				t.Fatalf("new primary right after restart: %+v", a)
+			}
+		}
+	}
 	// A server still holding the deleted volume is told to drop it.
 	s1 := servers[0]
 	s1.c = c2
@@ -355,6 +375,24 @@ func TestPreflightAndPromote(t *testing.T) {
 			}
 		}
 		return false
+	})
+	// No overlap: the new primary's first lease arrives after the old
+	// primary's last lease (by its own clock) ended.
+	var oldEnd time.Time
+	for _, g := range fs[prim].grants("v") {
+		if end := g.sent.Add(g.ttl); end.After(oldEnd) {
+			oldEnd = end
+		}
+	}
+	for _, g := range fs[r2].grants("v") {
+		if g.epoch == epochBefore+1 && !g.received.After(oldEnd) {
+			t.Fatalf("new primary lease at %v, old primary's lease ran until %v", g.received, oldEnd)
+		}
+	}
+	// The old primary, still alive, was demoted.
+	waitFor(t, "old primary demoted", 20*time.Second, func() bool {
+		fv, _ := fs[prim].vol("v")
+		return fv.Role == api.RoleReplica && fv.Epoch == epochBefore+1
 	})
 	if len(logs.find("promotion", "volume", "v", "reason", "manual", "new_primary", r2)) == 0 {
 		t.Fatal("no promotion event")
