@@ -24,12 +24,14 @@ waitfor() { # waitfor SECONDS CMD...: poll until CMD succeeds
 		sleep 0.1
 	done
 }
+ready_or_dead() { test -s /tmp/ready || ! kill -0 $SERVER; }
 serve() { # serve LOG ARGS...: start ublkserve in the background, wait until ready
 	local log=$1; shift
 	rm -f /tmp/ready
 	ublkserve --ready /tmp/ready "$@" >>$log 2>&1 &
 	SERVER=$!
-	waitfor 60 test -s /tmp/ready || { cat $log; return 1; }
+	waitfor 60 ready_or_dead || { cat $log; return 1; }
+	test -s /tmp/ready || { echo "ublkserve exited:"; cat $log; return 1; }
 	DEV=$(cat /tmp/ready)
 	echo "serving $DEV (pid $SERVER)"
 }
@@ -62,7 +64,7 @@ func expect(t *testing.T, res vmtest.Result, markers ...string) {
 // the device is deleted and served again from the same backing file.
 func TestUblkExt4(t *testing.T) {
 	res := boot(t, `
-serve /tmp/s1.log --file /tmp/vol.img --size 256M
+serve /tmp/s1.log --engine /tmp/vol --size 256M
 test -b $DEV
 cat /sys/block/$(basename $DEV)/queue/logical_block_size /sys/block/$(basename $DEV)/queue/physical_block_size
 echo "write_cache: $(cat /sys/block/$(basename $DEV)/queue/write_cache) fua: $(cat /sys/block/$(basename $DEV)/queue/fua)"
@@ -83,7 +85,7 @@ umount /mnt/u
 kill -TERM $SERVER; wait $SERVER
 test ! -e $DEV
 echo "deleted ok"
-serve /tmp/s2.log --file /tmp/vol.img
+serve /tmp/s2.log --engine /tmp/vol
 e2fsck -fn $DEV
 mount -t ext4 $DEV /mnt/u
 (cd /mnt/u && md5sum -c /tmp/sums)
@@ -101,7 +103,7 @@ echo UBLK-EXT4-OK
 // from the same backing store.
 func TestUblkFioVerify(t *testing.T) {
 	res := boot(t, `
-serve /tmp/s.log --file /tmp/vol.img --size 256M --nbd 127.0.0.1:10809
+serve /tmp/s.log --engine /tmp/vol --size 256M --nbd 127.0.0.1:10809
 common="--filename=$DEV --direct=1 --ioengine=io_uring --iodepth=32 --numjobs=4 --size=24M --offset_increment=32M --bsrange=4k-128k --verify=crc32c --verify_fatal=1 --group_reporting"
 fio --name=w --rw=randwrite $common --do_verify=1 --output-format=terse > /tmp/fio1.out 2>/tmp/fio1.err
 echo "fio randwrite+verify errors: $(tail -1 /tmp/fio1.out | cut -d';' -f5)"
@@ -150,7 +152,7 @@ more_files() { [ $(nfiles) -ge $1 ]; }
 // intact afterwards.
 func TestUblkRestartRecovery(t *testing.T) {
 	res := boot(t, writerScript+`
-serve /tmp/s1.log --file /tmp/vol.img --size 256M --id 0
+serve /tmp/s1.log --engine /tmp/vol --size 256M --id 0
 mkfs.ext4 -q -F $DEV
 mkdir -p /mnt/u && mount -t ext4 $DEV /mnt/u
 start_writer
@@ -159,17 +161,17 @@ n=$(nfiles)
 kill -KILL $SERVER; wait $SERVER 2>/dev/null || true
 echo "killed server after $n files"
 test -b /dev/ublkb0
-serve /tmp/s2.log --file /tmp/vol.img --id 0 --recover
+serve /tmp/s2.log --engine /tmp/vol --id 0 --recover
 waitfor 60 more_files $((n+10))
 n=$(nfiles)
 kill -USR1 $SERVER; wait $SERVER
 echo "released server after $n files"
-serve /tmp/s3.log --file /tmp/vol.img --id 0 --recover
+serve /tmp/s3.log --engine /tmp/vol --id 0 --recover
 waitfor 60 more_files $((n+10))
 n=$(nfiles)
 kill -KILL $SERVER; wait $SERVER 2>/dev/null || true
 echo "killed server again after $n files"
-serve /tmp/s4.log --file /tmp/vol.img --id 0 --recover
+serve /tmp/s4.log --engine /tmp/vol --id 0 --recover
 waitfor 60 more_files $((n+10))
 touch /tmp/stop
 wait $WRITER
@@ -198,7 +200,7 @@ echo UBLK-RESTART-OK
 // A mounted device is refused without force.
 func TestUblkDetachUnderLoad(t *testing.T) {
 	res := boot(t, `
-serve /tmp/s.log --file /tmp/vol.img --size 256M
+serve /tmp/s.log --engine /tmp/vol --size 256M
 fio --name=load --filename=$DEV --direct=1 --ioengine=io_uring --iodepth=32 --numjobs=2 --rw=randrw --bs=4k --time_based --runtime=120 --output-format=terse > /tmp/fio.out 2>&1 &
 FIO=$!
 sleep 2
@@ -210,7 +212,7 @@ echo "server exited with $?"
 test ! -e $DEV
 test ! -e /dev/ublkc0
 # mounted: refused without force
-serve /tmp/s2.log --file /tmp/vol.img
+serve /tmp/s2.log --engine /tmp/vol
 mkfs.ext4 -q -F $DEV && mkdir -p /mnt/u && mount -t ext4 $DEV /mnt/u
 if ublkserve --detach $DEV; then echo "detach of a mounted device succeeded"; exit 1; fi
 umount /mnt/u
@@ -240,7 +242,7 @@ func BenchmarkUblkVsNBD(b *testing.B) {
 			Timeout:  10 * time.Minute,
 			Env:      map[string]string{"RT": runtime},
 			Script: prelude + `
-serve /tmp/s.log --file /tmp/vol.img --size 512M --nbd 127.0.0.1:10809
+serve /tmp/s.log --engine /tmp/vol --size 512M --nbd 127.0.0.1:10809
 nbd-client 127.0.0.1 10809 /dev/nbd0 -N vol0 -b 4096
 # lay the data down once so reads hit written blocks on both paths
 dd if=/dev/urandom of=$DEV bs=1M count=256 oflag=direct 2>/dev/null

@@ -27,13 +27,16 @@ import (
 	"time"
 
 	"github.com/blockd/blockd/blockdev"
+	"github.com/blockd/blockd/blockvol"
 	"github.com/blockd/blockd/nbd"
 	"github.com/blockd/blockd/ublk"
 	"golang.org/x/sys/unix"
 )
 
 func main() {
-	file := flag.String("file", "", "backing file")
+	file := flag.String("file", "", "backing file (a plain file)")
+	walS := flag.String("wal", "64M", "WAL size when creating an engine volume")
+	engine := flag.String("engine", "", "backing blockvol volume directory (the real engine; created with --size if absent)")
 	sizeS := flag.String("size", "256M", "size when creating the backing file (K/M/G suffixes)")
 	id := flag.Int("id", ublk.AutoID, "ublk device number (-1: driver chooses)")
 	recov := flag.Bool("recover", false, "take over the existing device --id through user recovery")
@@ -65,7 +68,7 @@ func main() {
 		lvl = slog.LevelDebug
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
-	if err := run(log, *file, *sizeS, *id, *recov, *queues, *depth, *mode, *nbdAddr, *ready); err != nil {
+	if err := run(log, *file, *engine, *walS, *sizeS, *id, *recov, *queues, *depth, *mode, *nbdAddr, *ready); err != nil {
 		fmt.Fprintf(os.Stderr, "ublkserve: %v\n", err)
 		os.Exit(1)
 	}
@@ -85,19 +88,37 @@ func parseSize(s string) (int64, error) {
 	return n * mult, err
 }
 
-func run(log *slog.Logger, file, sizeS string, id int, recov bool, queues, depth int, mode, nbdAddr, ready string) error {
-	if file == "" {
-		return errors.New("--file is required")
-	}
+func run(log *slog.Logger, file, engine, walS, sizeS string, id int, recov bool, queues, depth int, mode, nbdAddr, ready string) error {
 	size, err := parseSize(sizeS)
 	if err != nil {
 		return fmt.Errorf("--size: %w", err)
 	}
-	dev, err := openFileDev(file, size)
+	wal, err := parseSize(walS)
+	if err != nil {
+		return fmt.Errorf("--wal: %w", err)
+	}
+	var dev interface {
+		blockdev.Device
+		Close() error
+	}
+	switch {
+	case engine != "" && blockvol.Exists(engine):
+		dev, err = blockvol.Open(engine, blockvol.Options{Logger: log})
+	case engine != "":
+		dev, err = blockvol.Create(engine, blockvol.Options{Size: size, WALSize: wal, Logger: log})
+	case file != "":
+		dev, err = openFileDev(file, size)
+	default:
+		return errors.New("--file or --engine is required")
+	}
 	if err != nil {
 		return err
 	}
-	defer dev.Close()
+	defer func() {
+		if err := dev.Close(); err != nil {
+			log.Error("ublkserve.close", "err", err)
+		}
+	}()
 	o := ublk.Options{Queues: queues, Depth: depth, DevID: id, Recover: recov, Logger: log}
 	switch mode {
 	case "reissue":
