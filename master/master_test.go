@@ -53,6 +53,16 @@ func TestSingleNodeRestartKeepsRegistry(t *testing.T) {
 	if before.Epoch != 2 || before.Primary.ServerID != pr.NewPrimary {
 		t.Fatalf("before restart: %+v", before)
 	}
+	// Restore through a raft snapshot as well as the log.
+	if err := m.raft.Snapshot().Error(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.CreateVolume(ctx, api.CreateVolumeRequest{Name: "after-snap", SizeBytes: 1 << 20, RF: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.DeleteVolume(ctx, "after-snap"); err != nil {
+		t.Fatal(err)
+	}
 	if err := m.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -591,4 +601,46 @@ func TestThreeMasterCluster(t *testing.T) {
 		i, err := c.VolumeInfo(ctxT(t), "after")
 		return err == nil && i.Status == api.StatusHealthy
 	})
+}
+
+// Masters added with --join: a single voter on TCP grows to three; the
+// cluster survives the loss of the first one.
+func TestJoin(t *testing.T) {
+	if testing.Short() {
+		t.Skip("cluster in -short")
+	}
+	var logs logSink
+	first := freePort(t)
+	ms := []*Master{startMaster(t, Config{DataDir: t.TempDir(), APIAddr: first, RaftAddr: freePort(t), Logger: logs.logger()})}
+	if err := ms[0].WaitLeader(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 2; i++ {
+		ms = append(ms, startMaster(t, Config{DataDir: t.TempDir(), APIAddr: freePort(t), RaftAddr: freePort(t), Join: first, Logger: logs.logger()}))
+	}
+	c := api.NewClient([]string{ms[0].APIAddr(), ms[1].APIAddr(), ms[2].APIAddr()})
+	waitFor(t, "three voters", 30*time.Second, func() bool {
+		st, err := c.Status(ctxT(t), first)
+		return err == nil && len(st.Peers) == 3
+	})
+	f := newFakeServer("s1", 1, c.Addrs())
+	f.run(200 * time.Millisecond)
+	defer f.stop()
+	waitFor(t, "server", 20*time.Second, func() bool { ss, err := c.Servers(ctxT(t)); return err == nil && len(ss) == 1 })
+	if _, err := c.CreateVolume(ctxT(t), api.CreateVolumeRequest{Name: "j", SizeBytes: 1 << 20, RF: 1}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "replicated to the joiners", 20*time.Second, func() bool {
+		return ms[1].fsm.volume("j") != nil && ms[2].fsm.volume("j") != nil
+	})
+	ms[0].srv.Close()
+	ms[0].Close()
+	waitFor(t, "a new leader", 30*time.Second, func() bool { return ms[1].IsLeader() || ms[2].IsLeader() })
+	if _, err := c.CreateVolume(ctxT(t), api.CreateVolumeRequest{Name: "k", SizeBytes: 1 << 20, RF: 1}); err != nil {
+		t.Fatal(err)
+	}
+	vols, err := c.ListVolumes(ctxT(t))
+	if err != nil || joinIDs(vols) != "j,k" {
+		t.Fatalf("volumes %s, %v", joinIDs(vols), err)
+	}
 }
