@@ -1,0 +1,224 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/dustin/go-humanize"
+	"github.com/urfave/cli/v2"
+
+	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/master"
+	"github.com/blockd/blockd/server"
+)
+
+func init() {
+	register(&cli.Command{
+		Name:  "serve",
+		Usage: "the embedded default: a single-node master and one volume server in one process, exporting vol0",
+		Description: "Creates the volume on first start (default vol0, 1 GiB) and exports it over NBD.\n" +
+			"Ctrl-C or SIGTERM flushes every volume and exits 0.",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "data", Value: "./blockd-data", Usage: "data directory"},
+			&cli.StringFlag{Name: "nbd", Value: "127.0.0.1:10809", Usage: "NBD listen address (host:port or unix:/path)"},
+			&cli.StringFlag{Name: "api", Value: "127.0.0.1:9333", Usage: "master API listen address"},
+			&cli.StringFlag{Name: "volume", Value: "vol0:1GiB", Usage: "volume created on first start, NAME:SIZE"},
+			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:0", Usage: "replication listen address of the embedded server"},
+			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+		},
+		Action: serve,
+	})
+	register(&cli.Command{
+		Name:  "server",
+		Usage: "run a volume server that takes its volumes and roles from the master",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "data", Required: true, Usage: "data directory"},
+			&cli.StringFlag{Name: "master", Value: api.DefaultMaster, Usage: "master API address(es), comma-separated"},
+			&cli.StringFlag{Name: "id", Required: true, Usage: "stable server ID (the master's name for this server)"},
+			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:0", Usage: "replication listen address"},
+			&cli.StringFlag{Name: "nbd", Value: "127.0.0.1:10809", Usage: "NBD listen address (host:port or unix:/path)"},
+			&cli.StringFlag{Name: "advertise", Usage: "replication address other servers use (default: --listen)"},
+			&cli.StringFlag{Name: "advertise-nbd", Usage: "NBD address clients use (default: --nbd)"},
+			&cli.StringFlag{Name: "capacity", Usage: "capacity to report, e.g. 100GiB (default: the filesystem's)"},
+			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+		},
+		Action: runServer,
+	})
+}
+
+func newLogger(level string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("bad --log-level %q", level)
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})), nil
+}
+
+// parseVolumeSpec splits NAME:SIZE (human units).
+func parseVolumeSpec(spec string) (string, int64, error) {
+	name, sz, ok := strings.Cut(spec, ":")
+	if !ok || name == "" {
+		return "", 0, fmt.Errorf("bad --volume %q: want NAME:SIZE, e.g. vol0:1GiB", spec)
+	}
+	n, err := humanize.ParseBytes(sz)
+	if err != nil || n == 0 {
+		return "", 0, fmt.Errorf("bad --volume size %q: want e.g. 512MiB, 10GiB", sz)
+	}
+	return name, int64(n), nil
+}
+
+func serve(c *cli.Context) error {
+	log, err := newLogger(c.String("log-level"))
+	if err != nil {
+		return err
+	}
+	volName, volSize, err := parseVolumeSpec(c.String("volume"))
+	if err != nil {
+		return err
+	}
+	data := c.String("data")
+	// The whole data directory is locked before the master opens its raft
+	// store, so a second serve fails at once with a clear error.
+	lock, err := server.LockDir(data)
+	if err != nil {
+		return err
+	}
+	defer lock.Release()
+
+	m, err := master.Start(master.Config{DataDir: filepath.Join(data, "master"), APIAddr: c.String("api"), Logger: log})
+	if err != nil {
+		return fmt.Errorf("start master: %w", err)
+	}
+	defer m.Close()
+	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := m.WaitLeader(ctx); err != nil {
+		return fmt.Errorf("master: %w", err)
+	}
+	srv, err := server.New(server.Config{DataDir: filepath.Join(data, "server"), ServerID: "local",
+		Listen: c.String("listen"), NBD: c.String("nbd"), Masters: []string{m.APIAddr()}, Logger: log})
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+
+	client := api.NewClient([]string{m.APIAddr()})
+	if err := ensureVolume(ctx, client, volName, volSize); err != nil {
+		return err
+	}
+	if err := waitServing(ctx, srv, volName); err != nil {
+		return err
+	}
+	printAttachHelp(srv.NBDAddr(), m.APIAddr(), volName, volSize)
+
+	<-ctx.Done()
+	fmt.Fprintln(os.Stderr, "blockd: shutting down: draining NBD connections and flushing volumes")
+	if err := srv.Close(); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	return m.Close()
+}
+
+// ensureVolume creates the embedded volume on first start (RF 1: there is
+// one server).
+func ensureVolume(ctx context.Context, client *api.Client, name string, size int64) error {
+	info, err := client.VolumeInfo(ctx, name)
+	if err == nil {
+		if info.SizeBytes != size {
+			fmt.Fprintf(os.Stderr, "blockd: volume %s exists with size %s; --volume size %s ignored\n",
+				name, humanize.IBytes(uint64(info.SizeBytes)), humanize.IBytes(uint64(size)))
+		}
+		return nil
+	}
+	var ae *api.Error
+	if !errors.As(err, &ae) || ae.Code != api.CodeNotFound {
+		return fmt.Errorf("volume %s: %w", name, err)
+	}
+	// The server must have registered before placement can choose it.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, err = client.CreateVolume(ctx, api.CreateVolumeRequest{Name: name, SizeBytes: size, RF: 1,
+			Durability: api.DurabilityBestEffort, Preset: "general"})
+		if err == nil || time.Now().After(deadline) || ctx.Err() != nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err != nil {
+		return fmt.Errorf("create volume %s: %w", name, err)
+	}
+	return nil
+}
+
+func waitServing(ctx context.Context, srv *server.Server, name string) error {
+	deadline := time.Now().Add(60 * time.Second)
+	for !srv.Serving(name) {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("volume %s: not serving after 60s (see the log above)", name)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+func printAttachHelp(nbdAddr, apiAddr, vol string, size int64) {
+	uri := "nbd://" + nbdAddr + "/" + vol
+	host, port := nbdAddr, "10809"
+	if i := strings.LastIndex(nbdAddr, ":"); i >= 0 {
+		host, port = nbdAddr[:i], nbdAddr[i+1:]
+	}
+	if p, ok := strings.CutPrefix(nbdAddr, "unix:"); ok {
+		uri = "nbd+unix:///" + vol + "?socket=" + p
+	}
+	fmt.Printf(`blockd is serving volume %[3]s (%[4]s)
+  NBD URI:   %[1]s
+  master:    http://%[2]s/v1/volumes/%[3]s
+
+Attach it:
+  kernel:    blockd attach nbd %[3]s --master %[2]s
+             nbd-client %[5]s %[6]s /dev/nbd0 -N %[3]s -b 4096 -C 2
+  qemu:      qemu-img info %[1]s ; qemu-io -f raw %[1]s
+  libnbd:    nbdinfo %[1]s ; nbdfuse /mnt/vol %[1]s &
+Then: mkfs.ext4 /dev/nbd0 && mount /dev/nbd0 /mnt
+Ctrl-C flushes every volume and exits.
+`, uri, apiAddr, vol, humanize.IBytes(uint64(size)), host, port)
+}
+
+func runServer(c *cli.Context) error {
+	log, err := newLogger(c.String("log-level"))
+	if err != nil {
+		return err
+	}
+	var capacity int64
+	if s := c.String("capacity"); s != "" {
+		n, err := humanize.ParseBytes(s)
+		if err != nil {
+			return fmt.Errorf("bad --capacity %q: %w", s, err)
+		}
+		capacity = int64(n)
+	}
+	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	srv, err := server.New(server.Config{DataDir: c.String("data"), ServerID: c.String("id"),
+		Listen: c.String("listen"), NBD: c.String("nbd"), AdvertiseAddr: c.String("advertise"),
+		AdvertiseNBD: c.String("advertise-nbd"), Masters: api.ParseAddrs(c.String("master")),
+		CapacityBytes: capacity, Logger: log})
+	if err != nil {
+		return err
+	}
+	fmt.Printf("blockd server %s: NBD on %s, replication on %s, master %s\n", srv.ID(), srv.NBDAddr(), srv.Addr(), c.String("master"))
+	<-ctx.Done()
+	return srv.Close()
+}

@@ -1,0 +1,111 @@
+package server
+
+import (
+	"context"
+	"sort"
+	"time"
+
+	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/replication"
+)
+
+// heartbeatLoop reports to the master and applies its replies until Close.
+// A failed heartbeat grants nothing: leases simply run out.
+func (s *Server) heartbeatLoop() {
+	failures := 0
+	for {
+		sent := time.Now()
+		ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
+		resp, err := s.client.Heartbeat(ctx, s.report())
+		cancel()
+		if s.ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			failures++
+			if failures == 1 || failures%20 == 0 {
+				s.log.Warn("heartbeat_failed", "err", err, "failures", failures)
+			}
+		} else {
+			if failures > 0 {
+				s.log.Info("heartbeat_restored", "after_failures", failures)
+			}
+			failures = 0
+			s.apply(resp, sent)
+			s.mu.Lock()
+			s.lastHB = time.Now()
+			if resp.HeartbeatIntervalMS > 0 {
+				s.hbInterval = time.Duration(resp.HeartbeatIntervalMS) * time.Millisecond
+			}
+			s.mu.Unlock()
+		}
+		s.mu.Lock()
+		wait := s.hbInterval
+		s.mu.Unlock()
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
+}
+
+// report is the heartbeat: this server and every volume it hosts.
+func (s *Server) report() api.HeartbeatRequest {
+	total, free := s.capacity()
+	req := api.HeartbeatRequest{ServerID: s.cfg.ServerID, Addr: s.Addr(), NBDAddr: s.NBDAddr(),
+		CapacityBytes: total, FreeBytes: free}
+	s.mu.Lock()
+	hs := make([]*hosted, 0, len(s.vols))
+	for _, h := range s.vols {
+		hs = append(hs, h)
+	}
+	s.mu.Unlock()
+	sort.Slice(hs, func(i, j int) bool { return hs[i].name < hs[j].name })
+	for _, h := range hs {
+		h.mu.Lock()
+		hv := api.HeartbeatVolume{Name: h.name, ID: h.id, Role: h.role, Epoch: h.vol.Epoch(),
+			HeadLSN: h.vol.HeadLSN(), CheckpointLSN: h.vol.CheckpointLSN(), DurableLSN: h.vol.DurableLSN()}
+		prim := h.prim
+		h.mu.Unlock()
+		if prim != nil {
+			for _, r := range prim.Replicas() {
+				hv.Replicas = append(hv.Replicas, api.HeartbeatReplica{ServerID: r.ServerID,
+					State: r.State.String(), FlushedLSN: r.FlushedLSN})
+			}
+		}
+		req.Volumes = append(req.Volumes, hv)
+	}
+	return req
+}
+
+// replicaTarget tells the replication receiver which volumes this server
+// holds as replica, at which epoch.
+func (s *Server) replicaTarget(volume string) (replication.ReplicaTarget, bool) {
+	s.mu.Lock()
+	h := s.vols[volume]
+	s.mu.Unlock()
+	if h == nil {
+		return replication.ReplicaTarget{}, false
+	}
+	h.mu.Lock()
+	role := h.role
+	h.mu.Unlock()
+	if role != api.RoleReplica && role != api.RoleRebuilding {
+		return replication.ReplicaTarget{}, false
+	}
+	return replication.ReplicaTarget{Vol: h.vol, Epoch: h.vol.Epoch(), Dir: h.dir}, true
+}
+
+// Serving reports whether the volume is primary here with a live lease:
+// what `blockd serve` waits for before it prints the URI.
+func (s *Server) Serving(volume string) bool {
+	s.mu.Lock()
+	h := s.vols[volume]
+	s.mu.Unlock()
+	if h == nil {
+		return false
+	}
+	_, err := h.device()
+	return err == nil && time.Now().UnixNano() < h.leaseUntil.Load()
+}

@@ -1,0 +1,263 @@
+// Package server is the volume-server daemon. It hosts volumes (blockvol),
+// heartbeats to the master (api), applies the assignments the master
+// replies with (role, epoch, lease, replica set), exports primaries over
+// NBD (nbd) and runs replication (replication) in both directions.
+//
+// The master authorises; the server only acts on what it was told, and
+// refuses writes as soon as its lease for the current epoch runs out.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/nbd"
+	"github.com/blockd/blockd/replication"
+	"github.com/blockd/blockd/vfs"
+)
+
+// Config configures a volume server.
+type Config struct {
+	// DataDir holds LOCK, server-id and volumes/NAME/ for each volume.
+	DataDir string
+	// ServerID is the stable identity the master knows this server by.
+	// Empty: the ID stored in DataDir, or a new one saved there.
+	ServerID string
+	// Listen is the replication/control address replicas are reached at.
+	Listen string
+	// AdvertiseAddr / AdvertiseNBD are reported to the master when the
+	// listen addresses are not reachable as written (e.g. 0.0.0.0).
+	AdvertiseAddr string
+	AdvertiseNBD  string
+	// NBD is the NBD listen address: host:port, or unix:/path.
+	NBD string
+	// Masters are the master API addresses.
+	Masters []string
+	// CapacityBytes overrides the capacity reported (0 = the filesystem's).
+	CapacityBytes int64
+	// LeaseGrace is how long a write waits for a lease renewal before it
+	// is refused (default 1 s): a master that answers a heartbeat late
+	// stalls writes briefly instead of failing them.
+	LeaseGrace time.Duration
+	Logger     *slog.Logger
+	FS         vfs.FS
+}
+
+// Server is a running volume server.
+type Server struct {
+	cfg    Config
+	log    *slog.Logger
+	lock   *DirLock
+	client *api.Client
+
+	nbdSrv  *nbd.Server
+	nbdLn   net.Listener
+	replLn  net.Listener
+	recv    *replication.Receiver
+	started time.Time
+
+	mu   sync.Mutex
+	vols map[string]*hosted
+	// hbInterval is the master's requested heartbeat period.
+	hbInterval time.Duration
+	lastHB     time.Time
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// New takes the data directory's lock, opens the volumes found there and
+// starts the listeners, the replication receiver and the heartbeat loop.
+func New(cfg Config) (*Server, error) {
+	if cfg.DataDir == "" {
+		return nil, errors.New("server: no data directory")
+	}
+	if len(cfg.Masters) == 0 {
+		return nil, errors.New("server: no master address")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.FS == nil {
+		cfg.FS = vfs.Default
+	}
+	if cfg.LeaseGrace <= 0 {
+		cfg.LeaseGrace = time.Second
+	}
+	lock, err := LockDir(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{cfg: cfg, lock: lock, vols: map[string]*hosted{},
+		client: api.NewClient(cfg.Masters), hbInterval: 500 * time.Millisecond, started: time.Now()}
+	ok := false
+	defer func() {
+		if !ok {
+			s.closeAll()
+		}
+	}()
+	if s.cfg.ServerID, err = serverID(cfg.DataDir, cfg.ServerID); err != nil {
+		return nil, err
+	}
+	s.log = cfg.Logger.With("server", s.cfg.ServerID)
+	if err := os.MkdirAll(s.volumesDir(), 0o755); err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	if err := s.openExisting(); err != nil {
+		return nil, err
+	}
+
+	if s.replLn, err = net.Listen("tcp", orDefault(cfg.Listen, "127.0.0.1:0")); err != nil {
+		return nil, fmt.Errorf("server: replication listener: %w", err)
+	}
+	s.recv = replication.NewReceiver(replication.ReceiverConfig{
+		ServerID: s.cfg.ServerID, Lookup: s.replicaTarget, Logger: s.log, FS: cfg.FS})
+	if s.nbdLn, err = listenNBD(orDefault(cfg.NBD, "127.0.0.1:10809")); err != nil {
+		return nil, fmt.Errorf("server: NBD listener: %w", err)
+	}
+	s.nbdSrv = nbd.NewServer(exports{s}, nbd.WithLogger(s.log))
+
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.wg.Add(3)
+	go func() { defer s.wg.Done(); _ = s.recv.Serve(s.replLn) }()
+	go func() { defer s.wg.Done(); _ = s.nbdSrv.Serve(s.nbdLn) }()
+	go func() { defer s.wg.Done(); s.heartbeatLoop() }()
+	ok = true
+	s.log.Info("server_started", "nbd", s.NBDAddr(), "addr", s.Addr(), "data", cfg.DataDir)
+	return s, nil
+}
+
+// ID is the server's stable identity.
+func (s *Server) ID() string { return s.cfg.ServerID }
+
+// Addr is the replication address reported to the master.
+func (s *Server) Addr() string {
+	if s.cfg.AdvertiseAddr != "" {
+		return s.cfg.AdvertiseAddr
+	}
+	return s.replLn.Addr().String()
+}
+
+// NBDAddr is the NBD address reported to the master and printed for users.
+func (s *Server) NBDAddr() string {
+	if s.cfg.AdvertiseNBD != "" {
+		return s.cfg.AdvertiseNBD
+	}
+	if s.nbdLn.Addr().Network() == "unix" {
+		return "unix:" + s.nbdLn.Addr().String()
+	}
+	return s.nbdLn.Addr().String()
+}
+
+// Close stops serving: no new NBD connections, in-flight requests drained,
+// every volume flushed and closed. It is what SIGTERM does.
+func (s *Server) Close() error {
+	if s.cancel != nil {
+		s.cancel()
+	}
+	var errs []error
+	if s.nbdSrv != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		if err := s.nbdSrv.Shutdown(ctx); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+			errs = append(errs, fmt.Errorf("nbd shutdown: %w", err))
+		}
+		cancel()
+	}
+	if s.recv != nil {
+		_ = s.recv.Close()
+	}
+	s.wg.Wait()
+	errs = append(errs, s.closeAll())
+	return errors.Join(errs...)
+}
+
+func (s *Server) closeAll() error {
+	var errs []error
+	s.mu.Lock()
+	vols := s.vols
+	s.vols = map[string]*hosted{}
+	s.mu.Unlock()
+	for _, h := range vols {
+		if err := h.close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if s.nbdLn != nil {
+		_ = s.nbdLn.Close()
+	}
+	if s.replLn != nil {
+		_ = s.replLn.Close()
+	}
+	s.lock.Release()
+	return errors.Join(errs...)
+}
+
+func (s *Server) volumesDir() string { return filepath.Join(s.cfg.DataDir, "volumes") }
+
+func listenNBD(addr string) (net.Listener, error) {
+	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
+		_ = os.Remove(path) // a socket left by a killed server
+		return net.Listen("unix", path)
+	}
+	return net.Listen("tcp", addr)
+}
+
+func orDefault(s, d string) string {
+	if s == "" {
+		return d
+	}
+	return s
+}
+
+// serverID returns the configured ID, or the one stored in dir, or a new
+// one it stores there. A stored ID that differs from a configured one is an
+// error: the data belongs to another server identity.
+func serverID(dir, configured string) (string, error) {
+	path := filepath.Join(dir, "server-id")
+	b, err := os.ReadFile(path)
+	stored := strings.TrimSpace(string(b))
+	switch {
+	case err == nil && stored != "" && configured != "" && stored != configured:
+		return "", fmt.Errorf("server: data directory %s belongs to server %q, not %q", dir, stored, configured)
+	case err == nil && stored != "":
+		return stored, nil
+	case err != nil && !errors.Is(err, os.ErrNotExist):
+		return "", fmt.Errorf("server: read server id: %w", err)
+	}
+	id := configured
+	if id == "" {
+		h, _ := os.Hostname()
+		id = fmt.Sprintf("%s-%d", strings.SplitN(h, ".", 2)[0], time.Now().UnixNano()%1e6)
+	}
+	if err := os.WriteFile(path, []byte(id+"\n"), 0o644); err != nil {
+		return "", fmt.Errorf("server: save server id: %w", err)
+	}
+	return id, nil
+}
+
+// capacity reports the data filesystem's total and free bytes.
+func (s *Server) capacity() (total, free int64) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(s.cfg.DataDir, &st); err == nil {
+		total, free = int64(st.Blocks)*st.Bsize, int64(st.Bavail)*st.Bsize
+	}
+	if s.cfg.CapacityBytes > 0 {
+		total = s.cfg.CapacityBytes
+		if free > total {
+			free = total
+		}
+	}
+	return total, free
+}
