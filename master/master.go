@@ -209,6 +209,20 @@ func (m *Master) startRaft() error {
 	}
 	m.id = id
 
+	var peers []raft.Server
+	selfListed := false
+	for _, p := range cfg.Peers {
+		pid, paddr, err := parsePeer(p)
+		if err != nil {
+			return err
+		}
+		selfListed = selfListed || pid == id
+		peers = append(peers, raft.Server{ID: raft.ServerID(pid), Address: raft.ServerAddress(paddr)})
+	}
+	if len(peers) > 0 && !selfListed {
+		return fmt.Errorf("master: --peers must list this master as %s=RAFTADDR (its API address is its raft ID)", id)
+	}
+
 	rc := raft.DefaultConfig()
 	rc.LocalID = raft.ServerID(id)
 	rc.Logger = hclog.New(&hclog.LoggerOptions{Name: "raft", Level: hclog.Warn, Output: &slogWriter{log: m.log}})
@@ -259,25 +273,24 @@ func (m *Master) startRaft() error {
 	}
 	m.raft = r
 
+	fail := func(err error) error {
+		_ = r.Shutdown().Error()
+		m.closeTransport()
+		store.Close()
+		m.raft = nil
+		return err
+	}
 	has, err := raft.HasExistingState(logs, store, snaps)
 	if err != nil {
-		return fmt.Errorf("master: inspect raft state: %w", err)
+		return fail(fmt.Errorf("master: inspect raft state: %w", err))
 	}
 	if !has && cfg.Join == "" {
-		conf := raft.Configuration{}
+		conf := raft.Configuration{Servers: peers}
 		if single {
 			conf.Servers = []raft.Server{{ID: rc.LocalID, Address: self}}
-		} else {
-			for _, p := range cfg.Peers {
-				pid, paddr, err := parsePeer(p)
-				if err != nil {
-					return err
-				}
-				conf.Servers = append(conf.Servers, raft.Server{ID: raft.ServerID(pid), Address: raft.ServerAddress(paddr)})
-			}
 		}
 		if err := r.BootstrapCluster(conf).Error(); err != nil && !errors.Is(err, raft.ErrCantBootstrap) {
-			return fmt.Errorf("master: bootstrap: %w", err)
+			return fail(fmt.Errorf("master: bootstrap: %w", err))
 		}
 		m.log.Info("raft_bootstrapped", "servers", len(conf.Servers))
 	}
@@ -294,8 +307,17 @@ func (m *Master) closeTransport() {
 func (m *Master) join() {
 	defer m.wg.Done()
 	c := api.NewClient(api.ParseAddrs(m.cfg.Join))
+	stopCtx, stopCancel := context.WithCancel(context.Background())
+	defer stopCancel()
+	go func() {
+		select {
+		case <-m.stop:
+			stopCancel()
+		case <-stopCtx.Done():
+		}
+	}()
 	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		ctx, cancel := context.WithTimeout(stopCtx, 10*time.Second)
 		err := c.Join(ctx, api.JoinRequest{ID: m.id, RaftAddr: m.cfg.RaftAddr})
 		cancel()
 		if err == nil {

@@ -644,3 +644,25 @@ func TestJoin(t *testing.T) {
 		t.Fatalf("volumes %s, %v", joinIDs(vols), err)
 	}
 }
+
+func TestStartRejectsBadConfig(t *testing.T) {
+	api1 := freePort(t)
+	for name, cfg := range map[string]Config{
+		"no data dir":     {APIAddr: "127.0.0.1:0"},
+		"malformed peer":  {DataDir: t.TempDir(), APIAddr: api1, RaftAddr: freePort(t), Peers: []string{"garbage"}},
+		"self not listed": {DataDir: t.TempDir(), APIAddr: api1, RaftAddr: freePort(t), Peers: []string{"127.0.0.1:1=127.0.0.1:2"}},
+		"peers w/o raft":  {DataDir: t.TempDir(), APIAddr: api1, Peers: []string{api1 + "=127.0.0.1:2"}},
+	} {
+		cfg.Logger = (&logSink{}).logger()
+		m, err := Start(cfg)
+		if err == nil {
+			m.Close()
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	// The port is free again: a rejected start leaks no listener.
+	m := startMaster(t, Config{DataDir: t.TempDir(), APIAddr: api1, Logger: (&logSink{}).logger()})
+	if err := m.WaitLeader(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+}
