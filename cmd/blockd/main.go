@@ -6,6 +6,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/urfave/cli/v2"
 )
@@ -23,8 +24,76 @@ func main() {
 		// One-line reason on stderr and a non-zero exit, per DESIGN.md §8.
 		ExitErrHandler: func(_ *cli.Context, err error) {},
 	}
-	if err := app.Run(os.Args); err != nil {
+	if err := app.Run(flagsFirst(app.Commands, os.Args)); err != nil {
 		fmt.Fprintf(os.Stderr, "blockd: %v\n", err)
 		os.Exit(1)
 	}
+}
+
+// flagsFirst moves a command's flags in front of its positional arguments.
+// DESIGN.md §8 writes flags after the names (`blockd volume info NAME -o
+// json`), but urfave/cli stops parsing flags at the first positional
+// argument. Flags that take a value keep it; "--" ends the flags.
+func flagsFirst(cmds []*cli.Command, args []string) []string {
+	if len(args) < 2 {
+		return args
+	}
+	out := []string{args[0]}
+	var cmd *cli.Command
+	i := 1
+	for ; i < len(args); i++ {
+		c := findCommand(cmds, args[i])
+		if c == nil {
+			break
+		}
+		out, cmd, cmds = append(out, args[i]), c, c.Subcommands
+	}
+	if cmd == nil {
+		return args
+	}
+	var flags, pos []string
+	rest := args[i:]
+	for j := 0; j < len(rest); j++ {
+		a := rest[j]
+		switch {
+		case a == "--":
+			pos = append(pos, rest[j+1:]...)
+			j = len(rest)
+		case strings.HasPrefix(a, "-") && a != "-":
+			flags = append(flags, a)
+			name := strings.TrimLeft(a, "-")
+			if !strings.Contains(name, "=") && takesValue(cmd, name) && j+1 < len(rest) {
+				flags = append(flags, rest[j+1])
+				j++
+			}
+		default:
+			pos = append(pos, a)
+		}
+	}
+	out = append(out, flags...)
+	if len(pos) > 0 {
+		out = append(append(out, "--"), pos...)
+	}
+	return out
+}
+
+func findCommand(cmds []*cli.Command, name string) *cli.Command {
+	for _, c := range cmds {
+		if c.HasName(name) {
+			return c
+		}
+	}
+	return nil
+}
+
+func takesValue(cmd *cli.Command, name string) bool {
+	for _, f := range cmd.Flags {
+		for _, n := range f.Names() {
+			if n == name {
+				_, isBool := f.(*cli.BoolFlag)
+				return !isBool
+			}
+		}
+	}
+	return false
 }
