@@ -200,6 +200,9 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 		}
 		if r, ok := reports[v.Name]; ok && r.Epoch > v.Epoch {
 			m.log.Warn("epoch_ahead_of_registry", "volume", v.Name, "server", req.ServerID, "reported_epoch", r.Epoch, "epoch", v.Epoch)
+		} else if ok && r.Role == api.RolePrimary && r.Epoch == v.Epoch && v.Primary != req.ServerID && !ld.unknownLogged["conflict/"+key] {
+			ld.unknownLogged["conflict/"+key] = true // the registry wins: it is told to be a replica
+			m.log.Warn("role_conflict", "volume", v.Name, "server", req.ServerID, "reported_role", r.Role, "epoch", v.Epoch, "primary", v.Primary)
 		}
 		resp.Assignments = append(resp.Assignments, a)
 	}

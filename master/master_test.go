@@ -250,7 +250,7 @@ func TestAutomaticFailover(t *testing.T) {
 // deferred failover: no epoch bump.
 func TestReturningPrimaryCancelsFailover(t *testing.T) {
 	var logs logSink
-	m := startMaster(t, Config{DataDir: t.TempDir(), APIAddr: "127.0.0.1:0", LeaseTTL: 3 * time.Second, HeartbeatInterval: 100 * time.Millisecond, Logger: logs.logger()})
+	m := startMaster(t, Config{DataDir: t.TempDir(), APIAddr: "127.0.0.1:0", LeaseTTL: 4 * time.Second, HeartbeatInterval: 100 * time.Millisecond, Logger: logs.logger()})
 	if err := m.WaitLeader(ctxT(t)); err != nil {
 		t.Fatal(err)
 	}
@@ -278,7 +278,7 @@ func TestReturningPrimaryCancelsFailover(t *testing.T) {
 	p.run(100 * time.Millisecond)
 	waitFor(t, "failover_cancelled", 20*time.Second, func() bool { return len(logs.find("failover_cancelled", "volume", "v")) > 0 })
 	// Well past the original deadline, the epoch has not moved.
-	time.Sleep(3500 * time.Millisecond)
+	time.Sleep(4500 * time.Millisecond)
 	if e := volInfo(t, c, "v").Epoch; e != 1 {
 		t.Fatalf("epoch = %d after the primary returned", e)
 	}
