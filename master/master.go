@@ -481,7 +481,14 @@ type slogWriter struct{ log *slog.Logger }
 func (w *slogWriter) Write(p []byte) (int, error) {
 	sc := bufio.NewScanner(strings.NewReader(string(p)))
 	for sc.Scan() {
-		if line := strings.TrimSpace(sc.Text()); line != "" {
+		line := strings.TrimSpace(sc.Text())
+		switch {
+		case line == "":
+		case strings.Contains(line, "[ERROR]"):
+			w.log.Error("raft", "line", line)
+		case strings.Contains(line, "[WARN]"):
+			w.log.Warn("raft", "line", line)
+		default:
 			w.log.Info("raft", "line", line)
 		}
 	}
