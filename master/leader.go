@@ -180,7 +180,10 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 		if a.Role == api.RolePrimary {
 			if nb, ok := ld.leaseNotBefore[v.Name]; ok && now.Before(nb) {
 				a.LeaseTTLMS = 0
-				m.log.Info("lease_withheld", "volume", v.Name, "server", req.ServerID, "epoch", v.Epoch, "wait_ms", nb.Sub(now).Milliseconds())
+				if wk := fmt.Sprintf("withheld/%s/%s@%d", v.Name, req.ServerID, v.Epoch); !ld.unknownLogged[wk] {
+					ld.unknownLogged[wk] = true
+					m.log.Info("lease_withheld", "volume", v.Name, "server", req.ServerID, "epoch", v.Epoch, "wait_ms", nb.Sub(now).Milliseconds())
+				}
 			} else {
 				a.LeaseTTLMS = m.cfg.LeaseTTL.Milliseconds()
 			}
