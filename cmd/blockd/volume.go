@@ -20,7 +20,7 @@ import (
 
 // `blockd volume ...`: the master's client commands (DESIGN.md §8).
 
-func clientFlags(extra ...cli.Flag) []cli.Flag {
+func volClientFlags(extra ...cli.Flag) []cli.Flag {
 	return append([]cli.Flag{
 		&cli.StringFlag{Name: "master", Value: api.DefaultMaster, EnvVars: []string{"BLOCKD_MASTER"}, Usage: "master API address(es), comma-separated"},
 		&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "output format: json (default: text)"},
@@ -28,7 +28,7 @@ func clientFlags(extra ...cli.Flag) []cli.Flag {
 	}, extra...)
 }
 
-func policyFlags() []cli.Flag {
+func volPolicyFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: "size", Usage: "volume size in human units (512MiB, 10GiB, 1TB)"},
 		&cli.IntFlag{Name: "rf", Usage: "replication factor (copies, primary included); default from the preset"},
@@ -45,20 +45,20 @@ func init() {
 		Usage: "create, inspect, resize, delete and promote volumes (talks to the master)",
 		Subcommands: []*cli.Command{
 			{Name: "create", Usage: "create a volume", ArgsUsage: "NAME --size SIZE [--rf N] [--durability MODE] [--preset NAME] [--wal-size SIZE]",
-				Flags: clientFlags(policyFlags()...), Action: volumeCmd(volCreate)},
-			{Name: "list", Usage: "list volumes", Flags: clientFlags(), Action: volumeCmd(volList)},
-			{Name: "info", Usage: "show one volume", ArgsUsage: "NAME", Flags: clientFlags(), Action: volumeCmd(volInfo)},
-			{Name: "delete", Usage: "delete a volume (servers drop its data)", ArgsUsage: "NAME", Flags: clientFlags(), Action: volumeCmd(volDelete)},
+				Flags: volClientFlags(volPolicyFlags()...), Action: volumeCmd(volCreate)},
+			{Name: "list", Usage: "list volumes", Flags: volClientFlags(), Action: volumeCmd(volList)},
+			{Name: "info", Usage: "show one volume", ArgsUsage: "NAME", Flags: volClientFlags(), Action: volumeCmd(volInfo)},
+			{Name: "delete", Usage: "delete a volume (servers drop its data)", ArgsUsage: "NAME", Flags: volClientFlags(), Action: volumeCmd(volDelete)},
 			{Name: "expand", Usage: "grow a volume", ArgsUsage: "NAME --size SIZE",
-				Flags: clientFlags(&cli.StringFlag{Name: "size", Usage: "new size (human units); may only grow"}), Action: volumeCmd(volExpand)},
+				Flags: volClientFlags(&cli.StringFlag{Name: "size", Usage: "new size (human units); may only grow"}), Action: volumeCmd(volExpand)},
 			{Name: "plan", Usage: "dry run of create: resolved policy and placement", ArgsUsage: "[NAME] --size SIZE [...]",
-				Flags: clientFlags(policyFlags()...), Action: volumeCmd(volPlan)},
+				Flags: volClientFlags(volPolicyFlags()...), Action: volumeCmd(volPlan)},
 			{Name: "resolve", Usage: "dry run of preset resolution", ArgsUsage: "[NAME] --size SIZE [...]",
-				Flags: clientFlags(policyFlags()...), Action: volumeCmd(volResolve)},
+				Flags: volClientFlags(volPolicyFlags()...), Action: volumeCmd(volResolve)},
 			{Name: "preflight", Usage: "read-only: which replica could be promoted, and why not", ArgsUsage: "NAME",
-				Flags: clientFlags(), Action: volumeCmd(volPreflight)},
+				Flags: volClientFlags(), Action: volumeCmd(volPreflight)},
 			{Name: "promote", Usage: "make a replica the primary (epoch+1)", ArgsUsage: "NAME [--target ID] [--force]",
-				Flags: clientFlags(
+				Flags: volClientFlags(
 					&cli.StringFlag{Name: "target", Usage: "server ID to promote (default: the best candidate)"},
 					&cli.BoolFlag{Name: "force", Usage: "bypass soft gates (lag, not in sync, lower LSN, live primary); hard gates still hold"},
 				), Action: volumeCmd(volPromote)},
@@ -79,7 +79,7 @@ type volCtx struct {
 func volumeCmd(fn func(*volCtx) error) cli.ActionFunc {
 	return func(c *cli.Context) error {
 		name := "volume " + c.Command.Name
-		args, err := flagsAfterArgs(c)
+		args, err := volFlagsAfterArgs(c)
 		if err != nil {
 			return fmt.Errorf("%s: %w", name, err)
 		}
@@ -94,13 +94,13 @@ func volumeCmd(fn func(*volCtx) error) cli.ActionFunc {
 		cl.RetryFor = c.Duration("timeout")
 		v := &volCtx{c: c, args: args, cl: cl, ctx: ctx, json: c.String("output") == "json", out: os.Stdout}
 		if err := fn(v); err != nil {
-			return fmt.Errorf("%s: %w", name, oneLine(err))
+			return fmt.Errorf("%s: %w", name, volOneLine(err))
 		}
 		return nil
 	}
 }
 
-func oneLine(err error) error {
+func volOneLine(err error) error {
 	var ae *api.Error
 	if errors.As(err, &ae) {
 		return errors.New(strings.ReplaceAll(ae.Error(), "\n", " "))
@@ -112,7 +112,7 @@ func oneLine(err error) error {
 // (`volume create NAME --size 1GiB`): urfave/cli stops at the first
 // positional, so the rest is parsed with the command's own flags and set
 // on the context. It returns the positional arguments.
-func flagsAfterArgs(c *cli.Context) ([]string, error) {
+func volFlagsAfterArgs(c *cli.Context) ([]string, error) {
 	rest := c.Args().Slice()
 	var pos []string
 	for len(rest) > 0 {
@@ -167,7 +167,7 @@ func (v *volCtx) name(optional bool) (string, error) {
 }
 
 // parseSize reads human units; align rounds up to a multiple of align.
-func parseSize(flagName, s string, align int64) (int64, error) {
+func volParseSize(flagName, s string, align int64) (int64, error) {
 	if s == "" {
 		return 0, nil
 	}
@@ -195,10 +195,10 @@ func (v *volCtx) policy(name string) (api.CreateVolumeRequest, error) {
 	}
 	req := api.CreateVolumeRequest{Name: name, RF: c.Int("rf"), Durability: c.String("durability"), Preset: c.String("preset"), BlockSize: c.Int("block-size")}
 	var err error
-	if req.SizeBytes, err = parseSize("size", c.String("size"), bs); err != nil {
+	if req.SizeBytes, err = volParseSize("size", c.String("size"), bs); err != nil {
 		return req, err
 	}
-	if req.WALSizeBytes, err = parseSize("wal-size", c.String("wal-size"), bs); err != nil {
+	if req.WALSizeBytes, err = volParseSize("wal-size", c.String("wal-size"), bs); err != nil {
 		return req, err
 	}
 	return req, nil
@@ -210,7 +210,7 @@ func (v *volCtx) emitJSON(x any) error {
 	return enc.Encode(x)
 }
 
-func size(n int64) string {
+func volHumanSize(n int64) string {
 	if n < 0 {
 		return fmt.Sprint(n)
 	}
@@ -223,7 +223,7 @@ func (v *volCtx) printInfo(i *api.VolumeInfo) error {
 	}
 	w := tabwriter.NewWriter(v.out, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(w, "name:\t%s\n", i.Name)
-	fmt.Fprintf(w, "size:\t%s (%d bytes)\n", size(i.SizeBytes), i.SizeBytes)
+	fmt.Fprintf(w, "size:\t%s (%d bytes)\n", volHumanSize(i.SizeBytes), i.SizeBytes)
 	fmt.Fprintf(w, "block size:\t%d\n", i.BlockSize)
 	fmt.Fprintf(w, "status:\t%s\n", i.Status)
 	fmt.Fprintf(w, "epoch:\t%d\n", i.Epoch)
@@ -232,7 +232,7 @@ func (v *volCtx) printInfo(i *api.VolumeInfo) error {
 	if i.Preset != "" {
 		fmt.Fprintf(w, "preset:\t%s\n", i.Preset)
 	}
-	fmt.Fprintf(w, "wal size:\t%s\n", size(i.WALSizeBytes))
+	fmt.Fprintf(w, "wal size:\t%s\n", volHumanSize(i.WALSizeBytes))
 	fmt.Fprintf(w, "primary:\t%s nbd=%s addr=%s head_lsn=%d\n", i.Primary.ServerID, i.Primary.NBDAddr, i.Primary.Addr, i.HeadLSN)
 	for _, r := range i.Replicas {
 		fmt.Fprintf(w, "replica:\t%s %s flushed_lsn=%d addr=%s\n", r.ServerID, r.State, r.FlushedLSN, r.Addr)
@@ -277,7 +277,7 @@ func volList(v *volCtx) error {
 		for _, r := range i.Replicas {
 			reps = append(reps, r.ServerID+":"+r.State)
 		}
-		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%d\t%s\t%s\t%s\n", i.Name, size(i.SizeBytes), i.RF, i.Durability, i.Epoch, i.Status, i.Primary.ServerID, strings.Join(reps, ","))
+		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%d\t%s\t%s\t%s\n", i.Name, volHumanSize(i.SizeBytes), i.RF, i.Durability, i.Epoch, i.Status, i.Primary.ServerID, strings.Join(reps, ","))
 	}
 	return w.Flush()
 }
@@ -317,7 +317,7 @@ func volExpand(v *volCtx) error {
 	if v.c.String("size") == "" {
 		return errors.New("--size is required")
 	}
-	sz, err := parseSize("size", v.c.String("size"), 0)
+	sz, err := volParseSize("size", v.c.String("size"), 0)
 	if err != nil {
 		return err
 	}
@@ -328,7 +328,7 @@ func volExpand(v *volCtx) error {
 	return v.printInfo(info)
 }
 
-func printWarnings(w io.Writer, ws []api.Warning, es []api.Error) {
+func volPrintWarnings(w io.Writer, ws []api.Warning, es []api.Error) {
 	for _, x := range ws {
 		fmt.Fprintf(w, "warning:\t%s: %s\n", x.Code, x.Message)
 	}
@@ -337,19 +337,19 @@ func printWarnings(w io.Writer, ws []api.Warning, es []api.Error) {
 	}
 }
 
-func printPolicy(w io.Writer, p api.ResolvedPolicy) {
+func volPrintPolicy(w io.Writer, p api.ResolvedPolicy) {
 	if p.Preset != "" {
 		fmt.Fprintf(w, "preset:\t%s\n", p.Preset)
 	}
-	fmt.Fprintf(w, "size:\t%s (%d bytes)\n", size(p.SizeBytes), p.SizeBytes)
+	fmt.Fprintf(w, "size:\t%s (%d bytes)\n", volHumanSize(p.SizeBytes), p.SizeBytes)
 	fmt.Fprintf(w, "block size:\t%d\n", p.BlockSize)
 	fmt.Fprintf(w, "rf:\t%d\n", p.RF)
 	fmt.Fprintf(w, "durability:\t%s\n", p.Durability)
-	fmt.Fprintf(w, "wal size:\t%s\n", size(p.WALSizeBytes))
+	fmt.Fprintf(w, "wal size:\t%s\n", volHumanSize(p.WALSizeBytes))
 }
 
 // dryRunErr makes a dry run that found errors exit non-zero (after printing).
-func dryRunErr(es []api.Error) error {
+func volDryRunErr(es []api.Error) error {
 	if len(es) == 0 {
 		return nil
 	}
@@ -373,23 +373,23 @@ func volPlan(v *volCtx) error {
 		if err := v.emitJSON(p); err != nil {
 			return err
 		}
-		return dryRunErr(p.Errors)
+		return volDryRunErr(p.Errors)
 	}
 	w := tabwriter.NewWriter(v.out, 0, 4, 2, ' ', 0)
-	printPolicy(w, p.Policy)
+	volPrintPolicy(w, p.Policy)
 	if p.Primary != "" {
 		fmt.Fprintf(w, "primary:\t%s\n", p.Primary)
 		fmt.Fprintf(w, "replicas:\t%s\n", strings.Join(p.Replicas, ","))
 	}
-	printWarnings(w, p.Warnings, p.Errors)
+	volPrintWarnings(w, p.Warnings, p.Errors)
 	fmt.Fprintln(w, "\nSERVER\tVOLUMES\tFREE\tSELECTED\tREJECTION")
 	for _, c := range p.Candidates {
-		fmt.Fprintf(w, "%s\t%d\t%s\t%v\t%s\n", c.ServerID, c.VolumeCount, size(c.FreeBytes), c.Selected, c.Rejection)
+		fmt.Fprintf(w, "%s\t%d\t%s\t%v\t%s\n", c.ServerID, c.VolumeCount, volHumanSize(c.FreeBytes), c.Selected, c.Rejection)
 	}
 	if err := w.Flush(); err != nil {
 		return err
 	}
-	return dryRunErr(p.Errors)
+	return volDryRunErr(p.Errors)
 }
 
 func volResolve(v *volCtx) error {
@@ -409,18 +409,18 @@ func volResolve(v *volCtx) error {
 		if err := v.emitJSON(r); err != nil {
 			return err
 		}
-		return dryRunErr(r.Errors)
+		return volDryRunErr(r.Errors)
 	}
 	w := tabwriter.NewWriter(v.out, 0, 4, 2, ' ', 0)
-	printPolicy(w, r.Policy)
-	printWarnings(w, r.Warnings, r.Errors)
+	volPrintPolicy(w, r.Policy)
+	volPrintWarnings(w, r.Warnings, r.Errors)
 	if err := w.Flush(); err != nil {
 		return err
 	}
-	return dryRunErr(r.Errors)
+	return volDryRunErr(r.Errors)
 }
 
-func printCandidates(w io.Writer, cs []api.Candidate) {
+func volPrintCandidates(w io.Writer, cs []api.Candidate) {
 	fmt.Fprintln(w, "SERVER\tELIGIBLE\tFORCEABLE\tROLE\tEPOCH\tSTATE\tFLUSHED_LSN\tREASONS")
 	for _, c := range cs {
 		fmt.Fprintf(w, "%s\t%v\t%v\t%s\t%d\t%s\t%d\t%s\n", c.ServerID, c.Eligible, c.Forceable, c.Role, c.Epoch, c.State, c.FlushedLSN, strings.Join(c.Reasons, ","))
@@ -452,7 +452,7 @@ func volPreflight(v *volCtx) error {
 		fmt.Fprintf(w, "blockers:\t%s\n", strings.Join(p.Blockers, ","))
 	}
 	fmt.Fprintln(w)
-	printCandidates(w, p.Candidates)
+	volPrintCandidates(w, p.Candidates)
 	return w.Flush()
 }
 

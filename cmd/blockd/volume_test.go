@@ -12,9 +12,9 @@ func TestFlagsAfterArgs(t *testing.T) {
 	var rf int
 	app := &cli.App{Name: "t", Commands: []*cli.Command{{
 		Name:  "create",
-		Flags: clientFlags(policyFlags()...),
+		Flags: volClientFlags(volPolicyFlags()...),
 		Action: func(c *cli.Context) error {
-			a, err := flagsAfterArgs(c)
+			a, err := volFlagsAfterArgs(c)
 			gotArgs, size, master, rf = a, c.String("size"), c.String("master"), c.Int("rf")
 			return err
 		},
@@ -32,13 +32,13 @@ func TestFlagsAfterArgs(t *testing.T) {
 
 func TestParseSize(t *testing.T) {
 	for in, want := range map[string]int64{"512MiB": 512 << 20, "10GiB": 10 << 30, "1TB": 1e12, "4096": 4096, "1GB": 1000001536} {
-		got, err := parseSize("size", in, 4096)
+		got, err := volParseSize("size", in, 4096)
 		if err != nil || got != want {
 			t.Errorf("%s = %d, %v; want %d", in, got, err, want)
 		}
 	}
 	for _, in := range []string{"ten", "-1G", "1ZiB"} {
-		if _, err := parseSize("size", in, 4096); err == nil {
+		if _, err := volParseSize("size", in, 4096); err == nil {
 			t.Errorf("%s accepted", in)
 		}
 	}
