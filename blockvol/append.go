@@ -47,7 +47,6 @@ func (c *completion) markDone(lsn, end uint64) {
 		return
 	}
 	c.done, c.doneEnd = lsn, end
-	defer c.doneA.Store(c.done)
 	for {
 		i := (c.done + 1) & compMask
 		e := c.ends[i]
@@ -58,6 +57,7 @@ func (c *completion) markDone(lsn, end uint64) {
 		c.done++
 		c.doneEnd = e
 	}
+	c.doneA.Store(c.done)
 	c.cond.Broadcast()
 	c.mu.Unlock()
 }
@@ -233,6 +233,9 @@ func (v *Volume) appendRecord(rec wal.Record, fixedLSN bool) (uint64, error) {
 		return 0, ioError(fmt.Errorf("append LSN %d: %w", rec.LSN, err))
 	}
 	dataPos := start + wal.HeaderSize
+	if v.trace != nil {
+		v.trace("append lsn=%d gen=%d %s blk=%d n=%d start=%d", rec.LSN, rec.Gen, rec.Type, rec.Offset>>v.bshift, rec.Length>>v.bshift, start)
+	}
 	switch rec.Type {
 	case wal.Write:
 		v.dirty.putRange(uint64(rec.Offset)>>v.bshift, uint64(rec.Length)>>v.bshift, dataPos, uint64(v.bs))

@@ -8,12 +8,14 @@ import (
 	"math/rand/v2"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/blockd/blockd/vfs"
+	"github.com/blockd/blockd/wal"
 )
 
 var crashCycles = flag.Int("crash.cycles", 0, "power-cut cycles for TestPowerCutRandomized (0: $BLOCKVOL_CRASH_CYCLES or 1000)")
@@ -230,6 +232,7 @@ func TestPowerCutRandomized(t *testing.T) {
 	const writers = 4
 	fs := vfs.NewCrashFS()
 	opts := Options{Size: nblocks * 4096, WALSize: 64 << 10, FS: fs, Logger: testLogger(t), WALFullTimeout: 200 * time.Millisecond}
+	tr := &tracer{}
 	v, err := Create("/vol", opts)
 	if err != nil {
 		t.Fatal(err)
@@ -265,7 +268,7 @@ func TestPowerCutRandomized(t *testing.T) {
 			cut = CutOptions{KeepProb: 0.9}
 		}
 		cut.Rand = rand.New(rand.NewPCG(r.Uint64(), 7))
-		clean := r.IntN(20) == 0
+		clean := r.IntN(20) == 0 || os.Getenv("CRASH_ALL_CLEAN") != ""
 		var newFS *vfs.CrashFS
 		if !clean {
 			// Cut after a random number of file operations (or when the
@@ -300,11 +303,16 @@ func TestPowerCutRandomized(t *testing.T) {
 		}
 		fs = newFS
 		opts.FS = fs
-		v, err = Open("/vol", opts)
+		tr.add("---- cycle %d cut %+v clean %v", c, cut, clean)
+		v, err = openTraced("/vol", opts, tr)
 		if err != nil {
 			t.Fatalf("cycle %d: recovery failed (cut %+v): %v", c, cut, err)
 		}
 		if err := m.verify(v, nblocks); err != nil {
+			t.Log(debugDump(v))
+			if os.Getenv("BLOCKVOL_TRACE") != "" {
+				os.WriteFile(os.Getenv("BLOCKVOL_TRACE"), []byte(strings.Join(tr.lines, "\n")), 0o644)
+			}
 			t.Fatalf("cycle %d (cut keep=%v tear=%v clean=%v): %v", c, cut.KeepProb, cut.Tear, clean, err)
 		}
 	}
@@ -412,3 +420,35 @@ var (
 	errNoSpace = syscall.ENOSPC
 	errEIO     = syscall.EIO
 )
+
+func debugDump(v *Volume) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "sb: %+v\nhead %d ckpt %d tail %d/%d dirty %d zeros %d\n", v.sb, v.HeadLSN(), v.CheckpointLSN(), v.tailLSN.Load(), v.tailPos.Load(), v.dirty.len(), v.zeros.n.Load())
+	res, err := wal.Scan(v.walF, v.ring, wal.ScanOptions{From: v.sb.TailPos, FirstLSN: v.sb.TailLSN}, func(pos uint64, r wal.Record) error {
+		fmt.Fprintf(&b, "  pos %d lsn %d gen %d %s off %d len %d\n", pos, r.LSN, r.Gen, r.Type, r.Offset/4096, r.Length/4096)
+		return nil
+	})
+	fmt.Fprintf(&b, "scan: %+v %v\n", res, err)
+	return b.String()
+}
+
+type tracer struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (t *tracer) add(format string, args ...any) {
+	t.mu.Lock()
+	t.lines = append(t.lines, fmt.Sprintf(format, args...))
+	if len(t.lines) > 20000 {
+		t.lines = t.lines[10000:]
+	}
+	t.mu.Unlock()
+}
+
+// openTraced opens with tracing on from the start (recovery included).
+func openTraced(dir string, o Options, tr *tracer) (*Volume, error) {
+	testTrace = tr.add
+	defer func() { testTrace = nil }()
+	return Open(dir, o)
+}

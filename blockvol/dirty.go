@@ -10,10 +10,21 @@ import (
 // data not yet in the extent. One uint64 key and one uint64 value per
 // dirty block, in maps sharded by groups of 16 blocks so that concurrent
 // writers rarely share a lock and a multi-block write takes few.
+//
+// Bit 0 of a value (positions are 8-aligned) is the replaced flag: the
+// block had an older unflushed version. The flusher must then write the
+// block even when its newest version lies beyond the batch it
+// checkpoints: the map no longer holds the older version, and once the
+// checkpoint passes it, only the extent can keep it (or something newer).
 type dirtyMap struct {
 	shards [dirtyShards]dirtyShard
 	n      atomic.Int64
 }
+
+const replacedFlag = 1
+
+func posOfVal(v uint64) uint64 { return v &^ replacedFlag }
+
 
 const (
 	dirtyShards     = 64
@@ -54,8 +65,8 @@ func (d *dirtyMap) putRange(first, n, pos, bs uint64) {
 			if !ok {
 				added++
 				s.m[b] = p
-			} else if old < p {
-				s.m[b] = p
+			} else if posOfVal(old) < p {
+				s.m[b] = p | replacedFlag
 			}
 		}
 		s.mu.Unlock()
@@ -68,30 +79,60 @@ func (d *dirtyMap) get(b uint64) (uint64, bool) {
 	s.mu.RLock()
 	p, ok := s.m[b]
 	s.mu.RUnlock()
-	return p, ok
+	return posOfVal(p), ok
 }
 
 func (d *dirtyMap) len() int64 { return d.n.Load() }
 
-type dirtyEnt struct{ block, pos uint64 }
+// dirtyEnt is a collected entry; val is the map value (position and
+// replaced flag).
+type dirtyEnt struct{ block, val uint64 }
 
-// collect appends the entries with position < before, sorted by block.
+func (e dirtyEnt) pos() uint64 { return posOfVal(e.val) }
+
+// collect appends, sorted by block, the entries with position < before
+// and the replaced ones.
 func (d *dirtyMap) collect(dst []dirtyEnt, before uint64) []dirtyEnt {
+	dst = d.collectFn(dst, func(_, val uint64) bool {
+		return posOfVal(val) < before || val&replacedFlag != 0
+	})
+	sort.Slice(dst, func(i, j int) bool { return dst[i].block < dst[j].block })
+	return dst
+}
+
+// collectFn appends the entries for which keep is true, unsorted.
+func (d *dirtyMap) collectFn(dst []dirtyEnt, keep func(block, val uint64) bool) []dirtyEnt {
 	for i := range d.shards {
 		s := &d.shards[i]
 		s.mu.RLock()
 		for b, p := range s.m {
-			if p < before {
+			if keep(b, p) {
 				dst = append(dst, dirtyEnt{b, p})
 			}
 		}
 		s.mu.RUnlock()
 	}
-	sort.Slice(dst, func(i, j int) bool { return dst[i].block < dst[j].block })
 	return dst
 }
 
-// removeIf deletes the entries that still hold the given positions.
+// removeFn deletes the entries for which drop is true.
+func (d *dirtyMap) removeFn(drop func(block, val uint64) bool) {
+	var removed int64
+	for i := range d.shards {
+		s := &d.shards[i]
+		s.mu.Lock()
+		for b, p := range s.m {
+			if drop(b, p) {
+				delete(s.m, b)
+				removed++
+			}
+		}
+		s.mu.Unlock()
+	}
+	d.n.Add(-removed)
+}
+
+// removeIf deletes the entries that still hold the given values.
 func (d *dirtyMap) removeIf(ents []dirtyEnt) {
 	var removed int64
 	for i := 0; i < len(ents); {
@@ -99,7 +140,7 @@ func (d *dirtyMap) removeIf(ents []dirtyEnt) {
 		s.mu.Lock()
 		for ; i < len(ents) && d.shard(ents[i].block) == s; i++ {
 			e := ents[i]
-			if p, ok := s.m[e.block]; ok && p == e.pos {
+			if p, ok := s.m[e.block]; ok && p == e.val {
 				delete(s.m, e.block)
 				removed++
 			}
@@ -145,16 +186,10 @@ func (z *zeroSet) cover(b uint64) (uint64, bool) {
 	return pos, ok
 }
 
-func (z *zeroSet) collect(before uint64) []zeroRange {
+func (z *zeroSet) collect() []zeroRange {
 	z.mu.RLock()
 	defer z.mu.RUnlock()
-	var out []zeroRange
-	for _, r := range z.r {
-		if r.pos < before {
-			out = append(out, r)
-		}
-	}
-	return out
+	return append([]zeroRange(nil), z.r...)
 }
 
 func (z *zeroSet) remove(done []zeroRange) {

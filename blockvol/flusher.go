@@ -114,6 +114,9 @@ func (v *Volume) flushCycle() (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("checkpoint LSN %d: %w", target, err)
 	}
+	if v.trace != nil {
+		v.trace("checkpoint lsn=%d pos=%d tail=%d/%d dur=%d", target, targetEnd, newTailLSN, newTailPos, durLSN)
+	}
 	v.ckptLSN.Store(target)
 	v.ckptPos.Store(targetEnd)
 	v.appendMu.Lock()
@@ -126,12 +129,24 @@ func (v *Volume) flushCycle() (bool, error) {
 	return true, nil
 }
 
-// applyToExtent writes every dirty block and zero range whose record lies
-// before log position end into the extent and syncs it, then drops them
-// from the dirty map and zero set.
+// applyToExtent writes into the extent, and syncs, every dirty block whose
+// record lies before log position end, every replaced block (newest
+// version, wherever it lies: see dirtyMap), and every zero range; then
+// drops them from the dirty map and zero set. Zero ranges are all applied
+// because a block written now may be newer than a pending trim of it,
+// which must therefore not be punched later. Entries are collected before
+// zero ranges: a zero range older than a collected entry of the same block
+// was added before that entry (stripe locks order them), so it is seen.
+//
+// Entries older than an applied zero range, wherever they lie and whenever
+// they were added, are dropped after the punch is synced: once the range is
+// removed nothing else would hide them from readers.
 func (v *Volume) applyToExtent(end uint64) error {
-	zr := v.zeros.collect(end)
 	ents := v.dirty.collect(nil, end)
+	zr := v.zeros.collect()
+	if v.trace != nil {
+		v.trace("flush end=%d ents=%v zr=%v", end, ents, zr)
+	}
 	for _, z := range zr {
 		off, n := int64(z.start)<<v.bshift, int64(z.end-z.start)<<v.bshift
 		if err := v.extF.PunchHole(off, n); err != nil {
@@ -150,12 +165,12 @@ func (v *Volume) applyToExtent(end uint64) error {
 		j := i + 1
 		for j < len(ents) && uint64(j-i)*bs < flushRunMax &&
 			ents[j].block == ents[i].block+uint64(j-i) &&
-			ents[j].pos == ents[i].pos+uint64(j-i)*bs && !superseded(zr, ents[j]) {
+			ents[j].pos() == ents[i].pos()+uint64(j-i)*bs && !superseded(zr, ents[j]) {
 			j++
 		}
 		buf := (*bp)[:uint64(j-i)*bs]
-		if _, err := v.walF.ReadAt(buf, v.ring.Phys(ents[i].pos)); err != nil {
-			return fmt.Errorf("flusher read WAL at %d: %w", ents[i].pos, err)
+		if _, err := v.walF.ReadAt(buf, v.ring.Phys(ents[i].pos())); err != nil {
+			return fmt.Errorf("flusher read WAL at %d: %w", ents[i].pos(), err)
 		}
 		if _, err := v.extF.WriteAt(buf, int64(ents[i].block)<<v.bshift); err != nil {
 			return fmt.Errorf("flusher write extent block %d: %w", ents[i].block, err)
@@ -169,6 +184,9 @@ func (v *Volume) applyToExtent(end uint64) error {
 	}
 	// Entries first, zero ranges after (see classify).
 	v.dirty.removeIf(ents)
+	if len(zr) > 0 {
+		v.dirty.removeFn(func(b, val uint64) bool { return superseded(zr, dirtyEnt{b, val}) })
+	}
 	v.zeros.remove(zr)
 	return nil
 }
@@ -177,7 +195,7 @@ const flushRunMax = 1 << 20
 
 func superseded(zr []zeroRange, e dirtyEnt) bool {
 	for _, z := range zr {
-		if e.block >= z.start && e.block < z.end && z.pos > e.pos {
+		if e.block >= z.start && e.block < z.end && z.pos > e.pos() {
 			return true
 		}
 	}

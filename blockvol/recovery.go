@@ -51,6 +51,9 @@ func (v *Volume) recover() error {
 		return fmt.Errorf("%w: WAL ends at LSN %d at position %d, before LSN %d that was synced: %v",
 			ErrCorrupt, res.LastLSN, res.End, sb.DurableLSN, res.Stop)
 	}
+	if v.trace != nil {
+		v.trace("recovered %+v", res)
+	}
 	v.nextLSN = res.LastLSN + 1
 	v.head = res.End
 	v.headLSN.Store(res.LastLSN)

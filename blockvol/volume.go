@@ -149,6 +149,8 @@ type Volume struct {
 	sbBuf   []byte
 
 	role atomic.Pointer[string]
+
+	trace func(format string, args ...any) // tests only
 }
 
 var _ blockdev.Device = (*Volume)(nil)
@@ -166,6 +168,8 @@ func (o *Options) logger() *slog.Logger {
 	}
 	return o.Logger
 }
+
+var testTrace func(format string, args ...any)
 
 // Exists reports whether dir holds a volume (a superblock file).
 func Exists(dir string) bool { return existsFS(vfs.Default, dir) }
@@ -269,6 +273,7 @@ func Open(dir string, o Options) (*Volume, error) {
 		nudge: make(chan struct{}, 1), stop: make(chan struct{}), stopped: make(chan struct{}),
 		spaceCh: make(chan struct{}), sbBuf: make([]byte, sbSlotSize),
 		fullTO: o.WALFullTimeout,
+		trace:  testTrace,
 	}
 	if v.fullTO <= 0 {
 		v.fullTO = walFullTimeout
