@@ -25,7 +25,6 @@ const replacedFlag = 1
 
 func posOfVal(v uint64) uint64 { return v &^ replacedFlag }
 
-
 const (
 	dirtyShards     = 64
 	dirtyGroupShift = 4
