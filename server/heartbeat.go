@@ -71,7 +71,7 @@ func (s *Server) report() api.HeartbeatRequest {
 		if prim != nil {
 			for _, r := range prim.Replicas() {
 				hv.Replicas = append(hv.Replicas, api.HeartbeatReplica{ServerID: r.ServerID,
-					State: r.State.String(), FlushedLSN: r.FlushedLSN})
+					State: apiState(r.State), FlushedLSN: r.FlushedLSN})
 			}
 		}
 		req.Volumes = append(req.Volumes, hv)
@@ -108,4 +108,25 @@ func (s *Server) Serving(volume string) bool {
 	}
 	_, err := h.device()
 	return err == nil && time.Now().UnixNano() < h.leaseUntil.Load()
+}
+
+// apiState names a replica state as DESIGN.md §3 and the master's API do.
+func apiState(st replication.ReplicaState) string {
+	switch st {
+	case replication.Disconnected:
+		return api.StateDisconnected
+	case replication.Connecting:
+		return api.StateConnecting
+	case replication.CatchingUp:
+		return api.StateCatchingUp
+	case replication.InSync:
+		return api.StateInSync
+	case replication.Degraded:
+		return api.StateDegraded
+	case replication.NeedsRebuild:
+		return api.StateNeedsRebuild
+	case replication.Rebuilding:
+		return api.StateRebuilding
+	}
+	return st.String()
 }

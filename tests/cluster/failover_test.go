@@ -73,21 +73,25 @@ func TestFailoverRejoinMasterRestart(t *testing.T) {
 	if newInfo.Epoch != epoch+1 {
 		t.Errorf("epoch after failover = %d, want %d", newInfo.Epoch, epoch+1)
 	}
-	// The first write the new primary accepts: the failover time.
+	// Reads of everything flushed before the kill, through the new primary.
 	newPrimary := newInfo.Primary.ServerID
-	c.waitFor("first write on new primary", 60*time.Second, func() error {
-		_, err := c.qemuIO(c.nbd[newPrimary], "db", "write -P 0x77 60M 4k", "flush")
-		return err
-	})
-	t.Logf("FAILOVER: kill -9 of %s to first flushed write on %s (epoch %d): %v (lease TTL 3s)",
-		oldPrimary, newPrimary, newInfo.Epoch, time.Since(killed).Round(10*time.Millisecond))
-
 	var reads []string
 	for i := 0; i < 8; i++ {
 		reads = append(reads, fmt.Sprintf("read -P 0x%02x %dM 1M", 0x10+i, i))
 	}
 	if out, err := c.qemuIO(c.nbd[newPrimary], "db", reads...); err != nil {
 		t.Fatalf("flushed data lost after failover: %v\n%s", err, out)
+	}
+	// The first write the new primary accepts is the failover time. Under
+	// sync_all with the old primary still dead a FLUSH must fail, so the
+	// probe is a plain write (nbdsh does not flush on close).
+	c.waitFor("first write on new primary", 60*time.Second, func() error {
+		return nbdshWrite(c.nbd[newPrimary], "db", 60<<20)
+	})
+	t.Logf("FAILOVER: kill -9 of %s to first accepted write on %s (epoch %d): %v (lease TTL 3s)",
+		oldPrimary, newPrimary, newInfo.Epoch, time.Since(killed).Round(10*time.Millisecond))
+	if out, err := c.qemuIO(c.nbd[newPrimary], "db", "write -P 0x55 61M 4k", "flush"); err == nil {
+		t.Fatalf("sync_all flush succeeded with replica %s dead:\n%s", oldPrimary, out)
 	}
 
 	// The old primary returns: demoted, caught up, InSync.
@@ -104,6 +108,9 @@ func TestFailoverRejoinMasterRestart(t *testing.T) {
 	}
 	if !found {
 		t.Fatalf("old primary %s is not an InSync replica: %+v", oldPrimary, info.Replicas)
+	}
+	if out, err := c.qemuIO(c.nbd[newPrimary], "db", "write -P 0x77 60M 4k", "flush"); err != nil {
+		t.Fatalf("flushed write with every replica back: %v\n%s", err, out)
 	}
 
 	// Master restart: same volume, epoch and roles.

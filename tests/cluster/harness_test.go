@@ -133,6 +133,7 @@ type cluster struct {
 
 func newCluster(t *testing.T) *cluster {
 	testenv.RequireTool(t, "qemu-io")
+	testenv.RequireTool(t, "nbdsh")
 	c := &cluster{t: t, dir: t.TempDir(), servers: map[string]*proc{}, nbd: map[string]string{}}
 	t.Cleanup(func() {
 		for _, s := range c.servers {
@@ -281,4 +282,17 @@ func (c *cluster) qemuIO(nbdAddr, vol string, cmds ...string) (string, error) {
 		err = fmt.Errorf("qemu-io reported a failure")
 	}
 	return s, err
+}
+
+// nbdshWrite writes one 4 KiB block with libnbd and disconnects without a
+// flush.
+func nbdshWrite(nbdAddr, vol string, off int64) error {
+	script := fmt.Sprintf("h.pwrite(b'\\x5a' * 4096, %d)", off)
+	cmd := exec.Command("nbdsh", "-u", fmt.Sprintf("nbd://%s/%s", nbdAddr, vol), "-c", script)
+	cmd.Env = append(os.Environ(), "PATH=/usr/bin:"+os.Getenv("PATH"))
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("nbdsh: %v: %s", err, out)
+	}
+	return nil
 }
