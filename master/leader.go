@@ -125,6 +125,25 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 		if res.Err != nil {
 			return nil, res.Err
 		}
+		// Address reuse: another server's record pointing at this endpoint
+		// is stale; clear it so nothing is sent to the wrong server (an
+		// identity is the server ID, never the address).
+		for _, o := range m.fsm.servers() {
+			if o.ID == req.ServerID || (o.Addr != req.Addr && o.NBDAddr != req.NBDAddr) {
+				continue
+			}
+			cleared := o
+			if o.Addr == req.Addr {
+				cleared.Addr = ""
+			}
+			if o.NBDAddr == req.NBDAddr {
+				cleared.NBDAddr = ""
+			}
+			if r := m.apply(command{Op: opUpsertServer, Server: &cleared}); r.Err != nil {
+				return nil, r.Err
+			}
+			m.log.Warn("address_reused", "server", req.ServerID, "previous_owner", o.ID, "addr", req.Addr, "nbd_addr", req.NBDAddr)
+		}
 		if rec == nil {
 			m.log.Info("server_registered", "server", req.ServerID, "addr", req.Addr, "nbd_addr", req.NBDAddr)
 		} else {

@@ -666,3 +666,50 @@ func TestStartRejectsBadConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A new server taking over another's address: the old record loses the
+// endpoint (nothing is sent to the wrong server); identities stay.
+func TestAddressReuse(t *testing.T) {
+	var logs logSink
+	m := startMaster(t, Config{DataDir: t.TempDir(), APIAddr: "127.0.0.1:0", Logger: logs.logger()})
+	if err := m.WaitLeader(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	c := api.NewClient([]string{m.APIAddr()})
+	a, b := newFakeServer("a", 1, c.Addrs()), newFakeServer("b", 2, c.Addrs())
+	for _, f := range []*fakeServer{a, b} {
+		if _, err := f.beat(ctxT(t)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := c.CreateVolume(ctxT(t), api.CreateVolumeRequest{Name: "v", SizeBytes: 1 << 20, RF: 2}); err != nil {
+		t.Fatal(err)
+	}
+	// a dies; c comes up on a's endpoints.
+	nc := newFakeServer("c", 3, c.Addrs())
+	nc.addr, nc.nbd = a.addr, a.nbd
+	if _, err := nc.beat(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	if len(logs.find("address_reused", "server", "c", "previous_owner", "a")) == 0 {
+		t.Fatal("no address_reused event")
+	}
+	info := volInfo(t, c, "v")
+	for _, r := range append([]api.ReplicaInfo{{ServerID: info.Primary.ServerID, Addr: info.Primary.Addr}}, info.Replicas...) {
+		if r.ServerID == "a" && r.Addr != "" {
+			t.Fatalf("a still has the reused address %s", r.Addr)
+		}
+	}
+	// b's assignment names a without an endpoint, never c's.
+	resp, err := b.beat(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, as := range resp.Assignments {
+		for _, r := range append([]api.ServerRef{as.Primary}, as.Replicas...) {
+			if r.ServerID == "a" && (r.Addr != "" || r.NBDAddr != "") {
+				t.Fatalf("assignment sends a's traffic to %s/%s", r.Addr, r.NBDAddr)
+			}
+		}
+	}
+}
