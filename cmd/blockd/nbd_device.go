@@ -1,0 +1,348 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/blockd/blockd/blockdev"
+	"github.com/blockd/blockd/nbd/kernel"
+)
+
+// nbdDevice is a blockdev.Device over an NBD connection to the volume's
+// primary: the backend of `blockd attach ublk` when the primary is another
+// process. Requests are pipelined on one connection (simple replies,
+// matched by handle). When the connection dies, requests are retried on a
+// new one to whatever address resolve returns then (the current primary
+// after a failover), until giveUp passes without a connection; then they
+// fail with EIO.
+type nbdDevice struct {
+	name    string
+	resolve func(ctx context.Context) (string, error)
+	giveUp  time.Duration
+	log     *slog.Logger
+
+	mu     sync.Mutex
+	cond   *sync.Cond
+	conn   *nbdConn // nil while reconnecting
+	export kernel.Export
+	gen    int // connection generation
+	closed bool
+	dialer bool // a goroutine is reconnecting
+	down   time.Time
+}
+
+const (
+	nbdCmdRead        = 0
+	nbdCmdWrite       = 1
+	nbdCmdDisc        = 2
+	nbdCmdFlush       = 3
+	nbdCmdTrim        = 4
+	nbdCmdWriteZeroes = 6
+	nbdCmdFlagFUA     = 1 << 0
+	nbdCmdFlagNoHole  = 1 << 1
+	nbdRequestMagic   = 0x25609513
+	nbdSimpleMagic    = 0x67446698
+)
+
+type nbdReply struct {
+	errno uint32
+	err   error // transport failure: retry on a new connection
+}
+
+type nbdPending struct {
+	buf  []byte // read destination
+	done chan nbdReply
+}
+
+type nbdConn struct {
+	nc      net.Conn
+	wmu     sync.Mutex
+	mu      sync.Mutex
+	pending map[uint64]*nbdPending
+	next    uint64
+	dead    error
+}
+
+func dialNBDDevice(ctx context.Context, name string, resolve func(context.Context) (string, error), giveUp time.Duration, log *slog.Logger) (*nbdDevice, error) {
+	d := &nbdDevice{name: name, resolve: resolve, giveUp: giveUp, log: log}
+	d.cond = sync.NewCond(&d.mu)
+	c, exp, err := d.dial(ctx)
+	if err != nil {
+		return nil, err
+	}
+	d.conn, d.export = c, exp
+	return d, nil
+}
+
+func (d *nbdDevice) dial(ctx context.Context) (*nbdConn, kernel.Export, error) {
+	addr, err := d.resolve(ctx)
+	if err != nil {
+		return nil, kernel.Export{}, err
+	}
+	var nd net.Dialer
+	nc, err := nd.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, kernel.Export{}, fmt.Errorf("nbd: dial %s: %w", addr, err)
+	}
+	if tc, ok := nc.(*net.TCPConn); ok {
+		tc.SetNoDelay(true)
+	}
+	deadline, _ := ctx.Deadline()
+	if deadline.IsZero() {
+		deadline = time.Now().Add(30 * time.Second)
+	}
+	exp, err := kernel.Negotiate(nc, d.name, deadline)
+	if err != nil {
+		nc.Close()
+		return nil, kernel.Export{}, fmt.Errorf("nbd: %s at %s: %w", d.name, addr, err)
+	}
+	nc.SetDeadline(time.Time{})
+	c := &nbdConn{nc: nc, pending: map[uint64]*nbdPending{}}
+	go c.readLoop()
+	d.log.Info("ublk.nbd.connected", "volume", d.name, "addr", addr, "size", exp.Size)
+	return c, exp, nil
+}
+
+func (c *nbdConn) fail(err error) {
+	c.mu.Lock()
+	if c.dead == nil {
+		c.dead = err
+	}
+	p := c.pending
+	c.pending = map[uint64]*nbdPending{}
+	c.mu.Unlock()
+	c.nc.Close()
+	for _, r := range p {
+		r.done <- nbdReply{err: err}
+	}
+}
+
+func (c *nbdConn) readLoop() {
+	r := bufio.NewReaderSize(c.nc, 256<<10)
+	var hdr [16]byte
+	for {
+		if _, err := io.ReadFull(r, hdr[:]); err != nil {
+			c.fail(fmt.Errorf("nbd: read reply: %w", err))
+			return
+		}
+		if binary.BigEndian.Uint32(hdr[0:]) != nbdSimpleMagic {
+			c.fail(fmt.Errorf("nbd: bad reply magic %#x", binary.BigEndian.Uint32(hdr[0:])))
+			return
+		}
+		errno := binary.BigEndian.Uint32(hdr[4:])
+		h := binary.BigEndian.Uint64(hdr[8:])
+		c.mu.Lock()
+		p := c.pending[h]
+		delete(c.pending, h)
+		c.mu.Unlock()
+		if p == nil {
+			c.fail(fmt.Errorf("nbd: reply for unknown handle %d", h))
+			return
+		}
+		if errno == 0 && p.buf != nil {
+			if _, err := io.ReadFull(r, p.buf); err != nil {
+				p.done <- nbdReply{err: err}
+				c.fail(fmt.Errorf("nbd: read data: %w", err))
+				return
+			}
+		}
+		p.done <- nbdReply{errno: errno}
+	}
+}
+
+// send issues one request and waits for its reply.
+func (c *nbdConn) do(typ, flags uint16, off int64, length uint32, data, rbuf []byte) nbdReply {
+	p := &nbdPending{buf: rbuf, done: make(chan nbdReply, 1)}
+	c.mu.Lock()
+	if c.dead != nil {
+		err := c.dead
+		c.mu.Unlock()
+		return nbdReply{err: err}
+	}
+	c.next++
+	h := c.next
+	c.pending[h] = p
+	c.mu.Unlock()
+	var hdr [28]byte
+	binary.BigEndian.PutUint32(hdr[0:], nbdRequestMagic)
+	binary.BigEndian.PutUint16(hdr[4:], flags)
+	binary.BigEndian.PutUint16(hdr[6:], typ)
+	binary.BigEndian.PutUint64(hdr[8:], h)
+	binary.BigEndian.PutUint64(hdr[16:], uint64(off))
+	binary.BigEndian.PutUint32(hdr[24:], length)
+	c.wmu.Lock()
+	bufs := net.Buffers{hdr[:]}
+	if data != nil {
+		bufs = append(bufs, data)
+	}
+	_, err := bufs.WriteTo(c.nc)
+	c.wmu.Unlock()
+	if err != nil {
+		c.fail(fmt.Errorf("nbd: send: %w", err))
+	}
+	return <-p.done
+}
+
+// current returns a live connection, reconnecting (to the address resolve
+// gives now) when the last one died; an error once giveUp has passed.
+func (d *nbdDevice) current(broken *nbdConn) (*nbdConn, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if broken != nil && d.conn == broken {
+		d.conn = nil
+		d.down = time.Now()
+		d.log.Warn("ublk.nbd.connection_lost", "volume", d.name, "err", broken.dead)
+	}
+	for d.conn == nil {
+		if d.closed {
+			return nil, fmt.Errorf("nbd: %s: %w", d.name, blockdev.ErrClosed)
+		}
+		if time.Since(d.down) > d.giveUp {
+			return nil, fmt.Errorf("nbd: %s: no connection for %v: %w", d.name, d.giveUp, blockdev.ErrIO)
+		}
+		if !d.dialer {
+			d.dialer = true
+			go d.reconnect()
+		}
+		d.cond.Wait()
+	}
+	return d.conn, nil
+}
+
+func (d *nbdDevice) reconnect() {
+	for attempt := 0; ; attempt++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		c, exp, err := d.dial(ctx)
+		cancel()
+		d.mu.Lock()
+		if err == nil && exp.Size != d.export.Size {
+			err = fmt.Errorf("nbd: %s changed size from %d to %d", d.name, d.export.Size, exp.Size)
+			c.fail(err)
+		}
+		if err == nil || d.closed || time.Since(d.down) > d.giveUp {
+			if err == nil {
+				d.conn = c
+				d.gen++
+				d.log.Info("ublk.nbd.reconnected", "volume", d.name, "attempt", attempt+1)
+			} else {
+				d.log.Error("ublk.nbd.give_up", "volume", d.name, "err", err)
+			}
+			d.dialer = false
+			d.cond.Broadcast()
+			d.mu.Unlock()
+			return
+		}
+		d.mu.Unlock()
+		d.log.Info("ublk.nbd.reconnect_failed", "volume", d.name, "attempt", attempt+1, "err", err)
+		time.Sleep(min(time.Duration(attempt+1)*200*time.Millisecond, 2*time.Second))
+	}
+}
+
+func (d *nbdDevice) request(typ, flags uint16, off int64, length uint32, data, rbuf []byte) error {
+	var c *nbdConn
+	for {
+		var err error
+		c, err = d.current(c)
+		if err != nil {
+			return err
+		}
+		r := c.do(typ, flags, off, length, data, rbuf)
+		if r.err != nil {
+			continue // connection died: retry on the next one
+		}
+		if r.errno != 0 {
+			return fmt.Errorf("nbd: %s: command %d at %d+%d: %w", d.name, typ, off, length, nbdErrno(r.errno))
+		}
+		return nil
+	}
+}
+
+// nbdErrno maps an NBD error code onto the blockdev sentinels.
+func nbdErrno(e uint32) error {
+	switch syscall.Errno(e) {
+	case syscall.EPERM:
+		return blockdev.ErrNotPrimary
+	case syscall.ENOSPC:
+		return blockdev.ErrNoSpace
+	case syscall.EINVAL:
+		return blockdev.ErrInvalid
+	case syscall.EOVERFLOW:
+		return blockdev.ErrTooLarge
+	}
+	return blockdev.ErrIO
+}
+
+func (d *nbdDevice) Size() int64    { return int64(d.export.Size) }
+func (d *nbdDevice) BlockSize() int { return 4096 }
+
+func (d *nbdDevice) ReadAt(p []byte, off int64) error {
+	return d.request(nbdCmdRead, 0, off, uint32(len(p)), nil, p)
+}
+
+func (d *nbdDevice) WriteAt(p []byte, off int64, fua bool) error {
+	var fl uint16
+	if fua {
+		fl = nbdCmdFlagFUA
+	}
+	return d.request(nbdCmdWrite, fl, off, uint32(len(p)), p, nil)
+}
+
+func (d *nbdDevice) Flush() error { return d.request(nbdCmdFlush, 0, 0, 0, nil, nil) }
+
+func (d *nbdDevice) Trim(off, n int64) error {
+	return d.chunked(off, n, func(o int64, l uint32) error { return d.request(nbdCmdTrim, 0, o, l, nil, nil) })
+}
+
+func (d *nbdDevice) WriteZeroes(off, n int64, punch bool) error {
+	var fl uint16
+	if !punch {
+		fl = nbdCmdFlagNoHole
+	}
+	return d.chunked(off, n, func(o int64, l uint32) error { return d.request(nbdCmdWriteZeroes, fl, o, l, nil, nil) })
+}
+
+func (d *nbdDevice) chunked(off, n int64, fn func(int64, uint32) error) error {
+	const max = 1 << 30
+	for n > 0 {
+		l := min(n, max)
+		if err := fn(off, uint32(l)); err != nil {
+			return err
+		}
+		off, n = off+l, n-l
+	}
+	return nil
+}
+
+func (d *nbdDevice) BlockStatus(off, n int64) ([]blockdev.Extent, error) {
+	return []blockdev.Extent{{Offset: off, Length: n}}, nil
+}
+
+// Close sends NBD_CMD_DISC and closes the connection.
+func (d *nbdDevice) Close() error {
+	d.mu.Lock()
+	d.closed = true
+	c := d.conn
+	d.conn = nil
+	d.cond.Broadcast()
+	d.mu.Unlock()
+	if c == nil {
+		return nil
+	}
+	var hdr [28]byte
+	binary.BigEndian.PutUint32(hdr[0:], nbdRequestMagic)
+	binary.BigEndian.PutUint16(hdr[6:], nbdCmdDisc)
+	c.wmu.Lock()
+	c.nc.Write(hdr[:])
+	c.wmu.Unlock()
+	c.fail(errors.New("nbd: closed"))
+	return nil
+}
