@@ -149,3 +149,16 @@ func pattern(lba int64, gen int) []byte {
 	copy(b, fmt.Sprintf("lba=%d gen=%d", lba, gen))
 	return b
 }
+
+type (
+	netConn = net.Conn
+	netAddr = net.Addr
+)
+
+func mustListen(t testing.TB) net.Listener {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ln
+}

@@ -669,6 +669,7 @@ type session struct {
 	epoch uint64
 	conn  net.Conn
 	bw    *bufio.Writer
+	mr    *MsgReader
 	log   *slog.Logger
 
 	once   sync.Once
@@ -721,12 +722,7 @@ func (s *session) failed() bool {
 
 func (s *session) write(m *Msg) error {
 	m.Volume, m.Epoch, m.Session = s.r.p.cfg.Volume, s.epoch, s.id
-	buf, err := AppendMsg(nil, m)
-	if err != nil {
-		return err
-	}
-	_, err = s.bw.Write(buf)
-	return err
+	return WriteFrame(s.bw, m)
 }
 
 var errEscalate = errors.New("escalate")
@@ -798,7 +794,8 @@ func (s *session) runLocked() error {
 		return fmt.Errorf("send hello: %w", err)
 	}
 	s.conn.SetReadDeadline(time.Now().Add(p.cfg.DeadAfter))
-	m, err := ReadMsg(s.conn)
+	s.mr = NewMsgReader(s.conn)
+	m, err := s.mr.Read()
 	if err != nil {
 		return fmt.Errorf("read hello reply: %w", err)
 	}
@@ -907,7 +904,7 @@ func (s *session) begin(b Begin) error {
 
 func (s *session) recvLoop() {
 	for {
-		m, err := ReadMsg(s.conn)
+		m, err := s.mr.Read()
 		if err != nil {
 			s.fail(fmt.Errorf("read: %w", err))
 			return
@@ -1074,7 +1071,7 @@ func (s *session) live() error {
 	for {
 		r.qmu.Lock()
 		for len(r.queue) == 0 && !r.overflow && !s.failed() &&
-			!((r.barrierWant > s.barrierSent || s.forceBar) && s.allowBarrier) && !s.baseRemaining() && !s.bgDue() &&
+			!(((r.barrierWant > s.barrierSent && s.next-1 >= r.barrierWant) || s.forceBar) && s.allowBarrier) && !s.baseRemaining() && !s.bgDue() &&
 			!(s.kind != TransferNone && !s.baseRemaining() && !s.doneSent) {
 			r.qcond.Wait()
 		}
@@ -1118,15 +1115,18 @@ func (s *session) live() error {
 			s.doneSent, s.allowBarrier = true, true
 			s.log.Info("transfer_sent", "kind", s.kind.String(), "achieved_lsn", achieved, "target_lsn", s.target, "base_bytes", s.baseBytes)
 		}
-		if s.allowBarrier && (want > s.barrierSent || s.bgDue() || s.forceBar) {
-			lsn := s.next - 1
-			if lsn > s.barrierSent || want > s.barrierSent || s.forceBar {
-				s.forceBar = false
-				if err := s.write(&Msg{Type: MsgBarrier, LSNTo: lsn}); err != nil {
-					return err
-				}
-				s.barrierSent = max(want, lsn)
+		// A barrier covers everything sent so far. One is sent when a flush
+		// wants an LSN that has been sent and is not yet covered (the
+		// records of a flush reach the queue right after its LSN is
+		// assigned), when the catch-up needs one, and periodically so the
+		// replica's FlushedLSN (the retention hold) keeps moving.
+		lsn := s.next - 1
+		if s.allowBarrier && ((want > s.barrierSent && lsn >= want) || s.forceBar || (s.bgDue() && lsn > s.barrierSent)) {
+			s.forceBar = false
+			if err := s.write(&Msg{Type: MsgBarrier, LSNTo: lsn}); err != nil {
+				return err
 			}
+			s.barrierSent = lsn
 			s.lastBgBar = time.Now()
 		} else if s.bgDue() {
 			if err := s.write(&Msg{Type: MsgPing}); err != nil {

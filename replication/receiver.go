@@ -152,6 +152,7 @@ func (r *Receiver) rv(name string) *rvol {
 type rconn struct {
 	r      *Receiver
 	c      net.Conn
+	mr     *MsgReader
 	wmu    sync.Mutex
 	volume string
 	fence  Fence
@@ -183,14 +184,15 @@ func (rc *rconn) refuse(code, msg string, attrs ...any) {
 
 func (r *Receiver) handle(c net.Conn) {
 	c.SetReadDeadline(time.Now().Add(60 * time.Second))
-	m, err := ReadMsg(c)
+	mr := NewMsgReader(c)
+	m, err := mr.Read()
 	if err != nil {
 		if err != io.EOF {
 			r.log.Warn(EvRefused, "code", CodeProtocol, "detail", err.Error(), "remote", c.RemoteAddr().String())
 		}
 		return
 	}
-	rc := &rconn{r: r, c: c, volume: m.Volume, fence: Fence{Epoch: m.Epoch, Session: m.Session}}
+	rc := &rconn{r: r, c: c, mr: mr, volume: m.Volume, fence: Fence{Epoch: m.Epoch, Session: m.Session}}
 	rc.log = r.log.With("volume", m.Volume, "session", m.Session, "epoch", m.Epoch)
 	if m.Type != MsgHello {
 		rc.refuse(CodeProtocol, "first message must be hello, got "+m.Type.String())
@@ -303,7 +305,7 @@ func (rc *rconn) helloResp(h Hello) (HelloResp, error) {
 func (rc *rconn) loop() error {
 	for {
 		rc.c.SetReadDeadline(time.Time{})
-		m, err := ReadMsg(rc.c)
+		m, err := rc.mr.Read()
 		if err != nil {
 			return err
 		}

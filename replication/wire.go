@@ -1,6 +1,7 @@
 package replication
 
 import (
+	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -154,6 +155,82 @@ func ReadMsg(r io.Reader) (*Msg, error) {
 	m.Volume = string(rest[:volLen])
 	m.Payload = rest[volLen : volLen+payLen : volLen+payLen]
 	return m, nil
+}
+
+// MsgReader reads frames from a buffered stream, reusing one payload
+// buffer: a returned message is valid until the next Read.
+type MsgReader struct {
+	r   *bufio.Reader
+	buf []byte
+}
+
+// NewMsgReader wraps r with a 1 MiB read buffer.
+func NewMsgReader(r io.Reader) *MsgReader { return &MsgReader{r: bufio.NewReaderSize(r, 1<<20)} }
+
+// Read reads one frame; the same checks as ReadMsg.
+func (mr *MsgReader) Read() (*Msg, error) {
+	var h [headerSize]byte
+	if _, err := io.ReadFull(mr.r, h[:]); err != nil {
+		if err == io.ErrUnexpectedEOF {
+			return nil, fmt.Errorf("%w: short header", ErrBadFrame)
+		}
+		return nil, err
+	}
+	m, volLen, payLen, err := parseHeader(h[:])
+	if err != nil {
+		return nil, err
+	}
+	n := volLen + payLen + trailerSize
+	if cap(mr.buf) < n {
+		mr.buf = make([]byte, n, max(n, 64<<10))
+	}
+	rest := mr.buf[:n]
+	if _, err := io.ReadFull(mr.r, rest); err != nil {
+		return nil, fmt.Errorf("%w: short body: %v", ErrBadFrame, err)
+	}
+	crc := crc32.Update(crc32.Checksum(h[:], castagnoli), castagnoli, rest[:volLen+payLen])
+	if got := binary.BigEndian.Uint32(rest[volLen+payLen:]); got != crc {
+		return nil, fmt.Errorf("%w: got %08x want %08x", ErrBadCRC, got, crc)
+	}
+	m.Volume = string(rest[:volLen])
+	m.Payload = rest[volLen : volLen+payLen : volLen+payLen]
+	return m, nil
+}
+
+// AppendFrame writes the frame of m to w without an intermediate buffer
+// for the payload (header, volume and payload go to w in turn; w is
+// normally a bufio.Writer).
+func WriteFrame(w io.Writer, m *Msg) error {
+	if len(m.Volume) == 0 || len(m.Volume) > MaxVolumeName {
+		return fmt.Errorf("%w: volume name length %d", ErrBadFrame, len(m.Volume))
+	}
+	if len(m.Payload) > MaxPayload {
+		return fmt.Errorf("%w: payload %d bytes > %d", ErrBadFrame, len(m.Payload), MaxPayload)
+	}
+	var h [headerSize + trailerSize]byte
+	binary.BigEndian.PutUint32(h[0:], wireMagic)
+	h[4] = byte(m.Type)
+	binary.BigEndian.PutUint16(h[6:], uint16(len(m.Volume)))
+	binary.BigEndian.PutUint64(h[8:], m.Epoch)
+	binary.BigEndian.PutUint64(h[16:], m.Session)
+	binary.BigEndian.PutUint64(h[24:], m.LSNFrom)
+	binary.BigEndian.PutUint64(h[32:], m.LSNTo)
+	binary.BigEndian.PutUint32(h[40:], uint32(len(m.Payload)))
+	crc := crc32.Checksum(h[:headerSize], castagnoli)
+	crc = crc32.Update(crc, castagnoli, []byte(m.Volume))
+	crc = crc32.Update(crc, castagnoli, m.Payload)
+	if _, err := w.Write(h[:headerSize]); err != nil {
+		return err
+	}
+	if _, err := io.WriteString(w, m.Volume); err != nil {
+		return err
+	}
+	if _, err := w.Write(m.Payload); err != nil {
+		return err
+	}
+	binary.BigEndian.PutUint32(h[headerSize:], crc)
+	_, err := w.Write(h[headerSize:])
+	return err
 }
 
 // DecodeMsg decodes one frame from the start of buf and returns it with
