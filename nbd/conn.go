@@ -155,6 +155,12 @@ func (c *conn) worker() {
 			return
 		}
 		r, reason := c.readRequest()
+		if r != nil && c.out.dead.Load() {
+			// Replies can no longer be delivered: the client is gone.
+			// Requests still buffered are not executed.
+			putBuf(r.buf)
+			r, reason = nil, "client gone (reply write failed)"
+		}
 		if r == nil {
 			c.stopped, c.stopReason = true, reason
 			c.readMu.Unlock()

@@ -36,6 +36,7 @@ type sender struct {
 	rel      []*[]byte   // pooled buffers referenced by q
 	flushing bool
 	err      error
+	dead     atomic.Bool // a write failed: the peer is gone
 
 	spareArena []byte
 	spareQ     net.Buffers
@@ -136,6 +137,7 @@ func (s *sender) flushLocked() {
 		}
 		if err != nil {
 			s.err = err
+			s.dead.Store(true)
 			for _, b := range s.rel {
 				putBuf(b)
 			}

@@ -110,6 +110,20 @@ func (d *fileDev) BlockStatus(off, n int64) ([]blockdev.Extent, error) {
 	return out, nil
 }
 
+// nullDev discards writes and reads zeroes.
+type nullDev int64
+
+func (d nullDev) Size() int64                               { return int64(d) }
+func (d nullDev) BlockSize() int                            { return 4096 }
+func (d nullDev) ReadAt(p []byte, off int64) error          { clear(p); return nil }
+func (d nullDev) WriteAt(p []byte, off int64, _ bool) error { return nil }
+func (d nullDev) Flush() error                              { return nil }
+func (d nullDev) Trim(off, n int64) error                   { return nil }
+func (d nullDev) WriteZeroes(off, n int64, _ bool) error    { return nil }
+func (d nullDev) BlockStatus(off, n int64) ([]blockdev.Extent, error) {
+	return []blockdev.Extent{{Offset: off, Length: n, Hole: true, Zero: true}}, nil
+}
+
 func main() {
 	file := flag.String("file", "", "backing file (created if missing)")
 	size := flag.Int64("size", 1<<30, "size in bytes when creating")
@@ -117,7 +131,11 @@ func main() {
 	name := flag.String("name", "vol0", "export name")
 	cpuprof := flag.String("cpuprofile", "", "write a CPU profile until SIGTERM")
 	vol := flag.String("vol", "", "serve a blockvol volume in this directory instead of -file")
+	null := flag.Bool("null", false, "serve a null device (writes discarded, reads zero): the protocol layer alone, like `nbdkit null`")
 	flag.Parse()
+	if *null {
+		*file = ""
+	}
 	if err := run(*file, *vol, *size, *listen, *name, *cpuprof); err != nil {
 		fmt.Fprintln(os.Stderr, "nbdfile:", err)
 		os.Exit(1)
@@ -127,7 +145,9 @@ func main() {
 func run(file, vol string, size int64, listen, name, cpuprof string) error {
 	var dev blockdev.Device
 	var closeDev func() error
-	if vol != "" {
+	if file == "" && vol == "" {
+		dev, closeDev = nullDev(size), func() error { return nil }
+	} else if vol != "" {
 		var v *blockvol.Volume
 		var err error
 		if blockvol.Exists(vol) {
