@@ -27,7 +27,13 @@ import (
 
 var errStopped = errors.New("ublk: queue stopped")
 
-var ringFlags uint32 = uring.SetupSQE128 | uring.SetupSingleIssuer | uring.SetupDeferTaskrun | uring.SetupCoopTaskrun
+// ringFlags for the queue rings. Deliberately not DEFER_TASKRUN: with it
+// the driver's hand-over task work sits on the ring's local list, and in
+// the guest (6.12) a planned Release could leave a request there when the
+// ring went away; the driver's quiesce then waited for it forever and
+// START_USER_RECOVERY hung on the device mutex. Plain task work falls back
+// to a kernel worker (which requeues the request) once the thread is gone.
+var ringFlags uint32 = uring.SetupSQE128
 
 // wakeTag marks the eventfd read in user_data; I/O commands carry the tag.
 const wakeTag = 1 << 32
@@ -95,12 +101,7 @@ func (q *queue) setup() error {
 	for entries < uint32(q.depth+2) {
 		entries <<= 1
 	}
-	// DEFER_TASKRUN: the driver's task work (handing over requests) runs
-	// when this thread waits for completions instead of interrupting it.
 	q.ring, err = uring.New(entries, ringFlags)
-	if errors.Is(err, unix.EINVAL) && ringFlags != uring.SetupSQE128 {
-		q.ring, err = uring.New(entries, uring.SetupSQE128) // kernels before 6.1
-	}
 	if err != nil {
 		return fmt.Errorf("ublk: queue %d: ring: %w", q.id, err)
 	}

@@ -17,6 +17,16 @@ import (
 // prelude is sourced by every guest script: it starts helpers that wait
 // for conditions instead of sleeping blindly.
 const prelude = `
+on_exit() {
+	rc=$?
+	[ $rc -eq 0 ] && return
+	echo "guest script failed ($rc); server logs:"
+	tail -n 30 /tmp/*.log 2>/dev/null
+	# A device left without a server would block the harness's final sync.
+	for b in /dev/ublkb*; do [ -e "$b" ] && timeout 30 ublkserve --detach --force $b; done
+	return 0
+}
+trap on_exit EXIT
 waitfor() { # waitfor SECONDS CMD...: poll until CMD succeeds
 	local left=$(( $1 * 10 )); shift
 	while ! "$@" 2>/dev/null; do
@@ -43,7 +53,7 @@ func boot(t *testing.T, script string, tools ...string) vmtest.Result {
 		Binaries: map[string]string{"/usr/local/bin/ublkserve": vmtest.GoBuild(t, "./tests/vm/ublk/ublkserve")},
 		Tools:    tools,
 		Script:   prelude + script,
-		Timeout:  8 * time.Minute,
+		Timeout:  5 * time.Minute,
 	})
 }
 
