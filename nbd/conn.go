@@ -53,6 +53,7 @@ type conn struct {
 
 	out      sender
 	draining atomic.Bool
+	latency  atomic.Int64 // EWMA of read/write execution time, ns
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
@@ -64,6 +65,7 @@ func newConn(s *Server, nc net.Conn) *conn {
 		done:   make(chan struct{}),
 	}
 	c.out.nc = nc
+	c.latency.Store(2 * inlineMaxLatency) // start cautious: hand off
 	return c
 }
 
@@ -130,6 +132,8 @@ type request struct {
 	off    uint64
 	length uint32
 	buf    *[]byte // pooled: WRITE payload or READ destination
+
+	deferFlush bool // executed inline: the reader writes the reply out
 }
 
 // transmit serves requests until DISC, a broken stream or a drain, and
@@ -146,13 +150,23 @@ func (c *conn) transmit() string {
 
 func (c *conn) worker() {
 	defer c.workers.Done()
+	locked := false
 	for {
-		c.waiting.Add(1)
-		c.readMu.Lock()
-		c.waiting.Add(-1)
+		if !locked {
+			c.waiting.Add(1)
+			c.readMu.Lock()
+			c.waiting.Add(-1)
+			locked = true
+		}
 		if c.stopped {
 			c.readMu.Unlock()
+			c.out.flushDeferred()
 			return
+		}
+		if c.br.Buffered() < requestSize {
+			// The input queue drained: answer everything executed so far
+			// before (possibly) waiting for more requests.
+			c.out.flushDeferred()
 		}
 		r, reason := c.readRequest()
 		if r != nil && c.out.dead.Load() {
@@ -164,18 +178,63 @@ func (c *conn) worker() {
 		if r == nil {
 			c.stopped, c.stopReason = true, reason
 			c.readMu.Unlock()
+			c.out.flushDeferred()
 			return
 		}
 		c.out.busy.Add(1)
-		// Keep one worker reading while this one executes.
+		if c.inlineOK(r) {
+			// Fast request on a fast device: execute it here, keep
+			// reading; no hand-off, no wake-up, replies written in one
+			// batch when the input drains.
+			r.deferFlush = true
+			c.timedExec(r)
+			continue
+		}
+		// Possibly slow: let another worker read on while this one
+		// executes.
+		c.out.flushDeferred()
 		if c.waiting.Load() == 0 && c.nworkers < c.srv.maxInFlight {
 			c.nworkers++
 			c.workers.Add(1)
 			go c.worker()
 		}
 		c.readMu.Unlock()
-		c.exec(r)
+		locked = false
+		c.timedExec(r)
 	}
+}
+
+// Inline execution: requests expected to be fast (reads and writes of at
+// most inlineMaxLen without FUA) run on the reading worker itself while the
+// device's recent latency (an EWMA over reads and writes) stays under
+// inlineMaxLatency. Anything else, or any request on a slow device, is
+// executed while another worker goes on reading, so a slow request never
+// holds up the ones behind it for longer than one fast request's time.
+const (
+	inlineMaxLen     = 64 << 10
+	inlineMaxLatency = int64(50 * time.Microsecond)
+)
+
+func (c *conn) inlineOK(r *request) bool {
+	if r.flags&cmdFlagFUA != 0 || r.length > inlineMaxLen {
+		return false
+	}
+	if r.typ != cmdRead && r.typ != cmdWrite {
+		return false
+	}
+	return c.latency.Load() < inlineMaxLatency
+}
+
+func (c *conn) timedExec(r *request) {
+	if r.typ != cmdRead && r.typ != cmdWrite {
+		c.exec(r)
+		return
+	}
+	t0 := time.Now()
+	c.exec(r)
+	d := int64(time.Since(t0))
+	l := c.latency.Load()
+	c.latency.Store(l + (d-l)/8)
 }
 
 // readRequest reads the next executable request (header and payload).
@@ -417,7 +476,7 @@ func (c *conn) replyOK(r *request) {
 	var h [simpleReplySize]byte
 	binary.BigEndian.PutUint32(h[0:], magicSimple)
 	binary.BigEndian.PutUint64(h[8:], r.handle)
-	c.out.send(h[:], nil, nil)
+	c.out.send(h[:], nil, nil, r.deferFlush)
 }
 
 // replyError answers with an error: a structured error chunk when
@@ -428,7 +487,7 @@ func (c *conn) replyError(r *request, errno uint32, msg string) {
 		binary.BigEndian.PutUint32(h[0:], magicSimple)
 		binary.BigEndian.PutUint32(h[4:], errno)
 		binary.BigEndian.PutUint64(h[8:], r.handle)
-		c.out.send(h[:], nil, nil)
+		c.out.send(h[:], nil, nil, r.deferFlush)
 		return
 	}
 	if len(msg) > 1024 {
@@ -443,7 +502,7 @@ func (c *conn) replyError(r *request, errno uint32, msg string) {
 	binary.BigEndian.PutUint32(h[20:], errno)
 	binary.BigEndian.PutUint16(h[24:], uint16(len(msg)))
 	copy(h[26:], msg)
-	c.out.send(h, nil, nil)
+	c.out.send(h, nil, nil, r.deferFlush)
 }
 
 // replyRead sends the data of a successful read (r.buf, handed over).
@@ -453,7 +512,7 @@ func (c *conn) replyRead(r *request) {
 		var h [simpleReplySize]byte
 		binary.BigEndian.PutUint32(h[0:], magicSimple)
 		binary.BigEndian.PutUint64(h[8:], r.handle)
-		c.out.send(h[:], data, r.buf)
+		c.out.send(h[:], data, r.buf, r.deferFlush)
 		return
 	}
 	// One OFFSET_DATA chunk, final: the data is already read, no error can
@@ -465,7 +524,7 @@ func (c *conn) replyRead(r *request) {
 	binary.BigEndian.PutUint64(h[8:], r.handle)
 	binary.BigEndian.PutUint32(h[16:], uint32(8+len(data)))
 	binary.BigEndian.PutUint64(h[20:], r.off)
-	c.out.send(h[:], data, r.buf)
+	c.out.send(h[:], data, r.buf, r.deferFlush)
 }
 
 // maxStatusDescriptors bounds one BLOCK_STATUS reply.
@@ -528,5 +587,5 @@ func (c *conn) replyBlockStatus(r *request, exts []blockdev.Extent) {
 	binary.BigEndian.PutUint32(h[16:], uint32(4+len(desc)))
 	binary.BigEndian.PutUint32(h[20:], metaBaseAllocationID)
 	h = append(h, desc...)
-	c.out.send(h, nil, nil)
+	c.out.send(h, nil, nil, r.deferFlush)
 }

@@ -55,7 +55,7 @@ func (s *sender) stop() {
 // send queues hdr (copied) and data (copied when small; otherwise
 // referenced until written, then pooled is returned to the pool) and
 // makes sure they get written. pooled may be nil.
-func (s *sender) send(hdr, data []byte, pooled *[]byte) {
+func (s *sender) send(hdr, data []byte, pooled *[]byte, deferred bool) {
 	s.mu.Lock()
 	if s.err != nil {
 		s.busy.Add(-1)
@@ -74,7 +74,10 @@ func (s *sender) send(hdr, data []byte, pooled *[]byte) {
 		s.rel = append(s.rel, pooled)
 	}
 	left := s.busy.Add(-1)
-	if s.flushing {
+	if s.flushing || deferred {
+		// A flusher is writing and will take this too, or the reading
+		// worker executed this request itself and flushes when its input
+		// drains (flushDeferred).
 		s.mu.Unlock()
 		return
 	}
@@ -89,6 +92,16 @@ func (s *sender) send(hdr, data []byte, pooled *[]byte) {
 				s.timer.Reset(flushDelay)
 			}
 		}
+		s.mu.Unlock()
+		return
+	}
+	s.flushLocked()
+}
+
+// flushDeferred writes whatever is queued unless a flush is under way.
+func (s *sender) flushDeferred() {
+	s.mu.Lock()
+	if s.flushing || s.err != nil || (len(s.q) == 0 && s.segStart == len(s.arena)) {
 		s.mu.Unlock()
 		return
 	}
