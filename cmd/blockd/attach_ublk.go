@@ -48,6 +48,7 @@ var ublkAttachCommand = &cli.Command{
 		&cli.StringFlag{Name: "recovery", Value: "fail", Usage: "what a crash of this process does to requests in flight: fail (EIO; safe over the network) or reissue (replayed by the next process)"},
 		&cli.IntFlag{Name: "queues", Usage: "hardware queues (default: CPUs, at most 4)"},
 		&cli.IntFlag{Name: "depth", Usage: "requests in flight per queue (default 64)"},
+		&cli.DurationFlag{Name: "wait", Value: 30 * time.Second, Usage: "keep trying this long for a volume or primary that is not ready yet (a server starting, a failover)"},
 		&cli.DurationFlag{Name: "give-up", Value: 5 * time.Minute, Usage: "fail I/O after this long without a connection to the primary"},
 		&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "json: print {\"device\": ...} instead of the bare path"},
 	},
@@ -107,11 +108,25 @@ func attachUblk(c *cli.Context) error {
 	signal.Notify(usr1, syscall.SIGUSR1)
 	defer signal.Stop(usr1)
 
-	actx, cancel := context.WithTimeout(ctx, time.Minute)
-	dev, err := dialNBDDevice(actx, name, resolve, c.Duration("give-up"), log)
-	if err != nil {
-		cancel()
-		return fmt.Errorf("attach ublk: %w", err)
+	actx, cancel := context.WithTimeout(ctx, c.Duration("wait")+time.Minute)
+	var dev *nbdDevice
+	for deadline := time.Now().Add(c.Duration("wait")); ; {
+		var err error
+		dctx, dcancel := context.WithTimeout(actx, 15*time.Second)
+		dev, err = dialNBDDevice(dctx, name, resolve, c.Duration("give-up"), log)
+		dcancel()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) || actx.Err() != nil {
+			cancel()
+			return fmt.Errorf("attach ublk: %w", err)
+		}
+		log.Info("ublk.attach.retry", "volume", name, "err", err)
+		select {
+		case <-actx.Done():
+		case <-time.After(500 * time.Millisecond):
+		}
 	}
 	defer dev.Close()
 	d, err := ublk.Serve(actx, dev, ublk.Options{
