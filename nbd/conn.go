@@ -208,8 +208,11 @@ func (c *conn) worker() {
 // most inlineMaxLen without FUA) run on the reading worker itself while the
 // device's recent latency (an EWMA over reads and writes) stays under
 // inlineMaxLatency. Anything else, or any request on a slow device, is
-// executed while another worker goes on reading, so a slow request never
-// holds up the ones behind it for longer than one fast request's time.
+// executed while another worker goes on reading. The trade-off: a request
+// that was expected fast but turns out slow delays the reading of the
+// requests behind it by its own duration, once; its latency then lifts the
+// EWMA (one 1 ms request is enough) and the connection hands off again.
+// A connection starts in hand-off mode.
 const (
 	inlineMaxLen     = 64 << 10
 	inlineMaxLatency = int64(50 * time.Microsecond)

@@ -650,3 +650,62 @@ func TestWireErrno(t *testing.T) {
 		}
 	}
 }
+
+// TestInlineAdaptsToSlowDevice: after fast requests the connection executes
+// inline; a request that turns out slow delays the ones behind it only
+// until it completes, and lifts the latency estimate so that the next slow
+// request is executed while later ones overtake it.
+func TestInlineAdaptsToSlowDevice(t *testing.T) {
+	ts := startMem(t)
+	rc := dialRaw(t, "tcp", ts.addr)
+	rc.connect("vol0", true)
+	for i := 0; i < 64; i++ { // warm up: the EWMA falls, inline mode
+		rc.request(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, pattern(4096, byte(i)))
+		if r := rc.readReply(); r.errno != 0 {
+			t.Fatal(r)
+		}
+	}
+	gate := func(off int64) {
+		ts.dev.mu.Lock()
+		ts.dev.gateAt, ts.dev.gate, ts.dev.gated = off, make(chan struct{}), make(chan struct{}, 1)
+		ts.dev.mu.Unlock()
+	}
+	// Phase 1: a slow read executed inline; later requests wait for it,
+	// but all are answered once it completes.
+	gate(1 << 20)
+	rc.request(cmdRead, 0, 100, 1<<20, 4096, nil)
+	<-ts.dev.gated
+	for i := 101; i <= 104; i++ {
+		rc.request(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, pattern(4096, 1))
+	}
+	time.Sleep(20 * time.Millisecond) // the slow request's own latency
+	close(ts.dev.gate)
+	seen := map[uint64]bool{}
+	for i := 0; i < 5; i++ {
+		r := rc.readReply()
+		if r.errno != 0 {
+			t.Fatal(r)
+		}
+		seen[r.handle] = true
+	}
+	if len(seen) != 5 {
+		t.Fatalf("replies %v", seen)
+	}
+	// Phase 2: the estimate is high now: the next slow read is handed off
+	// and later writes overtake it.
+	gate(2 << 20)
+	rc.request(cmdRead, 0, 200, 2<<20, 4096, nil)
+	<-ts.dev.gated
+	for i := 201; i <= 204; i++ {
+		rc.request(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, pattern(4096, 2))
+	}
+	for i := 201; i <= 204; i++ {
+		if r := rc.readReply(); r.handle == 200 || r.errno != 0 {
+			t.Fatalf("reply %v before the slow read was released", r)
+		}
+	}
+	close(ts.dev.gate)
+	if r := rc.readReply(); r.handle != 200 || r.errno != 0 {
+		t.Fatal(r)
+	}
+}
