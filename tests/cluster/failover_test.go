@@ -79,6 +79,7 @@ func TestFailoverRejoinMasterRestart(t *testing.T) {
 	for i := 0; i < 8; i++ {
 		reads = append(reads, fmt.Sprintf("read -P 0x%02x %dM 1M", 0x10+i, i))
 	}
+	c.waitExport(c.nbd[newPrimary], "db")
 	if out, err := c.qemuIO(c.nbd[newPrimary], "db", reads...); err != nil {
 		t.Fatalf("flushed data lost after failover: %v\n%s", err, out)
 	}
@@ -126,6 +127,7 @@ func TestFailoverRejoinMasterRestart(t *testing.T) {
 		after.RF != before.RF || after.SizeBytes != before.SizeBytes {
 		t.Fatalf("master restart changed the volume:\nbefore %+v\nafter  %+v", before, after)
 	}
+	c.waitExport(c.nbd[newPrimary], "db")
 	if out, err := c.qemuIO(c.nbd[newPrimary], "db", append(reads, "read -P 0x77 60M 4k")...); err != nil {
 		t.Fatalf("data after master restart: %v\n%s", err, out)
 	}
@@ -170,31 +172,46 @@ func TestIsolatedPrimaryFencedByLease(t *testing.T) {
 		info = c.info("fence")
 	}
 
-	// A writer hammers s1 with 4k flushed writes and records when they
-	// start failing; s2 is probed for its first accepted write.
+	// Two probes run concurrently: one writes to the old primary until it
+	// refuses, the other to s2 until it accepts. Acceptance by a server
+	// happens before its probe returns and after its probe starts, so
+	// "last old success returned before the first new success started"
+	// proves the old primary stopped before the new one began.
 	px.cut()
 	cutAt := time.Now()
-	var oldRefusedAt, newAcceptedAt time.Time
-	deadline := time.Now().Add(60 * time.Second)
-	for time.Now().Before(deadline) && (oldRefusedAt.IsZero() || newAcceptedAt.IsZero()) {
-		if oldRefusedAt.IsZero() {
+	probeDeadline := cutAt.Add(60 * time.Second)
+	oldDone, newDone := make(chan time.Time, 1), make(chan time.Time, 1)
+	var lastOldOK time.Time
+	go func() {
+		for time.Now().Before(probeDeadline) {
 			if _, err := c.qemuIO(c.nbd["s1"], "fence", "write -P 0x01 0 4k", "flush"); err != nil {
-				oldRefusedAt = time.Now()
+				oldDone <- time.Now()
+				return
 			}
+			lastOldOK = time.Now()
 		}
-		if newAcceptedAt.IsZero() {
+		oldDone <- time.Time{}
+	}()
+	go func() {
+		for time.Now().Before(probeDeadline) {
+			start := time.Now()
 			if _, err := c.qemuIO(c.nbd["s2"], "fence", "write -P 0x02 4k 4k", "flush"); err == nil {
-				newAcceptedAt = time.Now()
+				newDone <- start
+				return
 			}
+			time.Sleep(20 * time.Millisecond)
 		}
+		newDone <- time.Time{}
+	}()
+	oldRefusedAt, newAcceptStart := <-oldDone, <-newDone
+	if oldRefusedAt.IsZero() || newAcceptStart.IsZero() {
+		t.Fatalf("after cutting s1 from the master: old refused at %v, new accepted at %v", oldRefusedAt, newAcceptStart)
 	}
-	if oldRefusedAt.IsZero() || newAcceptedAt.IsZero() {
-		t.Fatalf("after cutting s1 from the master: old refused at %v, new accepted at %v", oldRefusedAt, newAcceptedAt)
-	}
-	t.Logf("FENCING: cut at 0; old primary refused writes at +%v; new primary accepted at +%v",
-		oldRefusedAt.Sub(cutAt).Round(10*time.Millisecond), newAcceptedAt.Sub(cutAt).Round(10*time.Millisecond))
-	if !oldRefusedAt.Before(newAcceptedAt) {
-		t.Fatalf("split brain window: new primary accepted a write before the old one stopped")
+	t.Logf("FENCING: cut at 0; old primary's last accepted write returned at +%v, first refusal seen at +%v; new primary's first accepted write started at +%v",
+		lastOldOK.Sub(cutAt).Round(10*time.Millisecond), oldRefusedAt.Sub(cutAt).Round(10*time.Millisecond),
+		newAcceptStart.Sub(cutAt).Round(10*time.Millisecond))
+	if !lastOldOK.Before(newAcceptStart) {
+		t.Fatalf("split brain window: the old primary accepted a write at or after the new primary's first")
 	}
 	if i := c.info("fence"); i.Primary.ServerID != "s2" || i.Epoch <= info.Epoch {
 		t.Fatalf("after isolation: %+v", i)

@@ -296,3 +296,16 @@ func nbdshWrite(nbdAddr, vol string, off int64) error {
 	}
 	return nil
 }
+
+// waitExport waits until a server exports the volume: the master's record
+// of a new primary reaches the server with its next heartbeat.
+func (c *cluster) waitExport(nbdAddr, vol string) {
+	c.t.Helper()
+	c.waitFor(vol+" exported at "+nbdAddr, 30*time.Second, func() error {
+		out, err := c.qemuIO(nbdAddr, vol, "read 0 512")
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	})
+}
