@@ -244,10 +244,16 @@ func (s *Server) Close() error {
 	return err
 }
 
+// disconnectDrainTimeout bounds how long DisconnectExport lets in-flight
+// requests finish before it closes the sockets hard.
+const disconnectDrainTimeout = 10 * time.Second
+
 // DisconnectExport drains and closes every connection serving the named
 // export (for instance when the volume is deleted or this server loses its
 // primary role). New connections still go through ExportSource.Lookup.
-// It returns the number of connections it closed, after they are closed.
+// It returns the number of connections it closed, once they are closed, or
+// after at most 10 s: connections whose requests are stuck in the device
+// are then closed hard (their goroutines end when the device returns).
 func (s *Server) DisconnectExport(name string) int {
 	s.mu.Lock()
 	var conns []*conn
@@ -260,8 +266,18 @@ func (s *Server) DisconnectExport(name string) int {
 	for _, c := range conns {
 		c.drain("export disconnected")
 	}
+	timeout := time.NewTimer(disconnectDrainTimeout)
+	defer timeout.Stop()
 	for _, c := range conns {
-		<-c.done
+		select {
+		case <-c.done:
+		case <-timeout.C:
+			s.log.Warn("nbd: in-flight requests did not drain, closing connections hard", "export", name)
+			for _, c := range conns {
+				c.abort()
+			}
+			return len(conns)
+		}
 	}
 	return len(conns)
 }
