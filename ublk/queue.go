@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"github.com/blockd/blockd/ublk/uring"
@@ -68,6 +69,8 @@ type queue struct {
 	// workers write the eventfd only then (one system call saved per
 	// request while the thread is busy anyway).
 	sleeping atomic.Bool
+
+	workersUntil time.Time // InlineAuto: no inline execution before this
 
 	exited chan struct{}
 	err    error // why the loop ended (nil: all tags aborted by the driver)
@@ -275,7 +278,7 @@ func (q *queue) loop() error {
 			case c.Res == 0: // UBLK_IO_RES_OK: a request for this tag
 				inWorker++
 				d := decodeIODesc(q.descs[int(tag)*ioDescSize:])
-				go q.work(tag, d)
+				q.dispatch(tag, d)
 			case c.Res == ioResAbort:
 				// The driver will not hand this tag out again (STOP_DEV,
 				// or the queue is being torn down).
@@ -302,6 +305,41 @@ func (q *queue) loop() error {
 		}
 	}
 }
+
+// slowInline is how long a request run on the queue thread may take before
+// the queue hands everything to workers for inlineBackoff.
+const (
+	slowInline    = 200 * time.Microsecond
+	inlineBackoff = time.Second
+)
+
+// dispatch runs a request. By default (InlineNever) on a worker goroutine.
+// With InlineAuto, reads and plain writes run on the queue thread
+// while the device answers them quickly (page-cache hits, a write into the
+// WAL): handing a request to another thread and waking this one again
+// costs more than such a request itself. Anything that may wait (flush,
+// FUA writes, discard, write-zeroes) goes to a worker goroutine, and so
+// does everything for a while after an inline request turned out slow, so
+// a backend that blocks keeps up to depth requests in flight per queue.
+func (q *queue) dispatch(tag uint16, d ioDesc) {
+	mode := q.dev.inline
+	if mode == InlineAlways || (mode == InlineAuto && inlineEligible(d) && !q.now().Before(q.workersUntil)) {
+		start := q.now()
+		q.work(tag, d)
+		if el := q.now().Sub(start); mode == InlineAuto && el > slowInline {
+			q.workersUntil = q.now().Add(inlineBackoff)
+			q.log().Debug("ublk.queue.inline_backoff", "dev", q.dev.info.DevID, "queue", q.id, "op", opName(d.op()), "took", el)
+		}
+		return
+	}
+	go q.work(tag, d)
+}
+
+func inlineEligible(d ioDesc) bool {
+	return d.op() == opRead || (d.op() == opWrite && d.flags()&ioFlagFUA == 0)
+}
+
+func (q *queue) now() time.Time { return time.Now() }
 
 func (q *queue) work(tag uint16, d ioDesc) {
 	res, err := execute(q.dev.dev, d, q.buf(tag))

@@ -28,6 +28,7 @@ var (
 	cmdStartUserRecovery = iocEncode(iocRead|iocWrite, 0x10, ctrlCmdSize)
 	cmdEndUserRecovery   = iocEncode(iocRead|iocWrite, 0x11, ctrlCmdSize)
 	cmdGetFeatures       = iocEncode(iocRead, 0x13, ctrlCmdSize)
+	cmdDelDevAsync       = iocEncode(iocRead, 0x14, ctrlCmdSize) // Linux >= 6.9
 
 	ioFetchReq          = iocEncode(iocRead|iocWrite, 0x20, ioCmdSize)
 	ioCommitAndFetchReq = iocEncode(iocRead|iocWrite, 0x21, ioCmdSize)

@@ -27,6 +27,7 @@ func TestOpcodes(t *testing.T) {
 		"START_USER_RECOVERY": {cmdStartUserRecovery, 0xc0207510},
 		"END_USER_RECOVERY":   {cmdEndUserRecovery, 0xc0207511},
 		"GET_FEATURES":        {cmdGetFeatures, 0x80207513},
+		"DEL_DEV_ASYNC":       {cmdDelDevAsync, 0x80207514},
 		"FETCH_REQ":           {ioFetchReq, 0xc0107520},
 		"COMMIT_AND_FETCH":    {ioCommitAndFetchReq, 0xc0107521},
 	} {
@@ -229,4 +230,22 @@ func TestServeWithoutDriver(t *testing.T) {
 		t.Fatalf("Serve without driver: %v, want ErrNoDriver", err)
 	}
 	t.Logf("error text: %v", err)
+}
+
+func TestInlineEligible(t *testing.T) {
+	for _, c := range []struct {
+		d    ioDesc
+		want bool
+	}{
+		{desc(opRead, 0, 0, 8), true},
+		{desc(opWrite, 0, 0, 8), true},
+		{desc(opWrite, ioFlagFUA, 0, 8), false},
+		{desc(opFlush, 0, 0, 0), false},
+		{desc(opDiscard, 0, 0, 8), false},
+		{desc(opWriteZeroes, 0, 0, 8), false},
+	} {
+		if got := inlineEligible(c.d); got != c.want {
+			t.Errorf("%s flags %#x: inline %v, want %v", opName(c.d.op()), c.d.flags(), got, c.want)
+		}
+	}
 }

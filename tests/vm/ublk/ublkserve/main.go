@@ -120,6 +120,12 @@ func run(log *slog.Logger, file, engine, walS, sizeS string, id int, recov bool,
 		}
 	}()
 	o := ublk.Options{Queues: queues, Depth: depth, DevID: id, Recover: recov, Logger: log}
+	switch os.Getenv("UBLK_INLINE") {
+	case "auto":
+		o.Inline = ublk.InlineAuto
+	case "always":
+		o.Inline = ublk.InlineAlways
+	}
 	switch mode {
 	case "reissue":
 		o.Recovery = ublk.RecoveryReissue
