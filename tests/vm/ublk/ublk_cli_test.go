@@ -14,6 +14,7 @@ import (
 // another process) and the attach process exits 0. A second attach is
 // stopped with SIGTERM.
 func TestBlockdAttachUblk(t *testing.T) {
+	vmtest.Require(t)
 	res := vmtest.Boot(t, vmtest.Guest{
 		Binaries: map[string]string{
 			"/usr/local/bin/blockd":    vmtest.BuildBlockd(t),

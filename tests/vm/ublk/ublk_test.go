@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blockd/blockd/internal/testenv"
 	"github.com/blockd/blockd/tests/vm/vmtest"
 )
 
@@ -50,6 +51,10 @@ serve() { # serve LOG ARGS...: start ublkserve in the background, wait until rea
 
 func boot(t *testing.T, script string, tools ...string) vmtest.Result {
 	t.Helper()
+	vmtest.Require(t)
+	for _, tool := range tools {
+		testenv.RequireTool(t, tool)
+	}
 	return vmtest.Boot(t, vmtest.Guest{
 		Binaries: map[string]string{"/usr/local/bin/ublkserve": vmtest.GoBuild(t, "./tests/vm/ublk/ublkserve")},
 		Tools:    tools,
@@ -267,6 +272,8 @@ func BenchmarkUblkVsNBD(b *testing.B) {
 	if rounds == "" {
 		rounds = "3"
 	}
+	vmtest.Require(b)
+	testenv.RequireTool(b, "fio")
 	for i := 0; i < b.N; i++ {
 		res := vmtest.Boot(b, vmtest.Guest{
 			Binaries: map[string]string{"/usr/local/bin/ublkserve": vmtest.GoBuild(b, "./tests/vm/ublk/ublkserve")},
