@@ -24,7 +24,7 @@ var (
 	// ErrKernelTooOld: the kernel lacks io_uring with 128-byte SQEs, or a
 	// ublk feature this package needs (GET_FEATURES, ioctl-encoded
 	// commands, user recovery).
-	ErrKernelTooOld = errors.New("kernel too old for blockd's ublk frontend (needs Linux >= 6.4 with io_uring SQE128, ublk ioctl-encoded commands and user recovery)")
+	ErrKernelTooOld = errors.New("kernel too old for blockd's ublk frontend (needs io_uring with 128-byte SQEs and ublk with GET_FEATURES, ioctl-encoded commands and user recovery; tested on Linux 6.12)")
 	// ErrPermission: the caller may not open /dev/ublk-control or create
 	// devices (needs root / CAP_SYS_ADMIN).
 	ErrPermission = errors.New("permission denied: creating ublk devices needs root (CAP_SYS_ADMIN) and access to /dev/ublk-control")

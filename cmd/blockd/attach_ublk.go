@@ -39,7 +39,7 @@ var ublkAttachCommand = &cli.Command{
 	Description: "Connects to the volume's primary over NBD (asking the master, or --nbd), creates\n" +
 		"/dev/ublkbN, prints its path and keeps serving it in the foreground. Lost connections\n" +
 		"are re-established to the current primary; after --give-up without one, I/O fails.\n" +
-		"Needs root and the ublk_drv module (Linux >= 6.4).",
+		"Needs root and the ublk_drv module (tested on Linux 6.12).",
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "master", Value: api.DefaultMaster, EnvVars: []string{"BLOCKD_MASTER"}, Usage: "master API address(es), comma-separated"},
 		&cli.StringFlag{Name: "nbd", Usage: "use this NBD address instead of asking the master (no failover)"},
