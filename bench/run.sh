@@ -17,6 +17,10 @@
 # For every run the server's CPU time (utime+stime from /proc/PID/stat) is
 # divided by the I/Os done: µs of server CPU per I/O.
 #
+# With NULL=1 (default) it also compares the protocol layers alone: blockd's
+# nbd package over a null device (bench/nbdfile -null) against `nbdkit null`,
+# 4k randwrite/randread QD32, CPU per I/O.
+#
 # Environment: RUNTIME (s per run, default 10), ROUNDS (default 2), REGION
 # (bytes of the export touched, default 256MiB), BENCH_DIR (default
 # /var/tmp/blockd-bench), SERVERS (default "blockd nbdfile nbdkit qemu-nbd"),
@@ -32,6 +36,7 @@ SIZE=$((1 << 30))
 BENCH_DIR=${BENCH_DIR:-/var/tmp/blockd-bench}
 SERVERS=${SERVERS:-"blockd nbdfile nbdkit qemu-nbd"}
 PROFILE=${PROFILE:-0}
+NULL=${NULL:-1}
 CLK_TCK=$(getconf CLK_TCK)
 
 for t in fio nbdkit qemu-nbd nbdinfo python3; do
@@ -50,9 +55,9 @@ else
   SERVERS=${SERVERS//blockd/}
 fi
 
-declare -A PORT=([blockd]=10950 [nbdfile]=10951 [nbdkit]=10952 [qemu-nbd]=10953)
+declare -A PORT=([blockd]=10950 [nbdfile]=10951 [nbdkit]=10952 [qemu-nbd]=10953 [nbdnull]=10954 [kitnull]=10955)
 declare -A PID=()
-declare -A EXPORT=([blockd]=vol0 [nbdfile]=vol0 [nbdkit]="" [qemu-nbd]=vol0)
+declare -A EXPORT=([blockd]=vol0 [nbdfile]=vol0 [nbdkit]="" [qemu-nbd]=vol0 [nbdnull]=vol0 [kitnull]="")
 
 wait_port() { # port
   for _ in $(seq 1 300); do
@@ -80,6 +85,12 @@ start_server() { # name
   nbdkit)
     truncate -s "$SIZE" "$d/disk.img"
     nbdkit -f -p "$p" -i 127.0.0.1 file "$d/disk.img" >"$d/log" 2>&1 &
+    ;;
+  nbdnull)
+    "$BENCH_DIR/bin/nbdfile" -null -size "$SIZE" -listen "127.0.0.1:$p" >"$d/log" 2>&1 &
+    ;;
+  kitnull)
+    nbdkit -f -p "$p" -i 127.0.0.1 null "$SIZE" >"$d/log" 2>&1 &
     ;;
   qemu-nbd)
     truncate -s "$SIZE" "$d/disk.img"
@@ -160,6 +171,23 @@ for r in $(seq 1 "$ROUNDS"); do
   SUM_IOPS[flushqd1.raw]=$(python3 -c "print(${SUM_IOPS[flushqd1.raw]:-0} + $raw)")
   N[flushqd1.raw]=$((${N[flushqd1.raw]:-0} + 1))
 done
+
+# Protocol layers alone: null devices.
+declare -A NULL_IOPS=() NULL_CPU=()
+if [ "$NULL" = 1 ]; then
+  start_server nbdnull
+  start_server kitnull
+  for r in $(seq 1 "$ROUNDS"); do
+    for wl in randwrite randread; do
+      for s in nbdnull kitnull; do
+        read -r iops cpu < <(run_fio "$wl" "$s" ${WL_ARGS[$wl]})
+        echo "round $r $wl $s: $iops IOPS, $cpu µs CPU/IO" >&2
+        NULL_IOPS[$wl.$s]=$(python3 -c "print(${NULL_IOPS[$wl.$s]:-0} + $iops / $ROUNDS)")
+        NULL_CPU[$wl.$s]=$(python3 -c "print(${NULL_CPU[$wl.$s]:-0} + $cpu / $ROUNDS)")
+      done
+    done
+  done
+fi
 stop_servers
 trap - EXIT
 
@@ -223,3 +251,16 @@ for wl in ["randwrite", "randread", "seqwrite", "flushqd1", "flush8j"]:
 print()
 print("goal for CPU per 4k write at QD32: <= 0.8x nbdkit")
 ' | tee "$BENCH_DIR/results.md"
+
+if [ "$NULL" = 1 ]; then
+  {
+    echo
+    echo "| protocol layer alone (null device) | blockd nbd IOPS | nbdkit null IOPS | blockd nbd CPU µs/IO | nbdkit null CPU µs/IO | CPU ratio |"
+    echo "|---|---|---|---|---|---|"
+    for wl in randwrite randread; do
+      python3 -c "
+b, k = ${NULL_CPU[$wl.nbdnull]}, ${NULL_CPU[$wl.kitnull]}
+print('| 4k $wl QD32 | %.0f | %.0f | %.1f | %.1f | %.2fx |' % (${NULL_IOPS[$wl.nbdnull]}, ${NULL_IOPS[$wl.kitnull]}, b, k, b / k))"
+    done
+  } | tee -a "$BENCH_DIR/results.md"
+fi
