@@ -1,0 +1,73 @@
+package nbd
+
+import (
+	"encoding/binary"
+	"io"
+	"log/slog"
+	"net"
+	"testing"
+	"time"
+)
+
+// fuzzSeed builds a client byte stream: flags, options, then requests.
+func fuzzSeed(structured bool, opts [][2]any, reqs ...[]byte) []byte {
+	b := binary.BigEndian.AppendUint32(nil, clientFlagFixedNewstyle|clientFlagNoZeroes)
+	if structured {
+		opts = append([][2]any{{optStructuredReply, []byte(nil)}, {optSetMetaContext, metaData("vol0", metaBaseAllocation)}}, opts...)
+	}
+	for _, o := range opts {
+		data := o[1].([]byte)
+		b = binary.BigEndian.AppendUint64(b, magicIHaveOpt)
+		b = binary.BigEndian.AppendUint32(b, o[0].(uint32))
+		b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
+		b = append(b, data...)
+	}
+	for _, r := range reqs {
+		b = append(b, r...)
+	}
+	return b
+}
+
+func fuzzReq(typ, flags uint16, off uint64, n uint32, payload bool) []byte {
+	b := binary.BigEndian.AppendUint32(nil, magicRequest)
+	b = binary.BigEndian.AppendUint16(b, flags)
+	b = binary.BigEndian.AppendUint16(b, typ)
+	b = binary.BigEndian.AppendUint64(b, 0x1234)
+	b = binary.BigEndian.AppendUint64(b, off)
+	b = binary.BigEndian.AppendUint32(b, n)
+	if payload {
+		b = append(b, make([]byte, n)...)
+	}
+	return b
+}
+
+// FuzzServerInput: whatever a client sends, the server neither panics nor
+// leaves the connection behind once the client hangs up.
+func FuzzServerInput(f *testing.F) {
+	goOpt := [2]any{optGo, goData("vol0", infoBlockSize)}
+	f.Add(fuzzSeed(false, [][2]any{goOpt}, fuzzReq(cmdWrite, 0, 0, 4096, true), fuzzReq(cmdRead, 0, 0, 4096, false)))
+	f.Add(fuzzSeed(true, [][2]any{goOpt}, fuzzReq(cmdBlockStatus, cmdFlagReqOne, 0, 1<<20, false),
+		fuzzReq(cmdWriteZeroes, cmdFlagNoHole, 4096, 4096, false), fuzzReq(cmdTrim, 0, 0, 8192, false)))
+	f.Add(fuzzSeed(true, [][2]any{{optList, []byte(nil)}, {optInfo, goData("", infoName, infoDescription)}, {uint32(99), []byte("x")}, goOpt},
+		fuzzReq(cmdFlush, 0, 0, 0, false), fuzzReq(cmdDisc, 0, 0, 0, false)))
+	f.Add(fuzzSeed(false, [][2]any{{optExportName, []byte("vol0")}}, fuzzReq(cmdRead, 0, 1<<40, 512, false)))
+	f.Add(fuzzSeed(false, [][2]any{goOpt}, fuzzReq(cmdWrite, 0, 0, 1<<31, false)))
+	f.Add([]byte{0, 0, 0, 3, 0x49, 0x48})
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		srv := NewServer(StaticExports{{Name: "vol0", Device: newMemDev(1 << 20)}},
+			WithLogger(log), WithHandshakeTimeout(5*time.Second), WithMaxInFlight(4))
+		client, server := net.Pipe()
+		srv.ServeConn(server)
+		go func() { _, _ = io.Copy(io.Discard, client) }()
+		_, _ = client.Write(in)
+		client.Close()
+		deadline := time.Now().Add(10 * time.Second)
+		for srv.Conns() != 0 {
+			if time.Now().After(deadline) {
+				t.Fatalf("connection still open 10s after the client hung up")
+			}
+			time.Sleep(time.Millisecond)
+		}
+	})
+}
