@@ -15,8 +15,10 @@ type Facts struct {
 	// every record with LSN ≥ BitmapFrom; BitmapOK says whether one exists.
 	BitmapOK   bool
 	BitmapFrom uint64
-	// DivergentKnown: when the replica is ahead (head > H), it could list
-	// the regions its divergent records touched.
+	// ForkLSN: the replica's first record that is not the primary's (0:
+	// none). DivergentKnown: the replica could list the regions its
+	// records from ForkLSN on touched.
+	ForkLSN        uint64
 	DivergentKnown bool
 	// Pending: the replica holds an interrupted transfer that this primary
 	// can continue (same epoch, resumable).
@@ -56,6 +58,7 @@ type Plan struct {
 //	blank, H = 0                      → InSync
 //	blank, S ≤ 1                      → CatchUp [1, H]
 //	blank                             → Rebuild
+//	fork F ≤ H (history diverged)     → TruncateThenCatchUp from F (regions known, S ≤ F) | Rebuild
 //	replica head > H                  → TruncateThenCatchUp (divergent regions known) | Rebuild
 //	R = H                             → InSync
 //	S ≤ R+1 ≤ H                       → CatchUp [R+1, H]
@@ -82,6 +85,18 @@ func Decide(f Facts) Plan {
 			return Plan{Kind: PlanRebuild, Reason: "blank",
 				Detail: fmt.Sprintf("blank replica needs LSN 1 but oldest retained=%d head=%d", S, H)}
 		}
+	}
+	if f.ForkLSN != 0 && f.ForkLSN <= H {
+		// Diverged history below the primary's head (a partition healed,
+		// a new primary wrote where the old one had): cut the replica back
+		// to the fork, restore the regions its divergent records touched,
+		// and catch up from the fork.
+		if f.DivergentKnown && S <= f.ForkLSN {
+			return Plan{Kind: PlanTruncateThenCatchUp, From: f.ForkLSN, To: H, Reason: "diverged_history",
+				Detail: fmt.Sprintf("replica records from LSN %d are not the primary's (replica head=%d, primary head=%d): truncate to %d", f.ForkLSN, f.ReplicaHead, H, f.ForkLSN-1)}
+		}
+		return Plan{Kind: PlanRebuild, Reason: "diverged_history_unrecoverable",
+			Detail: fmt.Sprintf("replica diverges from LSN %d; divergent records readable=%v, primary oldest retained=%d", f.ForkLSN, f.DivergentKnown, S)}
 	}
 	if f.ReplicaHead > H || R > H {
 		if f.DivergentKnown {

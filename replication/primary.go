@@ -84,12 +84,13 @@ type Primary struct {
 	cfg PrimaryConfig
 	log *slog.Logger
 
-	mu     sync.Mutex
-	cond   *sync.Cond // broadcast on any replica state or FlushedLSN change
-	epoch  uint64
-	mode   Durability
-	reps   map[string]*replica
-	closed bool
+	mu         sync.Mutex
+	cond       *sync.Cond // broadcast on any replica state or FlushedLSN change
+	epoch      uint64
+	epochStart uint64 // first LSN of this primary's current epoch
+	mode       Durability
+	reps       map[string]*replica
+	closed     bool
 
 	smu      sync.Mutex // sink side: lastLSN, bitmaps, the replica list the sink sees
 	lastLSN  uint64
@@ -162,6 +163,10 @@ func NewPrimary(vol *blockvol.Volume, cfg PrimaryConfig) (*Primary, error) {
 	if cfg.Retention == (RetentionBudget{}) {
 		cfg.Retention = DefaultRetentionBudget
 	}
+	// A hold may never fill the WAL: writers would wait for space.
+	if w := vol.WALSize() / 2; cfg.Retention.MaxBytes <= 0 || cfg.Retention.MaxBytes > w {
+		cfg.Retention.MaxBytes = w
+	}
 	if cfg.Dial == nil {
 		cfg.Dial = func(ctx context.Context, addr string) (net.Conn, error) {
 			d := net.Dialer{Timeout: 10 * time.Second, KeepAlive: 5 * time.Second}
@@ -186,7 +191,16 @@ func NewPrimary(vol *blockvol.Volume, cfg PrimaryConfig) (*Primary, error) {
 	p := &Primary{vol: vol, cfg: cfg, epoch: cfg.Epoch, mode: cfg.Durability, reps: map[string]*replica{}, stopCh: make(chan struct{}),
 		log: cfg.Logger.With("side", "primary", "volume", cfg.Volume)}
 	p.cond = sync.NewCond(&p.mu)
+	// Records carry the volume's epoch: it must be this primary's.
+	if e := vol.Epoch(); e > cfg.Epoch {
+		return nil, fmt.Errorf("replication: NewPrimary %s: %w: volume epoch %d above assignment epoch %d", cfg.Volume, ErrStaleEpoch, e, cfg.Epoch)
+	} else if e < cfg.Epoch || vol.Role() != "primary" {
+		if err := vol.SetEpochRole(cfg.Epoch, "primary"); err != nil {
+			return nil, fmt.Errorf("replication: NewPrimary %s: %w", cfg.Volume, err)
+		}
+	}
 	p.lastLSN = vol.HeadLSN()
+	p.epochStart = p.findEpochStart(cfg.Epoch)
 	vol.SetRecordSink(p.sink)
 	vol.SetRetentionFloor(p.floor)
 	err := p.Update(cfg.Epoch, cfg.Durability, cfg.Replicas)
@@ -221,6 +235,12 @@ func (p *Primary) Update(epoch uint64, mode Durability, peers []Peer) error {
 	if epoch < p.epoch {
 		return fmt.Errorf("replication: %w: update to epoch %d below current %d", ErrStaleEpoch, epoch, p.epoch)
 	}
+	if epochChanged {
+		if err := p.vol.SetEpochRole(epoch, "primary"); err != nil {
+			return fmt.Errorf("replication: update to epoch %d: %w", epoch, err)
+		}
+		p.epochStart = p.vol.HeadLSN() + 1
+	}
 	p.epoch, p.mode = epoch, mode
 	for id, r := range p.reps {
 		if _, ok := want[id]; !ok {
@@ -235,7 +255,11 @@ func (p *Primary) Update(epoch uint64, mode Durability, peers []Peer) error {
 	for id, pr := range want {
 		r := p.reps[id]
 		if r == nil {
-			r = &replica{p: p, id: id, addr: pr.Addr, kick: make(chan struct{}, 1), stop: make(chan struct{}), notInSyncSince: time.Now()}
+			// An assigned replica is expected back: the WAL is held for it
+			// (within the budget) from the start, so that it can catch up
+			// or be truncated to a fork instead of being rebuilt.
+			r = &replica{p: p, id: id, addr: pr.Addr, kick: make(chan struct{}, 1), stop: make(chan struct{}), notInSyncSince: time.Now(),
+				everSynced: true, bytesAtLeave: p.cumBytes.Load()}
 			r.qcond = sync.NewCond(&r.qmu)
 			p.smu.Lock()
 			r.bm = newDirtyBitmap(p.cfg.RegionSize, p.vol.Size(), p.lastLSN+1)
@@ -279,6 +303,51 @@ func (p *Primary) refreshSinkLocked() {
 	p.smu.Lock()
 	p.sinkReps = list
 	p.smu.Unlock()
+}
+
+// findEpochStart returns the first LSN of the volume's log written in
+// epoch: after a restart within the same epoch, the retained WAL is
+// searched for its first record of that epoch; otherwise it is the next
+// LSN. 0 when unknown (the epoch's first records were recycled).
+func (p *Primary) findEpochStart(epoch uint64) uint64 {
+	head := p.vol.HeadLSN()
+	if head == 0 {
+		return 1
+	}
+	var headEpoch uint64
+	p.vol.ReadRecords(head, func(rec wal.Record) error { headEpoch = rec.Epoch; return errors.New("stop") })
+	if headEpoch != epoch {
+		return head + 1
+	}
+	var first uint64
+	from := p.vol.OldestRetainedLSN()
+	p.vol.ReadRecords(from, func(rec wal.Record) error {
+		if rec.Epoch == epoch {
+			first = rec.LSN
+			return errors.New("stop")
+		}
+		return nil
+	})
+	if first == from && from > 1 {
+		return 0 // the epoch may have begun before the retained WAL
+	}
+	return first
+}
+
+// committedLSN is the highest LSN durable on the primary and on every
+// replica that is still expected back (what no failover can lose). A
+// replica keeps the records above it, so a divergent tail stays listable.
+func (p *Primary) committedLSN() uint64 {
+	c := p.vol.DurableLSN()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, r := range p.reps {
+		if r.released || !r.everSynced {
+			continue
+		}
+		c = min(c, r.flushed)
+	}
+	return c
 }
 
 // Replicas reports every replica, sorted by ServerID.
@@ -787,7 +856,11 @@ func (s *session) runLocked() error {
 	vol := p.vol
 	// Handshake.
 	H, S := vol.HeadLSN(), vol.OldestRetainedLSN()
-	if err := s.write(&Msg{Type: MsgHello, Payload: Hello{PrimaryID: p.cfg.ServerID, TargetServerID: r.id, HeadLSN: H, OldestLSN: S, RegionSize: uint32(p.cfg.RegionSize)}.Encode()}); err != nil {
+	p.mu.Lock()
+	epochStart := p.epochStart
+	p.mu.Unlock()
+	if err := s.write(&Msg{Type: MsgHello, Payload: Hello{PrimaryID: p.cfg.ServerID, TargetServerID: r.id, HeadLSN: H, OldestLSN: S,
+		RegionSize: uint32(p.cfg.RegionSize), EpochStartLSN: epochStart}.Encode()}); err != nil {
 		return err
 	}
 	if err := s.bw.Flush(); err != nil {
@@ -816,7 +889,7 @@ func (s *session) runLocked() error {
 	bmFrom := r.bm.from()
 	p.smu.Unlock()
 	facts := Facts{ReplicaFlushed: hr.FlushedLSN, ReplicaHead: hr.HeadLSN, PrimaryHead: H, OldestRetained: S,
-		Blank: hr.Blank, Trusted: !hr.Untrusted, BitmapOK: true, BitmapFrom: bmFrom, DivergentKnown: hr.DivergentKnown,
+		Blank: hr.Blank, Trusted: !hr.Untrusted, BitmapOK: true, BitmapFrom: bmFrom, ForkLSN: hr.ForkLSN, DivergentKnown: hr.DivergentKnown,
 		PendingResumable: hr.HasPending && hr.Pending.Epoch == s.epoch && S <= hr.FlushedLSN+1, PendingKind: hr.Pending.Kind}
 	plan := Decide(facts)
 	p.mu.Lock()
@@ -848,11 +921,15 @@ func (s *session) runLocked() error {
 		p.mu.Unlock()
 		s.allowBarrier = true
 	case PlanTruncateThenCatchUp:
+		reset := H
+		if hr.ForkLSN != 0 && hr.ForkLSN <= H+1 {
+			reset = hr.ForkLSN - 1
+		}
 		s.kind, s.regions = TransferTrunc, hr.Divergent
-		if err := s.begin(Begin{Kind: TransferTrunc, ResetLSN: H, RegionSize: uint32(p.cfg.RegionSize), Regions: hr.Divergent}); err != nil {
+		if err := s.begin(Begin{Kind: TransferTrunc, ResetLSN: reset, RegionSize: uint32(p.cfg.RegionSize), Regions: hr.Divergent}); err != nil {
 			return err
 		}
-		s.next = H + 1
+		s.next = reset + 1
 	case PlanResync, PlanRebuild:
 		T := vol.HeadLSN()
 		b := Begin{Kind: TransferRebuild, ResetLSN: T, RegionSize: uint32(p.cfg.RegionSize), AllRegions: true}
@@ -1123,7 +1200,7 @@ func (s *session) live() error {
 		lsn := s.next - 1
 		if s.allowBarrier && ((want > s.barrierSent && lsn >= want) || s.forceBar || (s.bgDue() && lsn > s.barrierSent)) {
 			s.forceBar = false
-			if err := s.write(&Msg{Type: MsgBarrier, LSNTo: lsn}); err != nil {
+			if err := s.write(&Msg{Type: MsgBarrier, LSNFrom: p.committedLSN(), LSNTo: lsn}); err != nil {
 				return err
 			}
 			s.barrierSent = lsn

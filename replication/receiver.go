@@ -63,6 +63,81 @@ type rvol struct {
 	run     sync.Mutex
 	session uint64
 	conn    net.Conn
+
+	// Tail retention on the replica: records above the primary's
+	// committed LSN (durable on every replica) are kept in the WAL, within
+	// a byte cap, so that a divergent tail can still be listed and
+	// truncated after a failover.
+	tmu       sync.Mutex
+	vol       *blockvol.Volume
+	committed uint64
+	tail      []tailEnt
+	tailBytes int64
+	tailCap   int64
+}
+
+type tailEnt struct {
+	lsn  uint64
+	size int64
+}
+
+func (v *rvol) install(vol *blockvol.Volume) {
+	v.tmu.Lock()
+	defer v.tmu.Unlock()
+	if v.vol == vol {
+		return
+	}
+	v.vol, v.tail, v.tailBytes, v.committed = vol, nil, 0, 0
+	v.tailCap = vol.WALSize() / 4
+	vol.SetRetentionFloor(v.floor)
+}
+
+func (v *rvol) floor() (uint64, bool) {
+	v.tmu.Lock()
+	defer v.tmu.Unlock()
+	if len(v.tail) == 0 {
+		return 0, false
+	}
+	return v.tail[0].lsn, true
+}
+
+func (v *rvol) applied(lsn uint64, size int64) {
+	v.tmu.Lock()
+	defer v.tmu.Unlock()
+	if lsn <= v.committed {
+		return
+	}
+	v.tail = append(v.tail, tailEnt{lsn, size})
+	v.tailBytes += size
+	for len(v.tail) > 0 && v.tailBytes > v.tailCap {
+		v.tailBytes -= v.tail[0].size
+		v.tail = v.tail[1:]
+	}
+}
+
+func (v *rvol) commit(lsn uint64) {
+	v.tmu.Lock()
+	defer v.tmu.Unlock()
+	if lsn <= v.committed {
+		return
+	}
+	v.committed = lsn
+	i := 0
+	for i < len(v.tail) && v.tail[i].lsn <= lsn {
+		v.tailBytes -= v.tail[i].size
+		i++
+	}
+	v.tail = v.tail[i:]
+	if len(v.tail) == 0 {
+		v.tail = nil
+	}
+}
+
+// reset forgets the retained tail (the log was reset by a transfer).
+func (v *rvol) reset(lsn uint64) {
+	v.tmu.Lock()
+	v.tail, v.tailBytes, v.committed = nil, 0, lsn
+	v.tmu.Unlock()
 }
 
 // NewReceiver makes a receiver; call Serve with a listener.
@@ -166,7 +241,9 @@ type rconn struct {
 	bdone   bool
 	bactive bool
 
-	xfer *rxfer
+	xfer        *rxfer
+	lineageDone bool
+	rv          *rvol
 }
 
 func (rc *rconn) send(m *Msg) error {
@@ -221,6 +298,7 @@ func (r *Receiver) handle(c net.Conn) {
 	}
 	rc.tgt = tgt
 	v := r.rv(m.Volume)
+	rc.rv = v
 	v.mu.Lock()
 	if old := v.conn; old != nil {
 		old.Close() // supersede the previous session
@@ -242,6 +320,7 @@ func (r *Receiver) handle(c net.Conn) {
 	if !current {
 		return
 	}
+	v.install(tgt.Vol)
 	rc.log.Info(EvSessionCreated, "primary", h.PrimaryID, "primary_head", h.HeadLSN)
 	rc.bcond = sync.NewCond(&rc.bmu)
 	go rc.barrierWorker()
@@ -279,9 +358,22 @@ func (rc *rconn) helloResp(h Hello) (HelloResp, error) {
 		return resp, nil
 	}
 	resp.Blank = resp.HeadLSN == 0 && resp.FlushedLSN == 0
+	// Find the fork: the first record beyond the primary's head, or, when
+	// this replica's last records came from an older epoch, the primary's
+	// epoch start (everything the primary wrote from there on is its own,
+	// so the replica's records there are not).
+	var fork uint64
 	if resp.HeadLSN > h.HeadLSN {
+		fork = h.HeadLSN + 1
+	}
+	lin := rc.loadLineage()
+	if lin.Epoch != rc.fence.Epoch && h.EpochStartLSN != 0 && resp.HeadLSN >= h.EpochStartLSN && (fork == 0 || h.EpochStartLSN < fork) {
+		fork = h.EpochStartLSN
+	}
+	if fork != 0 {
+		resp.ForkLSN = fork
 		set := map[uint32]bool{}
-		err := vol.ReadRecords(h.HeadLSN+1, func(rec wal.Record) error {
+		err := vol.ReadRecords(fork, func(rec wal.Record) error {
 			if rec.Type == wal.Write || rec.Type == wal.Zero {
 				for i := rec.Offset / int64(h.RegionSize); i <= (rec.Offset+int64(rec.Length)-1)/int64(h.RegionSize); i++ {
 					set[uint32(i)] = true
@@ -296,10 +388,50 @@ func (rc *rconn) helloResp(h Hello) (HelloResp, error) {
 			}
 			slices.Sort(resp.Divergent)
 		} else {
-			rc.log.Warn("divergent_tail_unreadable", "from", h.HeadLSN+1, "head", resp.HeadLSN, "err", err.Error())
+			rc.log.Warn("divergent_tail_unreadable", "from", fork, "head", resp.HeadLSN, "err", err.Error())
 		}
+		rc.log.Info("fork_found", "fork_lsn", fork, "head", resp.HeadLSN, "primary_head", h.HeadLSN, "epoch_start", h.EpochStartLSN, "regions", len(resp.Divergent))
 	}
 	return resp, nil
+}
+
+// lineage records the epoch whose primary last appended to this replica
+// (persisted once per session, before its first record is applied).
+type lineage struct {
+	Epoch    uint64 `json:"epoch"`
+	FirstLSN uint64 `json:"first_lsn"`
+}
+
+const lineageFile = "repl-lineage.json"
+
+func (rc *rconn) loadLineage() lineage {
+	var l lineage
+	if rc.tgt.Dir == "" {
+		return l
+	}
+	p := filepath.Join(rc.tgt.Dir, lineageFile)
+	f, err := rc.r.cfg.FS.OpenFile(p, os.O_RDONLY, 0)
+	if err != nil {
+		return l
+	}
+	defer f.Close()
+	buf := make([]byte, 256)
+	n, _ := f.ReadAt(buf, 0)
+	json.Unmarshal(buf[:n], &l)
+	return l
+}
+
+func (rc *rconn) noteLineage(firstLSN uint64) error {
+	if rc.lineageDone || rc.tgt.Dir == "" {
+		return nil
+	}
+	if l := rc.loadLineage(); l.Epoch != rc.fence.Epoch {
+		if err := rc.writeFile(lineageFile, lineage{Epoch: rc.fence.Epoch, FirstLSN: firstLSN}); err != nil {
+			return err
+		}
+	}
+	rc.lineageDone = true
+	return nil
 }
 
 func (rc *rconn) loop() error {
@@ -329,6 +461,7 @@ func (rc *rconn) loop() error {
 				return err
 			}
 		case MsgBarrier:
+			rc.rv.commit(m.LSNFrom)
 			rc.bmu.Lock()
 			if m.LSNTo > rc.bwant || !rc.bactive {
 				rc.bwant = max(rc.bwant, m.LSNTo)
@@ -392,11 +525,16 @@ func (rc *rconn) applyRecord(m *Msg) error {
 		rc.refuse(CodeProtocol, fmt.Sprintf("record beyond volume: off=%d len=%d", body.Offset, body.Length))
 		return ErrBadFrame
 	}
+	if err := rc.noteLineage(lsn); err != nil {
+		rc.refuse(CodeApply, err.Error())
+		return err
+	}
 	rec := wal.Record{LSN: lsn, Epoch: body.Epoch, Type: wal.RecordType(body.Type), Offset: body.Offset, Length: body.Length, Payload: body.Data}
 	if err := vol.ApplyRecord(rec); err != nil {
 		rc.refuse(CodeApply, err.Error(), "lsn", lsn)
 		return fmt.Errorf("replication: apply LSN %d: %w", lsn, err)
 	}
+	rc.rv.applied(lsn, int64(len(body.Data))+64)
 	if x := rc.xfer; x != nil && lsn > x.st.ResetLSN && body.Type != RecBarrier {
 		x.live.mark(body.Offset, int64(body.Length))
 	}
@@ -502,12 +640,18 @@ func (rc *rconn) loadState() (*xferState, error) {
 }
 
 func (rc *rconn) saveState(st *xferState) error {
-	p := rc.statePath()
-	if p == "" {
+	if rc.statePath() == "" {
 		return nil
 	}
+	return rc.writeFile(stateFile, st)
+}
+
+// writeFile replaces Dir/name with v as JSON, durably (write, fsync,
+// rename, fsync of the directory).
+func (rc *rconn) writeFile(name string, v any) error {
+	p := filepath.Join(rc.tgt.Dir, name)
 	fs := rc.r.cfg.FS
-	data, _ := json.Marshal(st)
+	data, _ := json.Marshal(v)
 	tmp := p + ".tmp"
 	f, err := fs.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
 	if err != nil {
@@ -573,6 +717,7 @@ func (rc *rconn) begin(b Begin) error {
 			return err
 		}
 		old := vol.HeadLSN()
+		rc.rv.reset(b.ResetLSN)
 		if err := vol.ReplResetHead(b.ResetLSN); err != nil {
 			return fmt.Errorf("replication: reset head to %d: %w", b.ResetLSN, err)
 		}
@@ -581,6 +726,9 @@ func (rc *rconn) begin(b Begin) error {
 		}
 		x.st.ResetDone = true
 		if err := rc.saveState(&x.st); err != nil {
+			return err
+		}
+		if err := rc.noteLineage(b.ResetLSN + 1); err != nil {
 			return err
 		}
 	}

@@ -27,7 +27,7 @@ type node struct {
 func newNode(t *testing.T, size int64) *node {
 	t.Helper()
 	dir := t.TempDir()
-	v, err := blockvol.Create(dir, blockvol.Options{Size: size, WALSize: 8 << 20})
+	v, err := blockvol.Create(dir, blockvol.Options{Size: size, WALSize: 64 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -622,3 +622,59 @@ func TestCatchUpEscalatesAfterThreeFailures(t *testing.T) {
 }
 
 var _ = strconv.Itoa
+
+// Partition then heal: the old primary kept writing to B after C fell
+// behind; C is promoted and writes more than B's divergent tail before B
+// returns. B's head is below C's, yet its records from C's epoch start on
+// are not C's: B is cut back to the fork and caught up (a plain catch-up
+// from B's head would silently keep the old primary's writes).
+func TestDivergedHistoryBelowPrimaryHead(t *testing.T) {
+	logs, log := newCapture()
+	a, b, c := newNode(t, testVolSize), newNode(t, testVolSize), newNode(t, testVolSize)
+	sb := startReplServer(t, "srv-b", log)
+	sc := startReplServer(t, "srv-c", log)
+	sb.set("v1", b.vol, 1, "")
+	sc.set("v1", c.vol, 1, "")
+	pa := newTestPrimary(t, a.vol, 1, SyncQuorum, []Peer{{"srv-b", sb.addr}, {"srv-c", sc.addr}}, nil, func(cf *PrimaryConfig) { cf.Logger = log })
+	waitState(t, pa, "srv-b", InSync)
+	waitState(t, pa, "srv-c", InSync)
+	for i := int64(0); i < 100; i++ {
+		pa.WriteAt(pattern(i, 1), i*4096, false)
+	}
+	if err := pa.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "c flushed", func() bool { st, _ := replicaState(pa, "srv-c"); return st.FlushedLSN == a.vol.HeadLSN() })
+	sc.stop()
+	for i := int64(0); i < 200; i++ {
+		pa.WriteAt(pattern(i+50, 2), (i+50)*4096, false) // old-epoch writes only B gets
+	}
+	if err := pa.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	pa.Close()
+	sb.stop()
+	// C is promoted (epoch 2) and writes 400 records of its own first.
+	pc := newTestPrimary(t, c.vol, 2, BestEffort, []Peer{{"srv-b", sb.addr}}, nil, func(cf *PrimaryConfig) { cf.Logger = log })
+	for i := int64(0); i < 400; i++ {
+		if err := pc.WriteAt(pattern(i+300, 3), (i+300)*4096, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if b.vol.HeadLSN() >= c.vol.HeadLSN() {
+		t.Fatalf("setup: B head %d should be below C head %d", b.vol.HeadLSN(), c.vol.HeadLSN())
+	}
+	b.reopen()
+	sb.set("v1", b.vol, 2, "")
+	sb.restart()
+	if err := pc.Update(2, SyncAll, []Peer{{"srv-b", sb.addr}}); err != nil {
+		t.Fatal(err)
+	}
+	waitState(t, pc, "srv-b", InSync)
+	if err := pc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	sameData(t, c.vol, b.vol)
+	logs.waitEvent(t, EvPlanChosen, map[string]string{"replica": "srv-b", "reason": "diverged_history"})
+	logs.waitEvent(t, "fork_found", map[string]string{"fork_lsn": "101"})
+}

@@ -364,6 +364,10 @@ type Hello struct {
 	HeadLSN        uint64 // primary head H
 	OldestLSN      uint64 // oldest LSN the primary still retains, S
 	RegionSize     uint32 // the unit of region lists (divergent regions, transfers)
+	// EpochStartLSN is the first LSN this primary wrote in its current
+	// epoch: every primary record from it on carries the Hello's epoch, so
+	// a replica record at or beyond it with another epoch is divergent.
+	EpochStartLSN uint64
 }
 
 func (h Hello) Encode() []byte {
@@ -371,12 +375,13 @@ func (h Hello) Encode() []byte {
 	b = appendStr(b, h.TargetServerID)
 	b = binary.BigEndian.AppendUint64(b, h.HeadLSN)
 	b = binary.BigEndian.AppendUint64(b, h.OldestLSN)
-	return binary.BigEndian.AppendUint32(b, h.RegionSize)
+	b = binary.BigEndian.AppendUint32(b, h.RegionSize)
+	return binary.BigEndian.AppendUint64(b, h.EpochStartLSN)
 }
 
 func DecodeHello(p []byte) (Hello, error) {
 	d := dec{b: p}
-	h := Hello{PrimaryID: d.str(), TargetServerID: d.str(), HeadLSN: d.u64(), OldestLSN: d.u64(), RegionSize: d.u32()}
+	h := Hello{PrimaryID: d.str(), TargetServerID: d.str(), HeadLSN: d.u64(), OldestLSN: d.u64(), RegionSize: d.u32(), EpochStartLSN: d.u64()}
 	if err := d.done(); err != nil {
 		return h, err
 	}
@@ -405,9 +410,12 @@ type HelloResp struct {
 	Untrusted  bool   // the data is not a consistent image (an interrupted transfer without resume info)
 	HasPending bool
 	Pending    Pending
-	// Divergent lists the regions (RegionSize units) touched by the
-	// replica's records beyond the primary's head, when R > H.
-	// DivergentKnown is false when those records are no longer readable.
+	// ForkLSN (0: none) is the first replica record that is not the
+	// primary's: beyond the primary's head, or at/after its EpochStartLSN
+	// with an older epoch. Divergent lists the regions (RegionSize units)
+	// the replica's records from ForkLSN on touched; DivergentKnown is
+	// false when those records are no longer readable.
+	ForkLSN        uint64
 	DivergentKnown bool
 	Divergent      []uint32
 }
@@ -447,7 +455,7 @@ func (r HelloResp) Encode() []byte {
 	for _, x := range r.Divergent {
 		b = binary.BigEndian.AppendUint32(b, x)
 	}
-	return b
+	return binary.BigEndian.AppendUint64(b, r.ForkLSN)
 }
 
 func DecodeHelloResp(p []byte) (HelloResp, error) {
@@ -483,6 +491,7 @@ func DecodeHelloResp(p []byte) (HelloResp, error) {
 			r.Divergent[i] = d.u32()
 		}
 	}
+	r.ForkLSN = d.u64()
 	return r, d.done()
 }
 
