@@ -229,7 +229,9 @@ func (c *conn) inlineOK(r *request) bool {
 }
 
 func (c *conn) timedExec(r *request) {
-	if r.typ != cmdRead && r.typ != cmdWrite {
+	// FUA writes wait for a sync by design: their time says nothing about
+	// whether plain reads and writes are fast.
+	if (r.typ != cmdRead && r.typ != cmdWrite) || r.flags&cmdFlagFUA != 0 {
 		c.exec(r)
 		return
 	}
