@@ -1,0 +1,91 @@
+// Package replication ships a primary volume's WAL records to its replicas
+// and makes FLUSH and FUA mean what the durability mode says (DESIGN §3).
+//
+// # What the volume server calls
+//
+// Most servers need only Host, one per volume server:
+//
+//	h := replication.NewHost(replication.HostConfig{ServerID: id, Logger: log})
+//	go h.Serve(replListener)                 // one TCP listener for all replica volumes
+//	h.AddVolume(name, vol)                   // every opened *blockvol.Volume
+//	h.Apply(replication.Assignment{          // for every assignment in a heartbeat reply
+//		Volume: name, Role: replication.RolePrimary, Epoch: e, LeaseUntil: t,
+//		Durability: replication.SyncAll, Replicas: []replication.Peer{{ServerID: "s2", Addr: "10.0.0.2:7001"}}})
+//	dev, ok := h.Device(name)                // blockdev.Device for NBD/ublk while primary
+//	h.Status()                               // []VolumeStatus for the heartbeat (role, epoch, LSNs, replicas)
+//	h.RemoveVolume(name); h.Close()
+//
+// Apply persists the epoch and role (blockvol.SetEpochRole, fsync) before
+// acting, refuses a stale epoch (ErrStaleEpoch), creates, updates or
+// demotes the volume's Primary, and feeds the Receiver's view of which
+// volumes are replicas at which epoch. Writes, trims and flushes on the
+// device fail with blockdev.ErrNotPrimary unless the role is primary and
+// the lease (LeaseUntil, renewed by re-applying) has not run out.
+//
+// The parts Host is made of can be used directly:
+//
+//	p, err := NewPrimary(vol, PrimaryConfig{Volume, ServerID, Epoch, Durability, Replicas []Peer, WriteGate func() error, Logger, ...})
+//	p.Update(epoch, durability, replicas) error   // new assignment; replicas matched by ServerID
+//	p.Replicas() []ReplicaStatus                  // ServerID, Addr, State, FlushedLSN, Session, byte counters
+//	p.Close()                                     // does not close the volume
+//	r := NewReceiver(ReceiverConfig{ServerID, Lookup: func(volume string) (ReplicaTarget, bool), Logger})
+//	r.Serve(ln); r.Close()
+//
+// *Primary implements blockdev.Device. Flush (and a FUA write) is: ask
+// every replica for a barrier, fdatasync locally in parallel, then wait
+// until DecideFlush says the durability mode is met: best_effort returns
+// after the local fsync; sync_all needs every replica InSync with
+// FlushedLSN ≥ the flush's LSN and otherwise fails with an error wrapping
+// blockdev.ErrIO (EIO at the frontends); sync_quorum needs a majority of
+// RF (the primary counts). Replicas report FlushedLSN after their own
+// fdatasync; one barrier answer completes every flush it covers. There is
+// no barrier timeout: a replica is declared gone only when its connection
+// fails or it answers nothing at all (pings are answered without touching
+// the disk) for DeadAfter (30 s).
+//
+// # Identity and authority
+//
+// A replica is its Peer.ServerID; Addr is only where to reach it. An
+// address change moves the endpoint and keeps state, FlushedLSN, bitmap
+// and, while healthy, the session. A Peer without ServerID is refused
+// (replica_rejected, ErrNoServerID). The Hello names the target server,
+// so a reused address that now belongs to another server refuses
+// (wrong_server). Every message carries the epoch and a session ID; the
+// receiver checks both against the server's current assignment on every
+// message, so an old primary's records and barriers are refused
+// (stale_epoch) and a late stream of an old session cannot apply
+// anything.
+//
+// # Recovery
+//
+// Each (re)connection is a session: Hello (primary head H, oldest retained
+// S, epoch start) → HelloResp (replica FlushedLSN R, head, blank, pending
+// transfer, fork LSN and the regions its divergent records touched) →
+// Decide (planner.go, a pure function) → one of
+//
+//	in_sync / catch_up [R+1,H]   stream retained WAL, then live records; a barrier grants InSync
+//	truncate_then_catch_up       replica head beyond H, or its records from the new primary's
+//	                             epoch start are another epoch's: reset to the fork, restore the
+//	                             divergent regions from the primary, catch up
+//	resync                       gap older than the WAL: regions from the per-replica dirty bitmap
+//	rebuild                      blank or untrusted replica: every region
+//	resume                       continue an interrupted rebuild/resync of the same epoch
+//
+// Transfers reset the replica's log to a frozen target LSN, stream base
+// regions interleaved with live records (a live record wins over base data
+// for the same sectors), and complete with MsgDone at an explicit achieved
+// LSN ≥ target. The replica persists its progress (repl-transfer.json in
+// the volume directory) so either side's restart resumes. Catch-up
+// escalates to a transfer after 3 failed attempts or a time/byte budget.
+// The primary holds WAL for replicas that are expected back (retention
+// floor) within a time and byte budget (the byte budget never exceeds half
+// the WAL); past it the hold is released and the replica escalated.
+// Replicas keep the records above the primary's committed LSN (within a
+// quarter of their WAL) so a divergent tail can be listed after failover.
+//
+// Every decision is a structured slog event with a stable name (events.go):
+// session_created, plan_chosen{plan,reason,detail,from,to}, escalated
+// {reason,from_lsn,head_lsn,to}, plan_cancelled, retention_released,
+// state_changed, catchup_done, transfer_begun, transfer_done,
+// endpoint_moved, replica_rejected, flush_failed, refused, truncated.
+package replication
