@@ -1,6 +1,7 @@
 package replication
 
 import (
+	"encoding/json"
 	"errors"
 	"math/rand/v2"
 	"os"
@@ -677,4 +678,61 @@ func TestDivergedHistoryBelowPrimaryHead(t *testing.T) {
 	sameData(t, c.vol, b.vol)
 	logs.waitEvent(t, EvPlanChosen, map[string]string{"replica": "srv-b", "reason": "diverged_history"})
 	logs.waitEvent(t, "fork_found", map[string]string{"fork_lsn": "101"})
+}
+
+// The primary side restarts in the middle of a rebuild (process restart:
+// Primary closed, volume reopened, a new Primary at the same epoch): the
+// replica's persisted progress is resumed, not restarted from 0.
+func TestRebuildResumesAfterPrimaryRestart(t *testing.T) {
+	logs, log := newCapture()
+	old := progressEvery
+	progressEvery = 1 << 20
+	defer func() { progressEvery = old }()
+	const size = 64 << 20
+	pn, rn := newNode(t, size), newNode(t, size)
+	if err := pn.vol.SetEpochRole(1, "primary"); err != nil {
+		t.Fatal(err)
+	}
+	for i := int64(0); i < size/4096; i += 3 {
+		if err := pn.vol.WriteAt(pattern(i, 1), i*4096, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pn.vol.Flush()
+	if err := pn.vol.ReplCheckpoint(); err != nil {
+		t.Fatal(err)
+	}
+	rs := startReplServer(t, "srv-r", log)
+	rs.set("v1", rn.vol, 1, "")
+	px := newFaultProxy(t, rs.addr)
+	px.delayUp.Store(int64(2 * time.Millisecond))
+	p := newTestPrimary(t, pn.vol, 1, BestEffort, []Peer{{"srv-r", px.addr()}}, nil, func(c *PrimaryConfig) { c.Logger = log })
+	stateFile := filepath.Join(rn.dir, stateFile)
+	var progress int64
+	waitFor(t, "rebuild a quarter done", func() bool {
+		b, err := os.ReadFile(stateFile)
+		var st xferState
+		if err != nil || json.Unmarshal(b, &st) != nil {
+			return false
+		}
+		progress = st.Progress
+		return progress >= 256 // regions of 64 KiB: 16 MiB of 64
+	})
+	p.Close()
+	pn.reopen()
+	px.delayUp.Store(0)
+	p2 := newTestPrimary(t, pn.vol, 1, BestEffort, []Peer{{"srv-r", px.addr()}}, nil, func(c *PrimaryConfig) { c.Logger = log })
+	ev := logs.waitEvent(t, EvPlanChosen, map[string]string{"replica": "srv-r", "plan": "resume"})
+	_ = ev
+	waitState(t, p2, "srv-r", InSync)
+	if err := p2.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "replica head", func() bool { return rn.vol.HeadLSN() == pn.vol.HeadLSN() })
+	sameData(t, pn.vol, rn.vol)
+	st, _ := replicaState(p2, "srv-r")
+	if max := size - progress*65536 + 4<<20; st.BaseBytes > max {
+		t.Fatalf("the resumed rebuild sent %d base bytes (resume point %d regions): it started over", st.BaseBytes, progress)
+	}
+	t.Logf("resumed at region %d, then sent %d base bytes", progress, st.BaseBytes)
 }
