@@ -230,7 +230,7 @@ func BenchmarkResync(b *testing.B) {
 				ln := mustListen(b)
 				go rec.Serve(ln)
 				p, err := NewPrimary(pv, PrimaryConfig{Volume: "bench", Epoch: 1, Durability: BestEffort, Replicas: []Peer{{"r", ln.Addr().String()}},
-					Logger: log, Retention: RetentionBudget{MaxAge: time.Millisecond, MaxBytes: 1}})
+					Logger: log, Retention: RetentionBudget{MaxAge: time.Millisecond, MaxBytes: 1}, RetryMax: 20 * time.Millisecond})
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -241,7 +241,7 @@ func BenchmarkResync(b *testing.B) {
 				mu.Lock()
 				up = false
 				mu.Unlock()
-				p.Update(1, BestEffort, nil) // replica away
+				benchWaitState(b, p, func(s ReplicaState) bool { return s != InSync }, rec)
 				fillStrided(b, pv, changed, 2)
 				p.Flush()
 				time.Sleep(10 * time.Millisecond)
@@ -250,7 +250,6 @@ func BenchmarkResync(b *testing.B) {
 				up = true
 				mu.Unlock()
 				start := time.Now()
-				p.Update(1, BestEffort, []Peer{{"r", ln.Addr().String()}})
 				benchWaitInSync(b, p)
 				d := time.Since(start)
 				st := p.Replicas()[0]
@@ -287,4 +286,22 @@ func benchWaitFlushed(b *testing.B, p *Primary, lsn uint64) {
 		time.Sleep(time.Millisecond)
 	}
 	b.Fatal("replica never flushed")
+}
+
+// benchWaitState waits for the replica state to satisfy ok, cutting the
+// replica's sessions (the lookup already refuses) so the primary notices.
+func benchWaitState(b *testing.B, p *Primary, ok func(ReplicaState) bool, rec *Receiver) {
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) {
+		if r := p.Replicas(); len(r) > 0 && ok(r[0].State) {
+			return
+		}
+		rec.mu.Lock()
+		for c := range rec.conns {
+			c.Close()
+		}
+		rec.mu.Unlock()
+		time.Sleep(5 * time.Millisecond)
+	}
+	b.Fatal("replica state never changed")
 }
