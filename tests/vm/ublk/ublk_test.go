@@ -80,6 +80,9 @@ func expect(t *testing.T, res vmtest.Result, markers ...string) {
 // the device is deleted and served again from the same backing file.
 func TestUblkExt4(t *testing.T) {
 	res := boot(t, `
+# an unprivileged caller gets a clear error
+if ublkserve --uid 65534 --file /tmp/x.img --size 16M 2>/tmp/unpriv.err; then echo "unprivileged serve succeeded"; exit 1; fi
+cat /tmp/unpriv.err
 serve /tmp/s1.log --engine /tmp/vol --size 256M
 test -b $DEV
 cat /sys/block/$(basename $DEV)/queue/logical_block_size /sys/block/$(basename $DEV)/queue/physical_block_size
@@ -110,7 +113,7 @@ kill -TERM $SERVER; wait $SERVER
 cat /tmp/s1.log /tmp/s2.log
 echo UBLK-EXT4-OK
 `)
-	expect(t, res, "UBLK-EXT4-OK", "deleted ok")
+	expect(t, res, "UBLK-EXT4-OK", "deleted ok", "permission denied: creating ublk devices needs root")
 }
 
 // TestUblkFioVerify runs fio with crc32c verification directly on the

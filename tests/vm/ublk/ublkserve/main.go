@@ -48,7 +48,18 @@ func main() {
 	verbose := flag.Bool("v", false, "debug logging")
 	detach := flag.String("detach", "", "detach this /dev/ublkbN (as blockd detach does) and exit")
 	force := flag.Bool("force", false, "with --detach: even when mounted")
+	uid := flag.Int("uid", -1, "switch to this uid/gid before creating the device (privilege checks)")
 	flag.Parse()
+	if *uid >= 0 {
+		err := syscall.Setgid(*uid)
+		if err == nil {
+			err = syscall.Setuid(*uid)
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "ublkserve: setuid %d: %v\n", *uid, err)
+			os.Exit(2)
+		}
+	}
 	if *detach != "" {
 		id, err := ublk.ParsePath(*detach)
 		if err == nil {
