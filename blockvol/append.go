@@ -84,6 +84,7 @@ type groupCommit struct {
 	syncing bool
 	durLSN  uint64
 	durEnd  uint64
+	syncs   atomic.Int64 // fdatasyncs done (for benchmarks)
 }
 
 // syncWAL makes every record with LSN <= target durable.
@@ -116,6 +117,7 @@ func (v *Volume) syncWAL(target uint64) error {
 	g.mu.Unlock()
 	lsn, end := c.get()
 	err := v.walF.Sync()
+	g.syncs.Add(1)
 	g.mu.Lock()
 	g.syncing = false
 	if err == nil && lsn > g.durLSN {

@@ -21,6 +21,9 @@ func (v *Volume) flusher() {
 		case <-v.nudge:
 		case <-t.C:
 		}
+		if v.pauseFlusher.Load() {
+			continue
+		}
 		for {
 			progressed, err := v.flushCycle()
 			if err != nil {

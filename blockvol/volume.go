@@ -150,7 +150,8 @@ type Volume struct {
 
 	role atomic.Pointer[string]
 
-	trace func(format string, args ...any) // tests only
+	trace        func(format string, args ...any) // tests only
+	pauseFlusher atomic.Bool                      // tests and benchmarks only
 }
 
 var _ blockdev.Device = (*Volume)(nil)
@@ -446,4 +447,15 @@ func (v *Volume) Drain(fn func() error) error {
 	v.flushMu.Lock()
 	defer v.flushMu.Unlock()
 	return fn()
+}
+
+// abandon stops the flusher and closes the files without flushing or
+// checkpointing, leaving the directory as a crash would (tests only).
+func (v *Volume) abandon() {
+	v.ioMu.Lock()
+	v.closed.Store(true)
+	v.ioMu.Unlock()
+	close(v.stop)
+	<-v.stopped
+	v.closeFiles()
 }
