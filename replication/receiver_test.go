@@ -1,0 +1,125 @@
+package replication
+
+import (
+	"net"
+	"testing"
+	"time"
+)
+
+// rawPrimary speaks the wire protocol by hand to a receiver.
+type rawPrimary struct {
+	t    *testing.T
+	c    net.Conn
+	mr   *MsgReader
+	sess uint64
+	ep   uint64
+}
+
+func dialRaw(t *testing.T, addr string, epoch, session uint64, target string) (*rawPrimary, *Msg) {
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	rp := &rawPrimary{t: t, c: c, mr: NewMsgReader(c), sess: session, ep: epoch}
+	rp.send(&Msg{Type: MsgHello, Payload: Hello{PrimaryID: "raw", TargetServerID: target, HeadLSN: 10, OldestLSN: 1, RegionSize: 65536}.Encode()})
+	return rp, rp.recv()
+}
+
+func (rp *rawPrimary) send(m *Msg) {
+	m.Volume, m.Epoch, m.Session = "v1", rp.ep, rp.sess
+	if err := WriteMsg(rp.c, m); err != nil {
+		rp.t.Fatal(err)
+	}
+}
+
+func (rp *rawPrimary) recv() *Msg {
+	rp.c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	m, err := rp.mr.Read()
+	if err != nil {
+		rp.t.Fatalf("read: %v", err)
+	}
+	cp := *m
+	cp.Payload = append([]byte(nil), m.Payload...)
+	return &cp
+}
+
+func (rp *rawPrimary) record(lsn uint64, lba int64) {
+	rp.send(&Msg{Type: MsgRecord, LSNFrom: lsn, LSNTo: lsn, Payload: RecordBody{Type: RecWrite, Epoch: rp.ep, Offset: lba * 4096, Length: 4096, Data: pattern(lba, int(lsn))}.Encode(nil)})
+}
+
+func errCode(t *testing.T, m *Msg) string {
+	t.Helper()
+	if m.Type != MsgError {
+		t.Fatalf("expected an error, got %s", m.Type)
+	}
+	eb, err := DecodeErrorBody(m.Payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return eb.Code
+}
+
+// Duplicates are skipped, a gap is refused, a barrier is answered with the
+// FlushedLSN after fdatasync; wrong server, unknown volume and a stale
+// epoch are refused at the handshake.
+func TestReceiverContiguityAndRefusals(t *testing.T) {
+	logs, log := newCapture()
+	rn := newNode(t, testVolSize)
+	rs := startReplServer(t, "srv-r", log)
+	rs.set("v1", rn.vol, 3, "")
+
+	rp, m := dialRaw(t, rs.addr, 3, 77, "srv-r")
+	if m.Type != MsgHelloResp {
+		t.Fatalf("hello answered with %s", m.Type)
+	}
+	hr, _ := DecodeHelloResp(m.Payload)
+	if !hr.Blank || hr.FlushedLSN != 0 {
+		t.Fatalf("hello resp %+v", hr)
+	}
+	rp.record(1, 5)
+	rp.record(2, 6)
+	rp.record(2, 6) // duplicate: skipped
+	rp.record(1, 5) // duplicate: skipped
+	rp.send(&Msg{Type: MsgBarrier, LSNTo: 2})
+	m = rp.recv()
+	if m.Type != MsgBarrierResp || m.LSNTo != 2 || rn.vol.DurableLSN() != 2 {
+		t.Fatalf("barrier answer %s lsn %d (durable %d)", m.Type, m.LSNTo, rn.vol.DurableLSN())
+	}
+	rp.record(4, 7) // gap: refused
+	if code := errCode(t, rp.recv()); code != CodeGap {
+		t.Fatalf("gap refused with %q", code)
+	}
+	if rn.vol.HeadLSN() != 2 {
+		t.Fatalf("replica head %d after dup+gap, want 2", rn.vol.HeadLSN())
+	}
+	logs.waitEvent(t, EvRefused, map[string]string{"code": CodeGap, "lsn": "4", "head": "2"})
+
+	for _, c := range []struct {
+		epoch  uint64
+		target string
+		vol    string
+		code   string
+	}{{3, "srv-x", "v1", CodeWrongServer}, {2, "srv-r", "v1", CodeStaleEpoch}, {4, "srv-r", "v1", CodeStaleEpoch}} {
+		_, m := dialRaw(t, rs.addr, c.epoch, 99, c.target)
+		if code := errCode(t, m); code != c.code {
+			t.Errorf("hello epoch %d target %s: %q, want %q", c.epoch, c.target, code, c.code)
+		}
+	}
+	// A newer session supersedes the old one; the old one's messages are refused.
+	old, _ := dialRaw(t, rs.addr, 3, 100, "srv-r")
+	nw, m := dialRaw(t, rs.addr, 3, 101, "srv-r")
+	if m.Type != MsgHelloResp {
+		t.Fatalf("new session: %s", m.Type)
+	}
+	old.record(3, 9)
+	old.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := old.mr.Read(); err == nil {
+		t.Fatal("old session still served")
+	}
+	nw.record(3, 9)
+	nw.send(&Msg{Type: MsgBarrier, LSNTo: 3})
+	if m := nw.recv(); m.Type != MsgBarrierResp || m.LSNTo != 3 {
+		t.Fatalf("new session barrier: %s %d", m.Type, m.LSNTo)
+	}
+}
