@@ -175,6 +175,10 @@ serve /tmp/s1.log --engine /tmp/vol --size 256M --id 0
 mkfs.ext4 -q -F $DEV
 mkdir -p /mnt/u && mount -t ext4 $DEV /mnt/u
 start_writer
+# and deep-queue direct I/O with verification, so requests are in flight at every restart
+fio --name=rv --filename=/mnt/u/fio.dat --size=32M --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --bs=4k \
+	--verify=crc32c --verify_fatal=1 --time_based --runtime=25 --verify_backlog=512 --output-format=terse >/tmp/fio.out 2>/tmp/fio.err &
+FIO=$!
 waitfor 60 more_files 10
 n=$(nfiles)
 kill -KILL $SERVER; wait $SERVER 2>/dev/null || true
@@ -194,6 +198,8 @@ serve /tmp/s4.log --engine /tmp/vol --id 0 --recover
 waitfor 60 more_files $((n+10))
 touch /tmp/stop
 wait $WRITER
+wait $FIO || { echo "FIO-FAILED"; cat /tmp/fio.err; exit 1; }
+echo "fio across restarts: errors $(tail -1 /tmp/fio.out | cut -d';' -f5)"
 sync
 dmesg > /tmp/dmesg
 if grep -iE 'I/O error|EXT4-fs error|Buffer I/O|journal' /tmp/dmesg | grep -v 'mounted filesystem'; then echo "KERNEL-IO-ERRORS"; exit 1; fi
@@ -206,9 +212,9 @@ umount /mnt/u
 kill -TERM $SERVER; wait $SERVER
 grep -h 'ublk.recovery' /tmp/s2.log /tmp/s3.log /tmp/s4.log
 echo UBLK-RESTART-OK
-`)
-	expect(t, res, "UBLK-RESTART-OK", "ublk.recovery.done")
-	if strings.Contains(res.Console, "WRITE-ERROR") || strings.Contains(res.Console, "KERNEL-IO-ERRORS") {
+`, "fio")
+	expect(t, res, "UBLK-RESTART-OK", "ublk.recovery.done", "fio across restarts: errors 0")
+	if strings.Contains(res.Console, "WRITE-ERROR") || strings.Contains(res.Console, "KERNEL-IO-ERRORS") || strings.Contains(res.Console, "FIO-FAILED") {
 		t.Fatalf("I/O errors reached the filesystem")
 	}
 }
