@@ -317,6 +317,13 @@ func TestPowerCutRandomized(t *testing.T) {
 		}
 	}
 	v.Close()
+	batches := 0
+	for _, l := range tr.lines {
+		if strings.HasPrefix(l, "batch limited") {
+			batches++
+		}
+	}
+	t.Logf("%d cycles (%d with torn writes, %d size-limited flush batches in the last %d trace lines)", cycles, torn, batches, len(tr.lines))
 	t.Logf("%d cycles (%d with torn writes) in %v, %d tags", cycles, torn, time.Since(start), m.tag)
 }
 

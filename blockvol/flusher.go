@@ -79,11 +79,14 @@ func (v *Volume) flushCycle() (bool, error) {
 	target, targetEnd := ckLSN, ckPos
 	if durLSN > ckLSN {
 		target, targetEnd = durLSN, durEnd
-		if durEnd-ckPos > flushBatchBytes {
+		if batch := v.flushBatch(); durEnd-ckPos > batch {
 			var err error
-			target, targetEnd, err = v.lsnEndingBy(ckLSN, ckPos, ckPos+flushBatchBytes, durLSN)
+			target, targetEnd, err = v.lsnEndingBy(ckLSN, ckPos, ckPos+batch, durLSN)
 			if err != nil {
 				return false, err
+			}
+			if v.trace != nil {
+				v.trace("batch limited to lsn=%d end=%d (durable %d)", target, targetEnd, durLSN)
 			}
 		}
 	}
@@ -203,6 +206,12 @@ func superseded(zr []zeroRange, e dirtyEnt) bool {
 		}
 	}
 	return false
+}
+
+// flushBatch is the most log one flush cycle checkpoints: flushBatchBytes,
+// or a quarter of a small WAL (so space comes back in steps there too).
+func (v *Volume) flushBatch() uint64 {
+	return uint64(min(flushBatchBytes, v.walSize/4))
 }
 
 // posOf returns the log position where the record lsn (its reservation,

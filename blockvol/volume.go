@@ -253,11 +253,13 @@ func createFiles(fs vfs.FS, dir string, sb *superblock) error {
 	}
 	// The superblock goes last: a directory without it is not a volume.
 	if err := mk(SuperblockFile, func(f vfs.File) error {
+		// Slot seq%2 holds seq: seq 1 in slot 1, the next update (seq 2)
+		// goes to slot 0, and so on.
 		buf := make([]byte, sbFileSize)
-		sb.encode(buf[:sbSlotSize])
+		sb.encode(buf[sbSlotSize:])
 		s2 := *sb
 		s2.Seq = 0
-		s2.encode(buf[sbSlotSize:])
+		s2.encode(buf[:sbSlotSize])
 		_, err := f.WriteAt(buf, 0)
 		return err
 	}); err != nil {
