@@ -323,8 +323,7 @@ func TestPowerCutRandomized(t *testing.T) {
 			batches++
 		}
 	}
-	t.Logf("%d cycles (%d with torn writes, %d size-limited flush batches in the last %d trace lines)", cycles, torn, batches, len(tr.lines))
-	t.Logf("%d cycles (%d with torn writes) in %v, %d tags", cycles, torn, time.Since(start), m.tag)
+	t.Logf("%d cycles (%d with torn writes) in %v, %d tags; %d size-limited flush batches in the last %d trace lines", cycles, torn, time.Since(start), m.tag, batches, len(tr.lines))
 }
 
 // CutOptions mirrors vfs.CutOptions (kept local for brevity above).
