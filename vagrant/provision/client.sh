@@ -29,7 +29,12 @@ unit "$name" "blockd keeper of $VOLUME on $DEVICE" \
 	"$BLOCKD attach nbd --master $MASTER --device $DEVICE --connections 2 $VOLUME"
 start "$name"
 dev=$(basename "$DEVICE")
-wait_for 120 test "$(cat /sys/block/$dev/size 2>/dev/null || echo 0)" != 0
+attached() { [ "$(cat "/sys/block/$dev/size" 2>/dev/null || echo 0)" != 0 ]; }
+if ! wait_for 120 attached; then
+	[ -f "$STATE/$name.log" ] && tail -20 "$STATE/$name.log"
+	have_systemd && journalctl -u "$name" -n 20 --no-pager
+	exit 1
+fi
 log "$VOLUME attached at $DEVICE (backend $(cat /sys/block/$dev/backend 2>/dev/null))"
 
 if ! dumpe2fs -h "$DEVICE" >/dev/null 2>&1; then

@@ -56,17 +56,20 @@ start() {
 	fi
 	log "no systemd: running $name: $exec"
 	# shellcheck disable=SC2086
-	nohup $exec >>"$STATE/$name.log" 2>&1 &
+	if command -v setsid >/dev/null 2>&1; then
+		setsid $exec </dev/null >>"$STATE/$name.log" 2>&1 &
+	else
+		$exec </dev/null >>"$STATE/$name.log" 2>&1 &
+	fi
 	echo $! >"$STATE/$name.pid"
 }
 
-# wait_for SECONDS CMD...: poll until CMD succeeds.
+# wait_for SECONDS CMD...: poll until CMD succeeds, at most SECONDS.
 wait_for() {
-	local n=$(( $1 * 5 )); shift
+	local deadline=$(( $(date +%s) + $1 )); shift
 	until "$@" >/dev/null 2>&1; do
-		n=$((n - 1))
-		if [ $n -le 0 ]; then log "timed out waiting for: $*"; return 1; fi
-		sleep 0.2
+		if [ "$(date +%s)" -ge $deadline ]; then log "timed out waiting for: $*"; return 1; fi
+		sleep 0.5
 	done
 }
 

@@ -6,5 +6,5 @@ MASTER_IP=${MASTER_IP:?}
 API=${MASTER_API:-$MASTER_IP:9333}
 unit blockd-master "blockd master" "$BLOCKD master --data $STATE/master --api $API"
 start blockd-master
-wait_for 120 "$BLOCKD" volume list --master "$API"
+wait_for 120 "$BLOCKD" volume list --master "$API" --timeout 5s
 log "master up at $API"

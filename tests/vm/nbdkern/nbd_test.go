@@ -397,9 +397,9 @@ ROOT=/tmp/n-master MASTER_IP=127.0.0.10 bash $P/master.sh
 for i in 1 2 3; do
 	ROOT=/tmp/n-s$i SERVER_ID=s$i SERVER_IP=127.0.0.1$i MASTER=127.0.0.10:9333 bash $P/server.sh
 done
-ROOT=/tmp/n-client MASTER=127.0.0.10:9333 VOLUME=vol0 VOLUME_SIZE=256MiB RF=2 DURABILITY=sync_all WAL_SIZE=64MiB FIO_SIZE=16M bash $P/client.sh
+ROOT=/tmp/n-client MASTER=127.0.0.10:9333 VOLUME=vol0 VOLUME_SIZE=256MiB RF=2 DURABILITY=sync_all WAL_SIZE=64MiB FIO_SIZE=4M bash $P/client.sh
 # idempotent: a second run neither recreates nor reformats
-ROOT=/tmp/n-client MASTER=127.0.0.10:9333 VOLUME=vol0 VOLUME_SIZE=256MiB RF=2 DURABILITY=sync_all WAL_SIZE=64MiB FIO_SIZE=16M bash $P/client.sh 2>&1 | grep -c mkfs.ext4 | grep -qx 0
+ROOT=/tmp/n-client MASTER=127.0.0.10:9333 VOLUME=vol0 VOLUME_SIZE=256MiB RF=2 DURABILITY=sync_all WAL_SIZE=64MiB FIO_SIZE=4M bash $P/client.sh 2>&1 | grep -c mkfs.ext4 | grep -qx 0
 cat /tmp/n-client/etc/systemd/system/blockd-attach-vol0.service
 umount /tmp/n-client/mnt/vol0
 blockd detach /dev/nbd0
