@@ -43,9 +43,10 @@ func (v *Volume) SetRetentionFloor(fn func() (lsn uint64, ok bool)) {
 // order, up to the last completed record. rec.Payload is only valid during
 // the call. It fails with an error wrapping ErrNotRetained when fromLSN is
 // older than OldestRetainedLSN (or becomes so while reading).
+//
+// It does not hold the I/O lock while fn runs (fn may stream to a slow
+// replica): a Close meanwhile makes it fail with a read error.
 func (v *Volume) ReadRecords(fromLSN uint64, fn func(wal.Record) error) error {
-	v.ioMu.RLock()
-	defer v.ioMu.RUnlock()
 	if v.closed.Load() {
 		return fmt.Errorf("blockvol: read records: %w", blockdev.ErrClosed)
 	}
