@@ -250,7 +250,7 @@ func (q *queue) loop() error {
 		wait := uint32(1)
 		q.sleeping.Store(true)
 		q.mu.Lock()
-		if len(q.done) > 0 || q.stopping.Load() {
+		if len(q.done) > 0 {
 			wait = 0
 		}
 		q.mu.Unlock()
