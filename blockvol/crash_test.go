@@ -1,10 +1,12 @@
 package blockvol
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"flag"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"strconv"
@@ -457,4 +459,75 @@ func openTraced(dir string, o Options, tr *tracer) (*Volume, error) {
 	testTrace = tr.add
 	defer func() { testTrace = nil }()
 	return Open(dir, o)
+}
+
+// captureHandler records slog events for assertions.
+type captureHandler struct {
+	mu     sync.Mutex
+	events []map[string]any
+}
+
+func (h *captureHandler) Enabled(context.Context, slog.Level) bool { return true }
+func (h *captureHandler) Handle(_ context.Context, r slog.Record) error {
+	ev := map[string]any{"msg": r.Message}
+	r.Attrs(func(a slog.Attr) bool { ev[a.Key] = a.Value.Any(); return true })
+	h.mu.Lock()
+	h.events = append(h.events, ev)
+	h.mu.Unlock()
+	return nil
+}
+func (h *captureHandler) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h *captureHandler) WithGroup(string) slog.Handler      { return h }
+
+func (h *captureHandler) find(msg string) map[string]any {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, e := range h.events {
+		if e["msg"] == msg {
+			return e
+		}
+	}
+	return nil
+}
+
+// A torn last record is discarded with a logged decision naming where.
+func TestTornTailLogged(t *testing.T) {
+	fs := vfs.NewCrashFS()
+	v, err := Create("/vol", Options{Size: 1 << 20, WALSize: 256 << 10, FS: fs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.pauseFlusher.Store(true)
+	data := pattern(1, 8192)
+	if err := v.WriteAt(data, 0, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.WriteAt(pattern(2, 16384), 65536, false); err != nil { // unsynced
+		t.Fatal(err)
+	}
+	fs = fs.PowerCut(vfs.CutOptions{KeepProb: 1, Tear: true, Rand: rand.New(rand.NewPCG(1, 2))})
+	v.fail(errors.New("test: power cut"))
+	v.Close()
+	h := &captureHandler{}
+	v2, err := Open("/vol", Options{FS: fs, Logger: slog.New(h)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v2.Close()
+	if got := mustRead(t, v2, 0, 8192); string(got) != string(data) {
+		t.Fatal("FUA write lost")
+	}
+	ev := h.find("blockvol.recovery_tail_discarded")
+	if ev == nil {
+		t.Fatalf("no tail-discarded event; events: %v", h.events)
+	}
+	if ev["lsn"] != uint64(2) {
+		t.Fatalf("discarded LSN %v, want 2", ev["lsn"])
+	}
+	if rec := h.find("blockvol.recovery"); rec == nil || rec["records_replayed"] != int64(1) {
+		t.Fatalf("recovery event %v", rec)
+	}
+	if v2.HeadLSN() != 1 {
+		t.Fatalf("head LSN %d after discarding the torn record", v2.HeadLSN())
+	}
 }
