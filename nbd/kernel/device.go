@@ -329,7 +329,14 @@ func (d *Device) Keep(ctx context.Context) error {
 		case <-retry:
 			retry = nil
 			d.log.Info("nbd.reconnect", "attempt", h.Failures+1)
-			rctx, cancel := context.WithTimeout(ctx, d.o.DialTimeout*time.Duration(d.o.Connections+1))
+			// One attempt may not outlive the give-up deadline.
+			dl := time.Now().Add(d.o.DialTimeout * time.Duration(d.o.Connections+1))
+			if h.Down {
+				if g := h.DownSince.Add(p.GiveUp); g.Before(dl) {
+					dl = g
+				}
+			}
+			rctx, cancel := context.WithDeadline(ctx, dl)
 			err := d.reconnect(rctx)
 			cancel()
 			ev := EvReconnectOK
