@@ -113,10 +113,19 @@ func interspersedFlags(c *cli.Context) error {
 	if err := fs.Parse(rest); err != nil {
 		return err
 	}
+	// A flag given by an alias (-o) sets every name of it (--output).
+	names := map[string][]string{}
+	for _, f := range c.Command.Flags {
+		for _, n := range f.Names() {
+			names[n] = f.Names()
+		}
+	}
 	var setErr error
 	fs.Visit(func(f *flag.Flag) {
-		if err := c.Set(f.Name, f.Value.String()); err != nil && setErr == nil {
-			setErr = fmt.Errorf("flag --%s: %w", f.Name, err)
+		for _, n := range names[f.Name] {
+			if err := c.Set(n, f.Value.String()); err != nil && setErr == nil {
+				setErr = fmt.Errorf("flag --%s: %w", f.Name, err)
+			}
 		}
 	})
 	if setErr != nil {
