@@ -82,7 +82,7 @@ func TestFio(t *testing.T) {
 	s := startServer(t)
 	out := run(t, 5*time.Minute, "fio", "--name=verify", "--ioengine=nbd", "--uri="+s.uri(),
 		"--rw=randwrite", "--bs=4k", "--iodepth=32", "--numjobs=4", "--size=32m", "--offset_increment=32m",
-		"--verify=crc32c", "--verify_fatal=1", "--group_reporting", "--output-format=json")
+		"--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0", "--group_reporting", "--output-format=json")
 	checkFio(t, out, true, true)
 	out = run(t, 5*time.Minute, "fio", "--name=mixed", "--ioengine=nbd", "--uri="+s.uri(),
 		"--rw=randrw", "--rwmixread=60", "--bsrange=4k-64k", "--iodepth=16", "--numjobs=2", "--size=64m",

@@ -84,6 +84,6 @@ print("WRITTEN")
 	// The restarted server takes writes and a full verify pass again.
 	fio := run(t, 3*time.Minute, "fio", "--name=after", "--ioengine=nbd", "--uri="+s.uri(),
 		"--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=16m", "--offset=512m",
-		"--verify=crc32c", "--verify_fatal=1", "--output-format=json")
+		"--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json")
 	checkFio(t, fio, true, true)
 }
