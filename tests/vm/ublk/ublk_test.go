@@ -267,8 +267,9 @@ echo UBLK-DETACH-OK
 // process from the same blockvol engine volume, and reports IOPS and the
 // ublk/NBD ratios (emulation makes the absolute numbers meaningless). The
 // host is shared and noisy, so the measurements are interleaved in rounds
-// (ublk with InlineAuto, ublk with InlineNever, NBD) and the median of the
-// per-round ratios is reported. One guest run per iteration: use
+// (ublk with InlineNever, the default, then NBD, then ublk with the modes
+// in BLOCKD_BENCH_MODES) and the median of the per-round ratios is
+// reported. One guest run per iteration: use
 // -benchtime=1x.
 //
 //	go test ./tests/vm/ublk -run '^$' -bench UblkVsNBD -benchtime=1x
@@ -281,6 +282,11 @@ func BenchmarkUblkVsNBD(b *testing.B) {
 	if rounds == "" {
 		rounds = "3"
 	}
+	// InlineNever is the default; auto and always are the optional modes.
+	modes := os.Getenv("BLOCKD_BENCH_MODES")
+	if modes == "" {
+		modes = "never auto"
+	}
 	vmtest.Require(b)
 	testenv.RequireTool(b, "fio")
 	for i := 0; i < b.N; i++ {
@@ -288,7 +294,7 @@ func BenchmarkUblkVsNBD(b *testing.B) {
 			Binaries: map[string]string{"/usr/local/bin/ublkserve": vmtest.GoBuild(b, "./tests/vm/ublk/ublkserve")},
 			Tools:    []string{"fio"},
 			Timeout:  15 * time.Minute,
-			Env:      map[string]string{"RT": runtime, "ROUNDS": rounds},
+			Env:      map[string]string{"RT": runtime, "ROUNDS": rounds, "MODES": modes},
 			Script: prelude + `
 bench() { # bench DEV KIND ROUND
 	for rw in randread randwrite; do
@@ -299,18 +305,19 @@ bench() { # bench DEV KIND ROUND
 		echo "BENCH $3 $rw $2 $iops"
 	done
 }
+FIRST=${MODES%% *}
 r=0
 while [ $r -lt $ROUNDS ]; do
 	r=$((r+1))
-	for mode in auto never; do
+	for mode in $MODES; do
 		export UBLK_INLINE=$mode
 		serve /tmp/s.log --engine /tmp/vol --size 512M --wal 128M --nbd 127.0.0.1:10809
-		if [ $r = 1 ] && [ $mode = auto ]; then
+		if [ $r = 1 ] && [ $mode = $FIRST ]; then
 			# lay the data down once so reads hit written blocks on both paths
 			dd if=/dev/urandom of=$DEV bs=1M count=256 oflag=direct 2>/dev/null
 		fi
 		bench $DEV ublk-$mode $r
-		if [ $mode = auto ]; then
+		if [ $mode = $FIRST ]; then
 			nbd-client 127.0.0.1 10809 /dev/nbd0 -N vol0 -b 4096 >/dev/null
 			bench /dev/nbd0 nbd $r
 			nbd-client -d /dev/nbd0 >/dev/null
@@ -342,7 +349,8 @@ done
 			b.Fatalf("no results")
 		}
 		for _, rw := range []string{"randread", "randwrite"} {
-			for _, kind := range []string{"ublk-auto", "ublk-never"} {
+			for _, mode := range strings.Fields(modes) {
+				kind := "ublk-" + mode
 				var ratios, us, ns []float64
 				for _, m := range iops {
 					u, n := m[rw+"/"+kind], m[rw+"/nbd"]
