@@ -59,7 +59,7 @@ func init() {
 	})
 	register(&cli.Command{
 		Name:      "detach",
-		Usage:     "disconnect an attached device cleanly (stops its keeper)",
+		Usage:     "disconnect an attached device cleanly (/dev/nbdN: stops its keeper; /dev/ublkbN: stops and deletes it)",
 		ArgsUsage: "DEVICE",
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "force", Usage: "disconnect even while mounted (the filesystem gets I/O errors)"},
@@ -75,7 +75,11 @@ func init() {
 			}
 			ctx, cancel := context.WithTimeout(c.Context, c.Duration("wait"))
 			defer cancel()
-			if err := kernel.Detach(ctx, args[0], c.Bool("force")); err != nil {
+			detach := kernel.Detach
+			if isUblkDevice(args[0]) { // attach_ublk.go
+				detach = ublkDetach
+			}
+			if err := detach(ctx, args[0], c.Bool("force")); err != nil {
 				return err
 			}
 			fmt.Fprintf(os.Stderr, "detached %s\n", args[0])
