@@ -6,24 +6,26 @@ import (
 	"sync/atomic"
 )
 
-// dirtyMap maps a block number to the logical WAL position of its newest
-// data not yet in the extent. One uint64 key and one uint64 value per
-// dirty block, in maps sharded by groups of 16 blocks so that concurrent
-// writers rarely share a lock and a multi-block write takes few.
+// dirtyMap maps a block number to where its newest data not yet in the
+// extent lies in the WAL (logical position), in maps sharded by groups of
+// 16 blocks so that concurrent writers rarely share a lock and a
+// multi-block write takes few.
 //
-// Bit 0 of a value (positions are 8-aligned) is the replaced flag: the
-// block had an older unflushed version. The flusher must then write the
-// block even when its newest version lies beyond the batch it
-// checkpoints: the map no longer holds the older version, and once the
-// checkpoint passes it, only the extent can keep it (or something newer).
+// Each entry also remembers the oldest of its versions that the extent
+// does not reflect yet (old; 0 when the newest is the only one). The
+// flusher must write a block whose older version lies inside the batch it
+// checkpoints even when the newest version lies beyond it: once the
+// checkpoint passes the older version only the extent can keep it (or
+// something newer), as the record of the newest may still be lost.
 type dirtyMap struct {
 	shards [dirtyShards]dirtyShard
 	n      atomic.Int64
 }
 
-const replacedFlag = 1
-
-func posOfVal(v uint64) uint64 { return v &^ replacedFlag }
+type dval struct {
+	pos uint64 // newest version's data
+	old uint64 // oldest version not in the extent, if older than pos
+}
 
 const (
 	dirtyShards     = 64
@@ -32,13 +34,13 @@ const (
 
 type dirtyShard struct {
 	mu sync.RWMutex
-	m  map[uint64]uint64
+	m  map[uint64]dval
 	_  [40]byte // keep shards on separate cache lines
 }
 
 func (d *dirtyMap) init() {
 	for i := range d.shards {
-		d.shards[i].m = make(map[uint64]uint64)
+		d.shards[i].m = make(map[uint64]dval)
 	}
 }
 
@@ -61,11 +63,16 @@ func (d *dirtyMap) putRange(first, n, pos, bs uint64) {
 		for ; b < end; b, i = b+1, i+1 {
 			p := pos + i*bs
 			old, ok := s.m[b]
-			if !ok {
+			switch {
+			case !ok:
 				added++
-				s.m[b] = p
-			} else if posOfVal(old) < p {
-				s.m[b] = p | replacedFlag
+				s.m[b] = dval{pos: p}
+			case old.pos < p:
+				o := old.old
+				if o == 0 {
+					o = old.pos
+				}
+				s.m[b] = dval{pos: p, old: o}
 			}
 		}
 		s.mu.Unlock()
@@ -78,50 +85,39 @@ func (d *dirtyMap) get(b uint64) (uint64, bool) {
 	s.mu.RLock()
 	p, ok := s.m[b]
 	s.mu.RUnlock()
-	return posOfVal(p), ok
+	return p.pos, ok
 }
 
 func (d *dirtyMap) len() int64 { return d.n.Load() }
 
-// dirtyEnt is a collected entry; val is the map value (position and
-// replaced flag).
-type dirtyEnt struct{ block, val uint64 }
+// dirtyEnt is a collected entry: the newest position at collection time.
+type dirtyEnt struct{ block, pos uint64 }
 
-func (e dirtyEnt) pos() uint64 { return posOfVal(e.val) }
-
-// collect appends, sorted by block, the entries with position < before
-// and the replaced ones.
+// collect appends, sorted by block, the entries with a version before
+// position before.
 func (d *dirtyMap) collect(dst []dirtyEnt, before uint64) []dirtyEnt {
-	dst = d.collectFn(dst, func(_, val uint64) bool {
-		return posOfVal(val) < before || val&replacedFlag != 0
-	})
-	sort.Slice(dst, func(i, j int) bool { return dst[i].block < dst[j].block })
-	return dst
-}
-
-// collectFn appends the entries for which keep is true, unsorted.
-func (d *dirtyMap) collectFn(dst []dirtyEnt, keep func(block, val uint64) bool) []dirtyEnt {
 	for i := range d.shards {
 		s := &d.shards[i]
 		s.mu.RLock()
-		for b, p := range s.m {
-			if keep(b, p) {
-				dst = append(dst, dirtyEnt{b, p})
+		for b, v := range s.m {
+			if v.pos < before || (v.old != 0 && v.old < before) {
+				dst = append(dst, dirtyEnt{b, v.pos})
 			}
 		}
 		s.mu.RUnlock()
 	}
+	sort.Slice(dst, func(i, j int) bool { return dst[i].block < dst[j].block })
 	return dst
 }
 
 // removeFn deletes the entries for which drop is true.
-func (d *dirtyMap) removeFn(drop func(block, val uint64) bool) {
+func (d *dirtyMap) removeFn(drop func(block, pos uint64) bool) {
 	var removed int64
 	for i := range d.shards {
 		s := &d.shards[i]
 		s.mu.Lock()
-		for b, p := range s.m {
-			if drop(b, p) {
+		for b, v := range s.m {
+			if drop(b, v.pos) {
 				delete(s.m, b)
 				removed++
 			}
@@ -131,17 +127,27 @@ func (d *dirtyMap) removeFn(drop func(block, val uint64) bool) {
 	d.n.Add(-removed)
 }
 
-// removeIf deletes the entries that still hold the given values.
-func (d *dirtyMap) removeIf(ents []dirtyEnt) {
+// flushed records that the collected versions are in the extent: entries
+// still at that version are deleted; entries replaced meanwhile now only
+// have versions after it unflushed.
+func (d *dirtyMap) flushed(ents []dirtyEnt) {
 	var removed int64
 	for i := 0; i < len(ents); {
 		s := d.shard(ents[i].block)
 		s.mu.Lock()
 		for ; i < len(ents) && d.shard(ents[i].block) == s; i++ {
 			e := ents[i]
-			if p, ok := s.m[e.block]; ok && p == e.val {
+			v, ok := s.m[e.block]
+			switch {
+			case !ok:
+			case v.pos == e.pos:
 				delete(s.m, e.block)
 				removed++
+			case v.old != 0 && v.old <= e.pos:
+				// Versions up to e.pos are in the extent; e.pos is
+				// before the next one, so it bounds it from below.
+				v.old = e.pos
+				s.m[e.block] = v
 			}
 		}
 		s.mu.Unlock()

@@ -135,9 +135,9 @@ func (v *Volume) flushCycle() (bool, error) {
 	return true, nil
 }
 
-// applyToExtent writes into the extent, and syncs, every dirty block whose
-// record lies before log position end, every replaced block (newest
-// version, wherever it lies: see dirtyMap), and every zero range; then
+// applyToExtent writes into the extent, and syncs, every dirty block with
+// a version before log position end (its newest version, wherever that
+// lies: see dirtyMap), and every zero range; then
 // drops them from the dirty map and zero set. Zero ranges are all applied
 // because a block written now may be newer than a pending trim of it,
 // which must therefore not be punched later. Entries are collected before
@@ -171,12 +171,12 @@ func (v *Volume) applyToExtent(end uint64) error {
 		j := i + 1
 		for j < len(ents) && uint64(j-i)*bs < flushRunMax &&
 			ents[j].block == ents[i].block+uint64(j-i) &&
-			ents[j].pos() == ents[i].pos()+uint64(j-i)*bs && !superseded(zr, ents[j]) {
+			ents[j].pos == ents[i].pos+uint64(j-i)*bs && !superseded(zr, ents[j]) {
 			j++
 		}
 		buf := (*bp)[:uint64(j-i)*bs]
-		if _, err := v.walF.ReadAt(buf, v.ring.Phys(ents[i].pos())); err != nil {
-			return fmt.Errorf("flusher read WAL at %d: %w", ents[i].pos(), err)
+		if _, err := v.walF.ReadAt(buf, v.ring.Phys(ents[i].pos)); err != nil {
+			return fmt.Errorf("flusher read WAL at %d: %w", ents[i].pos, err)
 		}
 		if _, err := v.extF.WriteAt(buf, int64(ents[i].block)<<v.bshift); err != nil {
 			return fmt.Errorf("flusher write extent block %d: %w", ents[i].block, err)
@@ -189,9 +189,9 @@ func (v *Volume) applyToExtent(end uint64) error {
 		}
 	}
 	// Entries first, zero ranges after (see classify).
-	v.dirty.removeIf(ents)
+	v.dirty.flushed(ents)
 	if len(zr) > 0 {
-		v.dirty.removeFn(func(b, val uint64) bool { return superseded(zr, dirtyEnt{b, val}) })
+		v.dirty.removeFn(func(b, pos uint64) bool { return superseded(zr, dirtyEnt{b, pos}) })
 	}
 	v.zeros.remove(zr)
 	return nil
@@ -201,7 +201,7 @@ const flushRunMax = 1 << 20
 
 func superseded(zr []zeroRange, e dirtyEnt) bool {
 	for _, z := range zr {
-		if e.block >= z.start && e.block < z.end && z.pos > e.pos() {
+		if e.block >= z.start && e.block < z.end && z.pos > e.pos {
 			return true
 		}
 	}
