@@ -25,7 +25,7 @@ func (c *logCapture) Write(p []byte) (int, error) {
 
 func newCapture() (*logCapture, *slog.Logger) {
 	c := &logCapture{}
-	return c, slog.New(slog.NewJSONHandler(c, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	return c, slog.New(slog.NewJSONHandler(c, &slog.HandlerOptions{Level: slog.LevelInfo}))
 }
 
 // events returns every logged event with the given msg.

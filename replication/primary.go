@@ -99,6 +99,9 @@ type Primary struct {
 
 	wg     sync.WaitGroup
 	stopCh chan struct{}
+
+	bmThrough atomic.Uint64 // persisted bitmaps cover records up to here
+	bmCkpt    atomic.Uint64
 }
 
 type item struct {
@@ -166,6 +169,9 @@ func NewPrimary(vol *blockvol.Volume, cfg PrimaryConfig) (*Primary, error) {
 	// A hold may never fill the WAL: writers would wait for space.
 	if w := vol.WALSize() / 2; cfg.Retention.MaxBytes <= 0 || cfg.Retention.MaxBytes > w {
 		cfg.Retention.MaxBytes = w
+	}
+	if cfg.StateDir == "" {
+		cfg.StateDir = vol.Dir()
 	}
 	if cfg.Dial == nil {
 		cfg.Dial = func(ctx context.Context, addr string) (net.Conn, error) {
@@ -246,6 +252,9 @@ func (p *Primary) Update(epoch uint64, mode Durability, peers []Peer) error {
 		if _, ok := want[id]; !ok {
 			p.log.Info(EvPlanCancelled, "replica", id, "session", r.session, "reason", "replica_removed")
 			delete(p.reps, id)
+			if p.cfg.StateDir != "" {
+				p.cfg.FS.Remove(bitmapPath(p.cfg.StateDir, id))
+			}
 			close(r.stop)
 			if r.cur != nil {
 				r.cur.fail(errors.New("replica removed"))
@@ -264,6 +273,7 @@ func (p *Primary) Update(epoch uint64, mode Durability, peers []Peer) error {
 			p.smu.Lock()
 			r.bm = newDirtyBitmap(p.cfg.RegionSize, p.vol.Size(), p.lastLSN+1)
 			p.smu.Unlock()
+			p.loadBitmap(r)
 			p.reps[id] = r
 			p.wg.Add(1)
 			go r.run()
@@ -392,8 +402,10 @@ func (p *Primary) Close() error {
 	p.cond.Broadcast()
 	p.mu.Unlock()
 	p.vol.SetRecordSink(nil)
-	p.vol.SetRetentionFloor(nil)
 	p.wg.Wait()
+	p.bmCkpt.Store(^uint64(0)) // force a final persist
+	p.persistBitmaps()
+	p.vol.SetRetentionFloor(nil)
 	return nil
 }
 
@@ -575,6 +587,10 @@ func (p *Primary) floorLocked(now time.Time) (uint64, bool) {
 		}
 		holds = append(holds, h)
 	}
+	if p.cfg.StateDir != "" && len(p.reps) > 0 {
+		// Records not yet in a persisted bitmap stay in the WAL.
+		holds = append(holds, Hold{ID: "bitmap", FromLSN: p.bmThrough.Load() + 1})
+	}
 	return RetentionFloor(holds)
 }
 
@@ -597,6 +613,7 @@ func (p *Primary) maintain() {
 		}
 		p.floorLocked(time.Now())
 		p.mu.Unlock()
+		p.persistBitmaps()
 	}
 }
 
