@@ -6,6 +6,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"runtime/pprof"
 	"strings"
 
 	"github.com/urfave/cli/v2"
@@ -24,10 +25,31 @@ func main() {
 		// One-line reason on stderr and a non-zero exit, per DESIGN.md §8.
 		ExitErrHandler: func(_ *cli.Context, err error) {},
 	}
-	if err := app.Run(flagsFirst(app.Commands, os.Args)); err != nil {
+	stopProfile := startProfile()
+	err := app.Run(flagsFirst(app.Commands, os.Args))
+	stopProfile()
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "blockd: %v\n", err)
 		os.Exit(1)
 	}
+}
+
+// startProfile writes a CPU profile to $BLOCKD_CPUPROFILE for the life of
+// the command (used by bench/run.sh PROFILE=1 to see where a server spends).
+func startProfile() (stop func()) {
+	path := os.Getenv("BLOCKD_CPUPROFILE")
+	if path == "" {
+		return func() {}
+	}
+	f, err := os.Create(path)
+	if err == nil {
+		err = pprof.StartCPUProfile(f)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "blockd: BLOCKD_CPUPROFILE: %v\n", err)
+		return func() {}
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }
 }
 
 // flagsFirst moves a command's flags in front of its positional arguments.
