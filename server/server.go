@@ -52,6 +52,9 @@ type Config struct {
 	LeaseGrace time.Duration
 	Logger     *slog.Logger
 	FS         vfs.FS
+	// ControlSocket is the local control endpoint (ublk devices hosted by
+	// this server); default DataDir/control.sock.
+	ControlSocket string
 }
 
 // Server is a running volume server.
@@ -134,6 +137,11 @@ func New(cfg Config) (*Server, error) {
 	go func() { defer s.wg.Done(); _ = s.recv.Serve(s.replLn) }()
 	go func() { defer s.wg.Done(); _ = s.nbdSrv.Serve(s.nbdLn) }()
 	go func() { defer s.wg.Done(); s.heartbeatLoop() }()
+	if err := s.startControl(); err != nil {
+		ok = true // Close stops what was started and releases the rest
+		_ = s.Close()
+		return nil, err
+	}
 	ok = true
 	s.log.Info("server_started", "nbd", s.NBDAddr(), "addr", s.Addr(), "data", cfg.DataDir)
 	return s, nil
@@ -164,6 +172,7 @@ func (s *Server) NBDAddr() string {
 // Close stops serving: no new NBD connections, in-flight requests drained,
 // every volume flushed and closed. It is what SIGTERM does.
 func (s *Server) Close() error {
+	s.stopControl()
 	if s.cancel != nil {
 		s.cancel()
 	}
