@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"os/signal"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/server"
 	"github.com/blockd/blockd/ublk"
 )
 
@@ -27,19 +29,25 @@ import (
 // restarted `attach ublk --recover N` (the device and a mounted filesystem
 // stay while no process serves it; I/O waits).
 //
-// When the volume's primary runs in the same process, the server should
-// call ublk.Serve on the engine directly instead (no network hop); that is
-// wiring for the server/serve command.
+// When the volume's primary is a server on this host (found by its control
+// socket, see ublk_local.go), attach asks that server to host the device
+// itself on the engine (no network hop, no foreground process): it prints
+// the path and exits 0. That server recovers the device after it restarts
+// (reissue mode, safe because the backend lives in the serving process).
 
 // ublkAttachCommand is `blockd attach ublk`.
 var ublkAttachCommand = &cli.Command{
 	Name:      "ublk",
 	Usage:     "attach a volume as /dev/ublkbN (io_uring based ublk driver) and serve it",
 	ArgsUsage: "NAME",
-	Description: "Connects to the volume's primary over NBD (asking the master, or --nbd), creates\n" +
-		"/dev/ublkbN, prints its path and keeps serving it in the foreground. Lost connections\n" +
-		"are re-established to the current primary; after --give-up without one, I/O fails.\n" +
-		"Needs root and the ublk_drv module (tested on Linux 6.12).",
+	Description: "When the volume's primary is a volume server on this host (its control socket:\n" +
+		"--control, default ./blockd-data/server/control.sock or /var/lib/blockd/control.sock),\n" +
+		"that server creates and serves /dev/ublkbN itself (no network hop); attach prints the\n" +
+		"path and exits 0, and the device survives restarts of that server (user recovery).\n" +
+		"Otherwise it connects to the volume's primary over NBD (asking the master, or --nbd),\n" +
+		"creates /dev/ublkbN, prints its path and keeps serving it in the foreground. Lost\n" +
+		"connections are re-established to the current primary; after --give-up without one,\n" +
+		"I/O fails. Needs root and the ublk_drv module (tested on Linux 6.12).",
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "master", Value: api.DefaultMaster, EnvVars: []string{"BLOCKD_MASTER"}, Usage: "master API address(es), comma-separated"},
 		&cli.StringFlag{Name: "nbd", Usage: "use this NBD address instead of asking the master (no failover)"},
@@ -51,6 +59,7 @@ var ublkAttachCommand = &cli.Command{
 		&cli.DurationFlag{Name: "wait", Value: 30 * time.Second, Usage: "keep trying this long for a volume or primary that is not ready yet (a server starting, a failover)"},
 		&cli.DurationFlag{Name: "give-up", Value: 5 * time.Minute, Usage: "fail I/O after this long without a connection to the primary"},
 		&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "json: print {\"device\": ...} instead of the bare path"},
+		&cli.StringFlag{Name: "control", EnvVars: []string{"BLOCKD_CONTROL"}, Usage: "control socket of a local volume server (default: ./blockd-data/server/control.sock, /var/lib/blockd/control.sock); none: always serve over NBD in the foreground"},
 	},
 	Action: attachUblk,
 }
@@ -80,6 +89,23 @@ func attachUblk(c *cli.Context) error {
 		mode = ublk.RecoveryReissue
 	default:
 		return fmt.Errorf("attach ublk: --recovery must be fail or reissue")
+	}
+	// The local path: a server on this host that is the primary hosts
+	// the device. --nbd and --recover (a foreground device's takeover) ask
+	// for the foreground mode.
+	if c.String("nbd") == "" && !c.Bool("recover") {
+		path, handled, err := attachUblkLocal(c, name, log)
+		if handled {
+			if err != nil {
+				return fmt.Errorf("attach ublk: %w", err)
+			}
+			if c.String("output") == "json" {
+				fmt.Printf("{\"device\": %q, \"volume\": %q, \"hosted_by\": \"server\"}\n", path, name)
+			} else {
+				fmt.Println(path)
+			}
+			return nil
+		}
 	}
 	var resolve func(ctx context.Context) (string, error)
 	if addr := c.String("nbd"); addr != "" {
@@ -167,10 +193,19 @@ func isUblkDevice(path string) bool { return strings.HasPrefix(path, "/dev/ublkb
 // ublkDetach is `blockd detach /dev/ublkbN`: STOP_DEV (the serving
 // process's queues end and it exits), then DEL_DEV, which returns once that
 // process has let go. A mounted device is refused unless force is set.
+// A device hosted by a local volume server is removed through that
+// server's control socket (so it forgets the device and does not recover
+// it after a restart).
 func ublkDetach(ctx context.Context, path string, force bool) error {
 	id, err := ublk.ParsePath(path)
 	if err != nil {
 		return fmt.Errorf("detach: %w", err)
+	}
+	if ok, err := ublkDetachHosted(ctx, id, force); ok {
+		if err != nil {
+			return fmt.Errorf("detach: %s: %w", path, err)
+		}
+		return nil
 	}
 	if err := ublk.Detach(ctx, id, force); err != nil {
 		if errors.Is(err, ublk.ErrNoDevice) {
@@ -179,4 +214,61 @@ func ublkDetach(ctx context.Context, path string, force bool) error {
 		return fmt.Errorf("detach: %w", err)
 	}
 	return nil
+}
+
+// attachUblkLocal asks a volume server on this host to host the device
+// when it is the volume's primary. handled is false when there is no such
+// server (no control socket answers, or the master names another primary):
+// the caller then serves the device over NBD.
+func attachUblkLocal(c *cli.Context, name string, log *slog.Logger) (path string, handled bool, err error) {
+	ctx := c.Context
+	cc, serverID, err := localServer(ctx, c.String("control"))
+	if cc == nil {
+		if err != nil && c.String("control") != "" {
+			log.Info("ublk.local.unavailable", "control", c.String("control"), "err", err)
+		}
+		return "", false, nil
+	}
+	deadline := time.Now().Add(c.Duration("wait"))
+	mc := api.NewClient(api.ParseAddrs(c.String("master")))
+	mc.RetryFor = 10 * time.Second
+	for {
+		p, perr := mc.PrimaryOf(ctx, name)
+		switch {
+		case perr == nil && p.ServerID != serverID:
+			log.Info("ublk.local.not_primary", "volume", name, "local_server", serverID, "primary", p.ServerID, "fallback", "nbd")
+			return "", false, nil
+		case perr != nil && api.IsCode(perr, api.CodeNotFound):
+			return "", true, fmt.Errorf("unknown volume %q: %w", name, perr)
+		case perr != nil:
+			// No answer from the master: the local server decides.
+			log.Info("ublk.local.master_unavailable", "volume", name, "err", perr)
+		}
+		req := server.UblkRequest{Volume: name}
+		if id := c.Int("id"); id >= 0 {
+			req.ID = &id
+		}
+		var d server.UblkDevice
+		err = cc.do(ctx, http.MethodPost, "/v1/ublk", req, &d)
+		if err == nil {
+			log.Info("ublk.local.attached", "volume", name, "server", serverID, "device", d.Path, "control", cc.sock)
+			return d.Path, true, nil
+		}
+		code := controlCode(err)
+		retry := code == "not_primary" || code == "not_found" || code == "busy"
+		if !retry || time.Now().After(deadline) || ctx.Err() != nil {
+			if perr != nil && (code == "not_primary" || code == "not_found") {
+				// The master is unreachable and the local server is not
+				// the primary: the NBD path asks the master again.
+				return "", false, nil
+			}
+			return "", true, err
+		}
+		log.Info("ublk.local.retry", "volume", name, "err", err)
+		select {
+		case <-ctx.Done():
+			return "", true, ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
 }
