@@ -131,7 +131,7 @@ func report(b *testing.B, n int, rawWall, volWall, rawCPU, volCPU time.Duration)
 // about n/rounds ops each, so that a noisy neighbour or background
 // writeback hits both alike, and sums wall and CPU time per variant.
 func interleave(n int, fn func(vol bool, n int) (time.Duration, time.Duration, error)) (rawWall, volWall, rawCPU, volCPU time.Duration, err error) {
-	const rounds = 8
+	const rounds = 32
 	for r := 0; r < rounds; r++ {
 		k := n / rounds
 		if r == rounds-1 {

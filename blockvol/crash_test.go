@@ -531,3 +531,36 @@ func TestTornTailLogged(t *testing.T) {
 		t.Fatalf("head LSN %d after discarding the torn record", v2.HeadLSN())
 	}
 }
+
+// A create cut off by a power loss before the superblock leaves no volume,
+// and creating again succeeds.
+func TestCreateInterrupted(t *testing.T) {
+	fs := vfs.NewCrashFS()
+	fs.Inject(vfs.Fault{Op: vfs.OpOpen, Name: SuperblockFile, Err: errEIO, Count: 1})
+	if _, err := Create("/vol", Options{Size: 1 << 20, WALSize: 256 << 10, FS: fs}); err == nil {
+		t.Fatal("create succeeded despite the fault")
+	}
+	// Leave WAL and extent behind, as a crash in the middle would.
+	for _, n := range []string{WALFile, ExtentFile} {
+		f, err := fs.OpenFile("/vol/"+n, os.O_RDWR|os.O_CREATE, 0o644)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+	}
+	if err := fs.SyncDir("/vol"); err != nil {
+		t.Fatal(err)
+	}
+	fs = fs.PowerCut(vfs.CutOptions{})
+	if _, err := fs.Stat("/vol/" + WALFile); err != nil {
+		t.Fatalf("leftover WAL not durable: %v", err)
+	}
+	if existsFS(fs, "/vol") {
+		t.Fatal("interrupted create left a volume")
+	}
+	v, err := Create("/vol", Options{Size: 1 << 20, WALSize: 256 << 10, FS: fs})
+	if err != nil {
+		t.Fatalf("create after an interrupted one: %v", err)
+	}
+	v.Close()
+}

@@ -219,6 +219,11 @@ func Create(dir string, o Options) (*Volume, error) {
 	if existsFS(fs, dir) {
 		return nil, fmt.Errorf("blockvol: create %s: %w", dir, ErrExists)
 	}
+	// Without a superblock, any WAL or extent file is the leftover of a
+	// create that did not finish: start over.
+	for _, n := range []string{WALFile, ExtentFile} {
+		_ = fs.Remove(filepath.Join(dir, n))
+	}
 	if err := createFiles(fs, dir, &sb); err != nil {
 		for _, n := range []string{SuperblockFile, WALFile, ExtentFile} {
 			_ = fs.Remove(filepath.Join(dir, n))
