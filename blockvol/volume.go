@@ -39,7 +39,8 @@ const (
 // grew into client timeouts and forced rebuilds. What keeps writers from
 // timing out is not a large log but a flusher that frees space steadily:
 //
-//   - The flusher works in batches of at most flushBatchBytes of log and
+//   - The flusher works in batches of at most flushBatchBytes of log (a
+//     quarter of the WAL if that is smaller) and
 //     advances the checkpoint and the tail after every batch, so space comes
 //     back in steps of flushBatchBytes however large the log is. A writer
 //     that finds the log full waits for one batch: with 32 MiB batches and
@@ -58,10 +59,17 @@ const (
 //     reserved with fallocate at create, so appends never hit ENOSPC. It is
 //     capped at twice the volume size (a log larger than that buys
 //     nothing for a small volume) and never below MinWALSize.
+//   - Measured on the shared 2-core development VM (load ~11 from other
+//     jobs): 60 s of 32 concurrent 4 KiB random writers (1 in 64 followed by
+//     a flush) on a 1 GiB volume with the default WAL sustained 49k IOPS
+//     (192 MiB/s) with the log full most of the time; the slowest
+//     write+flush took 0.5 s and none failed (TestSustainedRandomWrites).
 //   - walFullTimeout bounds a writer's wait for space: only a flusher that
 //     cannot make progress at all (the extent's disk is full or failing)
 //     makes it expire, and the write then fails with ENOSPC or EIO rather
-//     than hanging.
+//     than hanging. A retention floor (SetRetentionFloor) that holds the
+//     tail while the log fills has the same effect: replication must
+//     release holds within its budget, well before the log is full.
 const (
 	DefaultWALSize  = 1 << 30
 	MinWALSize      = 64 << 10
