@@ -1,0 +1,120 @@
+package ublk_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/blockd/blockd/tests/vm/vmtest"
+)
+
+// TestBlockdServeHostsUblk: when the volume's primary is the local
+// `blockd serve`, `blockd attach ublk vol0` (run in serve's directory, so
+// it finds ./blockd-data/server/control.sock) has the serve process itself
+// create and serve /dev/ublkbN on its engine and exits at once. ext4 is
+// made, mounted and written to with checksums by a writer loop while the
+// serve process is killed with SIGKILL and restarted, then stopped with
+// SIGTERM and restarted (same data directory): each new process recovers
+// the device (user recovery, reissue), the writer sees no error, the kernel
+// logs none, and the data and e2fsck -fn are intact. `blockd detach`
+// removes the device through the server, which forgets it.
+func TestBlockdServeHostsUblk(t *testing.T) {
+	vmtest.Require(t)
+	res := vmtest.Boot(t, vmtest.Guest{
+		Binaries: map[string]string{
+			"/usr/local/bin/blockd":    vmtest.BuildBlockd(t),
+			"/usr/local/bin/ublkserve": vmtest.GoBuild(t, "./tests/vm/ublk/ublkserve"),
+		},
+		MemoryMiB: 2048,
+		Timeout:   10 * time.Minute,
+		Script: prelude + writerScript + `
+cd /tmp
+starts=0
+serve_up() { [ "$(grep -c 'blockd is serving volume' /tmp/serve.log)" -ge $starts ] || ! kill -0 $SERVE; }
+start_serve() {
+	starts=$((starts+1))
+	blockd serve --volume vol0:256MiB >>/tmp/serve.log 2>&1 &
+	SERVE=$!
+	waitfor 180 serve_up
+	kill -0 $SERVE || { echo "serve exited"; tail -n 40 /tmp/serve.log; exit 1; }
+	echo "serve started (pid $SERVE)"
+}
+recovered() { [ "$(grep -c 'msg=ublk.recovered' /tmp/serve.log)" -ge $1 ]; }
+holders() { # processes holding /dev/ublkcN open
+	for p in /proc/[0-9]*; do
+		ls -l $p/fd 2>/dev/null | grep -q "/dev/ublkc$ID" && echo ${p#/proc/}
+	done; true
+}
+start_serve
+blockd attach ublk vol0 >/tmp/attach.out 2>/tmp/attach.log
+echo "attach exited with $?"
+DEV=$(cat /tmp/attach.out)
+test -b "$DEV" || { cat /tmp/attach.log; exit 1; }
+ID=${DEV#/dev/ublkb}
+echo "attached at $DEV"
+grep -q 'msg=ublk.local.attached' /tmp/attach.log && echo "attach used the local server"
+grep -q 'msg=ublk.served' /tmp/serve.log && echo "serve hosts the device"
+h=$(holders)
+echo "ublkc$ID held by: $h (serve is $SERVE)"
+[ "$h" = "$SERVE" ] && echo "only the serve process serves the device"
+cat blockd-data/server/ublk.json
+blockd attach ublk vol0 >/tmp/attach2.out 2>>/tmp/attach.log
+[ "$(cat /tmp/attach2.out)" = "$DEV" ] && echo "second attach returns the same device"
+mkfs.ext4 -q -F $DEV
+mkdir -p /mnt/u && mount -t ext4 $DEV /mnt/u
+for i in 1 2 3 4; do dd if=/dev/urandom of=/mnt/u/f$i bs=64k count=$((i*16)) 2>/dev/null; done
+(cd /mnt/u && md5sum f* > /tmp/fsums)
+sync
+start_writer
+waitfor 120 more_files 10
+n=$(nfiles)
+kill -KILL $SERVE; wait $SERVE 2>/dev/null || true
+echo "killed serve after $n files"
+test -b $DEV
+start_serve
+waitfor 180 recovered 1
+waitfor 180 more_files $((n+10))
+n=$(nfiles)
+echo "recovered after SIGKILL; writer at $n files"
+kill -TERM $SERVE; wait $SERVE
+echo "serve exited with $? after SIGTERM (device released)"
+test -b $DEV
+start_serve
+waitfor 180 recovered 2
+waitfor 180 more_files $((n+10))
+echo "recovered after a planned restart"
+[ "$(holders)" = "$SERVE" ] && echo "the new serve process serves the device"
+touch /tmp/stop
+wait $WRITER
+echo "writer wrote $(nfiles) files without error"
+sync
+dmesg > /tmp/dmesg
+if grep -iE 'I/O error|EXT4-fs error|Buffer I/O|journal' /tmp/dmesg | grep -v 'mounted filesystem'; then echo "KERNEL-IO-ERRORS"; exit 1; fi
+umount /mnt/u
+e2fsck -fn $DEV
+mount -t ext4 $DEV /mnt/u
+(cd /mnt/u && md5sum -c /tmp/fsums >/dev/null && md5sum -c /tmp/wsums > /tmp/check.out) || { grep -v ': OK' /tmp/check.out; exit 1; }
+echo "verified $(wc -l < /tmp/check.out) files after restarts"
+if blockd detach $DEV 2>/tmp/detach.err; then echo "detach of a mounted device succeeded"; exit 1; fi
+cat /tmp/detach.err
+umount /mnt/u
+blockd detach $DEV
+test ! -e $DEV
+echo "detached"
+grep -q '"devices": \[\]' blockd-data/server/ublk.json && echo "server forgot the device"
+grep 'msg=ublk.deleted' /tmp/serve.log
+kill -TERM $SERVE; wait $SERVE
+echo "serve exited with $?"
+grep -E 'msg=ublk\.(served|recovered|recovery.done|released|deleted)' /tmp/serve.log
+echo BLOCKD-SERVE-UBLK-OK
+`,
+	})
+	expect(t, res, "BLOCKD-SERVE-UBLK-OK", "attach exited with 0", "attach used the local server",
+		"serve hosts the device", "only the serve process serves the device", "second attach returns the same device",
+		"recovered after SIGKILL", "serve exited with 0 after SIGTERM", "recovered after a planned restart",
+		"the new serve process serves the device", "without error", "is mounted at /mnt/u", "detached",
+		"server forgot the device", "serve exited with 0")
+	if strings.Contains(res.Console, "WRITE-ERROR") || strings.Contains(res.Console, "KERNEL-IO-ERRORS") {
+		t.Fatalf("I/O errors reached the filesystem")
+	}
+}
