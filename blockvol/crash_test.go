@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blockd/blockd/blockdev"
 	"github.com/blockd/blockd/vfs"
 	"github.com/blockd/blockd/wal"
 )
@@ -563,4 +564,39 @@ func TestCreateInterrupted(t *testing.T) {
 		t.Fatalf("create after an interrupted one: %v", err)
 	}
 	v.Close()
+}
+
+// The extent's disk is full: writes go on into the WAL until it is full,
+// then fail with ENOSPC (bounded wait) and change nothing; once space is
+// back, the flusher drains and writes succeed again.
+func TestExtentENOSPCBackPressure(t *testing.T) {
+	fs := vfs.NewCrashFS()
+	v, err := Create("/vol", Options{Size: 1 << 20, WALSize: 64 << 10, FS: fs, WALFullTimeout: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	fs.Inject(vfs.Fault{Op: vfs.OpWrite, Name: ExtentFile, Err: errNoSpace})
+	var werr error
+	written := map[int64][]byte{}
+	for i := 0; i < 100 && werr == nil; i++ {
+		off := int64(i%200) * 4096
+		p := pattern(uint64(i), 4096)
+		if werr = v.WriteAt(p, off, false); werr == nil {
+			written[off] = p
+		}
+	}
+	if !errors.Is(werr, blockdev.ErrNoSpace) {
+		t.Fatalf("writes into a full WAL over a full disk: %v", werr)
+	}
+	for off, p := range written {
+		if got := mustRead(t, v, off, 4096); string(got) != string(p) {
+			t.Fatalf("acknowledged write at %d lost", off)
+		}
+	}
+	fs.ClearFaults()
+	waitCheckpoint(t, v)
+	if err := v.WriteAt(pattern(999, 4096), 0, true); err != nil {
+		t.Fatalf("write after space came back: %v", err)
+	}
 }
