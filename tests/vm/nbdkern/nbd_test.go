@@ -32,6 +32,8 @@ start_server() { # start the NBD server in the background; SERVER is its pid
 	$SERVER_CMD >>/tmp/server.log 2>&1 &
 	SERVER=$!
 	waitfor 120 listening 10809 || { cat /tmp/server.log; return 1; }
+	# blockd serve creates vol0 after it starts listening: wait for it
+	[ -z "$SERVER_READY" ] || waitfor 120 $SERVER_READY || { cat /tmp/server.log; return 1; }
 	echo "server up (pid $SERVER)"
 }
 fs_write() { # fs_write DIR PREFIX N: N files of random data, checksums in /tmp/PREFIX.sums
@@ -75,6 +77,7 @@ type server struct {
 	name       string
 	binaries   map[string]string
 	cmd        string // SERVER_CMD
+	ready      string // SERVER_READY: a command that succeeds once vol0 is served
 	attachArgs string // how attach finds the server
 }
 
@@ -96,6 +99,7 @@ func guestServer(t *testing.T) server {
 				name:       "blockd serve",
 				binaries:   map[string]string{"/usr/local/bin/blockd": blockd},
 				cmd:        "blockd serve --data /tmp/bd --nbd 127.0.0.1:10809 --api 127.0.0.1:9333 --volume vol0:256MiB",
+				ready:      "blockd volume info --master 127.0.0.1:9333 --timeout 5s vol0",
 				attachArgs: "--master 127.0.0.1:9333",
 			}
 			return
@@ -119,7 +123,7 @@ func boot(t *testing.T, s server, script string) vmtest.Result {
 	return vmtest.Boot(t, vmtest.Guest{
 		Binaries:  s.binaries,
 		Files:     map[string][]byte{"/etc/passwd": []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n")},
-		Env:       map[string]string{"SERVER_CMD": s.cmd, "ATTACH_ARGS": s.attachArgs},
+		Env:       map[string]string{"SERVER_CMD": s.cmd, "SERVER_READY": s.ready, "ATTACH_ARGS": s.attachArgs},
 		Script:    prelude + script,
 		MemoryMiB: 2048,
 		Timeout:   8 * time.Minute,
