@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blockd/blockd/internal/testenv"
 	"github.com/blockd/blockd/tests/vm/vmtest"
 )
 
@@ -20,7 +21,9 @@ import (
 // removes the device through the server, which forgets it.
 func TestBlockdServeHostsUblk(t *testing.T) {
 	vmtest.Require(t)
+	testenv.RequireTool(t, "fio")
 	res := vmtest.Boot(t, vmtest.Guest{
+		Tools: []string{"fio"},
 		Binaries: map[string]string{
 			"/usr/local/bin/blockd":    vmtest.BuildBlockd(t),
 			"/usr/local/bin/ublkserve": vmtest.GoBuild(t, "./tests/vm/ublk/ublkserve"),
@@ -66,6 +69,11 @@ for i in 1 2 3 4; do dd if=/dev/urandom of=/mnt/u/f$i bs=64k count=$((i*16)) 2>/
 (cd /mnt/u && md5sum f* > /tmp/fsums)
 sync
 start_writer
+# and deep-queue direct I/O with verification, so requests are in flight
+# (and reissued) at every restart
+fio --name=rv --filename=/mnt/u/fio.dat --size=32M --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --bs=4k \
+	--verify=crc32c --verify_fatal=1 --time_based --runtime=45 --verify_backlog=512 --output-format=terse >/tmp/fio.out 2>/tmp/fio.err &
+FIO=$!
 waitfor 120 more_files 10
 n=$(nfiles)
 kill -KILL $SERVE; wait $SERVE 2>/dev/null || true
@@ -87,6 +95,8 @@ echo "recovered after a planned restart"
 touch /tmp/stop
 wait $WRITER
 echo "writer wrote $(nfiles) files without error"
+wait $FIO || { echo "FIO-FAILED"; cat /tmp/fio.err; exit 1; }
+echo "fio across restarts: errors $(tail -1 /tmp/fio.out | cut -d';' -f5)"
 sync
 dmesg > /tmp/dmesg
 if grep -iE 'I/O error|EXT4-fs error|Buffer I/O|journal' /tmp/dmesg | grep -v 'mounted filesystem'; then echo "KERNEL-IO-ERRORS"; exit 1; fi
@@ -112,9 +122,64 @@ echo BLOCKD-SERVE-UBLK-OK
 	expect(t, res, "BLOCKD-SERVE-UBLK-OK", "attach exited with 0", "attach used the local server",
 		"serve hosts the device", "only the serve process serves the device", "second attach returns the same device",
 		"recovered after SIGKILL", "serve exited with 0 after SIGTERM", "recovered after a planned restart",
-		"the new serve process serves the device", "without error", "is mounted at /mnt/u", "detached",
+		"the new serve process serves the device", "without error", "fio across restarts: errors 0", "is mounted at /mnt/u", "detached",
 		"server forgot the device", "serve exited with 0")
-	if strings.Contains(res.Console, "WRITE-ERROR") || strings.Contains(res.Console, "KERNEL-IO-ERRORS") {
+	if strings.Contains(res.Console, "WRITE-ERROR") || strings.Contains(res.Console, "KERNEL-IO-ERRORS") || strings.Contains(res.Console, "FIO-FAILED") {
 		t.Fatalf("I/O errors reached the filesystem")
 	}
+}
+
+// TestServerHostedUblkDemoted: in a two-server cluster, the primary's
+// server hosts /dev/ublkbN for a volume; after the volume is promoted on
+// the other server, the old primary's device fails writes promptly (EPERM
+// from the lease gate, an I/O error in the guest), it never hangs them,
+// and `blockd detach` (through that server's control socket) removes it.
+func TestServerHostedUblkDemoted(t *testing.T) {
+	vmtest.Require(t)
+	res := vmtest.Boot(t, vmtest.Guest{
+		Binaries: map[string]string{
+			"/usr/local/bin/blockd":    vmtest.BuildBlockd(t),
+			"/usr/local/bin/ublkserve": vmtest.GoBuild(t, "./tests/vm/ublk/ublkserve"),
+		},
+		MemoryMiB: 2048,
+		Timeout:   8 * time.Minute,
+		Script: prelude + `
+cd /tmp
+blockd master --data /tmp/m --api 127.0.0.1:9333 >/tmp/m.log 2>&1 &
+for i in 1 2; do
+	blockd server --id s$i --data /tmp/s$i --master 127.0.0.1:9333 --listen 127.0.0.1:970$i --nbd 127.0.0.1:1080$i >/tmp/s$i.log 2>&1 &
+done
+created() { blockd volume create dv --size 64MiB --rf 2 --durability best_effort >/dev/null; }
+waitfor 120 created
+info() { blockd volume info dv -o json | tr -d ' \n'; }
+primary() { info | sed -n 's/.*"primary":{"server_id":"\([^"]*\)".*/\1/p'; }
+healthy() { info | grep -q '"status":"healthy"'; }
+waitfor 120 healthy
+P=$(primary)
+case "$P" in s1) R=s2;; s2) R=s1;; *) echo "no primary: $P"; info; exit 1;; esac
+echo "primary $P, replica $R"
+DEV=$(blockd attach ublk dv --control /tmp/$P/control.sock 2>/tmp/attach.log)
+test -b "$DEV" || { cat /tmp/attach.log; exit 1; }
+grep -q 'msg=ublk.local.attached' /tmp/attach.log && echo "hosted by the primary's server"
+dd if=/dev/urandom of=/tmp/blk bs=64k count=16 2>/dev/null
+dd if=/tmp/blk of=$DEV bs=64k oflag=direct 2>/dev/null && echo "write while primary ok"
+blockd volume promote dv --target $R --force
+moved() { [ "$(primary)" = "$R" ]; }
+waitfor 120 moved
+demoted() { grep -q 'msg=primary_demoted' /tmp/$P.log; }
+waitfor 120 demoted
+set +e
+timeout 120 dd if=/tmp/blk of=$DEV bs=64k oflag=direct 2>/tmp/dd.err
+rc=$?
+set -e
+cat /tmp/dd.err
+echo "write after demotion: exit $rc"
+[ $rc -ne 0 ] && [ $rc -ne 124 ] && echo "write after demotion failed without hanging"
+BLOCKD_CONTROL=/tmp/$P/control.sock blockd detach $DEV
+test ! -e $DEV && echo "detached after demotion"
+echo UBLK-DEMOTED-OK
+`,
+	})
+	expect(t, res, "UBLK-DEMOTED-OK", "hosted by the primary's server", "write while primary ok",
+		"write after demotion failed without hanging", "detached after demotion")
 }
