@@ -311,6 +311,9 @@ func (d *Device) Keep(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
+			if mp := MountedAt(d.Path); mp != "" {
+				d.log.Warn("nbd.detach_mounted", "mountpoint", mp, "effect", "the filesystem gets I/O errors")
+			}
 			d.log.Info("nbd.detach", "reason", "keeper stopped")
 			if err := d.nl.disconnect(d.Index); err != nil {
 				return err

@@ -403,7 +403,9 @@ func (m *monitor) loop() {
 				m.send(-1)
 				continue
 			}
-			fmt.Fprintf(os.Stderr, "nbd monitor: %v\n", err)
+			// The keeper still polls the device; it can no longer react
+			// to dead links at once.
+			fmt.Fprintf(os.Stderr, "nbd monitor: receive failed, LINK_DEAD events lost from now on: %v\n", err)
 			return
 		}
 		b := buf[:n]
