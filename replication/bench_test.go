@@ -107,7 +107,11 @@ func BenchmarkReplicationTax(b *testing.B) {
 		}})
 		ln := mustListen(b)
 		go rec.Serve(ln)
-		p, err := NewPrimary(pv, PrimaryConfig{Volume: "bench", Epoch: 1, Durability: SyncAll, Replicas: []Peer{{"r", ln.Addr().String()}}, Logger: log})
+		mode := SyncAll
+		if os.Getenv("BLOCKD_BENCH_BEST_EFFORT") != "" {
+			mode = BestEffort
+		}
+		p, err := NewPrimary(pv, PrimaryConfig{Volume: "bench", Epoch: 1, Durability: mode, Replicas: []Peer{{"r", ln.Addr().String()}}, Logger: log})
 		if err != nil {
 			b.Fatal(err)
 		}

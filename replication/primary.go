@@ -104,9 +104,29 @@ type Primary struct {
 	bmCkpt    atomic.Uint64
 }
 
+// item is one record encoded for the wire, shared by every replica queue
+// it is put on; its buffer returns to a pool when the last one let go.
 type item struct {
 	lsn  uint64
 	body []byte
+	refs atomic.Int32
+	buf  *[]byte // pooled backing store, nil if not pooled
+}
+
+var bodyPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096+64); return &b }}
+
+func (it *item) release() {
+	if it.refs.Add(-1) == 0 && it.buf != nil {
+		*it.buf = it.body[:0]
+		bodyPool.Put(it.buf)
+		it.buf, it.body = nil, nil
+	}
+}
+
+func releaseAll(items []*item) {
+	for _, it := range items {
+		it.release()
+	}
 }
 
 type replica struct {
@@ -138,6 +158,8 @@ type replica struct {
 	attached    bool
 	overflow    bool
 	barrierWant uint64
+	waiting     bool        // the sender sleeps on qcond
+	live        atomic.Bool // mirror of attached, read by the sink without qmu
 
 	// guarded by p.smu
 	bm *dirtyBitmap
@@ -485,7 +507,9 @@ func (p *Primary) requestBarriers(lsn uint64) {
 		r.qmu.Lock()
 		if lsn > r.barrierWant {
 			r.barrierWant = lsn
-			r.qcond.Signal()
+			if r.waiting {
+				r.qcond.Signal()
+			}
 		}
 		r.qmu.Unlock()
 	}
@@ -524,34 +548,60 @@ func (p *Primary) sink(rec wal.Record) {
 	if rec.Type == wal.Padding {
 		return
 	}
-	body := RecordBody{Type: uint8(rec.Type), Epoch: rec.Epoch, Offset: rec.Offset, Length: rec.Length, Data: rec.Payload}.
-		Encode(make([]byte, 0, 21+len(rec.Payload)))
-	it := &item{lsn: rec.LSN, body: body}
-	p.cumBytes.Add(int64(len(body)))
+	p.cumBytes.Add(int64(21 + len(rec.Payload)))
 	p.smu.Lock()
+	defer p.smu.Unlock()
 	p.lastLSN = rec.LSN
-	for _, r := range p.sinkReps {
+	reps := p.sinkReps
+	if len(reps) == 0 {
+		return
+	}
+	var it *item
+	for _, r := range reps {
 		if rec.Type == wal.Write || rec.Type == wal.Zero {
 			r.bm.mark(rec.Offset, int64(rec.Length))
 		}
+		if it == nil {
+			it = &item{lsn: rec.LSN}
+			n := 21 + len(rec.Payload)
+			if n <= 4096+64 {
+				it.buf = bodyPool.Get().(*[]byte)
+				it.body = (*it.buf)[:0]
+			} else {
+				it.body = make([]byte, 0, n)
+			}
+			it.body = RecordBody{Type: uint8(rec.Type), Epoch: rec.Epoch, Offset: rec.Offset, Length: rec.Length, Data: rec.Payload}.Encode(it.body)
+			it.refs.Store(int32(len(reps)) + 1) // +1: the sink's own reference
+		}
 		r.enqueue(it, p.cfg.MaxQueueBytes)
 	}
-	p.smu.Unlock()
+	it.release() // the sink's own reference
 }
 
+// enqueue puts it on r's queue (taking one of its references) or lets
+// the reference go.
 func (r *replica) enqueue(it *item, limit int64) {
 	r.qmu.Lock()
-	if r.attached {
-		if r.qbytes+int64(len(it.body)) > limit {
-			r.attached, r.overflow = false, true
-			r.queue, r.qbytes = nil, 0
-		} else {
-			r.queue = append(r.queue, it)
-			r.qbytes += int64(len(it.body))
-		}
+	if !r.attached {
+		r.qmu.Unlock()
+		it.release()
+		return
+	}
+	var dropped []*item
+	if r.qbytes+int64(len(it.body)) > limit {
+		r.attached, r.overflow = false, true
+		r.live.Store(false)
+		dropped = append(r.queue, it)
+		r.queue, r.qbytes = nil, 0
+	} else {
+		r.queue = append(r.queue, it)
+		r.qbytes += int64(len(it.body))
+	}
+	if r.waiting {
 		r.qcond.Signal()
 	}
 	r.qmu.Unlock()
+	releaseAll(dropped)
 }
 
 // ---- retention ----
@@ -736,16 +786,22 @@ func (r *replica) run() {
 func (r *replica) attach() {
 	r.qmu.Lock()
 	r.attached, r.overflow = true, false
+	old := r.queue
 	r.queue, r.qbytes = nil, 0
+	r.live.Store(true)
 	r.qmu.Unlock()
+	releaseAll(old)
 }
 
 func (r *replica) detach() {
 	r.qmu.Lock()
 	r.attached = false
+	r.live.Store(false)
+	old := r.queue
 	r.queue, r.qbytes = nil, 0
 	r.qcond.Broadcast()
 	r.qmu.Unlock()
+	releaseAll(old)
 }
 
 // session is one connection to a replica.
@@ -1167,7 +1223,9 @@ func (s *session) live() error {
 		for len(r.queue) == 0 && !r.overflow && !s.failed() &&
 			!(((r.barrierWant > s.barrierSent && s.next-1 >= r.barrierWant) || s.forceBar) && s.allowBarrier) && !s.baseRemaining() && !s.bgDue() &&
 			!(s.kind != TransferNone && !s.baseRemaining() && !s.doneSent) {
+			r.waiting = true
 			r.qcond.Wait()
+			r.waiting = false
 		}
 		if s.failed() {
 			r.qmu.Unlock()
@@ -1181,18 +1239,24 @@ func (s *session) live() error {
 		r.queue, r.qbytes = nil, 0
 		want := r.barrierWant
 		r.qmu.Unlock()
-		for _, it := range items {
+		for i, it := range items {
 			if it.lsn < s.next {
+				it.release()
 				continue
 			}
 			if it.lsn != s.next {
+				releaseAll(items[i:])
 				return fmt.Errorf("live gap: expected LSN %d, queued %d", s.next, it.lsn)
 			}
-			if err := s.write(&Msg{Type: MsgRecord, LSNFrom: it.lsn, LSNTo: it.lsn, Payload: it.body}); err != nil {
+			n := len(it.body)
+			err := s.write(&Msg{Type: MsgRecord, LSNFrom: it.lsn, LSNTo: it.lsn, Payload: it.body})
+			it.release() // the frame was copied into the buffered writer (or written)
+			if err != nil {
+				releaseAll(items[i+1:])
 				return err
 			}
 			s.next++
-			r.walBytes.Add(int64(len(it.body)))
+			r.walBytes.Add(int64(n))
 		}
 		if s.baseRemaining() {
 			if err := s.sendBase(buf, zero[:]); err != nil {
