@@ -18,8 +18,16 @@ package server
 // volume or device), not_primary (409: the message names the primary),
 // bad_request, mounted, ublk_unavailable (503: driver missing, kernel too
 // old, no privileges) and internal. The devices served are recorded in
-// DATADIR/ublk.json (volume → device number) so that a restarted server
-// recovers them.
+// DATADIR/ublk.json (volume → device number, size) so that a restarted
+// server recovers them: as soon as the volume is primary here with a live
+// lease (the kernel keeps the device's I/O queued until then), or, when
+// that does not happen within 90 s ($BLOCKD_UBLK_RECOVERY_WAIT), anyway,
+// with every request failing (EPERM) rather than hanging.
+//
+// Requests go to the volume's current primary device on every call
+// (liveDevice): a server that is demoted fails them at once with EPERM
+// (blockdev.ErrNotPrimary through the lease gate), a re-promoted one
+// serves them again.
 
 import (
 	"context"
@@ -97,10 +105,12 @@ type control struct {
 }
 
 type ublkEntry struct {
-	volume string
-	id     int
-	dev    *ublk.Device // nil while waiting for recovery
-	ours   bool         // Release/Delete in progress by this server
+	volume    string
+	id        int
+	size      int64 // recorded so a device can be recovered while not primary
+	blockSize int
+	dev       *ublk.Device // nil while waiting for recovery
+	ours      bool         // Release/Delete in progress by this server
 }
 
 var controls struct {
@@ -171,7 +181,7 @@ func (s *Server) startControl() error {
 		c.log.Error("ublk.state.unreadable", "path", c.statePath(), "err", err)
 	}
 	for _, e := range saved {
-		e := &ublkEntry{volume: e.Volume, id: e.ID}
+		e := &ublkEntry{volume: e.Volume, id: e.ID, size: e.SizeBytes, blockSize: e.BlockSize}
 		c.devs[e.id] = e
 		c.log.Info("ublk.recovery.pending", "volume", e.volume, "dev", e.id, "reason", "recorded by an earlier run; recovered once primary with a live lease")
 		c.wg.Add(1)
@@ -319,23 +329,44 @@ func (c *control) watch(e *ublkEntry, d *ublk.Device) {
 	c.saveStateLogged()
 }
 
+// recoveryPrimaryWait is how long a restarted server waits for a recorded
+// device's volume to be primary here before it takes the device over
+// anyway, failing its I/O (EPERM) instead of leaving it queued forever.
+// $BLOCKD_UBLK_RECOVERY_WAIT (a Go duration) overrides it.
+func recoveryPrimaryWait() time.Duration {
+	if d, err := time.ParseDuration(os.Getenv("BLOCKD_UBLK_RECOVERY_WAIT")); err == nil && d > 0 {
+		return d
+	}
+	return 90 * time.Second
+}
+
 // recoverWhenPrimary takes over a device recorded by an earlier run once
 // the volume is primary here with a live lease: until then the kernel
-// holds the device's I/O queued (none fails). A device that no longer
+// holds the device's I/O queued (none fails). When that does not happen
+// within recoveryPrimaryWait (the volume failed over to another server
+// while this one was down, or was deleted), the device is taken over
+// anyway so that its I/O fails instead of hanging. A device that no longer
 // exists (the host rebooted) is created again with the same number.
 func (c *control) recoverWhenPrimary(e *ublkEntry) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
-	waiting := time.Now()
+	start, logged, wait := time.Now(), time.Now(), recoveryPrimaryWait()
+	primary := true
 	for !c.s.Serving(e.volume) {
 		select {
 		case <-c.ctx.Done():
 			return
 		case <-t.C:
 		}
-		if time.Since(waiting) > 30*time.Second {
+		if e.size > 0 && time.Since(start) > wait {
+			primary = false
+			c.log.Warn("ublk.recovery.not_primary", "volume", e.volume, "dev", e.id, "waited", time.Since(start).Round(time.Second),
+				"reason", "volume not primary here: device taken over with I/O failing (EPERM) instead of queued")
+			break
+		}
+		if time.Since(logged) > 30*time.Second {
 			c.log.Info("ublk.recovery.waiting_for_primary", "volume", e.volume, "dev", e.id)
-			waiting = time.Now()
+			logged = time.Now()
 		}
 	}
 	c.opMu.Lock()
@@ -350,6 +381,9 @@ func (c *control) recoverWhenPrimary(e *ublkEntry) {
 		return
 	}
 	live, err := c.live(e.volume)
+	if !primary {
+		live, err = &liveDevice{s: c.s, name: e.volume, size: e.size, blockSize: e.blockSize}, nil
+	}
 	if err == nil {
 		var d *ublk.Device
 		d, err = ublk.Serve(c.ctx, live, c.options(e.id, true))
@@ -433,7 +467,7 @@ func (c *control) create(ctx context.Context, volume string, id int) (UblkDevice
 	if err != nil {
 		return UblkDevice{}, 0, fmt.Errorf("volume %s: %w", volume, err)
 	}
-	e := &ublkEntry{volume: volume, id: d.ID(), dev: d}
+	e := &ublkEntry{volume: volume, id: d.ID(), dev: d, size: live.size, blockSize: live.blockSize}
 	c.mu.Lock()
 	c.devs[e.id] = e
 	c.mu.Unlock()
@@ -578,8 +612,10 @@ type ublkState struct {
 }
 
 type ublkStateEntry struct {
-	Volume string `json:"volume"`
-	ID     int    `json:"id"`
+	Volume    string `json:"volume"`
+	ID        int    `json:"id"`
+	SizeBytes int64  `json:"size_bytes,omitempty"`
+	BlockSize int    `json:"block_size,omitempty"`
 }
 
 func (c *control) statePath() string { return filepath.Join(c.s.cfg.DataDir, ublkStateName) }
@@ -615,7 +651,7 @@ func (c *control) saveState() error {
 	c.mu.Lock()
 	st := ublkState{Devices: []ublkStateEntry{}}
 	for _, e := range c.devs {
-		st.Devices = append(st.Devices, ublkStateEntry{Volume: e.volume, ID: e.id})
+		st.Devices = append(st.Devices, ublkStateEntry{Volume: e.volume, ID: e.id, SizeBytes: e.size, BlockSize: e.blockSize})
 	}
 	c.mu.Unlock()
 	sort.Slice(st.Devices, func(i, j int) bool { return st.Devices[i].ID < st.Devices[j].ID })

@@ -134,6 +134,10 @@ echo BLOCKD-SERVE-UBLK-OK
 // the other server, the old primary's device fails writes promptly (EPERM
 // from the lease gate, an I/O error in the guest), it never hangs them,
 // and `blockd detach` (through that server's control socket) removes it.
+// Then the new primary's server hosts a device and is killed; the volume
+// fails back while it is down, and the restarted server (now a replica)
+// takes its recorded device over with failing I/O rather than leaving the
+// queued write hanging.
 func TestServerHostedUblkDemoted(t *testing.T) {
 	vmtest.Require(t)
 	res := vmtest.Boot(t, vmtest.Guest{
@@ -142,13 +146,16 @@ func TestServerHostedUblkDemoted(t *testing.T) {
 			"/usr/local/bin/ublkserve": vmtest.GoBuild(t, "./tests/vm/ublk/ublkserve"),
 		},
 		MemoryMiB: 2048,
-		Timeout:   8 * time.Minute,
+		Timeout:   10 * time.Minute,
 		Script: prelude + `
 cd /tmp
 blockd master --data /tmp/m --api 127.0.0.1:9333 >/tmp/m.log 2>&1 &
-for i in 1 2; do
-	blockd server --id s$i --data /tmp/s$i --master 127.0.0.1:9333 --listen 127.0.0.1:970$i --nbd 127.0.0.1:1080$i >/tmp/s$i.log 2>&1 &
-done
+start_server() { # start_server N: server sN, its pid in PID_sN
+	blockd server --id s$1 --data /tmp/s$1 --master 127.0.0.1:9333 --listen 127.0.0.1:970$1 --nbd 127.0.0.1:1080$1 >>/tmp/s$1.log 2>&1 &
+	eval PID_s$1=$!
+}
+start_server 1
+start_server 2
 created() { blockd volume create dv --size 64MiB --rf 2 --durability best_effort >/dev/null; }
 waitfor 120 created
 info() { blockd volume info dv -o json | tr -d ' \n'; }
@@ -177,9 +184,37 @@ echo "write after demotion: exit $rc"
 [ $rc -ne 0 ] && [ $rc -ne 124 ] && echo "write after demotion failed without hanging"
 BLOCKD_CONTROL=/tmp/$P/control.sock blockd detach $DEV
 test ! -e $DEV && echo "detached after demotion"
+
+# The hosting server is killed and the volume fails over while it is down:
+# restarted as a replica, it takes the recorded device over after
+# BLOCKD_UBLK_RECOVERY_WAIT with failing I/O instead of leaving the queued
+# write hanging forever.
+waitfor 120 healthy
+DEV=$(blockd attach ublk dv --control /tmp/$R/control.sock 2>>/tmp/attach.log)
+test -b "$DEV"
+dd if=/tmp/blk of=$DEV bs=64k oflag=direct 2>/dev/null && echo "write on the new primary's device ok"
+eval kill -KILL \$PID_$R
+moved_back() { [ "$(primary)" = "$P" ]; }
+waitfor 120 moved_back
+echo "failed over back to $P while $R is down"
+export BLOCKD_UBLK_RECOVERY_WAIT=15s
+start_server ${R#s}
+unset BLOCKD_UBLK_RECOVERY_WAIT
+set +e
+timeout 300 dd if=/tmp/blk of=$DEV bs=64k oflag=direct 2>/tmp/dd2.err
+rc=$?
+set -e
+cat /tmp/dd2.err
+echo "write while the restarted server is not primary: exit $rc"
+[ $rc -ne 0 ] && [ $rc -ne 124 ] && echo "queued write failed without hanging"
+grep 'msg=ublk.recovery.not_primary' /tmp/$R.log && echo "restarted replica took the device over"
+BLOCKD_CONTROL=/tmp/$R/control.sock blockd detach $DEV
+test ! -e $DEV && echo "detached on the replica"
 echo UBLK-DEMOTED-OK
 `,
 	})
 	expect(t, res, "UBLK-DEMOTED-OK", "hosted by the primary's server", "write while primary ok",
-		"write after demotion failed without hanging", "detached after demotion")
+		"write after demotion failed without hanging", "detached after demotion",
+		"write on the new primary's device ok", "queued write failed without hanging",
+		"restarted replica took the device over", "detached on the replica")
 }
