@@ -1,6 +1,7 @@
 package ublk_test
 
 import (
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -217,4 +218,81 @@ echo UBLK-DEMOTED-OK
 		"write after demotion failed without hanging", "detached after demotion",
 		"write on the new primary's device ok", "queued write failed without hanging",
 		"restarted replica took the device over", "detached on the replica")
+}
+
+// BenchmarkServeHostedUblkVsNBD: fio 4k random read and random write at
+// QD32 on the /dev/ublkbN that `blockd serve` hosts itself (the engine
+// behind the lease gate and the replication primary, no network hop) and
+// on /dev/nbd0 attached to the same serve process, interleaved in the same
+// guest run; reports IOPS and the ublk/NBD ratio (emulation makes the
+// absolute numbers meaningless).
+//
+//	go test ./tests/vm/ublk -run '^$' -bench ServeHostedUblkVsNBD -benchtime=1x
+func BenchmarkServeHostedUblkVsNBD(b *testing.B) {
+	vmtest.Require(b)
+	testenv.RequireTool(b, "fio")
+	for i := 0; i < b.N; i++ {
+		res := vmtest.Boot(b, vmtest.Guest{
+			Binaries: map[string]string{
+				"/usr/local/bin/blockd":    vmtest.BuildBlockd(b),
+				"/usr/local/bin/ublkserve": vmtest.GoBuild(b, "./tests/vm/ublk/ublkserve"),
+			},
+			Tools:     []string{"fio"},
+			MemoryMiB: 2048,
+			Timeout:   10 * time.Minute,
+			Script: prelude + `
+cd /tmp
+blockd serve --volume vol0:512MiB >/tmp/serve.log 2>&1 &
+SERVE=$!
+up() { grep -q 'blockd is serving volume' /tmp/serve.log || ! kill -0 $SERVE; }
+waitfor 180 up
+DEV=$(blockd attach ublk vol0 2>/tmp/attach.log)
+nbd-client 127.0.0.1 10809 /dev/nbd0 -N vol0 -b 4096 -C 2 >/dev/null
+dd if=/dev/urandom of=$DEV bs=1M count=256 oflag=direct 2>/dev/null
+bench() { # bench DEV KIND ROUND
+	for rw in randread randwrite; do
+		fio --name=b --filename=$1 --direct=1 --ioengine=libaio --iodepth=32 --rw=$rw --bs=4k --size=256M \
+			--time_based --runtime=5 --ramp_time=1 --output-format=terse > /tmp/b.out 2>/tmp/b.err
+		f=$(tail -1 /tmp/b.out)
+		if [ $rw = randread ]; then iops=$(echo "$f" | cut -d';' -f8); else iops=$(echo "$f" | cut -d';' -f49); fi
+		echo "BENCH $3 $rw $2 $iops"
+	done
+}
+for r in 1 2 3; do bench $DEV ublk $r; bench /dev/nbd0 nbd $r; done
+nbd-client -d /dev/nbd0 >/dev/null
+blockd detach $DEV
+kill -TERM $SERVE; wait $SERVE
+`,
+		})
+		if res.ExitCode != 0 {
+			b.Fatalf("guest failed: exit %d", res.ExitCode)
+		}
+		iops := map[string]map[string]float64{} // round → rw/kind
+		for _, line := range strings.Split(res.Console, "\n") {
+			f := strings.Fields(line)
+			if len(f) == 5 && f[0] == "BENCH" {
+				v, err := strconv.ParseFloat(f[4], 64)
+				if err != nil {
+					b.Fatalf("bad line %q", line)
+				}
+				if iops[f[1]] == nil {
+					iops[f[1]] = map[string]float64{}
+				}
+				iops[f[1]][f[2]+"/"+f[3]] = v
+			}
+		}
+		for _, rw := range []string{"randread", "randwrite"} {
+			var ratios, us, ns []float64
+			for _, m := range iops {
+				u, n := m[rw+"/ublk"], m[rw+"/nbd"]
+				if u == 0 || n == 0 {
+					b.Fatalf("missing %s results: %v", rw, m)
+				}
+				ratios, us, ns = append(ratios, u/n), append(us, u), append(ns, n)
+			}
+			b.ReportMetric(median(ratios), rw+"-hosted-ublk/nbd")
+			b.Logf("%s 4k QD32: server-hosted ublk median %.0f IOPS, nbd (same serve) median %.0f IOPS, median per-round ratio %.2f (rounds %v)",
+				rw, median(us), median(ns), median(ratios), ratios)
+		}
+	}
 }
