@@ -2,6 +2,7 @@ package blockvol
 
 import (
 	"fmt"
+	"sort"
 	"time"
 
 	"github.com/blockd/blockd/wal"
@@ -159,29 +160,8 @@ func (v *Volume) applyToExtent(end uint64) error {
 			return fmt.Errorf("punch extent [%d,+%d): %w", off, n, err)
 		}
 	}
-	bs := uint64(v.bs)
-	bp := getBuf(flushRunMax)
-	defer putBuf(bp)
-	for i := 0; i < len(ents); {
-		if superseded(zr, ents[i]) {
-			i++
-			continue
-		}
-		// A run: consecutive blocks whose data is consecutive in the log.
-		j := i + 1
-		for j < len(ents) && uint64(j-i)*bs < flushRunMax &&
-			ents[j].block == ents[i].block+uint64(j-i) &&
-			ents[j].pos == ents[i].pos+uint64(j-i)*bs && !superseded(zr, ents[j]) {
-			j++
-		}
-		buf := (*bp)[:uint64(j-i)*bs]
-		if _, err := v.walF.ReadAt(buf, v.ring.Phys(ents[i].pos)); err != nil {
-			return fmt.Errorf("flusher read WAL at %d: %w", ents[i].pos, err)
-		}
-		if _, err := v.extF.WriteAt(buf, int64(ents[i].block)<<v.bshift); err != nil {
-			return fmt.Errorf("flusher write extent block %d: %w", ents[i].block, err)
-		}
-		i = j
+	if err := v.copyToExtent(ents, zr); err != nil {
+		return err
 	}
 	if len(ents) > 0 || len(zr) > 0 {
 		if err := v.extF.Sync(); err != nil {
@@ -197,7 +177,53 @@ func (v *Volume) applyToExtent(end uint64) error {
 	return nil
 }
 
-const flushRunMax = 1 << 20
+const (
+	flushRunMax = 1 << 20  // largest WAL read of one window
+	flushGapMax = 64 << 10 // a window skips at most this much unneeded log
+)
+
+// copyToExtent copies the newest data of the collected blocks (those not
+// superseded by a zero range) from the WAL to the extent. The WAL is read
+// in windows of up to flushRunMax bytes in log order (one pread for many
+// records instead of one per block); blocks consecutive both in the
+// volume and in the log (multi-block records) go out in one pwrite.
+func (v *Volume) copyToExtent(ents []dirtyEnt, zr []zeroRange) error {
+	bs := uint64(v.bs)
+	w := make([]dirtyEnt, 0, len(ents))
+	for _, e := range ents {
+		if !superseded(zr, e) {
+			w = append(w, e)
+		}
+	}
+	sort.Slice(w, func(i, j int) bool { return w[i].pos < w[j].pos })
+	bp := getBuf(flushRunMax)
+	defer putBuf(bp)
+	for i := 0; i < len(w); {
+		start := w[i].pos
+		lim := start + uint64(min(int64(flushRunMax), v.ring.Remaining(start)))
+		j := i + 1
+		for j < len(w) && w[j].pos+bs <= lim && w[j].pos-w[j-1].pos <= flushGapMax {
+			j++
+		}
+		buf := (*bp)[:w[j-1].pos+bs-start]
+		if _, err := v.walF.ReadAt(buf, v.ring.Phys(start)); err != nil {
+			return fmt.Errorf("flusher read WAL at %d: %w", start, err)
+		}
+		for k := i; k < j; {
+			m := k + 1
+			for m < j && w[m].block == w[m-1].block+1 && w[m].pos == w[m-1].pos+bs {
+				m++
+			}
+			o := w[k].pos - start
+			if _, err := v.extF.WriteAt(buf[o:o+uint64(m-k)*bs], int64(w[k].block)<<v.bshift); err != nil {
+				return fmt.Errorf("flusher write extent block %d: %w", w[k].block, err)
+			}
+			k = m
+		}
+		i = j
+	}
+	return nil
+}
 
 func superseded(zr []zeroRange, e dirtyEnt) bool {
 	for _, z := range zr {
