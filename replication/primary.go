@@ -244,6 +244,16 @@ func NewPrimary(vol *blockvol.Volume, cfg PrimaryConfig) (*Primary, error) {
 // epoch are refused) and reconnects. Entries without a ServerID are
 // refused (fail closed) and reported in the returned error.
 func (p *Primary) Update(epoch uint64, mode Durability, peers []Peer) error {
+	// Persist a new epoch first, outside p.mu: the engine's flusher calls
+	// the retention floor (p.mu) while a Drain may hold the I/O lock.
+	p.mu.Lock()
+	cur := p.epoch
+	p.mu.Unlock()
+	if epoch > cur && (p.vol.Epoch() < epoch || p.vol.Role() != RolePrimary) {
+		if err := p.vol.SetEpochRole(epoch, RolePrimary); err != nil {
+			return fmt.Errorf("replication: update to epoch %d: %w", epoch, err)
+		}
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
@@ -264,9 +274,6 @@ func (p *Primary) Update(epoch uint64, mode Durability, peers []Peer) error {
 		return fmt.Errorf("replication: %w: update to epoch %d below current %d", ErrStaleEpoch, epoch, p.epoch)
 	}
 	if epochChanged {
-		if err := p.vol.SetEpochRole(epoch, "primary"); err != nil {
-			return fmt.Errorf("replication: update to epoch %d: %w", epoch, err)
-		}
 		p.epochStart = p.vol.HeadLSN() + 1
 	}
 	p.epoch, p.mode = epoch, mode
