@@ -10,7 +10,7 @@ import (
 // begin validates a request and takes the shared I/O lock. The caller
 // must call v.ioMu.RUnlock when it returns nil.
 func (v *Volume) begin(op string, off, length, maxLen int64, write bool) error {
-	if err := blockdev.CheckRange(v.size, off, length, maxLen); err != nil {
+	if err := blockdev.CheckRange(v.size.Load(), off, length, maxLen); err != nil {
 		return fmt.Errorf("blockvol: %s off=%d len=%d: %w", op, off, length, err)
 	}
 	v.ioMu.RLock()

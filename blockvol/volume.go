@@ -105,7 +105,7 @@ type Volume struct {
 	dir     string
 	fs      vfs.FS
 	log     *slog.Logger
-	size    int64
+	size    atomic.Int64 // grows only, under Drain (Expand)
 	bs      int64
 	bshift  uint
 	walSize int64
@@ -315,7 +315,8 @@ func (v *Volume) open() error {
 		return err
 	}
 	sb := &v.sb
-	v.size, v.bs, v.walSize = sb.Size, int64(sb.BlockSize), sb.WALSize
+	v.bs, v.walSize = int64(sb.BlockSize), sb.WALSize
+	v.size.Store(sb.Size)
 	for 1<<v.bshift < v.bs {
 		v.bshift++
 	}
@@ -329,10 +330,8 @@ func (v *Volume) open() error {
 	if v.extF, err = v.fs.OpenFile(filepath.Join(v.dir, ExtentFile), os.O_RDWR, 0); err != nil {
 		return err
 	}
-	if st, err := v.extF.Stat(); err != nil {
+	if err := v.checkExtentSize(sb.Size); err != nil {
 		return err
-	} else if st.Size() != v.size {
-		return fmt.Errorf("%w: extent is %d bytes, superblock says %d", ErrCorrupt, st.Size(), v.size)
 	}
 	if st, err := v.walF.Stat(); err != nil {
 		return err
@@ -439,7 +438,7 @@ func (v *Volume) persistSuperblock() error {
 }
 
 // Size is the volume size in bytes.
-func (v *Volume) Size() int64 { return v.size }
+func (v *Volume) Size() int64 { return v.size.Load() }
 
 // BlockSize is the volume's block size.
 func (v *Volume) BlockSize() int { return int(v.bs) }
