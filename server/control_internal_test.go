@@ -8,6 +8,7 @@ import (
 
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/blockdev"
+	"github.com/blockd/blockd/replication"
 )
 
 // TestLiveDeviceNotPrimary: a server-hosted ublk device whose volume is
@@ -15,8 +16,9 @@ import (
 // once with ErrNotPrimary, which the ublk queue completes as -EPERM: the
 // kernel gets an error, never a hang. An unknown volume fails the same way.
 func TestLiveDeviceNotPrimary(t *testing.T) {
-	s := &Server{cfg: Config{ServerID: "local"}, vols: map[string]*hosted{
-		"v": {name: "v", role: api.RoleReplica, primary: api.ServerRef{ServerID: "other", NBDAddr: "10.0.0.2:10809"}},
+	host := replication.NewHost(replication.HostConfig{ServerID: "local"})
+	s := &Server{cfg: Config{ServerID: "local"}, host: host, vols: map[string]*hosted{
+		"v": {name: "v", host: host, primary: api.ServerRef{ServerID: "other", NBDAddr: "10.0.0.2:10809"}},
 	}}
 	d := &liveDevice{s: s, name: "v", size: 1 << 20, blockSize: 4096}
 	buf := make([]byte, 4096)

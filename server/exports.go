@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"sort"
 
-	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/nbd"
 )
 
@@ -29,14 +28,16 @@ func (e exports) Lookup(name string) (nbd.Export, error) {
 
 func (e exports) Names() []string {
 	e.s.mu.Lock()
-	defer e.s.mu.Unlock()
+	all := make([]string, 0, len(e.s.vols))
+	for name := range e.s.vols {
+		all = append(all, name)
+	}
+	e.s.mu.Unlock()
 	var names []string
-	for name, h := range e.s.vols {
-		h.mu.Lock()
-		if h.role == api.RolePrimary {
+	for _, name := range all {
+		if _, ok := e.s.host.Device(name); ok {
 			names = append(names, name)
 		}
-		h.mu.Unlock()
 	}
 	sort.Strings(names)
 	return names

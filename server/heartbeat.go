@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"sort"
 	"time"
 
 	"github.com/blockd/blockd/api"
@@ -55,59 +54,39 @@ func (s *Server) report() api.HeartbeatRequest {
 	total, free := s.capacity()
 	req := api.HeartbeatRequest{ServerID: s.cfg.ServerID, Addr: s.Addr(), NBDAddr: s.NBDAddr(),
 		CapacityBytes: total, FreeBytes: free}
-	s.mu.Lock()
-	hs := make([]*hosted, 0, len(s.vols))
-	for _, h := range s.vols {
-		hs = append(hs, h)
-	}
-	s.mu.Unlock()
-	sort.Slice(hs, func(i, j int) bool { return hs[i].name < hs[j].name })
-	for _, h := range hs {
+	for _, st := range s.host.Status() {
+		s.mu.Lock()
+		h := s.vols[st.Volume]
+		s.mu.Unlock()
+		if h == nil {
+			continue // being dropped
+		}
 		h.mu.Lock()
-		hv := api.HeartbeatVolume{Name: h.name, ID: h.id, Role: h.role, Epoch: h.vol.Epoch(),
-			HeadLSN: h.vol.HeadLSN(), CheckpointLSN: h.vol.CheckpointLSN(), DurableLSN: h.vol.DurableLSN()}
-		prim := h.prim
+		id := h.id
 		h.mu.Unlock()
-		if prim != nil {
-			for _, r := range prim.Replicas() {
-				hv.Replicas = append(hv.Replicas, api.HeartbeatReplica{ServerID: r.ServerID,
-					State: apiState(r.State), FlushedLSN: r.FlushedLSN})
-			}
+		hv := api.HeartbeatVolume{Name: st.Volume, ID: id, Role: st.Role, Epoch: st.Epoch,
+			HeadLSN: st.HeadLSN, CheckpointLSN: st.CheckpointLSN, DurableLSN: st.DurableLSN}
+		for _, r := range st.Replicas {
+			hv.Replicas = append(hv.Replicas, api.HeartbeatReplica{ServerID: r.ServerID,
+				State: apiState(r.State), FlushedLSN: r.FlushedLSN})
 		}
 		req.Volumes = append(req.Volumes, hv)
 	}
 	return req
 }
 
-// replicaTarget tells the replication receiver which volumes this server
-// holds as replica, at which epoch.
-func (s *Server) replicaTarget(volume string) (replication.ReplicaTarget, bool) {
-	s.mu.Lock()
-	h := s.vols[volume]
-	s.mu.Unlock()
-	if h == nil {
-		return replication.ReplicaTarget{}, false
-	}
-	h.mu.Lock()
-	role := h.role
-	h.mu.Unlock()
-	if role != api.RoleReplica && role != api.RoleRebuilding {
-		return replication.ReplicaTarget{}, false
-	}
-	return replication.ReplicaTarget{Vol: h.vol, Epoch: h.vol.Epoch(), Dir: h.dir}, true
-}
-
 // Serving reports whether the volume is primary here with a live lease:
 // what `blockd serve` waits for before it prints the URI.
 func (s *Server) Serving(volume string) bool {
-	s.mu.Lock()
-	h := s.vols[volume]
-	s.mu.Unlock()
-	if h == nil {
+	if _, ok := s.host.Device(volume); !ok {
 		return false
 	}
-	_, err := h.device()
-	return err == nil && time.Now().UnixNano() < h.leaseUntil.Load()
+	for _, st := range s.host.Status() {
+		if st.Volume == volume {
+			return time.Now().Before(st.LeaseUntil)
+		}
+	}
+	return false
 }
 
 // apiState names a replica state as DESIGN.md §3 and the master's API do.

@@ -7,8 +7,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
-	"time"
 
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/blockdev"
@@ -16,25 +14,18 @@ import (
 	"github.com/blockd/blockd/replication"
 )
 
-// hosted is one volume on this server and what the master last told us
-// about it.
+// hosted is one volume on this server. Its role, epoch, lease and
+// replication live in the replication.Host; hosted keeps what only the
+// server knows: where the files are and what the master said about it.
 type hosted struct {
 	name string
 	dir  string
 	vol  *blockvol.Volume
-
-	// leaseUntil (unix nanoseconds) is when this server's right to accept
-	// writes as primary ends. It is measured from the moment the heartbeat
-	// that earned it was SENT, so it always ends before the master's own
-	// view of the lease does.
-	leaseUntil atomic.Int64
-	grace      time.Duration
+	host *replication.Host
 
 	mu      sync.Mutex
-	id      uint64 // the master's incarnation ID of the volume
-	role    string // api.Role*
-	primary api.ServerRef
-	prim    *replication.Primary // set while primary
+	id      uint64        // the master's incarnation ID of the volume
+	primary api.ServerRef // the volume's primary, as last assigned
 }
 
 func validVolumeName(name string) error {
@@ -65,12 +56,25 @@ func (s *Server) openExisting() error {
 		if err != nil {
 			return fmt.Errorf("server: open volume %s: %w", e.Name(), err)
 		}
-		h := &hosted{name: e.Name(), dir: dir, vol: vol, role: api.RoleNone, grace: s.cfg.LeaseGrace}
-		s.vols[h.name] = h
-		s.log.Info("volume_opened", "volume", h.name, "epoch", vol.Epoch(), "stored_role", vol.Role(),
+		if _, err := s.addVolume(e.Name(), dir, vol); err != nil {
+			return err
+		}
+		s.log.Info("volume_opened", "volume", e.Name(), "epoch", vol.Epoch(), "stored_role", vol.Role(),
 			"head_lsn", vol.HeadLSN(), "checkpoint_lsn", vol.CheckpointLSN())
 	}
 	return nil
+}
+
+func (s *Server) addVolume(name, dir string, vol *blockvol.Volume) (*hosted, error) {
+	if err := s.host.AddVolume(name, vol); err != nil {
+		_ = vol.Close()
+		return nil, err
+	}
+	h := &hosted{name: name, dir: dir, vol: vol, host: s.host}
+	s.mu.Lock()
+	s.vols[name] = h
+	s.mu.Unlock()
+	return h, nil
 }
 
 // ensureVolume returns the hosted volume for an assignment, creating its
@@ -98,37 +102,8 @@ func (s *Server) ensureVolume(a api.VolumeAssignment) (*hosted, error) {
 	if err != nil {
 		return nil, fmt.Errorf("volume %s: %w", a.Volume, err)
 	}
-	h = &hosted{name: a.Volume, dir: dir, vol: vol, role: api.RoleNone, grace: s.cfg.LeaseGrace}
-	s.mu.Lock()
-	s.vols[a.Volume] = h
-	s.mu.Unlock()
-	s.log.Info("volume_created", "volume", a.Volume, "size", a.SizeBytes, "wal_size", a.WALSizeBytes)
-	return h, nil
-}
-
-// gate is the primary's write gate: writes, trims and flushes pass only
-// while this server is primary with an unexpired lease. When the lease has
-// just run out it waits up to the grace period for a renewal, so a slow
-// heartbeat stalls writes instead of failing them; it never lets a write
-// through on an expired lease.
-func (h *hosted) gate() error {
-	deadline := time.Now().Add(h.grace)
-	for {
-		h.mu.Lock()
-		role, primary := h.role, h.primary
-		h.mu.Unlock()
-		if role != api.RolePrimary {
-			return h.notPrimary(primary)
-		}
-		now := time.Now()
-		if now.UnixNano() < h.leaseUntil.Load() {
-			return nil
-		}
-		if now.After(deadline) {
-			return fmt.Errorf("volume %s: lease expired: %w", h.name, blockdev.ErrNotPrimary)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	s.log.Info("volume_created", "volume", a.Volume, "size", a.SizeBytes, "wal_size", vol.WALSize())
+	return s.addVolume(a.Volume, dir, vol)
 }
 
 func (h *hosted) notPrimary(p api.ServerRef) error {
@@ -139,30 +114,19 @@ func (h *hosted) notPrimary(p api.ServerRef) error {
 		h.name, p.ServerID, p.NBDAddr, blockdev.ErrNotPrimary)
 }
 
-// device is what the NBD frontend serves, or an error naming the primary.
+// device is what the frontends serve (the replication Primary, its writes
+// gated by role, epoch and lease), or an error naming the primary.
 func (h *hosted) device() (blockdev.Device, error) {
-	h.mu.Lock()
-	role, prim, p := h.role, h.prim, h.primary
-	h.mu.Unlock()
-	if role != api.RolePrimary || prim == nil {
-		return nil, h.notPrimary(p)
+	if dev, ok := h.host.Device(h.name); ok {
+		return dev, nil
 	}
-	return prim, nil
-}
-
-// stopPrimary ends the primary role's replication; the volume stays open.
-func (h *hosted) stopPrimary() {
 	h.mu.Lock()
-	prim := h.prim
-	h.prim = nil
+	p := h.primary
 	h.mu.Unlock()
-	if prim != nil {
-		_ = prim.Close()
-	}
+	return nil, h.notPrimary(p)
 }
 
 func (h *hosted) close() error {
-	h.stopPrimary()
 	if err := h.vol.Close(); err != nil && !errors.Is(err, blockdev.ErrClosed) {
 		return fmt.Errorf("close volume %s: %w", h.name, err)
 	}

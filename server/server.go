@@ -46,10 +46,6 @@ type Config struct {
 	Masters []string
 	// CapacityBytes overrides the capacity reported (0 = the filesystem's).
 	CapacityBytes int64
-	// LeaseGrace is how long a write waits for a lease renewal before it
-	// is refused (default 1 s): a master that answers a heartbeat late
-	// stalls writes briefly instead of failing them.
-	LeaseGrace time.Duration
 	Logger     *slog.Logger
 	FS         vfs.FS
 	// ControlSocket is the local control endpoint (ublk devices hosted by
@@ -67,7 +63,7 @@ type Server struct {
 	nbdSrv  *nbd.Server
 	nbdLn   net.Listener
 	replLn  net.Listener
-	recv    *replication.Receiver
+	host    *replication.Host // roles, epochs, leases and replication of every volume
 	started time.Time
 
 	mu   sync.Mutex
@@ -96,9 +92,6 @@ func New(cfg Config) (*Server, error) {
 	if cfg.FS == nil {
 		cfg.FS = vfs.Default
 	}
-	if cfg.LeaseGrace <= 0 {
-		cfg.LeaseGrace = time.Second
-	}
 	lock, err := LockDir(cfg.DataDir)
 	if err != nil {
 		return nil, err
@@ -115,6 +108,8 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s.log = cfg.Logger.With("server", s.cfg.ServerID)
+	s.host = replication.NewHost(replication.HostConfig{ServerID: s.cfg.ServerID, Logger: s.log,
+		Primary: replication.PrimaryConfig{FS: cfg.FS}})
 	if err := os.MkdirAll(s.volumesDir(), 0o755); err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
@@ -125,8 +120,6 @@ func New(cfg Config) (*Server, error) {
 	if s.replLn, err = net.Listen("tcp", orDefault(cfg.Listen, "127.0.0.1:0")); err != nil {
 		return nil, fmt.Errorf("server: replication listener: %w", err)
 	}
-	s.recv = replication.NewReceiver(replication.ReceiverConfig{
-		ServerID: s.cfg.ServerID, Lookup: s.replicaTarget, Logger: s.log, FS: cfg.FS})
 	if s.nbdLn, err = listenNBD(orDefault(cfg.NBD, "127.0.0.1:10809")); err != nil {
 		return nil, fmt.Errorf("server: NBD listener: %w", err)
 	}
@@ -134,7 +127,7 @@ func New(cfg Config) (*Server, error) {
 
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.wg.Add(3)
-	go func() { defer s.wg.Done(); _ = s.recv.Serve(s.replLn) }()
+	go func() { defer s.wg.Done(); _ = s.host.Serve(s.replLn) }()
 	go func() { defer s.wg.Done(); _ = s.nbdSrv.Serve(s.nbdLn) }()
 	go func() { defer s.wg.Done(); s.heartbeatLoop() }()
 	if err := s.startControl(); err != nil {
@@ -184,8 +177,8 @@ func (s *Server) Close() error {
 		}
 		cancel()
 	}
-	if s.recv != nil {
-		_ = s.recv.Close()
+	if s.host != nil {
+		_ = s.host.Close()
 	}
 	s.wg.Wait()
 	errs = append(errs, s.closeAll())

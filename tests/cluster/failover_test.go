@@ -246,6 +246,23 @@ func TestServeEmbedsMaster(t *testing.T) {
 	if err != nil || !strings.Contains(string(out), `"nbd_addr"`) {
 		t.Fatalf("volume info -o json: %v\n%s", err, out)
 	}
+	// Expand: the master records the size, the server grows the volume,
+	// and a new connection sees and can write the new range.
+	if out, err := exec.Command(blockdBin, "volume", "expand", "vol0", "--size", "2GiB", "--master", apiAddr).CombinedOutput(); err != nil {
+		t.Fatalf("volume expand: %v\n%s", err, out)
+	}
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		out, err := exec.Command("qemu-io", "-f", "raw", "-c", "write -P 0x42 1536M 4k", "-c", "read -P 0x42 1536M 4k",
+			fmt.Sprintf("nbd://%s/vol0", nbdAddr)).CombinedOutput()
+		if err == nil && !strings.Contains(string(out), "failed") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("write past the old end after expand: %v\n%s", err, out)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 	p.signal(syscall.SIGTERM)
 	select {
 	case <-p.done:
