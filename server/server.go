@@ -46,8 +46,8 @@ type Config struct {
 	Masters []string
 	// CapacityBytes overrides the capacity reported (0 = the filesystem's).
 	CapacityBytes int64
-	Logger     *slog.Logger
-	FS         vfs.FS
+	Logger        *slog.Logger
+	FS            vfs.FS
 	// ControlSocket is the local control endpoint (ublk devices hosted by
 	// this server); default DataDir/control.sock.
 	ControlSocket string
