@@ -189,6 +189,7 @@ func printAttachHelp(nbdAddr, apiAddr, vol string, size int64) {
 Attach it:
   kernel:    blockd attach nbd %[3]s --master %[2]s
              nbd-client %[5]s %[6]s /dev/nbd0 -N %[3]s -b 4096 -C 2
+  ublk:      blockd attach ublk %[3]s --master %[2]s   (served by this process, survives its restart)
   qemu:      qemu-img info %[1]s ; qemu-io -f raw %[1]s
   libnbd:    nbdinfo %[1]s ; nbdfuse /mnt/vol %[1]s &
 Then: mkfs.ext4 /dev/nbd0 && mount /dev/nbd0 /mnt
