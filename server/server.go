@@ -42,6 +42,11 @@ type Config struct {
 	AdvertiseNBD  string
 	// NBD is the NBD listen address: host:port, or unix:/path.
 	NBD string
+	// DeferNBD binds the NBD address at once but answers clients only
+	// after StartNBD: `blockd serve` calls it once its volume exists, so
+	// an early client waits in the listen backlog instead of being told
+	// the volume is unknown.
+	DeferNBD bool
 	// Masters are the master API addresses.
 	Masters []string
 	// CapacityBytes overrides the capacity reported (0 = the filesystem's).
@@ -126,9 +131,11 @@ func New(cfg Config) (*Server, error) {
 	s.nbdSrv = nbd.NewServer(exports{s}, nbd.WithLogger(s.log))
 
 	s.ctx, s.cancel = context.WithCancel(context.Background())
-	s.wg.Add(3)
+	s.wg.Add(2)
 	go func() { defer s.wg.Done(); _ = s.host.Serve(s.replLn) }()
-	go func() { defer s.wg.Done(); _ = s.nbdSrv.Serve(s.nbdLn) }()
+	if !cfg.DeferNBD {
+		s.StartNBD()
+	}
 	go func() { defer s.wg.Done(); s.heartbeatLoop() }()
 	if err := s.startControl(); err != nil {
 		ok = true // Close stops what was started and releases the rest
@@ -138,6 +145,13 @@ func New(cfg Config) (*Server, error) {
 	ok = true
 	s.log.Info("server_started", "nbd", s.NBDAddr(), "addr", s.Addr(), "data", cfg.DataDir)
 	return s, nil
+}
+
+// StartNBD starts answering NBD clients (see Config.DeferNBD). It is
+// called once.
+func (s *Server) StartNBD() {
+	s.wg.Add(1)
+	go func() { defer s.wg.Done(); _ = s.nbdSrv.Serve(s.nbdLn) }()
 }
 
 // ID is the server's stable identity.

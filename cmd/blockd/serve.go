@@ -104,7 +104,7 @@ func serve(c *cli.Context) error {
 		return fmt.Errorf("master: %w", err)
 	}
 	srv, err := server.New(server.Config{DataDir: filepath.Join(data, "server"), ServerID: "local",
-		Listen: c.String("listen"), NBD: c.String("nbd"), Masters: []string{m.APIAddr()}, Logger: log})
+		Listen: c.String("listen"), NBD: c.String("nbd"), DeferNBD: true, Masters: []string{m.APIAddr()}, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -117,6 +117,7 @@ func serve(c *cli.Context) error {
 	if err := waitServing(ctx, srv, volName); err != nil {
 		return err
 	}
+	srv.StartNBD()
 	printAttachHelp(srv.NBDAddr(), m.APIAddr(), volName, volSize)
 
 	<-ctx.Done()
