@@ -172,27 +172,7 @@ func attachNBD(c *cli.Context) error {
 		return fmt.Errorf("attach nbd: --give-up must be positive")
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	var resolve func(ctx context.Context) (string, error)
-	if addr := c.String("nbd"); addr != "" {
-		resolve = func(context.Context) (string, error) { return addr, nil }
-	} else {
-		mc := api.NewClient(api.ParseAddrs(c.String("master")))
-		mc.RetryFor = 10 * time.Second
-		resolve = func(ctx context.Context) (string, error) {
-			p, err := mc.PrimaryOf(ctx, name)
-			if err != nil {
-				if api.IsCode(err, api.CodeNotFound) {
-					return "", fmt.Errorf("unknown volume %q: %w", name, err)
-				}
-				return "", err
-			}
-			if p.NBDAddr == "" {
-				return "", fmt.Errorf("volume %q: primary %s has no NBD address", name, p.ServerID)
-			}
-			log.Info("nbd.primary", "volume", name, "server", p.ServerID, "nbd_addr", p.NBDAddr, "epoch", p.Epoch)
-			return p.NBDAddr, nil
-		}
-	}
+	resolve := primaryResolver(c, name, log, "nbd.primary")
 	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	pol := kernel.DefaultPolicy

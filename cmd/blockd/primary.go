@@ -1,0 +1,37 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/blockd/blockd/api"
+)
+
+// primaryResolver tells an attach keeper where the volume's primary is
+// now: the fixed --nbd address, or the master's current record (asked
+// again after every failover). event names the log line for the answer.
+func primaryResolver(c *cli.Context, name string, log *slog.Logger, event string) func(context.Context) (string, error) {
+	if addr := c.String("nbd"); addr != "" {
+		return func(context.Context) (string, error) { return addr, nil }
+	}
+	mc := api.NewClient(api.ParseAddrs(c.String("master")))
+	mc.RetryFor = 10 * time.Second
+	return func(ctx context.Context) (string, error) {
+		p, err := mc.PrimaryOf(ctx, name)
+		if err != nil {
+			if api.IsCode(err, api.CodeNotFound) {
+				return "", fmt.Errorf("unknown volume %q: %w", name, err)
+			}
+			return "", err
+		}
+		if p.NBDAddr == "" {
+			return "", fmt.Errorf("volume %q: primary %s has no NBD address", name, p.ServerID)
+		}
+		log.Info(event, "volume", name, "server", p.ServerID, "nbd_addr", p.NBDAddr, "epoch", p.Epoch)
+		return p.NBDAddr, nil
+	}
+}
