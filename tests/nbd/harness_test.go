@@ -1,9 +1,7 @@
 // Package nbdtests drives blockd's NBD server with real clients only:
 // nbdinfo, fio, qemu-io, qemu-img, nbdcopy, nbdsh, nbdfuse + the kernel's
 // loop device and ext4. The server is the real `blockd serve` binary, built
-// once in TestMain. Until cmd/blockd has a serve command, the tests run
-// bench/nbdfile -vol (the same nbd package over a blockvol volume, also a
-// separate process) and say so in the log.
+// once in TestMain.
 package nbdtests
 
 import (
@@ -24,10 +22,9 @@ import (
 )
 
 var (
-	binDir     string
-	blockdBin  string // "" when cmd/blockd has no serve command yet
-	nbdfileBin string
-	buildErr   error
+	binDir    string
+	blockdBin string
+	buildErr  error
 )
 
 func TestMain(m *testing.M) {
@@ -49,21 +46,11 @@ func repoRoot() string {
 }
 
 func build() error {
-	root := repoRoot()
-	nbdfileBin = filepath.Join(binDir, "nbdfile")
-	cmd := exec.Command("go", "build", "-o", nbdfileBin, "./bench/nbdfile")
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("go build ./bench/nbdfile: %v\n%s", err, out)
-	}
-	bin := filepath.Join(binDir, "blockd")
-	cmd = exec.Command("go", "build", "-o", bin, "./cmd/blockd")
-	cmd.Dir = root
+	blockdBin = filepath.Join(binDir, "blockd")
+	cmd := exec.Command("go", "build", "-o", blockdBin, "./cmd/blockd")
+	cmd.Dir = repoRoot()
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("go build ./cmd/blockd: %v\n%s", err, out)
-	}
-	if exec.Command(bin, "serve", "--help").Run() == nil {
-		blockdBin = bin
 	}
 	return nil
 }
@@ -107,14 +94,8 @@ func (s *server) start() {
 	t := s.t
 	t.Helper()
 	s.addr, s.apiAddr = freePort(t), freePort(t)
-	if blockdBin != "" {
-		s.cmd = exec.Command(blockdBin, "serve", "--data", s.dataDir, "--nbd", s.addr, "--api", s.apiAddr,
-			"--volume", fmt.Sprintf("vol0:%d", volSize))
-	} else {
-		t.Log("cmd/blockd has no serve command yet: using bench/nbdfile -vol (nbd package over a blockvol volume)")
-		s.cmd = exec.Command(nbdfileBin, "-vol", filepath.Join(s.dataDir, "vol0"), "-size", fmt.Sprint(volSize),
-			"-listen", s.addr, "-name", "vol0")
-	}
+	s.cmd = exec.Command(blockdBin, "serve", "--data", s.dataDir, "--nbd", s.addr, "--api", s.apiAddr,
+		"--volume", fmt.Sprintf("vol0:%d", volSize))
 	s.log = &bytes.Buffer{}
 	s.cmd.Stdout, s.cmd.Stderr = s.log, s.log
 	if err := s.cmd.Start(); err != nil {

@@ -6,7 +6,6 @@ package nbdkern
 
 import (
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -86,35 +85,21 @@ var (
 	srv     server
 )
 
-// guestServer picks `blockd serve` (master + volume server in one process)
-// when this tree has it, else filenbd (the nbd package over a file), so the
-// kernel path is tested even before serve exists.
+// guestServer is `blockd serve` (master + volume server in one process)
+// inside the guest.
 func guestServer(t *testing.T) server {
 	t.Helper()
 	vmtest.Require(t)
 	blockd := vmtest.BuildBlockd(t)
 	srvOnce.Do(func() {
-		if err := exec.Command(blockd, "serve", "--help").Run(); err == nil {
-			srv = server{
-				name:       "blockd serve",
-				binaries:   map[string]string{"/usr/local/bin/blockd": blockd},
-				cmd:        "blockd serve --data /tmp/bd --nbd 127.0.0.1:10809 --api 127.0.0.1:9333 --volume vol0:256MiB",
-				ready:      "blockd volume info --master 127.0.0.1:9333 --timeout 5s vol0",
-				attachArgs: "--master 127.0.0.1:9333",
-			}
-			return
-		}
 		srv = server{
-			name:       "filenbd",
+			name:       "blockd serve",
 			binaries:   map[string]string{"/usr/local/bin/blockd": blockd},
-			cmd:        "filenbd --file /tmp/vol0.img --size 268435456 --listen 127.0.0.1:10809 --name vol0",
-			attachArgs: "--nbd 127.0.0.1:10809",
+			cmd:        "blockd serve --data /tmp/bd --nbd 127.0.0.1:10809 --api 127.0.0.1:9333 --volume vol0:256MiB",
+			ready:      "blockd volume info --master 127.0.0.1:9333 --timeout 5s vol0",
+			attachArgs: "--master 127.0.0.1:9333",
 		}
 	})
-	if srv.name == "filenbd" {
-		srv.binaries["/usr/local/bin/filenbd"] = vmtest.GoBuild(t, "./tests/vm/nbdkern/filenbd")
-		t.Logf("`blockd serve` is not in this tree yet: the guest server is filenbd (nbd package over a file)")
-	}
 	return srv
 }
 
@@ -275,18 +260,6 @@ echo GIVEUP-OK
 	}
 }
 
-// haveCluster reports whether this tree's blockd has the multi-process
-// commands scenario 4 needs (master, server, volume create).
-func haveCluster(t *testing.T) bool {
-	blockd := vmtest.BuildBlockd(t)
-	for _, args := range [][]string{{"master", "--help"}, {"server", "--help"}, {"volume", "create", "--help"}} {
-		if err := exec.Command(blockd, args...).Run(); err != nil {
-			return false
-		}
-	}
-	return true
-}
-
 // TestAttachFollowsFailover is scenario 4: a master and two volume servers
 // in the guest, a volume with RF=2 sync_all, mounted through blockd attach;
 // the primary is killed; the master promotes the in-sync replica; the keeper
@@ -296,9 +269,6 @@ func haveCluster(t *testing.T) bool {
 // rejoins as a replica, and writes, umount and e2fsck -fn follow.
 func TestAttachFollowsFailover(t *testing.T) {
 	vmtest.Require(t)
-	if !haveCluster(t) {
-		t.Skip("NOT YET RUNNABLE: this tree's blockd lacks master/server/volume create")
-	}
 	blockd := vmtest.BuildBlockd(t)
 	s := server{
 		name:       "cluster",
@@ -372,9 +342,6 @@ echo SCENARIO4-OK
 // rotting where no Vagrant exists.
 func TestVagrantProvisioning(t *testing.T) {
 	vmtest.Require(t)
-	if !haveCluster(t) {
-		t.Skip("NOT YET RUNNABLE: this tree's blockd lacks master/server/volume create")
-	}
 	files := map[string][]byte{}
 	scripts, _ := filepath.Glob("../../../vagrant/provision/*.sh")
 	if len(scripts) == 0 {
