@@ -269,3 +269,13 @@ func joinIDs(vs []api.VolumeInfo) string {
 	}
 	return strings.Join(n, ",")
 }
+
+// runFakeServers starts heartbeating fake servers for the test's duration.
+func runFakeServers(t *testing.T, masters []string, ids ...string) {
+	t.Helper()
+	for i, id := range ids {
+		f := newFakeServer(id, i+1, masters)
+		f.run(200 * time.Millisecond)
+		t.Cleanup(f.stop)
+	}
+}

@@ -530,17 +530,7 @@ func TestThreeMasterCluster(t *testing.T) {
 	}
 	fc := api.NewClient([]string{follower})
 	c := api.NewClient(apis)
-	var fss []*fakeServer
-	for i, id := range []string{"s1", "s2", "s3"} {
-		f := newFakeServer(id, i+1, apis)
-		f.run(200 * time.Millisecond)
-		fss = append(fss, f)
-	}
-	defer func() {
-		for _, f := range fss {
-			f.stop()
-		}
-	}()
+	runFakeServers(t, apis, "s1", "s2", "s3")
 	waitFor(t, "servers", 30*time.Second, func() bool { ss, err := fc.Servers(ctxT(t)); return err == nil && len(ss) == 3 })
 	for _, n := range []string{"a", "b"} {
 		if _, err := fc.CreateVolume(ctxT(t), api.CreateVolumeRequest{Name: n, SizeBytes: 1 << 30, RF: 2}); err != nil {

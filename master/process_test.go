@@ -140,17 +140,7 @@ func TestProcessClusterKill9(t *testing.T) {
 	}
 	waitFor(t, "a leader", 60*time.Second, func() bool { return leaderOf() != "" })
 
-	var fss []*fakeServer
-	for i, id := range []string{"s1", "s2", "s3"} {
-		f := newFakeServer(id, i+1, apis)
-		f.run(200 * time.Millisecond)
-		fss = append(fss, f)
-	}
-	defer func() {
-		for _, f := range fss {
-			f.stop()
-		}
-	}()
+	runFakeServers(t, apis, "s1", "s2", "s3")
 	waitFor(t, "servers", 60*time.Second, func() bool { ss, err := c.Servers(ctxT(t)); return err == nil && len(ss) == 3 })
 	for _, n := range []string{"a", "b"} {
 		if _, err := c.CreateVolume(ctxT(t), api.CreateVolumeRequest{Name: n, SizeBytes: 1 << 30, RF: 2}); err != nil {
