@@ -18,7 +18,9 @@
 //	GET    /v1/volumes/{name}/primary    PrimaryInfo
 //	GET    /v1/volumes/{name}/preflight  PreflightResponse (read only)
 //	POST   /v1/volumes/{name}/promote    PromoteRequest -> PromoteResponse
-//	POST   /v1/raft/join                 JoinRequest (adds a master as a voter)
+//	POST   /v1/volumes/{name}/update     UpdateVolumeRequest -> VolumeInfo
+//	POST   /v1/raft/join                 JoinRequest (adds a master: non-voter first, voter once caught up)
+//	POST   /v1/raft/remove               RemoveRequest (removes a dead master from the configuration)
 //
 // Only the raft leader acts. A follower answers every request except
 // /v1/status with HTTP 307 to the same path on the leader's API address (the
@@ -60,6 +62,7 @@ const (
 	StatusDegraded    = "degraded"     // primary confirmed, some replica not InSync (or unknown)
 	StatusFailingOver = "failing_over" // primary lost; waiting for its lease to expire
 	StatusUnavailable = "unavailable"  // primary lost and no eligible replica to promote
+	StatusFailed      = "failed"       // a server reported it cannot create or open the volume (VolumeInfo.Failure says why)
 )
 
 // ---- volumes ----
@@ -74,6 +77,10 @@ type CreateVolumeRequest struct {
 	Durability   string `json:"durability,omitempty"`
 	Preset       string `json:"preset,omitempty"`
 	WALSizeBytes int64  `json:"wal_size_bytes,omitempty"`
+	// MinCopies is the floor of durable copies (the primary's included) a
+	// flush needs before it is acknowledged (like Ceph's min_size). 0 = the
+	// preset's default.
+	MinCopies int `json:"min_copies,omitempty"`
 	// RequestID makes create idempotent across retries and leader changes:
 	// a create whose name exists with the same RequestID succeeds with the
 	// existing volume. Client.CreateVolume fills it when empty.
@@ -95,6 +102,12 @@ type ReplicaInfo struct {
 	Addr       string `json:"addr"`
 	State      string `json:"state"`
 	FlushedLSN uint64 `json:"flushed_lsn"`
+	// InActingSet: the replica is a member of the acting set; only members
+	// count for sync_all, sync_quorum and min_copies. A replica outside it
+	// is stale: never promoted without --force, recovering until the
+	// master adds it back.
+	InActingSet bool `json:"in_acting_set"`
+	Stale       bool `json:"stale"`
 }
 
 // VolumeInfo is `blockd volume info NAME -o json` (DESIGN.md §8).
@@ -112,6 +125,26 @@ type VolumeInfo struct {
 	Primary      PrimaryRef    `json:"primary"`
 	Replicas     []ReplicaInfo `json:"replicas"`
 	HeadLSN      uint64        `json:"head_lsn"` // primary's last reported head LSN (0 if unknown)
+	// MinCopies: a flush is acknowledged only with at least this many
+	// durable copies, the primary's included.
+	MinCopies int `json:"min_copies"`
+	// ActingSet is the primary followed by the replicas that count for
+	// durability at this epoch; Stale lists the replicas outside it.
+	ActingSet []string `json:"acting_set"`
+	Stale     []string `json:"stale"`
+	// FlushesOK tells whether a flush can be acknowledged now (the acting
+	// set reaches the durability mode and min_copies with InSync
+	// members); FlushBlocker says why not when it is false.
+	FlushesOK    bool   `json:"flushes_ok"`
+	FlushBlocker string `json:"flush_blocker,omitempty"`
+	// Failure is set with Status "failed": the server's reported reason.
+	Failure string `json:"failure,omitempty"`
+}
+
+// UpdateVolumeRequest changes a volume's policy (POST /v1/volumes/{name}/update).
+// Nil fields are left as they are.
+type UpdateVolumeRequest struct {
+	MinCopies *int `json:"min_copies,omitempty"`
 }
 
 // ExpandRequest grows a volume. Size may only grow.
@@ -189,6 +222,7 @@ const (
 	ReasonNeedsRebuild      = "replica_needs_rebuild"
 	ReasonVolumeIDMismatch  = "volume_id_mismatch"
 	// soft
+	ReasonStale           = "stale" // outside the acting set: may lack acknowledged writes
 	ReasonStaleEpoch      = "stale_epoch"
 	ReasonNotInSync       = "not_in_sync"
 	ReasonLagExceeded     = "lag_exceeded"
@@ -267,6 +301,16 @@ type HeartbeatRequest struct {
 	CapacityBytes int64             `json:"capacity_bytes"`
 	FreeBytes     int64             `json:"free_bytes"`
 	Volumes       []HeartbeatVolume `json:"volumes"`
+	// Failures lists assigned volumes this server cannot create or open
+	// (for example: no space for the WAL). The master marks them failed.
+	Failures []VolumeFailure `json:"failures,omitempty"`
+}
+
+// VolumeFailure is a server's report that it cannot host an assigned volume.
+type VolumeFailure struct {
+	Volume string `json:"volume"`
+	ID     uint64 `json:"id"`
+	Reason string `json:"reason"`
 }
 
 // ServerRef is a server in an assignment.
@@ -296,7 +340,14 @@ type VolumeAssignment struct {
 	LeaseTTLMS int64       `json:"lease_ttl_ms"`
 	Primary    ServerRef   `json:"primary"`
 	Replicas   []ServerRef `json:"replicas"`
-	Confirmed  bool        `json:"confirmed"` // this heartbeat reported exactly this role and epoch
+	// ActingSet lists the IDs of the replicas (a subset of Replicas) that
+	// count for sync_all, sync_quorum and min_copies at this epoch. The
+	// primary ships to every replica but counts only these; it never
+	// drops a member on its own.
+	ActingSet []string `json:"acting_set"`
+	// MinCopies: durable copies, the primary's included, that a flush needs.
+	MinCopies int  `json:"min_copies"`
+	Confirmed bool `json:"confirmed"` // this heartbeat reported exactly this role and epoch
 }
 
 // HeartbeatResponse is the master's reply to a heartbeat.
@@ -338,4 +389,10 @@ type StatusResponse struct {
 type JoinRequest struct {
 	ID       string `json:"id"`
 	RaftAddr string `json:"raft_addr"`
+}
+
+// RemoveRequest removes a master (ID = its API address) from the raft
+// configuration: the way an operator retires a dead voter.
+type RemoveRequest struct {
+	ID string `json:"id"`
 }
