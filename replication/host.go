@@ -34,6 +34,17 @@ type Assignment struct {
 	LeaseUntil time.Time
 	Durability Durability
 	Replicas   []Peer // primary only; identity is Peer.ServerID
+	// PrimaryID is the server the master names as the volume's primary at
+	// this epoch. A replica accepts a replication session only from it.
+	PrimaryID string
+	// ActingSet (primary only) lists the IDs of the Replicas that count for
+	// sync_all, sync_quorum and MinCopies at this epoch. The primary ships
+	// to every replica but counts only these, and never changes the set on
+	// its own: only a new assignment does.
+	ActingSet []string
+	// MinCopies is the floor of durable copies, the primary's included,
+	// below which a flush fails (0 = 1).
+	MinCopies int
 }
 
 // HostConfig configures a Host.
