@@ -17,21 +17,36 @@ var commands []*cli.Command
 // register adds a top-level command; files call it from init.
 func register(c *cli.Command) { commands = append(commands, c) }
 
-func main() {
-	app := &cli.App{
+// newApp is the whole CLI; main runs it on os.Args and tests in process.
+func newApp() *cli.App {
+	return &cli.App{
 		Name:     "blockd",
 		Usage:    "replicated block storage over NBD and ublk",
 		Commands: commands,
-		// One-line reason on stderr and a non-zero exit, per DESIGN.md §8.
+		// One-line reason on stderr and a non-zero exit (main prints it).
 		ExitErrHandler: func(_ *cli.Context, err error) {},
 	}
+}
+
+// run parses args (flags may follow positional arguments) and runs the
+// command.
+func run(app *cli.App, args []string) error {
+	return app.Run(flagsFirst(app.Commands, args))
+}
+
+func main() {
 	stopProfile := startProfile()
-	err := app.Run(flagsFirst(app.Commands, os.Args))
+	err := run(newApp(), os.Args)
 	stopProfile()
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "blockd: %v\n", err)
+		fmt.Fprintf(os.Stderr, "blockd: %s\n", oneLine(err))
 		os.Exit(1)
 	}
+}
+
+// oneLine is an error's text on a single line.
+func oneLine(err error) string {
+	return strings.Join(strings.Fields(err.Error()), " ")
 }
 
 // startProfile writes a CPU profile to $BLOCKD_CPUPROFILE for the life of

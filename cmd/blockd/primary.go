@@ -20,6 +20,7 @@ func primaryResolver(c *cli.Context, name string, log *slog.Logger, event string
 	}
 	mc := api.NewClient(api.ParseAddrs(c.String("master")))
 	mc.RetryFor = 10 * time.Second
+	mc.AnswerTimeout = defaultAnswerTimeout
 	return func(ctx context.Context) (string, error) {
 		p, err := mc.PrimaryOf(ctx, name)
 		if err != nil {

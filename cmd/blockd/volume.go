@@ -20,11 +20,20 @@ import (
 
 // `blockd volume ...`: the master's client commands (DESIGN.md §8).
 
+// Defaults of --timeout and --wait: a master that refuses connections or
+// never answers is reported within a few seconds; scripts that wait for a
+// master to come up pass --wait.
+const (
+	defaultAnswerTimeout = 3 * time.Second
+	defaultWait          = 2 * time.Second
+)
+
 func volClientFlags(extra ...cli.Flag) []cli.Flag {
 	return append([]cli.Flag{
 		&cli.StringFlag{Name: "master", Value: api.DefaultMaster, EnvVars: []string{"BLOCKD_MASTER"}, Usage: "master API address(es), comma-separated"},
 		&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "output format: json (default: text)"},
-		&cli.DurationFlag{Name: "timeout", Value: 30 * time.Second, Usage: "give up after this long without an answer from a leader"},
+		&cli.DurationFlag{Name: "timeout", Value: defaultAnswerTimeout, Usage: "how long one master may take to answer before the next is tried"},
+		&cli.DurationFlag{Name: "wait", Value: defaultWait, Usage: "keep retrying this long while no master answers or none is leader (a master starting, an election)"},
 	}, extra...)
 }
 
@@ -88,12 +97,21 @@ func volumeCmd(fn func(*volCtx) error) cli.ActionFunc {
 		default:
 			return fmt.Errorf("%s: unknown output format %q (json)", name, o)
 		}
-		ctx, cancel := context.WithTimeout(c.Context, c.Duration("timeout"))
-		defer cancel()
+		if c.Duration("timeout") <= 0 {
+			return fmt.Errorf("%s: --timeout %v: must be more than 0", name, c.Duration("timeout"))
+		}
+		if c.Duration("wait") < 0 {
+			return fmt.Errorf("%s: --wait %v: cannot be negative", name, c.Duration("wait"))
+		}
 		cl := api.NewClient(api.ParseAddrs(c.String("master")))
-		cl.RetryFor = c.Duration("timeout")
-		v := &volCtx{c: c, args: args, cl: cl, ctx: ctx, json: c.String("output") == "json", out: os.Stdout}
+		cl.AnswerTimeout = c.Duration("timeout")
+		cl.RetryFor = c.Duration("wait")
+		v := &volCtx{c: c, args: args, cl: cl, ctx: c.Context, json: c.String("output") == "json", out: c.App.Writer}
 		if err := fn(v); err != nil {
+			var ue *api.UnreachableError
+			if errors.As(err, &ue) && !ue.MaybeApplied {
+				return fmt.Errorf("%s: %w (--wait DURATION keeps trying longer)", name, volOneLine(err))
+			}
 			return fmt.Errorf("%s: %w", name, volOneLine(err))
 		}
 		return nil
@@ -156,29 +174,26 @@ func volFlagsAfterArgs(c *cli.Context) ([]string, error) {
 func (v *volCtx) name(optional bool) (string, error) {
 	switch {
 	case len(v.args) == 1:
-		return v.args[0], nil
+		return v.args[0], checkVolumeName(v.args[0])
 	case len(v.args) == 0 && optional:
 		return "", nil
 	case len(v.args) == 0:
 		return "", errors.New("a volume NAME is needed")
 	default:
-		return "", fmt.Errorf("one volume NAME expected, got %q", strings.Join(v.args, " "))
+		return "", fmt.Errorf("one volume NAME expected, got %d arguments", len(v.args))
 	}
 }
 
-// parseSize reads human units; align rounds up to a multiple of align.
+// volParseSize reads a size flag (empty: unset, 0); align rounds it up to a
+// multiple of align.
 func volParseSize(flagName, s string, align int64) (int64, error) {
 	if s == "" {
 		return 0, nil
 	}
-	n, err := humanize.ParseBytes(s)
+	sz, err := parseSize("--"+flagName, s)
 	if err != nil {
-		return 0, fmt.Errorf("--%s %q: %w", flagName, s, err)
+		return 0, err
 	}
-	if n > 1<<62 {
-		return 0, fmt.Errorf("--%s %q: too large", flagName, s)
-	}
-	sz := int64(n)
 	if align > 0 && sz%align != 0 {
 		r := (sz/align + 1) * align
 		fmt.Fprintf(os.Stderr, "note: --%s %s rounded up to %d bytes (a multiple of the %d-byte block size)\n", flagName, s, r, align)
@@ -189,6 +204,12 @@ func volParseSize(flagName, s string, align int64) (int64, error) {
 
 func (v *volCtx) policy(name string) (api.CreateVolumeRequest, error) {
 	c := v.c
+	if err := positiveIntFlag(c, "rf", "the replication factor counts copies, the primary's included"); err != nil {
+		return api.CreateVolumeRequest{}, err
+	}
+	if err := positiveIntFlag(c, "block-size", "a block size is a number of bytes (512 to 65536, a power of 2)"); err != nil {
+		return api.CreateVolumeRequest{}, err
+	}
 	bs := int64(c.Int("block-size"))
 	if bs <= 0 {
 		bs = 4096
