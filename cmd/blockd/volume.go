@@ -45,6 +45,7 @@ func volPolicyFlags() []cli.Flag {
 		&cli.StringFlag{Name: "preset", Usage: "database | general | throughput"},
 		&cli.StringFlag{Name: "wal-size", Usage: "WAL size in human units; default from the preset"},
 		&cli.IntFlag{Name: "block-size", Usage: "block size in bytes (default 4096)"},
+		&cli.IntFlag{Name: "min-copies", Usage: "durable copies (the primary's included) a flush needs before it is acknowledged; default from the preset (2 for rf >= 3, else 1)"},
 	}
 }
 
@@ -55,11 +56,13 @@ func init() {
 		Subcommands: []*cli.Command{
 			{Name: "create", Usage: "create a volume", ArgsUsage: "NAME --size SIZE [--rf N] [--durability MODE] [--preset NAME] [--wal-size SIZE]",
 				Flags: volClientFlags(volPolicyFlags()...), Action: volumeCmd(volCreate)},
-			{Name: "list", Usage: "list volumes", Flags: volClientFlags(), Action: volumeCmd(volList)},
+			{Name: "list", Usage: "list volumes", Flags: volClientFlags(), Action: volumeCmd(volListCmd)},
 			{Name: "info", Usage: "show one volume", ArgsUsage: "NAME", Flags: volClientFlags(), Action: volumeCmd(volInfo)},
 			{Name: "delete", Usage: "delete a volume (servers drop its data)", ArgsUsage: "NAME", Flags: volClientFlags(), Action: volumeCmd(volDelete)},
 			{Name: "expand", Usage: "grow a volume", ArgsUsage: "NAME --size SIZE",
 				Flags: volClientFlags(&cli.StringFlag{Name: "size", Usage: "new size (human units); may only grow"}), Action: volumeCmd(volExpand)},
+			{Name: "update", Usage: "change a volume's policy", ArgsUsage: "NAME --min-copies N",
+				Flags: volClientFlags(&cli.IntFlag{Name: "min-copies", Usage: "durable copies (the primary's included) a flush needs, 1 to rf"}), Action: volumeCmd(volUpdate)},
 			{Name: "plan", Usage: "dry run of create: resolved policy and placement", ArgsUsage: "[NAME] --size SIZE [...]",
 				Flags: volClientFlags(volPolicyFlags()...), Action: volumeCmd(volPlan)},
 			{Name: "resolve", Usage: "dry run of preset resolution", ArgsUsage: "[NAME] --size SIZE [...]",
@@ -210,11 +213,14 @@ func (v *volCtx) policy(name string) (api.CreateVolumeRequest, error) {
 	if err := positiveIntFlag(c, "block-size", "a block size is a number of bytes (512 to 65536, a power of 2)"); err != nil {
 		return api.CreateVolumeRequest{}, err
 	}
+	if err := positiveIntFlag(c, "min-copies", "a flush needs at least one durable copy, the primary's"); err != nil {
+		return api.CreateVolumeRequest{}, err
+	}
 	bs := int64(c.Int("block-size"))
 	if bs <= 0 {
 		bs = 4096
 	}
-	req := api.CreateVolumeRequest{Name: name, RF: c.Int("rf"), Durability: c.String("durability"), Preset: c.String("preset"), BlockSize: c.Int("block-size")}
+	req := api.CreateVolumeRequest{Name: name, RF: c.Int("rf"), Durability: c.String("durability"), Preset: c.String("preset"), BlockSize: c.Int("block-size"), MinCopies: c.Int("min-copies")}
 	var err error
 	if req.SizeBytes, err = volParseSize("size", c.String("size"), bs); err != nil {
 		return req, err
@@ -254,11 +260,41 @@ func (v *volCtx) printInfo(i *api.VolumeInfo) error {
 		fmt.Fprintf(w, "preset:\t%s\n", i.Preset)
 	}
 	fmt.Fprintf(w, "wal size:\t%s\n", volHumanSize(i.WALSizeBytes))
+	fmt.Fprintf(w, "min copies:\t%d\n", i.MinCopies)
 	fmt.Fprintf(w, "primary:\t%s nbd=%s addr=%s head_lsn=%d\n", i.Primary.ServerID, i.Primary.NBDAddr, i.Primary.Addr, i.HeadLSN)
 	for _, r := range i.Replicas {
-		fmt.Fprintf(w, "replica:\t%s %s flushed_lsn=%d addr=%s\n", r.ServerID, r.State, r.FlushedLSN, r.Addr)
+		member := ""
+		switch {
+		case r.Stale:
+			member = " (stale)"
+		case r.InActingSet:
+			member = " (in acting set)"
+		}
+		fmt.Fprintf(w, "replica:\t%s %s flushed_lsn=%d addr=%s%s\n", r.ServerID, r.State, r.FlushedLSN, r.Addr, member)
+	}
+	fmt.Fprintf(w, "acting set:\t%s\n", volList(i.ActingSet))
+	fmt.Fprintf(w, "stale:\t%s\n", volList(i.Stale))
+	if i.FlushesOK {
+		fmt.Fprintf(w, "flushes:\tok\n")
+	} else {
+		blocker := i.FlushBlocker
+		if blocker == "" {
+			blocker = "no reason given"
+		}
+		fmt.Fprintf(w, "flushes:\tblocked: %s\n", blocker)
+	}
+	if i.Status == api.StatusFailed || i.Failure != "" {
+		fmt.Fprintf(w, "failure:\t%s\n", i.Failure)
 	}
 	return w.Flush()
+}
+
+// volList prints IDs comma-separated, "(none)" for none.
+func volList(ids []string) string {
+	if len(ids) == 0 {
+		return "(none)"
+	}
+	return strings.Join(ids, ",")
 }
 
 func volCreate(v *volCtx) error {
@@ -280,7 +316,30 @@ func volCreate(v *volCtx) error {
 	return v.printInfo(info)
 }
 
-func volList(v *volCtx) error {
+func volUpdate(v *volCtx) error {
+	name, err := v.name(false)
+	if err != nil {
+		return err
+	}
+	var req api.UpdateVolumeRequest
+	if v.c.IsSet("min-copies") {
+		n := v.c.Int("min-copies")
+		if n < 1 {
+			return fmt.Errorf("--min-copies %d: a flush needs at least one durable copy, the primary's; use 1 to the volume's rf", n)
+		}
+		req.MinCopies = &n
+	}
+	if req.MinCopies == nil {
+		return errors.New("nothing to update: give --min-copies N")
+	}
+	info, err := v.cl.UpdateVolume(v.ctx, name, req)
+	if err != nil {
+		return err
+	}
+	return v.printInfo(info)
+}
+
+func volListCmd(v *volCtx) error {
 	if len(v.args) != 0 {
 		return fmt.Errorf("unexpected arguments %q", strings.Join(v.args, " "))
 	}
