@@ -541,6 +541,23 @@ func (c *Client) PrimaryOf(ctx context.Context, name string) (*PrimaryInfo, erro
 	return &out, nil
 }
 
+// PrimaryNBD is PrimaryOf for a client about to connect over NBD: an
+// unknown volume is named as such, and a primary without an NBD address
+// is an error.
+func (c *Client) PrimaryNBD(ctx context.Context, name string) (*PrimaryInfo, error) {
+	p, err := c.PrimaryOf(ctx, name)
+	if err != nil {
+		if IsCode(err, CodeNotFound) {
+			return nil, fmt.Errorf("unknown volume %s: %w", QuoteName(name), err)
+		}
+		return nil, err
+	}
+	if p.NBDAddr == "" {
+		return nil, fmt.Errorf("volume %s: primary %s has no NBD address", QuoteName(name), p.ServerID)
+	}
+	return p, nil
+}
+
 // Heartbeat sends a server heartbeat to the leader. Give it a context whose
 // deadline is shorter than the lease TTL.
 func (c *Client) Heartbeat(ctx context.Context, req HeartbeatRequest) (*HeartbeatResponse, error) {

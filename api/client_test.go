@@ -236,3 +236,28 @@ func TestParseAddrs(t *testing.T) {
 		t.Fatalf("%q", c.Addrs())
 	}
 }
+
+func TestPrimaryNBD(t *testing.T) {
+	s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/v1/volumes/ok/primary":
+			json.NewEncoder(w).Encode(PrimaryInfo{Volume: "ok", ServerID: "s1", NBDAddr: "127.0.0.1:10809"})
+		case "/v1/volumes/nonbd/primary":
+			json.NewEncoder(w).Encode(PrimaryInfo{Volume: "nonbd", ServerID: "s2"})
+		default:
+			w.WriteHeader(http.StatusNotFound)
+			json.NewEncoder(w).Encode(Error{Code: CodeNotFound, Message: "volume not found"})
+		}
+	}))
+	defer s.Close()
+	c := NewClient([]string{s.URL})
+	if p, err := c.PrimaryNBD(ctx(t), "ok"); err != nil || p.NBDAddr != "127.0.0.1:10809" {
+		t.Fatalf("ok: %+v %v", p, err)
+	}
+	if _, err := c.PrimaryNBD(ctx(t), "nonbd"); err == nil || !strings.Contains(err.Error(), `volume "nonbd": primary s2 has no NBD address`) {
+		t.Fatalf("nonbd: %v", err)
+	}
+	if _, err := c.PrimaryNBD(ctx(t), "gone"); !IsCode(err, CodeNotFound) || !strings.Contains(err.Error(), `unknown volume "gone"`) {
+		t.Fatalf("gone: %v", err)
+	}
+}

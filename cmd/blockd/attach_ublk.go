@@ -15,6 +15,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/nbd/client"
 	"github.com/blockd/blockd/server"
 	"github.com/blockd/blockd/ublk"
 )
@@ -67,13 +68,10 @@ var ublkAttachCommand = &cli.Command{
 func init() { addAttach(ublkAttachCommand) }
 
 func attachUblk(c *cli.Context) error {
-	if err := interspersedFlags(c); err != nil {
-		return fmt.Errorf("attach ublk: %w", err)
-	}
-	if len(argsOf(c)) != 1 {
+	if c.Args().Len() != 1 {
 		return fmt.Errorf("attach ublk: exactly one volume NAME is needed")
 	}
-	name := argsOf(c)[0]
+	name := c.Args().First()
 	// Fail early and clearly when the kernel side is missing.
 	if _, err := ublk.Features(); err != nil {
 		return fmt.Errorf("attach ublk: %w", err)
@@ -115,24 +113,10 @@ func attachUblk(c *cli.Context) error {
 	defer signal.Stop(usr1)
 
 	actx, cancel := context.WithTimeout(ctx, c.Duration("wait")+time.Minute)
-	var dev *nbdDevice
-	for deadline := time.Now().Add(c.Duration("wait")); ; {
-		var err error
-		dctx, dcancel := context.WithTimeout(actx, 15*time.Second)
-		dev, err = dialNBDDevice(dctx, name, resolve, c.Duration("give-up"), log)
-		dcancel()
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) || actx.Err() != nil {
-			cancel()
-			return fmt.Errorf("attach ublk: %w", err)
-		}
-		log.Info("ublk.attach.retry", "volume", name, "err", err)
-		select {
-		case <-actx.Done():
-		case <-time.After(500 * time.Millisecond):
-		}
+	dev, err := client.Dial(actx, client.Options{Export: name, Resolve: resolve, GiveUp: c.Duration("give-up"), Wait: c.Duration("wait"), Logger: log})
+	if err != nil {
+		cancel()
+		return fmt.Errorf("attach ublk: %w", err)
 	}
 	defer dev.Close()
 	d, err := ublk.Serve(actx, dev, ublk.Options{

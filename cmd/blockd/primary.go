@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
 	"time"
 
@@ -22,15 +21,9 @@ func primaryResolver(c *cli.Context, name string, log *slog.Logger, event string
 	mc.RetryFor = 10 * time.Second
 	mc.AnswerTimeout = defaultAnswerTimeout
 	return func(ctx context.Context) (string, error) {
-		p, err := mc.PrimaryOf(ctx, name)
+		p, err := mc.PrimaryNBD(ctx, name)
 		if err != nil {
-			if api.IsCode(err, api.CodeNotFound) {
-				return "", fmt.Errorf("unknown volume %q: %w", name, err)
-			}
 			return "", err
-		}
-		if p.NBDAddr == "" {
-			return "", fmt.Errorf("volume %q: primary %s has no NBD address", name, p.ServerID)
 		}
 		log.Info(event, "volume", name, "server", p.ServerID, "nbd_addr", p.NBDAddr, "epoch", p.Epoch)
 		return p.NBDAddr, nil

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -91,10 +90,7 @@ type volCtx struct {
 func volumeCmd(fn func(*volCtx) error) cli.ActionFunc {
 	return func(c *cli.Context) error {
 		name := "volume " + c.Command.Name
-		args, err := volFlagsAfterArgs(c)
-		if err != nil {
-			return fmt.Errorf("%s: %w", name, err)
-		}
+		args := c.Args().Slice()
 		switch o := c.String("output"); o {
 		case "", "text", "json":
 		default:
@@ -127,51 +123,6 @@ func volOneLine(err error) error {
 		return errors.New(strings.ReplaceAll(ae.Error(), "\n", " "))
 	}
 	return errors.New(strings.ReplaceAll(err.Error(), "\n", " "))
-}
-
-// flagsAfterArgs parses flags written after positional arguments
-// (`volume create NAME --size 1GiB`): urfave/cli stops at the first
-// positional, so the rest is parsed with the command's own flags and set
-// on the context. It returns the positional arguments.
-func volFlagsAfterArgs(c *cli.Context) ([]string, error) {
-	rest := c.Args().Slice()
-	var pos []string
-	for len(rest) > 0 {
-		i := 0
-		for i < len(rest) && (!strings.HasPrefix(rest[i], "-") || rest[i] == "-") {
-			i++
-		}
-		pos = append(pos, rest[:i]...)
-		rest = rest[i:]
-		if len(rest) == 0 {
-			break
-		}
-		if rest[0] == "--" {
-			pos = append(pos, rest[1:]...)
-			break
-		}
-		fs := flag.NewFlagSet(c.Command.Name, flag.ContinueOnError)
-		fs.SetOutput(io.Discard)
-		for _, f := range c.Command.Flags {
-			if err := f.Apply(fs); err != nil {
-				return nil, err
-			}
-		}
-		if err := fs.Parse(rest); err != nil {
-			return nil, err
-		}
-		var setErr error
-		fs.Visit(func(f *flag.Flag) {
-			if err := c.Set(f.Name, f.Value.String()); err != nil && setErr == nil {
-				setErr = fmt.Errorf("flag --%s: %w", f.Name, err)
-			}
-		})
-		if setErr != nil {
-			return nil, setErr
-		}
-		rest = fs.Args()
-	}
-	return pos, nil
 }
 
 func (v *volCtx) name(optional bool) (string, error) {

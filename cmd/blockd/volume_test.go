@@ -14,38 +14,43 @@ import (
 	"github.com/blockd/blockd/api"
 )
 
+// TestFlagsAfterArgs: `volume create NAME --size 1GiB` parses like flags
+// first, through run.
 func TestFlagsAfterArgs(t *testing.T) {
 	var gotArgs []string
-	var size, master string
+	var size, master, output string
 	var rf int
 	app := &cli.App{Name: "t", Commands: []*cli.Command{{
 		Name:  "create",
 		Flags: volClientFlags(volPolicyFlags()...),
 		Action: func(c *cli.Context) error {
-			a, err := volFlagsAfterArgs(c)
-			gotArgs, size, master, rf = a, c.String("size"), c.String("master"), c.Int("rf")
-			return err
+			gotArgs, size, master, rf, output = c.Args().Slice(), c.String("size"), c.String("master"), c.Int("rf"), c.String("output")
+			return nil
 		},
 	}}}
-	if err := app.Run([]string{"t", "create", "--rf", "3", "vol1", "--size", "10GiB", "-o", "json", "--master=a:1,b:2"}); err != nil {
+	if err := run(app, []string{"t", "create", "--rf", "3", "vol1", "--size", "10GiB", "-o", "json", "--master=a:1,b:2"}); err != nil {
 		t.Fatal(err)
 	}
-	if len(gotArgs) != 1 || gotArgs[0] != "vol1" || size != "10GiB" || rf != 3 || master != "a:1,b:2" {
-		t.Fatalf("args %q size %q rf %d master %q", gotArgs, size, rf, master)
+	if len(gotArgs) != 1 || gotArgs[0] != "vol1" || size != "10GiB" || rf != 3 || master != "a:1,b:2" || output != "json" {
+		t.Fatalf("args %q size %q rf %d master %q output %q", gotArgs, size, rf, master, output)
 	}
-	if err := app.Run([]string{"t", "create", "vol1", "--bogus"}); err == nil {
+	// A value that looks like a flag stays the value of its flag.
+	if err := run(app, []string{"t", "create", "vol1", "--size", "-5GiB"}); err != nil || size != "-5GiB" || len(gotArgs) != 1 {
+		t.Fatalf("--size -5GiB: %v size %q args %q", err, size, gotArgs)
+	}
+	if err := run(app, []string{"t", "create", "vol1", "--bogus"}); err == nil {
 		t.Fatal("unknown flag accepted")
 	}
 }
 
 func TestParseSize(t *testing.T) {
-	for in, want := range map[string]int64{"512MiB": 512 << 20, "10GiB": 10 << 30, "1TB": 1e12, "4096": 4096, "1GB": 1000001536} {
+	for in, want := range map[string]int64{"512MiB": 512 << 20, "10GiB": 10 << 30, "1TB": 1e12, "4096": 4096, "1GB": 1000001536, "1.5GiB": 3 << 29} {
 		got, err := volParseSize("size", in, 4096)
 		if err != nil || got != want {
 			t.Errorf("%s = %d, %v; want %d", in, got, err, want)
 		}
 	}
-	for _, in := range []string{"ten", "-1G", "1ZiB"} {
+	for _, in := range []string{"ten", "-1G", "1ZiB", "0", "-5GiB", " -1"} {
 		if _, err := volParseSize("size", in, 4096); err == nil {
 			t.Errorf("%s accepted", in)
 		}
