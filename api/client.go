@@ -210,6 +210,11 @@ func outcome(err error, connected, timedOut bool, timeout time.Duration) string 
 		return fmt.Sprintf("did not accept a connection within %v", timeout)
 	case errors.Is(err, syscall.ECONNREFUSED):
 		return "refused the connection"
+	case errors.Is(err, syscall.ECONNRESET):
+		return "reset the connection without a reply"
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+		strings.Contains(err.Error(), "server closed idle connection"): // net/http's unexported errServerClosedIdle
+		return "closed the connection without a reply"
 	}
 	var op *net.OpError
 	if errors.As(err, &op) {
@@ -217,9 +222,6 @@ func outcome(err error, connected, timedOut bool, timeout time.Duration) string 
 			return "could not be reached: " + innermost(op)
 		}
 		return "failed: " + innermost(op)
-	}
-	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-		return "closed the connection without a reply"
 	}
 	return "failed: " + innermost(err)
 }
