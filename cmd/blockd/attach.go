@@ -87,6 +87,11 @@ func attachNBD(c *cli.Context) error {
 		return fmt.Errorf("attach nbd: exactly one volume NAME is needed")
 	}
 	name := c.Args().First()
+	if c.String("nbd") == "" { // a volume the master knows: its name follows the rule
+		if err := checkVolumeName(name); err != nil {
+			return fmt.Errorf("attach nbd: %w", err)
+		}
+	}
 	index := -1
 	if dev := c.String("device"); dev != "" {
 		i, err := kernel.ParseDevice(dev)

@@ -72,6 +72,11 @@ func attachUblk(c *cli.Context) error {
 		return fmt.Errorf("attach ublk: exactly one volume NAME is needed")
 	}
 	name := c.Args().First()
+	if c.String("nbd") == "" { // a volume the master knows: its name follows the rule
+		if err := checkVolumeName(name); err != nil {
+			return fmt.Errorf("attach ublk: %w", err)
+		}
+	}
 	// Fail early and clearly when the kernel side is missing.
 	if _, err := ublk.Features(); err != nil {
 		return fmt.Errorf("attach ublk: %w", err)
@@ -203,7 +208,7 @@ func attachUblkLocal(c *cli.Context, name string, log *slog.Logger) (path string
 			log.Info("ublk.local.not_primary", "volume", name, "local_server", serverID, "primary", p.ServerID, "fallback", "nbd")
 			return "", false, nil
 		case perr != nil && api.IsCode(perr, api.CodeNotFound):
-			return "", true, fmt.Errorf("unknown volume %q: %w", name, perr)
+			return "", true, fmt.Errorf("unknown volume %s: %w", api.QuoteName(name), perr)
 		case perr != nil:
 			// No answer from the master: the local server decides.
 			log.Info("ublk.local.master_unavailable", "volume", name, "err", perr)

@@ -231,12 +231,19 @@ func TestLongNameIsNotEchoedWhole(t *testing.T) {
 		{"volume", "delete", long},
 		{"volume", "create", long, "--size", "1GiB"},
 		{"serve", "--data", t.TempDir(), "--volume", long + ":1GiB"},
+		{"attach", "nbd", long},
+		{"attach", "ublk", long},
+		{"volume", "list", "-o", long},
 	} {
 		_, err := runCLI(t, append(args, "--master", master)...)
 		if args[0] == "serve" {
 			_, err = runCLI(t, args...)
 		}
-		mustOneLine(t, err, "invalid volume name", "(10000 bytes)")
+		want := "invalid volume name"
+		if args[1] == "list" {
+			want = "unknown output format"
+		}
+		mustOneLine(t, err, want, "(10000 bytes)")
 	}
 }
 

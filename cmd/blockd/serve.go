@@ -57,7 +57,7 @@ func init() {
 func newLogger(level string) (*slog.Logger, error) {
 	var l slog.Level
 	if err := l.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("bad --log-level %q", level)
+		return nil, fmt.Errorf("--log-level %s: use debug, info, warn or error", api.QuoteName(level))
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})), nil
 }

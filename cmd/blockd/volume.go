@@ -94,7 +94,7 @@ func volumeCmd(fn func(*volCtx) error) cli.ActionFunc {
 		switch o := c.String("output"); o {
 		case "", "text", "json":
 		default:
-			return fmt.Errorf("%s: unknown output format %q (json)", name, o)
+			return fmt.Errorf("%s: -o %s: unknown output format (json, or text by default)", name, api.QuoteName(o))
 		}
 		if c.Duration("timeout") <= 0 {
 			return fmt.Errorf("%s: --timeout %v: must be more than 0", name, c.Duration("timeout"))
@@ -292,7 +292,7 @@ func volUpdate(v *volCtx) error {
 
 func volListCmd(v *volCtx) error {
 	if len(v.args) != 0 {
-		return fmt.Errorf("unexpected arguments %q", strings.Join(v.args, " "))
+		return fmt.Errorf("unexpected arguments %s", api.QuoteName(strings.Join(v.args, " ")))
 	}
 	vols, err := v.cl.ListVolumes(v.ctx)
 	if err != nil {
