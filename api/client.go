@@ -210,9 +210,7 @@ func outcome(err error, connected, timedOut bool, timeout time.Duration) string 
 		return fmt.Sprintf("did not accept a connection within %v", timeout)
 	case errors.Is(err, syscall.ECONNREFUSED):
 		return "refused the connection"
-	case errors.Is(err, syscall.ECONNRESET):
-		return "reset the connection without a reply"
-	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET),
 		strings.Contains(err.Error(), "server closed idle connection"): // net/http's unexported errServerClosedIdle
 		return "closed the connection without a reply"
 	}
