@@ -400,10 +400,13 @@ func (c *Client) once(ctx context.Context, method, base, path string, body []byt
 	}
 	apiErr := &Error{}
 	if json.Unmarshal(data, apiErr) != nil || apiErr.Code == "" {
-		apiErr = &Error{Code: CodeInternal, Message: clip(strings.TrimSpace(string(data)))}
-		if apiErr.Message == "" {
-			apiErr.Message = resp.Status
+		// Not the API's error body: a proxy, another service on that
+		// port, or a master too old for this endpoint. Name who said what.
+		msg := fmt.Sprintf("%s answered %s %s with %s", strings.TrimPrefix(base, "http://"), method, clip(path), resp.Status)
+		if body := strings.Join(strings.Fields(string(data)), " "); body != "" {
+			msg += ": " + clip(body)
 		}
+		apiErr = &Error{Code: CodeInternal, Message: msg}
 	}
 	apiErr.Status = resp.StatusCode
 	apiErr.Message = clipWords(apiErr.Message)

@@ -261,3 +261,15 @@ func TestPrimaryNBD(t *testing.T) {
 		t.Fatalf("gone: %v", err)
 	}
 }
+
+// TestClientNamesANonAPIAnswer: an HTTP server that is not a blockd master
+// (or a master without that endpoint) is named with what it answered.
+func TestClientNamesANonAPIAnswer(t *testing.T) {
+	s := httptest.NewServer(http.NotFoundHandler())
+	defer s.Close()
+	_, err := NewClient([]string{s.URL}).UpdateVolume(ctx(t), "v", UpdateVolumeRequest{})
+	want := strings.TrimPrefix(s.URL, "http://") + " answered POST /v1/volumes/v/update with 404 Not Found: 404 page not found"
+	if !IsCode(err, CodeInternal) || !strings.Contains(err.Error(), want) {
+		t.Fatalf("err = %v, want %q", err, want)
+	}
+}

@@ -105,7 +105,10 @@ func attachNBD(c *cli.Context) error {
 		return fmt.Errorf("attach nbd: --give-up must be positive")
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	resolve := primaryResolver(c, name, log, "nbd.primary")
+	resolve, err := primaryResolver(c, name, log, "nbd.primary")
+	if err != nil {
+		return fmt.Errorf("attach nbd: %w", err)
+	}
 	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	pol := kernel.DefaultPolicy

@@ -76,6 +76,9 @@ func attachUblk(c *cli.Context) error {
 		if err := checkVolumeName(name); err != nil {
 			return fmt.Errorf("attach ublk: %w", err)
 		}
+		if _, err := masterAddrs(c.String("master")); err != nil {
+			return fmt.Errorf("attach ublk: %w", err)
+		}
 	}
 	// Fail early and clearly when the kernel side is missing.
 	if _, err := ublk.Features(); err != nil {
@@ -110,7 +113,10 @@ func attachUblk(c *cli.Context) error {
 			return nil
 		}
 	}
-	resolve := primaryResolver(c, name, log, "ublk.primary")
+	resolve, err := primaryResolver(c, name, log, "ublk.primary")
+	if err != nil {
+		return fmt.Errorf("attach ublk: %w", err)
+	}
 	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	usr1 := make(chan os.Signal, 1)

@@ -270,3 +270,17 @@ func TestClientClipsAMasterEcho(t *testing.T) {
 		t.Fatalf("error of %d bytes: %.300s", len(err.Error()), err)
 	}
 }
+
+func TestBadMasterAddress(t *testing.T) {
+	for _, m := range []string{"a b", "http://", "127.0.0.1:99999", "127.0.0.1", ",", "ftp://127.0.0.1:9333", "127.0.0.1:0"} {
+		_, err := runCLI(t, "volume", "list", "--master", m)
+		mustOneLine(t, err, "--master "+api.QuoteName(strings.TrimSpace(m)))
+	}
+	for _, m := range []string{"127.0.0.1:1", "http://127.0.0.1:1/", "[::1]:1", "localhost:1,127.0.0.1:2"} {
+		if _, err := masterAddrs(m); err != nil {
+			t.Errorf("--master %s: %v", m, err)
+		}
+	}
+	_, err := runCLI(t, "attach", "nbd", "vol0", "--master", "a b")
+	mustOneLine(t, err, "attach nbd: --master")
+}

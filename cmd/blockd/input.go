@@ -1,7 +1,10 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"net"
+	"strconv"
 	"strings"
 
 	"github.com/dustin/go-humanize"
@@ -58,4 +61,37 @@ func checkVolumeName(name string) error {
 		return fmt.Errorf("%s", err.(*api.Error).Message)
 	}
 	return nil
+}
+
+// masterAddrs reads --master: HOST:PORT (or http://HOST:PORT, https://...)
+// entries, comma-separated.
+func masterAddrs(s string) ([]string, error) {
+	addrs := api.ParseAddrs(s)
+	if len(addrs) == 0 {
+		return nil, fmt.Errorf("--master %s: want HOST:PORT[,HOST:PORT...], e.g. %s", api.QuoteName(s), api.DefaultMaster)
+	}
+	for _, a := range addrs {
+		hp := a
+		if i := strings.Index(hp, "://"); i >= 0 {
+			if scheme := hp[:i]; scheme != "http" && scheme != "https" {
+				return nil, fmt.Errorf("--master %s: scheme %s: use http:// or https:// (or none)", api.QuoteName(a), api.QuoteName(scheme))
+			}
+			hp = strings.TrimRight(hp[i+3:], "/")
+		}
+		host, port, err := net.SplitHostPort(hp)
+		if err == nil && strings.ContainsAny(host, " \t/") {
+			err = errors.New("bad host")
+		}
+		if err == nil {
+			var n int
+			n, err = strconv.Atoi(port)
+			if err == nil && (n < 1 || n > 65535) {
+				err = errors.New("bad port")
+			}
+		}
+		if err != nil {
+			return nil, fmt.Errorf("--master %s: want HOST:PORT with a port of 1 to 65535, e.g. %s", api.QuoteName(a), api.DefaultMaster)
+		}
+	}
+	return addrs, nil
 }

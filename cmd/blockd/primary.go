@@ -13,11 +13,15 @@ import (
 // primaryResolver tells an attach keeper where the volume's primary is
 // now: the fixed --nbd address, or the master's current record (asked
 // again after every failover). event names the log line for the answer.
-func primaryResolver(c *cli.Context, name string, log *slog.Logger, event string) func(context.Context) (string, error) {
+func primaryResolver(c *cli.Context, name string, log *slog.Logger, event string) (func(context.Context) (string, error), error) {
 	if addr := c.String("nbd"); addr != "" {
-		return func(context.Context) (string, error) { return addr, nil }
+		return func(context.Context) (string, error) { return addr, nil }, nil
 	}
-	mc := api.NewClient(api.ParseAddrs(c.String("master")))
+	addrs, err := masterAddrs(c.String("master"))
+	if err != nil {
+		return nil, err
+	}
+	mc := api.NewClient(addrs)
 	mc.RetryFor = 10 * time.Second
 	mc.AnswerTimeout = defaultAnswerTimeout
 	return func(ctx context.Context) (string, error) {
@@ -27,5 +31,5 @@ func primaryResolver(c *cli.Context, name string, log *slog.Logger, event string
 		}
 		log.Info(event, "volume", name, "server", p.ServerID, "nbd_addr", p.NBDAddr, "epoch", p.Epoch)
 		return p.NBDAddr, nil
-	}
+	}, nil
 }

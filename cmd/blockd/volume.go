@@ -102,7 +102,11 @@ func volumeCmd(fn func(*volCtx) error) cli.ActionFunc {
 		if c.Duration("wait") < 0 {
 			return fmt.Errorf("%s: --wait %v: cannot be negative", name, c.Duration("wait"))
 		}
-		cl := api.NewClient(api.ParseAddrs(c.String("master")))
+		addrs, err := masterAddrs(c.String("master"))
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		cl := api.NewClient(addrs)
 		cl.AnswerTimeout = c.Duration("timeout")
 		cl.RetryFor = c.Duration("wait")
 		v := &volCtx{c: c, args: args, cl: cl, ctx: c.Context, json: c.String("output") == "json", out: c.App.Writer}
