@@ -158,7 +158,13 @@ type UnreachableError struct {
 
 func (e *UnreachableError) Error() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s %s: no master answered: ", e.Method, clip(e.Path))
+	who := "master"
+	for _, t := range e.Tried {
+		if strings.HasPrefix(t.Outcome, "is not the leader") {
+			who = "leader"
+		}
+	}
+	fmt.Fprintf(&b, "%s %s: no %s answered: ", e.Method, clip(e.Path), who)
 	for i, t := range e.Tried {
 		if i > 0 {
 			b.WriteString("; ")

@@ -273,3 +273,20 @@ func TestClientNamesANonAPIAnswer(t *testing.T) {
 		t.Fatalf("err = %v, want %q", err, want)
 	}
 }
+
+// TestClientNamesLeaderlessMasters: masters that answer but know no
+// leader are named as such.
+func TestClientNamesLeaderlessMasters(t *testing.T) {
+	s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		json.NewEncoder(w).Encode(Error{Code: CodeNotLeader, Message: "no leader"})
+	}))
+	defer s.Close()
+	c := NewClient([]string{s.URL})
+	c.RetryFor = 0
+	_, err := c.ListVolumes(ctx(t))
+	want := "GET /v1/volumes: no leader answered: " + strings.TrimPrefix(s.URL, "http://") + " is not the leader and knows of none"
+	if err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Fatalf("err = %v, want %q", err, want)
+	}
+}
