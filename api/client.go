@@ -493,16 +493,6 @@ func (c *Client) ExpandVolume(ctx context.Context, name string, size int64) (*Vo
 	return &out, nil
 }
 
-// UpdateVolume changes a volume's policy (today min_copies); nil fields of
-// req are left as they are. Retries are safe: it sets values.
-func (c *Client) UpdateVolume(ctx context.Context, name string, req UpdateVolumeRequest) (*VolumeInfo, error) {
-	var out VolumeInfo
-	if err := c.do(ctx, http.MethodPost, "/v1/volumes/"+esc(name)+"/update", req, &out, true); err != nil {
-		return nil, err
-	}
-	return &out, nil
-}
-
 // PlanVolume is the dry run of CreateVolume (resolution and placement).
 func (c *Client) PlanVolume(ctx context.Context, req CreateVolumeRequest) (*PlanResponse, error) {
 	var out PlanResponse
