@@ -1,6 +1,7 @@
 package replication
 
 import (
+	"bufio"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/blockd/blockd/blockdev"
 	"github.com/blockd/blockd/blockvol"
 	"github.com/blockd/blockd/vfs"
 	"github.com/blockd/blockd/wal"
@@ -229,6 +231,7 @@ type rconn struct {
 	c      net.Conn
 	mr     *MsgReader
 	wmu    sync.Mutex
+	bw     *bufio.Writer // guarded by wmu
 	volume string
 	fence  Fence
 	tgt    ReplicaTarget
@@ -251,7 +254,11 @@ func (rc *rconn) send(m *Msg) error {
 	rc.wmu.Lock()
 	defer rc.wmu.Unlock()
 	rc.c.SetWriteDeadline(time.Now().Add(60 * time.Second))
-	return WriteMsg(rc.c, m)
+	if err := WriteFrame(rc.bw, m); err != nil {
+		rc.bw.Reset(rc.c) // a failed frame is not half sent on a later flush
+		return err
+	}
+	return rc.bw.Flush()
 }
 
 func (rc *rconn) refuse(code, msg string, attrs ...any) {
@@ -269,7 +276,7 @@ func (r *Receiver) handle(c net.Conn) {
 		}
 		return
 	}
-	rc := &rconn{r: r, c: c, mr: mr, volume: m.Volume, fence: Fence{Epoch: m.Epoch, Session: m.Session}}
+	rc := &rconn{r: r, c: c, mr: mr, bw: bufio.NewWriter(c), volume: m.Volume, fence: Fence{Epoch: m.Epoch, Session: m.Session}}
 	rc.log = r.log.With("volume", m.Volume, "session", m.Session, "epoch", m.Epoch)
 	if m.Type != MsgHello {
 		rc.refuse(CodeProtocol, "first message must be hello, got "+m.Type.String())
@@ -521,15 +528,18 @@ func (rc *rconn) applyRecord(m *Msg) error {
 		rc.refuse(CodeGap, fmt.Sprintf("record LSN %d after head %d", lsn, head), "lsn", lsn, "head", head)
 		return fmt.Errorf("replication: LSN gap: got %d, head %d", lsn, head)
 	}
-	if body.Type != RecBarrier && (body.Offset+int64(body.Length) > vol.Size() || body.Length == 0) {
-		rc.refuse(CodeProtocol, fmt.Sprintf("record beyond volume: off=%d len=%d", body.Offset, body.Length))
-		return ErrBadFrame
+	rec := wal.Record{LSN: lsn, Epoch: body.Epoch, Type: wal.RecordType(body.Type), Offset: body.Offset, Length: body.Length, Payload: body.Data}
+	// Validated (overflow-safe, against this volume's size and block
+	// size) before anything is stored: a bad record never reaches the
+	// WAL, the lineage file or the transfer's live set.
+	if err := vol.ValidateRecord(rec); err != nil {
+		rc.refuse(CodeProtocol, err.Error(), "lsn", lsn, "offset", body.Offset, "length", body.Length)
+		return fmt.Errorf("%w: %v", ErrBadFrame, err)
 	}
 	if err := rc.noteLineage(lsn); err != nil {
 		rc.refuse(CodeApply, err.Error())
 		return err
 	}
-	rec := wal.Record{LSN: lsn, Epoch: body.Epoch, Type: wal.RecordType(body.Type), Offset: body.Offset, Length: body.Length, Payload: body.Data}
 	if err := vol.ApplyRecord(rec); err != nil {
 		rc.refuse(CodeApply, err.Error(), "lsn", lsn)
 		return fmt.Errorf("replication: apply LSN %d: %w", lsn, err)
@@ -747,8 +757,8 @@ func (rc *rconn) base(c BaseChunk) error {
 		return fmt.Errorf("replication: base data outside a transfer")
 	}
 	vol := rc.tgt.Vol
-	if c.Offset+int64(c.Length) > vol.Size() {
-		return fmt.Errorf("replication: base chunk beyond volume: off=%d len=%d", c.Offset, c.Length)
+	if err := blockdev.CheckRange(vol.Size(), c.Offset, int64(c.Length), 0); err != nil {
+		return fmt.Errorf("replication: base chunk off=%d len=%d: %w", c.Offset, c.Length, err)
 	}
 	err := x.live.freeRuns(c.Offset, int64(c.Length), func(off, n int64) error {
 		if c.Zero {
