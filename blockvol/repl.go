@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/blockd/blockd/blockdev"
+	"github.com/blockd/blockd/vfs"
 	"github.com/blockd/blockd/wal"
 )
 
@@ -225,3 +226,7 @@ func (v *Volume) Barrier() (uint64, error) {
 	}
 	return v.appendRecord(wal.Record{Type: wal.Barrier}, false)
 }
+
+// FS is the file system the volume's files live on (Options.FS): the one
+// replication keeps its per-volume state files on too.
+func (v *Volume) FS() vfs.FS { return v.fs }

@@ -27,9 +27,16 @@ type ReplicaTarget struct {
 	// Epoch is the epoch the master assigned to this server for the volume.
 	// Only a primary of exactly this epoch is served.
 	Epoch uint64
+	// PrimaryID is the server the master's assignment names as the
+	// volume's primary at Epoch: the only one whose session is accepted.
+	// Empty: none is (fail closed).
+	PrimaryID string
 	// Dir is where the receiver keeps its transfer state (resume point of
 	// an interrupted rebuild/resync). Empty: the volume's directory.
 	Dir string
+	// FS holds Dir's state files (repl-transfer.json, repl-lineage.json);
+	// nil: ReceiverConfig.FS. A Host passes the volume's own FS.
+	FS vfs.FS
 }
 
 // ReceiverConfig configures the replica side.
@@ -41,8 +48,12 @@ type ReceiverConfig struct {
 	// message, so an epoch bump by the server fences the old primary at
 	// its very next record or barrier.
 	Lookup func(volume string) (ReplicaTarget, bool)
-	Logger *slog.Logger
-	FS     vfs.FS
+	// Advance is asked when the named primary's Hello carries an epoch
+	// above the target's: it persists the higher epoch and returns the
+	// new target, or refuses. nil: such a Hello is refused as stale.
+	Advance func(volume string, epoch uint64, primaryID string) (ReplicaTarget, error)
+	Logger  *slog.Logger
+	FS      vfs.FS
 }
 
 // Receiver serves every replica volume of a volume server on one listener.
@@ -261,6 +272,14 @@ func (rc *rconn) send(m *Msg) error {
 	return rc.bw.Flush()
 }
 
+// refuseHello refuses a session at its Hello without touching the live
+// one, and logs who asked and who is named.
+func (rc *rconn) refuseHello(code, msg string, h Hello, tgt ReplicaTarget) {
+	rc.log.Warn(EvHelloRefused, "code", code, "detail", msg, "primary", h.PrimaryID, "named_primary", tgt.PrimaryID,
+		"replica_epoch", tgt.Epoch, "remote", rc.c.RemoteAddr().String())
+	rc.send(&Msg{Type: MsgError, Payload: ErrorBody{Code: code, Message: msg}.Encode()})
+}
+
 func (rc *rconn) refuse(code, msg string, attrs ...any) {
 	rc.log.Warn(EvRefused, append([]any{"code", code, "detail", msg}, attrs...)...)
 	rc.send(&Msg{Type: MsgError, Payload: ErrorBody{Code: code, Message: msg}.Encode()})
@@ -296,12 +315,39 @@ func (r *Receiver) handle(c net.Conn) {
 		rc.refuse(CodeNoVolume, "no replica volume "+m.Volume)
 		return
 	}
-	if m.Epoch != tgt.Epoch {
+	// Only the primary the assignment names may open a session: a
+	// stranger who read the epoch and the IDs from the master's API is
+	// refused here, before it can supersede the live session.
+	if tgt.PrimaryID == "" || h.PrimaryID != tgt.PrimaryID {
+		rc.refuseHello(CodeWrongPrimary, fmt.Sprintf("hello from %q, the assignment names primary %q", h.PrimaryID, tgt.PrimaryID), h, tgt)
+		return
+	}
+	if m.Epoch < tgt.Epoch || (m.Epoch > tgt.Epoch && r.cfg.Advance == nil) {
 		rc.refuse(CodeStaleEpoch, fmt.Sprintf("primary epoch %d, replica epoch %d", m.Epoch, tgt.Epoch), "replica_epoch", tgt.Epoch)
 		return
 	}
+	if m.Epoch > tgt.Epoch {
+		// The named primary moved to a newer epoch (an acting-set change):
+		// the epoch is persisted before the session is answered.
+		nt, err := r.cfg.Advance(m.Volume, m.Epoch, h.PrimaryID)
+		switch {
+		case errors.Is(err, ErrWrongPrimary):
+			rc.refuseHello(CodeWrongPrimary, err.Error(), h, tgt)
+			return
+		case err != nil:
+			rc.refuse(CodeStaleEpoch, fmt.Sprintf("primary epoch %d, replica epoch %d: %v", m.Epoch, tgt.Epoch, err), "replica_epoch", tgt.Epoch)
+			return
+		case nt.Epoch != m.Epoch || nt.PrimaryID != h.PrimaryID || nt.Vol == nil:
+			rc.refuse(CodeStaleEpoch, fmt.Sprintf("primary epoch %d, replica epoch %d", m.Epoch, nt.Epoch), "replica_epoch", nt.Epoch)
+			return
+		}
+		tgt = nt
+	}
 	if tgt.Dir == "" {
 		tgt.Dir = tgt.Vol.Dir()
+	}
+	if tgt.FS == nil {
+		tgt.FS = r.cfg.FS
 	}
 	rc.tgt = tgt
 	v := r.rv(m.Volume)
@@ -417,7 +463,7 @@ func (rc *rconn) loadLineage() lineage {
 		return l
 	}
 	p := filepath.Join(rc.tgt.Dir, lineageFile)
-	f, err := rc.r.cfg.FS.OpenFile(p, os.O_RDONLY, 0)
+	f, err := rc.tgt.FS.OpenFile(p, os.O_RDONLY, 0)
 	if err != nil {
 		return l
 	}
@@ -458,9 +504,14 @@ func (rc *rconn) loop() error {
 		}
 		// The server may have moved this volume to a newer epoch since the
 		// session began: the old primary is refused before anything is applied.
-		if tgt, ok := rc.r.cfg.Lookup(rc.volume); !ok || tgt.Epoch != m.Epoch {
+		tgt, ok := rc.r.cfg.Lookup(rc.volume)
+		if !ok || tgt.Epoch != m.Epoch {
 			rc.refuse(CodeStaleEpoch, fmt.Sprintf("message epoch %d, replica epoch %d", m.Epoch, tgt.Epoch), "replica_epoch", tgt.Epoch, "type", m.Type.String())
 			return ErrStaleEpoch
+		}
+		if tgt.PrimaryID != rc.tgt.PrimaryID {
+			rc.refuse(CodeWrongPrimary, fmt.Sprintf("session of %q, the assignment now names %q", rc.tgt.PrimaryID, tgt.PrimaryID), "type", m.Type.String())
+			return ErrWrongPrimary
 		}
 		switch m.Type {
 		case MsgRecord:
@@ -624,7 +675,7 @@ func (rc *rconn) loadState() (*xferState, error) {
 	if p == "" {
 		return nil, nil
 	}
-	fs := rc.r.cfg.FS
+	fs := rc.tgt.FS
 	f, err := fs.OpenFile(p, os.O_RDONLY, 0)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
@@ -660,7 +711,7 @@ func (rc *rconn) saveState(st *xferState) error {
 // rename, fsync of the directory).
 func (rc *rconn) writeFile(name string, v any) error {
 	p := filepath.Join(rc.tgt.Dir, name)
-	fs := rc.r.cfg.FS
+	fs := rc.tgt.FS
 	data, _ := json.Marshal(v)
 	tmp := p + ".tmp"
 	f, err := fs.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
@@ -687,10 +738,10 @@ func (rc *rconn) removeState() error {
 	if p == "" {
 		return nil
 	}
-	if err := rc.r.cfg.FS.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := rc.tgt.FS.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("replication: remove %s: %w", p, err)
 	}
-	return rc.r.cfg.FS.SyncDir(rc.tgt.Dir)
+	return rc.tgt.FS.SyncDir(rc.tgt.Dir)
 }
 
 func (rc *rconn) begin(b Begin) error {

@@ -22,7 +22,7 @@ func dialRaw(t *testing.T, addr string, epoch, session uint64, target string) (*
 	}
 	t.Cleanup(func() { c.Close() })
 	rp := &rawPrimary{t: t, c: c, mr: NewMsgReader(c), sess: session, ep: epoch}
-	rp.send(&Msg{Type: MsgHello, Payload: Hello{PrimaryID: "raw", TargetServerID: target, HeadLSN: 10, OldestLSN: 1, RegionSize: 65536}.Encode()})
+	rp.send(&Msg{Type: MsgHello, Payload: Hello{PrimaryID: testPrimaryID, TargetServerID: target, HeadLSN: 10, OldestLSN: 1, RegionSize: 65536}.Encode()})
 	return rp, rp.recv()
 }
 

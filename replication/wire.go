@@ -589,6 +589,7 @@ const (
 	CodeStaleEpoch   = "stale_epoch"
 	CodeStaleSession = "stale_session"
 	CodeWrongServer  = "wrong_server"
+	CodeWrongPrimary = "wrong_primary" // the Hello's primary is not the one the replica's assignment names
 	CodeNoVolume     = "no_volume"
 	CodeGap          = "lsn_gap"
 	CodeApply        = "apply_failed"

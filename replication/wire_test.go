@@ -194,7 +194,7 @@ func FuzzReceiverRecord(f *testing.F) {
 	defer vol.Close()
 	_, log := newCapture()
 	recv := NewReceiver(ReceiverConfig{ServerID: "srv-r", Logger: log, Lookup: func(string) (ReplicaTarget, bool) {
-		return ReplicaTarget{Vol: vol, Epoch: 3}, true
+		return ReplicaTarget{Vol: vol, Epoch: 3, PrimaryID: testPrimaryID}, true
 	}})
 	ln := mustListen(f)
 	go recv.Serve(ln)

@@ -45,7 +45,8 @@ func (s *Server) applyOne(a api.VolumeAssignment, sent time.Time) error {
 	if err != nil {
 		return err
 	}
-	ra := replication.Assignment{Volume: a.Volume, Role: a.Role, Epoch: a.Epoch, Durability: mode}
+	ra := replication.Assignment{Volume: a.Volume, Role: replication.Role(a.Role), Epoch: a.Epoch, Durability: mode,
+		PrimaryID: a.Primary.ServerID, ActingSet: a.ActingSet, MinCopies: a.MinCopies}
 	if a.LeaseTTLMS > 0 {
 		ra.LeaseUntil = sent.Add(time.Duration(a.LeaseTTLMS) * time.Millisecond)
 	}

@@ -64,7 +64,7 @@ func (s *Server) report() api.HeartbeatRequest {
 		h.mu.Lock()
 		id := h.id
 		h.mu.Unlock()
-		hv := api.HeartbeatVolume{Name: st.Volume, ID: id, Role: st.Role, Epoch: st.Epoch,
+		hv := api.HeartbeatVolume{Name: st.Volume, ID: id, Role: string(st.Role), Epoch: st.Epoch,
 			HeadLSN: st.HeadLSN, CheckpointLSN: st.CheckpointLSN, DurableLSN: st.DurableLSN}
 		for _, r := range st.Replicas {
 			hv.Replicas = append(hv.Replicas, api.HeartbeatReplica{ServerID: r.ServerID,
