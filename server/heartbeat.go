@@ -53,7 +53,7 @@ func (s *Server) heartbeatLoop() {
 func (s *Server) report() api.HeartbeatRequest {
 	total, free := s.capacity()
 	req := api.HeartbeatRequest{ServerID: s.cfg.ServerID, Addr: s.Addr(), NBDAddr: s.NBDAddr(),
-		CapacityBytes: total, FreeBytes: free}
+		CapacityBytes: total, FreeBytes: free, Failures: s.fails.list()}
 	for _, st := range s.host.Status() {
 		s.mu.Lock()
 		h := s.vols[st.Volume]
