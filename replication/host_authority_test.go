@@ -297,3 +297,45 @@ func TestHostFailedPersistDoesNotServe(t *testing.T) {
 		t.Fatalf("write after the retry: %v", err)
 	}
 }
+
+// Issue 15 §5: a Host's receiver keeps repl-lineage.json on the volume's
+// own FS, durably (write, fsync, rename, directory sync): after a power
+// cut of that FS the file is there. Before, it went to the OS file
+// system at the volume's path, past the volume's FS.
+func TestHostReplicaStateFilesOnVolumeFS(t *testing.T) {
+	_, log := newCapture()
+	cfs := vfs.NewCrashFS()
+	rvol, err := blockvol.Create("/vols/v1", blockvol.Options{Size: testVolSize, WALSize: 8 << 20, FS: cfs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rvol.Close()
+	clk := &clock{t: time.Unix(1_000_000, 0)}
+	a := newNode(t, testVolSize)
+	ha, _ := startHost(t, "srv-a", clk, log)
+	hb, addrB := startHost(t, "srv-b", clk, log)
+	ha.AddVolume("v1", a.vol)
+	hb.AddVolume("v1", rvol)
+	if err := hb.Apply(Assignment{Volume: "v1", Role: RoleReplica, Epoch: 1, PrimaryID: "srv-a"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ha.Apply(Assignment{Volume: "v1", Role: RolePrimary, Epoch: 1, PrimaryID: "srv-a", LeaseUntil: clk.t.Add(time.Hour),
+		Durability: SyncAll, Replicas: []Peer{{"srv-b", addrB}}, ActingSet: []string{"srv-b"}}); err != nil {
+		t.Fatal(err)
+	}
+	pa, _ := ha.Primary("v1")
+	waitState(t, pa, "srv-b", InSync)
+	dev, _ := ha.Device("v1")
+	if err := dev.WriteAt(block4k(7), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := dev.Flush(); err != nil {
+		t.Fatalf("flush with the replica on a CrashFS: %v", err)
+	}
+	after := cfs.PowerCut(vfs.CutOptions{})
+	f, err := after.OpenFile("/vols/v1/"+lineageFile, 0, 0)
+	if err != nil {
+		t.Fatalf("%s after a power cut of the volume's FS: %v (files: %v)", lineageFile, err, after.Files())
+	}
+	f.Close()
+}
