@@ -90,7 +90,7 @@ type Host struct {
 	log  *slog.Logger
 	recv *Receiver
 
-	mu   sync.Mutex                          // guards changes to vols and every hostVol.primary
+	mu   sync.Mutex                          // serialises changes to vols and to every hostVol.primary
 	vols atomic.Pointer[map[string]*hostVol] // copy on write: read without mu
 }
 
@@ -112,8 +112,8 @@ type hostVol struct {
 	// amu serialises the volume's authority changes (Apply, a higher
 	// epoch from the named primary, removal): persist, then publish.
 	amu     sync.Mutex
-	removed bool     // guarded by amu
-	primary *Primary // guarded by Host.mu
+	removed bool                    // guarded by amu
+	primary atomic.Pointer[Primary] // read without a lock; set under Host.mu
 }
 
 // VolumeStatus is what a heartbeat reports for one volume.
@@ -186,8 +186,7 @@ func (h *Host) RemoveVolume(name string) error {
 		}
 	}
 	h.vols.Store(&next)
-	prim := hv.primary
-	hv.primary = nil
+	prim := hv.primary.Swap(nil)
 	h.mu.Unlock()
 	hv.amu.Lock()
 	hv.removed = true
@@ -259,9 +258,9 @@ func (h *Host) Apply(a Assignment) error {
 		return fmt.Errorf("replication: assignment for %s: %w", a.Volume, err)
 	}
 	h.mu.Lock()
-	prim := hv.primary
+	prim := hv.primary.Load()
 	if a.Role != RolePrimary {
-		hv.primary = nil
+		hv.primary.Store(nil)
 	}
 	h.mu.Unlock()
 	if a.Role != RolePrimary {
@@ -282,7 +281,7 @@ func (h *Host) Apply(a Assignment) error {
 		return err
 	}
 	h.mu.Lock()
-	hv.primary = p
+	hv.primary.Store(p)
 	h.mu.Unlock()
 	return err
 }
@@ -357,7 +356,8 @@ func (h *Host) advance(name string, epoch uint64, primaryID string) (ReplicaTarg
 }
 
 // Device is what the frontends export for a volume: the Primary (writes
-// gated by role, epoch and lease) while this server is its primary.
+// gated by role, epoch and lease) while this server is its primary. It
+// takes no lock (a frontend may ask per request).
 func (h *Host) Device(name string) (blockdev.Device, bool) {
 	if p, ok := h.Primary(name); ok {
 		return p, true
@@ -371,10 +371,8 @@ func (h *Host) Primary(name string) (*Primary, bool) {
 	if hv == nil {
 		return nil, false
 	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if hv.primary != nil {
-		return hv.primary, true
+	if p := hv.primary.Load(); p != nil {
+		return p, true
 	}
 	return nil, false
 }
@@ -393,10 +391,7 @@ func (h *Host) Status() []VolumeStatus {
 		a := hv.auth.Load()
 		st := VolumeStatus{Volume: n, Role: a.Role, Epoch: a.Epoch, LeaseUntil: a.Lease,
 			HeadLSN: hv.vol.HeadLSN(), CheckpointLSN: hv.vol.CheckpointLSN(), DurableLSN: hv.vol.DurableLSN()}
-		h.mu.Lock()
-		p := hv.primary
-		h.mu.Unlock()
-		if p != nil {
+		if p := hv.primary.Load(); p != nil {
 			st.Replicas = p.Replicas()
 		}
 		out = append(out, st)
@@ -410,9 +405,8 @@ func (h *Host) Close() error {
 	h.mu.Lock()
 	var ps []*Primary
 	for _, hv := range *h.vols.Load() {
-		if hv.primary != nil {
-			ps = append(ps, hv.primary)
-			hv.primary = nil
+		if p := hv.primary.Swap(nil); p != nil {
+			ps = append(ps, p)
 		}
 	}
 	h.mu.Unlock()
