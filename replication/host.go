@@ -81,7 +81,7 @@ type HostConfig struct {
 //
 // Each volume has one authority record (role, epoch, lease, named
 // primary, acting set, min copies), replaced whole through an
-// atomic.Pointer. It changes in one place, setAuthority, which persists
+// atomic.Pointer. It changes in one place, setAuthorityLocked, which persists
 // the epoch and role (fsync) before it publishes the new record: a failed
 // persist leaves the old record in force, with its lease revoked. The
 // write gate and the receiver read the record without a lock.
@@ -90,8 +90,9 @@ type Host struct {
 	log  *slog.Logger
 	recv *Receiver
 
-	mu   sync.Mutex                          // serialises changes to vols and to every hostVol.primary
-	vols atomic.Pointer[map[string]*hostVol] // copy on write: read without mu
+	mu     sync.Mutex                          // serialises changes to vols and to every hostVol.primary
+	vols   atomic.Pointer[map[string]*hostVol] // copy on write: read without mu
+	closed bool                                // guarded by mu
 }
 
 // authority is what this server holds for one volume: immutable once
@@ -172,13 +173,22 @@ func (h *Host) AddVolume(name string, vol *blockvol.Volume) error {
 // RemoveVolume stops replication for the volume (its Primary, if any, is
 // closed). The volume itself is not closed.
 func (h *Host) RemoveVolume(name string) error {
-	h.mu.Lock()
-	old := *h.vols.Load()
-	hv := old[name]
+	hv := h.get(name)
 	if hv == nil {
-		h.mu.Unlock()
 		return fmt.Errorf("replication: volume %s not found", name)
 	}
+	// amu first (as Apply): an Apply in progress finishes, and none
+	// starts a Primary for this volume afterwards.
+	hv.amu.Lock()
+	if hv.removed {
+		hv.amu.Unlock()
+		return fmt.Errorf("replication: volume %s not found", name)
+	}
+	hv.removed = true
+	cur := hv.auth.Load()
+	hv.auth.Store(&authority{Role: RoleNone, Epoch: cur.Epoch})
+	h.mu.Lock()
+	old := *h.vols.Load()
 	next := make(map[string]*hostVol, len(old))
 	for k, v := range old {
 		if k != name {
@@ -188,10 +198,6 @@ func (h *Host) RemoveVolume(name string) error {
 	h.vols.Store(&next)
 	prim := hv.primary.Swap(nil)
 	h.mu.Unlock()
-	hv.amu.Lock()
-	hv.removed = true
-	cur := hv.auth.Load()
-	hv.auth.Store(&authority{Role: RoleNone, Epoch: cur.Epoch})
 	hv.amu.Unlock()
 	if prim != nil {
 		prim.Close()
@@ -281,6 +287,11 @@ func (h *Host) Apply(a Assignment) error {
 		return err
 	}
 	h.mu.Lock()
+	if h.closed {
+		h.mu.Unlock()
+		p.Close()
+		return errors.Join(err, fmt.Errorf("replication: assignment for %s: host closed while starting the primary", a.Volume))
+	}
 	hv.primary.Store(p)
 	h.mu.Unlock()
 	return err
@@ -403,6 +414,7 @@ func (h *Host) Status() []VolumeStatus {
 func (h *Host) Close() error {
 	h.recv.Close()
 	h.mu.Lock()
+	h.closed = true
 	var ps []*Primary
 	for _, hv := range *h.vols.Load() {
 		if p := hv.primary.Swap(nil); p != nil {
