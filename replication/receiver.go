@@ -67,6 +67,8 @@ type Receiver struct {
 	conns  map[net.Conn]struct{}
 	closed bool
 	wg     sync.WaitGroup
+
+	refusals refusalLog // hello_refused, rate-limited per volume, peer and code
 }
 
 // rvol serialises sessions of one volume: a new session closes the old
@@ -274,10 +276,52 @@ func (rc *rconn) send(m *Msg) error {
 
 // refuseHello refuses a session at its Hello without touching the live
 // one, and logs who asked and who is named.
+// A peer that keeps sending refused Hellos is logged once per
+// refusalLogEvery (with the number of refusals in between), not once
+// per Hello.
 func (rc *rconn) refuseHello(code, msg string, h Hello, tgt ReplicaTarget) {
-	rc.log.Warn(EvHelloRefused, "code", code, "detail", msg, "primary", h.PrimaryID, "named_primary", tgt.PrimaryID,
-		"replica_epoch", tgt.Epoch, "remote", rc.c.RemoteAddr().String())
+	if n, ok := rc.r.refusals.note(rc.volume+"\x00"+h.PrimaryID+"\x00"+code, time.Now()); ok {
+		rc.log.Warn(EvHelloRefused, "code", code, "detail", msg, "primary", h.PrimaryID, "named_primary", tgt.PrimaryID,
+			"replica_epoch", tgt.Epoch, "remote", rc.c.RemoteAddr().String(), "refused_since_last_log", n)
+	}
 	rc.send(&Msg{Type: MsgError, Payload: ErrorBody{Code: code, Message: msg}.Encode()})
+}
+
+const refusalLogEvery = 10 * time.Second
+
+// refusalLog rate-limits the log of repeated refusals by key.
+type refusalLog struct {
+	mu sync.Mutex
+	m  map[string]*refusalEnt
+}
+
+type refusalEnt struct {
+	last       time.Time
+	suppressed int
+}
+
+// note counts a refusal; ok says whether to log it now, n how many were
+// not logged since the last one that was.
+func (l *refusalLog) note(key string, now time.Time) (n int, ok bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.m == nil {
+		l.m = map[string]*refusalEnt{}
+	}
+	e := l.m[key]
+	if e == nil {
+		if len(l.m) >= 1024 { // bounded: forget everything rather than grow
+			clear(l.m)
+		}
+		l.m[key] = &refusalEnt{last: now}
+		return 0, true
+	}
+	if now.Sub(e.last) < refusalLogEvery {
+		e.suppressed++
+		return 0, false
+	}
+	n, e.last, e.suppressed = e.suppressed, now, 0
+	return n, true
 }
 
 func (rc *rconn) refuse(code, msg string, attrs ...any) {

@@ -172,3 +172,24 @@ func TestReceiverRefusesOverflowingRecord(t *testing.T) {
 		t.Fatalf("block 6 after reopen: %v", err)
 	}
 }
+
+// A stranger re-sending Hellos is logged once per refusalLogEvery per
+// (volume, peer, code), with the count of the refusals in between.
+func TestRefusalLogRateLimited(t *testing.T) {
+	var l refusalLog
+	t0 := time.Unix(1_000_000, 0)
+	if _, ok := l.note("v\x00evil", t0); !ok {
+		t.Fatal("first refusal not logged")
+	}
+	for i := 1; i <= 49; i++ {
+		if _, ok := l.note("v\x00evil", t0.Add(time.Duration(i)*200*time.Millisecond)); ok {
+			t.Fatalf("refusal %d within the window logged", i)
+		}
+	}
+	if _, ok := l.note("v\x00other", t0.Add(time.Second)); !ok {
+		t.Fatal("another peer's first refusal not logged")
+	}
+	if n, ok := l.note("v\x00evil", t0.Add(refusalLogEvery)); !ok || n != 49 {
+		t.Fatalf("after the window: logged %v with %d suppressed, want true/49", ok, n)
+	}
+}
