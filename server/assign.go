@@ -3,7 +3,7 @@ package server
 import (
 	"errors"
 	"fmt"
-	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/blockd/blockd/api"
@@ -140,7 +140,13 @@ func (s *Server) drop(name string) {
 	if err := h.close(); err != nil {
 		s.log.Error("volume_drop_close_failed", "volume", name, "err", err)
 	}
-	if err := os.RemoveAll(h.dir); err != nil {
+	// Through the server's FS, and the parent synced, so a drop cannot come
+	// back after a power cut as a half-removed volume directory.
+	if err := s.cfg.FS.RemoveAll(h.dir); err != nil {
+		s.log.Error("volume_drop_failed", "volume", name, "err", err)
+		return
+	}
+	if err := s.cfg.FS.SyncDir(filepath.Dir(h.dir)); err != nil {
 		s.log.Error("volume_drop_failed", "volume", name, "err", err)
 		return
 	}
