@@ -279,6 +279,11 @@ func (m *Master) startRaft() error {
 		m.netTrans, m.transport, self = nt, nt, nt.LocalAddr()
 	}
 
+	if err := m.recoverConfiguration(rc, logs, store, snaps, self, single); err != nil {
+		m.closeTransport()
+		store.Close()
+		return err
+	}
 	r, err := raft.NewRaft(rc, m.fsm, logs, store, snaps, m.transport)
 	if err != nil {
 		m.closeTransport()

@@ -20,6 +20,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -527,4 +529,57 @@ func (m *Master) changeMember(mb member, idx uint64, change func() raft.IndexFut
 	}
 	m.mem.forget(mb.ID)
 	m.log.Info(event, "id", mb.ID, "raft_addr", mb.Addr, "reason", reason, "waited_ms", waited.Milliseconds())
+}
+
+// peersFile is the name, in the data directory, of an operator's forced
+// raft configuration (hashicorp/raft's peers.json format:
+// [{"id": API_ADDR, "address": RAFT_ADDR, "non_voter": false}, ...]).
+const peersFile = "peers.json"
+
+// recoverConfiguration applies DataDir/peers.json, if present, before raft
+// starts: the offline way back for a master whose configuration lost its
+// quorum (most voters dead, or a voter that never existed). The file must
+// list this master as a voter; on the in-memory transport (single node) it
+// must list this master alone, and its address is ignored. The file is
+// renamed once applied so that it is applied once.
+func (m *Master) recoverConfiguration(rc *raft.Config, logs raft.LogStore, store raft.StableStore, snaps raft.SnapshotStore, self raft.ServerAddress, single bool) error {
+	path := filepath.Join(m.cfg.DataDir, peersFile)
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("master: %s: %w", path, err)
+	}
+	conf, err := raft.ReadConfigJSON(path)
+	if err != nil {
+		return fmt.Errorf("master: %s: want [{\"id\": API_ADDR, \"address\": RAFT_ADDR}, ...]: %w", path, err)
+	}
+	var selfEntry *raft.Server
+	for i := range conf.Servers {
+		if conf.Servers[i].ID == rc.LocalID {
+			selfEntry = &conf.Servers[i]
+		}
+	}
+	switch {
+	case selfEntry == nil || selfEntry.Suffrage != raft.Voter:
+		return fmt.Errorf("master: %s must list this master (id %s) as a voter", path, rc.LocalID)
+	case single && len(conf.Servers) != 1:
+		return fmt.Errorf("master: %s lists %d servers, but this master runs alone on an in-memory raft transport: list only %s", path, len(conf.Servers), rc.LocalID)
+	case single:
+		selfEntry.Address = self
+	case selfEntry.Address != self:
+		return fmt.Errorf("master: %s lists this master at raft address %s, but it listens on %s", path, selfEntry.Address, self)
+	}
+	if err := raft.RecoverCluster(rc, &fsm{st: newState()}, logs, store, snaps, m.transport, conf); err != nil {
+		return fmt.Errorf("master: recover raft configuration from %s: %w", path, err)
+	}
+	done := fmt.Sprintf("%s.applied-%d", path, time.Now().Unix())
+	if err := os.Rename(path, done); err != nil {
+		return fmt.Errorf("master: raft configuration recovered, but %s could not be renamed (remove it before the next start): %w", path, err)
+	}
+	ids := make([]string, 0, len(conf.Servers))
+	for _, s := range conf.Servers {
+		ids = append(ids, string(s.ID))
+	}
+	m.log.Warn("raft_config_recovered", "id", m.id, "servers", ids, "from", path, "renamed_to", done)
+	return nil
 }

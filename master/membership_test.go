@@ -8,6 +8,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -417,4 +419,137 @@ func TestRemoveDeadVoterThenJoin(t *testing.T) {
 	waitFor(t, "server", 30*time.Second, func() bool { ss, err := c.Servers(ctxT(t)); return err == nil && len(ss) == 1 })
 	createWorks(t, c, "after-membership-change")
 	waitFor(t, "replicated to the new voter", 20*time.Second, func() bool { return fresh.fsm.volume("after-membership-change") != nil })
+}
+
+// A data directory wedged the way issue 18 left it (a second voter that
+// never existed, so no quorum, so a Candidate forever) comes back with an
+// operator's peers.json listing this master alone; the registry survives,
+// the file is applied once. A peers.json that leaves this master out is
+// refused at start.
+func TestPeersJSONRecoversWedgedMaster(t *testing.T) {
+	dir := t.TempDir()
+	var logs logSink
+	m := startMaster(t, Config{DataDir: dir, APIAddr: "127.0.0.1:0", Logger: logs.logger()})
+	if err := m.WaitLeader(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	c := api.NewClient([]string{m.APIAddr()})
+	f := newFakeServer("s1", 1, c.Addrs())
+	if _, err := f.beat(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	createWorks(t, c, "kept")
+	id := m.ID()
+	// What the old join did: a voter nobody can reach.
+	_ = m.raft.AddVoter("x", "127.0.0.1:1", 0, 2*time.Second).Error()
+	waitFor(t, "quorum lost", 30*time.Second, func() bool { return !m.IsLeader() })
+	m.Close()
+
+	write := func(body string) {
+		if err := os.WriteFile(filepath.Join(dir, peersFile), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for name, body := range map[string]string{
+		"without this master": `[{"id":"x","address":"127.0.0.1:1"}]`,
+		"two on in-memory":    `[{"id":"` + id + `","address":"a"},{"id":"x","address":"127.0.0.1:1"}]`,
+		"garbage":             `{`,
+	} {
+		write(body)
+		m2, err := Start(Config{DataDir: dir, APIAddr: "127.0.0.1:0", Logger: logs.logger()})
+		if err == nil {
+			m2.Close()
+			t.Fatalf("peers.json %s: accepted", name)
+		}
+		if !strings.Contains(err.Error(), peersFile) {
+			t.Fatalf("peers.json %s: %v does not name the file", name, err)
+		}
+		t.Logf("peers.json %s: %v", name, err)
+	}
+	write(`[{"id":"` + id + `","address":"ignored on the in-memory transport"}]`)
+	m3 := startMaster(t, Config{DataDir: dir, APIAddr: "127.0.0.1:0", Logger: logs.logger()})
+	if err := m3.WaitLeader(ctxT(t)); err != nil {
+		t.Fatalf("after recovery: %v", err)
+	}
+	if len(logs.find("raft_config_recovered", "id", id)) != 1 {
+		t.Fatal("no raft_config_recovered event")
+	}
+	if _, err := os.Stat(filepath.Join(dir, peersFile)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("peers.json still in place: %v", err)
+	}
+	if v, nv := voterIDs(members(t, m3)); len(v) != 1 || v[0] != id || len(nv) != 0 {
+		t.Fatalf("recovered configuration: voters %v non-voters %v", v, nv)
+	}
+	c3 := api.NewClient([]string{m3.APIAddr()})
+	if m3.fsm.volume("kept") == nil {
+		t.Fatal("the registry lost volume kept")
+	}
+	f.c = c3
+	if _, err := f.beat(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	createWorks(t, c3, "after-recovery")
+	// Applied once: the next start is an ordinary one.
+	m3.Close()
+	m4 := startMaster(t, Config{DataDir: dir, APIAddr: "127.0.0.1:0", Logger: logs.logger()})
+	if err := m4.WaitLeader(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(logs.find("raft_config_recovered")); n != 1 {
+		t.Fatalf("%d recoveries, want 1", n)
+	}
+}
+
+// Two of three masters dead: no leader, so no remove. The survivor is
+// stopped, given a peers.json naming itself alone, and restarted: it leads
+// with the registry it had; a new master can join it again.
+func TestPeersJSONRecoversLostMajority(t *testing.T) {
+	if testing.Short() {
+		t.Skip("3-master cluster in -short")
+	}
+	var logs logSink
+	var apis, rafts, peers []string
+	for i := 0; i < 3; i++ {
+		apis = append(apis, freePort(t))
+		rafts = append(rafts, freePort(t))
+		peers = append(peers, apis[i]+"="+rafts[i])
+	}
+	var ms []*Master
+	dirs := []string{t.TempDir(), t.TempDir(), t.TempDir()}
+	for i := 0; i < 3; i++ {
+		ms = append(ms, startMaster(t, Config{DataDir: dirs[i], APIAddr: apis[i], RaftAddr: rafts[i], Peers: peers, Logger: logs.logger().With("node", i)}))
+	}
+	waitFor(t, "a leader", 30*time.Second, func() bool { return ms[0].IsLeader() || ms[1].IsLeader() || ms[2].IsLeader() })
+	c := api.NewClient(apis)
+	f := newFakeServer("s1", 1, apis)
+	waitFor(t, "a heartbeat", 30*time.Second, func() bool { _, err := f.beat(ctxT(t)); return err == nil })
+	createWorks(t, c, "kept")
+	waitFor(t, "replicated", 20*time.Second, func() bool { return ms[0].fsm.volume("kept") != nil })
+	for _, m := range ms {
+		m.srv.Close()
+		m.Close()
+	}
+	if err := os.WriteFile(filepath.Join(dirs[0], peersFile), []byte(`[{"id":"`+apis[0]+`","address":"127.0.0.1:1"}]`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Start(Config{DataDir: dirs[0], APIAddr: apis[0], RaftAddr: rafts[0], Peers: peers, Logger: logs.logger()}); err == nil ||
+		!strings.Contains(err.Error(), "listens on "+rafts[0]) {
+		t.Fatalf("peers.json with a wrong address for this master: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(dirs[0], peersFile), []byte(`[{"id":"`+apis[0]+`","address":"`+rafts[0]+`"}]`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m := startMaster(t, Config{DataDir: dirs[0], APIAddr: apis[0], RaftAddr: rafts[0], Peers: peers, Logger: logs.logger().With("node", "survivor")})
+	if err := m.WaitLeader(ctxT(t)); err != nil {
+		t.Fatalf("survivor after recovery: %v", err)
+	}
+	if m.fsm.volume("kept") == nil {
+		t.Fatal("the registry lost volume kept")
+	}
+	j := startMaster(t, Config{DataDir: t.TempDir(), APIAddr: freePort(t), RaftAddr: freePort(t), Join: apis[0], Logger: logs.logger().With("node", "new")})
+	waitFor(t, "the new master promoted", 30*time.Second, func() bool {
+		v, nv := voterIDs(members(t, m))
+		return len(v) == 2 && len(nv) == 0
+	})
+	waitFor(t, "replicated to the new master", 20*time.Second, func() bool { return j.fsm.volume("kept") != nil })
 }
