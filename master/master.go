@@ -345,15 +345,18 @@ func (m *Master) join() {
 			m.log.Info("raft_join_accepted", "via", m.cfg.Join, "id", m.id, "suffrage", resp.Suffrage)
 			break
 		}
-		if api.IsCode(err, api.CodeMemberConflict) || api.IsCode(err, api.CodeJoinUnsupported) {
-			m.log.Error("raft_join_refused", "via", m.cfg.Join, "id", m.id, "err", err)
+		wait := time.Second
+		if api.IsCode(err, api.CodeMemberConflict) || api.IsCode(err, api.CodeJoinUnsupported) ||
+			api.IsCode(err, api.CodeRaftUnreachable) || api.IsCode(err, api.CodeBadRequest) {
+			wait = 10 * time.Second // refused: retry slowly, until an operator fixes it
+			m.log.Error("raft_join_refused", "via", m.cfg.Join, "id", m.id, "retry_in", wait, "err", err)
 		} else {
 			m.log.Warn("raft_join_retry", "via", m.cfg.Join, "err", err)
 		}
 		select {
 		case <-m.stop:
 			return
-		case <-time.After(time.Second):
+		case <-time.After(wait):
 		}
 	}
 	t := time.NewTicker(200 * time.Millisecond)

@@ -40,7 +40,7 @@ const (
 	// when it is promoted.
 	catchUpMaxLag = 32
 	// memberProbeTimeout bounds one /v1/status poll of another master.
-	memberProbeTimeout = time.Second
+	memberProbeTimeout = 2 * time.Second
 	// reconcileInterval is how often the leader looks at its non-voters.
 	reconcileInterval = 250 * time.Millisecond
 	// configChangeTimeout bounds the enqueueing of a configuration change.

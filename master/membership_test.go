@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -284,7 +285,7 @@ func TestJoinRefusals(t *testing.T) {
 // master keeps its quorum and serves throughout.
 func TestJoinNonvoterThatNeverCatchesUpIsDropped(t *testing.T) {
 	var logs logSink
-	m := startMaster(t, Config{DataDir: t.TempDir(), APIAddr: freePort(t), RaftAddr: freePort(t), JoinCatchUpTimeout: 2 * time.Second, Logger: logs.logger()})
+	m := startMaster(t, Config{DataDir: t.TempDir(), APIAddr: freePort(t), RaftAddr: freePort(t), JoinCatchUpTimeout: 5 * time.Second, Logger: logs.logger()})
 	if err := m.WaitLeader(ctxT(t)); err != nil {
 		t.Fatal(err)
 	}
@@ -309,13 +310,39 @@ func TestJoinNonvoterThatNeverCatchesUpIsDropped(t *testing.T) {
 			conn.Close()
 		}
 	}()
-	id := freePort(t)
-	resp, err := c.JoinMaster(ctxT(t), api.JoinRequest{ID: id, RaftAddr: ln.Addr().String()})
-	if err != nil || resp.Suffrage != api.SuffrageNonvoter {
-		t.Fatalf("join: %+v %v", resp, err)
+	// Eight joins race for the same raft address under different IDs:
+	// exactly one is added, the others are told who has it.
+	ids := make([]string, 8)
+	errs := make([]error, len(ids))
+	var wg sync.WaitGroup
+	for i := range ids {
+		ids[i] = freePort(t)
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			_, errs[i] = c.JoinMaster(ctxT(t), api.JoinRequest{ID: ids[i], RaftAddr: ln.Addr().String()})
+		}(i)
+	}
+	wg.Wait()
+	id := ""
+	for i, err := range errs {
+		switch {
+		case err == nil && id == "":
+			id = ids[i]
+		case err == nil:
+			t.Fatalf("two joins took raft address %s: %s and %s", ln.Addr(), id, ids[i])
+		case !api.IsCode(err, api.CodeMemberConflict):
+			t.Fatalf("join %s: %v, want member_conflict", ids[i], err)
+		}
+	}
+	if id == "" {
+		t.Fatalf("no join won: %v", errs)
 	}
 	if _, nv := voterIDs(members(t, m)); len(nv) != 1 || nv[0] != id {
 		t.Fatalf("non-voters %v, want [%s]", nv, id)
+	}
+	if resp, err := c.JoinMaster(ctxT(t), api.JoinRequest{ID: id, RaftAddr: ln.Addr().String()}); err != nil || resp.Suffrage != api.SuffrageNonvoter {
+		t.Fatalf("repeated join: %+v %v", resp, err)
 	}
 	createWorks(t, c, "with-nonvoter") // the non-voter counts for no quorum
 	waitFor(t, "the non-voter dropped", 30*time.Second, func() bool { return len(logs.find("raft_nonvoter_dropped", "id", id)) == 1 })
