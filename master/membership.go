@@ -163,6 +163,7 @@ type catchUp struct {
 // joinerStatus is what a non-voter's /v1/status said (or why it said nothing).
 type joinerStatus struct {
 	ID      string
+	Leader  string // whom it follows
 	Applied uint64
 	Err     error
 }
@@ -176,14 +177,18 @@ const (
 )
 
 // catchUpVerdict decides a non-voter's fate from its latest status, the
-// leader's commit index and how long it has been waiting.
-func catchUpVerdict(id string, p catchUp, st joinerStatus, commit uint64, now time.Time, timeout time.Duration) (verdict, string) {
+// leader's ID and commit index, and how long it has been waiting. Only a
+// joiner that follows this leader and has applied its own join has proven
+// that the leader's raft traffic reaches it.
+func catchUpVerdict(id, leader string, p catchUp, st joinerStatus, commit uint64, now time.Time, timeout time.Duration) (verdict, string) {
 	var why string
 	switch {
 	case st.Err != nil:
 		why = fmt.Sprintf("status of %s unavailable: %v", id, st.Err)
 	case st.ID != id:
 		why = fmt.Sprintf("%s answers as master %q", id, st.ID)
+	case st.Leader != leader:
+		why = fmt.Sprintf("%s follows leader %q, not %s", id, st.Leader, leader)
 	case st.Applied < p.target:
 		why = fmt.Sprintf("applied index %d, has not applied its own join at %d", st.Applied, p.target)
 	case commit > st.Applied+catchUpMaxLag:
@@ -494,10 +499,10 @@ func (m *Master) reconcileOnce(now time.Time) {
 		if st, err := m.probeStatus(mb.ID); err != nil {
 			js.Err = err
 		} else {
-			js.ID, js.Applied = st.ID, st.Applied
+			js.ID, js.Leader, js.Applied = st.ID, st.Leader, st.Applied
 		}
 		decidedAt := time.Now()
-		v, why := catchUpVerdict(mb.ID, p, js, m.raft.CommitIndex(), decidedAt, m.cfg.JoinCatchUpTimeout)
+		v, why := catchUpVerdict(mb.ID, m.id, p, js, m.raft.CommitIndex(), decidedAt, m.cfg.JoinCatchUpTimeout)
 		switch v {
 		case verdictWait:
 			if m.mem.shouldLogWait(mb.ID, decidedAt) {

@@ -84,16 +84,17 @@ func TestCatchUpVerdict(t *testing.T) {
 		at     time.Duration
 		want   verdict
 	}{
-		"caught up":            {joinerStatus{ID: "n:1", Applied: 110}, 120, time.Second, verdictPromote},
-		"caught up at timeout": {joinerStatus{ID: "n:1", Applied: 110}, 120, time.Minute, verdictPromote},
-		"before its join":      {joinerStatus{ID: "n:1", Applied: 99}, 100, time.Second, verdictWait},
-		"lagging":              {joinerStatus{ID: "n:1", Applied: 100}, 100 + catchUpMaxLag + 1, time.Second, verdictWait},
+		"caught up":            {joinerStatus{ID: "n:1", Leader: "l:1", Applied: 110}, 120, time.Second, verdictPromote},
+		"caught up at timeout": {joinerStatus{ID: "n:1", Leader: "l:1", Applied: 110}, 120, time.Minute, verdictPromote},
+		"before its join":      {joinerStatus{ID: "n:1", Leader: "l:1", Applied: 99}, 100, time.Second, verdictWait},
+		"lagging":              {joinerStatus{ID: "n:1", Leader: "l:1", Applied: 100}, 100 + catchUpMaxLag + 1, time.Second, verdictWait},
 		"silent":               {joinerStatus{Err: errors.New("refused")}, 100, time.Second, verdictWait},
-		"impostor":             {joinerStatus{ID: "other:1", Applied: 500}, 100, time.Second, verdictWait},
+		"another cluster's":    {joinerStatus{ID: "n:1", Leader: "elsewhere:1", Applied: 500}, 100, time.Second, verdictWait},
+		"impostor":             {joinerStatus{ID: "other:1", Leader: "l:1", Applied: 500}, 100, time.Second, verdictWait},
 		"silent too long":      {joinerStatus{Err: errors.New("refused")}, 100, to, verdictDrop},
-		"lagging too long":     {joinerStatus{ID: "n:1", Applied: 10}, 100, to + time.Second, verdictDrop},
+		"lagging too long":     {joinerStatus{ID: "n:1", Leader: "l:1", Applied: 10}, 100, to + time.Second, verdictDrop},
 	} {
-		v, why := catchUpVerdict("n:1", p, tc.st, tc.commit, t0.Add(tc.at), to)
+		v, why := catchUpVerdict("n:1", "l:1", p, tc.st, tc.commit, t0.Add(tc.at), to)
 		if v != tc.want || why == "" {
 			t.Errorf("%s: verdict %v (%s), want %v", name, v, why, tc.want)
 		}
