@@ -15,6 +15,14 @@ const (
 	// CodeRaftUnreachable (422): the join's raft address refused or timed
 	// out a TCP dial from the leader.
 	CodeRaftUnreachable = "raft_addr_unreachable"
+	// CodeJoinerUnreachable (422): the joining master's API address (its
+	// id) did not answer GET /v1/status from the leader.
+	CodeJoinerUnreachable = "joiner_unreachable"
+	// CodeJoinerNotFresh (409): the joining master already has raft state
+	// (a term, a log, a configuration or a leader of its own); only a master
+	// with an empty data directory may join, or another cluster's registry
+	// would be overwritten.
+	CodeJoinerNotFresh = "joiner_not_fresh"
 	// CodeJoinUnsupported (409): the master runs alone on an in-memory raft
 	// transport (no raft address) and cannot take members.
 	CodeJoinUnsupported = "join_unsupported"

@@ -154,6 +154,22 @@ func decideJoin(ms []member, id, addr string) (joinAction, *api.Error) {
 	return joinAdd, nil
 }
 
+// checkFresh refuses a joiner that already has raft state. Raft trusts any
+// higher term: a leader replicating to a master of another cluster would
+// overwrite that cluster's log, or step down on its term. A master started
+// with --join and an empty data directory has term 0, no log, no peers.
+func checkFresh(id string, st *api.StatusResponse) *api.Error {
+	if st.ID != id {
+		return memberErr(api.CodeMemberConflict, http.StatusConflict, "the master at %s answers as %q, not as %s", id, st.ID, id)
+	}
+	if st.Term == 0 && st.Applied == 0 && len(st.Peers) == 0 && st.Leader == "" {
+		return nil
+	}
+	return memberErr(api.CodeJoinerNotFresh, http.StatusConflict,
+		"master %s already has raft state (term %d, applied index %d, peers [%s], leader %q); only a master with an empty data directory can join",
+		id, st.Term, st.Applied, strings.Join(st.Peers, ","), st.Leader)
+}
+
 // catchUp is the leader's memory of one non-voter.
 type catchUp struct {
 	since  time.Time // when this leader first saw it as a non-voter
@@ -383,6 +399,14 @@ func (m *Master) joinMember(req api.JoinRequest) (*api.JoinResponse, *api.Error)
 			"raft address %s of master %s is unreachable from the leader %s: %v", req.RaftAddr, req.ID, m.id, err))
 	}
 	conn.Close()
+	st, err := m.probeStatus(req.ID)
+	if err != nil {
+		return refuse(memberErr(api.CodeJoinerUnreachable, http.StatusUnprocessableEntity,
+			"master %s (its id is its API address) does not answer GET /v1/status from the leader %s: %v", req.ID, m.id, err))
+	}
+	if e := checkFresh(req.ID, st); e != nil {
+		return refuse(e)
+	}
 	f := m.raft.AddNonvoter(raft.ServerID(req.ID), raft.ServerAddress(req.RaftAddr), idx, configChangeTimeout)
 	if err := f.Error(); err != nil {
 		return refuse(m.configChangeErr("add non-voter "+req.ID, err))

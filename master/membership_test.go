@@ -281,9 +281,13 @@ func TestJoinRefusals(t *testing.T) {
 	}
 }
 
-// A join whose raft address accepts TCP but speaks no raft is added as a
-// non-voter, never promoted, and dropped after JoinCatchUpTimeout; the
-// master keeps its quorum and serves throughout.
+// A joiner the leader's raft traffic cannot reach (its join names a raft
+// address that accepts TCP but speaks no raft) is added as a non-voter,
+// never promoted, and dropped after JoinCatchUpTimeout; the master keeps
+// its quorum and serves throughout. Joins whose id does not answer as a
+// fresh master are refused before anything changes: one whose API is
+// silent, and one naming a master of another cluster (raft would overwrite
+// that cluster's log), which keeps leading its own cluster untouched.
 func TestJoinNonvoterThatNeverCatchesUpIsDropped(t *testing.T) {
 	var logs logSink
 	m := startMaster(t, Config{DataDir: t.TempDir(), APIAddr: freePort(t), RaftAddr: freePort(t), JoinCatchUpTimeout: 5 * time.Second, Logger: logs.logger()})
@@ -311,39 +315,57 @@ func TestJoinNonvoterThatNeverCatchesUpIsDropped(t *testing.T) {
 			conn.Close()
 		}
 	}()
-	// Eight joins race for the same raft address under different IDs:
-	// exactly one is added, the others are told who has it.
-	ids := make([]string, 8)
-	errs := make([]error, len(ids))
+	hole := ln.Addr().String()
+
+	// Refused: the id's API is silent; the id is another cluster's leader.
+	if _, err := c.JoinMaster(ctxT(t), api.JoinRequest{ID: freePort(t), RaftAddr: hole}); !api.IsCode(err, api.CodeJoinerUnreachable) {
+		t.Fatalf("join with a silent id: %v, want joiner_unreachable", err)
+	}
+	otherRaft := freePort(t)
+	other := startMaster(t, Config{DataDir: t.TempDir(), APIAddr: freePort(t), RaftAddr: otherRaft, Logger: (&logSink{}).logger()})
+	if err := other.WaitLeader(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	otherTerm := other.raft.CurrentTerm()
+	if _, err := c.JoinMaster(ctxT(t), api.JoinRequest{ID: other.ID(), RaftAddr: otherRaft}); !api.IsCode(err, api.CodeJoinerNotFresh) {
+		t.Fatalf("join of another cluster's master: %v, want joiner_not_fresh", err)
+	}
+	if !other.IsLeader() || other.raft.CurrentTerm() != otherTerm {
+		t.Fatalf("the other cluster was disturbed: leader %v term %d -> %d", other.IsLeader(), otherTerm, other.raft.CurrentTerm())
+	}
+	if v, nv := voterIDs(members(t, m)); len(v) != 1 || len(nv) != 0 {
+		t.Fatalf("after refused joins: voters %v non-voters %v", v, nv)
+	}
+
+	// A fresh master (its own --join goes nowhere, so it waits with an empty
+	// data directory); its join is posted naming the black hole.
+	j := startMaster(t, Config{DataDir: t.TempDir(), APIAddr: freePort(t), RaftAddr: freePort(t), Join: freePort(t), Logger: (&logSink{}).logger()})
+	id := j.ID()
+	// Eight identical joins race: one adds it, the others see it added.
+	errs := make([]error, 8)
 	var wg sync.WaitGroup
-	for i := range ids {
-		ids[i] = freePort(t)
+	for i := range errs {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			_, errs[i] = c.JoinMaster(ctxT(t), api.JoinRequest{ID: ids[i], RaftAddr: ln.Addr().String()})
+			resp, err := c.JoinMaster(ctxT(t), api.JoinRequest{ID: id, RaftAddr: hole})
+			if err == nil && resp.Suffrage != api.SuffrageNonvoter {
+				err = errors.New("suffrage " + resp.Suffrage)
+			}
+			errs[i] = err
 		}(i)
 	}
 	wg.Wait()
-	id := ""
-	for i, err := range errs {
-		switch {
-		case err == nil && id == "":
-			id = ids[i]
-		case err == nil:
-			t.Fatalf("two joins took raft address %s: %s and %s", ln.Addr(), id, ids[i])
-		case !api.IsCode(err, api.CodeMemberConflict):
-			t.Fatalf("join %s: %v, want member_conflict", ids[i], err)
+	for _, err := range errs {
+		if err != nil {
+			t.Fatalf("racing join: %v", err)
 		}
 	}
-	if id == "" {
-		t.Fatalf("no join won: %v", errs)
+	if n := len(logs.find("raft_nonvoter_added", "id", id)); n != 1 {
+		t.Fatalf("%d raft_nonvoter_added events, want 1", n)
 	}
 	if _, nv := voterIDs(members(t, m)); len(nv) != 1 || nv[0] != id {
 		t.Fatalf("non-voters %v, want [%s]", nv, id)
-	}
-	if resp, err := c.JoinMaster(ctxT(t), api.JoinRequest{ID: id, RaftAddr: ln.Addr().String()}); err != nil || resp.Suffrage != api.SuffrageNonvoter {
-		t.Fatalf("repeated join: %+v %v", resp, err)
 	}
 	createWorks(t, c, "with-nonvoter") // the non-voter counts for no quorum
 	waitFor(t, "the non-voter dropped", 30*time.Second, func() bool { return len(logs.find("raft_nonvoter_dropped", "id", id)) == 1 })
@@ -433,7 +455,9 @@ func TestRemoveDeadVoterThenJoin(t *testing.T) {
 		v, nv := voterIDs(members(t, ld))
 		return len(v) == 3 && len(nv) == 0
 	})
-	if len(logs.find("raft_nonvoter_added", "id", fresh.ID())) != 1 || len(logs.find("raft_voter_promoted", "id", fresh.ID())) != 1 {
+	// The event follows the commit of the change it reports.
+	waitFor(t, "raft_voter_promoted", 20*time.Second, func() bool { return len(logs.find("raft_voter_promoted", "id", fresh.ID())) == 1 })
+	if len(logs.find("raft_nonvoter_added", "id", fresh.ID())) != 1 {
 		t.Fatal("the join did not go non-voter then voter")
 	}
 	waitFor(t, "the joiner sees itself a voter", 20*time.Second, func() bool { return len(logs.find("raft_joined", "id", fresh.ID())) == 1 })
