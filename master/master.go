@@ -347,7 +347,7 @@ func (m *Master) join() {
 		}
 		wait := time.Second
 		if api.IsCode(err, api.CodeMemberConflict) || api.IsCode(err, api.CodeJoinUnsupported) ||
-			api.IsCode(err, api.CodeRaftUnreachable) || api.IsCode(err, api.CodeBadRequest) {
+			api.IsCode(err, api.CodeRaftUnreachable) || api.IsCode(err, api.CodeBadRequest) || api.IsCode(err, api.CodeJoinerNotFresh) {
 			wait = 10 * time.Second // refused: retry slowly, until an operator fixes it
 			m.log.Error("raft_join_refused", "via", m.cfg.Join, "id", m.id, "retry_in", wait, "err", err)
 		} else {
