@@ -21,7 +21,7 @@ package server
 // DATADIR/ublk.json (volume → device number, size) so that a restarted
 // server recovers them: as soon as the volume is primary here with a live
 // lease (the kernel keeps the device's I/O queued until then), or, when
-// that does not happen within 90 s ($BLOCKD_UBLK_RECOVERY_WAIT), anyway,
+// that does not happen within 90 s (Config.UblkRecoveryWait), anyway,
 // with every request failing (EPERM) rather than hanging.
 //
 // Requests go to the volume's current primary device on every call
@@ -40,54 +40,23 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"sync"
 	"time"
 
 	"github.com/blockd/blockd/blockdev"
 	"github.com/blockd/blockd/ublk"
+	"github.com/blockd/blockd/vfs"
 )
-
-// ControlSocketName is the control socket's file name in the data directory.
-const ControlSocketName = "control.sock"
 
 // ublkStateName is the file recording the served ublk devices.
 const ublkStateName = "ublk.json"
 
-// UblkRequest is the body of POST /v1/ublk.
-type UblkRequest struct {
-	Volume string `json:"volume"`
-	// ID asks for /dev/ublkb<ID>; nil lets the driver choose.
-	ID *int `json:"id,omitempty"`
-}
-
-// UblkDevice describes one device the server hosts.
-type UblkDevice struct {
-	Volume   string `json:"volume"`
-	Path     string `json:"path"`
-	ID       int    `json:"id"`
-	State    string `json:"state,omitempty"` // serving, recovering
-	IOErrors int64  `json:"io_errors"`
-}
-
-// UblkList is the reply of GET /v1/ublk.
-type UblkList struct {
-	ServerID string       `json:"server_id"`
-	Devices  []UblkDevice `json:"devices"`
-}
-
-// ControlError is the error body of every control endpoint.
-type ControlError struct {
-	Code    string `json:"code"`
-	Message string `json:"message"`
-}
-
-func (e *ControlError) Error() string { return e.Code + ": " + e.Message }
+// defaultUblkRecoveryWait is Config.UblkRecoveryWait's default.
+const defaultUblkRecoveryWait = 90 * time.Second
 
 var errUnknownVolume = errors.New("volume not hosted on this server")
 
-// control is the running control endpoint of one Server (kept outside the
-// Server struct, which belongs to the server core).
+// control is the running control endpoint of one Server (Server.ctl).
 type control struct {
 	s    *Server
 	log  *slog.Logger
@@ -99,9 +68,10 @@ type control struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	opMu sync.Mutex // serialises device creation, deletion and recovery
-	mu   sync.Mutex
-	devs map[int]*ublkEntry // by device number
+	opMu    sync.Mutex // serialises device creation, deletion and recovery
+	stateMu sync.Mutex // serialises saveState, so the last snapshot is the one on disk
+	mu      sync.Mutex
+	devs    map[int]*ublkEntry // by device number
 }
 
 type ublkEntry struct {
@@ -111,17 +81,6 @@ type ublkEntry struct {
 	blockSize int
 	dev       *ublk.Device // nil while waiting for recovery
 	ours      bool         // Release/Delete in progress by this server
-}
-
-var controls struct {
-	sync.Mutex
-	m map[*Server]*control
-}
-
-func controlOf(s *Server) *control {
-	controls.Lock()
-	defer controls.Unlock()
-	return controls.m[s]
 }
 
 // controlSocketPath is Config.ControlSocket or DATADIR/control.sock.
@@ -178,21 +137,16 @@ func (s *Server) startControl() error {
 	if err != nil {
 		// A damaged state file must not keep the server down: the devices
 		// it named stay quiesced until detached.
-		c.log.Error("ublk.state.unreadable", "path", c.statePath(), "err", err)
+		c.log.Error("ublk_state_unreadable", "path", c.statePath(), "err", err)
 	}
 	for _, e := range saved {
 		e := &ublkEntry{volume: e.Volume, id: e.ID, size: e.SizeBytes, blockSize: e.BlockSize}
 		c.devs[e.id] = e
-		c.log.Info("ublk.recovery.pending", "volume", e.volume, "dev", e.id, "reason", "recorded by an earlier run; recovered once primary with a live lease")
+		c.log.Info("ublk_recovery_pending", "volume", e.volume, "dev", e.id, "reason", "recorded by an earlier run; recovered once primary with a live lease")
 		c.wg.Add(1)
 		go func() { defer c.wg.Done(); c.recoverWhenPrimary(e) }()
 	}
-	controls.Lock()
-	if controls.m == nil {
-		controls.m = map[*Server]*control{}
-	}
-	controls.m[s] = c
-	controls.Unlock()
+	s.ctl = c
 	c.wg.Add(1)
 	go func() { defer c.wg.Done(); _ = c.http.Serve(ln) }()
 	c.log.Info("control_started", "socket", c.path)
@@ -203,10 +157,8 @@ func (s *Server) startControl() error {
 // the devices (and filesystems mounted on them) stay, quiesced, until the
 // next run recovers them.
 func (s *Server) stopControl() {
-	controls.Lock()
-	c := controls.m[s]
-	delete(controls.m, s)
-	controls.Unlock()
+	c := s.ctl
+	s.ctl = nil
 	if c == nil {
 		return
 	}
@@ -229,7 +181,7 @@ func (s *Server) stopControl() {
 	c.mu.Unlock()
 	for _, e := range devs {
 		err := e.dev.Release()
-		c.log.Info("ublk.released", "volume", e.volume, "dev", e.id, "err", err,
+		c.log.Info("ublk_released", "volume", e.volume, "dev", e.id, "err", err,
 			"reason", "server stopping; the next run recovers the device")
 	}
 }
@@ -325,19 +277,18 @@ func (c *control) watch(e *ublkEntry, d *ublk.Device) {
 	c.mu.Unlock()
 	// Close our control ring without DEL_DEV: whoever stopped it deletes it.
 	_ = d.Release()
-	c.log.Info("ublk.detached_externally", "volume", e.volume, "dev", e.id, "io_errors", d.IOErrors())
+	c.log.Info("ublk_detached_externally", "volume", e.volume, "dev", e.id, "io_errors", d.IOErrors())
 	c.saveStateLogged()
 }
 
 // recoveryPrimaryWait is how long a restarted server waits for a recorded
 // device's volume to be primary here before it takes the device over
 // anyway, failing its I/O (EPERM) instead of leaving it queued forever.
-// $BLOCKD_UBLK_RECOVERY_WAIT (a Go duration) overrides it.
-func recoveryPrimaryWait() time.Duration {
-	if d, err := time.ParseDuration(os.Getenv("BLOCKD_UBLK_RECOVERY_WAIT")); err == nil && d > 0 {
+func (c *control) recoveryPrimaryWait() time.Duration {
+	if d := c.s.cfg.UblkRecoveryWait; d > 0 {
 		return d
 	}
-	return 90 * time.Second
+	return defaultUblkRecoveryWait
 }
 
 // recoverWhenPrimary takes over a device recorded by an earlier run once
@@ -350,7 +301,7 @@ func recoveryPrimaryWait() time.Duration {
 func (c *control) recoverWhenPrimary(e *ublkEntry) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
-	start, logged, wait := time.Now(), time.Now(), recoveryPrimaryWait()
+	start, logged, wait := time.Now(), time.Now(), c.recoveryPrimaryWait()
 	primary := true
 	for !c.s.Serving(e.volume) {
 		select {
@@ -360,12 +311,12 @@ func (c *control) recoverWhenPrimary(e *ublkEntry) {
 		}
 		if e.size > 0 && time.Since(start) > wait {
 			primary = false
-			c.log.Warn("ublk.recovery.not_primary", "volume", e.volume, "dev", e.id, "waited", time.Since(start).Round(time.Second),
+			c.log.Warn("ublk_recovery_not_primary", "volume", e.volume, "dev", e.id, "waited", time.Since(start).Round(time.Second),
 				"reason", "volume not primary here: device taken over with I/O failing (EPERM) instead of queued")
 			break
 		}
 		if time.Since(logged) > 30*time.Second {
-			c.log.Info("ublk.recovery.waiting_for_primary", "volume", e.volume, "dev", e.id)
+			c.log.Info("ublk_recovery_waiting_for_primary", "volume", e.volume, "dev", e.id)
 			logged = time.Now()
 		}
 	}
@@ -393,11 +344,11 @@ func (c *control) recoverWhenPrimary(e *ublkEntry) {
 			c.mu.Unlock()
 			c.wg.Add(1)
 			go c.watch(e, d)
-			c.log.Info("ublk.recovered", "volume", e.volume, "dev", e.id, "path", d.Path())
+			c.log.Info("ublk_recovered", "volume", e.volume, "dev", e.id, "path", d.Path())
 			return
 		}
 	}
-	c.log.Error("ublk.recovery.failed", "volume", e.volume, "dev", e.id, "err", err,
+	c.log.Error("ublk_recovery_failed", "volume", e.volume, "dev", e.id, "err", err,
 		"reason", "device forgotten; detach it with `blockd detach`")
 	c.mu.Lock()
 	if c.devs[e.id] == e {
@@ -482,7 +433,7 @@ func (c *control) create(ctx context.Context, volume string, id int) (UblkDevice
 	}
 	c.wg.Add(1)
 	go c.watch(e, d)
-	c.log.Info("ublk.served", "volume", volume, "dev", e.id, "path", d.Path(), "recovery", ublk.RecoveryReissue.String())
+	c.log.Info("ublk_served", "volume", volume, "dev", e.id, "path", d.Path(), "recovery", ublk.RecoveryReissue.String())
 	return UblkDevice{Volume: volume, Path: d.Path(), ID: e.id, State: "serving"}, http.StatusCreated, nil
 }
 
@@ -566,7 +517,7 @@ func (c *control) delete(ctx context.Context, id int, force bool) error {
 	c.mu.Lock()
 	delete(c.devs, id)
 	c.mu.Unlock()
-	c.log.Info("ublk.deleted", "volume", e.volume, "dev", id, "forced", force && mp != "")
+	c.log.Info("ublk_deleted", "volume", e.volume, "dev", id, "forced", force && mp != "")
 	return c.saveState()
 }
 
@@ -621,7 +572,7 @@ type ublkStateEntry struct {
 func (c *control) statePath() string { return filepath.Join(c.s.cfg.DataDir, ublkStateName) }
 
 func (c *control) loadState() ([]ublkStateEntry, error) {
-	b, err := os.ReadFile(c.statePath())
+	b, err := vfs.ReadFile(c.s.cfg.FS, c.statePath())
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
@@ -636,7 +587,7 @@ func (c *control) loadState() ([]ublkStateEntry, error) {
 	seen := map[int]bool{}
 	for _, e := range st.Devices {
 		if e.ID < 0 || seen[e.ID] || validVolumeName(e.Volume) != nil {
-			c.log.Warn("ublk.state.entry_skipped", "volume", e.Volume, "dev", e.ID)
+			c.log.Warn("ublk_state_entry_skipped", "volume", e.Volume, "dev", e.ID)
 			continue
 		}
 		seen[e.ID] = true
@@ -645,9 +596,10 @@ func (c *control) loadState() ([]ublkStateEntry, error) {
 	return out, nil
 }
 
-// saveState writes ublk.json atomically (temp file, fsync, rename, fsync
-// of the directory).
+// saveState writes ublk.json durably (vfs.WriteFileAtomic).
 func (c *control) saveState() error {
+	c.stateMu.Lock()
+	defer c.stateMu.Unlock()
 	c.mu.Lock()
 	st := ublkState{Devices: []ublkStateEntry{}}
 	for _, e := range c.devs {
@@ -655,36 +607,18 @@ func (c *control) saveState() error {
 	}
 	c.mu.Unlock()
 	sort.Slice(st.Devices, func(i, j int) bool { return st.Devices[i].ID < st.Devices[j].ID })
-	b, _ := json.MarshalIndent(st, "", "  ")
-	path := c.statePath()
-	tmp := path + ".tmp." + strconv.Itoa(os.Getpid())
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	b, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
-		return fmt.Errorf("save %s: %w", path, err)
+		return fmt.Errorf("save %s: %w", c.statePath(), err)
 	}
-	_, err = f.Write(append(b, '\n'))
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		_ = os.Remove(tmp)
-		return fmt.Errorf("save %s: %w", path, err)
-	}
-	if d, err := os.Open(filepath.Dir(path)); err == nil {
-		_ = d.Sync()
-		d.Close()
+	if err := vfs.WriteFileAtomic(c.s.cfg.FS, c.statePath(), append(b, '\n'), 0o600); err != nil {
+		return fmt.Errorf("save ublk devices: %w", err)
 	}
 	return nil
 }
 
 func (c *control) saveStateLogged() {
 	if err := c.saveState(); err != nil {
-		c.log.Error("ublk.state.save_failed", "err", err)
+		c.log.Error("ublk_state_save_failed", "err", err)
 	}
 }

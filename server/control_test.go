@@ -107,11 +107,30 @@ func TestControlErrors(t *testing.T) {
 	if status != 200 || json.Unmarshal(body, &l) != nil || len(l.Devices) != 0 || l.ServerID != srv.ID() {
 		t.Fatalf("list: %d %s", status, body)
 	}
+
+	// The same through the client `blockd attach ublk` and `blockd detach` use.
+	ctx := context.Background()
+	cc := server.NewControlClient(sock)
+	if l, err := cc.List(ctx); err != nil || l.ServerID != srv.ID() || len(l.Devices) != 0 {
+		t.Fatalf("client list: %+v %v", l, err)
+	}
+	for vol, code := range map[string]string{"nope": "not_found", "idle": "not_primary", "../x": "bad_request"} {
+		if _, err := cc.AttachUblk(ctx, server.UblkRequest{Volume: vol}); server.ControlCode(err) != code {
+			t.Errorf("client attach %s: %v, want code %s", vol, err, code)
+		}
+	}
+	if err := cc.DetachUblk(ctx, 7, true); server.ControlCode(err) != "not_found" || !strings.Contains(err.Error(), "/dev/ublkb7") {
+		t.Errorf("client detach of an unknown device: %v", err)
+	}
+
 	if err := srv.Close(); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(sock); !os.IsNotExist(err) {
 		t.Fatalf("control socket left after Close: %v", err)
+	}
+	if _, err := cc.List(ctx); err == nil || server.ControlCode(err) != "" || !strings.Contains(err.Error(), sock) {
+		t.Fatalf("client list after Close: %v, want an error naming the socket", err)
 	}
 }
 

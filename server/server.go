@@ -56,6 +56,11 @@ type Config struct {
 	// ControlSocket is the local control endpoint (ublk devices hosted by
 	// this server); default DataDir/control.sock.
 	ControlSocket string
+	// UblkRecoveryWait is how long a restarted server waits for the volume
+	// of a ublk device recorded by an earlier run to be primary here before
+	// it takes the device over with every request failing (EPERM) rather
+	// than leaving it queued. 0 means 90 s.
+	UblkRecoveryWait time.Duration
 }
 
 // Server is a running volume server.
@@ -69,7 +74,9 @@ type Server struct {
 	nbdLn   net.Listener
 	replLn  net.Listener
 	host    *replication.Host // roles, epochs, leases and replication of every volume
+	ctl     *control          // the control endpoint: set in New, cleared by Close
 	started time.Time
+	fails   volumeFailures // assigned volumes that cannot be created or opened (assign.go)
 
 	mu   sync.Mutex
 	vols map[string]*hosted
@@ -109,13 +116,13 @@ func New(cfg Config) (*Server, error) {
 			s.closeAll()
 		}
 	}()
-	if s.cfg.ServerID, err = serverID(cfg.DataDir, cfg.ServerID); err != nil {
+	if s.cfg.ServerID, err = serverID(cfg.FS, cfg.DataDir, cfg.ServerID); err != nil {
 		return nil, err
 	}
 	s.log = cfg.Logger.With("server", s.cfg.ServerID)
 	s.host = replication.NewHost(replication.HostConfig{ServerID: s.cfg.ServerID, Logger: s.log,
 		Primary: replication.PrimaryConfig{FS: cfg.FS}})
-	if err := os.MkdirAll(s.volumesDir(), 0o755); err != nil {
+	if err := cfg.FS.MkdirAll(s.volumesDir(), 0o755); err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
 	if err := s.openExisting(); err != nil {
@@ -238,11 +245,13 @@ func orDefault(s, d string) string {
 }
 
 // serverID returns the configured ID, or the one stored in dir, or a new
-// one it stores there. A stored ID that differs from a configured one is an
-// error: the data belongs to another server identity.
-func serverID(dir, configured string) (string, error) {
+// one it stores there durably (a server that came back from a power cut
+// under a new identity would be a stranger to the master). A stored ID that
+// differs from a configured one is an error: the data belongs to another
+// server identity.
+func serverID(fsys vfs.FS, dir, configured string) (string, error) {
 	path := filepath.Join(dir, "server-id")
-	b, err := os.ReadFile(path)
+	b, err := vfs.ReadFile(fsys, path)
 	stored := strings.TrimSpace(string(b))
 	switch {
 	case err == nil && stored != "" && configured != "" && stored != configured:
@@ -257,7 +266,7 @@ func serverID(dir, configured string) (string, error) {
 		h, _ := os.Hostname()
 		id = fmt.Sprintf("%s-%d", strings.SplitN(h, ".", 2)[0], time.Now().UnixNano()%1e6)
 	}
-	if err := os.WriteFile(path, []byte(id+"\n"), 0o644); err != nil {
+	if err := vfs.WriteFileAtomic(fsys, path, []byte(id+"\n"), 0o644); err != nil {
 		return "", fmt.Errorf("server: save server id: %w", err)
 	}
 	return id, nil

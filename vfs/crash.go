@@ -56,6 +56,7 @@ type CrashFS struct {
 	faults []*faultState
 	dead   bool
 	ops    int64
+	cutAt  int64 // > 0: the operation numbered cutAt and every later one fail (CutAfter)
 }
 
 type faultState struct {
@@ -102,9 +103,22 @@ func (c *CrashFS) Ops() int64 {
 	return c.ops
 }
 
+// CutAfter lets the next n operations (those that Ops counts) succeed and
+// fails every later one with EIO, as if the power went at that point;
+// PowerCut then shows what a reboot finds. It is how a test cuts the power
+// in the middle of a sequence it does not control step by step.
+func (c *CrashFS) CutAfter(n int64) {
+	c.mu.Lock()
+	c.cutAt = c.ops + n + 1
+	c.mu.Unlock()
+}
+
 // check runs under c.mu at the start of every operation.
 func (c *CrashFS) check(op Op, name string) error {
 	c.ops++
+	if c.cutAt > 0 && c.ops >= c.cutAt {
+		c.dead = true
+	}
 	if c.dead {
 		return &os.PathError{Op: string(op), Path: name, Err: syscall.EIO}
 	}
@@ -148,6 +162,13 @@ func (c *CrashFS) PowerCut(o CutOptions) *CrashFS {
 	n := NewCrashFS()
 	for d := range c.dirs {
 		n.dirs[d] = true
+	}
+	// A directory removed (RemoveAll) without a durable removal comes
+	// back with its durable entries.
+	for name := range c.dnames {
+		for d := filepath.Dir(name); !n.dirs[d]; d = filepath.Dir(d) {
+			n.dirs[d] = true
+		}
 	}
 	done := map[*inode]*inode{}
 	for name, ino := range c.dnames {
@@ -266,6 +287,28 @@ func (c *CrashFS) Remove(name string) error {
 	return nil
 }
 
+// RemoveAll removes path and every file and directory below it.
+func (c *CrashFS) RemoveAll(path string) error {
+	path = c.clean(path)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.check(OpRemove, path); err != nil {
+		return err
+	}
+	under := func(n string) bool { return n == path || strings.HasPrefix(n, path+"/") || path == "/" }
+	for n := range c.names {
+		if under(n) {
+			delete(c.names, n)
+		}
+	}
+	for d := range c.dirs {
+		if under(d) && d != "/" {
+			delete(c.dirs, d)
+		}
+	}
+	return nil
+}
+
 func (c *CrashFS) Rename(oldname, newname string) error {
 	oldname, newname = c.clean(oldname), c.clean(newname)
 	c.mu.Lock()
@@ -341,7 +384,10 @@ func (c *CrashFS) SyncDir(dir string) error {
 		return err
 	}
 	for name := range c.dnames {
-		if filepath.Dir(name) == dir {
+		// An entry of dir, or one below a subdirectory of dir that no
+		// longer exists (removed with RemoveAll): the removal of that
+		// subdirectory's entry makes its whole tree unreachable.
+		if p := filepath.Dir(name); p == dir || (isBelow(name, dir) && !c.dirs[p]) {
 			delete(c.dnames, name)
 		}
 	}
@@ -351,6 +397,10 @@ func (c *CrashFS) SyncDir(dir string) error {
 		}
 	}
 	return nil
+}
+
+func isBelow(name, dir string) bool {
+	return dir == "/" || strings.HasPrefix(name, dir+"/")
 }
 
 // Files lists the current file names (for tests).

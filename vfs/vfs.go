@@ -19,6 +19,10 @@ type Range struct {
 type FS interface {
 	OpenFile(name string, flag int, perm os.FileMode) (File, error)
 	Remove(name string) error
+	// RemoveAll removes path and everything below it; a missing path is
+	// not an error (as os.RemoveAll). SyncDir of the parent makes the
+	// removal durable.
+	RemoveAll(path string) error
 	Rename(oldname, newname string) error
 	MkdirAll(dir string, perm os.FileMode) error
 	Stat(name string) (os.FileInfo, error)

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/http"
 	"os"
 	"os/signal"
 	"strings"
@@ -224,12 +223,12 @@ func attachUblkLocal(c *cli.Context, name string, log *slog.Logger) (path string
 			req.ID = &id
 		}
 		var d server.UblkDevice
-		err = cc.do(ctx, http.MethodPost, "/v1/ublk", req, &d)
+		d, err = cc.AttachUblk(ctx, req)
 		if err == nil {
-			log.Info("ublk.local.attached", "volume", name, "server", serverID, "device", d.Path, "control", cc.sock)
+			log.Info("ublk.local.attached", "volume", name, "server", serverID, "device", d.Path, "control", cc.Socket())
 			return d.Path, true, nil
 		}
-		code := controlCode(err)
+		code := server.ControlCode(err)
 		retry := code == "not_primary" || code == "not_found" || code == "busy"
 		if !retry || time.Now().After(deadline) || ctx.Err() != nil {
 			if perr != nil && (code == "not_primary" || code == "not_found") {

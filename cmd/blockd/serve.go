@@ -107,8 +107,13 @@ func serve(c *cli.Context) error {
 	if err := m.WaitLeader(ctx); err != nil {
 		return fmt.Errorf("master: %w", err)
 	}
+	ublkWait, err := ublkRecoveryWait()
+	if err != nil {
+		return err
+	}
 	srv, err := server.New(server.Config{DataDir: filepath.Join(data, "server"), ServerID: "local",
-		Listen: c.String("listen"), NBD: c.String("nbd"), DeferNBD: true, Masters: []string{m.APIAddr()}, Logger: log})
+		Listen: c.String("listen"), NBD: c.String("nbd"), DeferNBD: true, Masters: []string{m.APIAddr()}, Logger: log,
+		UblkRecoveryWait: ublkWait})
 	if err != nil {
 		return err
 	}
@@ -217,10 +222,14 @@ func runServer(c *cli.Context) error {
 	}
 	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	ublkWait, err := ublkRecoveryWait()
+	if err != nil {
+		return err
+	}
 	srv, err := server.New(server.Config{DataDir: c.String("data"), ServerID: c.String("id"),
 		Listen: c.String("listen"), NBD: c.String("nbd"), AdvertiseAddr: c.String("advertise"),
 		AdvertiseNBD: c.String("advertise-nbd"), Masters: api.ParseAddrs(c.String("master")),
-		CapacityBytes: capacity, Logger: log})
+		CapacityBytes: capacity, Logger: log, UblkRecoveryWait: ublkWait})
 	if err != nil {
 		return err
 	}
