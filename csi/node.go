@@ -503,20 +503,9 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	if err != nil {
 		return nil, err
 	}
-	cur, err := deviceSize(dev)
+	cur, err := d.grownDevice(ctx, id, dev, served)
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "node expand %s: %v", id, err)
-	}
-	if served > cur {
-		idx, err := kernel.ParseDevice(dev)
-		if err == nil {
-			err = kernel.Resize(idx, id, uint64(served))
-		}
-		if err != nil {
-			return nil, status.Errorf(codes.Internal, "node expand %s: %v", id, err)
-		}
-		d.log.Info("csi_device_resized", "volume", id, "device", dev, "from", cur, "to", served)
-		cur = served
+		return nil, err
 	}
 	if !block {
 		m, err := mountAt(filepath.Clean(path))
@@ -551,6 +540,35 @@ func (d *Driver) servedSize(ctx context.Context, id string, want int64) (int64, 
 				err = fmt.Errorf("the primary at %s serves %d bytes, %d asked", addr, size, want)
 			}
 			return 0, status.Errorf(codes.Unavailable, "node expand %s: %v", id, err)
+		}
+		select {
+		case <-ctx.Done():
+			return 0, status.FromContextError(ctx.Err()).Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// grownDevice waits, bounded, until the kernel device is as large as the
+// primary serves. NBD fixes the size per connection, so a server that
+// grows a volume cuts its NBD clients off; the device's keeper (in this
+// process) reconnects, renegotiates and resizes the device.
+func (d *Driver) grownDevice(ctx context.Context, id, dev string, served int64) (int64, error) {
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		cur, err := deviceSize(dev)
+		if err != nil {
+			return 0, status.Errorf(codes.Internal, "node expand %s: %v", id, err)
+		}
+		if cur >= served {
+			return cur, nil
+		}
+		if d.stagedOf(id) == nil {
+			return 0, status.Errorf(codes.FailedPrecondition,
+				"node expand %s: %s has %d bytes, the primary serves %d, and no keeper of this driver process reconnects it (unstage and stage it again)", id, dev, cur, served)
+		}
+		if time.Now().After(deadline) {
+			return 0, status.Errorf(codes.Unavailable, "node expand %s: %s still has %d bytes, the primary serves %d", id, dev, cur, served)
 		}
 		select {
 		case <-ctx.Done():
