@@ -103,7 +103,9 @@ type obj struct {
 func (o obj) kind() string      { return str(o.m, "kind") }
 func (o obj) name() string      { return str(o.m, "metadata", "name") }
 func (o obj) namespace() string { return str(o.m, "metadata", "namespace") }
-func (o obj) String() string    { return fmt.Sprintf("%s %s/%s (%s)", o.kind(), o.namespace(), o.name(), o.file) }
+func (o obj) String() string {
+	return fmt.Sprintf("%s %s/%s (%s)", o.kind(), o.namespace(), o.name(), o.file)
+}
 
 func get(v any, path ...string) any {
 	for _, p := range path {
