@@ -21,7 +21,7 @@ func TestControllerPolicy(t *testing.T) {
 		t.Skip("starts real blockd processes; skipped in -short mode")
 	}
 	c := newCluster(t, 2)
-	ep, _ := startDriver(t, []string{c.master}, ModeController)
+	ep, drv := startDriver(t, []string{c.master}, ModeController)
 	conn, err := grpc.NewClient(ep, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
@@ -114,6 +114,22 @@ func TestControllerPolicy(t *testing.T) {
 		CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 20}}); status.Code(err) != codes.NotFound {
 		t.Fatalf("expand unknown: %v, want NotFound", err)
 	}
+	// An operation in flight on a volume makes a second one Aborted; other
+	// volumes are not held up.
+	release, err := drv.lock.acquire("pvc-db", "NodeStageVolume")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cc.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: "pvc-db"}); status.Code(err) != codes.Aborted {
+		t.Fatalf("delete while in flight: %v, want Aborted", err)
+	}
+	if _, err := create("pvc-db", db, 10<<20, mount); status.Code(err) != codes.Aborted {
+		t.Fatalf("create while in flight: %v, want Aborted", err)
+	}
+	if _, err := cc.ValidateVolumeCapabilities(ctx, &csi.ValidateVolumeCapabilitiesRequest{VolumeId: "pvc-rf1", VolumeCapabilities: mount}); err != nil {
+		t.Fatalf("another volume: %v", err)
+	}
+	release()
 	for _, id := range []string{"pvc-db", "pvc-rf1", "pvc-db"} { // twice: delete is idempotent
 		if _, err := cc.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 			t.Fatalf("delete %s: %v", id, err)

@@ -154,9 +154,10 @@ func Listen(endpoint string) (net.Listener, error) {
 }
 
 // Run serves on the configured endpoint until ctx ends, then stops the
-// gRPC server and the keepers of every device this process attached
-// (which disconnects them: a CO restarts the driver only after draining
-// the node, or accepts that its volumes are cut off).
+// gRPC server. Devices this process attached stay connected (the kernel
+// holds their sockets, so the pods' I/O goes on across a driver restart
+// or upgrade); only their reconnecting keepers end with the process. A
+// later driver process finds them by their backend and can unstage them.
 func (d *Driver) Run(ctx context.Context) error {
 	l, err := Listen(d.cfg.Endpoint)
 	if err != nil {
@@ -181,10 +182,10 @@ func (d *Driver) Serve(ctx context.Context, l net.Listener) error {
 	select {
 	case <-ctx.Done():
 		d.srv.GracefulStop()
-		d.stopKeepers()
+		d.leaveAttached()
 		return nil
 	case err := <-errc:
-		d.stopKeepers()
+		d.leaveAttached()
 		return fmt.Errorf("csi: serve: %w", err)
 	}
 }

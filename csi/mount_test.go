@@ -1,6 +1,11 @@
 package csi
 
-import "testing"
+import (
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+)
 
 func TestParseMountinfo(t *testing.T) {
 	text := `22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
@@ -48,5 +53,19 @@ func TestMountFlags(t *testing.T) {
 	f, data := mountFlags([]string{"noatime,ro", "discard", "nodev"})
 	if f == 0 || data != "discard" {
 		t.Fatalf("flags %#x data %q", f, data)
+	}
+}
+
+func TestDropStalePidFile(t *testing.T) {
+	dir := t.TempDir()
+	for _, pid := range []string{strconv.Itoa(os.Getpid()), "2147483000", "junk", strconv.Itoa(os.Getppid())} {
+		p := filepath.Join(dir, "nbd0.pid")
+		if err := os.WriteFile(p, []byte(pid+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		dropStalePidFile(p)
+		if _, err := os.Stat(p); !os.IsNotExist(err) {
+			t.Errorf("pid file naming %s (this process, a dead one, junk, a live non-blockd one) was kept", pid)
+		}
 	}
 }

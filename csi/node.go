@@ -133,8 +133,15 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		return &csi.NodeStageVolumeResponse{}, nil
 	}
 	if dev := deviceOf(id); dev != "" {
+		// Left attached by an earlier driver process. Staged as asked
+		// already: say so (idempotent), without a keeper in this process.
+		if block || mountedFrom(staging, dev) {
+			d.log.Warn("csi_stage_without_keeper", "volume", id, "device", dev, "staging", staging,
+				"effect", "no reconnect after a failover until unstaged and staged again")
+			return &csi.NodeStageVolumeResponse{}, nil
+		}
 		return nil, status.Errorf(codes.FailedPrecondition,
-			"stage %s: %s is attached to it without a keeper in this driver (left by an earlier driver process): unstage it first", id, dev)
+			"stage %s: %s is attached to it (left by an earlier driver process) but not mounted at %s: unstage it first", id, dev, staging)
 	}
 	if !block {
 		if st, err := os.Stat(staging); err != nil || !st.IsDir() {
@@ -217,15 +224,15 @@ func (d *Driver) stopKeeper(s *stagedVol) {
 	<-s.done
 }
 
-// stopKeepers stops every keeper of this process (driver shutdown).
-func (d *Driver) stopKeepers() {
+// leaveAttached logs the devices whose keepers end with this process:
+// they stay connected, without reconnects until they are staged again
+// by a later process (driver shutdown).
+func (d *Driver) leaveAttached() {
 	d.nodeMu.Lock()
-	all := d.staged
-	d.staged = map[string]*stagedVol{}
-	d.nodeMu.Unlock()
-	for id, s := range all {
-		d.log.Warn("csi_keeper_stopped", "volume", id, "device", s.dev.Path, "reason", "driver shutting down")
-		d.stopKeeper(s)
+	defer d.nodeMu.Unlock()
+	for id, s := range d.staged {
+		d.log.Warn("csi_device_left_attached", "volume", id, "device", s.dev.Path,
+			"effect", "no reconnect after a failover until the volume is staged again")
 	}
 }
 
@@ -297,12 +304,11 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 		return &csi.NodeUnstageVolumeResponse{}, nil
 	}
 	if dev != "" {
-		// Left by an earlier process of the driver: its pid file names
-		// that process (or, in a container, maybe this one's pid again).
+		// Left by an earlier process of the driver. kernel.Detach signals
+		// the pid in the device's pid file: drop a stale one first (in a
+		// container the dead driver's pid is this one's again).
 		if idx, err := kernel.ParseDevice(dev); err == nil {
-			if b, err := os.ReadFile(kernel.PidFile(idx)); err == nil && strings.TrimSpace(string(b)) == strconv.Itoa(os.Getpid()) {
-				_ = os.Remove(kernel.PidFile(idx))
-			}
+			dropStalePidFile(kernel.PidFile(idx))
 		}
 		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
@@ -375,6 +381,32 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	}
 	d.log.Info("csi_volume_published", "volume", id, "target", target, "read_only", readOnly, "block", vc.GetBlock() != nil)
 	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// mountedFrom reports whether path is a mount of block device dev.
+func mountedFrom(path, dev string) bool {
+	ma, mi, err := devNumbers(dev)
+	if err != nil {
+		return false
+	}
+	m, err := mountAt(path)
+	return err == nil && m != nil && m.Major == ma && m.Minor == mi
+}
+
+// dropStalePidFile removes a keeper pid file that names this process or
+// a process that is not a running blockd.
+func dropStalePidFile(path string) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err == nil && pid > 0 && pid != os.Getpid() {
+		if comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); err == nil && strings.TrimSpace(string(comm)) == "blockd" {
+			return // a live keeper (blockd attach nbd): Detach stops it
+		}
+	}
+	_ = os.Remove(path)
 }
 
 func hasOpt(opts, o string) bool {

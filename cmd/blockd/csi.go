@@ -23,7 +23,8 @@ func init() {
 			"volumes through the master; the node attaches them over NBD (the keeper runs in this\n" +
 			"process, so a mounted volume follows failovers), makes ext4/xfs on a blank device and\n" +
 			"mounts it. The node needs root and the nbd kernel module. SIGINT/SIGTERM stop it;\n" +
-			"devices this process attached are disconnected.",
+			"devices it attached stay connected (pods keep their I/O), without reconnects until\n" +
+			"they are unstaged and staged again.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "endpoint", Value: "unix:///csi/csi.sock", EnvVars: []string{"CSI_ENDPOINT"}, Usage: "gRPC endpoint (unix:///path)"},
 			&cli.StringFlag{Name: "node-id", EnvVars: []string{"NODE_ID"}, Usage: "this node's ID (required in node and both modes)"},

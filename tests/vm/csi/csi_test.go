@@ -80,8 +80,23 @@ grep -E '^\s+sanity_test.go:[0-9]+: sanity (counts|skipped|failed)' /tmp/sanity.
 echo SANITY-OK
 
 csie2e --endpoint unix:///tmp/csi/csi.sock
-# no device is left attached
-for b in /sys/block/nbd*/backend; do v=$(cat $b 2>/dev/null || true); [ -z "$v" ] || { echo "left attached: $b $v"; exit 1; }; done
+noneattached() { for b in /sys/block/nbd*/backend; do v=$(cat $b 2>/dev/null || true); [ -z "$v" ] || { echo "left attached: $b $v"; return 1; }; done; }
+noneattached
+
+# A driver restart (an upgrade of the DaemonSet): the mounted volume keeps
+# its I/O while no driver runs, and the new process unstages it.
+csie2e --endpoint unix:///tmp/csi/csi.sock --phase restart1
+kill $CSI; wait $CSI || true
+grep -q csi_device_left_attached /tmp/csi.log
+dd if=/dev/urandom of=/tmp/e2e/rtarget/during bs=64k count=16 2>/dev/null
+sync
+sha256sum /tmp/e2e/rtarget/during | sed 's, /tmp/e2e/rtarget/, ,' >> /tmp/e2e/restart.sums
+echo "wrote through the mount with no driver running"
+blockd csi --mode both --endpoint unix:///tmp/csi/csi.sock --node-id guest-node --master $M >>/tmp/csi.log 2>&1 &
+CSI=$!
+waitfor 30 test -S /tmp/csi/csi.sock
+csie2e --endpoint unix:///tmp/csi/csi.sock --phase restart2
+noneattached
 kill $CSI; wait $CSI || true
 grep -c csi_volume_staged /tmp/csi.log
 echo CSI-GUEST-OK
@@ -105,7 +120,8 @@ func TestCSIInGuest(t *testing.T) {
 	if res.ExitCode != 0 {
 		t.Fatalf("guest script failed with exit code %d (console in the log above)", res.ExitCode)
 	}
-	for _, m := range []string{"SANITY-OK", "E2E-OK", "CSI-GUEST-OK", "expanded while mounted"} {
+	for _, m := range []string{"SANITY-OK", "E2E-OK all", "E2E-OK restart1", "E2E-OK restart2", "CSI-GUEST-OK",
+		"expanded while mounted", "files intact across the driver restart"} {
 		if !strings.Contains(res.Console, m) {
 			t.Errorf("console lacks %q", m)
 		}

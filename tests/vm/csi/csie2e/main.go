@@ -30,12 +30,102 @@ import (
 func main() {
 	endpoint := flag.String("endpoint", "unix:///tmp/csi/csi.sock", "driver endpoint")
 	work := flag.String("work", "/tmp/e2e", "directory for staging and target paths")
+	phase := flag.String("phase", "all", "all | restart1 (stage, publish, write; the driver is then restarted) | restart2 (the new driver process finds the volume, unstages it)")
 	flag.Parse()
-	if err := run(*endpoint, *work); err != nil {
-		fmt.Fprintf(os.Stderr, "E2E-FAIL: %v\n", err)
+	var err error
+	switch *phase {
+	case "all":
+		err = run(*endpoint, *work)
+	case "restart1", "restart2":
+		err = restart(*endpoint, *work, *phase == "restart1")
+	default:
+		err = fmt.Errorf("unknown phase %q", *phase)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "E2E-FAIL (%s): %v\n", *phase, err)
 		os.Exit(1)
 	}
-	fmt.Println("E2E-OK")
+	fmt.Printf("E2E-OK %s\n", *phase)
+}
+
+// restart: in phase 1 a volume is staged, published and written; the
+// guest script then stops the driver (its devices stay attached), writes
+// more through the mount and starts a new driver; in phase 2 the new
+// process stages it again (idempotent, no keeper), the files are intact,
+// and unpublish and unstage detach the device the old process attached.
+func restart(endpoint, work string, first bool) error {
+	conn, err := grpc.NewClient(endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	cc, nc := csi.NewControllerClient(conn), csi.NewNodeClient(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	rw := mountCap(csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER)
+	staging, target := filepath.Join(work, "rstaging"), filepath.Join(work, "rtarget")
+	sumsFile := filepath.Join(work, "restart.sums")
+	id := "pvc-restart"
+	stage := &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: rw}
+	if first {
+		if err := os.MkdirAll(staging, 0o755); err != nil {
+			return err
+		}
+		if _, err := cc.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: id, VolumeCapabilities: []*csi.VolumeCapability{rw},
+			CapacityRange: &csi.CapacityRange{RequiredBytes: 32 << 20}, Parameters: map[string]string{"walSize": "4194304"}}); err != nil {
+			return fmt.Errorf("create: %w", err)
+		}
+		if _, err := nc.NodeStageVolume(ctx, stage); err != nil {
+			return fmt.Errorf("stage: %w", err)
+		}
+		if _, err := nc.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			TargetPath: target, VolumeCapability: rw}); err != nil {
+			return fmt.Errorf("publish: %w", err)
+		}
+		sums, err := writeFiles(target, 4)
+		if err != nil {
+			return err
+		}
+		var b strings.Builder
+		for name, sum := range sums {
+			fmt.Fprintf(&b, "%x  %s\n", sum, filepath.Base(name))
+		}
+		step("restart: wrote %d files before the driver restart", len(sums))
+		return os.WriteFile(sumsFile, []byte(b.String()), 0o644)
+	}
+	if _, err := nc.NodeStageVolume(ctx, stage); err != nil {
+		return fmt.Errorf("stage by the new driver process: %w", err)
+	}
+	b, err := os.ReadFile(sumsFile)
+	if err != nil {
+		return err
+	}
+	n := 0
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		want, name, _ := strings.Cut(line, "  ")
+		data, err := os.ReadFile(filepath.Join(target, name))
+		if err != nil {
+			return err
+		}
+		if fmt.Sprintf("%x", sha256.Sum256(data)) != want {
+			return fmt.Errorf("%s differs after the driver restart", name)
+		}
+		n++
+	}
+	if st, err := nc.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: target}); err != nil || st.Usage[0].Used == 0 {
+		return fmt.Errorf("stats after restart: %v %v", st, err)
+	}
+	if _, err := nc.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		return fmt.Errorf("unpublish: %w", err)
+	}
+	if _, err := nc.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		return fmt.Errorf("unstage of a device the old process attached: %w", err)
+	}
+	if _, err := cc.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		return fmt.Errorf("delete: %w", err)
+	}
+	step("restart: %d files intact across the driver restart; unstaged by the new process", n)
+	return nil
 }
 
 func step(format string, a ...any) { fmt.Printf("e2e: "+format+"\n", a...) }
