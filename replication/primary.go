@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -33,6 +34,16 @@ type PrimaryConfig struct {
 	Epoch      uint64
 	Durability Durability
 	Replicas   []Peer
+	// ActingSet and MinCopies: which replicas count for durability and the
+	// floor of durable copies (see Assignment; both unset: every replica
+	// counts and MinCopies is 1, as before acting sets existed).
+	ActingSet []string
+	MinCopies int
+	// FlushWait bounds how long a flush that the acting set cannot
+	// acknowledge waits for a member to return or for a new assignment
+	// before it fails with EIO (default 4 s). Barriers of InSync members
+	// are waited for without a bound: a slow disk is slow, not dead.
+	FlushWait time.Duration
 	// WriteGate is called before every write, trim, zero and flush; a
 	// non-nil result refuses the request with blockdev.ErrNotPrimary.
 	// The server checks role, epoch and lease expiry here. nil: always open.
@@ -91,6 +102,9 @@ type Primary struct {
 	mode       Durability
 	reps       map[string]*replica
 	closed     bool
+	members    []string // acting set: the replicas that count
+	minCopies  int
+	assignGen  uint64 // bumped when the epoch, mode, replicas or acting set change
 
 	smu      sync.Mutex // sink side: lastLSN, bitmaps, the replica list the sink sees
 	lastLSN  uint64
@@ -170,8 +184,8 @@ type replica struct {
 
 // NewPrimary takes over vol's record sink and retention floor and starts a
 // session to every replica. Replicas without a ServerID are refused (fail
-// closed): they are logged as replica_rejected and NewPrimary returns the
-// primary together with an error wrapping ErrNoServerID.
+// closed): they are logged as replica_rejected and NewPrimary returns an
+// error wrapping ErrNoServerID and no primary.
 func NewPrimary(vol *blockvol.Volume, cfg PrimaryConfig) (*Primary, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -213,8 +227,14 @@ func NewPrimary(vol *blockvol.Volume, cfg PrimaryConfig) (*Primary, error) {
 	if cfg.MaxQueueBytes <= 0 {
 		cfg.MaxQueueBytes = 64 << 20
 	}
+	if cfg.FlushWait <= 0 {
+		cfg.FlushWait = 4 * time.Second
+	}
 	if cfg.Volume == "" {
 		return nil, fmt.Errorf("replication: NewPrimary: empty volume name")
+	}
+	if err := checkPeers(cfg.Replicas, cfg.Logger.With("side", "primary", "volume", cfg.Volume)); err != nil {
+		return nil, fmt.Errorf("replication: NewPrimary %s: %w", cfg.Volume, err)
 	}
 	p := &Primary{vol: vol, cfg: cfg, epoch: cfg.Epoch, mode: cfg.Durability, reps: map[string]*replica{}, stopCh: make(chan struct{}),
 		log: cfg.Logger.With("side", "primary", "volume", cfg.Volume)}
@@ -231,19 +251,66 @@ func NewPrimary(vol *blockvol.Volume, cfg PrimaryConfig) (*Primary, error) {
 	p.epochStart = p.findEpochStart(cfg.Epoch)
 	vol.SetRecordSink(p.sink)
 	vol.SetRetentionFloor(p.floor)
-	err := p.Update(cfg.Epoch, cfg.Durability, cfg.Replicas)
+	err := p.Update(Assignment{Epoch: cfg.Epoch, Durability: cfg.Durability, Replicas: cfg.Replicas, ActingSet: cfg.ActingSet, MinCopies: cfg.MinCopies})
 	p.wg.Add(1)
 	go p.maintain()
-	return p, err
+	if err != nil {
+		p.Close()
+		return nil, err
+	}
+	return p, nil
 }
 
-// Update applies a new assignment: epoch, durability mode and replica set.
-// Replicas are matched by ServerID: a known ID with a new address keeps its
+// checkPeers refuses replicas without a ServerID (fail closed).
+func checkPeers(peers []Peer, log *slog.Logger) error {
+	var rejected []string
+	for _, pr := range peers {
+		if pr.ServerID == "" {
+			log.Warn(EvReplicaRejected, "reason", "missing_server_id", "addr", pr.Addr)
+			rejected = append(rejected, pr.Addr)
+		}
+	}
+	if len(rejected) > 0 {
+		return fmt.Errorf("replication: %w: %d replica(s) without server ID refused (addrs %v)", ErrNoServerID, len(rejected), rejected)
+	}
+	return nil
+}
+
+// actingMembers resolves an assignment's acting set: an assignment with
+// neither an acting set nor MinCopies (from a master that predates acting
+// sets, or a test) counts every replica; otherwise exactly the listed IDs
+// count (nil or empty: none but the primary).
+func actingMembers(a Assignment, want map[string]Peer) (members []string, minCopies int) {
+	minCopies = max(a.MinCopies, 1)
+	if a.ActingSet == nil && a.MinCopies == 0 {
+		for id := range want {
+			members = append(members, id)
+		}
+		sort.Strings(members)
+		return members, minCopies
+	}
+	seen := map[string]bool{}
+	for _, id := range a.ActingSet {
+		if id != "" && !seen[id] {
+			seen[id] = true
+			members = append(members, id)
+		}
+	}
+	sort.Strings(members)
+	return members, minCopies
+}
+
+// Update applies a new assignment: its Epoch, Durability, Replicas,
+// ActingSet and MinCopies (the role and lease are the Host's). Replicas
+// are matched by ServerID: a known ID with a new address keeps its
 // identity, progress, bitmap and (if healthy) its session; only the
 // endpoint moves. A new epoch ends every session (late results of the old
-// epoch are refused) and reconnects. Entries without a ServerID are
-// refused (fail closed) and reported in the returned error.
-func (p *Primary) Update(epoch uint64, mode Durability, peers []Peer) error {
+// epoch are refused) and reconnects at once with a new Hello. Flushes
+// waiting for the acting set are re-evaluated against the new one, and a
+// change restarts their FlushWait. Entries without a ServerID are refused
+// (fail closed) and reported in the returned error.
+func (p *Primary) Update(a Assignment) error {
+	epoch, mode, peers := a.Epoch, a.Durability, a.Replicas
 	// Persist a new epoch first, outside p.mu: the engine's flusher calls
 	// the retention floor (p.mu) while a Drain may hold the I/O lock.
 	p.mu.Lock()
@@ -276,7 +343,34 @@ func (p *Primary) Update(epoch uint64, mode Durability, peers []Peer) error {
 	if epochChanged {
 		p.epochStart = p.vol.HeadLSN() + 1
 	}
-	p.epoch, p.mode = epoch, mode
+	members, minCopies := actingMembers(a, want)
+	changed := epochChanged || mode != p.mode || minCopies != p.minCopies || !slices.Equal(members, p.members) || len(want) != len(p.reps)
+	for id := range want {
+		if p.reps[id] == nil {
+			changed = true
+		}
+	}
+	if changed {
+		p.assignGen++
+		var stale []string
+		for id := range want {
+			if !slices.Contains(members, id) {
+				stale = append(stale, id)
+			}
+		}
+		sort.Strings(stale)
+		var unknown []string
+		for _, id := range members {
+			if _, ok := want[id]; !ok {
+				unknown = append(unknown, id)
+			}
+		}
+		p.log.Info(EvActingSet, "epoch", epoch, "mode", mode.String(), "acting_set", members, "stale", stale, "min_copies", minCopies)
+		if len(unknown) > 0 {
+			p.log.Warn(EvActingSet, "epoch", epoch, "reason", "member_not_assigned", "members", unknown)
+		}
+	}
+	p.epoch, p.mode, p.members, p.minCopies = epoch, mode, members, minCopies
 	for id, r := range p.reps {
 		if _, ok := want[id]; !ok {
 			p.log.Info(EvPlanCancelled, "replica", id, "session", r.session, "reason", "replica_removed")
@@ -320,9 +414,14 @@ func (p *Primary) Update(epoch uint64, mode Durability, peers []Peer) error {
 				r.wake()
 			}
 		}
-		if epochChanged && r.cur != nil {
-			p.log.Info(EvPlanCancelled, "replica", id, "session", r.session, "reason", "epoch_changed", "epoch", epoch)
-			r.cur.fail(fmt.Errorf("epoch changed to %d", epoch))
+		if epochChanged {
+			// Re-Hello at the new epoch now (no backoff): the replica
+			// answers InSync at once when nothing is missing.
+			if r.cur != nil {
+				p.log.Info(EvPlanCancelled, "replica", id, "session", r.session, "reason", "epoch_changed", "epoch", epoch)
+				r.cur.fail(fmt.Errorf("epoch changed to %d", epoch))
+			}
+			r.wake()
 		}
 	}
 	p.refreshSinkLocked()
@@ -530,20 +629,56 @@ func (p *Primary) progressLocked() []ReplicaProgress {
 	return out
 }
 
+func (p *Primary) ruleLocked() FlushRule {
+	return FlushRule{Mode: p.mode, RF: 1 + len(p.reps), Members: p.members, MinCopies: p.minCopies}
+}
+
+// waitDurable waits until the acting set acknowledges lsn. While the
+// decision is Blocked (members not InSync, or too few of them) it waits at
+// most FlushWait, restarted by each new assignment, then fails with EIO.
 func (p *Primary) waitDurable(lsn uint64) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	var (
+		deadline time.Time
+		since    time.Time
+		timer    *time.Timer
+		gen      uint64
+	)
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
 	for {
 		if p.closed {
 			return fmt.Errorf("replication: flush at LSN %d: %w", lsn, blockdev.ErrClosed)
 		}
-		d := DecideFlush(p.mode, p.progressLocked(), lsn)
+		d := DecideFlush(p.ruleLocked(), p.progressLocked(), lsn)
 		switch d.Outcome {
 		case Succeed:
 			return nil
-		case Fail:
-			p.log.Warn(EvFlushFailed, "lsn", lsn, "mode", p.mode.String(), "reason", d.Reason, "missing", d.Missing)
-			return fmt.Errorf("replication: flush at LSN %d (%s): %s %v: %w", lsn, p.mode, d.Reason, d.Missing, blockdev.ErrIO)
+		case Blocked:
+			now := time.Now()
+			if deadline.IsZero() || gen != p.assignGen {
+				if since.IsZero() {
+					since = now
+				}
+				gen, deadline = p.assignGen, now.Add(p.cfg.FlushWait)
+				if timer != nil {
+					timer.Stop()
+				}
+				timer = time.AfterFunc(p.cfg.FlushWait, func() {
+					p.mu.Lock()
+					p.cond.Broadcast()
+					p.mu.Unlock()
+				})
+			} else if !now.Before(deadline) {
+				waited := now.Sub(since).Round(time.Millisecond)
+				p.log.Warn(EvFlushFailed, "lsn", lsn, "mode", p.mode.String(), "rule", d.Rule, "reason", d.Reason, "missing", d.Missing,
+					"acting_set", p.members, "min_copies", p.minCopies, "copies", d.Copies, "need", d.Need, "waited", waited.String(), "detail", d.Detail)
+				return fmt.Errorf("replication: flush at LSN %d: %s (%s), waited %s: %w", lsn, d.Reason, d.Detail, waited, blockdev.ErrIO)
+			}
 		}
 		p.cond.Wait()
 	}
