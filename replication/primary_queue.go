@@ -20,7 +20,17 @@ type item struct {
 	buf  *[]byte // pooled backing store, nil if not pooled
 }
 
-var bodyPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096+64); return &b }}
+const (
+	// recordBodyHeader is the encoded size of a RecordBody without its
+	// data: type (1), epoch (8), offset (8), length (4).
+	recordBodyHeader = 1 + 8 + 8 + 4
+	// pooledBodyCap is the capacity of a pooled record body: a 4 KiB
+	// write (the common case) plus its header, rounded up. Larger bodies
+	// are allocated.
+	pooledBodyCap = 4096 + 64
+)
+
+var bodyPool = sync.Pool{New: func() any { b := make([]byte, 0, pooledBodyCap); return &b }}
 
 func (it *item) release() {
 	if it.refs.Add(-1) == 0 && it.buf != nil {
@@ -40,7 +50,7 @@ func (p *Primary) sink(rec wal.Record) {
 	if rec.Type == wal.Padding {
 		return
 	}
-	p.cumBytes.Add(int64(21 + len(rec.Payload)))
+	p.cumBytes.Add(int64(recordBodyHeader + len(rec.Payload)))
 	p.smu.Lock()
 	defer p.smu.Unlock()
 	p.lastLSN = rec.LSN
@@ -55,8 +65,8 @@ func (p *Primary) sink(rec wal.Record) {
 		}
 		if it == nil {
 			it = &item{lsn: rec.LSN}
-			n := 21 + len(rec.Payload)
-			if n <= 4096+64 {
+			n := recordBodyHeader + len(rec.Payload)
+			if n <= pooledBodyCap {
 				it.buf = bodyPool.Get().(*[]byte)
 				it.body = (*it.buf)[:0]
 			} else {

@@ -48,15 +48,19 @@ type replica struct {
 	baseBytes atomic.Int64
 }
 
-// setStateLocked moves r to a new state, logging the transition.
-func (r *replica) setStateLocked(to ReplicaState, reason string) {
+// setStateLocked moves r to a new state, logging the transition. A move
+// the state machine does not allow (CanTransition) is refused: it is
+// logged as illegal_transition and r keeps its state. It reports whether
+// r is now in state to.
+func (r *replica) setStateLocked(to ReplicaState, reason string) bool {
 	p := r.p
 	from := r.state
 	if from == to {
-		return
+		return true
 	}
 	if !CanTransition(from, to) {
-		p.log.Warn("illegal_transition", "replica", r.id, "from", from.String(), "to", to.String(), "reason", reason)
+		p.log.Error(EvIllegalTransition, "replica", r.id, "from", from.String(), "to", to.String(), "reason", reason, "session", r.session)
+		return false
 	}
 	r.state = to
 	if from == InSync {
@@ -71,6 +75,7 @@ func (r *replica) setStateLocked(to ReplicaState, reason string) {
 	}
 	p.log.Info(EvStateChanged, "replica", r.id, "from", from.String(), "to", to.String(), "reason", reason, "flushed", r.flushed, "session", r.session)
 	p.cond.Broadcast()
+	return true
 }
 
 func (r *replica) wake() {

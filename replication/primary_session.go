@@ -125,7 +125,7 @@ func (r *replica) runSession() (wasInSync bool, err error) {
 	defer s.fail(errors.New("session over"))
 	s.log.Info(EvSessionCreated, "addr", addr)
 
-	err = s.runLocked()
+	err = s.serve()
 	p.mu.Lock()
 	wasInSync = r.state == InSync
 	p.mu.Unlock()
@@ -138,68 +138,83 @@ func (r *replica) runSession() (wasInSync bool, err error) {
 	return wasInSync, err
 }
 
-func (s *session) runLocked() error {
+// serve runs one session after the connection is up: handshake, the
+// planner's decision, the plan's start, then the sender. It takes p.mu
+// only for short state updates.
+func (s *session) serve() error {
+	hr, facts, err := s.handshake()
+	if err != nil {
+		return err
+	}
+	plan := Decide(facts)
+	s.log.Info(EvPlanChosen, "plan", plan.Kind.String(), "reason", plan.Reason, "detail", plan.Detail, "from", plan.From, "to", plan.To,
+		"replica_flushed", hr.FlushedLSN, "replica_head", hr.HeadLSN, "primary_head", facts.PrimaryHead, "oldest_retained", facts.OldestRetained)
+
+	go s.recvLoop()
+	go s.pinger()
+	if err := s.startPlan(plan, hr); err != nil {
+		return err
+	}
+	return s.stream()
+}
+
+// handshake sends the Hello, reads the replica's answer and gathers the
+// planner's facts (the replica's answer, the primary's WAL, the bitmap and
+// any escalation). The answer's FlushedLSN becomes the replica's progress.
+func (s *session) handshake() (HelloResp, Facts, error) {
 	r, p := s.r, s.r.p
 	vol := p.vol
-	// Handshake.
 	H, S := vol.HeadLSN(), vol.OldestRetainedLSN()
 	p.mu.Lock()
 	epochStart := p.epochStart
 	p.mu.Unlock()
 	if err := s.write(&Msg{Type: MsgHello, Payload: Hello{PrimaryID: p.cfg.ServerID, TargetServerID: r.id, HeadLSN: H, OldestLSN: S,
 		RegionSize: uint32(p.cfg.RegionSize), EpochStartLSN: epochStart}.Encode()}); err != nil {
-		return err
+		return HelloResp{}, Facts{}, err
 	}
 	if err := s.bw.Flush(); err != nil {
-		return fmt.Errorf("send hello: %w", err)
+		return HelloResp{}, Facts{}, fmt.Errorf("send hello: %w", err)
 	}
 	s.conn.SetReadDeadline(time.Now().Add(p.cfg.DeadAfter))
 	s.mr = NewMsgReader(s.conn)
 	m, err := s.mr.Read()
 	if err != nil {
-		return fmt.Errorf("read hello reply: %w", err)
+		return HelloResp{}, Facts{}, fmt.Errorf("read hello reply: %w", err)
 	}
 	s.conn.SetReadDeadline(time.Time{})
 	if m.Type == MsgError {
 		eb, _ := DecodeErrorBody(m.Payload)
 		s.log.Warn(EvRefused, "code", eb.Code, "detail", eb.Message)
-		return &RemoteError{eb}
+		return HelloResp{}, Facts{}, &RemoteError{eb}
 	}
 	if m.Type != MsgHelloResp || m.Session != s.id || m.Epoch != s.epoch {
-		return fmt.Errorf("%w: unexpected %s (session %d epoch %d) in handshake", ErrBadFrame, m.Type, m.Session, m.Epoch)
+		return HelloResp{}, Facts{}, fmt.Errorf("%w: unexpected %s (session %d epoch %d) in handshake", ErrBadFrame, m.Type, m.Session, m.Epoch)
 	}
 	hr, err := DecodeHelloResp(m.Payload)
 	if err != nil {
-		return err
+		return HelloResp{}, Facts{}, err
 	}
 	p.smu.Lock()
 	bmFrom := r.bm.from()
 	p.smu.Unlock()
-	facts := Facts{ReplicaFlushed: hr.FlushedLSN, ReplicaHead: hr.HeadLSN, PrimaryHead: H, OldestRetained: S,
-		Blank: hr.Blank, Trusted: !hr.Untrusted, BitmapOK: true, BitmapFrom: bmFrom, ForkLSN: hr.ForkLSN, DivergentKnown: hr.DivergentKnown,
-		PendingResumable: hr.HasPending && hr.Pending.Epoch == s.epoch && S <= hr.FlushedLSN+1, PendingKind: hr.Pending.Kind}
-	plan := Decide(facts)
 	p.mu.Lock()
-	force := r.forceTransfer
+	escalated := r.forceTransfer
 	if s.failed() {
 		p.mu.Unlock()
-		return s.err
+		return HelloResp{}, Facts{}, s.err
 	}
 	r.flushed = hr.FlushedLSN // the handshake is authoritative, not a cached value
 	p.mu.Unlock()
-	if force != "" && (plan.Kind == PlanCatchUp || plan.Kind == PlanInSync) {
-		if bmFrom <= hr.FlushedLSN+1 && !hr.Blank {
-			plan = Plan{Kind: PlanResync, From: hr.FlushedLSN + 1, To: H, Reason: "escalated", Detail: force}
-		} else {
-			plan = Plan{Kind: PlanRebuild, Reason: "escalated", Detail: force}
-		}
-	}
-	s.log.Info(EvPlanChosen, "plan", plan.Kind.String(), "reason", plan.Reason, "detail", plan.Detail, "from", plan.From, "to", plan.To,
-		"replica_flushed", hr.FlushedLSN, "replica_head", hr.HeadLSN, "primary_head", H, "oldest_retained", S)
+	facts := Facts{ReplicaFlushed: hr.FlushedLSN, ReplicaHead: hr.HeadLSN, PrimaryHead: H, OldestRetained: S,
+		Blank: hr.Blank, Trusted: !hr.Untrusted, BitmapOK: true, BitmapFrom: bmFrom, ForkLSN: hr.ForkLSN, DivergentKnown: hr.DivergentKnown,
+		HasPending: hr.HasPending, PendingEpoch: hr.Pending.Epoch, PendingKind: hr.Pending.Kind, Epoch: s.epoch, Escalated: escalated}
+	return hr, facts, nil
+}
 
-	go s.recvLoop()
-	go s.pinger()
-
+// startPlan carries out the start of plan: the state for a catch-up, or
+// the Begin of a transfer, and the first LSN the sender streams.
+func (s *session) startPlan(plan Plan, hr HelloResp) error {
+	r, p := s.r, s.r.p
 	switch plan.Kind {
 	case PlanInSync, PlanCatchUp:
 		s.next = hr.FlushedLSN + 1
@@ -208,17 +223,14 @@ func (s *session) runLocked() error {
 		p.mu.Unlock()
 		s.allowBarrier = true
 	case PlanTruncateThenCatchUp:
-		reset := H
-		if hr.ForkLSN != 0 && hr.ForkLSN <= H+1 {
-			reset = hr.ForkLSN - 1
-		}
 		s.kind, s.regions = TransferTrunc, hr.Divergent
-		if err := s.begin(Begin{Kind: TransferTrunc, ResetLSN: reset, RegionSize: uint32(p.cfg.RegionSize), Regions: hr.Divergent}); err != nil {
+		if err := s.begin(Begin{Kind: TransferTrunc, ResetLSN: plan.ResetLSN, RegionSize: uint32(p.cfg.RegionSize), Regions: hr.Divergent}); err != nil {
 			return err
 		}
-		s.next = reset + 1
+		s.next = plan.ResetLSN + 1
 	case PlanResync, PlanRebuild:
-		T := vol.HeadLSN()
+		// The target is frozen at the head when the transfer begins.
+		T := p.vol.HeadLSN()
 		b := Begin{Kind: TransferRebuild, ResetLSN: T, RegionSize: uint32(p.cfg.RegionSize), AllRegions: true}
 		if plan.Kind == PlanResync {
 			p.smu.Lock()
@@ -238,7 +250,7 @@ func (s *session) runLocked() error {
 		}
 		s.next = hr.FlushedLSN + 1
 	}
-	return s.stream()
+	return nil
 }
 
 func (s *session) begin(b Begin) error {

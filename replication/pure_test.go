@@ -5,6 +5,7 @@ import (
 	"errors"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -164,7 +165,15 @@ func TestPlannerTable(t *testing.T) {
 		{"blank wal covers", Facts{Trusted: true, Blank: true, PrimaryHead: 8, OldestRetained: 1}, PlanCatchUp, 1, 8, "blank_wal_covers"},
 		{"blank rebuild", Facts{Trusted: true, Blank: true, PrimaryHead: 8, OldestRetained: 5}, PlanRebuild, 0, 0, "blank"},
 		{"untrusted", Facts{ReplicaFlushed: 8, ReplicaHead: 8, PrimaryHead: 8, OldestRetained: 1}, PlanRebuild, 0, 0, "untrusted"},
-		{"resume", Facts{PendingResumable: true, PendingKind: TransferRebuild, PrimaryHead: 8}, PlanResume, 0, 0, "pending_rebuild"},
+		{"resume", Facts{HasPending: true, PendingEpoch: 3, Epoch: 3, PendingKind: TransferRebuild, PrimaryHead: 8}, PlanResume, 0, 0, "pending_rebuild"},
+		{"pending of another epoch", Facts{HasPending: true, PendingEpoch: 2, Epoch: 3, PendingKind: TransferRebuild, ReplicaFlushed: 4, ReplicaHead: 4, PrimaryHead: 8, OldestRetained: 1}, PlanRebuild, 0, 0, "untrusted"},
+		{"pending tail recycled", Facts{HasPending: true, PendingEpoch: 3, Epoch: 3, PendingKind: TransferResync, ReplicaFlushed: 4, ReplicaHead: 4, PrimaryHead: 8, OldestRetained: 6}, PlanRebuild, 0, 0, "untrusted"},
+		{"escalated catch-up resyncs", Facts{Trusted: true, ReplicaFlushed: 5, ReplicaHead: 5, PrimaryHead: 10, OldestRetained: 3, BitmapOK: true, BitmapFrom: 2, Escalated: "catchup_attempts_exhausted"}, PlanResync, 6, 10, "escalated"},
+		{"escalated in-sync resyncs", Facts{Trusted: true, ReplicaFlushed: 10, ReplicaHead: 10, PrimaryHead: 10, OldestRetained: 3, BitmapOK: true, BitmapFrom: 2, Escalated: "x"}, PlanResync, 11, 10, "escalated"},
+		{"escalated bitmap too young rebuilds", Facts{Trusted: true, ReplicaFlushed: 5, ReplicaHead: 5, PrimaryHead: 10, OldestRetained: 3, BitmapOK: true, BitmapFrom: 7, Escalated: "x"}, PlanRebuild, 0, 0, "escalated"},
+		{"escalated blank rebuilds", Facts{Trusted: true, Blank: true, PrimaryHead: 8, OldestRetained: 1, BitmapOK: true, Escalated: "x"}, PlanRebuild, 0, 0, "escalated"},
+		{"escalated truncate stays", Facts{Trusted: true, ReplicaFlushed: 12, ReplicaHead: 12, PrimaryHead: 10, OldestRetained: 1, DivergentKnown: true, Escalated: "x"}, PlanTruncateThenCatchUp, 11, 10, "replica_ahead"},
+		{"escalated resume stays", Facts{HasPending: true, PendingEpoch: 3, Epoch: 3, PendingKind: TransferRebuild, PrimaryHead: 8, Escalated: "x"}, PlanResume, 0, 0, "pending_rebuild"},
 		{"zero zero", base, PlanInSync, 0, 0, "caught_up"},
 	}
 	for _, c := range cases {
@@ -174,6 +183,20 @@ func TestPlannerTable(t *testing.T) {
 		}
 		if p.Detail == "" {
 			t.Errorf("%s: empty detail", c.name)
+		}
+	}
+	// The truncation point is the planner's: one below the fork, or the
+	// primary's head when the replica is ahead.
+	for _, c := range []struct {
+		f     Facts
+		reset uint64
+	}{
+		{Facts{Trusted: true, ReplicaFlushed: 9, ReplicaHead: 9, PrimaryHead: 12, OldestRetained: 1, ForkLSN: 7, DivergentKnown: true}, 6},
+		{Facts{Trusted: true, ReplicaFlushed: 12, ReplicaHead: 12, PrimaryHead: 10, OldestRetained: 1, DivergentKnown: true}, 10},
+		{Facts{Trusted: true, ReplicaFlushed: 12, ReplicaHead: 12, PrimaryHead: 10, OldestRetained: 1, ForkLSN: 11, DivergentKnown: true}, 10},
+	} {
+		if p := Decide(c.f); p.Kind != PlanTruncateThenCatchUp || p.ResetLSN != c.reset {
+			t.Errorf("%+v: got %v reset %d, want truncate to %d", c.f, p.Kind, p.ResetLSN, c.reset)
 		}
 	}
 }
@@ -355,5 +378,35 @@ func TestActingMembers(t *testing.T) {
 		if !slices.Equal(m, c.members) || minc != c.minc {
 			t.Errorf("%s: got %v %d, want %v %d", c.name, m, minc, c.members, c.minc)
 		}
+	}
+}
+
+// setStateLocked refuses a move the state machine does not allow and
+// keeps the replica's state.
+func TestIllegalTransitionRefused(t *testing.T) {
+	logs, log := newCapture()
+	p := &Primary{log: log}
+	p.cond = sync.NewCond(&p.mu)
+	r := &replica{p: p, id: "r", state: Disconnected}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if r.setStateLocked(InSync, "test") || r.state != Disconnected {
+		t.Fatalf("disconnected → in_sync was made: state %v", r.state)
+	}
+	if len(logs.find(EvIllegalTransition, map[string]string{"from": "disconnected", "to": "in_sync"})) != 1 {
+		t.Fatalf("no illegal_transition event: %s", logs.tail())
+	}
+	if !r.setStateLocked(Connecting, "test") || !r.setStateLocked(CatchingUp, "test") || !r.setStateLocked(InSync, "test") || r.state != InSync {
+		t.Fatalf("legal path refused: state %v", r.state)
+	}
+	if r.setStateLocked(Rebuilding, "test") || r.state != InSync {
+		t.Fatalf("in_sync → rebuilding was made: state %v", r.state)
+	}
+}
+
+// recordBodyHeader is what RecordBody.Encode adds to the data.
+func TestRecordBodyHeaderSize(t *testing.T) {
+	if n := len(RecordBody{Type: RecWrite, Data: make([]byte, 4096)}.Encode(nil)); n != recordBodyHeader+4096 || n > pooledBodyCap {
+		t.Fatalf("encoded 4 KiB record body: %d bytes, header const %d, pool cap %d", n, recordBodyHeader, pooledBodyCap)
 	}
 }
