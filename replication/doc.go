@@ -84,8 +84,9 @@
 // LSN ≥ target. The replica persists its progress (repl-transfer.json in
 // the volume directory) so either side's restart resumes. Catch-up
 // escalates to a transfer after 3 failed attempts or a time/byte budget.
-// The primary holds WAL for replicas that are expected back (retention
-// floor) within a time and byte budget (the byte budget never exceeds half
+// The primary holds WAL for replicas that are expected back (one retention
+// hold per replica in the volume's hold set, moved as the replica
+// progresses) within a time and byte budget (the byte budget never exceeds half
 // the WAL); past it the hold is released and the replica escalated.
 // Replicas keep the records above the primary's committed LSN (within a
 // quarter of their WAL) so a divergent tail can be listed after failover.

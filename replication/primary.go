@@ -102,7 +102,8 @@ type Primary struct {
 	closed     bool
 	members    []string // acting set: the replicas that count
 	minCopies  int
-	assignGen  uint64 // bumped when the epoch, mode, replicas or acting set change
+	assignGen  uint64            // bumped when the epoch, mode, replicas or acting set change
+	holds      map[string]uint64 // this primary's retention holds in the volume's set
 
 	smu      sync.Mutex // sink side: lastLSN, bitmaps, the replica list the sink sees
 	lastLSN  uint64
@@ -116,7 +117,7 @@ type Primary struct {
 	bmCkpt    atomic.Uint64
 }
 
-// NewPrimary takes over vol's record sink and retention floor and starts a
+// NewPrimary takes over vol's record sink, adds its retention holds and starts a
 // session to every replica. Replicas without a ServerID are refused (fail
 // closed): they are logged as replica_rejected and NewPrimary returns an
 // error wrapping ErrNoServerID and no primary.
@@ -170,7 +171,7 @@ func NewPrimary(vol *blockvol.Volume, cfg PrimaryConfig) (*Primary, error) {
 	if err := checkPeers(cfg.Replicas, cfg.Logger.With("side", "primary", "volume", cfg.Volume)); err != nil {
 		return nil, fmt.Errorf("replication: NewPrimary %s: %w", cfg.Volume, err)
 	}
-	p := &Primary{vol: vol, cfg: cfg, epoch: cfg.Epoch, mode: cfg.Durability, reps: map[string]*replica{}, stopCh: make(chan struct{}),
+	p := &Primary{vol: vol, cfg: cfg, epoch: cfg.Epoch, mode: cfg.Durability, reps: map[string]*replica{}, holds: map[string]uint64{}, stopCh: make(chan struct{}),
 		log: cfg.Logger.With("side", "primary", "volume", cfg.Volume)}
 	p.cond = sync.NewCond(&p.mu)
 	// Records carry the volume's epoch: it must be this primary's.
@@ -184,7 +185,6 @@ func NewPrimary(vol *blockvol.Volume, cfg PrimaryConfig) (*Primary, error) {
 	p.lastLSN = vol.HeadLSN()
 	p.epochStart = p.findEpochStart(cfg.Epoch)
 	vol.SetRecordSink(p.sink)
-	vol.SetRetentionFloor(p.floor)
 	err := p.Update(Assignment{Epoch: cfg.Epoch, Durability: cfg.Durability, Replicas: cfg.Replicas, ActingSet: cfg.ActingSet, MinCopies: cfg.MinCopies})
 	p.wg.Add(1)
 	go p.maintain()
@@ -245,8 +245,8 @@ func actingMembers(a Assignment, want map[string]Peer) (members []string, minCop
 // (fail closed) and reported in the returned error.
 func (p *Primary) Update(a Assignment) error {
 	epoch, mode, peers := a.Epoch, a.Durability, a.Replicas
-	// Persist a new epoch first, outside p.mu: the engine's flusher calls
-	// the retention floor (p.mu) while a Drain may hold the I/O lock.
+	// Persist a new epoch first, outside p.mu (SetEpochRole takes the
+	// volume's I/O lock, which a Drain may hold).
 	p.mu.Lock()
 	cur := p.epoch
 	p.mu.Unlock()
@@ -359,6 +359,7 @@ func (p *Primary) Update(a Assignment) error {
 		}
 	}
 	p.refreshSinkLocked()
+	p.syncHoldsLocked(time.Now())
 	p.cond.Broadcast()
 	if len(rejected) > 0 {
 		return fmt.Errorf("replication: %w: %d replica(s) without server ID refused (addrs %v)", ErrNoServerID, len(rejected), rejected)
@@ -445,8 +446,9 @@ func (p *Primary) Epoch() uint64 {
 // Volume is the wrapped volume.
 func (p *Primary) Volume() *blockvol.Volume { return p.vol }
 
-// Close ends every session, releases the volume's record sink and
-// retention floor and fails waiting flushes. It does not close the volume.
+// Close ends every session, releases the volume's record sink and this
+// primary's retention holds (no other owner's) and fails waiting flushes.
+// It does not close the volume.
 func (p *Primary) Close() error {
 	p.mu.Lock()
 	if p.closed {
@@ -467,6 +469,8 @@ func (p *Primary) Close() error {
 	p.wg.Wait()
 	p.bmCkpt.Store(^uint64(0)) // force a final persist
 	p.persistBitmaps()
-	p.vol.SetRetentionFloor(nil)
+	p.mu.Lock()
+	p.releaseHoldsLocked()
+	p.mu.Unlock()
 	return nil
 }

@@ -112,6 +112,7 @@ func (r *replica) onFlushed(s *session, lsn uint64, viaDone bool) {
 		r.bm.rotate(r.flushed, p.lastLSN+1)
 		p.smu.Unlock()
 	}
+	p.syncHoldsLocked(time.Now())
 	p.cond.Broadcast()
 }
 

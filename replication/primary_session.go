@@ -204,6 +204,7 @@ func (s *session) handshake() (HelloResp, Facts, error) {
 		return HelloResp{}, Facts{}, s.err
 	}
 	r.flushed = hr.FlushedLSN // the handshake is authoritative, not a cached value
+	p.syncHoldsLocked(time.Now())
 	p.mu.Unlock()
 	facts := Facts{ReplicaFlushed: hr.FlushedLSN, ReplicaHead: hr.HeadLSN, PrimaryHead: H, OldestRetained: S,
 		Blank: hr.Blank, Trusted: !hr.Untrusted, BitmapOK: true, BitmapFrom: bmFrom, ForkLSN: hr.ForkLSN, DivergentKnown: hr.DivergentKnown,
@@ -273,6 +274,7 @@ func (s *session) begin(b Begin) error {
 	r.everSynced = true
 	r.notInSyncSince = time.Now()
 	r.bytesAtLeave = p.cumBytes.Load()
+	p.syncHoldsLocked(time.Now())
 	p.mu.Unlock()
 	s.log.Info(EvTransferBegun, "kind", b.Kind.String(), "reset_lsn", b.ResetLSN, "regions", s.nRegions, "progress", s.progress, "resume", b.Resume)
 	return s.write(&Msg{Type: MsgBegin, Payload: b.Encode()})
