@@ -20,15 +20,6 @@ func (v *Volume) CheckpointLSN() uint64 { return v.ckptLSN.Load() }
 // (HeadLSN()+1 when the WAL holds none).
 func (v *Volume) OldestRetainedLSN() uint64 { return v.tailLSN.Load() }
 
-// SetRecordSink sets fn to be called for every record appended, in LSN
-// order, under the append lock: it must not block, and must copy
-// rec.Payload if it keeps it. nil removes the sink.
-func (v *Volume) SetRecordSink(fn func(rec wal.Record)) {
-	v.appendMu.Lock()
-	v.sink = fn
-	v.appendMu.Unlock()
-}
-
 // ReadRecords calls fn for each retained record with LSN >= fromLSN, in
 // order, up to the last completed record. rec.Payload is only valid during
 // the call. It fails with an error wrapping ErrNotRetained when fromLSN is
