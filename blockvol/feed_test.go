@@ -91,3 +91,21 @@ func TestRecordFeedOrderAndLoss(t *testing.T) {
 		t.Fatalf("new subscriber got %d records (first %+v)", len(recs), recs)
 	}
 }
+
+// WaitApplied returns once the records are readable, and with the
+// volume's error when it has failed.
+func TestWaitApplied(t *testing.T) {
+	v, _ := newVol(t, 2<<20, 1<<20)
+	for i := 0; i < 8; i++ {
+		if err := v.WriteAt(pattern(uint64(i), 4096), int64(i)*4096, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := v.WaitApplied(v.HeadLSN()); err != nil {
+		t.Fatal(err)
+	}
+	v.fail(errors.New("injected"))
+	if err := v.WaitApplied(v.HeadLSN() + 1); err == nil {
+		t.Fatal("WaitApplied on a failed volume for an LSN never written returned nil")
+	}
+}
