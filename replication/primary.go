@@ -307,7 +307,10 @@ func (p *Primary) Update(a Assignment) error {
 				unknown = append(unknown, id)
 			}
 		}
-		p.log.Info(EvActingSet, "epoch", epoch, "mode", mode.String(), "acting_set", members, "stale", stale, "min_copies", minCopies)
+		// legacy: the assignment named neither a set nor min_copies, so
+		// every replica counts (a master that predates acting sets).
+		legacy := a.ActingSet == nil && a.MinCopies == 0
+		p.log.Info(EvActingSet, "epoch", epoch, "mode", mode.String(), "acting_set", members, "stale", stale, "min_copies", minCopies, "legacy", legacy)
 		if len(unknown) > 0 {
 			p.log.Warn(EvActingSet, "epoch", epoch, "reason", "member_not_assigned", "members", unknown)
 		}
