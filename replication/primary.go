@@ -105,11 +105,15 @@ type Primary struct {
 	assignGen  uint64            // bumped when the epoch, mode, replicas or acting set change
 	holds      map[string]uint64 // this primary's retention holds in the volume's set
 
-	feed     *blockvol.RecordFeed
-	smu      sync.Mutex // shipper side: lastLSN, bitmaps, the replica list the shipper sees
-	lastLSN  uint64
-	sinkReps []*replica
-	cumBytes atomic.Int64
+	feed      *blockvol.RecordFeed
+	shipMu    sync.Mutex // one pump at a time: records reach the queues in LSN order
+	pumpReq   atomic.Bool
+	shipRecs  []wal.Record
+	shipItems []*item
+	smu       sync.Mutex // shipper side: lastLSN, bitmaps, the replica list the shipper sees
+	lastLSN   uint64
+	sinkReps  []*replica
+	cumBytes  atomic.Int64
 
 	wg     sync.WaitGroup
 	stopCh chan struct{}
