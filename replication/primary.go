@@ -112,7 +112,7 @@ type Primary struct {
 	shipItems []*item
 	smu       sync.Mutex // shipper side: lastLSN, bitmaps, the replica list the shipper sees
 	lastLSN   uint64
-	sinkReps  []*replica
+	shipReps  []*replica
 	cumBytes  atomic.Int64
 
 	wg     sync.WaitGroup
@@ -373,7 +373,7 @@ func (p *Primary) Update(a Assignment) error {
 			r.wake()
 		}
 	}
-	p.refreshSinkLocked()
+	p.refreshShipLocked()
 	p.syncHoldsLocked(time.Now())
 	p.cond.Broadcast()
 	if len(rejected) > 0 {
@@ -382,14 +382,14 @@ func (p *Primary) Update(a Assignment) error {
 	return nil
 }
 
-func (p *Primary) refreshSinkLocked() {
+func (p *Primary) refreshShipLocked() {
 	list := make([]*replica, 0, len(p.reps))
 	for _, r := range p.reps {
 		list = append(list, r)
 	}
 	sort.Slice(list, func(i, j int) bool { return list[i].id < list[j].id })
 	p.smu.Lock()
-	p.sinkReps = list
+	p.shipReps = list
 	p.smu.Unlock()
 }
 

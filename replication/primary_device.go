@@ -89,7 +89,7 @@ func (p *Primary) sync() error {
 
 func (p *Primary) requestBarriers(lsn uint64) {
 	p.smu.Lock()
-	reps := p.sinkReps
+	reps := p.shipReps
 	p.smu.Unlock()
 	for _, r := range reps {
 		r.qmu.Lock()

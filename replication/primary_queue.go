@@ -108,7 +108,7 @@ func (p *Primary) pumpLocked() {
 func (p *Primary) shipBatch(recs []wal.Record, items []*item) []*item {
 	var bytes int64
 	p.smu.Lock()
-	reps := p.sinkReps
+	reps := p.shipReps
 	for _, rec := range recs {
 		if rec.Type == wal.Padding {
 			continue
@@ -154,7 +154,7 @@ func (p *Primary) feedLost(lost blockvol.Lost) {
 	p.log.Warn(EvFeedLost, "from_lsn", lost.From, "to_lsn", lost.To)
 	p.smu.Lock()
 	p.lastLSN = lost.To
-	for _, r := range p.sinkReps {
+	for _, r := range p.shipReps {
 		r.bm = newDirtyBitmap(p.cfg.RegionSize, p.vol.Size(), lost.To+1)
 	}
 	p.smu.Unlock()
