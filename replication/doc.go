@@ -34,6 +34,7 @@
 // goroutines: the writer after its write returns, a flush before it asks
 // for barriers, a backstop goroutine otherwise. No replication code runs
 // under a lock of the engine, and the engine never calls into replication.
+//
 //	r := NewReceiver(ReceiverConfig{ServerID, Lookup: func(volume string) (ReplicaTarget, bool), Logger})
 //	r.Serve(ln); r.Close()
 //
