@@ -28,15 +28,14 @@
 //	p.Update(Assignment{Epoch, Durability, Replicas, ActingSet, MinCopies}) error // replicas matched by ServerID
 //	p.Replicas() []ReplicaStatus                  // ServerID, Addr, State, FlushedLSN, Session, byte counters
 //	p.Close()                                     // does not close the volume
+//	r := NewReceiver(ReceiverConfig{ServerID, Lookup: func(volume string) (ReplicaTarget, bool), Logger})
+//	r.Serve(ln); r.Close()
 //
 // The Primary takes records from the volume's record feed
 // (blockvol.SubscribeRecords: one Primary per volume) in replication's own
 // goroutines: the writer after its write returns, a flush before it asks
 // for barriers, a backstop goroutine otherwise. No replication code runs
 // under a lock of the engine, and the engine never calls into replication.
-//
-//	r := NewReceiver(ReceiverConfig{ServerID, Lookup: func(volume string) (ReplicaTarget, bool), Logger})
-//	r.Serve(ln); r.Close()
 //
 // *Primary implements blockdev.Device. Flush (and a FUA write) is: ask
 // every replica for a barrier, fdatasync locally in parallel, then wait
