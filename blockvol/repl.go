@@ -147,3 +147,21 @@ func (v *Volume) Barrier() (uint64, error) {
 	}
 	return v.appendRecord(wal.Record{Type: wal.Barrier}, false)
 }
+
+// WaitApplied waits until every record with LSN <= lsn is written and
+// readable (reads see it), or the volume has failed.
+func (v *Volume) WaitApplied(lsn uint64) error {
+	c := &v.comp
+	c.mu.Lock()
+	for c.done < lsn && v.failed.Load() == nil && !v.closed.Load() {
+		c.cond.Wait()
+	}
+	c.mu.Unlock()
+	if err := v.failErr(); err != nil {
+		return err
+	}
+	if v.closed.Load() && c.doneRelaxed() < lsn {
+		return fmt.Errorf("blockvol: wait for LSN %d: %w", lsn, blockdev.ErrClosed)
+	}
+	return nil
+}
