@@ -42,9 +42,11 @@ type PrimaryConfig struct {
 	// before it fails with EIO (default 4 s). Barriers of InSync members
 	// are waited for without a bound: a slow disk is slow, not dead.
 	FlushWait time.Duration
-	// WriteGate is called before every write, trim, zero and flush; a
-	// non-nil result refuses the request with blockdev.ErrNotPrimary.
-	// The server checks role, epoch and lease expiry here. nil: always open.
+	// WriteGate is called before every read, block status, write, trim,
+	// zero and flush (reads too: a deposed primary must not serve stale
+	// data); a non-nil result refuses the request with
+	// blockdev.ErrNotPrimary. The server checks role, epoch and lease
+	// expiry here. nil: always open.
 	WriteGate func() error
 	Logger    *slog.Logger
 	// StateDir, when set, holds the per-replica dirty-region bitmaps

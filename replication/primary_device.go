@@ -28,9 +28,24 @@ func (p *Primary) Size() int64 { return p.vol.Size() }
 
 func (p *Primary) BlockSize() int { return p.vol.BlockSize() }
 
-func (p *Primary) ReadAt(b []byte, off int64) error { return p.vol.ReadAt(b, off) }
+// ReadAt is gated like a write: once the lease has run out, the master
+// may have promoted another server, which may already have acknowledged a
+// newer write of the same block. A deposed primary that went on answering
+// reads would return the old value (a stale read, found by the torture
+// test TestDeposedPrimaryServesNoStaleRead).
+func (p *Primary) ReadAt(b []byte, off int64) error {
+	if err := p.gate(); err != nil {
+		return err
+	}
+	return p.vol.ReadAt(b, off)
+}
 
+// BlockStatus is gated for the same reason as ReadAt: allocation can change
+// under a newer primary too.
 func (p *Primary) BlockStatus(off, length int64) ([]blockdev.Extent, error) {
+	if err := p.gate(); err != nil {
+		return nil, err
+	}
 	return p.vol.BlockStatus(off, length)
 }
 
