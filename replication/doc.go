@@ -1,5 +1,5 @@
 // Package replication ships a primary volume's WAL records to its replicas
-// and makes FLUSH and FUA mean what the durability mode says (DESIGN §3).
+// and makes FLUSH and FUA mean what the durability mode says (docs/ARCHITECTURE.md §3, §4).
 //
 // # What the volume server calls
 //
