@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
-	"sort"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -48,11 +47,13 @@ type leaderState struct {
 	sent           map[string]string    // volume/server -> role@epoch last logged as sent
 	confirmed      map[string]string    // volume/server -> role@epoch last logged as confirmed
 	unknownLogged  map[string]bool
+	tracks         map[string]*VolumeTrack // volume -> the primary's reports at the current epoch
 }
 
 func newLeaderState(now time.Time) *leaderState {
 	return &leaderState{since: now, servers: map[string]*liveServer{}, pending: map[string]*pendingFailover{},
-		leaseNotBefore: map[string]time.Time{}, sent: map[string]string{}, confirmed: map[string]string{}, unknownLogged: map[string]bool{}}
+		leaseNotBefore: map[string]time.Time{}, sent: map[string]string{}, confirmed: map[string]string{}, unknownLogged: map[string]bool{},
+		tracks: map[string]*VolumeTrack{}}
 }
 
 func (ld *leaderState) stopTimers() {
@@ -195,6 +196,9 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 		if !v.has(req.ServerID) {
 			continue
 		}
+		if r, ok := reports[v.Name]; ok && v.Primary == req.ServerID {
+			ld.tracks[v.Name] = TrackReport(ld.tracks[v.Name], v.ID, v.Epoch, r, now)
+		}
 		a := m.assignment(v, req.ServerID)
 		if a.Role == api.RolePrimary {
 			if nb, ok := ld.leaseNotBefore[v.Name]; ok && now.Before(nb) {
@@ -255,7 +259,8 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 // assignment is the desired state of v on server id (lease not filled).
 func (m *Master) assignment(v *VolumeRecord, id string) api.VolumeAssignment {
 	a := api.VolumeAssignment{Volume: v.Name, ID: v.ID, SizeBytes: v.SizeBytes, BlockSize: v.BlockSize,
-		WALSizeBytes: v.WALSizeBytes, Durability: v.Durability, Epoch: v.Epoch, Role: api.RoleReplica, Replicas: []api.ServerRef{}}
+		WALSizeBytes: v.WALSizeBytes, Durability: v.Durability, Epoch: v.Epoch, Role: api.RoleReplica, Replicas: []api.ServerRef{},
+		ActingSet: append([]string{}, v.ActingSet...), MinCopies: v.EffectiveMinCopies()}
 	if v.Primary == id {
 		a.Role = api.RolePrimary
 	}
@@ -362,7 +367,7 @@ func (m *Master) candidateInputs(ld *leaderState, v *VolumeRecord, now time.Time
 	}
 	var in []CandidateInput
 	for _, id := range v.Replicas {
-		c := CandidateInput{ServerID: id, Registered: m.fsm.server(id) != nil}
+		c := CandidateInput{ServerID: id, Registered: m.fsm.server(id) != nil, InActing: v.inActing(id)}
 		if ls := ld.servers[id]; ls != nil {
 			c.Heard, c.Age = true, now.Sub(ls.heard)
 			if r, ok := ls.reports[v.Name]; ok {
@@ -420,13 +425,15 @@ func (m *Master) tryFailover(p *pendingFailover) {
 	}()
 
 	cands, best := EvaluateCandidates(v.ID, v.Epoch, head, in, m.gates())
-	if best == "" {
+	quorumOK, need, eligible := m.failoverQuorum(v, cands)
+	if best == "" || !quorumOK {
 		m.mu.Lock()
 		first := !p.noCand
 		p.noCand = true
 		m.mu.Unlock()
 		if first {
-			m.log.Warn("failover_no_candidate", "volume", v.Name, "primary", v.Primary, "epoch", v.Epoch, "candidates", summarize(cands))
+			m.log.Warn("failover_no_candidate", "volume", v.Name, "primary", v.Primary, "epoch", v.Epoch, "candidates", summarize(cands),
+				"acting_set", v.ActingSet, "eligible_acting", eligible, "needed_acting", need)
 		}
 		return
 	}
@@ -466,8 +473,9 @@ func (m *Master) reassign(ld *leaderState, v *VolumeRecord, newPrimary string) (
 		fence = now.Add(m.cfg.LeaseTTL + m.cfg.LeaseMargin)
 	}
 	m.mu.Unlock()
+	acting := FailoverActing(v.ActingSet, newPrimary)
 	res := m.apply(command{Op: opReassign, Name: v.Name, ID: v.ID, ExpectEpoch: v.Epoch, Primary: newPrimary,
-		Replicas: FailoverReplicas(v.Primary, v.Replicas, newPrimary), FenceUnixMS: fence.UnixMilli()})
+		Replicas: FailoverReplicas(v.Primary, v.Replicas, newPrimary), FenceUnixMS: fence.UnixMilli(), ActingSet: acting})
 	if res.Err != nil {
 		return res, time.Time{}
 	}
@@ -479,92 +487,7 @@ func (m *Master) reassign(ld *leaderState, v *VolumeRecord, newPrimary string) (
 	if m.ld == ld {
 		ld.leaseNotBefore[v.Name] = fence
 	}
+	m.log.Info("acting_set_failover", "volume", v.Name, "epoch", res.Vol.Epoch, "new_primary", newPrimary,
+		"acting_set", res.Vol.ActingSet, "stale", res.Vol.Stale(), "member", v.Primary, "reason", ActingReasonFailoverStale)
 	return res, fence
-}
-
-// ---- read side ----
-
-func (m *Master) primaryAlive(ld *leaderState, v *VolumeRecord, now time.Time) (bool, time.Duration) {
-	if v.Primary == "" {
-		return false, 0
-	}
-	d := m.leaseDeadline(ld, v.Primary).Sub(now)
-	return d > 0, max(d, 0)
-}
-
-// volumeInfo renders v with the leader's live knowledge. Caller holds m.mu.
-func (m *Master) volumeInfo(ld *leaderState, v *VolumeRecord, now time.Time) api.VolumeInfo {
-	info := api.VolumeInfo{Name: v.Name, ID: v.ID, SizeBytes: v.SizeBytes, BlockSize: v.BlockSize, Epoch: v.Epoch,
-		Durability: v.Durability, RF: v.RF, Preset: v.Preset, WALSizeBytes: v.WALSizeBytes, Replicas: []api.ReplicaInfo{}}
-	pr := m.serverRef(v.Primary)
-	info.Primary = api.PrimaryRef{ServerID: pr.ServerID, NBDAddr: pr.NBDAddr, Addr: pr.Addr}
-	var primaryRep *api.HeartbeatVolume
-	fresh := false
-	if ls := ld.servers[v.Primary]; ls != nil {
-		fresh = now.Sub(ls.heard) <= m.cfg.freshWindow()
-		if r, ok := ls.reports[v.Name]; ok && r.Epoch == v.Epoch && r.Role == api.RolePrimary {
-			primaryRep = &r
-			info.HeadLSN = r.HeadLSN
-		}
-	}
-	allInSync := true
-	for _, id := range v.Replicas {
-		ref := m.serverRef(id)
-		ri := api.ReplicaInfo{ServerID: id, Addr: ref.Addr, State: api.StateDisconnected}
-		found := false
-		if primaryRep != nil {
-			for _, pr := range primaryRep.Replicas {
-				if pr.ServerID == id {
-					ri.State, ri.FlushedLSN, found = pr.State, pr.FlushedLSN, true
-				}
-			}
-		}
-		if !found {
-			if ls := ld.servers[id]; ls != nil {
-				if r, ok := ls.reports[v.Name]; ok {
-					ri.FlushedLSN = r.DurableLSN
-				}
-			}
-		}
-		if ri.State != api.StateInSync {
-			allInSync = false
-		}
-		info.Replicas = append(info.Replicas, ri)
-	}
-	switch p := ld.pending[v.Name]; {
-	case p != nil && p.expired:
-		info.Status = api.StatusUnavailable
-	case p != nil:
-		info.Status = api.StatusFailingOver
-	case primaryRep == nil || !fresh:
-		info.Status = api.StatusPending
-	case allInSync:
-		info.Status = api.StatusHealthy
-	default:
-		info.Status = api.StatusDegraded
-	}
-	return info
-}
-
-// serverStates feeds placement. Caller holds m.mu.
-func (m *Master) serverStates(ld *leaderState, now time.Time) []ServerState {
-	vols := m.fsm.volumes()
-	count, prim := map[string]int{}, map[string]int{}
-	for _, v := range vols {
-		prim[v.Primary]++
-		for _, id := range v.Members() {
-			count[id]++
-		}
-	}
-	var out []ServerState
-	for _, s := range m.fsm.servers() {
-		st := ServerState{ID: s.ID, Volumes: count[s.ID], Primaries: prim[s.ID]}
-		if ls := ld.servers[s.ID]; ls != nil {
-			st.Alive = now.Sub(ls.heard) <= m.cfg.freshWindow()
-			st.CapacityBytes, st.FreeBytes = ls.capacity, ls.free
-		}
-		out = append(out, st)
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
-	return out
 }

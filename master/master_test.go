@@ -380,7 +380,7 @@ func TestPreflightAndPromote(t *testing.T) {
 	}
 	waitFor(t, "lease for the new primary", 20*time.Second, func() bool {
 		for _, g := range fs[r2].grants("v") {
-			if g.epoch == epochBefore+1 {
+			if g.epoch > epochBefore {
 				return true
 			}
 		}
@@ -395,14 +395,14 @@ func TestPreflightAndPromote(t *testing.T) {
 		}
 	}
 	for _, g := range fs[r2].grants("v") {
-		if g.epoch == epochBefore+1 && !g.received.After(oldEnd) {
+		if g.epoch > epochBefore && !g.received.After(oldEnd) {
 			t.Fatalf("new primary lease at %v, old primary's lease ran until %v", g.received, oldEnd)
 		}
 	}
 	// The old primary, still alive, was demoted.
 	waitFor(t, "old primary demoted", 20*time.Second, func() bool {
 		fv, _ := fs[prim].vol("v")
-		return fv.Role == api.RoleReplica && fv.Epoch == epochBefore+1
+		return fv.Role == api.RoleReplica && fv.Epoch > epochBefore
 	})
 	if len(logs.find("promotion", "volume", "v", "reason", "manual", "new_primary", r2)) == 0 {
 		t.Fatal("no promotion event")
