@@ -119,6 +119,13 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 	if ld == nil {
 		return nil, notLeader(m)
 	}
+	// A heartbeat proves nothing about who sent it (no TLS): an endpoint
+	// change for a known ID, or a new ID taking a live server's endpoint,
+	// takes effect only once the old endpoint's owner has been silent for
+	// a lease TTL. Until then the heartbeat is refused and changes nothing.
+	if e := m.checkEndpointChange(ld, req); e != nil {
+		return nil, e
+	}
 	// Identity and endpoints are raft state: record a new server or an
 	// address change (the ID stays; the endpoint follows).
 	if rec := m.fsm.server(req.ServerID); rec == nil || rec.Addr != req.Addr || rec.NBDAddr != req.NBDAddr {
@@ -490,4 +497,60 @@ func (m *Master) reassign(ld *leaderState, v *VolumeRecord, newPrimary string) (
 	m.log.Info("acting_set_failover", "volume", v.Name, "epoch", res.Vol.Epoch, "new_primary", newPrimary,
 		"acting_set", res.Vol.ActingSet, "stale", res.Vol.Stale(), "member", v.Primary, "reason", ActingReasonFailoverStale)
 	return res, fence
+}
+
+// EndpointChangeAllowed is the rule for an endpoint claim without proof of
+// identity: a known server's registered endpoint (oldAddr, "" = none) may
+// be replaced by a different one only when its owner has been silent for
+// at least ttl. Pure.
+func EndpointChangeAllowed(oldAddr, newAddr string, ownerSilent, ttl time.Duration) bool {
+	return oldAddr == "" || oldAddr == newAddr || ownerSilent >= ttl
+}
+
+// checkEndpointChange refuses a heartbeat whose endpoints would redirect
+// traffic away from a server that is still heartbeating: an address change
+// for a known ID, or an address held by another live ID.
+func (m *Master) checkEndpointChange(ld *leaderState, req api.HeartbeatRequest) *api.Error {
+	now := time.Now()
+	silent := func(id string) time.Duration {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return now.Sub(ld.lastSeen(id))
+	}
+	refuse := func(owner, field, old, claimed string, quiet time.Duration) *api.Error {
+		m.mu.Lock()
+		key := fmt.Sprintf("endpoint/%s/%s/%s", req.ServerID, field, claimed)
+		first := !ld.unknownLogged[key]
+		ld.unknownLogged[key] = true
+		m.mu.Unlock()
+		wait := max(m.cfg.LeaseTTL-quiet, 0)
+		if first {
+			m.log.Warn("endpoint_change_refused", "server", req.ServerID, "owner", owner, "field", field, "registered", old,
+				"claimed", claimed, "owner_silent_ms", quiet.Milliseconds(), "wait_ms", wait.Milliseconds())
+		}
+		return api.Errorf(api.CodeAddressInUse, "heartbeat from %q claims %s %s, but %s is registered there (%s) and heartbeated %dms ago: an endpoint moves only after its owner is silent for the lease TTL %v (retry in %dms)",
+			req.ServerID, field, claimed, owner, old, quiet.Milliseconds(), m.cfg.LeaseTTL, wait.Milliseconds())
+	}
+	if rec := m.fsm.server(req.ServerID); rec != nil {
+		q := silent(rec.ID)
+		if !EndpointChangeAllowed(rec.Addr, req.Addr, q, m.cfg.LeaseTTL) {
+			return refuse(rec.ID, "addr", rec.Addr, req.Addr, q)
+		}
+		if !EndpointChangeAllowed(rec.NBDAddr, req.NBDAddr, q, m.cfg.LeaseTTL) {
+			return refuse(rec.ID, "nbd_addr", rec.NBDAddr, req.NBDAddr, q)
+		}
+	}
+	for _, o := range m.fsm.servers() {
+		if o.ID == req.ServerID {
+			continue
+		}
+		for _, f := range []struct{ name, have, want string }{{"addr", o.Addr, req.Addr}, {"nbd_addr", o.NBDAddr, req.NBDAddr}} {
+			if f.have != "" && f.have == f.want {
+				if q := silent(o.ID); q < m.cfg.LeaseTTL {
+					return refuse(o.ID, f.name, f.have, f.want, q)
+				}
+			}
+		}
+	}
+	return nil
 }

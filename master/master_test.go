@@ -657,11 +657,14 @@ func TestStartRejectsBadConfig(t *testing.T) {
 	}
 }
 
-// A new server taking over another's address: the old record loses the
-// endpoint (nothing is sent to the wrong server); identities stay.
+// A new server taking over another's address: refused while the owner
+// still heartbeats; once the owner has been silent for the lease TTL the
+// old record loses the endpoint (nothing is sent to the wrong server);
+// identities stay.
 func TestAddressReuse(t *testing.T) {
 	var logs logSink
-	m := startMaster(t, Config{DataDir: t.TempDir(), APIAddr: "127.0.0.1:0", Logger: logs.logger()})
+	ttl := time.Second
+	m := startMaster(t, Config{DataDir: t.TempDir(), APIAddr: "127.0.0.1:0", LeaseTTL: ttl, Logger: logs.logger()})
 	if err := m.WaitLeader(ctxT(t)); err != nil {
 		t.Fatal(err)
 	}
@@ -675,9 +678,17 @@ func TestAddressReuse(t *testing.T) {
 	if _, err := c.CreateVolume(ctxT(t), api.CreateVolumeRequest{Name: "v", SizeBytes: 1 << 20, RF: 2}); err != nil {
 		t.Fatal(err)
 	}
-	// a dies; c comes up on a's endpoints.
+	// c comes up on a's endpoints while a is alive: refused.
 	nc := newFakeServer("c", 3, c.Addrs())
 	nc.addr, nc.nbd = a.addr, a.nbd
+	if _, err := a.beat(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := nc.beat(ctxT(t)); !api.IsCode(err, api.CodeAddressInUse) {
+		t.Fatalf("c on live a's endpoint: %v", err)
+	}
+	// a dies; after the lease TTL c may take the endpoints.
+	time.Sleep(ttl + 100*time.Millisecond)
 	if _, err := nc.beat(ctxT(t)); err != nil {
 		t.Fatal(err)
 	}
@@ -701,5 +712,86 @@ func TestAddressReuse(t *testing.T) {
 				t.Fatalf("assignment sends a's traffic to %s/%s", r.Addr, r.NBDAddr)
 			}
 		}
+	}
+}
+
+// Issue 18 item 5: a forged heartbeat claiming a live server's ID with
+// other endpoints is refused (and logged) and redirects neither
+// GET /v1/volumes/NAME/primary nor the assignments other servers get. A
+// real move (the old endpoint silent for the lease TTL) is accepted.
+func TestForgedHeartbeatRefused(t *testing.T) {
+	var logs logSink
+	ttl := 1500 * time.Millisecond
+	m := startMaster(t, Config{DataDir: t.TempDir(), APIAddr: "127.0.0.1:0", LeaseTTL: ttl, HeartbeatInterval: 100 * time.Millisecond, Logger: logs.logger()})
+	if err := m.WaitLeader(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	c := api.NewClient([]string{m.APIAddr()})
+	fs := map[string]*fakeServer{"local": newFakeServer("local", 1, c.Addrs()), "s2": newFakeServer("s2", 2, c.Addrs())}
+	for _, f := range fs {
+		f.run(100 * time.Millisecond)
+	}
+	defer func() {
+		for _, f := range fs {
+			f.stop()
+		}
+	}()
+	waitFor(t, "servers", 20*time.Second, func() bool { ss, _ := c.Servers(ctxT(t)); return len(ss) == 2 })
+	v, err := c.CreateVolume(ctxT(t), api.CreateVolumeRequest{Name: "vol0", SizeBytes: 1 << 20, RF: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	prim, repl := fs[v.Primary.ServerID], fs[v.Replicas[0].ServerID]
+	waitFor(t, "healthy", 20*time.Second, func() bool { return volInfo(t, c, "vol0").Status == api.StatusHealthy })
+
+	// The forger claims the primary's ID with its own NBD address, and the
+	// replica's ID with its own control address.
+	forgePrim := newFakeServer(prim.id, 9, c.Addrs())
+	forgePrim.addr = prim.addr
+	forgeRepl := newFakeServer(repl.id, 8, c.Addrs())
+	forgeRepl.nbd = repl.nbd
+	for _, f := range []*fakeServer{forgePrim, forgeRepl} {
+		for i := 0; i < 3; i++ {
+			if _, err := f.beat(ctxT(t)); !api.IsCode(err, api.CodeAddressInUse) {
+				t.Fatalf("forged heartbeat as %s: %v", f.id, err)
+			}
+		}
+	}
+	if len(logs.find("endpoint_change_refused", "server", prim.id, "field", "nbd_addr")) == 0 ||
+		len(logs.find("endpoint_change_refused", "server", repl.id, "field", "addr")) == 0 {
+		t.Fatalf("refusals not logged: %v", logs.find("endpoint_change_refused"))
+	}
+	p, err := c.PrimaryOf(ctxT(t), "vol0")
+	if err != nil || p.NBDAddr != prim.nbd || p.Addr != prim.addr {
+		t.Fatalf("primary after forged heartbeats = %+v %v, want %s/%s", p, err, prim.addr, prim.nbd)
+	}
+	check := func(f *fakeServer) {
+		t.Helper()
+		resp, err := f.beat(ctxT(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, a := range resp.Assignments {
+			for _, r := range append([]api.ServerRef{a.Primary}, a.Replicas...) {
+				want := fs[r.ServerID]
+				if r.Addr != want.addr || (r.NBDAddr != "" && r.NBDAddr != want.nbd) {
+					t.Fatalf("%s's assignment sends %s's traffic to %s/%s", f.id, r.ServerID, r.Addr, r.NBDAddr)
+				}
+			}
+		}
+	}
+	check(prim)
+	check(repl)
+
+	// A real move: the replica stops, stays silent for the TTL, and comes
+	// back on a new control address.
+	repl.stop()
+	time.Sleep(ttl + 200*time.Millisecond)
+	repl.addr = "127.0.0.1:21999"
+	if _, err := repl.beat(ctxT(t)); err != nil {
+		t.Fatalf("move after the owner was silent: %v", err)
+	}
+	if len(logs.find("server_address_changed", "server", repl.id, "addr", "127.0.0.1:21999")) == 0 {
+		t.Fatal("no server_address_changed event")
 	}
 }

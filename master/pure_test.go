@@ -393,3 +393,23 @@ func TestFSMApply(t *testing.T) {
 		t.Fatal("unknown op accepted")
 	}
 }
+
+func TestEndpointChangeAllowed(t *testing.T) {
+	ttl := 3 * time.Second
+	for _, tc := range []struct {
+		old, new string
+		silent   time.Duration
+		ok       bool
+	}{
+		{"", "127.0.0.1:1", 0, true},                   // first registration, or a cleared endpoint
+		{"127.0.0.1:1", "127.0.0.1:1", 0, true},        // unchanged
+		{"127.0.0.1:1", "127.0.0.1:2", 0, false},       // the owner heartbeats: forged or early
+		{"127.0.0.1:1", "127.0.0.1:2", ttl - 1, false}, // not silent long enough
+		{"127.0.0.1:1", "127.0.0.1:2", ttl, true},      // the old endpoint stopped for the TTL
+		{"127.0.0.1:1", "127.0.0.1:2", 10 * time.Hour, true},
+	} {
+		if got := EndpointChangeAllowed(tc.old, tc.new, tc.silent, ttl); got != tc.ok {
+			t.Errorf("%+v: %v", tc, got)
+		}
+	}
+}
