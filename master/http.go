@@ -233,7 +233,7 @@ func (m *Master) plan(ld *leaderState, req api.CreateVolumeRequest) api.PlanResp
 		}
 		return out
 	}
-	pl := Place(states, res.Policy.RF, res.Policy.SizeBytes)
+	pl := Place(states, res.Policy.RF, res.Policy.SizeBytes, res.Policy.WALSizeBytes)
 	out.Candidates = pl.Candidates
 	if pl.Err != nil {
 		out.Errors = append(out.Errors, *pl.Err)

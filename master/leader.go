@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -163,6 +164,9 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 	reports := make(map[string]api.HeartbeatVolume, len(req.Volumes))
 	for _, v := range req.Volumes {
 		reports[v.Name] = v
+	}
+	if e := m.recordFailures(req, reports); e != nil {
+		return nil, e
 	}
 	m.mu.Lock()
 	if m.ld != ld || m.raft.State() != raft.Leader {
@@ -553,4 +557,64 @@ func (m *Master) checkEndpointChange(ld *leaderState, req api.HeartbeatRequest) 
 		}
 	}
 	return nil
+}
+
+// maxFailureReason bounds a reported failure reason kept in the registry.
+const maxFailureReason = 512
+
+// recordFailures marks volumes failed that this server reports it cannot
+// create or open, and clears a failure it reported earlier once it hosts
+// the volume after all. Only failures of the volume's current incarnation
+// and from one of its servers count.
+func (m *Master) recordFailures(req api.HeartbeatRequest, reports map[string]api.HeartbeatVolume) *api.Error {
+	failing := map[string]bool{}
+	for _, f := range req.Failures {
+		failing[f.Volume] = true
+		v := m.fsm.volume(f.Volume)
+		if v == nil || !v.has(req.ServerID) || (f.ID != 0 && f.ID != v.ID) {
+			m.log.Warn("volume_failure_ignored", "volume", f.Volume, "server", req.ServerID, "id", f.ID, "reason", truncate(f.Reason, maxFailureReason))
+			continue
+		}
+		reason := truncate(strings.TrimSpace(f.Reason), maxFailureReason)
+		if reason == "" {
+			reason = "unspecified"
+		}
+		if v.Failure != nil && v.Failure.Server == req.ServerID && v.Failure.Reason == reason {
+			continue
+		}
+		res := m.apply(command{Op: opFail, Name: v.Name, ID: v.ID, Failure: &VolumeFailureRecord{Server: req.ServerID, Reason: reason}})
+		if res.Err != nil {
+			if res.Err.Code == api.CodeNotLeader {
+				return res.Err
+			}
+			m.log.Warn("volume_failure_apply_failed", "volume", v.Name, "server", req.ServerID, "err", res.Err)
+			continue
+		}
+		m.log.Warn("volume_failed", "volume", v.Name, "id", v.ID, "server", req.ServerID, "reason", reason)
+	}
+	for name, r := range reports {
+		if failing[name] {
+			continue
+		}
+		v := m.fsm.volume(name)
+		if v == nil || v.Failure == nil || v.Failure.Server != req.ServerID || (r.ID != 0 && r.ID != v.ID) {
+			continue
+		}
+		res := m.apply(command{Op: opFail, Name: v.Name, ID: v.ID})
+		if res.Err != nil {
+			if res.Err.Code == api.CodeNotLeader {
+				return res.Err
+			}
+			continue
+		}
+		m.log.Info("volume_failure_cleared", "volume", v.Name, "id", v.ID, "server", req.ServerID, "reason", "server_hosts_it")
+	}
+	return nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return strings.ToValidUTF8(s[:n], "") + "..."
 }

@@ -14,6 +14,7 @@ const (
 	DefaultWALSize   = 64 << 20  // general / no preset
 	LargeWALSize     = 256 << 20 // database, throughput
 	MinWALSize       = 1 << 20
+	MaxWALSize       = 64 << 30 // a WAL is allocated up front on every copy
 	MaxVolumeSize    = 256 << 40
 	MaxRF            = 8
 )
@@ -178,6 +179,10 @@ func Resolve(req api.CreateVolumeRequest, servers int) api.ResolveResponse {
 		pol.WALSizeBytes = DefaultWALSize
 	case pol.WALSizeBytes < MinWALSize:
 		fail(api.CodeBadSize, "wal size %d below the minimum %d", pol.WALSizeBytes, int64(MinWALSize))
+	case pol.WALSizeBytes > MaxWALSize:
+		fail(api.CodeBadSize, "wal size %d exceeds the maximum %d", pol.WALSizeBytes, int64(MaxWALSize))
+	case req.SizeBytes > 0 && pol.WALSizeBytes > max(req.SizeBytes, LargeWALSize):
+		fail(api.CodeBadSize, "wal size %d is larger than the volume (%d bytes) and than %d: it could never fill", pol.WALSizeBytes, req.SizeBytes, int64(LargeWALSize))
 	case pol.WALSizeBytes%int64(pol.BlockSize) != 0:
 		fail(api.CodeBadSize, "wal size %d is not a multiple of the block size %d", pol.WALSizeBytes, pol.BlockSize)
 	case p.Name != "" && pol.WALSizeBytes < p.WALSize:

@@ -79,6 +79,13 @@ func TestResolve(t *testing.T) {
 		{name: "bad durability", req: api.CreateVolumeRequest{SizeBytes: G, Durability: "fsync"}, servers: 2, errs: []string{api.CodeBadRequest}},
 		{name: "quorum needs rf3", req: api.CreateVolumeRequest{SizeBytes: G, RF: 2, Durability: "sync_quorum"}, servers: 3, errs: []string{api.CodeBadRequest}},
 		{name: "bad block size", req: api.CreateVolumeRequest{SizeBytes: G, BlockSize: 3000}, servers: 3, errs: []string{api.CodeBadRequest}},
+		{name: "wal far larger than the volume", req: api.CreateVolumeRequest{SizeBytes: 4096, WALSizeBytes: 1 << 40}, servers: 3, errs: []string{api.CodeBadSize}},
+		{name: "wal above the maximum", req: api.CreateVolumeRequest{SizeBytes: 1 << 40, WALSizeBytes: 128 << 30}, servers: 3, errs: []string{api.CodeBadSize}},
+		{name: "wal as large as a big volume is fine", req: api.CreateVolumeRequest{SizeBytes: 4 * G, WALSizeBytes: 2 * G, RF: 1}, servers: 1,
+			want: api.ResolvedPolicy{SizeBytes: 4 * G, BlockSize: 4096, RF: 1, Durability: "best_effort", WALSizeBytes: 2 * G, MinCopies: 1}},
+		{name: "large preset wal on a tiny volume is fine", req: api.CreateVolumeRequest{SizeBytes: 4096, Preset: "database", RF: 1}, servers: 1,
+			want:     api.ResolvedPolicy{Preset: "database", SizeBytes: 4096, BlockSize: 4096, RF: 1, Durability: "sync_all", WALSizeBytes: LargeWALSize, MinCopies: 1},
+			warnings: []string{"preset_override", "single_copy", "no_redundancy"}},
 		{name: "tiny wal", req: api.CreateVolumeRequest{SizeBytes: G, WALSizeBytes: 4096}, servers: 3, errs: []string{api.CodeBadSize}},
 	}
 	for _, tc := range tests {
@@ -119,7 +126,7 @@ func TestPlace(t *testing.T) {
 		name      string
 		servers   []ServerState
 		rf        int
-		size      int64
+		size, wal int64
 		primary   string
 		replicas  []string
 		err       string
@@ -138,6 +145,13 @@ func TestPlace(t *testing.T) {
 			servers: []ServerState{{ID: "a", Alive: false}, {ID: "b", Alive: true, CapacityBytes: G / 2}, {ID: "c", Alive: true}},
 			rf:      1, size: G, primary: "c", replicas: []string{},
 			rejection: map[string]string{"a": RejectNotAlive, "b": RejectInsufficientCapacity}},
+		{name: "wal beyond free space rejected",
+			servers: []ServerState{{ID: "a", Alive: true, CapacityBytes: 10 * G, FreeBytes: G}, {ID: "b", Alive: true, CapacityBytes: 10 * G, FreeBytes: 3 * G}},
+			rf:      1, size: G, wal: 2 * G, primary: "b", replicas: []string{},
+			rejection: map[string]string{"a": RejectInsufficientFree}},
+		{name: "size plus wal beyond capacity rejected",
+			servers: []ServerState{{ID: "a", Alive: true, CapacityBytes: 2 * G, FreeBytes: 2 * G}},
+			rf:      1, size: 2 * G, wal: G, err: api.CodeInsufficientServers},
 		{name: "not enough distinct servers",
 			servers: []ServerState{{ID: "a", Alive: true}, {ID: "b", Alive: false}},
 			rf:      2, size: G, err: api.CodeInsufficientServers},
@@ -145,7 +159,7 @@ func TestPlace(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			p := Place(tc.servers, tc.rf, tc.size)
+			p := Place(tc.servers, tc.rf, tc.size, tc.wal)
 			if tc.err != "" {
 				if p.Err == nil || p.Err.Code != tc.err {
 					t.Fatalf("err = %v, want %s", p.Err, tc.err)
@@ -175,7 +189,7 @@ func TestPlace(t *testing.T) {
 				}
 			}
 			// Same state, same answer (plan and create share it).
-			if q := Place(tc.servers, tc.rf, tc.size); !reflect.DeepEqual(p, q) {
+			if q := Place(tc.servers, tc.rf, tc.size, tc.wal); !reflect.DeepEqual(p, q) {
 				t.Fatalf("not deterministic: %+v vs %+v", p, q)
 			}
 		})
