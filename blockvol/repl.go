@@ -29,16 +29,6 @@ func (v *Volume) SetRecordSink(fn func(rec wal.Record)) {
 	v.appendMu.Unlock()
 }
 
-// SetRetentionFloor sets a hook the flusher asks before recycling WAL:
-// while it returns ok, records with LSN >= lsn stay in the WAL.
-func (v *Volume) SetRetentionFloor(fn func() (lsn uint64, ok bool)) {
-	if fn == nil {
-		v.floor.Store(nil)
-		return
-	}
-	v.floor.Store(&fn)
-}
-
 // ReadRecords calls fn for each retained record with LSN >= fromLSN, in
 // order, up to the last completed record. rec.Payload is only valid during
 // the call. It fails with an error wrapping ErrNotRetained when fromLSN is

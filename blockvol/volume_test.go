@@ -439,7 +439,7 @@ func TestReplicationHooks(t *testing.T) {
 		shipped = append(shipped, r)
 		mu.Unlock()
 	})
-	prim.SetRetentionFloor(func() (uint64, bool) { return 1, true })
+	prim.HoldRetention("test", 1)
 	if err := prim.SetEpochRole(3, "primary"); err != nil {
 		t.Fatal(err)
 	}
@@ -456,7 +456,7 @@ func TestReplicationHooks(t *testing.T) {
 	}
 	waitCheckpoint(t, prim)
 	if prim.OldestRetainedLSN() != 1 {
-		t.Fatalf("retention floor ignored: oldest retained %d", prim.OldestRetainedLSN())
+		t.Fatalf("retention hold ignored: oldest retained %d", prim.OldestRetainedLSN())
 	}
 	// Sink saw every record in order.
 	if len(shipped) != 51 {
@@ -495,8 +495,8 @@ func TestReplicationHooks(t *testing.T) {
 	if !bytes.Equal(mustRead(t, repl, 0, int(repl.Size())), mustRead(t, prim, 0, int(prim.Size()))) {
 		t.Fatal("replica content differs")
 	}
-	// Releasing the floor lets the tail move; older LSNs are then gone.
-	prim.SetRetentionFloor(nil)
+	// Releasing the hold lets the tail move; older LSNs are then gone.
+	prim.ReleaseRetention("test")
 	deadline := time.Now().Add(60 * time.Second)
 	for prim.OldestRetainedLSN() <= prim.HeadLSN() {
 		if time.Now().After(deadline) {

@@ -2,20 +2,22 @@ package replication
 
 // Stable event names (slog msg). Tests and operators match on these.
 const (
-	EvSessionCreated   = "session_created"    // replica, session, epoch, addr
-	EvSessionEnded     = "session_ended"      // replica, session, reason
-	EvPlanChosen       = "plan_chosen"        // replica, session, plan, reason, detail, from, to
-	EvPlanCancelled    = "plan_cancelled"     // replica, session, reason
-	EvEscalated        = "escalated"          // replica, reason, from_lsn, head_lsn, to
-	EvStateChanged     = "state_changed"      // replica, from, to, reason
-	EvCatchUpDone      = "catchup_done"       // replica, session, lsn, records
-	EvTransferBegun    = "transfer_begun"     // replica, session, kind, reset_lsn, regions
-	EvTransferDone     = "transfer_done"      // replica, session, kind, achieved_lsn, bytes
-	EvRetentionRelease = "retention_released" // replica, reason, lsn
-	EvEndpointMoved    = "endpoint_moved"     // replica, old_addr, new_addr
-	EvReplicaRejected  = "replica_rejected"   // reason (missing server ID ...)
-	EvFlushFailed      = "flush_failed"       // lsn, reason, missing
-	EvRefused          = "refused"            // replica side: code, epoch, session
-	EvTruncated        = "truncated"          // replica side: from, to
-	EvBarrier          = "barrier"            // replica side (debug): lsn, flushed
+	EvSessionCreated    = "session_created"    // replica, session, epoch, addr
+	EvSessionEnded      = "session_ended"      // replica, session, reason
+	EvPlanChosen        = "plan_chosen"        // replica, session, plan, reason, detail, from, to
+	EvPlanCancelled     = "plan_cancelled"     // replica, session, reason
+	EvEscalated         = "escalated"          // replica, reason, from_lsn, head_lsn, to
+	EvStateChanged      = "state_changed"      // replica, from, to, reason
+	EvIllegalTransition = "illegal_transition" // replica, from, to, reason: refused, the state is kept
+	EvCatchUpDone       = "catchup_done"       // replica, session, lsn, records
+	EvTransferBegun     = "transfer_begun"     // replica, session, kind, reset_lsn, regions
+	EvTransferDone      = "transfer_done"      // replica, session, kind, achieved_lsn, bytes
+	EvRetentionRelease  = "retention_released" // replica, reason, lsn
+	EvEndpointMoved     = "endpoint_moved"     // replica, old_addr, new_addr
+	EvReplicaRejected   = "replica_rejected"   // reason (missing server ID ...)
+	EvFlushFailed       = "flush_failed"       // lsn, mode, rule, reason, missing, acting_set, min_copies, copies, need, waited, detail
+	EvActingSet         = "acting_set_applied" // epoch, mode, acting_set, stale, min_copies (or reason member_not_assigned)
+	EvRefused           = "refused"            // replica side: code, epoch, session
+	EvTruncated         = "truncated"          // replica side: from, to
+	EvBarrier           = "barrier"            // replica side (debug): lsn, flushed
 )

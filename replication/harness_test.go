@@ -150,11 +150,6 @@ func pattern(lba int64, gen int) []byte {
 	return b
 }
 
-type (
-	netConn = net.Conn
-	netAddr = net.Addr
-)
-
 func mustListen(t testing.TB) net.Listener {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -1,7 +1,6 @@
 package replication
 
 import (
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -183,26 +182,27 @@ func (h *Host) Apply(a Assignment) error {
 		return nil
 	}
 	if prim != nil {
-		return prim.Update(a.Epoch, a.Durability, a.Replicas)
+		return prim.Update(a)
 	}
 	cfg := h.cfg.Primary
 	cfg.Volume, cfg.ServerID, cfg.Epoch, cfg.Durability, cfg.Replicas = a.Volume, h.cfg.ServerID, a.Epoch, a.Durability, a.Replicas
+	cfg.ActingSet, cfg.MinCopies = a.ActingSet, a.MinCopies
 	cfg.Logger = h.cfg.Logger
 	name := a.Volume
 	cfg.WriteGate = func() error { return h.gate(name) }
 	p, err := NewPrimary(vol, cfg)
-	if p == nil {
+	if err != nil {
 		return err
 	}
 	h.mu.Lock()
 	if cur := h.vols[name]; cur != hv || hv.role != RolePrimary || hv.primary != nil {
 		h.mu.Unlock()
 		p.Close()
-		return errors.Join(err, fmt.Errorf("replication: assignment for %s changed while starting the primary", name))
+		return fmt.Errorf("replication: assignment for %s changed while starting the primary", name)
 	}
 	hv.primary = p
 	h.mu.Unlock()
-	return err
+	return nil
 }
 
 // gate: writes need the primary role, the primary's epoch and a lease.
