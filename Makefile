@@ -29,3 +29,5 @@ bench: deps
 fuzz:
 	$(GO) test ./wal -run '^$$' -fuzz FuzzDecode -fuzztime 60s
 	$(GO) test ./wal -run '^$$' -fuzz FuzzScan -fuzztime 60s
+	$(GO) test ./replication -run '^$$' -fuzz FuzzMsgReader -fuzztime 60s
+	$(GO) test ./replication -run '^$$' -fuzz FuzzReceiverRecord -fuzztime 60s

@@ -9,18 +9,25 @@
 //	go h.Serve(replListener)                 // one TCP listener for all replica volumes
 //	h.AddVolume(name, vol)                   // every opened *blockvol.Volume
 //	h.Apply(replication.Assignment{          // for every assignment in a heartbeat reply
-//		Volume: name, Role: replication.RolePrimary, Epoch: e, LeaseUntil: t,
+//		Volume: name, Role: replication.RolePrimary, Epoch: e, LeaseUntil: t, PrimaryID: id,
 //		Durability: replication.SyncAll, Replicas: []replication.Peer{{ServerID: "s2", Addr: "10.0.0.2:7001"}}})
 //	dev, ok := h.Device(name)                // blockdev.Device for NBD/ublk while primary
 //	h.Status()                               // []VolumeStatus for the heartbeat (role, epoch, LSNs, replicas)
 //	h.RemoveVolume(name); h.Close()
 //
-// Apply persists the epoch and role (blockvol.SetEpochRole, fsync) before
-// acting, refuses a stale epoch (ErrStaleEpoch), creates, updates or
-// demotes the volume's Primary, and feeds the Receiver's view of which
-// volumes are replicas at which epoch. Writes, trims and flushes on the
-// device fail with blockdev.ErrNotPrimary unless the role is primary and
-// the lease (LeaseUntil, renewed by re-applying) has not run out.
+// Each volume has one authority record (role, epoch, lease, named
+// primary, acting set, min copies). Apply persists the epoch and role
+// (blockvol.SetEpochRole, fsync) before it publishes the new record (a
+// failed persist keeps the old one, lease revoked), refuses a stale epoch
+// (ErrStaleEpoch), then creates, updates or demotes the volume's Primary.
+// The record feeds the Receiver's view of which volumes are replicas at
+// which epoch and of which primary: a replica accepts a session only
+// from the assignment's PrimaryID (others get wrong_primary), and a
+// higher epoch only from that primary, persisted before it answers.
+// Writes, trims and flushes on the device fail with
+// blockdev.ErrNotPrimary unless the record says primary, the superblock
+// holds its epoch (or a newer primary one) and the lease (LeaseUntil,
+// renewed by re-applying) has not run out; the check takes no lock.
 //
 // The parts Host is made of can be used directly:
 //
@@ -57,11 +64,16 @@
 // and, while healthy, the session. A Peer without ServerID is refused
 // (replica_rejected, ErrNoServerID). The Hello names the target server,
 // so a reused address that now belongs to another server refuses
-// (wrong_server). Every message carries the epoch and a session ID; the
-// receiver checks both against the server's current assignment on every
-// message, so an old primary's records and barriers are refused
-// (stale_epoch) and a late stream of an old session cannot apply
-// anything.
+// (wrong_server). The Hello also names the primary: a replica accepts it
+// only from the primary its own assignment names (wrong_primary,
+// hello_refused), so a stranger who read the epoch and the IDs cannot
+// supersede the live session. Every message carries the epoch and a
+// session ID; the receiver checks both, and the named primary, against
+// the server's current assignment on every message, so an old primary's
+// records and barriers are refused (stale_epoch) and a late stream of an
+// old session cannot apply anything. Every record is validated against
+// the volume (blockvol.ValidateRecord, overflow-safe) before it is
+// stored.
 //
 // # Recovery
 //

@@ -20,4 +20,9 @@ const (
 	EvRefused           = "refused"            // replica side: code, epoch, session
 	EvTruncated         = "truncated"          // replica side: from, to
 	EvBarrier           = "barrier"            // replica side (debug): lsn, flushed
+	// Authority (Host): one event per change of a volume's record.
+	EvAuthorityChanged       = "authority_changed"        // volume, role, epoch, primary, old_role, old_epoch, old_primary
+	EvAuthorityPersistFailed = "authority_persist_failed" // volume, role, epoch, kept_role, kept_epoch, err
+	EvEpochAdvanced          = "epoch_advanced"           // replica side: volume, epoch, old_epoch, primary
+	EvHelloRefused           = "hello_refused"            // replica side: volume, code, primary, named_primary, epoch, remote
 )

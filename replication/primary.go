@@ -250,8 +250,8 @@ func (p *Primary) Update(a Assignment) error {
 	p.mu.Lock()
 	cur := p.epoch
 	p.mu.Unlock()
-	if epoch > cur && (p.vol.Epoch() < epoch || p.vol.Role() != RolePrimary) {
-		if err := p.vol.SetEpochRole(epoch, RolePrimary); err != nil {
+	if epoch > cur && (p.vol.Epoch() < epoch || p.vol.Role() != string(RolePrimary)) {
+		if err := p.vol.SetEpochRole(epoch, string(RolePrimary)); err != nil {
 			return fmt.Errorf("replication: update to epoch %d: %w", epoch, err)
 		}
 	}

@@ -1,6 +1,7 @@
 package replication
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"math/rand/v2"
@@ -410,7 +411,7 @@ func TestLateOldSessionStreamRefused(t *testing.T) {
 	waitState(t, p2, "srv-r", InSync)
 	head := rn.vol.HeadLSN()
 	out := px.replay() // the old session's hello + records, late
-	m, _, err := DecodeMsg(out)
+	m, err := NewMsgReader(bytes.NewReader(out)).Read()
 	if err != nil || m.Type != MsgError {
 		t.Fatalf("late stream answered %v %v", m, err)
 	}

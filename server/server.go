@@ -70,6 +70,7 @@ type Server struct {
 	replLn  net.Listener
 	host    *replication.Host // roles, epochs, leases and replication of every volume
 	started time.Time
+	fails   volumeFailures // assigned volumes that cannot be created or opened (assign.go)
 
 	mu   sync.Mutex
 	vols map[string]*hosted
