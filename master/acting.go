@@ -279,10 +279,12 @@ func FlushGate(durability string, rf, minCopies int, acting []string, states map
 	copies := 1 + inSync
 	need := RequiredCopies(durability, rf, minCopies, len(acting))
 	switch {
+	case copies < minCopies:
+		return false, fmt.Sprintf("below_min_copies: %d durable copies of min_copies %d%s", copies, minCopies, lagNote(lagging))
 	case durability == api.DurabilitySyncAll && len(lagging) > 0:
 		return false, "sync_all: acting-set member(s) not InSync: " + strings.Join(lagging, ",")
 	case copies < need:
-		return false, fmt.Sprintf("below_min_copies: %d durable copies of %d needed%s", copies, need, lagNote(lagging))
+		return false, fmt.Sprintf("below_quorum: %d durable copies of %d needed%s", copies, need, lagNote(lagging))
 	}
 	return true, ""
 }

@@ -177,10 +177,11 @@ func TestFlushGate(t *testing.T) {
 		{"sync_all all InSync", api.DurabilitySyncAll, 3, 2, []string{"a", "b"}, true, true, ""},
 		{"sync_all a member behind", api.DurabilitySyncAll, 3, 2, []string{"a", "c"}, true, false, "sync_all: acting-set member(s) not InSync: c"},
 		{"sync_all shrunk to one", api.DurabilitySyncAll, 3, 2, []string{"a"}, true, true, ""},
-		{"sync_all below min_copies", api.DurabilitySyncAll, 3, 2, []string{}, true, false, "below_min_copies: 1 durable copies of 2 needed"},
+		{"sync_all below min_copies", api.DurabilitySyncAll, 3, 2, []string{}, true, false, "below_min_copies: 1 durable copies of min_copies 2"},
 		{"rf2 alone with min 1", api.DurabilitySyncAll, 2, 1, []string{}, true, true, ""},
 		{"quorum one down", api.DurabilitySyncQuorum, 3, 2, []string{"a", "c"}, true, true, ""},
-		{"quorum two down", api.DurabilitySyncQuorum, 3, 1, []string{"c"}, true, false, "below_min_copies: 1 durable copies of 2 needed (not InSync: c)"},
+		{"quorum two down", api.DurabilitySyncQuorum, 3, 1, []string{"c"}, true, false, "below_quorum: 1 durable copies of 2 needed (not InSync: c)"},
+		{"sync_all kept member below min", api.DurabilitySyncAll, 3, 2, []string{"c"}, true, false, "below_min_copies: 1 durable copies of min_copies 2 (not InSync: c)"},
 		{"best_effort min 1", api.DurabilityBestEffort, 3, 1, []string{"c"}, true, true, ""},
 		{"primary unconfirmed", api.DurabilitySyncAll, 3, 2, []string{"a", "b"}, false, false, "primary_not_confirmed: the primary has not reported this epoch recently"},
 	}

@@ -49,12 +49,13 @@ type leaderState struct {
 	confirmed      map[string]string    // volume/server -> role@epoch last logged as confirmed
 	unknownLogged  map[string]bool
 	tracks         map[string]*VolumeTrack // volume -> the primary's reports at the current epoch
+	sentAt         map[string]time.Time    // volume/server -> when the current unconfirmed role@epoch was first sent
 }
 
 func newLeaderState(now time.Time) *leaderState {
 	return &leaderState{since: now, servers: map[string]*liveServer{}, pending: map[string]*pendingFailover{},
 		leaseNotBefore: map[string]time.Time{}, sent: map[string]string{}, confirmed: map[string]string{}, unknownLogged: map[string]bool{},
-		tracks: map[string]*VolumeTrack{}}
+		tracks: map[string]*VolumeTrack{}, sentAt: map[string]time.Time{}}
 }
 
 func (ld *leaderState) stopTimers() {
@@ -200,6 +201,7 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 	}
 	vols := m.fsm.volumes()
 	known := map[string]*VolumeRecord{}
+	fast := false // something is changing for this server: ask it to heartbeat sooner
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, v := range vols {
@@ -232,6 +234,7 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 			}
 		} else if ld.sent[key] != want {
 			ld.sent[key] = want
+			ld.sentAt[key] = now
 			m.log.Info("assignment_sent", "volume", v.Name, "server", req.ServerID, "role", a.Role, "epoch", a.Epoch,
 				"reported_role", r.Role, "reported_epoch", r.Epoch)
 		}
@@ -241,7 +244,19 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 			ld.unknownLogged["conflict/"+key] = true // the registry wins: it is told to be a replica
 			m.log.Warn("role_conflict", "volume", v.Name, "server", req.ServerID, "reported_role", r.Role, "epoch", v.Epoch, "primary", v.Primary)
 		}
+		switch {
+		case v.Failure != nil:
+		case !a.Confirmed && now.Sub(ld.sentAt[key]) < fastWindow:
+			fast = true // a new role or epoch: confirm it quickly
+		case a.Role == api.RolePrimary && a.LeaseTTLMS == 0:
+			fast = true // the lease is withheld: pick it up as soon as the fence passes
+		case ld.pending[v.Name] != nil:
+			fast = true // a failover may come: learn of it quickly
+		}
 		resp.Assignments = append(resp.Assignments, a)
+	}
+	if fast {
+		resp.HeartbeatIntervalMS = m.fastHeartbeat().Milliseconds()
 	}
 	// Reported volumes this server should not have.
 	for _, r := range req.Volumes {
@@ -617,4 +632,16 @@ func truncate(s string, n int) string {
 		return s
 	}
 	return strings.ToValidUTF8(s[:n], "") + "..."
+}
+
+// fastWindow bounds how long an unconfirmed assignment keeps its server on
+// the fast heartbeat (a server that cannot apply it goes back to normal).
+const fastWindow = 10 * time.Second
+
+// fastHeartbeat is the interval asked of a server while one of its
+// volumes changes (new role or epoch, withheld lease, pending failover),
+// so that failovers and acting-set changes reach every member within
+// about 100 ms instead of a full heartbeat interval.
+func (m *Master) fastHeartbeat() time.Duration {
+	return min(m.cfg.HeartbeatInterval, max(m.cfg.HeartbeatInterval/5, 100*time.Millisecond))
 }
