@@ -468,3 +468,27 @@ func TestActingSetLifecycle(t *testing.T) {
 		t.Fatal("no acting_set_failover event")
 	}
 }
+
+// A server whose assignment changed is asked to heartbeat sooner until it
+// confirms; then the normal interval comes back.
+func TestFastHeartbeatWhileChanging(t *testing.T) {
+	m := startMaster(t, Config{DataDir: t.TempDir(), APIAddr: "127.0.0.1:0", LeaseTTL: 5 * time.Second, Logger: (&logSink{}).logger()})
+	if err := m.WaitLeader(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	c := api.NewClient([]string{m.APIAddr()})
+	s1 := newFakeServer("s1", 1, c.Addrs())
+	resp, err := s1.beat(ctxT(t))
+	if err != nil || resp.HeartbeatIntervalMS != 500 {
+		t.Fatalf("idle server: interval %d %v", resp.HeartbeatIntervalMS, err)
+	}
+	if _, err := c.CreateVolume(ctxT(t), api.CreateVolumeRequest{Name: "v", SizeBytes: 1 << 20, RF: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if resp, _ = s1.beat(ctxT(t)); resp.HeartbeatIntervalMS != 100 {
+		t.Fatalf("new assignment: interval %d, want 100", resp.HeartbeatIntervalMS)
+	}
+	if resp, _ = s1.beat(ctxT(t)); resp.HeartbeatIntervalMS != 500 || !resp.Assignments[0].Confirmed {
+		t.Fatalf("confirmed: interval %d confirmed %v", resp.HeartbeatIntervalMS, resp.Assignments[0].Confirmed)
+	}
+}

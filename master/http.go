@@ -336,6 +336,7 @@ func (m *Master) hDelete(w http.ResponseWriter, r *http.Request, ld *leaderState
 	}
 	delete(ld.pending, name)
 	delete(ld.leaseNotBefore, name)
+	delete(ld.tracks, name)
 	m.mu.Unlock()
 	m.log.Info("volume_deleted", "volume", name, "id", res.Vol.ID)
 	w.WriteHeader(http.StatusNoContent)

@@ -482,7 +482,7 @@ func (m *Master) tryFailover(p *pendingFailover) {
 		return
 	}
 	m.log.Info("promotion", "volume", v.Name, "reason", "failover", "old_primary", v.Primary, "new_primary", best,
-		"epoch", res.Vol.Epoch, "flushed_lsn", lsn, "lease_wait_ms", max(fence.Sub(time.Now()), 0).Milliseconds())
+		"epoch", res.Vol.Epoch, "flushed_lsn", lsn, "lease_wait_ms", max(time.Until(fence), 0).Milliseconds())
 }
 
 // reassign makes newPrimary the primary of v at epoch+1 (raft
