@@ -58,7 +58,7 @@ const (
 // Volume status values in VolumeInfo.Status (computed by the leader).
 const (
 	StatusPending     = "pending"      // assignment not yet confirmed by the primary's heartbeat
-	StatusHealthy     = "healthy"      // primary confirmed, every replica InSync
+	StatusHealthy     = "healthy"      // primary confirmed, every replica InSync and in the acting set
 	StatusDegraded    = "degraded"     // primary confirmed, some replica not InSync (or unknown)
 	StatusFailingOver = "failing_over" // primary lost; waiting for its lease to expire
 	StatusUnavailable = "unavailable"  // primary lost and no eligible replica to promote

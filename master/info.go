@@ -75,7 +75,7 @@ func (m *Master) volumeInfo(ld *leaderState, v *VolumeRecord, now time.Time) api
 		info.Status = api.StatusFailingOver
 	case primaryRep == nil || !fresh:
 		info.Status = api.StatusPending
-	case allInSync:
+	case allInSync && len(info.Stale) == 0:
 		info.Status = api.StatusHealthy
 	default:
 		info.Status = api.StatusDegraded
