@@ -221,8 +221,8 @@ func (v *Volume) appendRecord(rec wal.Record, fixedLSN bool) (uint64, error) {
 	v.head = start + uint64(size)
 	v.index.add(rec.LSN, resStart)
 	v.headLSN.Store(rec.LSN)
-	if v.sink != nil {
-		v.sink(rec)
+	if v.feed != nil {
+		v.feed.push(rec) // a copy into the feed; no subscriber code runs here
 	}
 	used := v.head - v.ckptPos.Load()
 	v.appendMu.Unlock()

@@ -125,7 +125,7 @@ type Volume struct {
 	nextLSN  uint64
 	head     uint64 // logical position where the next record goes
 	gen      uint32
-	sink     func(wal.Record)
+	feed     *RecordFeed // guarded by appendMu
 	index    lsnIndex
 	spaceCh  chan struct{} // closed and replaced when the tail advances
 

@@ -15,8 +15,9 @@ const (
 	EvRetentionRelease  = "retention_released" // replica, reason, lsn
 	EvEndpointMoved     = "endpoint_moved"     // replica, old_addr, new_addr
 	EvReplicaRejected   = "replica_rejected"   // reason (missing server ID ...)
+	EvFeedLost          = "record_feed_lost"   // from_lsn, to_lsn: the shipper fell behind; bitmaps restart after to_lsn
 	EvFlushFailed       = "flush_failed"       // lsn, mode, rule, reason, missing, acting_set, min_copies, copies, need, waited, detail
-	EvActingSet         = "acting_set_applied" // epoch, mode, acting_set, stale, min_copies (or reason member_not_assigned)
+	EvActingSet         = "acting_set_applied" // epoch, mode, acting_set, stale, min_copies, legacy (or reason member_not_assigned)
 	EvRefused           = "refused"            // replica side: code, epoch, session
 	EvTruncated         = "truncated"          // replica side: from, to
 	EvBarrier           = "barrier"            // replica side (debug): lsn, flushed

@@ -105,7 +105,8 @@ type Primary struct {
 	assignGen  uint64            // bumped when the epoch, mode, replicas or acting set change
 	holds      map[string]uint64 // this primary's retention holds in the volume's set
 
-	smu      sync.Mutex // sink side: lastLSN, bitmaps, the replica list the sink sees
+	feed     *blockvol.RecordFeed
+	smu      sync.Mutex // shipper side: lastLSN, bitmaps, the replica list the shipper sees
 	lastLSN  uint64
 	sinkReps []*replica
 	cumBytes atomic.Int64
@@ -117,10 +118,11 @@ type Primary struct {
 	bmCkpt    atomic.Uint64
 }
 
-// NewPrimary takes over vol's record sink, adds its retention holds and starts a
-// session to every replica. Replicas without a ServerID are refused (fail
-// closed): they are logged as replica_rejected and NewPrimary returns an
-// error wrapping ErrNoServerID and no primary.
+// NewPrimary subscribes to vol's record feed (one Primary per volume at a
+// time: a second one fails with blockvol.ErrFeedBusy), adds its retention
+// holds and starts a session to every replica. Replicas without a
+// ServerID are refused (fail closed): they are logged as replica_rejected
+// and NewPrimary returns an error wrapping ErrNoServerID and no primary.
 func NewPrimary(vol *blockvol.Volume, cfg PrimaryConfig) (*Primary, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -184,8 +186,14 @@ func NewPrimary(vol *blockvol.Volume, cfg PrimaryConfig) (*Primary, error) {
 	}
 	p.lastLSN = vol.HeadLSN()
 	p.epochStart = p.findEpochStart(cfg.Epoch)
-	vol.SetRecordSink(p.sink)
-	err := p.Update(Assignment{Epoch: cfg.Epoch, Durability: cfg.Durability, Replicas: cfg.Replicas, ActingSet: cfg.ActingSet, MinCopies: cfg.MinCopies})
+	feed, err := vol.SubscribeRecords()
+	if err != nil {
+		return nil, fmt.Errorf("replication: NewPrimary %s: %w", cfg.Volume, err)
+	}
+	p.feed = feed
+	p.wg.Add(1)
+	go p.ship()
+	err = p.Update(Assignment{Epoch: cfg.Epoch, Durability: cfg.Durability, Replicas: cfg.Replicas, ActingSet: cfg.ActingSet, MinCopies: cfg.MinCopies})
 	p.wg.Add(1)
 	go p.maintain()
 	if err != nil {
@@ -299,7 +307,10 @@ func (p *Primary) Update(a Assignment) error {
 				unknown = append(unknown, id)
 			}
 		}
-		p.log.Info(EvActingSet, "epoch", epoch, "mode", mode.String(), "acting_set", members, "stale", stale, "min_copies", minCopies)
+		// legacy: the assignment named neither a set nor min_copies, so
+		// every replica counts (a master that predates acting sets).
+		legacy := a.ActingSet == nil && a.MinCopies == 0
+		p.log.Info(EvActingSet, "epoch", epoch, "mode", mode.String(), "acting_set", members, "stale", stale, "min_copies", minCopies, "legacy", legacy)
 		if len(unknown) > 0 {
 			p.log.Warn(EvActingSet, "epoch", epoch, "reason", "member_not_assigned", "members", unknown)
 		}
@@ -446,7 +457,7 @@ func (p *Primary) Epoch() uint64 {
 // Volume is the wrapped volume.
 func (p *Primary) Volume() *blockvol.Volume { return p.vol }
 
-// Close ends every session, releases the volume's record sink and this
+// Close ends every session, releases the volume's record feed and this
 // primary's retention holds (no other owner's) and fails waiting flushes.
 // It does not close the volume.
 func (p *Primary) Close() error {
@@ -465,8 +476,8 @@ func (p *Primary) Close() error {
 	}
 	p.cond.Broadcast()
 	p.mu.Unlock()
-	p.vol.SetRecordSink(nil)
 	p.wg.Wait()
+	p.feed.Close()
 	p.bmCkpt.Store(^uint64(0)) // force a final persist
 	p.persistBitmaps()
 	p.mu.Lock()

@@ -1,13 +1,13 @@
 package replication
 
-// Live shipping: the record sink (run by the engine for every appended
-// record) encodes each record once into a refcounted item shared by every
-// replica queue.
+// Live shipping: the shipper takes the volume's record feed and encodes
+// each record once into a refcounted item shared by every replica queue.
 
 import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/blockd/blockd/blockvol"
 	"github.com/blockd/blockd/wal"
 )
 
@@ -46,56 +46,108 @@ func releaseAll(items []*item) {
 	}
 }
 
-func (p *Primary) sink(rec wal.Record) {
-	if rec.Type == wal.Padding {
-		return
-	}
-	p.cumBytes.Add(int64(recordBodyHeader + len(rec.Payload)))
-	p.smu.Lock()
-	defer p.smu.Unlock()
-	p.lastLSN = rec.LSN
-	reps := p.sinkReps
-	if len(reps) == 0 {
-		return
-	}
-	var it *item
-	for _, r := range reps {
-		if rec.Type == wal.Write || rec.Type == wal.Zero {
-			r.bm.mark(rec.Offset, int64(rec.Length))
+// ship runs the primary's side of the volume's record feed: it takes
+// what the append path gathered and, from this goroutine (no lock of the
+// engine held), marks the dirty-region bitmaps and puts each record on
+// every replica queue.
+func (p *Primary) ship() {
+	defer p.wg.Done()
+	var recs []wal.Record
+	var items []*item
+	for {
+		select {
+		case <-p.stopCh:
+			return
+		case <-p.feed.Ready():
 		}
-		if it == nil {
-			it = &item{lsn: rec.LSN}
-			n := recordBodyHeader + len(rec.Payload)
-			if n <= pooledBodyCap {
-				it.buf = bodyPool.Get().(*[]byte)
-				it.body = (*it.buf)[:0]
-			} else {
-				it.body = make([]byte, 0, n)
-			}
-			it.body = RecordBody{Type: uint8(rec.Type), Epoch: rec.Epoch, Offset: rec.Offset, Length: rec.Length, Data: rec.Payload}.Encode(it.body)
-			it.refs.Store(int32(len(reps)) + 1) // +1: the sink's own reference
+		var lost blockvol.Lost
+		recs, lost = p.feed.Take(recs[:0])
+		items = p.shipBatch(recs, items[:0])
+		p.feed.Recycle(recs)
+		if lost.From != 0 {
+			p.feedLost(lost)
 		}
-		r.enqueue(it, p.cfg.MaxQueueBytes)
 	}
-	it.release() // the sink's own reference
 }
 
-// enqueue puts it on r's queue (taking one of its references) or lets
-// the reference go.
-func (r *replica) enqueue(it *item, limit int64) {
+// shipBatch marks and queues recs (in LSN order) and returns items for
+// reuse.
+func (p *Primary) shipBatch(recs []wal.Record, items []*item) []*item {
+	var bytes int64
+	p.smu.Lock()
+	reps := p.sinkReps
+	for _, rec := range recs {
+		if rec.Type == wal.Padding {
+			continue
+		}
+		bytes += int64(recordBodyHeader + len(rec.Payload))
+		p.lastLSN = rec.LSN
+		if len(reps) == 0 {
+			continue
+		}
+		if rec.Type == wal.Write || rec.Type == wal.Zero {
+			for _, r := range reps {
+				r.bm.mark(rec.Offset, int64(rec.Length))
+			}
+		}
+		it := &item{lsn: rec.LSN}
+		n := recordBodyHeader + len(rec.Payload)
+		if n <= pooledBodyCap {
+			it.buf = bodyPool.Get().(*[]byte)
+			it.body = (*it.buf)[:0]
+		} else {
+			it.body = make([]byte, 0, n)
+		}
+		it.body = RecordBody{Type: uint8(rec.Type), Epoch: rec.Epoch, Offset: rec.Offset, Length: rec.Length, Data: rec.Payload}.Encode(it.body)
+		it.refs.Store(int32(len(reps)) + 1) // +1: the shipper's own reference
+		items = append(items, it)
+	}
+	p.smu.Unlock()
+	p.cumBytes.Add(bytes)
+	for _, r := range reps {
+		r.enqueue(items, p.cfg.MaxQueueBytes)
+	}
+	releaseAll(items) // the shipper's own references
+	clear(items)
+	return items
+}
+
+// feedLost handles records the feed dropped because the shipper fell
+// behind its bound: the bitmaps no longer cover those records, so each is
+// restarted after them (a replica behind them is rebuilt, not resynced
+// from an incomplete bitmap); live sessions see the gap in their queue
+// and catch up from the WAL.
+func (p *Primary) feedLost(lost blockvol.Lost) {
+	p.log.Warn(EvFeedLost, "from_lsn", lost.From, "to_lsn", lost.To)
+	p.smu.Lock()
+	p.lastLSN = lost.To
+	for _, r := range p.sinkReps {
+		r.bm = newDirtyBitmap(p.cfg.RegionSize, p.vol.Size(), lost.To+1)
+	}
+	p.smu.Unlock()
+}
+
+// enqueue puts items (consecutive LSNs) on r's queue, taking one
+// reference of each, or lets the references go.
+func (r *replica) enqueue(items []*item, limit int64) {
+	if len(items) == 0 {
+		return
+	}
 	r.qmu.Lock()
 	if !r.attached {
 		r.qmu.Unlock()
-		it.release()
+		releaseAll(items)
 		return
 	}
 	var dropped []*item
-	if r.qbytes+int64(len(it.body)) > limit {
-		r.attached, r.overflow = false, true
-		r.live.Store(false)
-		dropped = append(r.queue, it)
-		r.queue, r.qbytes = nil, 0
-	} else {
+	for i, it := range items {
+		if r.qbytes+int64(len(it.body)) > limit {
+			r.attached, r.overflow = false, true
+			r.live.Store(false)
+			dropped = append(r.queue, items[i:]...)
+			r.queue, r.qbytes = nil, 0
+			break
+		}
 		r.queue = append(r.queue, it)
 		r.qbytes += int64(len(it.body))
 	}

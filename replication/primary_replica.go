@@ -39,7 +39,7 @@ type replica struct {
 	overflow    bool
 	barrierWant uint64
 	waiting     bool        // the sender sleeps on qcond
-	live        atomic.Bool // mirror of attached, read by the sink without qmu
+	live        atomic.Bool // mirror of attached, read by the shipper without qmu
 
 	// guarded by p.smu
 	bm *dirtyBitmap

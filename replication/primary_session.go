@@ -230,13 +230,20 @@ func (s *session) startPlan(plan Plan, hr HelloResp) error {
 		}
 		s.next = plan.ResetLSN + 1
 	case PlanResync, PlanRebuild:
-		// The target is frozen at the head when the transfer begins.
-		T := p.vol.HeadLSN()
+		// The target is frozen when the transfer begins, at the last
+		// record the shipper marked into the bitmaps (read together with
+		// the regions): every record up to it is in a region sent, every
+		// later one is streamed (the bitmap hold keeps them in the WAL).
+		// The base is read once those records are applied locally.
+		p.smu.Lock()
+		T := p.lastLSN
 		b := Begin{Kind: TransferRebuild, ResetLSN: T, RegionSize: uint32(p.cfg.RegionSize), AllRegions: true}
 		if plan.Kind == PlanResync {
-			p.smu.Lock()
 			b.Kind, b.AllRegions, b.Regions = TransferResync, false, r.bm.regions()
-			p.smu.Unlock()
+		}
+		p.smu.Unlock()
+		if err := p.vol.WaitApplied(T); err != nil {
+			return fmt.Errorf("begin %s at LSN %d: %w", b.Kind, T, err)
 		}
 		s.kind, s.regions, s.all = b.Kind, b.Regions, b.AllRegions
 		if err := s.begin(b); err != nil {

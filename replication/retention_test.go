@@ -1,8 +1,11 @@
 package replication
 
 import (
+	"errors"
 	"testing"
 	"time"
+
+	"github.com/blockd/blockd/blockvol"
 )
 
 // A volume that goes replica → primary → replica in one process keeps
@@ -79,4 +82,44 @@ func TestReplicaPrimaryReplicaKeepsTailFloor(t *testing.T) {
 		}
 		return b.node.vol.OldestRetainedLSN() > first
 	})
+}
+
+// One Primary per volume: a second one is refused with a clear error
+// while the first holds the volume's record feed, and accepted after it
+// closed.
+func TestSecondPrimaryOnVolumeRefused(t *testing.T) {
+	pn := newNode(t, testVolSize)
+	p := newTestPrimary(t, pn.vol, 1, BestEffort, nil, nil)
+	if p2, err := NewPrimary(pn.vol, PrimaryConfig{Volume: "v1", Epoch: 1}); !errors.Is(err, blockvol.ErrFeedBusy) || p2 != nil {
+		t.Fatalf("second primary on one volume: %v, %v", p2, err)
+	}
+	p.Close()
+	p2, err := NewPrimary(pn.vol, PrimaryConfig{Volume: "v1", Epoch: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p2.Close()
+}
+
+// Records the feed dropped leave the bitmaps incomplete: each restarts
+// after them, so a replica behind them is rebuilt rather than resynced
+// from a bitmap that misses writes.
+func TestFeedLossRestartsBitmaps(t *testing.T) {
+	logs, log := newCapture()
+	pn := newNode(t, testVolSize)
+	p := newTestPrimary(t, pn.vol, 1, BestEffort, []Peer{{"srv-x", "127.0.0.1:1"}}, nil, func(c *PrimaryConfig) { c.Logger = log })
+	for i := int64(0); i < 5; i++ {
+		if err := p.WriteAt(pattern(i, 1), i*4096, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "shipped", func() bool { p.smu.Lock(); defer p.smu.Unlock(); return p.lastLSN == 5 })
+	p.feedLost(blockvol.Lost{From: 6, To: 9})
+	p.smu.Lock()
+	from, last := p.sinkReps[0].bm.from(), p.lastLSN
+	p.smu.Unlock()
+	if from != 10 || last != 9 {
+		t.Fatalf("after losing 6..9: bitmap from %d, last LSN %d", from, last)
+	}
+	logs.waitEvent(t, EvFeedLost, map[string]string{"from_lsn": "6", "to_lsn": "9"})
 }

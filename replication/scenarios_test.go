@@ -404,10 +404,11 @@ func TestLateOldSessionStreamRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	px.record.Store(false)
-	// The epoch moves on; the new primary's records follow.
+	// The epoch moves on; the new primary's records follow (one Primary
+	// per volume at a time: the old one goes first).
 	rs.setEpoch("v1", 2)
+	p.Close()
 	p2 := newTestPrimary(t, pn.vol, 2, SyncAll, []Peer{{"srv-r", rs.addr}}, nil, func(c *PrimaryConfig) { c.Logger = log; c.Volume = "v1" })
-	_ = p
 	waitState(t, p2, "srv-r", InSync)
 	head := rn.vol.HeadLSN()
 	out := px.replay() // the old session's hello + records, late
