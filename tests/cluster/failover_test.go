@@ -179,6 +179,15 @@ func TestIsolatedPrimaryFencedByLease(t *testing.T) {
 	// happens before its probe returns and after its probe starts, so
 	// "last old success returned before the first new success started"
 	// proves the old primary stopped before the new one began.
+	// s1 must hold a lease before the cut (after a forced promotion it is
+	// withheld for a lease TTL); otherwise the probe below proves nothing.
+	c.waitFor("s1 accepts writes", 30*time.Second, func() error {
+		out, err := c.qemuIO(c.nbd["s1"], "fence", "write -P 0x01 0 4k", "flush")
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	})
 	px.cut()
 	cutAt := time.Now()
 	probeDeadline := cutAt.Add(60 * time.Second)
