@@ -319,15 +319,15 @@ func TestPreflightAndPromote(t *testing.T) {
 		pf, err := c.Preflight(ctxT(t), "v")
 		return err == nil && pf.Best != "" && len(pf.Candidates) == 2 && pf.Candidates[0].Eligible && pf.Candidates[1].Eligible
 	})
-	fs[r1].stop() // r1 goes silent: heartbeat_stale
+	fs[r1].stop() // r1 goes silent: heartbeat_stale, and after the lease TTL out of the acting set
 	waitFor(t, "r1 stale", 20*time.Second, func() bool {
 		pf, err := c.Preflight(ctxT(t), "v")
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, cd := range pf.Candidates {
-			if cd.ServerID == r1 && len(cd.Reasons) == 1 && cd.Reasons[0] == api.ReasonHeartbeatStale {
-				return true
+			if cd.ServerID == r1 && contains(cd.Reasons, api.ReasonStale) && contains(cd.Reasons, api.ReasonHeartbeatStale) {
+				return volInfo(t, c, "v").Status == api.StatusDegraded // the shrink is confirmed: the epoch stays
 			}
 		}
 		return false
