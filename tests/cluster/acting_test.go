@@ -375,3 +375,40 @@ func TestActingSyncQuorum(t *testing.T) {
 	at, _ := firstDurableWrite(t, c, "q", []string{prim}, 8192, 120*time.Second)
 	t.Logf("SYNC_QUORUM: %s restarted; first durable write acknowledged %v later", r2, at.Sub(returned).Round(10*time.Millisecond))
 }
+
+// RF=2 with the default min_copies 1 (the database preset) behaves like
+// DRBD: when the replica dies the primary outdates it (it leaves the
+// acting set, stale) and durable writes go on alone; the stale replica is
+// not a failover candidate.
+func TestActingRF2ReplicaKilled(t *testing.T) {
+	c := newCluster(t)
+	c.startMaster()
+	c.startServer("s1")
+	c.startServer("s2")
+	info := c.createVolume(api.CreateVolumeRequest{Name: "db", SizeBytes: 64 << 20, Preset: "database"})
+	if info.RF != 2 || info.MinCopies != 1 || info.Durability != api.DurabilitySyncAll {
+		t.Fatalf("database preset: rf %d min_copies %d durability %s", info.RF, info.MinCopies, info.Durability)
+	}
+	prim, victim := info.Primary.ServerID, info.Replicas[0].ServerID
+	killed := time.Now()
+	c.servers[victim].kill9()
+	at, _ := firstDurableWrite(t, c, "db", []string{prim}, 4096, 60*time.Second)
+	t.Logf("RF2 REPLICA KILLED: kill -9 of %s to the next durable write on %s: %v (goal: lease TTL %v + 1s)",
+		victim, prim, at.Sub(killed).Round(10*time.Millisecond), leaseTTL)
+	if d := at.Sub(killed); d > leaseTTL+time.Second {
+		t.Errorf("durable write outage %v after the RF2 replica kill exceeds lease TTL + 1s", d)
+	}
+	info = c.waitActing("db", victim+" stale", 30*time.Second, func(i *api.VolumeInfo) error {
+		if !isStale(i, victim) || !i.FlushesOK {
+			return fmt.Errorf("acting %v stale %v flushes_ok %v (%s)", i.ActingSet, i.Stale, i.FlushesOK, i.FlushBlocker)
+		}
+		return nil
+	})
+	pf, err := c.client.Preflight(context.Background(), "db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pf.Best != "" || len(pf.Candidates) != 1 || !slices.Contains(pf.Candidates[0].Reasons, api.ReasonStale) {
+		t.Fatalf("preflight with the outdated replica: %+v", pf)
+	}
+}
