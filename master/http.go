@@ -453,6 +453,10 @@ func (m *Master) hPromote(w http.ResponseWriter, r *http.Request, ld *leaderStat
 	}
 	m.mu.Unlock()
 	wait := max(fence.Sub(now), 0)
+	if contains(bypassed, api.ReasonStale) {
+		m.log.Warn("stale_replica_promoted", "volume", v.Name, "new_primary", target, "epoch", res.Vol.Epoch,
+			"acting_set", v.ActingSet, "risk", "it was outside the acting set: acknowledged writes may be lost")
+	}
 	m.log.Info("promotion", "volume", v.Name, "reason", "manual", "old_primary", v.Primary, "new_primary", target,
 		"epoch", res.Vol.Epoch, "force", req.Force, "bypassed", bypassed, "lease_wait_ms", wait.Milliseconds())
 	writeJSON(w, http.StatusOK, api.PromoteResponse{Volume: v.Name, OldPrimary: v.Primary, NewPrimary: target,
