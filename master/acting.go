@@ -21,6 +21,7 @@ import (
 const (
 	ActingReasonNoHeartbeat   = "no_heartbeat"          // silent for the lease TTL
 	ActingReasonFailing       = "reported_failing"      // the primary reported it failing for FailGrace
+	ActingReasonSlow          = "not_in_sync_too_long"  // the primary reported it anything but InSync for SlowGrace
 	ActingReasonInSync        = "in_sync"               // the primary reported it InSync at this epoch
 	ActingReasonFloor         = "below_min_copies"      // kept: removing it would drop the set below the floor
 	ActingReasonRemainingLag  = "remaining_not_in_sync" // kept: the remaining members may lack acknowledged writes
@@ -34,6 +35,7 @@ type MemberTrack struct {
 	FlushedLSN uint64    // the last reported FlushedLSN
 	BadSince   time.Time // reported failing continuously since (zero: not failing)
 	InSyncAt   time.Time // reported InSync continuously since (zero: not InSync)
+	NotInSync  time.Time // reported (or left out) not InSync continuously since (zero: InSync)
 }
 
 // VolumeTrack is the leader's history of one volume's primary reports. It
@@ -47,11 +49,13 @@ type VolumeTrack struct {
 // failingState: a state that, held for FailGrace, removes a member.
 // Connecting is neutral (a dead peer alternates Disconnected and
 // Connecting; a live one passes through it after an epoch bump): it
-// neither starts nor clears the clock. CatchingUp and Rebuilding are
-// progress: they clear it.
+// neither starts nor clears the clock. CatchingUp is progress: it clears
+// it (a catch-up that lasts is caught by SlowGrace instead). Rebuilding
+// is failing: a rebuild outlasts any flush wait, and only InSync members
+// answer barriers.
 func failingState(s string) (failing, neutral bool) {
 	switch s {
-	case api.StateDisconnected, api.StateDegraded, api.StateNeedsRebuild:
+	case api.StateDisconnected, api.StateDegraded, api.StateNeedsRebuild, api.StateRebuilding:
 		return true, false
 	case api.StateConnecting, "":
 		return false, true
@@ -87,14 +91,21 @@ func TrackReport(t *VolumeTrack, id, epoch uint64, rep api.HeartbeatVolume, now 
 			if m.InSyncAt.IsZero() {
 				m.InSyncAt = now
 			}
+			m.NotInSync = time.Time{}
 		} else {
 			m.InSyncAt = time.Time{}
+			if m.NotInSync.IsZero() {
+				m.NotInSync = now
+			}
 		}
 		t.Members[r.ServerID] = m
 	}
 	for id, m := range t.Members {
 		if !seen[id] { // not reported at all: neutral, but no longer InSync
 			m.State, m.InSyncAt = "", time.Time{}
+			if m.NotInSync.IsZero() {
+				m.NotInSync = now
+			}
 			t.Members[id] = m
 		}
 	}
@@ -113,6 +124,7 @@ type MemberView struct {
 	State      string
 	FlushedLSN uint64
 	BadFor     time.Duration // reported failing continuously this long (0: not failing)
+	SlowFor    time.Duration // reported anything but InSync continuously this long (0: InSync or unknown)
 	InSyncFor  time.Duration // reported InSync continuously this long (-1: not InSync)
 }
 
@@ -132,6 +144,7 @@ type ActingInput struct {
 type ActingThresholds struct {
 	LeaseTTL  time.Duration // a member silent this long is dead
 	FailGrace time.Duration // a member reported failing this long is removed
+	SlowGrace time.Duration // a member reported anything but InSync this long is removed (0: never)
 	GrowAfter time.Duration // a stale member reported InSync this long is added back
 }
 
@@ -176,8 +189,9 @@ func floor(durability string, rf, minCopies int) int {
 //
 //   - Grow: a stale member that is alive and reported InSync for at least
 //     GrowAfter is added back.
-//   - Shrink: a member silent for the lease TTL, or reported failing
-//     continuously for FailGrace, is removed, as long as the set keeps the
+//   - Shrink: a member silent for the lease TTL, reported failing
+//     continuously for FailGrace, or anything but InSync for SlowGrace
+//     (a catch-up or reconnect loop that does not end), is removed, as long as the set keeps the
 //     floor (MinCopies; under sync_quorum also the majority of RF). Of the
 //     dead members the ones with the highest FlushedLSN are the ones kept:
 //     a kept member stays a failover candidate. Outside sync_all an
@@ -212,6 +226,8 @@ func DecideActingSet(in ActingInput, th ActingThresholds) ActingDecision {
 			dead = append(dead, m)
 		case m.BadFor > 0 && m.BadFor >= th.FailGrace:
 			dead = append(dead, m)
+		case th.SlowGrace > 0 && m.SlowFor >= th.SlowGrace:
+			dead = append(dead, m)
 		}
 	}
 	// Remove the least useful first: lowest FlushedLSN, then ID.
@@ -224,8 +240,11 @@ func DecideActingSet(in ActingInput, th ActingThresholds) ActingDecision {
 	fl := floor(in.Durability, in.RF, in.MinCopies)
 	for _, m := range dead {
 		reason := ActingReasonFailing
-		if m.Silent >= th.LeaseTTL {
+		switch {
+		case m.Silent >= th.LeaseTTL:
 			reason = ActingReasonNoHeartbeat
+		case m.BadFor == 0 || m.BadFor < th.FailGrace:
+			reason = ActingReasonSlow
 		}
 		if 1+len(set)-1 < fl {
 			d.Kept = append(d.Kept, MemberChange{ID: m.ID, Reason: ActingReasonFloor})

@@ -16,7 +16,7 @@ import (
 const BlockerQuorumLost = "acting_quorum_lost"
 
 func (m *Master) actingThresholds() ActingThresholds {
-	return ActingThresholds{LeaseTTL: m.cfg.LeaseTTL, FailGrace: m.cfg.FailGrace, GrowAfter: m.cfg.HeartbeatInterval}
+	return ActingThresholds{LeaseTTL: m.cfg.LeaseTTL, FailGrace: m.cfg.FailGrace, SlowGrace: m.cfg.LeaseTTL, GrowAfter: m.cfg.HeartbeatInterval}
 }
 
 // actingInput gathers v's state for DecideActingSet. Caller holds m.mu.
@@ -44,6 +44,9 @@ func (m *Master) actingInput(ld *leaderState, v *VolumeRecord, now time.Time) Ac
 				}
 				if !t.InSyncAt.IsZero() {
 					mv.InSyncFor = now.Sub(t.InSyncAt)
+				}
+				if !t.NotInSync.IsZero() {
+					mv.SlowFor = now.Sub(t.NotInSync)
 				}
 			}
 		}

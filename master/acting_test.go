@@ -11,7 +11,7 @@ import (
 	"github.com/blockd/blockd/api"
 )
 
-var testActing = ActingThresholds{LeaseTTL: 3 * time.Second, FailGrace: time.Second, GrowAfter: 500 * time.Millisecond}
+var testActing = ActingThresholds{LeaseTTL: 3 * time.Second, FailGrace: time.Second, SlowGrace: 3 * time.Second, GrowAfter: 500 * time.Millisecond}
 
 // mv builds a healthy member view: in the set, alive, InSync for a while.
 func mv(id string, mod func(*MemberView)) MemberView {
@@ -56,7 +56,13 @@ func TestDecideActingSet(t *testing.T) {
 		{name: "reported failing under the grace stays",
 			in: syncAll3(mv("a", func(m *MemberView) { m.State, m.BadFor, m.InSyncFor = api.StateDisconnected, 900*time.Millisecond, -1 }), mv("b", nil))},
 		{name: "connecting (not failing) stays",
-			in: syncAll3(mv("a", func(m *MemberView) { m.State, m.InSyncFor = api.StateConnecting, -1 }), mv("b", nil))},
+			in: syncAll3(mv("a", func(m *MemberView) { m.State, m.InSyncFor, m.SlowFor = api.StateConnecting, -1, 2*time.Second }), mv("b", nil))},
+		{name: "catching up for the slow grace leaves",
+			in:     syncAll3(mv("a", func(m *MemberView) { m.State, m.InSyncFor, m.SlowFor = api.StateCatchingUp, -1, 3*time.Second }), mv("b", nil)),
+			acting: []string{"b"}, removed: []string{"a:" + ActingReasonSlow}},
+		{name: "rebuilding for the fail grace leaves",
+			in:     syncAll3(mv("a", func(m *MemberView) { m.State, m.InSyncFor, m.BadFor = api.StateRebuilding, -1, time.Second }), mv("b", nil)),
+			acting: []string{"b"}, removed: []string{"a:" + ActingReasonFailing}},
 		{name: "primary not alive: never shrink around it",
 			in: ActingInput{Durability: api.DurabilitySyncAll, RF: 3, MinCopies: 2, Members: []MemberView{mv("a", dead), mv("b", nil)}}},
 		{name: "two dead with min_copies 2: the higher flushed lsn is kept",
@@ -136,8 +142,11 @@ func TestTrackReport(t *testing.T) {
 	}
 	// Progress clears it.
 	tr = TrackReport(tr, 7, 3, report(3, "a", api.StateCatchingUp, "b", api.StateInSync), t0.Add(2*time.Second))
-	if a := tr.Members["a"]; !a.BadSince.IsZero() {
-		t.Fatalf("catching up did not clear the clock: %+v", a)
+	if a := tr.Members["a"]; !a.BadSince.IsZero() || !a.NotInSync.Equal(t0) {
+		t.Fatalf("catching up: %+v, want the failing clock cleared and not InSync since t0", a)
+	}
+	if b := tr.Members["b"]; !b.NotInSync.IsZero() {
+		t.Fatalf("InSync member has a not-InSync clock: %+v", b)
 	}
 	// Reports of another epoch, incarnation or role are ignored.
 	same := TrackReport(tr, 7, 3, report(2, "a", api.StateDegraded), t0.Add(3*time.Second))
