@@ -3,6 +3,7 @@ package blockvol
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"testing"
 
 	"github.com/blockd/blockd/wal"
@@ -108,4 +109,58 @@ func TestWaitApplied(t *testing.T) {
 	if err := v.WaitApplied(v.HeadLSN() + 1); err == nil {
 		t.Fatal("WaitApplied on a failed volume for an LSN never written returned nil")
 	}
+}
+
+// A record at or below HeadLSN is already in the feed: a flush that reads
+// the head and then takes the feed ships everything it waits for.
+func TestRecordFeedCoversHead(t *testing.T) {
+	v, _ := newVol(t, 4<<20, 2<<20)
+	f, err := v.SubscribeRecords()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	for w := 0; w < 4; w++ {
+		go func(w int) {
+			defer func() { done <- struct{}{} }()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if err := v.Trim(int64((w*64+i%64)*4096), 4096); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}(w)
+	}
+	var seen uint64
+	var recs []wal.Record
+	var failure string
+	for i := 0; i < 20000 && failure == ""; i++ {
+		h := v.HeadLSN()
+		recs, _ = f.Take(recs[:0])
+		for _, r := range recs {
+			if r.LSN != seen+1 {
+				failure = fmt.Sprintf("feed skipped from %d to %d", seen, r.LSN)
+			}
+			seen = r.LSN
+		}
+		f.Recycle(recs)
+		if seen < h && failure == "" {
+			failure = fmt.Sprintf("head %d read before taking the feed, but the feed only had up to %d", h, seen)
+		}
+	}
+	close(stop)
+	for w := 0; w < 4; w++ {
+		<-done
+	}
+	if failure != "" {
+		t.Fatal(failure)
+	}
+	t.Logf("%d records checked", seen)
 }

@@ -30,24 +30,18 @@ func (v *Volume) HoldRetention(id string, lsn uint64) {
 	if r.holds == nil {
 		r.holds = map[string]uint64{}
 	}
-	old, had := r.holds[id]
 	r.holds[id] = lsn
 	r.mu.Unlock()
-	if had && lsn > old {
-		v.kick() // space may come back
-	}
+	// No kick: the flusher recycles at its own pace (writers short of
+	// space kick it); a hold moves on every barrier answer.
 }
 
 // ReleaseRetention removes the hold id (a no-op when there is none).
 func (v *Volume) ReleaseRetention(id string) {
 	r := &v.retain
 	r.mu.Lock()
-	_, had := r.holds[id]
 	delete(r.holds, id)
 	r.mu.Unlock()
-	if had {
-		v.kick()
-	}
 }
 
 // RetentionHolds returns a copy of the current holds by ID.

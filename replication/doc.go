@@ -31,12 +31,18 @@
 //
 // The parts Host is made of can be used directly:
 //
-//	p, err := NewPrimary(vol, PrimaryConfig{Volume, ServerID, Epoch, Durability, Replicas []Peer, WriteGate func() error, Logger, ...})
-//	p.Update(epoch, durability, replicas) error   // new assignment; replicas matched by ServerID
+//	p, err := NewPrimary(vol, PrimaryConfig{Volume, ServerID, Epoch, Durability, Replicas []Peer, ActingSet, MinCopies, FlushWait, WriteGate func() error, Logger, ...})
+//	p.Update(Assignment{Epoch, Durability, Replicas, ActingSet, MinCopies}) error // replicas matched by ServerID
 //	p.Replicas() []ReplicaStatus                  // ServerID, Addr, State, FlushedLSN, Session, byte counters
 //	p.Close()                                     // does not close the volume
 //	r := NewReceiver(ReceiverConfig{ServerID, Lookup: func(volume string) (ReplicaTarget, bool), Logger})
 //	r.Serve(ln); r.Close()
+//
+// The Primary takes records from the volume's record feed
+// (blockvol.SubscribeRecords: one Primary per volume) in replication's own
+// goroutines: the writer after its write returns, a flush before it asks
+// for barriers, a backstop goroutine otherwise. No replication code runs
+// under a lock of the engine, and the engine never calls into replication.
 //
 // *Primary implements blockdev.Device. Flush (and a FUA write) is: ask
 // every replica for a barrier, fdatasync locally in parallel, then wait
@@ -98,8 +104,9 @@
 // escalates to a transfer after 3 failed attempts or a time/byte budget.
 // The primary holds WAL for replicas that are expected back (one retention
 // hold per replica in the volume's hold set, moved as the replica
-// progresses) within a time and byte budget (the byte budget never exceeds half
-// the WAL); past it the hold is released and the replica escalated.
+// progresses) within a time and byte budget (the byte budget never
+// exceeds half the WAL); past it the hold is released and the replica
+// escalated.
 // Replicas keep the records above the primary's committed LSN (within a
 // quarter of their WAL) so a divergent tail can be listed after failover.
 //

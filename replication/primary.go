@@ -105,11 +105,15 @@ type Primary struct {
 	assignGen  uint64            // bumped when the epoch, mode, replicas or acting set change
 	holds      map[string]uint64 // this primary's retention holds in the volume's set
 
-	feed     *blockvol.RecordFeed
-	smu      sync.Mutex // shipper side: lastLSN, bitmaps, the replica list the shipper sees
-	lastLSN  uint64
-	sinkReps []*replica
-	cumBytes atomic.Int64
+	feed      *blockvol.RecordFeed
+	shipMu    sync.Mutex // one pump at a time: records reach the queues in LSN order
+	pumpReq   atomic.Bool
+	shipRecs  []wal.Record
+	shipItems []*item
+	smu       sync.Mutex // shipper side: lastLSN, bitmaps, the replica list the shipper sees
+	lastLSN   uint64
+	shipReps  []*replica
+	cumBytes  atomic.Int64
 
 	wg     sync.WaitGroup
 	stopCh chan struct{}
@@ -369,7 +373,7 @@ func (p *Primary) Update(a Assignment) error {
 			r.wake()
 		}
 	}
-	p.refreshSinkLocked()
+	p.refreshShipLocked()
 	p.syncHoldsLocked(time.Now())
 	p.cond.Broadcast()
 	if len(rejected) > 0 {
@@ -378,14 +382,14 @@ func (p *Primary) Update(a Assignment) error {
 	return nil
 }
 
-func (p *Primary) refreshSinkLocked() {
+func (p *Primary) refreshShipLocked() {
 	list := make([]*replica, 0, len(p.reps))
 	for _, r := range p.reps {
 		list = append(list, r)
 	}
 	sort.Slice(list, func(i, j int) bool { return list[i].id < list[j].id })
 	p.smu.Lock()
-	p.sinkReps = list
+	p.shipReps = list
 	p.smu.Unlock()
 }
 

@@ -38,7 +38,9 @@ func (p *Primary) WriteAt(b []byte, off int64, fua bool) error {
 	if err := p.gate(); err != nil {
 		return err
 	}
-	if err := p.vol.WriteAt(b, off, false); err != nil {
+	err := p.vol.WriteAt(b, off, false)
+	p.pumpSoon()
+	if err != nil {
 		return err
 	}
 	if fua {
@@ -51,14 +53,18 @@ func (p *Primary) Trim(off, length int64) error {
 	if err := p.gate(); err != nil {
 		return err
 	}
-	return p.vol.Trim(off, length)
+	err := p.vol.Trim(off, length)
+	p.pumpSoon()
+	return err
 }
 
 func (p *Primary) WriteZeroes(off, length int64, punch bool) error {
 	if err := p.gate(); err != nil {
 		return err
 	}
-	return p.vol.WriteZeroes(off, length, punch)
+	err := p.vol.WriteZeroes(off, length, punch)
+	p.pumpSoon()
+	return err
 }
 
 // Flush makes every acknowledged write durable locally and, per the
@@ -73,6 +79,7 @@ func (p *Primary) Flush() error {
 
 func (p *Primary) sync() error {
 	lsn := p.vol.HeadLSN()
+	p.pump()               // records up to lsn are in the feed: queue them now
 	p.requestBarriers(lsn) // replicas fsync while we do
 	if err := p.vol.Flush(); err != nil {
 		return err
@@ -82,7 +89,7 @@ func (p *Primary) sync() error {
 
 func (p *Primary) requestBarriers(lsn uint64) {
 	p.smu.Lock()
-	reps := p.sinkReps
+	reps := p.shipReps
 	p.smu.Unlock()
 	for _, r := range reps {
 		r.qmu.Lock()

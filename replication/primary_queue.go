@@ -1,11 +1,12 @@
 package replication
 
-// Live shipping: the shipper takes the volume's record feed and encodes
-// each record once into a refcounted item shared by every replica queue.
+// Live shipping: records from the volume's record feed are encoded once
+// into a refcounted item shared by every replica queue.
 
 import (
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/blockd/blockd/blockvol"
 	"github.com/blockd/blockd/wal"
@@ -46,27 +47,59 @@ func releaseAll(items []*item) {
 	}
 }
 
-// ship runs the primary's side of the volume's record feed: it takes
-// what the append path gathered and, from this goroutine (no lock of the
-// engine held), marks the dirty-region bitmaps and puts each record on
-// every replica queue.
+// Shipping takes the volume's record feed and, from replication's own
+// goroutines (no lock of the engine held), marks the dirty-region bitmaps
+// and puts each record on every replica queue. The writer that appended
+// a record ships it right after its write returns (pumpSoon), a flush
+// ships before it asks for barriers (pump), and the shipper goroutine is
+// the backstop for a record a concurrent pump left behind.
+
+// shipBackstop paces the shipper goroutine.
+const shipBackstop = 5 * time.Millisecond
+
 func (p *Primary) ship() {
 	defer p.wg.Done()
-	var recs []wal.Record
-	var items []*item
+	t := time.NewTicker(shipBackstop)
+	defer t.Stop()
 	for {
 		select {
 		case <-p.stopCh:
 			return
-		case <-p.feed.Ready():
+		case <-t.C:
 		}
-		var lost blockvol.Lost
-		recs, lost = p.feed.Take(recs[:0])
-		items = p.shipBatch(recs, items[:0])
-		p.feed.Recycle(recs)
-		if lost.From != 0 {
-			p.feedLost(lost)
-		}
+		p.pumpSoon()
+	}
+}
+
+// pump ships everything the feed holds now, waiting for a concurrent pump.
+func (p *Primary) pump() {
+	p.shipMu.Lock()
+	p.pumpReq.Store(false)
+	p.pumpLocked()
+	p.shipMu.Unlock()
+}
+
+// pumpSoon ships what the feed holds unless another pump is running; that
+// one then runs once more (pumpReq), so nothing pushed before this call
+// is left behind.
+func (p *Primary) pumpSoon() {
+	p.pumpReq.Store(true)
+	for p.pumpReq.Load() && p.shipMu.TryLock() {
+		p.pumpReq.Store(false)
+		p.pumpLocked()
+		p.shipMu.Unlock()
+	}
+}
+
+func (p *Primary) pumpLocked() {
+	var lost blockvol.Lost
+	p.shipRecs, lost = p.feed.Take(p.shipRecs[:0])
+	if len(p.shipRecs) > 0 {
+		p.shipItems = p.shipBatch(p.shipRecs, p.shipItems[:0])
+		p.feed.Recycle(p.shipRecs)
+	}
+	if lost.From != 0 {
+		p.feedLost(lost)
 	}
 }
 
@@ -75,7 +108,7 @@ func (p *Primary) ship() {
 func (p *Primary) shipBatch(recs []wal.Record, items []*item) []*item {
 	var bytes int64
 	p.smu.Lock()
-	reps := p.sinkReps
+	reps := p.shipReps
 	for _, rec := range recs {
 		if rec.Type == wal.Padding {
 			continue
@@ -121,7 +154,7 @@ func (p *Primary) feedLost(lost blockvol.Lost) {
 	p.log.Warn(EvFeedLost, "from_lsn", lost.From, "to_lsn", lost.To)
 	p.smu.Lock()
 	p.lastLSN = lost.To
-	for _, r := range p.sinkReps {
+	for _, r := range p.shipReps {
 		r.bm = newDirtyBitmap(p.cfg.RegionSize, p.vol.Size(), lost.To+1)
 	}
 	p.smu.Unlock()

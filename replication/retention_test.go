@@ -116,7 +116,7 @@ func TestFeedLossRestartsBitmaps(t *testing.T) {
 	waitFor(t, "shipped", func() bool { p.smu.Lock(); defer p.smu.Unlock(); return p.lastLSN == 5 })
 	p.feedLost(blockvol.Lost{From: 6, To: 9})
 	p.smu.Lock()
-	from, last := p.sinkReps[0].bm.from(), p.lastLSN
+	from, last := p.shipReps[0].bm.from(), p.lastLSN
 	p.smu.Unlock()
 	if from != 10 || last != 9 {
 		t.Fatalf("after losing 6..9: bitmap from %d, last LSN %d", from, last)
