@@ -231,12 +231,6 @@ func (c *cluster) server(id string) *proc {
 	return c.servers[id]
 }
 
-func (c *cluster) nbdAddr(id string) string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.nbd[id]
-}
-
 func (c *cluster) ids() []string {
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -66,9 +66,9 @@ func seedFromEnv(t *testing.T, def int64) int64 {
 }
 
 // TestTortureShort is the torture run of `go test ./...`: kill -9 of the
-// primary or a replica of an RF=3 sync_all volume under load, at least 10
-// failovers, then porcupine checks the history. TORTURE_SEED replays a
-// schedule.
+// primary or a replica of an RF=3 sync_all volume under load, the primary
+// cut off from the master, a slow replica link; at least 10 failovers,
+// then porcupine checks the history. TORTURE_SEED replays a schedule.
 func TestTortureShort(t *testing.T) {
 	if os.Getenv("TORTURE_LONG") != "" {
 		t.Skip("TORTURE_LONG is set: TestTortureLong runs instead")
@@ -80,8 +80,8 @@ func TestTortureShort(t *testing.T) {
 		clients:   4,
 		blocks:    32,
 		leaseTTL:  2 * time.Second,
-		faults:    []fault{faultKillPrimary, faultKillReplica},
-		weights:   []int{4, 1},
+		faults:    []fault{faultKillPrimary, faultKillReplica, faultIsolatePrimry, faultSlowReplica},
+		weights:   []int{4, 1, 1, 1},
 	}
 	runTorture(t, cfg)
 }
@@ -179,6 +179,16 @@ func runTorture(t *testing.T, cfg tortureConfig) {
 		t.Errorf("check: %v", err)
 	}
 	lost := LostFlushed(history, final)
+	if mut, b, ok := mutateLoseFlushed(history, final); ok {
+		mres, err := Check(mut, cfg.seed, t.TempDir(), 3*time.Minute)
+		if err != nil || mres.Linearizable() || len(LostFlushed(mut, map[int64]uint64{b: 0})) == 0 {
+			t.Errorf("the checker accepted this run's history with block %d's flushed write lost: %s, %v", b, mres.Verdict, err)
+		} else {
+			t.Logf("sensitivity: the same history with block %d's flushed write lost is refused (%s)", b, mres.Verdict)
+		}
+	} else {
+		t.Errorf("no block holds a flushed write at the end: the run proved nothing")
+	}
 	report := summary(cfg, st, res, lost, history, time.Since(began), time.Since(checkStart), w.dials.Load())
 	t.Log(report)
 	if p := saveSummary(cfg.seed, report); p != "" {
@@ -260,11 +270,17 @@ func runSchedule(t *testing.T, c *cluster, vol string, rec *recorder, rng *rand.
 				// replica the schedule chose around the lease expiry.
 				time.Sleep(jitter(rng, cfg.leaseTTL-500*time.Millisecond, cfg.leaseTTL+500*time.Millisecond))
 				target := replicas[rng.Intn(len(replicas))]
+				// Half of them compare-and-swap on the epoch
+				// the schedule saw; the others do not.
+				req := api.PromoteRequest{Target: target}
+				if rng.Intn(2) == 0 {
+					req.Epoch = info.Epoch
+				}
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				_, perr := c.client.Promote(ctx, vol, api.PromoteRequest{Target: target, Epoch: info.Epoch})
+				_, perr := c.client.Promote(ctx, vol, req)
 				cancel()
 				st.promotes++
-				st.notes = append(st.notes, fmt.Sprintf("promote %s racing the failover: %v", target, errString(perr)))
+				st.notes = append(st.notes, fmt.Sprintf("promote %s (epoch %d) racing the failover: %v", target, req.Epoch, errString(perr)))
 			}
 			to, err := waitPromoted(c, vol, primary, info.Epoch, 60*time.Second)
 			if err != nil {
@@ -347,31 +363,71 @@ func waitPromoted(c *cluster, vol, old string, epoch uint64, d time.Duration) (s
 	return to, err
 }
 
-// measureOutage: the time from the fault to the first write (and flush)
-// invoked after it that succeeded, at its completion.
+// measureOutage: the longest time around a failover during which no
+// write (flush) succeeded: the largest gap between successive successful
+// completions from the fault until the first success invoked after the
+// master named the new primary (an isolated primary may go on serving
+// until its lease runs out, so the first success after the fault is not
+// the end of the outage).
 func measureOutage(fo *failover, h []Op) {
-	var firstW, firstF int64 = -1, -1
+	fo.writeOutage = longestGap(h, KindWrite, fo.killAt, fo.promotedAt)
+	fo.flushOutage = longestGap(h, KindFlush, fo.killAt, fo.promotedAt)
+}
+
+func longestGap(h []Op, kind Kind, from, promoted int64) time.Duration {
+	var rets []int64
+	end := int64(-1)
 	for _, op := range h {
-		if op.Call < fo.killAt || op.Outcome != OK || op.Note == "final" {
+		if op.Kind != kind || op.Outcome != OK || op.Note == "final" || op.Return < from {
 			continue
 		}
-		if op.Kind == KindWrite && (firstW < 0 || op.Return < firstW) {
-			firstW = op.Return
-		}
-		if op.Kind == KindFlush && (firstF < 0 || op.Return < firstF) {
-			firstF = op.Return
+		rets = append(rets, op.Return)
+		if op.Call >= promoted && (end < 0 || op.Return < end) {
+			end = op.Return
 		}
 	}
-	if firstW >= 0 {
-		fo.writeOutage = time.Duration(firstW - fo.killAt)
-	} else {
-		fo.writeOutage = -1
+	if end < 0 {
+		return -1
 	}
-	if firstF >= 0 {
-		fo.flushOutage = time.Duration(firstF - fo.killAt)
-	} else {
-		fo.flushOutage = -1
+	sort.Slice(rets, func(i, j int) bool { return rets[i] < rets[j] })
+	gap, prev := int64(0), from
+	for _, r := range rets {
+		if r > end {
+			break
+		}
+		if r-prev > gap {
+			gap = r - prev
+		}
+		prev = r
 	}
+	return time.Duration(gap)
+}
+
+// mutateLoseFlushed returns a copy of h in which the final read of one
+// block that holds a flushed write returns zeros instead: the checker must
+// refuse it, or the run proved nothing.
+func mutateLoseFlushed(h []Op, final map[int64]uint64) ([]Op, int64, bool) {
+	blocks := make([]int64, 0, len(final))
+	for b, tag := range final {
+		if tag != 0 {
+			blocks = append(blocks, b)
+		}
+	}
+	sort.Slice(blocks, func(i, j int) bool { return blocks[i] < blocks[j] })
+	for _, b := range blocks {
+		m := map[int64]uint64{b: 0}
+		if len(LostFlushed(h, m)) == 0 {
+			continue // its value was never flushed
+		}
+		out := append([]Op(nil), h...)
+		for i := len(out) - 1; i >= 0; i-- {
+			if out[i].Kind == KindRead && out[i].Note == "final" && out[i].Block == b {
+				out[i].Tags = []uint64{0}
+				return out, b, true
+			}
+		}
+	}
+	return nil, 0, false
 }
 
 func summary(cfg tortureConfig, st *tortureStats, res Result, lost []int64, h []Op, ran, checked time.Duration, dials int64) string {

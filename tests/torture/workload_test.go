@@ -32,8 +32,6 @@ func (r *recorder) history() []Op {
 	return append([]Op(nil), r.ops...)
 }
 
-func (r *recorder) at(ns int64) time.Time { return r.start.Add(time.Duration(ns)) }
-
 // workload is the clients: each has one NBD connection to the current
 // primary at a time, one request in flight, and records every request it
 // sent with its outcome.
