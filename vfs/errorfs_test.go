@@ -244,3 +244,34 @@ func TestParseRules(t *testing.T) {
 		}
 	}
 }
+
+func TestFaultsFromEnv(t *testing.T) {
+	env := func(kv map[string]string) func(string) string {
+		return func(k string) string { return kv[k] }
+	}
+	fs, err := faultsFromEnv(Default, env(nil))
+	if err != nil || fs != Default {
+		t.Fatalf("unset: %v, %v", fs, err)
+	}
+	fs, err = faultsFromEnv(Default, env(map[string]string{FaultsEnv: "sync:*:enospc", FaultsSeedEnv: "9"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := fs.OpenFile(filepath.Join(t.TempDir(), "x"), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Sync(); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("sync under %s: %v", FaultsEnv, err)
+	}
+	for _, bad := range []map[string]string{
+		{FaultsEnv: "sync:*:boom"},
+		{FaultsEnv: " ; "},
+		{FaultsEnv: "sync:*:eio", FaultsSeedEnv: "x"},
+	} {
+		if _, err := faultsFromEnv(Default, env(bad)); err == nil || !strings.Contains(err.Error(), "BLOCKD_VFS_FAULTS") {
+			t.Errorf("%v: error %v does not name the variable", bad, err)
+		}
+	}
+}
