@@ -51,6 +51,7 @@ func freeAddr(t testing.TB) string {
 type proc struct {
 	name string
 	args []string
+	env  []string // extra environment for the next start
 	log  string
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -63,8 +64,11 @@ func (p *proc) start(t testing.TB) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fmt.Fprintf(f, "==== %s start %s %v\n", time.Now().Format("15:04:05.000"), p.name, p.args)
+	fmt.Fprintf(f, "==== %s start %s %v %v\n", time.Now().Format("15:04:05.000"), p.name, p.args, p.env)
 	cmd := exec.Command(blockdBin, p.args...)
+	if len(p.env) > 0 {
+		cmd.Env = append(os.Environ(), p.env...)
+	}
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := cmd.Start(); err != nil {
 		f.Close()

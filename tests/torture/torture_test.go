@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/vfs"
 )
 
 // fault is one kind of event the schedule can cause.
@@ -24,7 +25,8 @@ const (
 	faultSlowReplica   fault = "slow_replica"    // delay on a replica's replication link
 	faultReaddress     fault = "readdress"       // kill -9 of the primary, restart on new ports
 	faultPromoteRace   fault = "promote_race"    // kill -9 of the primary, an explicit promote racing the auto failover
-	faultIsolatePrimry fault = "isolate_primary" // cut the primary's replication links (proxy), heal after the failover
+	faultIsolatePrimry fault = "isolate_primary" // cut the primary's link to the master (proxy), heal after the failover
+	faultFullDisk      fault = "full_disk"       // restart a replica on a disk that fills up (ENOSPC from vfs.ErrorFS), then normally
 )
 
 type tortureConfig struct {
@@ -49,9 +51,9 @@ type failover struct {
 }
 
 type tortureStats struct {
-	kills, isolations, slowLinks, readdresses, promotes int
-	failovers                                           []failover
-	notes                                               []string
+	kills, isolations, slowLinks, readdresses, promotes, fullDisks int
+	failovers                                                      []failover
+	notes                                                          []string
 }
 
 func seedFromEnv(t *testing.T, def int64) int64 {
@@ -107,13 +109,28 @@ func TestTortureLong(t *testing.T) {
 		clients:   6,
 		blocks:    48,
 		leaseTTL:  2 * time.Second,
-		faults:    []fault{faultKillPrimary, faultKillReplica, faultSlowReplica, faultReaddress, faultPromoteRace, faultIsolatePrimry},
-		weights:   []int{4, 2, 2, 2, 2, 2},
+		faults:    []fault{faultKillPrimary, faultKillReplica, faultSlowReplica, faultReaddress, faultPromoteRace, faultIsolatePrimry, faultFullDisk},
+		weights:   []int{4, 2, 2, 2, 2, 2, 1},
 	}
 	runTorture(t, cfg)
 }
 
 func runTorture(t *testing.T, cfg tortureConfig) {
+	if s := os.Getenv("TORTURE_FAULTS"); s != "" {
+		// Only these fault kinds, equally weighted (to chase one).
+		cfg.faults, cfg.weights = nil, nil
+		for _, f := range strings.Split(s, ",") {
+			cfg.faults = append(cfg.faults, fault(strings.TrimSpace(f)))
+			cfg.weights = append(cfg.weights, 1)
+		}
+	}
+	known := map[fault]bool{faultKillPrimary: true, faultKillReplica: true, faultSlowReplica: true, faultReaddress: true,
+		faultPromoteRace: true, faultIsolatePrimry: true, faultFullDisk: true}
+	for _, f := range cfg.faults {
+		if !known[f] {
+			t.Fatalf("unknown fault kind %q", f)
+		}
+	}
 	t.Logf("TORTURE seed %d (replay with TORTURE_SEED=%d)", cfg.seed, cfg.seed)
 	rng := rand.New(rand.NewSource(cfg.seed))
 	c := newCluster(t)
@@ -325,6 +342,19 @@ func runSchedule(t *testing.T, c *cluster, vol string, rec *recorder, rng *rand.
 			st.kills++
 			time.Sleep(jitter(rng, 200*time.Millisecond, 2*time.Second))
 			c.server(victim).start(t)
+		case faultFullDisk:
+			victim := replicas[rng.Intn(len(replicas))]
+			p := c.server(victim)
+			p.kill9()
+			st.kills++
+			st.fullDisks++
+			p.env = []string{vfs.FaultsEnv + "=" + fmt.Sprintf("write+allocate+truncate:*:enospc,after=%d", rng.Intn(400)),
+				vfs.FaultsSeedEnv + "=" + strconv.FormatInt(cfg.seed, 10)}
+			p.start(t)
+			p.env = nil
+			time.Sleep(jitter(rng, time.Second, 4*time.Second))
+			p.kill9()
+			p.start(t)
 		case faultSlowReplica:
 			victim := replicas[rng.Intn(len(replicas))]
 			px := c.proxies[victim]
@@ -462,8 +492,8 @@ func summary(cfg tortureConfig, st *tortureStats, res Result, lost []int64, h []
 	}
 	fmt.Fprintf(&b, "TORTURE SUMMARY seed=%d (TORTURE_SEED=%d replays the schedule)\n", cfg.seed, cfg.seed)
 	fmt.Fprintf(&b, "  ran %v, checked in %v; faults: %v\n", ran.Round(time.Second), checked.Round(time.Millisecond), cfg.faults)
-	fmt.Fprintf(&b, "  failovers %d, kills %d, isolations %d, slow links %d, readdresses %d, racing promotes %d, client dials %d\n",
-		len(st.failovers), st.kills, st.isolations, st.slowLinks, st.readdresses, st.promotes, dials)
+	fmt.Fprintf(&b, "  failovers %d, kills %d, isolations %d, slow links %d, readdresses %d, racing promotes %d, full disks %d, client dials %d\n",
+		len(st.failovers), st.kills, st.isolations, st.slowLinks, st.readdresses, st.promotes, st.fullDisks, dials)
 	fmt.Fprintf(&b, "  client operations %d (%s); per-block operations checked %d over %d blocks\n",
 		res.ClientOps, strings.Join(cs, " "), res.Ops, res.Blocks)
 	fmt.Fprintf(&b, "  acknowledged flushed writes lost: %d %v\n", len(lost), lost)
