@@ -95,7 +95,19 @@ type Op struct {
 	Call    int64    `json:"call_ns"`
 	Return  int64    `json:"return_ns"`
 	Outcome Outcome  `json:"outcome"`
+	Server  string   `json:"server,omitempty"` // the server the client was connected to
 	Note    string   `json:"note,omitempty"`
+}
+
+// describe is the note shown with the operation in the visualisation.
+func (op Op) describe() string {
+	if op.Server == "" {
+		return op.Note
+	}
+	if op.Note == "" {
+		return "@" + op.Server
+	}
+	return "@" + op.Server + " " + op.Note
 }
 
 // BlockInput is the input of one per-block porcupine operation.
@@ -232,7 +244,7 @@ func Partition(history []Op) (blocks []int64, parts [][]porcupine.Operation) {
 				continue
 			}
 			global = append(global, porcupine.Operation{ClientId: op.Client, Call: op.Call, Return: ret,
-				Input: BlockInput{Kind: op.Kind, Note: op.Note}, Output: BlockOutput{Outcome: op.Outcome}})
+				Input: BlockInput{Kind: op.Kind, Note: op.describe()}, Output: BlockOutput{Outcome: op.Outcome}})
 		case KindRead:
 			if op.Outcome != OK {
 				continue
@@ -240,13 +252,13 @@ func Partition(history []Op) (blocks []int64, parts [][]porcupine.Operation) {
 			for i := 0; i < op.Count; i++ {
 				b := op.Block + int64(i)
 				per[b] = append(per[b], porcupine.Operation{ClientId: op.Client, Call: op.Call, Return: ret,
-					Input: BlockInput{Kind: KindRead, Note: op.Note}, Output: BlockOutput{Outcome: OK, Tag: op.Tags[i]}})
+					Input: BlockInput{Kind: KindRead, Note: op.describe()}, Output: BlockOutput{Outcome: OK, Tag: op.Tags[i]}})
 			}
 		case KindWrite:
 			for i := 0; i < op.Count; i++ {
 				b := op.Block + int64(i)
 				per[b] = append(per[b], porcupine.Operation{ClientId: op.Client, Call: op.Call, Return: ret,
-					Input: BlockInput{Kind: KindWrite, Tag: op.Tags[i], Note: op.Note}, Output: BlockOutput{Outcome: op.Outcome}})
+					Input: BlockInput{Kind: KindWrite, Tag: op.Tags[i], Note: op.describe()}, Output: BlockOutput{Outcome: op.Outcome}})
 			}
 		}
 	}

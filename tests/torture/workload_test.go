@@ -68,19 +68,22 @@ func (w *workload) stopped() bool {
 	}
 }
 
-// connect dials the primary the master names now.
-func (w *workload) connect() (*Client, error) {
+// connect dials the primary the master names now; it returns the
+// server's ID too.
+func (w *workload) connect() (*Client, string, error) {
 	info, err := w.c.info(w.vol)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	w.dials.Add(1)
-	return Dial(info.Primary.NBDAddr, w.vol, w.timeout)
+	cl, err := Dial(info.Primary.NBDAddr, w.vol, w.timeout)
+	return cl, info.Primary.ServerID, err
 }
 
 func (w *workload) client(id int, rng *rand.Rand) {
 	defer w.wg.Done()
 	var cl *Client
+	var server string
 	defer func() {
 		if cl != nil {
 			cl.Close()
@@ -90,13 +93,13 @@ func (w *workload) client(id int, rng *rand.Rand) {
 	for !w.stopped() {
 		if cl == nil {
 			var err error
-			if cl, err = w.connect(); err != nil {
+			if cl, server, err = w.connect(); err != nil {
 				cl = nil
 				time.Sleep(50 * time.Millisecond)
 				continue
 			}
 		}
-		op := Op{Client: id}
+		op := Op{Client: id, Server: server}
 		var err error
 		switch p := rng.Intn(100); {
 		case p < 10:
@@ -154,9 +157,10 @@ func (w *workload) client(id int, rng *rand.Rand) {
 // recording the reads in the history; it returns each block's value.
 func (w *workload) finalRead(client int) (map[int64]uint64, error) {
 	var cl *Client
+	var server string
 	err := waitUntil(60*time.Second, func() error {
 		var err error
-		cl, err = w.connect()
+		cl, server, err = w.connect()
 		return err
 	})
 	if err != nil {
@@ -165,7 +169,7 @@ func (w *workload) finalRead(client int) (map[int64]uint64, error) {
 	defer cl.Close()
 	call := w.rec.now()
 	err = cl.Flush()
-	op := Op{Client: client, Kind: KindFlush, Call: call, Return: w.rec.now(), Outcome: OK, Note: "final"}
+	op := Op{Client: client, Kind: KindFlush, Call: call, Return: w.rec.now(), Outcome: OK, Server: server, Note: "final"}
 	if err != nil {
 		op.Outcome, op.Note = Unknown, "final: "+err.Error()
 	}
@@ -179,7 +183,7 @@ func (w *workload) finalRead(client int) (map[int64]uint64, error) {
 		}
 		tag := Decode(buf, b)
 		w.rec.add(Op{Client: client, Kind: KindRead, Block: b, Count: 1, Tags: []uint64{tag},
-			Call: call, Return: w.rec.now(), Outcome: OK, Note: "final"})
+			Call: call, Return: w.rec.now(), Outcome: OK, Server: server, Note: "final"})
 		final[b] = tag
 	}
 	return final, nil
