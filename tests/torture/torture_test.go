@@ -30,14 +30,16 @@ const (
 )
 
 type tortureConfig struct {
-	seed      int64
-	failovers int           // stop once this many failovers happened
-	budget    time.Duration // ...or once the schedule ran this long
-	clients   int
-	blocks    int64
-	leaseTTL  time.Duration
-	faults    []fault
-	weights   []int
+	seed       int64
+	failovers  int           // stop once this many failovers happened
+	budget     time.Duration // ...or once the schedule ran this long
+	clients    int
+	blocks     int64
+	leaseTTL   time.Duration
+	rf         int
+	durability string
+	faults     []fault
+	weights    []int
 }
 
 // failover is one change of primary the schedule caused.
@@ -165,7 +167,20 @@ func runTorture(t *testing.T, cfg tortureConfig) {
 		return nil
 	})
 	const vol = "tv"
-	if out, err := c.cli("volume", "create", vol, "--size", "16MiB", "--rf", "3", "--durability", "sync_all"); err != nil {
+	if cfg.rf == 0 {
+		cfg.rf, cfg.durability = 3, "sync_all"
+	}
+	if s := os.Getenv("TORTURE_VOLUME"); s != "" {
+		// RF,DURABILITY: e.g. 3,sync_quorum or 2,sync_all.
+		rf, d, ok := strings.Cut(s, ",")
+		n, err := strconv.Atoi(rf)
+		if !ok || err != nil || n < 2 || n > 3 {
+			t.Fatalf("TORTURE_VOLUME=%q: want RF,DURABILITY with RF 2 or 3", s)
+		}
+		cfg.rf, cfg.durability = n, d
+	}
+	t.Logf("volume RF=%d %s", cfg.rf, cfg.durability)
+	if out, err := c.cli("volume", "create", vol, "--size", "16MiB", "--rf", strconv.Itoa(cfg.rf), "--durability", cfg.durability); err != nil {
 		t.Fatalf("create: %v\n%s", err, out)
 	}
 	c.waitFor(vol+" healthy", 60*time.Second, func() error { return c.healthy(vol) })
@@ -499,7 +514,7 @@ func summary(cfg tortureConfig, st *tortureStats, res Result, lost []int64, h []
 		ws = append(ws, fmt.Sprintf("%s %s->%s write %s flush %s", fo.fault, fo.from, fo.to, dur(fo.writeOutage), dur(fo.flushOutage)))
 	}
 	fmt.Fprintf(&b, "TORTURE SUMMARY seed=%d (TORTURE_SEED=%d replays the schedule)\n", cfg.seed, cfg.seed)
-	fmt.Fprintf(&b, "  ran %v, checked in %v; faults: %v\n", ran.Round(time.Second), checked.Round(time.Millisecond), cfg.faults)
+	fmt.Fprintf(&b, "  volume RF=%d %s; ran %v, checked in %v; faults: %v\n", cfg.rf, cfg.durability, ran.Round(time.Second), checked.Round(time.Millisecond), cfg.faults)
 	fmt.Fprintf(&b, "  failovers %d, kills %d, isolations %d, slow links %d, readdresses %d, racing promotes %d, full disks %d, client dials %d\n",
 		len(st.failovers), st.kills, st.isolations, st.slowLinks, st.readdresses, st.promotes, st.fullDisks, dials)
 	fmt.Fprintf(&b, "  client operations %d (%s); per-block operations checked %d over %d blocks\n",
