@@ -8,9 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
-	"os"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -39,54 +37,41 @@ func (h panicCounter) Handle(_ context.Context, r slog.Record) error {
 func (h panicCounter) WithAttrs([]slog.Attr) slog.Handler { return h }
 func (h panicCounter) WithGroup(string) slog.Handler      { return h }
 
-var fuzzMaster struct {
-	once   sync.Once
-	m      *master.Master
-	h      http.Handler
-	panics atomic.Int64
-	last   atomic.Value
-	err    error
+var fuzzPanics struct {
+	n    atomic.Int64
+	last atomic.Value
 }
 
-// fuzzHandler is one in-process single-node master shared by every fuzz
-// input (starting raft per input would leave no time for inputs), with
-// three servers that heartbeat once and a volume, so the volume endpoints
-// have something to act on.
-func fuzzHandler(t testing.TB) http.Handler {
-	fm := &fuzzMaster
-	fm.once.Do(func() {
-		// Not t.TempDir: the master outlives the first input. The
-		// directory is left in the temp dir.
-		dir, err := os.MkdirTemp("", "blockd-fuzz-master")
-		if err != nil {
-			fm.err = err
-			return
-		}
-		fm.m, fm.err = master.Start(master.Config{DataDir: dir, LeaseTTL: time.Hour,
-			Logger: slog.New(panicCounter{n: &fm.panics, last: &fm.last})})
-		if fm.err != nil {
-			return
-		}
-		fm.h = fm.m.Handler()
-		deadline := time.Now().Add(30 * time.Second)
-		for time.Now().Before(deadline) {
-			if code, _ := call(fm.h, "GET", "/v1/volumes", nil); code == http.StatusOK {
-				break
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		for i, id := range []string{"f1", "f2", "f3"} {
-			hb, _ := json.Marshal(api.HeartbeatRequest{ServerID: id, Addr: "127.0.0.1:1", NBDAddr: "127.0.0.1:2",
-				CapacityBytes: 1 << 40, FreeBytes: int64(1+i) << 39})
-			call(fm.h, "POST", "/v1/heartbeat", hb)
-		}
-		cv, _ := json.Marshal(api.CreateVolumeRequest{Name: "fz", SizeBytes: 1 << 30, RF: 3, Durability: api.DurabilitySyncAll})
-		call(fm.h, "POST", "/v1/volumes", cv)
-	})
-	if fm.err != nil {
-		t.Fatalf("start master: %v", fm.err)
+// startFuzzMaster starts one in-process single-node master for every
+// input of the fuzz run in this process (starting raft per input would
+// leave no time for inputs), with three servers that heartbeat once and a
+// volume, so the volume endpoints have something to act on. It lives in
+// f.TempDir until the fuzz target ends.
+func startFuzzMaster(f *testing.F) http.Handler {
+	m, err := master.Start(master.Config{DataDir: f.TempDir(), LeaseTTL: time.Hour,
+		Logger: slog.New(panicCounter{n: &fuzzPanics.n, last: &fuzzPanics.last})})
+	if err != nil {
+		f.Fatalf("start master: %v", err)
 	}
-	return fm.h
+	f.Cleanup(func() { m.Close() })
+	h := m.Handler()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if code, _ := call(h, "GET", "/v1/volumes", nil); code == http.StatusOK {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	for i, id := range []string{"f1", "f2", "f3"} {
+		hb, _ := json.Marshal(api.HeartbeatRequest{ServerID: id, Addr: "127.0.0.1:1", NBDAddr: "127.0.0.1:2",
+			CapacityBytes: 1 << 40, FreeBytes: int64(1+i) << 39})
+		call(h, "POST", "/v1/heartbeat", hb)
+	}
+	cv, _ := json.Marshal(api.CreateVolumeRequest{Name: "fz", SizeBytes: 1 << 30, RF: 3, Durability: api.DurabilitySyncAll})
+	if code, out := call(h, "POST", "/v1/volumes", cv); code >= 300 {
+		f.Logf("seed volume not created (%d): %s", code, out)
+	}
+	return h
 }
 
 func call(h http.Handler, method, path string, body []byte) (int, []byte) {
@@ -150,14 +135,14 @@ func FuzzMasterAPI(f *testing.F) {
 	for _, s := range seeds {
 		f.Add(s.route, s.name, []byte(s.body))
 	}
+	h := startFuzzMaster(f)
 	f.Fuzz(func(t *testing.T, route byte, name string, body []byte) {
-		h := fuzzHandler(t)
 		r := fuzzRoutes[int(route)%len(fuzzRoutes)]
 		path := strings.ReplaceAll(r.path, "{name}", url.PathEscape(name))
-		before := fuzzMaster.panics.Load()
+		before := fuzzPanics.n.Load()
 		code, out := call(h, r.method, path, body)
-		if n := fuzzMaster.panics.Load(); n != before {
-			t.Fatalf("%s %s %q: the handler panicked: %v", r.method, path, body, fuzzMaster.last.Load())
+		if n := fuzzPanics.n.Load(); n != before {
+			t.Fatalf("%s %s %q: the handler panicked: %v", r.method, path, body, fuzzPanics.last.Load())
 		}
 		if code >= 500 && code != http.StatusServiceUnavailable {
 			t.Fatalf("%s %s %q: status %d: %s", r.method, path, body, code, out)
