@@ -27,6 +27,7 @@ const (
 	faultPromoteRace   fault = "promote_race"    // kill -9 of the primary, an explicit promote racing the auto failover
 	faultIsolatePrimry fault = "isolate_primary" // cut the primary's link to the master (proxy), heal after the failover
 	faultFullDisk      fault = "full_disk"       // restart a replica on a disk that fills up (ENOSPC from vfs.ErrorFS), then normally
+	faultBadDisk       fault = "bad_disk"        // restart a replica on a disk with EIO on fsync or slow fsyncs (vfs.ErrorFS), then normally
 )
 
 type tortureConfig struct {
@@ -119,8 +120,8 @@ func TestTortureLong(t *testing.T) {
 		clients:   6,
 		blocks:    48,
 		leaseTTL:  2 * time.Second,
-		faults:    []fault{faultKillPrimary, faultKillReplica, faultSlowReplica, faultReaddress, faultPromoteRace, faultIsolatePrimry, faultFullDisk},
-		weights:   []int{4, 2, 2, 2, 2, 2, 1},
+		faults:    []fault{faultKillPrimary, faultKillReplica, faultSlowReplica, faultReaddress, faultPromoteRace, faultIsolatePrimry, faultFullDisk, faultBadDisk},
+		weights:   []int{4, 2, 2, 2, 2, 2, 1, 1},
 	}
 	runTorture(t, cfg)
 }
@@ -135,7 +136,7 @@ func runTorture(t *testing.T, cfg tortureConfig) {
 		}
 	}
 	known := map[fault]bool{faultKillPrimary: true, faultKillReplica: true, faultSlowReplica: true, faultReaddress: true,
-		faultPromoteRace: true, faultIsolatePrimry: true, faultFullDisk: true}
+		faultPromoteRace: true, faultIsolatePrimry: true, faultFullDisk: true, faultBadDisk: true}
 	for _, f := range cfg.faults {
 		if !known[f] {
 			t.Fatalf("unknown fault kind %q", f)
@@ -365,14 +366,21 @@ func runSchedule(t *testing.T, c *cluster, vol string, rec *recorder, rng *rand.
 			st.kills++
 			time.Sleep(jitter(rng, 200*time.Millisecond, 2*time.Second))
 			c.server(victim).start(t)
-		case faultFullDisk:
+		case faultFullDisk, faultBadDisk:
 			victim := replicas[rng.Intn(len(replicas))]
 			p := c.server(victim)
 			p.kill9()
 			st.kills++
 			st.fullDisks++
-			p.env = []string{vfs.FaultsEnv + "=" + fmt.Sprintf("write+allocate+truncate:*:enospc,after=%d", rng.Intn(400)),
-				vfs.FaultsSeedEnv + "=" + strconv.FormatInt(cfg.seed, 10)}
+			spec := fmt.Sprintf("write+allocate+truncate:*:enospc,after=%d", rng.Intn(400))
+			if f == faultBadDisk {
+				spec = fmt.Sprintf("sync:*:eio,p=%.2f", 0.05+rng.Float64()*0.3)
+				if rng.Intn(2) == 0 {
+					spec = fmt.Sprintf("sync+syncdir:*:delay,latency=%dms", 20+rng.Intn(200))
+				}
+			}
+			st.notes = append(st.notes, fmt.Sprintf("%s on %s: %s", f, victim, spec))
+			p.env = []string{vfs.FaultsEnv + "=" + spec, vfs.FaultsSeedEnv + "=" + strconv.FormatInt(cfg.seed, 10)}
 			p.start(t)
 			p.env = nil
 			time.Sleep(jitter(rng, time.Second, 4*time.Second))
@@ -515,7 +523,7 @@ func summary(cfg tortureConfig, st *tortureStats, res Result, lost []int64, h []
 	}
 	fmt.Fprintf(&b, "TORTURE SUMMARY seed=%d (TORTURE_SEED=%d replays the schedule)\n", cfg.seed, cfg.seed)
 	fmt.Fprintf(&b, "  volume RF=%d %s; ran %v, checked in %v; faults: %v\n", cfg.rf, cfg.durability, ran.Round(time.Second), checked.Round(time.Millisecond), cfg.faults)
-	fmt.Fprintf(&b, "  failovers %d, kills %d, isolations %d, slow links %d, readdresses %d, racing promotes %d, full disks %d, client dials %d\n",
+	fmt.Fprintf(&b, "  failovers %d, kills %d, isolations %d, slow links %d, readdresses %d, racing promotes %d, full/bad disks %d, client dials %d\n",
 		len(st.failovers), st.kills, st.isolations, st.slowLinks, st.readdresses, st.promotes, st.fullDisks, dials)
 	fmt.Fprintf(&b, "  client operations %d (%s); per-block operations checked %d over %d blocks\n",
 		res.ClientOps, strings.Join(cs, " "), res.Ops, res.Blocks)
