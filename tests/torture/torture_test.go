@@ -192,6 +192,17 @@ func runTorture(t *testing.T, cfg tortureConfig) {
 	st := &tortureStats{}
 	began := time.Now()
 	nemesisErr := runSchedule(t, c, vol, rec, rng, cfg, st, began)
+	// Restart whatever the last fault left down and keep the load on
+	// until the volume is healthy again, so the last failover's outage
+	// is measured too.
+	for _, id := range c.ids() {
+		if !c.server(id).running() {
+			c.server(id).start(t)
+		}
+	}
+	if waitUntil(60*time.Second, func() error { return c.healthy(vol) }) == nil {
+		time.Sleep(2 * time.Second)
+	}
 	w.halt()
 
 	// Heal: everything up, the volume healthy, then a final flush and a
