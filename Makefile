@@ -39,5 +39,8 @@ fuzz-long:
 
 # The long torture: >= 100 failovers (TORTURE_FAILOVERS), every fault kind.
 # `go test ./...` runs the short one. Replay a run with TORTURE_SEED=N.
+# TORTURE_NETNS=auto: the servers in network namespaces (real partitions)
+# where root can make them, TCP proxies otherwise.
+TORTURE_NETNS ?= auto
 torture:
-	TORTURE_LONG=1 $(GO) test -count=1 -v -timeout $(TORTURE_TIMEOUT) -run '^TestTortureLong$$' ./tests/torture/
+	TORTURE_LONG=1 TORTURE_NETNS=$(TORTURE_NETNS) $(GO) test -count=1 -v -timeout $(TORTURE_TIMEOUT) -run '^TestTortureLong$$' ./tests/torture/

@@ -49,13 +49,14 @@ func freeAddr(t testing.TB) string {
 
 // proc is one blockd process logging to a file.
 type proc struct {
-	name string
-	args []string
-	env  []string // extra environment for the next start
-	log  string
-	mu   sync.Mutex
-	cmd  *exec.Cmd
-	done chan struct{}
+	name   string
+	args   []string
+	env    []string // extra environment for the next start
+	prefix []string // command that runs blockd (ip netns exec NS), if any
+	log    string
+	mu     sync.Mutex
+	cmd    *exec.Cmd
+	done   chan struct{}
 }
 
 func (p *proc) start(t testing.TB) {
@@ -66,6 +67,9 @@ func (p *proc) start(t testing.TB) {
 	}
 	fmt.Fprintf(f, "==== %s start %s %v %v\n", time.Now().Format("15:04:05.000"), p.name, p.args, p.env)
 	cmd := exec.Command(blockdBin, p.args...)
+	if len(p.prefix) > 0 {
+		cmd = exec.Command(p.prefix[0], append(append(p.prefix[1:len(p.prefix):len(p.prefix)], blockdBin), p.args...)...)
+	}
 	if len(p.env) > 0 {
 		cmd.Env = append(os.Environ(), p.env...)
 	}
@@ -120,10 +124,12 @@ type cluster struct {
 	nbd     map[string]string // server ID -> the NBD address clients dial
 	proxies map[string]*proxy // server ID -> proxy in front of its replication listener, if any
 	mproxy  map[string]*proxy // server ID -> its proxy to the master, if any
+	lab     *netLab           // servers in network namespaces, if set
+	ports   map[string]int    // server ID -> port offset in its namespace (readdress)
 }
 
 func newCluster(t testing.TB) *cluster {
-	c := &cluster{t: t, dir: t.TempDir(), servers: map[string]*proc{}, nbd: map[string]string{}, proxies: map[string]*proxy{}, mproxy: map[string]*proxy{}}
+	c := &cluster{t: t, dir: t.TempDir(), servers: map[string]*proc{}, nbd: map[string]string{}, proxies: map[string]*proxy{}, mproxy: map[string]*proxy{}, ports: map[string]int{}}
 	t.Cleanup(func() {
 		c.mu.Lock()
 		defer c.mu.Unlock()
@@ -159,6 +165,11 @@ func (c *cluster) saveLogs() {
 
 func (c *cluster) startMaster(leaseTTL time.Duration) {
 	c.mAPI = freeAddr(c.t)
+	if c.lab != nil {
+		// On the bridge, where the namespaced servers reach it.
+		_, port, _ := net.SplitHostPort(c.mAPI)
+		c.mAPI = net.JoinHostPort(c.lab.hostIP, port)
+	}
 	c.master = &proc{name: "master", log: filepath.Join(c.dir, "master.log"),
 		args: []string{"master", "--data", filepath.Join(c.dir, "master"), "--api", c.mAPI,
 			"--lease-ttl", leaseTTL.String()}}
@@ -180,6 +191,10 @@ func (c *cluster) startMaster(leaseTTL time.Duration) {
 // its link to the master go through proxies the schedule can slow down or
 // cut.
 func (c *cluster) addServer(id string, viaProxy bool) {
+	if c.lab != nil {
+		c.addNamespacedServer(id)
+		return
+	}
 	listen := freeAddr(c.t)
 	nbdAddr := freeAddr(c.t)
 	master := c.mAPI
@@ -201,6 +216,18 @@ func (c *cluster) addServer(id string, viaProxy bool) {
 	c.nbd[id] = nbdAddr
 }
 
+// addNamespacedServer: the server alone in its network namespace, on
+// fixed ports of its own address; no proxies (the lab cuts links itself).
+func (c *cluster) addNamespacedServer(id string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ip := c.lab.ips[id]
+	args := []string{"server", "--id", id, "--data", filepath.Join(c.dir, id), "--master", c.mAPI,
+		"--listen", net.JoinHostPort(ip, "7000"), "--nbd", net.JoinHostPort(ip, "10809")}
+	c.servers[id] = &proc{name: id, log: filepath.Join(c.dir, id+".log"), args: args, prefix: c.lab.exec(id)}
+	c.nbd[id] = net.JoinHostPort(ip, "10809")
+}
+
 // readdress gives a stopped server new listen and NBD ports (a restart
 // with a changed address).
 func (c *cluster) readdress(id string) {
@@ -208,6 +235,12 @@ func (c *cluster) readdress(id string) {
 	defer c.mu.Unlock()
 	s := c.servers[id]
 	listen, nbdAddr := freeAddr(c.t), freeAddr(c.t)
+	if c.lab != nil {
+		c.ports[id]++
+		ip := c.lab.ips[id]
+		listen = net.JoinHostPort(ip, fmt.Sprint(7000+c.ports[id]))
+		nbdAddr = net.JoinHostPort(ip, fmt.Sprint(10809+c.ports[id]))
+	}
 	for i := 0; i < len(s.args)-1; i++ {
 		switch s.args[i] {
 		case "--listen":

@@ -28,6 +28,7 @@ const (
 	faultIsolatePrimry fault = "isolate_primary" // cut the primary's link to the master (proxy), heal after the failover
 	faultFullDisk      fault = "full_disk"       // restart a replica on a disk that fills up (ENOSPC from vfs.ErrorFS), then normally
 	faultBadDisk       fault = "bad_disk"        // restart a replica on a disk with EIO on fsync or slow fsyncs (vfs.ErrorFS), then normally
+	faultPartition     fault = "partition"       // the primary's only link down (network namespaces): cut from master, replicas and clients
 )
 
 type tortureConfig struct {
@@ -136,7 +137,7 @@ func runTorture(t *testing.T, cfg tortureConfig) {
 		}
 	}
 	known := map[fault]bool{faultKillPrimary: true, faultKillReplica: true, faultSlowReplica: true, faultReaddress: true,
-		faultPromoteRace: true, faultIsolatePrimry: true, faultFullDisk: true, faultBadDisk: true}
+		faultPromoteRace: true, faultIsolatePrimry: true, faultFullDisk: true, faultBadDisk: true, faultPartition: true}
 	for _, f := range cfg.faults {
 		if !known[f] {
 			t.Fatalf("unknown fault kind %q", f)
@@ -145,8 +146,27 @@ func runTorture(t *testing.T, cfg tortureConfig) {
 	t.Logf("TORTURE seed %d (replay with TORTURE_SEED=%d)", cfg.seed, cfg.seed)
 	rng := rand.New(rand.NewSource(cfg.seed))
 	c := newCluster(t)
-	c.startMaster(cfg.leaseTTL)
 	ids := []string{"s1", "s2", "s3"}
+	if mode := os.Getenv("TORTURE_NETNS"); mode != "" {
+		// Real partitions: each server in its own network namespace. The
+		// proxy-based faults (slow link, isolation from the master) are
+		// skipped there; partition replaces them. "auto" falls back to
+		// the proxies where namespaces cannot be made.
+		err := netLabAvailable()
+		switch {
+		case err != nil && mode == "auto":
+			t.Logf("TORTURE_NETNS=auto: no network namespaces (%v): proxies only", err)
+		case err != nil:
+			t.Fatalf("TORTURE_NETNS needs root and ip(8): %v", err)
+		default:
+			c.lab = newNetLab(t, ids)
+		}
+	}
+	if c.lab != nil {
+		cfg.faults = append(cfg.faults, faultPartition)
+		cfg.weights = append(cfg.weights, 3)
+	}
+	c.startMaster(cfg.leaseTTL)
 	for _, id := range ids {
 		c.addServer(id, true)
 		c.server(id).start(t)
@@ -217,6 +237,11 @@ func runTorture(t *testing.T, cfg tortureConfig) {
 	}
 	for _, mp := range c.mproxy {
 		mp.setCut(false)
+	}
+	if c.lab != nil {
+		for _, id := range ids {
+			_ = c.lab.setLink(id, true)
+		}
 	}
 	healErr := waitUntil(120*time.Second, func() error { return c.healthy(vol) })
 	final, finalErr := w.finalRead(cfg.clients)
@@ -371,6 +396,28 @@ func runSchedule(t *testing.T, c *cluster, vol string, rec *recorder, rng *rand.
 			st.failovers = append(st.failovers, fo)
 			time.Sleep(jitter(rng, 0, 2*time.Second))
 			mp.setCut(false)
+		case faultPartition:
+			if c.lab == nil {
+				continue
+			}
+			fo := failover{fault: f, from: primary, killAt: rec.now()}
+			if err := c.lab.setLink(primary, false); err != nil {
+				return err
+			}
+			st.isolations++
+			to, err := waitPromoted(c, vol, primary, info.Epoch, 60*time.Second)
+			rec.add(Op{Client: cfg.clients + 1, Kind: KindCrash, Call: fo.killAt, Return: rec.now(), Outcome: OK,
+				Note: fmt.Sprintf("%s %s", f, primary)})
+			if err != nil {
+				_ = c.lab.setLink(primary, true)
+				return fmt.Errorf("no failover after partitioning %s: %w", primary, err)
+			}
+			fo.to, fo.promotedAt = to, rec.now()
+			st.failovers = append(st.failovers, fo)
+			time.Sleep(jitter(rng, 0, 2*time.Second))
+			if err := c.lab.setLink(primary, true); err != nil {
+				return err
+			}
 		case faultKillReplica:
 			victim := replicas[rng.Intn(len(replicas))]
 			c.server(victim).kill9()
@@ -400,6 +447,9 @@ func runSchedule(t *testing.T, c *cluster, vol string, rec *recorder, rng *rand.
 		case faultSlowReplica:
 			victim := replicas[rng.Intn(len(replicas))]
 			px := c.proxies[victim]
+			if px == nil {
+				continue
+			}
 			d := jitter(rng, 5*time.Millisecond, 80*time.Millisecond)
 			px.setDelay(d)
 			st.slowLinks++
