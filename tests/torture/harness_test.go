@@ -192,7 +192,7 @@ func (c *cluster) startMaster(leaseTTL time.Duration) {
 // cut.
 func (c *cluster) addServer(id string, viaProxy bool) {
 	if c.lab != nil {
-		c.addNamespacedServer(id)
+		c.addNamespacedServer(id, viaProxy)
 		return
 	}
 	listen := freeAddr(c.t)
@@ -217,13 +217,25 @@ func (c *cluster) addServer(id string, viaProxy bool) {
 }
 
 // addNamespacedServer: the server alone in its network namespace, on
-// fixed ports of its own address; no proxies (the lab cuts links itself).
-func (c *cluster) addNamespacedServer(id string) {
+// fixed ports of its own address; with viaProxy its master link and its
+// replication address go through proxies on the bridge, as addServer's.
+func (c *cluster) addNamespacedServer(id string, viaProxy bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	ip := c.lab.ips[id]
-	args := []string{"server", "--id", id, "--data", filepath.Join(c.dir, id), "--master", c.mAPI,
-		"--listen", net.JoinHostPort(ip, "7000"), "--nbd", net.JoinHostPort(ip, "10809")}
+	listen := net.JoinHostPort(ip, "7000")
+	master := c.mAPI
+	var extra []string
+	if viaProxy {
+		mp := newProxyOn(c.t, c.lab.hostIP, c.mAPI)
+		c.mproxy[id] = mp
+		master = mp.addr()
+		px := newProxyOn(c.t, c.lab.hostIP, listen)
+		c.proxies[id] = px
+		extra = []string{"--advertise", px.addr()}
+	}
+	args := append([]string{"server", "--id", id, "--data", filepath.Join(c.dir, id), "--master", master,
+		"--listen", listen, "--nbd", net.JoinHostPort(ip, "10809")}, extra...)
 	c.servers[id] = &proc{name: id, log: filepath.Join(c.dir, id+".log"), args: args, prefix: c.lab.exec(id)}
 	c.nbd[id] = net.JoinHostPort(ip, "10809")
 }
@@ -251,7 +263,11 @@ func (c *cluster) readdress(id string) {
 	}
 	if old := c.proxies[id]; old != nil {
 		old.close()
-		px := newProxy(c.t, listen)
+		host := "127.0.0.1"
+		if c.lab != nil {
+			host = c.lab.hostIP
+		}
+		px := newProxyOn(c.t, host, listen)
 		c.proxies[id] = px
 		for i := 0; i < len(s.args)-1; i++ {
 			if s.args[i] == "--advertise" {
@@ -344,8 +360,12 @@ type proxy struct {
 	closed bool
 }
 
-func newProxy(t testing.TB, target string) *proxy {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+func newProxy(t testing.TB, target string) *proxy { return newProxyOn(t, "127.0.0.1", target) }
+
+// newProxyOn listens on host (the lab's bridge address, where namespaced
+// servers reach it).
+func newProxyOn(t testing.TB, host, target string) *proxy {
+	ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -148,10 +148,9 @@ func runTorture(t *testing.T, cfg tortureConfig) {
 	c := newCluster(t)
 	ids := []string{"s1", "s2", "s3"}
 	if mode := os.Getenv("TORTURE_NETNS"); mode != "" {
-		// Real partitions: each server in its own network namespace. The
-		// proxy-based faults (slow link, isolation from the master) are
-		// skipped there; partition replaces them. "auto" falls back to
-		// the proxies where namespaces cannot be made.
+		// Real partitions: each server in its own network namespace
+		// (the proxies of the other faults listen on the bridge). "auto"
+		// falls back to loopback where namespaces cannot be made.
 		err := netLabAvailable()
 		switch {
 		case err != nil && mode == "auto":
