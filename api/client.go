@@ -11,26 +11,39 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 )
 
-// DefaultMaster is the default master API address (DESIGN.md §8).
+// DefaultMaster is the default master API address (the default of every
+// client command's --master).
 const DefaultMaster = "127.0.0.1:9333"
 
 // Client talks to a set of masters and follows the raft leader: it sends to
 // the last known leader first, follows 307 redirects and not_leader answers,
 // and on transport errors tries the next address, with backoff, until
 // RetryFor (or the context) runs out. Safe for concurrent use.
+//
+// When no master gives an answer, calls return an *UnreachableError: one
+// line that names every address tried and what happened there.
 type Client struct {
 	addrs []string
 	hc    *http.Client
 
 	// RetryFor bounds how long one call keeps trying masters when none
-	// answers or none is leader (default 30s). The context bounds it too.
+	// answers or none is leader (default 30s); 0 tries each address once.
+	// The context bounds it too.
 	RetryFor time.Duration
+	// AnswerTimeout bounds one exchange with one master: connecting,
+	// sending and reading the whole reply (default 15s). A master that
+	// accepts the connection but does not answer within it counts as not
+	// answering, and the next address is tried.
+	AnswerTimeout time.Duration
 
 	mu     sync.Mutex
 	leader string
@@ -49,10 +62,10 @@ func NewClient(addrs []string) *Client {
 		norm = []string{normalize(DefaultMaster)}
 	}
 	return &Client{
-		addrs:    norm,
-		RetryFor: 30 * time.Second,
+		addrs:         norm,
+		RetryFor:      30 * time.Second,
+		AnswerTimeout: 15 * time.Second,
 		hc: &http.Client{
-			Timeout: 15 * time.Second,
 			CheckRedirect: func(*http.Request, []*http.Request) error {
 				return http.ErrUseLastResponse // we follow ourselves, remembering the leader
 			},
@@ -122,6 +135,142 @@ func retrySafe(err error) bool {
 	return false
 }
 
+// Tried is what one address did during a call that got no answer.
+type Tried struct {
+	Addr     string // host:port
+	Attempts int
+	Outcome  string // the last attempt's, e.g. "refused the connection"
+}
+
+// UnreachableError is returned when no master answered a call: every
+// address refused, could not be reached, did not answer within
+// AnswerTimeout, or was not the leader, for as long as RetryFor (or the
+// context) allowed. Its message is one line.
+type UnreachableError struct {
+	Method, Path string
+	Tried        []Tried
+	Elapsed      time.Duration
+	// MaybeApplied: a non-idempotent request may have reached a master
+	// before its connection failed, so it was not retried.
+	MaybeApplied bool
+	// Err is the last attempt's error (or the context's).
+	Err error
+}
+
+func (e *UnreachableError) Error() string {
+	var b strings.Builder
+	who := "master"
+	for _, t := range e.Tried {
+		if strings.HasPrefix(t.Outcome, "is not the leader") {
+			who = "leader"
+		}
+	}
+	fmt.Fprintf(&b, "%s %s: no %s answered: ", e.Method, clip(e.Path), who)
+	for i, t := range e.Tried {
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		fmt.Fprintf(&b, "%s %s", t.Addr, t.Outcome)
+		if t.Attempts > 1 {
+			fmt.Fprintf(&b, " (%d attempts)", t.Attempts)
+		}
+	}
+	fmt.Fprintf(&b, "; gave up after %v", e.Elapsed.Round(100*time.Millisecond))
+	if e.MaybeApplied {
+		b.WriteString(" (not retried: the request may have been applied)")
+	}
+	return b.String()
+}
+
+func (e *UnreachableError) Unwrap() error { return e.Err }
+
+// tries records each address's attempts in the order first tried.
+type tries struct {
+	list []Tried
+}
+
+func (t *tries) add(base, outcome string) {
+	addr := strings.TrimPrefix(strings.TrimPrefix(base, "http://"), "https://")
+	for i := range t.list {
+		if t.list[i].Addr == addr {
+			t.list[i].Attempts++
+			t.list[i].Outcome = outcome
+			return
+		}
+	}
+	t.list = append(t.list, Tried{Addr: addr, Attempts: 1, Outcome: outcome})
+}
+
+// outcome says in words what one failed exchange with a master did.
+func outcome(err error, connected, timedOut bool, timeout time.Duration) string {
+	var apiErr *Error
+	if errors.As(err, &apiErr) && apiErr.Code == CodeNotLeader {
+		if apiErr.Leader != "" {
+			return "is not the leader (leader " + clip(apiErr.Leader) + ")"
+		}
+		return "is not the leader and knows of none"
+	}
+	switch {
+	case timedOut && connected:
+		return fmt.Sprintf("accepted the connection but sent no reply within %v", timeout)
+	case timedOut:
+		return fmt.Sprintf("did not accept a connection within %v", timeout)
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "refused the connection"
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET),
+		strings.Contains(err.Error(), "server closed idle connection"): // net/http's unexported errServerClosedIdle
+		return "closed the connection without a reply"
+	}
+	var op *net.OpError
+	if errors.As(err, &op) {
+		if op.Op == "dial" {
+			return "could not be reached: " + innermost(op)
+		}
+		return "failed: " + innermost(op)
+	}
+	return "failed: " + innermost(err)
+}
+
+// innermost is the text of the deepest wrapped error (no repeated URLs).
+func innermost(err error) string {
+	for {
+		u := errors.Unwrap(err)
+		if u == nil {
+			return clip(err.Error())
+		}
+		err = u
+	}
+}
+
+// clip shortens a string for an error message: a 10,000-character name
+// is not echoed back whole.
+func clip(s string) string {
+	const max = 80
+	if len(s) <= max {
+		return s
+	}
+	return fmt.Sprintf("%s...(%d bytes)", s[:max-16], len(s))
+}
+
+// clipWords clips every overlong word of a master's message (a name the
+// master echoed back).
+func clipWords(msg string) string {
+	if len(msg) <= 80 {
+		return msg
+	}
+	f := strings.Fields(msg)
+	changed := false
+	for i, w := range f {
+		if len(w) > 80 {
+			f[i], changed = clip(w), true
+		}
+	}
+	if !changed {
+		return msg
+	}
+	return strings.Join(f, " ")
+}
+
 // do sends one call. idempotent calls are retried on any transport error;
 // others only when the request provably never left (dial errors) or was
 // refused with not_leader.
@@ -130,12 +279,17 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any, idemp
 	if in != nil {
 		var err error
 		if body, err = json.Marshal(in); err != nil {
-			return fmt.Errorf("api: encode %s %s: %w", method, path, err)
+			return fmt.Errorf("api: encode %s %s: %w", method, clip(path), err)
 		}
 	}
-	deadline := time.Now().Add(c.RetryFor)
+	start := time.Now()
+	deadline := start.Add(c.RetryFor)
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 		deadline = d
+	}
+	var tried tries
+	unreachable := func(err error, maybeApplied bool) error {
+		return &UnreachableError{Method: method, Path: path, Tried: tried.list, Elapsed: time.Since(start), MaybeApplied: maybeApplied, Err: err}
 	}
 	backoff := 50 * time.Millisecond
 	var lastErr error
@@ -143,31 +297,39 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any, idemp
 		for _, base := range c.order() {
 			target := base
 			for hop := 0; hop < 4; hop++ {
-				next, err := c.once(ctx, method, target, path, body, out)
+				next, connected, timedOut, err := c.attempt(ctx, method, target, path, body, out)
 				if err == nil {
 					c.setLeader(target)
 					return nil
 				}
-				if ctx.Err() != nil {
-					return fmt.Errorf("api: %s %s: %w", method, path, ctx.Err())
-				}
 				var apiErr *Error
+				isAPI := errors.As(err, &apiErr)
+				if ctx.Err() != nil && !isAPI {
+					what := "could not be reached"
+					if connected {
+						what = "accepted the connection but sent no reply"
+					}
+					tried.add(target, what+" before the call ended ("+ctx.Err().Error()+")")
+					return unreachable(ctx.Err(), false)
+				}
 				switch {
 				case next != "":
 					lastErr = err
 					target = next
 					continue // follow the redirect to the leader
-				case errors.As(err, &apiErr) && apiErr.Code == CodeNotLeader:
+				case isAPI && apiErr.Code == CodeNotLeader:
 					lastErr = err
-				case errors.As(err, &apiErr):
+					tried.add(target, outcome(err, connected, false, 0))
+				case isAPI:
 					if c.Leader() == "" {
 						c.setLeader(target)
 					}
 					return err // a real answer from the leader
 				default: // transport
 					lastErr = err
+					tried.add(target, outcome(err, connected, timedOut, c.answerTimeout()))
 					if !idempotent && !retrySafe(err) {
-						return err
+						return unreachable(err, true)
 					}
 					if target == c.Leader() {
 						c.setLeader("")
@@ -177,20 +339,39 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any, idemp
 			}
 		}
 		if time.Now().Add(backoff).After(deadline) {
-			if lastErr == nil {
-				lastErr = &Error{Code: CodeUnavailable, Message: "no master answered"}
-			}
-			return fmt.Errorf("api: %s %s: no leader reachable via %s: %w", method, path, strings.Join(c.addrs, ","), lastErr)
+			return unreachable(lastErr, false)
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("api: %s %s: %w", method, path, ctx.Err())
+			return unreachable(ctx.Err(), false)
 		case <-time.After(backoff):
 		}
 		if backoff < time.Second {
 			backoff *= 2
 		}
 	}
+}
+
+func (c *Client) answerTimeout() time.Duration {
+	if c.AnswerTimeout > 0 {
+		return c.AnswerTimeout
+	}
+	return 15 * time.Second
+}
+
+// attempt is one exchange with base, bounded by AnswerTimeout. connected
+// tells whether a TCP connection was made (so a timeout means the master
+// accepted and did not answer); timedOut that AnswerTimeout ran out.
+func (c *Client) attempt(ctx context.Context, method, base, path string, body []byte, out any) (next string, connected, timedOut bool, err error) {
+	actx, cancel := context.WithTimeout(ctx, c.answerTimeout())
+	defer cancel()
+	var got atomic.Bool
+	actx = httptrace.WithClientTrace(actx, &httptrace.ClientTrace{
+		GotConn: func(httptrace.GotConnInfo) { got.Store(true) },
+	})
+	next, err = c.once(actx, method, base, path, body, out)
+	timedOut = err != nil && ctx.Err() == nil && actx.Err() == context.DeadlineExceeded
+	return next, got.Load(), timedOut, err
 }
 
 // once performs a single HTTP exchange with base. It returns the leader's
@@ -202,36 +383,40 @@ func (c *Client) once(ctx context.Context, method, base, path string, body []byt
 	}
 	req, err := http.NewRequestWithContext(ctx, method, base+path, rd)
 	if err != nil {
-		return "", fmt.Errorf("api: %s %s%s: %w", method, base, path, err)
+		return "", fmt.Errorf("api: %s %s%s: %w", method, base, clip(path), err)
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return "", fmt.Errorf("api: %s %s%s: %w", method, base, path, err)
+		return "", fmt.Errorf("api: %s %s%s: %w", method, base, clip(path), unwrapURL(err))
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 	if err != nil {
-		return "", fmt.Errorf("api: %s %s%s: read reply: %w", method, base, path, err)
+		return "", fmt.Errorf("api: %s %s%s: read reply: %w", method, base, clip(path), err)
 	}
 	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
 		if out != nil && len(data) > 0 {
 			if err := json.Unmarshal(data, out); err != nil {
-				return "", &Error{Code: CodeInternal, Message: fmt.Sprintf("decode reply of %s %s: %v", method, path, err), Status: resp.StatusCode}
+				return "", &Error{Code: CodeInternal, Message: fmt.Sprintf("decode reply of %s %s: %v", method, clip(path), err), Status: resp.StatusCode}
 			}
 		}
 		return "", nil
 	}
 	apiErr := &Error{}
 	if json.Unmarshal(data, apiErr) != nil || apiErr.Code == "" {
-		apiErr = &Error{Code: CodeInternal, Message: strings.TrimSpace(string(data))}
-		if apiErr.Message == "" {
-			apiErr.Message = resp.Status
+		// Not the API's error body: a proxy, another service on that
+		// port, or a master too old for this endpoint. Name who said what.
+		msg := fmt.Sprintf("%s answered %s %s with %s", strings.TrimPrefix(base, "http://"), method, clip(path), resp.Status)
+		if body := strings.Join(strings.Fields(string(data)), " "); body != "" {
+			msg += ": " + clip(body)
 		}
+		apiErr = &Error{Code: CodeInternal, Message: msg}
 	}
 	apiErr.Status = resp.StatusCode
+	apiErr.Message = clipWords(apiErr.Message)
 	if resp.StatusCode == http.StatusTemporaryRedirect || resp.StatusCode == http.StatusPermanentRedirect {
 		if loc := resp.Header.Get("Location"); loc != "" {
 			if u, err := url.Parse(loc); err == nil && u.Host != "" {
@@ -243,6 +428,16 @@ func (c *Client) once(ctx context.Context, method, base, path string, body []byt
 		}
 	}
 	return "", apiErr
+}
+
+// unwrapURL drops net/http's *url.Error, whose text repeats the method and
+// URL that the caller's message already names.
+func unwrapURL(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
 }
 
 func esc(name string) string { return url.PathEscape(name) }
@@ -344,6 +539,23 @@ func (c *Client) PrimaryOf(ctx context.Context, name string) (*PrimaryInfo, erro
 		return nil, err
 	}
 	return &out, nil
+}
+
+// PrimaryNBD is PrimaryOf for a client about to connect over NBD: an
+// unknown volume is named as such, and a primary without an NBD address
+// is an error.
+func (c *Client) PrimaryNBD(ctx context.Context, name string) (*PrimaryInfo, error) {
+	p, err := c.PrimaryOf(ctx, name)
+	if err != nil {
+		if IsCode(err, CodeNotFound) {
+			return nil, fmt.Errorf("unknown volume %s: %w", QuoteName(name), err)
+		}
+		return nil, err
+	}
+	if p.NBDAddr == "" {
+		return nil, fmt.Errorf("volume %s: primary %s has no NBD address", QuoteName(name), p.ServerID)
+	}
+	return p, nil
 }
 
 // Heartbeat sends a server heartbeat to the leader. Give it a context whose

@@ -3,6 +3,7 @@ package api
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -107,8 +108,104 @@ func TestClientGivesUp(t *testing.T) {
 	ln.Close()
 	c := NewClient([]string{dead})
 	c.RetryFor = 300 * time.Millisecond
-	if _, err := c.ListVolumes(ctx(t)); err == nil || !strings.Contains(err.Error(), "no leader reachable") {
+	_, err = c.ListVolumes(ctx(t))
+	var ue *UnreachableError
+	if !errors.As(err, &ue) || len(ue.Tried) != 1 || ue.Tried[0].Addr != dead || ue.Tried[0].Outcome != "refused the connection" {
+		t.Fatalf("err = %#v", err)
+	}
+	if want := "GET /v1/volumes: no master answered: " + dead + " refused the connection ("; !strings.HasPrefix(err.Error(), want) {
+		t.Fatalf("err = %q, want it to start with %q", err, want)
+	}
+}
+
+// TestClientSilentMaster: a master that accepts and never answers costs one
+// AnswerTimeout per attempt and is named in the error.
+func TestClientSilentMaster(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var accepted atomic.Int32
+	go func() {
+		var held []net.Conn
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			held = append(held, c)
+		}
+	}()
+	c := NewClient([]string{ln.Addr().String()})
+	c.RetryFor, c.AnswerTimeout = 0, 200*time.Millisecond
+	_, err = c.VolumeInfo(ctx(t), "v")
+	want := ln.Addr().String() + " accepted the connection but sent no reply within 200ms"
+	if err == nil || !strings.Contains(err.Error(), want) || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("err = %v, want %q", err, want)
+	}
+	if n := accepted.Load(); n != 1 {
+		t.Fatalf("RetryFor 0 made %d attempts, want 1", n)
+	}
+}
+
+// TestClientDoesNotRetryADeliveredPromote: a non-idempotent call whose
+// connection breaks after sending is not retried and says so.
+func TestClientDoesNotRetryADeliveredPromote(t *testing.T) {
+	var hits atomic.Int32
+	s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		hj, _ := w.(http.Hijacker)
+		conn, _, _ := hj.Hijack()
+		conn.Close()
+	}))
+	defer s.Close()
+	c := NewClient([]string{s.URL})
+	_, err := c.Promote(ctx(t), "v", PromoteRequest{})
+	var ue *UnreachableError
+	if !errors.As(err, &ue) || !ue.MaybeApplied || !strings.Contains(err.Error(), "may have been applied") {
 		t.Fatalf("err = %v", err)
+	}
+	if hits.Load() != 1 {
+		t.Fatalf("promote sent %d times", hits.Load())
+	}
+}
+
+// TestClientClipsLongWords: a master's message echoing a huge name is cut.
+func TestClientClipsLongWords(t *testing.T) {
+	long := strings.Repeat("x", 10000)
+	s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusNotFound)
+		json.NewEncoder(w).Encode(Error{Code: CodeNotFound, Message: "volume " + long + " not found"})
+	}))
+	defer s.Close()
+	_, err := NewClient([]string{s.URL}).VolumeInfo(ctx(t), "x")
+	if !IsCode(err, CodeNotFound) || len(err.Error()) > 200 || !strings.Contains(err.Error(), "(10000 bytes) not found") {
+		t.Fatalf("err = %.300v", err)
+	}
+}
+
+func TestCheckVolumeName(t *testing.T) {
+	for _, ok := range []string{"a", "vol0", "A.b_c-d", strings.Repeat("z", 64), "0x"} {
+		if err := CheckVolumeName(ok); err != nil {
+			t.Errorf("%q: %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"", "bad/name", ".x", "-x", "_x", "a b", "a@b", strings.Repeat("z", 65), "é"} {
+		err := CheckVolumeName(bad)
+		if !IsCode(err, CodeBadRequest) || !strings.Contains(err.Error(), VolumeNameRule) {
+			t.Errorf("%q: %v", bad, err)
+		}
+	}
+	err := CheckVolumeName(strings.Repeat("n", 10000))
+	if err == nil || len(err.Error()) > 200 || !strings.Contains(err.Error(), "(10000 bytes)") {
+		t.Errorf("long name: %.300v", err)
 	}
 }
 
@@ -137,5 +234,59 @@ func TestParseAddrs(t *testing.T) {
 	c := NewClient(nil)
 	if c.Addrs()[0] != "http://"+DefaultMaster {
 		t.Fatalf("%q", c.Addrs())
+	}
+}
+
+func TestPrimaryNBD(t *testing.T) {
+	s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/v1/volumes/ok/primary":
+			json.NewEncoder(w).Encode(PrimaryInfo{Volume: "ok", ServerID: "s1", NBDAddr: "127.0.0.1:10809"})
+		case "/v1/volumes/nonbd/primary":
+			json.NewEncoder(w).Encode(PrimaryInfo{Volume: "nonbd", ServerID: "s2"})
+		default:
+			w.WriteHeader(http.StatusNotFound)
+			json.NewEncoder(w).Encode(Error{Code: CodeNotFound, Message: "volume not found"})
+		}
+	}))
+	defer s.Close()
+	c := NewClient([]string{s.URL})
+	if p, err := c.PrimaryNBD(ctx(t), "ok"); err != nil || p.NBDAddr != "127.0.0.1:10809" {
+		t.Fatalf("ok: %+v %v", p, err)
+	}
+	if _, err := c.PrimaryNBD(ctx(t), "nonbd"); err == nil || !strings.Contains(err.Error(), `volume "nonbd": primary s2 has no NBD address`) {
+		t.Fatalf("nonbd: %v", err)
+	}
+	if _, err := c.PrimaryNBD(ctx(t), "gone"); !IsCode(err, CodeNotFound) || !strings.Contains(err.Error(), `unknown volume "gone"`) {
+		t.Fatalf("gone: %v", err)
+	}
+}
+
+// TestClientNamesANonAPIAnswer: an HTTP server that is not a blockd master
+// (or a master without that endpoint) is named with what it answered.
+func TestClientNamesANonAPIAnswer(t *testing.T) {
+	s := httptest.NewServer(http.NotFoundHandler())
+	defer s.Close()
+	_, err := NewClient([]string{s.URL}).UpdateVolume(ctx(t), "v", UpdateVolumeRequest{})
+	want := strings.TrimPrefix(s.URL, "http://") + " answered POST /v1/volumes/v/update with 404 Not Found: 404 page not found"
+	if !IsCode(err, CodeInternal) || !strings.Contains(err.Error(), want) {
+		t.Fatalf("err = %v, want %q", err, want)
+	}
+}
+
+// TestClientNamesLeaderlessMasters: masters that answer but know no
+// leader are named as such.
+func TestClientNamesLeaderlessMasters(t *testing.T) {
+	s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		json.NewEncoder(w).Encode(Error{Code: CodeNotLeader, Message: "no leader"})
+	}))
+	defer s.Close()
+	c := NewClient([]string{s.URL})
+	c.RetryFor = 0
+	_, err := c.ListVolumes(ctx(t))
+	want := "GET /v1/volumes: no leader answered: " + strings.TrimPrefix(s.URL, "http://") + " is not the leader and knows of none"
+	if err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Fatalf("err = %v, want %q", err, want)
 	}
 }

@@ -103,9 +103,8 @@ func (v *Volume) checkRecord(rec wal.Record) error {
 	switch rec.Type {
 	case wal.Write, wal.Zero:
 		bs := v.bs
-		if rec.Offset%bs != 0 || int64(rec.Length)%bs != 0 || rec.Length == 0 ||
-			rec.Offset+int64(rec.Length) > v.size.Load() {
-			return fmt.Errorf("%s [%d,+%d) outside a %d-byte volume or unaligned", rec.Type, rec.Offset, rec.Length, v.size.Load())
+		if err := checkExtent(v.size.Load(), bs, rec.Offset, int64(rec.Length)); err != nil {
+			return fmt.Errorf("%s [%d,+%d): %w", rec.Type, rec.Offset, rec.Length, err)
 		}
 	case wal.Barrier:
 	default:

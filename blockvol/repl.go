@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/blockd/blockd/blockdev"
+	"github.com/blockd/blockd/vfs"
 	"github.com/blockd/blockd/wal"
 )
 
@@ -19,25 +20,6 @@ func (v *Volume) CheckpointLSN() uint64 { return v.ckptLSN.Load() }
 // OldestRetainedLSN is the first LSN still readable from the WAL
 // (HeadLSN()+1 when the WAL holds none).
 func (v *Volume) OldestRetainedLSN() uint64 { return v.tailLSN.Load() }
-
-// SetRecordSink sets fn to be called for every record appended, in LSN
-// order, under the append lock: it must not block, and must copy
-// rec.Payload if it keeps it. nil removes the sink.
-func (v *Volume) SetRecordSink(fn func(rec wal.Record)) {
-	v.appendMu.Lock()
-	v.sink = fn
-	v.appendMu.Unlock()
-}
-
-// SetRetentionFloor sets a hook the flusher asks before recycling WAL:
-// while it returns ok, records with LSN >= lsn stay in the WAL.
-func (v *Volume) SetRetentionFloor(fn func() (lsn uint64, ok bool)) {
-	if fn == nil {
-		v.floor.Store(nil)
-		return
-	}
-	v.floor.Store(&fn)
-}
 
 // ReadRecords calls fn for each retained record with LSN >= fromLSN, in
 // order, up to the last completed record. rec.Payload is only valid during
@@ -90,8 +72,70 @@ func (v *Volume) ReadRecords(fromLSN uint64, fn func(wal.Record) error) error {
 	return nil
 }
 
+// checkExtent validates [off, off+length) against a volume of size bytes
+// and block size bs without overflow: off+length is never computed, so
+// an offset near 2^63 cannot wrap below the size. The error names the
+// rule that failed.
+func checkExtent(size, bs, off, length int64) error {
+	switch {
+	case length <= 0:
+		return fmt.Errorf("length %d not positive", length)
+	case off < 0:
+		return fmt.Errorf("negative offset %d", off)
+	case off%bs != 0 || length%bs != 0:
+		return fmt.Errorf("offset %d or length %d not a multiple of the %d-byte block", off, length, bs)
+	case off > size || length > size-off:
+		return fmt.Errorf("beyond the end of a %d-byte volume", size)
+	}
+	return nil
+}
+
+// ValidateRecord checks a record received from a primary before anything
+// of it is stored: a known type, a block-aligned extent inside the
+// volume (overflow-safe), a write no larger than one request
+// (blockdev.MaxIOSize, plus one block for an unaligned request) and
+// carrying exactly its length in data, no data on a dataless record.
+// The error wraps blockdev.ErrInvalid. ApplyRecord runs it too; a
+// receiver calls it first so that a bad record is refused before any
+// side effect.
+func (v *Volume) ValidateRecord(rec wal.Record) error {
+	if err := v.validateRecord(rec); err != nil {
+		return fmt.Errorf("blockvol: record LSN %d: %v: %w", rec.LSN, err, blockdev.ErrInvalid)
+	}
+	return nil
+}
+
+func (v *Volume) validateRecord(rec wal.Record) error {
+	switch rec.Type {
+	case wal.Write:
+		if limit := blockdev.MaxIOSize + v.bs; int64(rec.Length) > limit {
+			return fmt.Errorf("write of %d bytes larger than %d", rec.Length, limit)
+		}
+		if uint64(len(rec.Payload)) != uint64(rec.Length) {
+			return fmt.Errorf("write payload %d bytes, length %d", len(rec.Payload), rec.Length)
+		}
+	case wal.Zero:
+		if len(rec.Payload) != 0 {
+			return fmt.Errorf("zero record with %d data bytes", len(rec.Payload))
+		}
+	case wal.Barrier:
+		if len(rec.Payload) != 0 || rec.Length != 0 || rec.Offset != 0 {
+			return fmt.Errorf("barrier record with an extent or data")
+		}
+		return nil
+	default:
+		return fmt.Errorf("unexpected record type %s", rec.Type)
+	}
+	if err := checkExtent(v.size.Load(), v.bs, rec.Offset, int64(rec.Length)); err != nil {
+		return fmt.Errorf("%s [%d,+%d): %w", rec.Type, rec.Offset, rec.Length, err)
+	}
+	return nil
+}
+
 // ApplyRecord appends a record received from the primary, keeping its LSN
-// and epoch. rec.LSN must be HeadLSN()+1.
+// and epoch. rec.LSN must be HeadLSN()+1. A record that fails
+// ValidateRecord is refused before it reaches the WAL and leaves the
+// volume as it was (it does not fail the volume).
 func (v *Volume) ApplyRecord(rec wal.Record) error {
 	v.ioMu.RLock()
 	defer v.ioMu.RUnlock()
@@ -101,11 +145,8 @@ func (v *Volume) ApplyRecord(rec wal.Record) error {
 	if err := v.failErr(); err != nil {
 		return fmt.Errorf("blockvol: apply record: %w", err)
 	}
-	if err := v.checkRecord(rec); err != nil {
+	if err := v.validateRecord(rec); err != nil {
 		return fmt.Errorf("blockvol: apply record LSN %d: %v: %w", rec.LSN, err, blockdev.ErrInvalid)
-	}
-	if rec.Type == wal.Write && len(rec.Payload) != int(rec.Length) {
-		return fmt.Errorf("blockvol: apply record LSN %d: payload %d bytes, length %d: %w", rec.LSN, len(rec.Payload), rec.Length, blockdev.ErrInvalid)
 	}
 	var first, nb uint64
 	if rec.Type != wal.Barrier {
@@ -165,4 +206,26 @@ func (v *Volume) Barrier() (uint64, error) {
 		return 0, fmt.Errorf("blockvol: barrier: %w", blockdev.ErrClosed)
 	}
 	return v.appendRecord(wal.Record{Type: wal.Barrier}, false)
+}
+
+// FS is the file system the volume's files live on (Options.FS): the one
+// replication keeps its per-volume state files on too.
+func (v *Volume) FS() vfs.FS { return v.fs }
+
+// WaitApplied waits until every record with LSN <= lsn is written and
+// readable (reads see it), or the volume has failed.
+func (v *Volume) WaitApplied(lsn uint64) error {
+	c := &v.comp
+	c.mu.Lock()
+	for c.done < lsn && v.failed.Load() == nil && !v.closed.Load() {
+		c.cond.Wait()
+	}
+	c.mu.Unlock()
+	if err := v.failErr(); err != nil {
+		return err
+	}
+	if v.closed.Load() && c.doneRelaxed() < lsn {
+		return fmt.Errorf("blockvol: wait for LSN %d: %w", lsn, blockdev.ErrClosed)
+	}
+	return nil
 }

@@ -2,14 +2,11 @@ package master
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"time"
-
-	"github.com/hashicorp/raft"
 
 	"github.com/blockd/blockd/api"
 )
@@ -79,6 +76,7 @@ func (m *Master) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", m.hStatus)
 	mux.HandleFunc("POST /v1/raft/join", m.lead(m.hJoin))
+	mux.HandleFunc("POST /v1/raft/remove", m.lead(m.hRemove))
 	mux.HandleFunc("POST /v1/heartbeat", m.lead(m.hHeartbeat))
 	mux.HandleFunc("GET /v1/servers", m.lead(m.hServers))
 	mux.HandleFunc("GET /v1/volumes", m.lead(m.hList))
@@ -120,26 +118,35 @@ func (m *Master) hStatus(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, st)
 }
 
+// hJoin adds a master: refused on a clash or an unreachable raft address,
+// else a non-voter promoted once caught up (membership.go).
 func (m *Master) hJoin(w http.ResponseWriter, r *http.Request, _ *leaderState) {
 	var req api.JoinRequest
 	if e := decode(r, &req); e != nil {
 		writeErr(w, e)
 		return
 	}
-	if req.ID == "" || req.RaftAddr == "" {
-		writeErr(w, api.Errorf(api.CodeBadRequest, "join needs id and raft_addr"))
+	resp, e := m.joinMember(req)
+	if e != nil {
+		writeErr(w, e)
 		return
 	}
-	if err := m.raft.AddVoter(raft.ServerID(req.ID), raft.ServerAddress(req.RaftAddr), 0, 10*time.Second).Error(); err != nil {
-		if errors.Is(err, raft.ErrNotLeader) {
-			writeErr(w, notLeader(m))
-			return
-		}
-		writeErr(w, api.Errorf(api.CodeInternal, "add voter %s: %v", req.ID, err))
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// hRemove removes a (dead) master from the raft configuration.
+func (m *Master) hRemove(w http.ResponseWriter, r *http.Request, _ *leaderState) {
+	var req api.RemoveRequest
+	if e := decode(r, &req); e != nil {
+		writeErr(w, e)
 		return
 	}
-	m.log.Info("raft_voter_added", "id", req.ID, "raft_addr", req.RaftAddr)
-	writeJSON(w, http.StatusOK, map[string]string{"id": req.ID})
+	resp, e := m.removeMember(req)
+	if e != nil {
+		writeErr(w, e)
+		return
+	}
+	writeJSON(w, http.StatusOK, resp)
 }
 
 func (m *Master) hHeartbeat(w http.ResponseWriter, r *http.Request, _ *leaderState) {

@@ -50,8 +50,13 @@ type Config struct {
 	// "APIADDR=RAFTADDR". Each member bootstraps the same configuration.
 	Peers []string
 	// Join is the API address of any existing member; this master asks the
-	// leader to add it as a voter (it does not bootstrap).
+	// leader to add it (a non-voter first, a voter once it has caught up; it
+	// does not bootstrap).
 	Join string
+	// JoinCatchUpTimeout bounds how long the leader keeps a joining master
+	// as a non-voter waiting for it to catch up before it removes it again
+	// (default 30s).
+	JoinCatchUpTimeout time.Duration
 	// LeaseTTL is the primary lease granted by each heartbeat reply
 	// (default 5s).
 	LeaseTTL time.Duration
@@ -89,6 +94,9 @@ func (c *Config) setDefaults() {
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
+	if c.JoinCatchUpTimeout <= 0 {
+		c.JoinCatchUpTimeout = 30 * time.Second
+	}
 }
 
 // freshWindow: a server heard from within this is alive and fresh.
@@ -121,6 +129,8 @@ type Master struct {
 
 	mu sync.Mutex
 	ld *leaderState // nil unless this master is the ready leader
+
+	mem membership // raft membership changes (membership.go)
 
 	stop      chan struct{}
 	wg        sync.WaitGroup
@@ -164,6 +174,10 @@ func Start(cfg Config) (*Master, error) {
 	}
 	m.wg.Add(1)
 	go m.monitor()
+	if m.netTrans != nil {
+		m.wg.Add(1)
+		go m.reconcileMembers()
+	}
 	if cfg.Join != "" {
 		m.wg.Add(1)
 		go m.join()
@@ -265,6 +279,11 @@ func (m *Master) startRaft() error {
 		m.netTrans, m.transport, self = nt, nt, nt.LocalAddr()
 	}
 
+	if err := m.recoverConfiguration(rc, logs, store, snaps, self, single); err != nil {
+		m.closeTransport()
+		store.Close()
+		return err
+	}
 	r, err := raft.NewRaft(rc, m.fsm, logs, store, snaps, m.transport)
 	if err != nil {
 		m.closeTransport()
@@ -303,7 +322,9 @@ func (m *Master) closeTransport() {
 	}
 }
 
-// join asks an existing member to add this master, until it succeeds.
+// join asks an existing member to add this master until the leader accepts
+// it (as a non-voter catching up, or as a voter already), then follows the
+// promotion in its own copy of the configuration.
 func (m *Master) join() {
 	defer m.wg.Done()
 	c := api.NewClient(api.ParseAddrs(m.cfg.Join))
@@ -318,17 +339,41 @@ func (m *Master) join() {
 	}()
 	for {
 		ctx, cancel := context.WithTimeout(stopCtx, 10*time.Second)
-		err := c.Join(ctx, api.JoinRequest{ID: m.id, RaftAddr: m.cfg.RaftAddr})
+		resp, err := c.JoinMaster(ctx, api.JoinRequest{ID: m.id, RaftAddr: m.cfg.RaftAddr})
 		cancel()
 		if err == nil {
-			m.log.Info("raft_joined", "via", m.cfg.Join, "id", m.id)
-			return
+			m.log.Info("raft_join_accepted", "via", m.cfg.Join, "id", m.id, "suffrage", resp.Suffrage)
+			break
 		}
-		m.log.Warn("raft_join_retry", "via", m.cfg.Join, "err", err)
+		wait := time.Second
+		if api.IsCode(err, api.CodeMemberConflict) || api.IsCode(err, api.CodeJoinUnsupported) ||
+			api.IsCode(err, api.CodeRaftUnreachable) || api.IsCode(err, api.CodeBadRequest) || api.IsCode(err, api.CodeJoinerNotFresh) {
+			wait = 10 * time.Second // refused: retry slowly, until an operator fixes it
+			m.log.Error("raft_join_refused", "via", m.cfg.Join, "id", m.id, "retry_in", wait, "err", err)
+		} else {
+			m.log.Warn("raft_join_retry", "via", m.cfg.Join, "err", err)
+		}
 		select {
 		case <-m.stop:
 			return
-		case <-time.After(time.Second):
+		case <-time.After(wait):
+		}
+	}
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if ms, _, err := m.configuration(); err == nil {
+			for _, mb := range ms {
+				if mb.ID == m.id && mb.Voter {
+					m.log.Info("raft_joined", "via", m.cfg.Join, "id", m.id, "suffrage", api.SuffrageVoter)
+					return
+				}
+			}
+		}
+		select {
+		case <-m.stop:
+			return
+		case <-t.C:
 		}
 	}
 }

@@ -610,8 +610,8 @@ func TestJoin(t *testing.T) {
 	}
 	c := api.NewClient([]string{ms[0].APIAddr(), ms[1].APIAddr(), ms[2].APIAddr()})
 	waitFor(t, "three voters", 30*time.Second, func() bool {
-		st, err := c.Status(ctxT(t), first)
-		return err == nil && len(st.Peers) == 3
+		v, nv := voterIDs(members(t, ms[0]))
+		return len(v) == 3 && len(nv) == 0
 	})
 	f := newFakeServer("s1", 1, c.Addrs())
 	f.run(200 * time.Millisecond)

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/blockd/blockd/nbd/wire"
 )
 
 // rawClient is a deliberately low-level NBD client for protocol tests: it
@@ -34,10 +36,10 @@ func dialRaw(t testing.TB, network, addr string) *rawClient {
 	t.Cleanup(func() { nc.Close() })
 	var hello [18]byte
 	rc.readFull(hello[:])
-	if binary.BigEndian.Uint64(hello[0:]) != magicNBD || binary.BigEndian.Uint64(hello[8:]) != magicIHaveOpt {
+	if binary.BigEndian.Uint64(hello[0:]) != wire.MagicNBD || binary.BigEndian.Uint64(hello[8:]) != wire.MagicIHaveOpt {
 		t.Fatalf("bad greeting % x", hello)
 	}
-	if f := binary.BigEndian.Uint16(hello[16:]); f != flagFixedNewstyle|flagNoZeroes {
+	if f := binary.BigEndian.Uint16(hello[16:]); f != wire.HandshakeFixedNewstyle|wire.HandshakeNoZeroes {
 		t.Fatalf("handshake flags %#x", f)
 	}
 	return rc
@@ -63,7 +65,7 @@ func (rc *rawClient) clientFlags(f uint32) {
 
 func (rc *rawClient) sendOpt(opt uint32, data []byte) {
 	rc.t.Helper()
-	b := binary.BigEndian.AppendUint64(nil, magicIHaveOpt)
+	b := binary.BigEndian.AppendUint64(nil, wire.MagicIHaveOpt)
 	b = binary.BigEndian.AppendUint32(b, opt)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
 	rc.write(append(b, data...))
@@ -78,7 +80,7 @@ func (rc *rawClient) readOptReply() optReply {
 	rc.t.Helper()
 	var h [20]byte
 	rc.readFull(h[:])
-	if m := binary.BigEndian.Uint64(h[0:]); m != magicOptReply {
+	if m := binary.BigEndian.Uint64(h[0:]); m != wire.MagicOptReply {
 		rc.t.Fatalf("option reply magic %#x", m)
 	}
 	r := optReply{opt: binary.BigEndian.Uint32(h[8:]), typ: binary.BigEndian.Uint32(h[12:])}
@@ -130,18 +132,18 @@ func (rc *rawClient) info(opt uint32, name string, infos ...uint16) goInfo {
 			rc.t.Fatalf("reply for option %d, want %d", r.opt, opt)
 		}
 		switch {
-		case r.typ == repAck:
+		case r.typ == wire.RepAck:
 			return gi
-		case r.typ == repInfo:
+		case r.typ == wire.RepInfo:
 			switch binary.BigEndian.Uint16(r.data) {
-			case infoExport:
+			case wire.InfoExport:
 				gi.size = binary.BigEndian.Uint64(r.data[2:])
 				gi.flags = binary.BigEndian.Uint16(r.data[10:])
-			case infoName:
+			case wire.InfoName:
 				gi.name = string(r.data[2:])
-			case infoDescription:
+			case wire.InfoDescription:
 				gi.desc = string(r.data[2:])
-			case infoBlockSize:
+			case wire.InfoBlockSize:
 				gi.gotBlockSize = true
 				gi.minB = binary.BigEndian.Uint32(r.data[2:])
 				gi.prefB = binary.BigEndian.Uint32(r.data[6:])
@@ -160,23 +162,23 @@ func (rc *rawClient) info(opt uint32, name string, infos ...uint16) goInfo {
 // then OPT_GO on name.
 func (rc *rawClient) connect(name string, structured bool) goInfo {
 	rc.t.Helper()
-	rc.clientFlags(clientFlagFixedNewstyle | clientFlagNoZeroes)
+	rc.clientFlags(wire.ClientFixedNewstyle | wire.ClientNoZeroes)
 	if structured {
-		rc.sendOpt(optStructuredReply, nil)
-		if r := rc.readOptReply(); r.typ != repAck {
+		rc.sendOpt(wire.OptStructuredReply, nil)
+		if r := rc.readOptReply(); r.typ != wire.RepAck {
 			rc.t.Fatalf("structured reply refused: %#x", r.typ)
 		}
-		rc.sendOpt(optSetMetaContext, metaData(name, metaBaseAllocation))
+		rc.sendOpt(wire.OptSetMetaContext, metaData(name, wire.MetaBaseAllocation))
 		r := rc.readOptReply()
-		if r.typ != repMetaContext || string(r.data[4:]) != metaBaseAllocation {
+		if r.typ != wire.RepMetaContext || string(r.data[4:]) != wire.MetaBaseAllocation {
 			rc.t.Fatalf("meta context reply %#x %q", r.typ, r.data)
 		}
-		if r := rc.readOptReply(); r.typ != repAck {
+		if r := rc.readOptReply(); r.typ != wire.RepAck {
 			rc.t.Fatalf("meta context ack %#x", r.typ)
 		}
 		rc.structured = true
 	}
-	gi := rc.info(optGo, name)
+	gi := rc.info(wire.OptGo, name)
 	if gi.errType != 0 {
 		rc.t.Fatalf("OPT_GO %q: %#x %s", name, gi.errType, gi.errMsg)
 	}
@@ -185,14 +187,14 @@ func (rc *rawClient) connect(name string, structured bool) goInfo {
 
 func (rc *rawClient) request(typ, flags uint16, handle, off uint64, length uint32, payload []byte) {
 	rc.t.Helper()
-	b := make([]byte, requestSize, requestSize+len(payload))
-	binary.BigEndian.PutUint32(b[0:], magicRequest)
+	b := make([]byte, wire.RequestSize, wire.RequestSize+len(payload))
+	binary.BigEndian.PutUint32(b[0:], wire.MagicRequest)
 	binary.BigEndian.PutUint16(b[4:], flags)
 	binary.BigEndian.PutUint16(b[6:], typ)
 	binary.BigEndian.PutUint64(b[8:], handle)
 	binary.BigEndian.PutUint64(b[16:], off)
 	binary.BigEndian.PutUint32(b[24:], length)
-	if typ == cmdRead && !rc.structured {
+	if typ == wire.CmdRead && !rc.structured {
 		rc.mu.Lock()
 		rc.reads[handle] = length
 		rc.mu.Unlock()
@@ -226,7 +228,7 @@ func (rc *rawClient) tryReadReply() (reply, error) {
 		return reply{}, err
 	}
 	switch binary.BigEndian.Uint32(m[:]) {
-	case magicSimple:
+	case wire.MagicSimpleReply:
 		var h [12]byte
 		if _, err := io.ReadFull(rc.br, h[:]); err != nil {
 			return reply{}, err
@@ -243,7 +245,7 @@ func (rc *rawClient) tryReadReply() (reply, error) {
 			}
 		}
 		return r, nil
-	case magicStructured:
+	case wire.MagicStructuredReply:
 		var r reply
 		for {
 			var h [16]byte
@@ -259,22 +261,22 @@ func (rc *rawClient) tryReadReply() (reply, error) {
 			}
 			r.chunks++
 			switch typ {
-			case replyTypeNone:
-			case replyTypeOffsetData:
+			case wire.ReplyTypeNone:
+			case wire.ReplyTypeOffsetData:
 				r.dataOff = binary.BigEndian.Uint64(p)
 				r.data = append(r.data, p[8:]...)
-			case replyTypeBlockStatus:
+			case wire.ReplyTypeBlockStatus:
 				for i := 4; i+8 <= len(p); i += 8 {
 					r.extents = append(r.extents, [2]uint32{binary.BigEndian.Uint32(p[i:]), binary.BigEndian.Uint32(p[i+4:])})
 				}
-			case replyTypeError, replyTypeErrorOffset:
+			case wire.ReplyTypeError, wire.ReplyTypeErrorOffset:
 				r.errno = binary.BigEndian.Uint32(p)
 				ml := binary.BigEndian.Uint16(p[4:])
 				r.errMsg = string(p[6 : 6+ml])
 			default:
 				return r, fmt.Errorf("unknown chunk type %d", typ)
 			}
-			if flags&replyFlagDone != 0 {
+			if flags&wire.ReplyFlagDone != 0 {
 				return r, nil
 			}
 			// This client reads one reply at a time; interleaved chunks of

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/blockd/blockd/blockdev"
+	"github.com/blockd/blockd/nbd/wire"
 )
 
 const readBufferSize = 256 << 10
@@ -163,7 +164,7 @@ func (c *conn) worker() {
 			c.out.flushDeferred()
 			return
 		}
-		if c.br.Buffered() < requestSize {
+		if c.br.Buffered() < wire.RequestSize {
 			// The input queue drained: answer everything executed so far
 			// before (possibly) waiting for more requests.
 			c.out.flushDeferred()
@@ -219,10 +220,10 @@ const (
 )
 
 func (c *conn) inlineOK(r *request) bool {
-	if r.flags&cmdFlagFUA != 0 || r.length > inlineMaxLen {
+	if r.flags&wire.CmdFlagFUA != 0 || r.length > inlineMaxLen {
 		return false
 	}
-	if r.typ != cmdRead && r.typ != cmdWrite {
+	if r.typ != wire.CmdRead && r.typ != wire.CmdWrite {
 		return false
 	}
 	return c.latency.Load() < inlineMaxLatency
@@ -231,7 +232,7 @@ func (c *conn) inlineOK(r *request) bool {
 func (c *conn) timedExec(r *request) {
 	// FUA writes wait for a sync by design: their time says nothing about
 	// whether plain reads and writes are fast.
-	if (r.typ != cmdRead && r.typ != cmdWrite) || r.flags&cmdFlagFUA != 0 {
+	if (r.typ != wire.CmdRead && r.typ != wire.CmdWrite) || r.flags&wire.CmdFlagFUA != 0 {
 		c.exec(r)
 		return
 	}
@@ -246,12 +247,12 @@ func (c *conn) timedExec(r *request) {
 // Requests refused before their payload is buffered are answered here. A
 // nil request means the stream ends, for the reason returned.
 func (c *conn) readRequest() (*request, string) {
-	var hdr [requestSize]byte
+	var hdr [wire.RequestSize]byte
 	for {
 		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 			return nil, c.readStopReason(err)
 		}
-		if m := binary.BigEndian.Uint32(hdr[0:]); m != magicRequest {
+		if m := binary.BigEndian.Uint32(hdr[0:]); m != wire.MagicRequest {
 			c.srv.log.Warn("nbd: bad request magic, closing connection", "remote", c.remote, "magic", fmt.Sprintf("%#x", m))
 			return nil, "bad request magic"
 		}
@@ -263,16 +264,16 @@ func (c *conn) readRequest() (*request, string) {
 			length: binary.BigEndian.Uint32(hdr[24:]),
 		}
 		switch r.typ {
-		case cmdDisc:
+		case wire.CmdDisc:
 			return nil, "client disconnect"
-		case cmdWrite:
+		case wire.CmdWrite:
 			if r.length > c.srv.maxBlock {
 				// Too large to buffer: skip the payload, refuse the request.
 				if err := discard(c.br, int64(r.length)); err != nil {
 					return nil, c.readStopReason(err)
 				}
 				c.out.busy.Add(1)
-				c.replyError(r, errOverflow, "write larger than the maximum block size")
+				c.replyError(r, wire.ErrnoOverflow, "write larger than the maximum block size")
 				continue
 			}
 			r.buf = getBuf(int(r.length))
@@ -300,27 +301,27 @@ func (c *conn) readStopReason(err error) string {
 
 // allowed command flags per command.
 var allowedFlags = [...]uint16{
-	cmdRead:        cmdFlagFUA | cmdFlagDF,
-	cmdWrite:       cmdFlagFUA,
-	cmdFlush:       cmdFlagFUA,
-	cmdTrim:        cmdFlagFUA,
-	cmdCache:       cmdFlagFUA,
-	cmdWriteZeroes: cmdFlagFUA | cmdFlagNoHole | cmdFlagFastZero,
-	cmdBlockStatus: cmdFlagFUA | cmdFlagReqOne,
+	wire.CmdRead:        wire.CmdFlagFUA | wire.CmdFlagDF,
+	wire.CmdWrite:       wire.CmdFlagFUA,
+	wire.CmdFlush:       wire.CmdFlagFUA,
+	wire.CmdTrim:        wire.CmdFlagFUA,
+	wire.CmdCache:       wire.CmdFlagFUA,
+	wire.CmdWriteZeroes: wire.CmdFlagFUA | wire.CmdFlagNoHole | wire.CmdFlagFastZero,
+	wire.CmdBlockStatus: wire.CmdFlagFUA | wire.CmdFlagReqOne,
 }
 
 func (c *conn) exec(r *request) {
-	if int(r.typ) >= len(allowedFlags) || r.typ == cmdDisc {
-		c.replyError(r, errInval, fmt.Sprintf("unknown command %d", r.typ))
+	if int(r.typ) >= len(allowedFlags) || r.typ == wire.CmdDisc {
+		c.replyError(r, wire.ErrnoInval, fmt.Sprintf("unknown command %d", r.typ))
 		return
 	}
 	if r.flags&^allowedFlags[r.typ] != 0 {
-		c.replyError(r, errInval, fmt.Sprintf("command flags %#x not valid for command %d", r.flags, r.typ))
+		c.replyError(r, wire.ErrnoInval, fmt.Sprintf("command flags %#x not valid for command %d", r.flags, r.typ))
 		return
 	}
 	off, n := int64(r.off), int64(r.length)
 	switch r.typ {
-	case cmdRead:
+	case wire.CmdRead:
 		if e, msg := c.checkRange(r, false); e != 0 {
 			c.replyError(r, e, msg)
 			return
@@ -333,37 +334,37 @@ func (c *conn) exec(r *request) {
 		}
 		c.replyRead(r)
 
-	case cmdWrite:
+	case wire.CmdWrite:
 		defer putBuf(r.buf)
 		if e, msg := c.checkRange(r, true); e != 0 {
 			c.replyError(r, e, msg)
 			return
 		}
-		if err := c.dev.WriteAt(*r.buf, off, r.flags&cmdFlagFUA != 0); err != nil {
+		if err := c.dev.WriteAt(*r.buf, off, r.flags&wire.CmdFlagFUA != 0); err != nil {
 			c.replyDevError(r, "write", err)
 			return
 		}
 		c.replyOK(r)
 
-	case cmdFlush:
+	case wire.CmdFlush:
 		if err := c.dev.Flush(); err != nil {
 			c.replyDevError(r, "flush", err)
 			return
 		}
 		c.replyOK(r)
 
-	case cmdTrim, cmdWriteZeroes:
+	case wire.CmdTrim, wire.CmdWriteZeroes:
 		if e, msg := c.checkRange(r, true); e != 0 {
 			c.replyError(r, e, msg)
 			return
 		}
 		var err error
-		if r.typ == cmdTrim {
+		if r.typ == wire.CmdTrim {
 			err = c.dev.Trim(off, n)
 		} else {
-			err = c.dev.WriteZeroes(off, n, r.flags&cmdFlagNoHole == 0)
+			err = c.dev.WriteZeroes(off, n, r.flags&wire.CmdFlagNoHole == 0)
 		}
-		if err == nil && r.flags&cmdFlagFUA != 0 {
+		if err == nil && r.flags&wire.CmdFlagFUA != 0 {
 			err = c.dev.Flush()
 		}
 		if err != nil {
@@ -372,20 +373,20 @@ func (c *conn) exec(r *request) {
 		}
 		c.replyOK(r)
 
-	case cmdCache:
+	case wire.CmdCache:
 		if e, msg := c.checkRange(r, false); e != 0 {
 			c.replyError(r, e, msg)
 			return
 		}
 		c.replyOK(r) // reads are served from the engine; nothing to prefetch
 
-	case cmdBlockStatus:
+	case wire.CmdBlockStatus:
 		if !c.structured || !c.metaAlloc {
-			c.replyError(r, errInval, "no metadata context negotiated")
+			c.replyError(r, wire.ErrnoInval, "no metadata context negotiated")
 			return
 		}
 		if n == 0 || off < 0 || r.off > uint64(c.size) || n > c.size-off {
-			c.replyError(r, errInval, "block status range beyond the end of the export")
+			c.replyError(r, wire.ErrnoInval, "block status range beyond the end of the export")
 			return
 		}
 		exts, err := c.dev.BlockStatus(off, n)
@@ -396,48 +397,48 @@ func (c *conn) exec(r *request) {
 		c.replyBlockStatus(r, exts)
 
 	default:
-		c.replyError(r, errInval, fmt.Sprintf("unknown command %d", r.typ))
+		c.replyError(r, wire.ErrnoInval, fmt.Sprintf("unknown command %d", r.typ))
 	}
 }
 
 // checkRange validates a data command. Writes beyond the end get ENOSPC,
 // other commands beyond the end EINVAL, as the protocol recommends.
 func (c *conn) checkRange(r *request, write bool) (uint32, string) {
-	if write && c.tflags&FlagReadOnly != 0 {
-		return errPerm, "export is read-only"
+	if write && c.tflags&wire.FlagReadOnly != 0 {
+		return wire.ErrnoPerm, "export is read-only"
 	}
 	n := uint64(r.length)
 	switch {
 	case n == 0:
-		return errInval, "zero-length request"
+		return wire.ErrnoInval, "zero-length request"
 	case r.off%blockdev.SectorSize != 0 || n%blockdev.SectorSize != 0:
-		return errInval, "offset and length must be multiples of 512"
-	case (r.typ == cmdRead || r.typ == cmdWrite) && n > uint64(c.srv.maxBlock):
-		return errOverflow, "request larger than the maximum block size"
+		return wire.ErrnoInval, "offset and length must be multiples of 512"
+	case (r.typ == wire.CmdRead || r.typ == wire.CmdWrite) && n > uint64(c.srv.maxBlock):
+		return wire.ErrnoOverflow, "request larger than the maximum block size"
 	case r.off > uint64(c.size) || n > uint64(c.size)-r.off:
 		if write {
-			return errNoSpc, "request beyond the end of the export"
+			return wire.ErrnoNoSpc, "request beyond the end of the export"
 		}
-		return errInval, "request beyond the end of the export"
+		return wire.ErrnoInval, "request beyond the end of the export"
 	}
 	return 0, ""
 }
 
 func cmdName(t uint16) string {
 	switch t {
-	case cmdRead:
+	case wire.CmdRead:
 		return "read"
-	case cmdWrite:
+	case wire.CmdWrite:
 		return "write"
-	case cmdFlush:
+	case wire.CmdFlush:
 		return "flush"
-	case cmdTrim:
+	case wire.CmdTrim:
 		return "trim"
-	case cmdCache:
+	case wire.CmdCache:
 		return "cache"
-	case cmdWriteZeroes:
+	case wire.CmdWriteZeroes:
 		return "write zeroes"
-	case cmdBlockStatus:
+	case wire.CmdBlockStatus:
 		return "block status"
 	}
 	return fmt.Sprintf("command %d", t)
@@ -447,25 +448,25 @@ func cmdName(t uint16) string {
 // allows.
 func wireErrno(err error) uint32 {
 	if errors.Is(err, blockdev.ErrClosed) {
-		return errShutdown
+		return wire.ErrnoShutdown
 	}
 	switch e := blockdev.Errno(err); e {
 	case syscall.EPERM, syscall.EROFS, syscall.EACCES:
-		return errPerm
+		return wire.ErrnoPerm
 	case syscall.EINVAL:
-		return errInval
+		return wire.ErrnoInval
 	case syscall.ENOSPC, syscall.EDQUOT, syscall.EFBIG:
-		return errNoSpc
+		return wire.ErrnoNoSpc
 	case syscall.EOVERFLOW:
-		return errOverflow
+		return wire.ErrnoOverflow
 	case syscall.ENOMEM:
-		return errNoMem
+		return wire.ErrnoNoMem
 	case syscall.ENOTSUP:
-		return errNotSup
+		return wire.ErrnoNotSup
 	case syscall.ESHUTDOWN:
-		return errShutdown
+		return wire.ErrnoShutdown
 	default:
-		return errIO
+		return wire.ErrnoIO
 	}
 }
 
@@ -478,8 +479,8 @@ func (c *conn) replyDevError(r *request, what string, err error) {
 
 // replyOK answers a request without payload.
 func (c *conn) replyOK(r *request) {
-	var h [simpleReplySize]byte
-	binary.BigEndian.PutUint32(h[0:], magicSimple)
+	var h [wire.SimpleReplySize]byte
+	binary.BigEndian.PutUint32(h[0:], wire.MagicSimpleReply)
 	binary.BigEndian.PutUint64(h[8:], r.handle)
 	c.out.send(h[:], nil, nil, r.deferFlush)
 }
@@ -488,8 +489,8 @@ func (c *conn) replyOK(r *request) {
 // negotiated (it carries a message), else a simple reply without payload.
 func (c *conn) replyError(r *request, errno uint32, msg string) {
 	if !c.structured {
-		var h [simpleReplySize]byte
-		binary.BigEndian.PutUint32(h[0:], magicSimple)
+		var h [wire.SimpleReplySize]byte
+		binary.BigEndian.PutUint32(h[0:], wire.MagicSimpleReply)
 		binary.BigEndian.PutUint32(h[4:], errno)
 		binary.BigEndian.PutUint64(h[8:], r.handle)
 		c.out.send(h[:], nil, nil, r.deferFlush)
@@ -498,10 +499,10 @@ func (c *conn) replyError(r *request, errno uint32, msg string) {
 	if len(msg) > 1024 {
 		msg = msg[:1024]
 	}
-	h := make([]byte, structuredReplySize+6+len(msg))
-	binary.BigEndian.PutUint32(h[0:], magicStructured)
-	binary.BigEndian.PutUint16(h[4:], replyFlagDone)
-	binary.BigEndian.PutUint16(h[6:], replyTypeError)
+	h := make([]byte, wire.StructuredReplySize+6+len(msg))
+	binary.BigEndian.PutUint32(h[0:], wire.MagicStructuredReply)
+	binary.BigEndian.PutUint16(h[4:], wire.ReplyFlagDone)
+	binary.BigEndian.PutUint16(h[6:], wire.ReplyTypeError)
 	binary.BigEndian.PutUint64(h[8:], r.handle)
 	binary.BigEndian.PutUint32(h[16:], uint32(6+len(msg)))
 	binary.BigEndian.PutUint32(h[20:], errno)
@@ -514,18 +515,18 @@ func (c *conn) replyError(r *request, errno uint32, msg string) {
 func (c *conn) replyRead(r *request) {
 	data := *r.buf
 	if !c.structured {
-		var h [simpleReplySize]byte
-		binary.BigEndian.PutUint32(h[0:], magicSimple)
+		var h [wire.SimpleReplySize]byte
+		binary.BigEndian.PutUint32(h[0:], wire.MagicSimpleReply)
 		binary.BigEndian.PutUint64(h[8:], r.handle)
 		c.out.send(h[:], data, r.buf, r.deferFlush)
 		return
 	}
 	// One OFFSET_DATA chunk, final: the data is already read, no error can
 	// follow, and DF is honoured trivially.
-	var h [structuredReplySize + 8]byte
-	binary.BigEndian.PutUint32(h[0:], magicStructured)
-	binary.BigEndian.PutUint16(h[4:], replyFlagDone)
-	binary.BigEndian.PutUint16(h[6:], replyTypeOffsetData)
+	var h [wire.StructuredReplySize + 8]byte
+	binary.BigEndian.PutUint32(h[0:], wire.MagicStructuredReply)
+	binary.BigEndian.PutUint16(h[4:], wire.ReplyFlagDone)
+	binary.BigEndian.PutUint16(h[6:], wire.ReplyTypeOffsetData)
 	binary.BigEndian.PutUint64(h[8:], r.handle)
 	binary.BigEndian.PutUint32(h[16:], uint32(8+len(data)))
 	binary.BigEndian.PutUint64(h[20:], r.off)
@@ -554,10 +555,10 @@ func (c *conn) replyBlockStatus(r *request, exts []blockdev.Extent) {
 		}
 		var st uint32
 		if e.Hole {
-			st |= stateHole | stateZero
+			st |= wire.StateHole | wire.StateZero
 		}
 		if e.Zero {
-			st |= stateZero
+			st |= wire.StateZero
 		}
 		for pos < end {
 			n := min(end-pos, 1<<31) // descriptor lengths are 32-bit
@@ -572,7 +573,7 @@ func (c *conn) replyBlockStatus(r *request, exts []blockdev.Extent) {
 			}
 			pos += n
 		}
-		if r.flags&cmdFlagReqOne != 0 && count > 0 {
+		if r.flags&wire.CmdFlagReqOne != 0 && count > 0 {
 			break
 		}
 	}
@@ -581,16 +582,16 @@ func (c *conn) replyBlockStatus(r *request, exts []blockdev.Extent) {
 		desc = binary.BigEndian.AppendUint32(desc, min(r.length, 1<<31))
 		desc = binary.BigEndian.AppendUint32(desc, 0)
 	}
-	if r.flags&cmdFlagReqOne != 0 {
+	if r.flags&wire.CmdFlagReqOne != 0 {
 		desc = desc[:8]
 	}
-	h := make([]byte, structuredReplySize+4, structuredReplySize+4+len(desc))
-	binary.BigEndian.PutUint32(h[0:], magicStructured)
-	binary.BigEndian.PutUint16(h[4:], replyFlagDone)
-	binary.BigEndian.PutUint16(h[6:], replyTypeBlockStatus)
+	h := make([]byte, wire.StructuredReplySize+4, wire.StructuredReplySize+4+len(desc))
+	binary.BigEndian.PutUint32(h[0:], wire.MagicStructuredReply)
+	binary.BigEndian.PutUint16(h[4:], wire.ReplyFlagDone)
+	binary.BigEndian.PutUint16(h[6:], wire.ReplyTypeBlockStatus)
 	binary.BigEndian.PutUint64(h[8:], r.handle)
 	binary.BigEndian.PutUint32(h[16:], uint32(4+len(desc)))
-	binary.BigEndian.PutUint32(h[20:], metaBaseAllocationID)
+	binary.BigEndian.PutUint32(h[20:], wire.MetaBaseAllocationID)
 	h = append(h, desc...)
 	c.out.send(h, nil, nil, r.deferFlush)
 }

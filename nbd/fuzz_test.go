@@ -7,17 +7,19 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/blockd/blockd/nbd/wire"
 )
 
 // fuzzSeed builds a client byte stream: flags, options, then requests.
 func fuzzSeed(structured bool, opts [][2]any, reqs ...[]byte) []byte {
-	b := binary.BigEndian.AppendUint32(nil, clientFlagFixedNewstyle|clientFlagNoZeroes)
+	b := binary.BigEndian.AppendUint32(nil, wire.ClientFixedNewstyle|wire.ClientNoZeroes)
 	if structured {
-		opts = append([][2]any{{optStructuredReply, []byte(nil)}, {optSetMetaContext, metaData("vol0", metaBaseAllocation)}}, opts...)
+		opts = append([][2]any{{wire.OptStructuredReply, []byte(nil)}, {wire.OptSetMetaContext, metaData("vol0", wire.MetaBaseAllocation)}}, opts...)
 	}
 	for _, o := range opts {
 		data := o[1].([]byte)
-		b = binary.BigEndian.AppendUint64(b, magicIHaveOpt)
+		b = binary.BigEndian.AppendUint64(b, wire.MagicIHaveOpt)
 		b = binary.BigEndian.AppendUint32(b, o[0].(uint32))
 		b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
 		b = append(b, data...)
@@ -29,7 +31,7 @@ func fuzzSeed(structured bool, opts [][2]any, reqs ...[]byte) []byte {
 }
 
 func fuzzReq(typ, flags uint16, off uint64, n uint32, payload bool) []byte {
-	b := binary.BigEndian.AppendUint32(nil, magicRequest)
+	b := binary.BigEndian.AppendUint32(nil, wire.MagicRequest)
 	b = binary.BigEndian.AppendUint16(b, flags)
 	b = binary.BigEndian.AppendUint16(b, typ)
 	b = binary.BigEndian.AppendUint64(b, 0x1234)
@@ -44,14 +46,14 @@ func fuzzReq(typ, flags uint16, off uint64, n uint32, payload bool) []byte {
 // FuzzServerInput: whatever a client sends, the server neither panics nor
 // leaves the connection behind once the client hangs up.
 func FuzzServerInput(f *testing.F) {
-	goOpt := [2]any{optGo, goData("vol0", infoBlockSize)}
-	f.Add(fuzzSeed(false, [][2]any{goOpt}, fuzzReq(cmdWrite, 0, 0, 4096, true), fuzzReq(cmdRead, 0, 0, 4096, false)))
-	f.Add(fuzzSeed(true, [][2]any{goOpt}, fuzzReq(cmdBlockStatus, cmdFlagReqOne, 0, 1<<20, false),
-		fuzzReq(cmdWriteZeroes, cmdFlagNoHole, 4096, 4096, false), fuzzReq(cmdTrim, 0, 0, 8192, false)))
-	f.Add(fuzzSeed(true, [][2]any{{optList, []byte(nil)}, {optInfo, goData("", infoName, infoDescription)}, {uint32(99), []byte("x")}, goOpt},
-		fuzzReq(cmdFlush, 0, 0, 0, false), fuzzReq(cmdDisc, 0, 0, 0, false)))
-	f.Add(fuzzSeed(false, [][2]any{{optExportName, []byte("vol0")}}, fuzzReq(cmdRead, 0, 1<<40, 512, false)))
-	f.Add(fuzzSeed(false, [][2]any{goOpt}, fuzzReq(cmdWrite, 0, 0, 1<<31, false)))
+	goOpt := [2]any{wire.OptGo, goData("vol0", wire.InfoBlockSize)}
+	f.Add(fuzzSeed(false, [][2]any{goOpt}, fuzzReq(wire.CmdWrite, 0, 0, 4096, true), fuzzReq(wire.CmdRead, 0, 0, 4096, false)))
+	f.Add(fuzzSeed(true, [][2]any{goOpt}, fuzzReq(wire.CmdBlockStatus, wire.CmdFlagReqOne, 0, 1<<20, false),
+		fuzzReq(wire.CmdWriteZeroes, wire.CmdFlagNoHole, 4096, 4096, false), fuzzReq(wire.CmdTrim, 0, 0, 8192, false)))
+	f.Add(fuzzSeed(true, [][2]any{{wire.OptList, []byte(nil)}, {wire.OptInfo, goData("", wire.InfoName, wire.InfoDescription)}, {uint32(99), []byte("x")}, goOpt},
+		fuzzReq(wire.CmdFlush, 0, 0, 0, false), fuzzReq(wire.CmdDisc, 0, 0, 0, false)))
+	f.Add(fuzzSeed(false, [][2]any{{wire.OptExportName, []byte("vol0")}}, fuzzReq(wire.CmdRead, 0, 1<<40, 512, false)))
+	f.Add(fuzzSeed(false, [][2]any{goOpt}, fuzzReq(wire.CmdWrite, 0, 0, 1<<31, false)))
 	f.Add([]byte{0, 0, 0, 3, 0x49, 0x48})
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	f.Fuzz(func(t *testing.T, in []byte) {

@@ -7,6 +7,8 @@ import (
 	"io"
 	"strings"
 	"time"
+
+	"github.com/blockd/blockd/nbd/wire"
 )
 
 // maxOptionLen bounds the data of one option we are willing to read; a
@@ -28,9 +30,9 @@ func (c *conn) negotiate() error {
 		_ = c.nc.SetDeadline(time.Now().Add(c.srv.handshakeTimeout))
 	}
 	var hello [18]byte
-	binary.BigEndian.PutUint64(hello[0:], magicNBD)
-	binary.BigEndian.PutUint64(hello[8:], magicIHaveOpt)
-	binary.BigEndian.PutUint16(hello[16:], flagFixedNewstyle|flagNoZeroes)
+	binary.BigEndian.PutUint64(hello[0:], wire.MagicNBD)
+	binary.BigEndian.PutUint64(hello[8:], wire.MagicIHaveOpt)
+	binary.BigEndian.PutUint16(hello[16:], wire.HandshakeFixedNewstyle|wire.HandshakeNoZeroes)
 	if _, err := c.nc.Write(hello[:]); err != nil {
 		return fmt.Errorf("send greeting: %w", err)
 	}
@@ -39,17 +41,17 @@ func (c *conn) negotiate() error {
 		return fmt.Errorf("read client flags: %w", err)
 	}
 	clientFlags := binary.BigEndian.Uint32(cf[:])
-	if clientFlags&^(clientFlagFixedNewstyle|clientFlagNoZeroes) != 0 {
+	if clientFlags&^(wire.ClientFixedNewstyle|wire.ClientNoZeroes) != 0 {
 		return fmt.Errorf("unknown client flags %#x", clientFlags)
 	}
-	c.noZeroes = clientFlags&clientFlagNoZeroes != 0
+	c.noZeroes = clientFlags&wire.ClientNoZeroes != 0
 
 	for {
 		var oh [16]byte
 		if _, err := io.ReadFull(c.br, oh[:]); err != nil {
 			return fmt.Errorf("read option header: %w", err)
 		}
-		if m := binary.BigEndian.Uint64(oh[0:]); m != magicIHaveOpt {
+		if m := binary.BigEndian.Uint64(oh[0:]); m != wire.MagicIHaveOpt {
 			return fmt.Errorf("bad option magic %#x", m)
 		}
 		opt := binary.BigEndian.Uint32(oh[8:])
@@ -61,7 +63,7 @@ func (c *conn) negotiate() error {
 			if err := discard(c.br, int64(n)); err != nil {
 				return fmt.Errorf("skip option data: %w", err)
 			}
-			if err := c.optReply(opt, repErrTooBig, []byte("option data too long")); err != nil {
+			if err := c.optReply(opt, wire.RepErrTooBig, []byte("option data too long")); err != nil {
 				return err
 			}
 			continue
@@ -70,11 +72,11 @@ func (c *conn) negotiate() error {
 		if _, err := io.ReadFull(c.br, data); err != nil {
 			return fmt.Errorf("read option data: %w", err)
 		}
-		if c.srv.isClosing() && opt != optAbort {
-			if opt == optExportName {
+		if c.srv.isClosing() && opt != wire.OptAbort {
+			if opt == wire.OptExportName {
 				return errors.New("server shutting down")
 			}
-			if err := c.optReply(opt, repErrShutdown, []byte("server is shutting down")); err != nil {
+			if err := c.optReply(opt, wire.RepErrShutdown, []byte("server is shutting down")); err != nil {
 				return err
 			}
 			continue
@@ -89,7 +91,7 @@ func (c *conn) negotiate() error {
 // handleOption answers one option. done means transmission starts.
 func (c *conn) handleOption(opt uint32, data []byte) (done bool, err error) {
 	switch opt {
-	case optExportName:
+	case wire.OptExportName:
 		name := string(data)
 		e, lerr := c.srv.resolve(name)
 		if lerr != nil {
@@ -109,13 +111,13 @@ func (c *conn) handleOption(opt uint32, data []byte) (done bool, err error) {
 		}
 		return true, nil
 
-	case optAbort:
-		_ = c.optReply(opt, repAck, nil)
+	case wire.OptAbort:
+		_ = c.optReply(opt, wire.RepAck, nil)
 		return false, errAbort
 
-	case optList:
+	case wire.OptList:
 		if len(data) != 0 {
-			return false, c.optReply(opt, repErrInvalid, []byte("NBD_OPT_LIST takes no data"))
+			return false, c.optReply(opt, wire.RepErrInvalid, []byte("NBD_OPT_LIST takes no data"))
 		}
 		for _, name := range c.srv.names() {
 			p := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
@@ -123,51 +125,51 @@ func (c *conn) handleOption(opt uint32, data []byte) (done bool, err error) {
 			if e, err := c.srv.src.Lookup(name); err == nil && e.Description != "" {
 				p = append(p, e.Description...)
 			}
-			if err := c.optReply(opt, repServer, p); err != nil {
+			if err := c.optReply(opt, wire.RepServer, p); err != nil {
 				return false, err
 			}
 		}
-		return false, c.optReply(opt, repAck, nil)
+		return false, c.optReply(opt, wire.RepAck, nil)
 
-	case optInfo, optGo:
+	case wire.OptInfo, wire.OptGo:
 		return c.handleInfoGo(opt, data)
 
-	case optStructuredReply:
+	case wire.OptStructuredReply:
 		if len(data) != 0 {
-			return false, c.optReply(opt, repErrInvalid, []byte("NBD_OPT_STRUCTURED_REPLY takes no data"))
+			return false, c.optReply(opt, wire.RepErrInvalid, []byte("NBD_OPT_STRUCTURED_REPLY takes no data"))
 		}
 		c.structured = true
-		return false, c.optReply(opt, repAck, nil)
+		return false, c.optReply(opt, wire.RepAck, nil)
 
-	case optListMetaContext, optSetMetaContext:
+	case wire.OptListMetaContext, wire.OptSetMetaContext:
 		return false, c.handleMetaContext(opt, data)
 
 	default: // STARTTLS, EXTENDED_HEADERS and anything unknown
-		return false, c.optReply(opt, repErrUnsup, []byte(fmt.Sprintf("option %d not supported", opt)))
+		return false, c.optReply(opt, wire.RepErrUnsup, []byte(fmt.Sprintf("option %d not supported", opt)))
 	}
 }
 
 func (c *conn) handleInfoGo(opt uint32, data []byte) (bool, error) {
 	if len(data) < 6 {
-		return false, c.optReply(opt, repErrInvalid, []byte("option data too short"))
+		return false, c.optReply(opt, wire.RepErrInvalid, []byte("option data too short"))
 	}
 	nl := binary.BigEndian.Uint32(data)
 	if uint64(nl)+6 > uint64(len(data)) || nl > maxStringLen {
-		return false, c.optReply(opt, repErrInvalid, []byte("bad export name length"))
+		return false, c.optReply(opt, wire.RepErrInvalid, []byte("bad export name length"))
 	}
 	name := string(data[4 : 4+nl])
 	rest := data[4+nl:]
 	nreq := binary.BigEndian.Uint16(rest)
 	rest = rest[2:]
 	if len(rest) != 2*int(nreq) {
-		return false, c.optReply(opt, repErrInvalid, []byte("bad information request count"))
+		return false, c.optReply(opt, wire.RepErrInvalid, []byte("bad information request count"))
 	}
 	var wantName, wantDesc bool
 	for i := 0; i < int(nreq); i++ {
 		switch binary.BigEndian.Uint16(rest[2*i:]) {
-		case infoName:
+		case wire.InfoName:
 			wantName = true
-		case infoDescription:
+		case wire.InfoDescription:
 			wantDesc = true
 		}
 	}
@@ -178,7 +180,7 @@ func (c *conn) handleInfoGo(opt uint32, data []byte) (bool, error) {
 		if len(msg) > maxStringLen {
 			msg = msg[:maxStringLen]
 		}
-		return false, c.optReply(opt, repErrUnknown, []byte(msg))
+		return false, c.optReply(opt, wire.RepErrUnknown, []byte(msg))
 	}
 	// Meta contexts negotiated for another export do not carry over.
 	if c.metaExport != e.Name {
@@ -186,41 +188,41 @@ func (c *conn) handleInfoGo(opt uint32, data []byte) (bool, error) {
 	}
 	flags := c.transmissionFlags(e)
 	info := make([]byte, 12)
-	binary.BigEndian.PutUint16(info[0:], infoExport)
+	binary.BigEndian.PutUint16(info[0:], wire.InfoExport)
 	binary.BigEndian.PutUint64(info[2:], uint64(e.Device.Size()))
 	binary.BigEndian.PutUint16(info[10:], flags)
-	if err := c.optReply(opt, repInfo, info); err != nil {
+	if err := c.optReply(opt, wire.RepInfo, info); err != nil {
 		return false, err
 	}
 	if wantName {
-		p := binary.BigEndian.AppendUint16(nil, infoName)
-		if err := c.optReply(opt, repInfo, append(p, e.Name...)); err != nil {
+		p := binary.BigEndian.AppendUint16(nil, wire.InfoName)
+		if err := c.optReply(opt, wire.RepInfo, append(p, e.Name...)); err != nil {
 			return false, err
 		}
 	}
 	if wantDesc && e.Description != "" {
-		p := binary.BigEndian.AppendUint16(nil, infoDescription)
-		if err := c.optReply(opt, repInfo, append(p, e.Description...)); err != nil {
+		p := binary.BigEndian.AppendUint16(nil, wire.InfoDescription)
+		if err := c.optReply(opt, wire.RepInfo, append(p, e.Description...)); err != nil {
 			return false, err
 		}
 	}
 	// Block sizes are always sent: the device needs 512-byte alignment.
 	bs := make([]byte, 14)
-	binary.BigEndian.PutUint16(bs[0:], infoBlockSize)
-	binary.BigEndian.PutUint32(bs[2:], MinBlockSize)
-	pref := uint32(PreferredBlockSize)
-	if b := e.Device.BlockSize(); b >= MinBlockSize && b <= int(c.srv.maxBlock) {
+	binary.BigEndian.PutUint16(bs[0:], wire.InfoBlockSize)
+	binary.BigEndian.PutUint32(bs[2:], wire.MinBlockSize)
+	pref := uint32(wire.PreferredBlockSize)
+	if b := e.Device.BlockSize(); b >= wire.MinBlockSize && b <= int(c.srv.maxBlock) {
 		pref = uint32(b)
 	}
 	binary.BigEndian.PutUint32(bs[6:], pref)
 	binary.BigEndian.PutUint32(bs[10:], c.srv.maxBlock)
-	if err := c.optReply(opt, repInfo, bs); err != nil {
+	if err := c.optReply(opt, wire.RepInfo, bs); err != nil {
 		return false, err
 	}
-	if err := c.optReply(opt, repAck, nil); err != nil {
+	if err := c.optReply(opt, wire.RepAck, nil); err != nil {
 		return false, err
 	}
-	if opt == optGo {
+	if opt == wire.OptGo {
 		c.selectExport(e)
 		return true, nil
 	}
@@ -229,9 +231,9 @@ func (c *conn) handleInfoGo(opt uint32, data []byte) (bool, error) {
 
 func (c *conn) handleMetaContext(opt uint32, data []byte) error {
 	if !c.structured {
-		return c.optReply(opt, repErrInvalid, []byte("negotiate structured replies first"))
+		return c.optReply(opt, wire.RepErrInvalid, []byte("negotiate structured replies first"))
 	}
-	bad := func() error { return c.optReply(opt, repErrInvalid, []byte("malformed meta context request")) }
+	bad := func() error { return c.optReply(opt, wire.RepErrInvalid, []byte("malformed meta context request")) }
 	if len(data) < 8 {
 		return bad()
 	}
@@ -259,35 +261,35 @@ func (c *conn) handleMetaContext(opt uint32, data []byte) error {
 		return bad()
 	}
 	match := false
-	if opt == optListMetaContext && nq == 0 {
+	if opt == wire.OptListMetaContext && nq == 0 {
 		match = true
 	}
 	for _, q := range queries {
-		if q == metaBaseAllocation || (opt == optListMetaContext && q == "base:") {
+		if q == wire.MetaBaseAllocation || (opt == wire.OptListMetaContext && q == "base:") {
 			match = true
 		}
 	}
-	if opt == optSetMetaContext {
+	if opt == wire.OptSetMetaContext {
 		c.metaExport = c.srv.canonical(export)
 		c.metaAlloc = match
 	}
 	if match {
 		id := uint32(0)
-		if opt == optSetMetaContext {
-			id = metaBaseAllocationID
+		if opt == wire.OptSetMetaContext {
+			id = wire.MetaBaseAllocationID
 		}
 		p := binary.BigEndian.AppendUint32(nil, id)
-		if err := c.optReply(opt, repMetaContext, append(p, metaBaseAllocation...)); err != nil {
+		if err := c.optReply(opt, wire.RepMetaContext, append(p, wire.MetaBaseAllocation...)); err != nil {
 			return err
 		}
 	}
-	return c.optReply(opt, repAck, nil)
+	return c.optReply(opt, wire.RepAck, nil)
 }
 
 // optReply sends one fixed newstyle option reply.
 func (c *conn) optReply(opt, typ uint32, data []byte) error {
 	buf := make([]byte, 20, 20+len(data))
-	binary.BigEndian.PutUint64(buf[0:], magicOptReply)
+	binary.BigEndian.PutUint64(buf[0:], wire.MagicOptReply)
 	binary.BigEndian.PutUint32(buf[8:], opt)
 	binary.BigEndian.PutUint32(buf[12:], typ)
 	binary.BigEndian.PutUint32(buf[16:], uint32(len(data)))
@@ -300,14 +302,14 @@ func (c *conn) optReply(opt, typ uint32, data []byte) error {
 
 // transmissionFlags are the flags advertised for e on this connection.
 func (c *conn) transmissionFlags(e Export) uint16 {
-	f := FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagCanMultiConn | FlagSendCache
+	f := wire.FlagHasFlags | wire.FlagSendFlush | wire.FlagSendFUA | wire.FlagCanMultiConn | wire.FlagSendCache
 	if e.ReadOnly {
-		f |= FlagReadOnly
+		f |= wire.FlagReadOnly
 	} else {
-		f |= FlagSendTrim | FlagSendWriteZeroes | FlagSendFastZero
+		f |= wire.FlagSendTrim | wire.FlagSendWriteZeroes | wire.FlagSendFastZero
 	}
 	if c.structured {
-		f |= FlagSendDF
+		f |= wire.FlagSendDF
 	}
 	return f
 }

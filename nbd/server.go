@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/blockd/blockd/blockdev"
+	"github.com/blockd/blockd/nbd/wire"
 )
 
 // Export is one device offered to clients under a name.
@@ -92,7 +93,7 @@ func WithHandshakeTimeout(d time.Duration) Option {
 // READ/WRITE accepted (default and upper bound blockdev.MaxIOSize).
 func WithMaxBlockSize(n uint32) Option {
 	return func(s *Server) {
-		if n >= PreferredBlockSize && n <= blockdev.MaxIOSize {
+		if n >= wire.PreferredBlockSize && n <= blockdev.MaxIOSize {
 			s.maxBlock = n
 		}
 	}

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/blockd/blockd/blockdev"
+	"github.com/blockd/blockd/nbd/wire"
 )
 
 const testSize = 64 << 20
@@ -68,27 +69,27 @@ func TestNegotiationOptions(t *testing.T) {
 		{Name: "ro", Device: dev, ReadOnly: true},
 	})
 	rc := dialRaw(t, "tcp", ts.addr)
-	rc.clientFlags(clientFlagFixedNewstyle | clientFlagNoZeroes)
+	rc.clientFlags(wire.ClientFixedNewstyle | wire.ClientNoZeroes)
 
 	// Unknown option: ERR_UNSUP, negotiation goes on.
 	rc.sendOpt(99, []byte("junk"))
-	if r := rc.readOptReply(); r.typ != repErrUnsup || r.opt != 99 {
+	if r := rc.readOptReply(); r.typ != wire.RepErrUnsup || r.opt != 99 {
 		t.Fatalf("unknown option: %+v", r)
 	}
-	rc.sendOpt(optStartTLS, nil)
-	if r := rc.readOptReply(); r.typ != repErrUnsup {
+	rc.sendOpt(wire.OptStartTLS, nil)
+	if r := rc.readOptReply(); r.typ != wire.RepErrUnsup {
 		t.Fatalf("starttls: %+v", r)
 	}
 
 	// OPT_LIST: both exports, description carried, then ACK.
-	rc.sendOpt(optList, nil)
+	rc.sendOpt(wire.OptList, nil)
 	var names []string
 	for {
 		r := rc.readOptReply()
-		if r.typ == repAck {
+		if r.typ == wire.RepAck {
 			break
 		}
-		if r.typ != repServer {
+		if r.typ != wire.RepServer {
 			t.Fatalf("list reply %#x", r.typ)
 		}
 		nl := binary.BigEndian.Uint32(r.data)
@@ -97,74 +98,74 @@ func TestNegotiationOptions(t *testing.T) {
 	if strings.Join(names, ",") != "ro|,vol0|first" {
 		t.Fatalf("list: %v", names)
 	}
-	rc.sendOpt(optList, []byte("x"))
-	if r := rc.readOptReply(); r.typ != repErrInvalid {
+	rc.sendOpt(wire.OptList, []byte("x"))
+	if r := rc.readOptReply(); r.typ != wire.RepErrInvalid {
 		t.Fatalf("list with data: %#x", r.typ)
 	}
 
 	// OPT_INFO with NAME, DESCRIPTION, BLOCK_SIZE.
-	gi := rc.info(optInfo, "vol0", infoName, infoDescription, infoBlockSize)
+	gi := rc.info(wire.OptInfo, "vol0", wire.InfoName, wire.InfoDescription, wire.InfoBlockSize)
 	if gi.errType != 0 || gi.size != testSize || gi.name != "vol0" || gi.desc != "first" {
 		t.Fatalf("info: %+v", gi)
 	}
 	if gi.minB != 512 || gi.prefB != 4096 || gi.maxB != 32<<20 {
 		t.Fatalf("block sizes %d/%d/%d", gi.minB, gi.prefB, gi.maxB)
 	}
-	want := FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes |
-		FlagCanMultiConn | FlagSendCache | FlagSendFastZero
+	want := wire.FlagHasFlags | wire.FlagSendFlush | wire.FlagSendFUA | wire.FlagSendTrim | wire.FlagSendWriteZeroes |
+		wire.FlagCanMultiConn | wire.FlagSendCache | wire.FlagSendFastZero
 	if gi.flags != want {
 		t.Fatalf("flags %#x want %#x", gi.flags, want)
 	}
-	gi = rc.info(optInfo, "ro")
-	if gi.flags&FlagReadOnly == 0 || gi.flags&FlagSendTrim != 0 {
+	gi = rc.info(wire.OptInfo, "ro")
+	if gi.flags&wire.FlagReadOnly == 0 || gi.flags&wire.FlagSendTrim != 0 {
 		t.Fatalf("read-only flags %#x", gi.flags)
 	}
 	// Empty name with two exports: no default.
-	if gi := rc.info(optInfo, ""); gi.errType != repErrUnknown {
+	if gi := rc.info(wire.OptInfo, ""); gi.errType != wire.RepErrUnknown {
 		t.Fatalf("empty name with two exports: %+v", gi)
 	}
 	// Malformed OPT_GO.
-	rc.sendOpt(optGo, []byte{0, 0, 0, 9, 'x'})
-	if r := rc.readOptReply(); r.typ != repErrInvalid {
+	rc.sendOpt(wire.OptGo, []byte{0, 0, 0, 9, 'x'})
+	if r := rc.readOptReply(); r.typ != wire.RepErrInvalid {
 		t.Fatalf("malformed go: %#x", r.typ)
 	}
 	// Meta context before structured replies: invalid.
-	rc.sendOpt(optSetMetaContext, metaData("vol0", metaBaseAllocation))
-	if r := rc.readOptReply(); r.typ != repErrInvalid {
+	rc.sendOpt(wire.OptSetMetaContext, metaData("vol0", wire.MetaBaseAllocation))
+	if r := rc.readOptReply(); r.typ != wire.RepErrInvalid {
 		t.Fatalf("meta context without structured: %#x", r.typ)
 	}
-	rc.sendOpt(optStructuredReply, nil)
-	if r := rc.readOptReply(); r.typ != repAck {
+	rc.sendOpt(wire.OptStructuredReply, nil)
+	if r := rc.readOptReply(); r.typ != wire.RepAck {
 		t.Fatalf("structured: %#x", r.typ)
 	}
 	// LIST_META_CONTEXT with no query lists base:allocation (id 0).
-	rc.sendOpt(optListMetaContext, metaData("vol0"))
+	rc.sendOpt(wire.OptListMetaContext, metaData("vol0"))
 	r := rc.readOptReply()
-	if r.typ != repMetaContext || string(r.data[4:]) != metaBaseAllocation || binary.BigEndian.Uint32(r.data) != 0 {
+	if r.typ != wire.RepMetaContext || string(r.data[4:]) != wire.MetaBaseAllocation || binary.BigEndian.Uint32(r.data) != 0 {
 		t.Fatalf("list meta: %+v", r)
 	}
-	if r := rc.readOptReply(); r.typ != repAck {
+	if r := rc.readOptReply(); r.typ != wire.RepAck {
 		t.Fatalf("list meta ack %#x", r.typ)
 	}
 	// SET with an unknown context selects nothing.
-	rc.sendOpt(optSetMetaContext, metaData("vol0", "qemu:dirty-bitmap:x"))
-	if r := rc.readOptReply(); r.typ != repAck {
+	rc.sendOpt(wire.OptSetMetaContext, metaData("vol0", "qemu:dirty-bitmap:x"))
+	if r := rc.readOptReply(); r.typ != wire.RepAck {
 		t.Fatalf("set unknown meta: %#x", r.typ)
 	}
-	rc.sendOpt(optSetMetaContext, metaData("vol0", metaBaseAllocation))
+	rc.sendOpt(wire.OptSetMetaContext, metaData("vol0", wire.MetaBaseAllocation))
 	r = rc.readOptReply()
-	if r.typ != repMetaContext || binary.BigEndian.Uint32(r.data) != metaBaseAllocationID {
+	if r.typ != wire.RepMetaContext || binary.BigEndian.Uint32(r.data) != wire.MetaBaseAllocationID {
 		t.Fatalf("set meta: %+v", r)
 	}
 	rc.readOptReply()
 	rc.structured = true
-	gi = rc.info(optGo, "vol0")
-	if gi.errType != 0 || gi.flags&FlagSendDF == 0 {
+	gi = rc.info(wire.OptGo, "vol0")
+	if gi.errType != 0 || gi.flags&wire.FlagSendDF == 0 {
 		t.Fatalf("go: %+v", gi)
 	}
 	// Transmission works and block status is available.
-	rc.request(cmdBlockStatus, 0, 1, 0, 1<<20, nil)
-	if rep := rc.readReply(); rep.errno != 0 || len(rep.extents) != 1 || rep.extents[0] != [2]uint32{1 << 20, stateHole | stateZero} {
+	rc.request(wire.CmdBlockStatus, 0, 1, 0, 1<<20, nil)
+	if rep := rc.readReply(); rep.errno != 0 || len(rep.extents) != 1 || rep.extents[0] != [2]uint32{1 << 20, wire.StateHole | wire.StateZero} {
 		t.Fatalf("block status: %+v", rep)
 	}
 }
@@ -173,12 +174,12 @@ func TestExportNameFallback(t *testing.T) {
 	ts := startMem(t)
 	for _, noZeroes := range []bool{false, true} {
 		rc := dialRaw(t, "tcp", ts.addr)
-		f := clientFlagFixedNewstyle
+		f := wire.ClientFixedNewstyle
 		if noZeroes {
-			f |= clientFlagNoZeroes
+			f |= wire.ClientNoZeroes
 		}
 		rc.clientFlags(f)
-		rc.sendOpt(optExportName, nil) // empty: the only export
+		rc.sendOpt(wire.OptExportName, nil) // empty: the only export
 		var b [10]byte
 		rc.readFull(b[:])
 		if binary.BigEndian.Uint64(b[:]) != testSize {
@@ -191,19 +192,19 @@ func TestExportNameFallback(t *testing.T) {
 				t.Fatal("reserved bytes not zero")
 			}
 		}
-		rc.request(cmdWrite, 0, 7, 4096, 4096, pattern(4096, 1))
+		rc.request(wire.CmdWrite, 0, 7, 4096, 4096, pattern(4096, 1))
 		if r := rc.readReply(); r.errno != 0 || r.handle != 7 {
 			t.Fatalf("write: %+v", r)
 		}
-		rc.request(cmdRead, 0, 8, 4096, 4096, nil)
+		rc.request(wire.CmdRead, 0, 8, 4096, 4096, nil)
 		if r := rc.readReply(); r.errno != 0 || !bytes.Equal(r.data, pattern(4096, 1)) {
 			t.Fatalf("read back: errno %d", r.errno)
 		}
 	}
 	// Unknown export with EXPORT_NAME: the session ends.
 	rc := dialRaw(t, "tcp", ts.addr)
-	rc.clientFlags(clientFlagFixedNewstyle)
-	rc.sendOpt(optExportName, []byte("nope"))
+	rc.clientFlags(wire.ClientFixedNewstyle)
+	rc.sendOpt(wire.OptExportName, []byte("nope"))
 	rc.expectClosed()
 	// Unknown client flags: closed.
 	rc = dialRaw(t, "tcp", ts.addr)
@@ -214,9 +215,9 @@ func TestExportNameFallback(t *testing.T) {
 func TestAbort(t *testing.T) {
 	ts := startMem(t)
 	rc := dialRaw(t, "tcp", ts.addr)
-	rc.clientFlags(clientFlagFixedNewstyle)
-	rc.sendOpt(optAbort, nil)
-	if r := rc.readOptReply(); r.typ != repAck {
+	rc.clientFlags(wire.ClientFixedNewstyle)
+	rc.sendOpt(wire.OptAbort, nil)
+	if r := rc.readOptReply(); r.typ != wire.RepAck {
 		t.Fatalf("abort: %#x", r.typ)
 	}
 	rc.expectClosed()
@@ -233,14 +234,14 @@ func (notPrimary) Names() []string { return []string{"vol1"} }
 func TestLookupErrorReachesClient(t *testing.T) {
 	ts := startServer(t, notPrimary{})
 	rc := dialRaw(t, "tcp", ts.addr)
-	rc.clientFlags(clientFlagFixedNewstyle | clientFlagNoZeroes)
-	gi := rc.info(optGo, "vol1")
-	if gi.errType != repErrUnknown || !strings.Contains(gi.errMsg, "primary is server s2 at 10.0.0.2:10809") {
+	rc.clientFlags(wire.ClientFixedNewstyle | wire.ClientNoZeroes)
+	gi := rc.info(wire.OptGo, "vol1")
+	if gi.errType != wire.RepErrUnknown || !strings.Contains(gi.errMsg, "primary is server s2 at 10.0.0.2:10809") {
 		t.Fatalf("got %#x %q", gi.errType, gi.errMsg)
 	}
 	// Negotiation continues after the error.
-	rc.sendOpt(optList, nil)
-	if r := rc.readOptReply(); r.typ != repServer {
+	rc.sendOpt(wire.OptList, nil)
+	if r := rc.readOptReply(); r.typ != wire.RepServer {
 		t.Fatalf("list after error: %#x", r.typ)
 	}
 }
@@ -254,9 +255,9 @@ func testIO(t *testing.T, structured bool) {
 	for i := 0; i < n; i++ {
 		fl := uint16(0)
 		if i%8 == 0 {
-			fl = cmdFlagFUA
+			fl = wire.CmdFlagFUA
 		}
-		rc.request(cmdWrite, fl, uint64(i), uint64(i)*8192, 8192, pattern(8192, byte(i)))
+		rc.request(wire.CmdWrite, fl, uint64(i), uint64(i)*8192, 8192, pattern(8192, byte(i)))
 	}
 	seen := map[uint64]bool{}
 	for i := 0; i < n; i++ {
@@ -267,7 +268,7 @@ func testIO(t *testing.T, structured bool) {
 		seen[r.handle] = true
 	}
 	for i := 0; i < n; i++ {
-		rc.request(cmdRead, 0, uint64(1000+i), uint64(i)*8192, 8192, nil)
+		rc.request(wire.CmdRead, 0, uint64(1000+i), uint64(i)*8192, 8192, nil)
 	}
 	for i := 0; i < n; i++ {
 		r := rc.readReply()
@@ -281,13 +282,13 @@ func testIO(t *testing.T, structured bool) {
 	}
 	// A large read (over the copy threshold: goes out by writev).
 	big := pattern(4<<20, 9)
-	rc.request(cmdWrite, 0, 1, 8<<20, uint32(len(big)), big)
+	rc.request(wire.CmdWrite, 0, 1, 8<<20, uint32(len(big)), big)
 	rc.readReply()
-	rc.request(cmdRead, cmdFlagDF&^uint16(boolToFlag(!structured)), 2, 8<<20, uint32(len(big)), nil)
+	rc.request(wire.CmdRead, wire.CmdFlagDF&^uint16(boolToFlag(!structured)), 2, 8<<20, uint32(len(big)), nil)
 	if r := rc.readReply(); r.errno != 0 || !bytes.Equal(r.data, big) {
 		t.Fatalf("big read errno %d len %d", r.errno, len(r.data))
 	}
-	rc.request(cmdFlush, 0, 3, 0, 0, nil)
+	rc.request(wire.CmdFlush, 0, 3, 0, 0, nil)
 	if r := rc.readReply(); r.errno != 0 {
 		t.Fatalf("flush %d", r.errno)
 	}
@@ -296,11 +297,11 @@ func testIO(t *testing.T, structured bool) {
 		t.Fatalf("flushes %d fuas %d", flushes, fuas)
 	}
 	// TRIM, WRITE_ZEROES with and without NO_HOLE, FAST_ZERO, FUA.
-	rc.request(cmdTrim, 0, 4, 0, 8192, nil)
-	rc.request(cmdWriteZeroes, 0, 5, 8192, 8192, nil)
-	rc.request(cmdWriteZeroes, cmdFlagNoHole|cmdFlagFUA, 6, 16384, 8192, nil)
-	rc.request(cmdWriteZeroes, cmdFlagFastZero, 7, 24576, 4096, nil)
-	rc.request(cmdCache, 0, 8, 0, 1<<20, nil)
+	rc.request(wire.CmdTrim, 0, 4, 0, 8192, nil)
+	rc.request(wire.CmdWriteZeroes, 0, 5, 8192, 8192, nil)
+	rc.request(wire.CmdWriteZeroes, wire.CmdFlagNoHole|wire.CmdFlagFUA, 6, 16384, 8192, nil)
+	rc.request(wire.CmdWriteZeroes, wire.CmdFlagFastZero, 7, 24576, 4096, nil)
+	rc.request(wire.CmdCache, 0, 8, 0, 1<<20, nil)
 	for i := 0; i < 5; i++ {
 		if r := rc.readReply(); r.errno != 0 {
 			t.Fatalf("handle %d errno %d %s", r.handle, r.errno, r.errMsg)
@@ -313,22 +314,21 @@ func testIO(t *testing.T, structured bool) {
 	if f, _, _, _, _ := ts.dev.counters(); f != 2 {
 		t.Fatalf("FUA on write zeroes did not flush: %d flushes", f)
 	}
-	rc.request(cmdRead, 0, 9, 0, 32768, nil)
+	rc.request(wire.CmdRead, 0, 9, 0, 32768, nil)
 	if r := rc.readReply(); r.errno != 0 || !bytes.Equal(r.data[:28672], make([]byte, 28672)) ||
 		!bytes.Equal(r.data[28672:], pattern(8192, 3)[4096:]) {
 		t.Fatalf("zeroed range reads back wrong")
 	}
 	if structured {
-		rc.request(cmdBlockStatus, 0, 10, 0, 32768, nil)
+		rc.request(wire.CmdBlockStatus, 0, 10, 0, 32768, nil)
 		r := rc.readReply()
-		want := [][2]uint32{{8192, 3}, {8192, 0}, {8192, 0}, {4096, 3}, {4096, 0}}
 		// memDev merges only by allocation: trim+punch are holes,
 		// NO_HOLE zeroes stay allocated.
-		want = [][2]uint32{{16384, 3}, {8192, 0}, {4096, 3}, {4096, 0}}
+		want := [][2]uint32{{16384, 3}, {8192, 0}, {4096, 3}, {4096, 0}}
 		if fmt.Sprint(r.extents) != fmt.Sprint(want) {
 			t.Fatalf("extents %v want %v", r.extents, want)
 		}
-		rc.request(cmdBlockStatus, cmdFlagReqOne, 11, 0, 32768, nil)
+		rc.request(wire.CmdBlockStatus, wire.CmdFlagReqOne, 11, 0, 32768, nil)
 		if r := rc.readReply(); len(r.extents) != 1 {
 			t.Fatalf("REQ_ONE extents %v", r.extents)
 		}
@@ -357,20 +357,20 @@ func testErrors(t *testing.T, structured bool) {
 		payload    bool
 		want       uint32
 	}{
-		{cmdRead, 0, testSize, 4096, false, errInval},       // beyond end
-		{cmdRead, 0, testSize - 512, 4096, false, errInval}, // straddles end
-		{cmdWrite, 0, testSize - 512, 4096, true, errNoSpc}, // write beyond end
-		{cmdWrite, 0, 1 << 62, 4096, true, errNoSpc},        // huge offset
-		{cmdRead, 0, 100, 512, false, errInval},             // misaligned offset
-		{cmdWrite, 0, 0, 100, true, errInval},               // misaligned length
-		{cmdRead, 0, 0, 64 << 20, false, errOverflow},       // oversized read
-		{cmdWrite, 0, 0, 33 << 20, true, errOverflow},       // oversized write, payload skipped
-		{cmdRead, 0, 0, 0, false, errInval},                 // zero length
-		{cmdTrim, 0, testSize, 4096, false, errNoSpc},       // trim beyond end
-		{42, 0, 0, 0, false, errInval},                      // unknown command
-		{cmdFlush, cmdFlagNoHole, 0, 0, false, errInval},    // bad flag
-		{cmdWrite, cmdFlagReqOne, 0, 512, true, errInval},   // bad flag with payload
-		{cmdBlockStatus, 0, testSize, 512, false, errInval}, // beyond end
+		{wire.CmdRead, 0, testSize, 4096, false, wire.ErrnoInval},          // beyond end
+		{wire.CmdRead, 0, testSize - 512, 4096, false, wire.ErrnoInval},    // straddles end
+		{wire.CmdWrite, 0, testSize - 512, 4096, true, wire.ErrnoNoSpc},    // write beyond end
+		{wire.CmdWrite, 0, 1 << 62, 4096, true, wire.ErrnoNoSpc},           // huge offset
+		{wire.CmdRead, 0, 100, 512, false, wire.ErrnoInval},                // misaligned offset
+		{wire.CmdWrite, 0, 0, 100, true, wire.ErrnoInval},                  // misaligned length
+		{wire.CmdRead, 0, 0, 64 << 20, false, wire.ErrnoOverflow},          // oversized read
+		{wire.CmdWrite, 0, 0, 33 << 20, true, wire.ErrnoOverflow},          // oversized write, payload skipped
+		{wire.CmdRead, 0, 0, 0, false, wire.ErrnoInval},                    // zero length
+		{wire.CmdTrim, 0, testSize, 4096, false, wire.ErrnoNoSpc},          // trim beyond end
+		{42, 0, 0, 0, false, wire.ErrnoInval},                              // unknown command
+		{wire.CmdFlush, wire.CmdFlagNoHole, 0, 0, false, wire.ErrnoInval},  // bad flag
+		{wire.CmdWrite, wire.CmdFlagReqOne, 0, 512, true, wire.ErrnoInval}, // bad flag with payload
+		{wire.CmdBlockStatus, 0, testSize, 512, false, wire.ErrnoInval},    // beyond end
 	}
 	if !structured {
 		cases = append(cases, struct {
@@ -379,7 +379,7 @@ func testErrors(t *testing.T, structured bool) {
 			n          uint32
 			payload    bool
 			want       uint32
-		}{cmdBlockStatus, 0, 0, 512, false, errInval}) // not negotiated
+		}{wire.CmdBlockStatus, 0, 0, 512, false, wire.ErrnoInval}) // not negotiated
 	}
 	for i, c := range cases {
 		var p []byte
@@ -402,33 +402,33 @@ func testErrors(t *testing.T, structured bool) {
 	dev.mu.Lock()
 	dev.failReadAt = 1 << 20
 	dev.mu.Unlock()
-	rc.request(cmdRead, 0, 100, 1<<20, 4096, nil)
-	if r := rc.readReply(); r.errno != errIO || r.data != nil {
+	rc.request(wire.CmdRead, 0, 100, 1<<20, 4096, nil)
+	if r := rc.readReply(); r.errno != wire.ErrnoIO || r.data != nil {
 		t.Fatalf("failed read: %+v", r)
 	}
 	// The connection still works.
-	rc.request(cmdWrite, 0, 101, 0, 4096, pattern(4096, 5))
+	rc.request(wire.CmdWrite, 0, 101, 0, 4096, pattern(4096, 5))
 	if r := rc.readReply(); r.errno != 0 || r.handle != 101 {
 		t.Fatalf("write after errors: handle %d errno %d", r.handle, r.errno)
 	}
-	rc.request(cmdRead, 0, 102, 0, 4096, nil)
+	rc.request(wire.CmdRead, 0, 102, 0, 4096, nil)
 	if r := rc.readReply(); r.errno != 0 || !bytes.Equal(r.data, pattern(4096, 5)) {
 		t.Fatalf("read after errors: handle %d errno %d", r.handle, r.errno)
 	}
 	// Read-only export: EPERM for writes, trims, zeroes; reads work.
 	ro := dialRaw(t, "tcp", ts.addr)
 	ro.connect("ro", structured)
-	for i, typ := range []uint16{cmdWrite, cmdTrim, cmdWriteZeroes} {
+	for i, typ := range []uint16{wire.CmdWrite, wire.CmdTrim, wire.CmdWriteZeroes} {
 		var p []byte
-		if typ == cmdWrite {
+		if typ == wire.CmdWrite {
 			p = make([]byte, 4096)
 		}
 		ro.request(typ, 0, uint64(i), 0, 4096, p)
-		if r := ro.readReply(); r.errno != errPerm {
+		if r := ro.readReply(); r.errno != wire.ErrnoPerm {
 			t.Fatalf("read-only cmd %d: errno %d", typ, r.errno)
 		}
 	}
-	ro.request(cmdRead, 0, 9, 0, 4096, nil)
+	ro.request(wire.CmdRead, 0, 9, 0, 4096, nil)
 	if r := ro.readReply(); r.errno != 0 || !bytes.Equal(r.data, pattern(4096, 5)) {
 		t.Fatalf("read-only read: errno %d", r.errno)
 	}
@@ -448,10 +448,10 @@ func TestConcurrentOutOfOrder(t *testing.T) {
 	ts.dev.mu.Unlock()
 	rc := dialRaw(t, "tcp", ts.addr)
 	rc.connect("vol0", true)
-	rc.request(cmdRead, 0, 1, 1<<20, 4096, nil)
+	rc.request(wire.CmdRead, 0, 1, 1<<20, 4096, nil)
 	<-ts.dev.gated
 	for i := 2; i <= 10; i++ {
-		rc.request(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, pattern(4096, byte(i)))
+		rc.request(wire.CmdWrite, 0, uint64(i), uint64(i)*4096, 4096, pattern(4096, byte(i)))
 	}
 	for i := 2; i <= 10; i++ {
 		if r := rc.readReply(); r.handle == 1 || r.errno != 0 {
@@ -475,9 +475,9 @@ func TestDiscDrains(t *testing.T) {
 	ts.dev.mu.Unlock()
 	rc := dialRaw(t, "tcp", ts.addr)
 	rc.connect("vol0", false)
-	rc.request(cmdRead, 0, 1, 0, 4096, nil)
+	rc.request(wire.CmdRead, 0, 1, 0, 4096, nil)
 	<-ts.dev.gated
-	rc.request(cmdDisc, 0, 2, 0, 0, nil)
+	rc.request(wire.CmdDisc, 0, 2, 0, 0, nil)
 	go func() { time.Sleep(50 * time.Millisecond); close(ts.dev.gate) }()
 	if r := rc.readReply(); r.handle != 1 || r.errno != 0 || len(r.data) != 4096 {
 		t.Fatalf("read before disc: %+v", r)
@@ -498,7 +498,7 @@ func TestShutdownDrains(t *testing.T) {
 	go func() { errc <- srv.Serve(l) }()
 	rc := dialRaw(t, "tcp", l.Addr().String())
 	rc.connect("vol0", true)
-	rc.request(cmdRead, 0, 1, 0, 4096, nil)
+	rc.request(wire.CmdRead, 0, 1, 0, 4096, nil)
 	<-dev.gated
 	shut := make(chan error, 1)
 	go func() { shut <- srv.Shutdown(context.Background()) }()
@@ -537,13 +537,13 @@ func TestBadMagicClosesOnlyThatConnection(t *testing.T) {
 	bad.connect("vol0", true)
 	bad.write(bytes.Repeat([]byte{0xde, 0xad}, 14))
 	bad.expectClosed()
-	good.request(cmdWrite, 0, 1, 0, 4096, pattern(4096, 1))
+	good.request(wire.CmdWrite, 0, 1, 0, 4096, pattern(4096, 1))
 	if r := good.readReply(); r.errno != 0 {
 		t.Fatal(r.errno)
 	}
 	fresh := dialRaw(t, "tcp", ts.addr)
 	fresh.connect("vol0", false)
-	fresh.request(cmdRead, 0, 2, 0, 4096, nil)
+	fresh.request(wire.CmdRead, 0, 2, 0, 4096, nil)
 	if r := fresh.readReply(); r.errno != 0 || !bytes.Equal(r.data, pattern(4096, 1)) {
 		t.Fatal("fresh connection read failed")
 	}
@@ -563,14 +563,14 @@ func TestVanishingClientsLeakNothing(t *testing.T) {
 		rc := dialRaw(t, "tcp", ts.addr)
 		switch i % 4 {
 		case 0: // mid-negotiation
-			rc.clientFlags(clientFlagFixedNewstyle)
+			rc.clientFlags(wire.ClientFixedNewstyle)
 		case 1: // half a write payload
 			rc.connect("vol0", false)
-			rc.request(cmdWrite, 0, 1, 0, 1<<20, make([]byte, 1000))
+			rc.request(wire.CmdWrite, 0, 1, 0, 1<<20, make([]byte, 1000))
 		case 2: // many reads, replies never read
 			rc.connect("vol0", true)
 			for j := 0; j < 64; j++ {
-				rc.request(cmdRead, 0, uint64(j), 0, 1<<20, nil)
+				rc.request(wire.CmdRead, 0, uint64(j), 0, 1<<20, nil)
 			}
 		case 3: // half a request header
 			rc.connect("vol0", true)
@@ -590,7 +590,7 @@ func TestVanishingClientsLeakNothing(t *testing.T) {
 	// The device lock is free: a new client works.
 	rc := dialRaw(t, "tcp", ts.addr)
 	rc.connect("vol0", false)
-	rc.request(cmdWrite, 0, 1, 0, 4096, pattern(4096, 2))
+	rc.request(wire.CmdWrite, 0, 1, 0, 4096, pattern(4096, 2))
 	if r := rc.readReply(); r.errno != 0 {
 		t.Fatal(r.errno)
 	}
@@ -619,11 +619,11 @@ func TestUnixSocketAndDisconnectExport(t *testing.T) {
 	defer srv.Close()
 	rc := dialRaw(t, "unix", sock)
 	rc.connect("", true) // empty name: the only export
-	rc.request(cmdWrite, cmdFlagFUA, 1, 512, 1024, pattern(1024, 3))
+	rc.request(wire.CmdWrite, wire.CmdFlagFUA, 1, 512, 1024, pattern(1024, 3))
 	if r := rc.readReply(); r.errno != 0 {
 		t.Fatal(r.errno)
 	}
-	rc.request(cmdRead, 0, 2, 0, 2048, nil)
+	rc.request(wire.CmdRead, 0, 2, 0, 2048, nil)
 	if r := rc.readReply(); r.errno != 0 || !bytes.Equal(r.data[512:1536], pattern(1024, 3)) {
 		t.Fatal("unix read back")
 	}
@@ -636,13 +636,13 @@ func TestUnixSocketAndDisconnectExport(t *testing.T) {
 // Check that Errno-mapped device errors go out as protocol errnos.
 func TestWireErrno(t *testing.T) {
 	cases := map[error]uint32{
-		blockdev.ErrNotPrimary:                   errPerm,
-		blockdev.ErrReadOnly:                     errPerm,
-		fmt.Errorf("x: %w", blockdev.ErrNoSpace): errNoSpc,
-		blockdev.ErrOutOfRange:                   errInval,
-		blockdev.ErrClosed:                       errShutdown,
-		errors.New("anything"):                   errIO,
-		fmt.Errorf("y: %w", blockdev.ErrIO):      errIO,
+		blockdev.ErrNotPrimary:                   wire.ErrnoPerm,
+		blockdev.ErrReadOnly:                     wire.ErrnoPerm,
+		fmt.Errorf("x: %w", blockdev.ErrNoSpace): wire.ErrnoNoSpc,
+		blockdev.ErrOutOfRange:                   wire.ErrnoInval,
+		blockdev.ErrClosed:                       wire.ErrnoShutdown,
+		errors.New("anything"):                   wire.ErrnoIO,
+		fmt.Errorf("y: %w", blockdev.ErrIO):      wire.ErrnoIO,
 	}
 	for err, want := range cases {
 		if got := wireErrno(err); got != want {
@@ -660,7 +660,7 @@ func TestInlineAdaptsToSlowDevice(t *testing.T) {
 	rc := dialRaw(t, "tcp", ts.addr)
 	rc.connect("vol0", true)
 	for i := 0; i < 64; i++ { // warm up: the EWMA falls, inline mode
-		rc.request(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, pattern(4096, byte(i)))
+		rc.request(wire.CmdWrite, 0, uint64(i), uint64(i)*4096, 4096, pattern(4096, byte(i)))
 		if r := rc.readReply(); r.errno != 0 {
 			t.Fatal(r)
 		}
@@ -673,10 +673,10 @@ func TestInlineAdaptsToSlowDevice(t *testing.T) {
 	// Phase 1: a slow read executed inline; later requests wait for it,
 	// but all are answered once it completes.
 	gate(1 << 20)
-	rc.request(cmdRead, 0, 100, 1<<20, 4096, nil)
+	rc.request(wire.CmdRead, 0, 100, 1<<20, 4096, nil)
 	<-ts.dev.gated
 	for i := 101; i <= 104; i++ {
-		rc.request(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, pattern(4096, 1))
+		rc.request(wire.CmdWrite, 0, uint64(i), uint64(i)*4096, 4096, pattern(4096, 1))
 	}
 	time.Sleep(20 * time.Millisecond) // the slow request's own latency
 	close(ts.dev.gate)
@@ -694,10 +694,10 @@ func TestInlineAdaptsToSlowDevice(t *testing.T) {
 	// Phase 2: the estimate is high now: the next slow read is handed off
 	// and later writes overtake it.
 	gate(2 << 20)
-	rc.request(cmdRead, 0, 200, 2<<20, 4096, nil)
+	rc.request(wire.CmdRead, 0, 200, 2<<20, 4096, nil)
 	<-ts.dev.gated
 	for i := 201; i <= 204; i++ {
-		rc.request(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, pattern(4096, 2))
+		rc.request(wire.CmdWrite, 0, uint64(i), uint64(i)*4096, 4096, pattern(4096, 2))
 	}
 	for i := 201; i <= 204; i++ {
 		if r := rc.readReply(); r.handle == 200 || r.errno != 0 {

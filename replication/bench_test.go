@@ -103,7 +103,7 @@ func BenchmarkReplicationTax(b *testing.B) {
 		pv, rv := benchVol(b, size), benchVolIn(b, replicaBenchDir(b), size)
 		log := quietLog()
 		rec := NewReceiver(ReceiverConfig{ServerID: "r", Logger: log, Lookup: func(string) (ReplicaTarget, bool) {
-			return ReplicaTarget{Vol: rv, Epoch: 1}, true
+			return ReplicaTarget{Vol: rv, Epoch: 1, PrimaryID: testPrimaryID}, true
 		}})
 		ln := mustListen(b)
 		go rec.Serve(ln)
@@ -111,7 +111,7 @@ func BenchmarkReplicationTax(b *testing.B) {
 		if os.Getenv("BLOCKD_BENCH_BEST_EFFORT") != "" {
 			mode = BestEffort
 		}
-		p, err := NewPrimary(pv, PrimaryConfig{Volume: "bench", Epoch: 1, Durability: mode, Replicas: []Peer{{"r", ln.Addr().String()}}, Logger: log})
+		p, err := NewPrimary(pv, PrimaryConfig{Volume: "bench", ServerID: testPrimaryID, Epoch: 1, Durability: mode, Replicas: []Peer{{"r", ln.Addr().String()}}, Logger: log})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -182,12 +182,12 @@ func BenchmarkFullRebuild1GiB(b *testing.B) {
 		rv := benchVol(b, size)
 		log := quietLog()
 		rec := NewReceiver(ReceiverConfig{ServerID: "r", Logger: log, Lookup: func(string) (ReplicaTarget, bool) {
-			return ReplicaTarget{Vol: rv, Epoch: 1}, true
+			return ReplicaTarget{Vol: rv, Epoch: 1, PrimaryID: testPrimaryID}, true
 		}})
 		ln := mustListen(b)
 		go rec.Serve(ln)
 		start := time.Now()
-		p, err := NewPrimary(pv, PrimaryConfig{Volume: "bench", Epoch: 1, Durability: SyncAll, Replicas: []Peer{{"r", ln.Addr().String()}}, Logger: log})
+		p, err := NewPrimary(pv, PrimaryConfig{Volume: "bench", ServerID: testPrimaryID, Epoch: 1, Durability: SyncAll, Replicas: []Peer{{"r", ln.Addr().String()}}, Logger: log})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -229,11 +229,11 @@ func BenchmarkResync(b *testing.B) {
 				rec := NewReceiver(ReceiverConfig{ServerID: "r", Logger: log, Lookup: func(string) (ReplicaTarget, bool) {
 					mu.Lock()
 					defer mu.Unlock()
-					return ReplicaTarget{Vol: rv, Epoch: 1}, up
+					return ReplicaTarget{Vol: rv, Epoch: 1, PrimaryID: testPrimaryID}, up
 				}})
 				ln := mustListen(b)
 				go rec.Serve(ln)
-				p, err := NewPrimary(pv, PrimaryConfig{Volume: "bench", Epoch: 1, Durability: BestEffort, Replicas: []Peer{{"r", ln.Addr().String()}},
+				p, err := NewPrimary(pv, PrimaryConfig{Volume: "bench", ServerID: testPrimaryID, Epoch: 1, Durability: BestEffort, Replicas: []Peer{{"r", ln.Addr().String()}},
 					Logger: log, Retention: RetentionBudget{MaxAge: time.Millisecond, MaxBytes: 1}, RetryMax: 20 * time.Millisecond})
 				if err != nil {
 					b.Fatal(err)

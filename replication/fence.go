@@ -10,6 +10,9 @@ var (
 	ErrStaleEpoch   = errors.New("replication: stale epoch")
 	ErrStaleSession = errors.New("replication: stale session")
 	ErrNoServerID   = errors.New("replication: replica has no server ID (fail closed)")
+	// ErrWrongPrimary: a session from a server the replica's assignment
+	// does not name as the volume's primary.
+	ErrWrongPrimary = errors.New("replication: not the assigned primary")
 )
 
 // Fence is the authority a message must carry: the current epoch and the

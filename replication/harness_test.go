@@ -68,9 +68,13 @@ func (s *replServer) lookup(name string) (ReplicaTarget, bool) {
 	return t, ok
 }
 
+// testPrimaryID is the primary every replServer volume names (the
+// ServerID of the tests' primaries).
+const testPrimaryID = "srv-p"
+
 func (s *replServer) set(name string, vol *blockvol.Volume, epoch uint64, dir string) {
 	s.mu.Lock()
-	s.vols[name] = ReplicaTarget{Vol: vol, Epoch: epoch, Dir: dir}
+	s.vols[name] = ReplicaTarget{Vol: vol, Epoch: epoch, Dir: dir, PrimaryID: testPrimaryID}
 	s.mu.Unlock()
 }
 
@@ -149,11 +153,6 @@ func pattern(lba int64, gen int) []byte {
 	copy(b, fmt.Sprintf("lba=%d gen=%d", lba, gen))
 	return b
 }
-
-type (
-	netConn = net.Conn
-	netAddr = net.Addr
-)
 
 func mustListen(t testing.TB) net.Listener {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

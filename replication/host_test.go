@@ -2,6 +2,7 @@ package replication
 
 import (
 	"errors"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -12,11 +13,8 @@ type clock struct{ t time.Time }
 
 func (c *clock) now() time.Time { return c.t }
 
-func startHost(t *testing.T, id string, clk *clock, log any) (*Host, string) {
-	cfg := HostConfig{ServerID: id, Now: clk.now, Primary: PrimaryConfig{PingInterval: 100 * time.Millisecond}}
-	if l, ok := log.(interface{ Enabled() bool }); ok {
-		_ = l
-	}
+func startHost(t *testing.T, id string, clk *clock, log *slog.Logger) (*Host, string) {
+	cfg := HostConfig{ServerID: id, Now: clk.now, Logger: log, Primary: PrimaryConfig{PingInterval: 100 * time.Millisecond}}
 	h := NewHost(cfg)
 	ln := mustListen(t)
 	go h.Serve(ln)
@@ -35,10 +33,10 @@ func TestHostAssignmentsAndFailover(t *testing.T) {
 	ha.AddVolume("v1", a.vol)
 	hb.AddVolume("v1", b.vol)
 	lease := clk.t.Add(10 * time.Second)
-	if err := hb.Apply(Assignment{Volume: "v1", Role: RoleReplica, Epoch: 1}); err != nil {
+	if err := hb.Apply(Assignment{Volume: "v1", Role: RoleReplica, Epoch: 1, PrimaryID: "srv-a"}); err != nil {
 		t.Fatal(err)
 	}
-	if err := ha.Apply(Assignment{Volume: "v1", Role: RolePrimary, Epoch: 1, LeaseUntil: lease, Durability: SyncAll, Replicas: []Peer{{"srv-b", addrB}}}); err != nil {
+	if err := ha.Apply(Assignment{Volume: "v1", Role: RolePrimary, Epoch: 1, PrimaryID: "srv-a", LeaseUntil: lease, Durability: SyncAll, Replicas: []Peer{{"srv-b", addrB}}}); err != nil {
 		t.Fatal(err)
 	}
 	pa, _ := ha.Primary("v1")
@@ -66,19 +64,27 @@ func TestHostAssignmentsAndFailover(t *testing.T) {
 	if err := dev.Flush(); !errors.Is(err, blockdev.ErrNotPrimary) {
 		t.Fatalf("flush after lease expiry: %v", err)
 	}
+	// Reads too: a deposed primary must not answer with data a newer
+	// primary may already have overwritten.
+	if err := dev.ReadAt(make([]byte, 4096), 0); !errors.Is(err, blockdev.ErrNotPrimary) {
+		t.Fatalf("read after lease expiry: %v", err)
+	}
+	if _, err := dev.BlockStatus(0, 4096); !errors.Is(err, blockdev.ErrNotPrimary) {
+		t.Fatalf("block status after lease expiry: %v", err)
+	}
 	// A stale assignment is refused.
 	if err := hb.Apply(Assignment{Volume: "v1", Role: RoleReplica, Epoch: 0}); !errors.Is(err, ErrStaleEpoch) {
 		t.Fatalf("stale assignment: %v", err)
 	}
 	// Failover: B becomes primary at epoch 2, A its replica.
 	lease2 := clk.t.Add(10 * time.Second)
-	if err := ha.Apply(Assignment{Volume: "v1", Role: RoleReplica, Epoch: 2}); err != nil {
+	if err := ha.Apply(Assignment{Volume: "v1", Role: RoleReplica, Epoch: 2, PrimaryID: "srv-b"}); err != nil {
 		t.Fatal(err)
 	}
-	if err := hb.Apply(Assignment{Volume: "v1", Role: RolePrimary, Epoch: 2, LeaseUntil: lease2, Durability: SyncAll, Replicas: []Peer{{"srv-a", addrA}}}); err != nil {
+	if err := hb.Apply(Assignment{Volume: "v1", Role: RolePrimary, Epoch: 2, PrimaryID: "srv-b", LeaseUntil: lease2, Durability: SyncAll, Replicas: []Peer{{"srv-a", addrA}}}); err != nil {
 		t.Fatal(err)
 	}
-	if b.vol.Epoch() != 2 || b.vol.Role() != RolePrimary || a.vol.Epoch() != 2 || a.vol.Role() != RoleReplica {
+	if b.vol.Epoch() != 2 || b.vol.Role() != string(RolePrimary) || a.vol.Epoch() != 2 || a.vol.Role() != string(RoleReplica) {
 		t.Fatalf("persisted epoch/role: a %d/%s b %d/%s", a.vol.Epoch(), a.vol.Role(), b.vol.Epoch(), b.vol.Role())
 	}
 	pb, _ := hb.Primary("v1")

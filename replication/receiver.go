@@ -1,6 +1,7 @@
 package replication
 
 import (
+	"bufio"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/blockd/blockd/blockdev"
 	"github.com/blockd/blockd/blockvol"
 	"github.com/blockd/blockd/vfs"
 	"github.com/blockd/blockd/wal"
@@ -25,9 +27,16 @@ type ReplicaTarget struct {
 	// Epoch is the epoch the master assigned to this server for the volume.
 	// Only a primary of exactly this epoch is served.
 	Epoch uint64
+	// PrimaryID is the server the master's assignment names as the
+	// volume's primary at Epoch: the only one whose session is accepted.
+	// Empty: none is (fail closed).
+	PrimaryID string
 	// Dir is where the receiver keeps its transfer state (resume point of
 	// an interrupted rebuild/resync). Empty: the volume's directory.
 	Dir string
+	// FS holds Dir's state files (repl-transfer.json, repl-lineage.json);
+	// nil: ReceiverConfig.FS. A Host passes the volume's own FS.
+	FS vfs.FS
 }
 
 // ReceiverConfig configures the replica side.
@@ -39,8 +48,12 @@ type ReceiverConfig struct {
 	// message, so an epoch bump by the server fences the old primary at
 	// its very next record or barrier.
 	Lookup func(volume string) (ReplicaTarget, bool)
-	Logger *slog.Logger
-	FS     vfs.FS
+	// Advance is asked when the named primary's Hello carries an epoch
+	// above the target's: it persists the higher epoch and returns the
+	// new target, or refuses. nil: such a Hello is refused as stale.
+	Advance func(volume string, epoch uint64, primaryID string) (ReplicaTarget, error)
+	Logger  *slog.Logger
+	FS      vfs.FS
 }
 
 // Receiver serves every replica volume of a volume server on one listener.
@@ -54,6 +67,8 @@ type Receiver struct {
 	conns  map[net.Conn]struct{}
 	closed bool
 	wg     sync.WaitGroup
+
+	refusals refusalLog // hello_refused, rate-limited per volume, peer and code
 }
 
 // rvol serialises sessions of one volume: a new session closes the old
@@ -229,6 +244,7 @@ type rconn struct {
 	c      net.Conn
 	mr     *MsgReader
 	wmu    sync.Mutex
+	bw     *bufio.Writer // guarded by wmu
 	volume string
 	fence  Fence
 	tgt    ReplicaTarget
@@ -251,7 +267,61 @@ func (rc *rconn) send(m *Msg) error {
 	rc.wmu.Lock()
 	defer rc.wmu.Unlock()
 	rc.c.SetWriteDeadline(time.Now().Add(60 * time.Second))
-	return WriteMsg(rc.c, m)
+	if err := WriteFrame(rc.bw, m); err != nil {
+		rc.bw.Reset(rc.c) // a failed frame is not half sent on a later flush
+		return err
+	}
+	return rc.bw.Flush()
+}
+
+// refuseHello refuses a session at its Hello without touching the live
+// one, and logs who asked and who is named.
+// A peer that keeps sending refused Hellos is logged once per
+// refusalLogEvery (with the number of refusals in between), not once
+// per Hello.
+func (rc *rconn) refuseHello(code, msg string, h Hello, tgt ReplicaTarget) {
+	if n, ok := rc.r.refusals.note(rc.volume+"\x00"+h.PrimaryID+"\x00"+code, time.Now()); ok {
+		rc.log.Warn(EvHelloRefused, "code", code, "detail", msg, "primary", h.PrimaryID, "named_primary", tgt.PrimaryID,
+			"replica_epoch", tgt.Epoch, "remote", rc.c.RemoteAddr().String(), "refused_since_last_log", n)
+	}
+	rc.send(&Msg{Type: MsgError, Payload: ErrorBody{Code: code, Message: msg}.Encode()})
+}
+
+const refusalLogEvery = 10 * time.Second
+
+// refusalLog rate-limits the log of repeated refusals by key.
+type refusalLog struct {
+	mu sync.Mutex
+	m  map[string]*refusalEnt
+}
+
+type refusalEnt struct {
+	last       time.Time
+	suppressed int
+}
+
+// note counts a refusal; ok says whether to log it now, n how many were
+// not logged since the last one that was.
+func (l *refusalLog) note(key string, now time.Time) (n int, ok bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.m == nil {
+		l.m = map[string]*refusalEnt{}
+	}
+	e := l.m[key]
+	if e == nil {
+		if len(l.m) >= 1024 { // bounded: forget everything rather than grow
+			clear(l.m)
+		}
+		l.m[key] = &refusalEnt{last: now}
+		return 0, true
+	}
+	if now.Sub(e.last) < refusalLogEvery {
+		e.suppressed++
+		return 0, false
+	}
+	n, e.last, e.suppressed = e.suppressed, now, 0
+	return n, true
 }
 
 func (rc *rconn) refuse(code, msg string, attrs ...any) {
@@ -269,7 +339,7 @@ func (r *Receiver) handle(c net.Conn) {
 		}
 		return
 	}
-	rc := &rconn{r: r, c: c, mr: mr, volume: m.Volume, fence: Fence{Epoch: m.Epoch, Session: m.Session}}
+	rc := &rconn{r: r, c: c, mr: mr, bw: bufio.NewWriter(c), volume: m.Volume, fence: Fence{Epoch: m.Epoch, Session: m.Session}}
 	rc.log = r.log.With("volume", m.Volume, "session", m.Session, "epoch", m.Epoch)
 	if m.Type != MsgHello {
 		rc.refuse(CodeProtocol, "first message must be hello, got "+m.Type.String())
@@ -289,12 +359,39 @@ func (r *Receiver) handle(c net.Conn) {
 		rc.refuse(CodeNoVolume, "no replica volume "+m.Volume)
 		return
 	}
-	if m.Epoch != tgt.Epoch {
+	// Only the primary the assignment names may open a session: a
+	// stranger who read the epoch and the IDs from the master's API is
+	// refused here, before it can supersede the live session.
+	if tgt.PrimaryID == "" || h.PrimaryID != tgt.PrimaryID {
+		rc.refuseHello(CodeWrongPrimary, fmt.Sprintf("hello from %q, the assignment names primary %q", h.PrimaryID, tgt.PrimaryID), h, tgt)
+		return
+	}
+	if m.Epoch < tgt.Epoch || (m.Epoch > tgt.Epoch && r.cfg.Advance == nil) {
 		rc.refuse(CodeStaleEpoch, fmt.Sprintf("primary epoch %d, replica epoch %d", m.Epoch, tgt.Epoch), "replica_epoch", tgt.Epoch)
 		return
 	}
+	if m.Epoch > tgt.Epoch {
+		// The named primary moved to a newer epoch (an acting-set change):
+		// the epoch is persisted before the session is answered.
+		nt, err := r.cfg.Advance(m.Volume, m.Epoch, h.PrimaryID)
+		switch {
+		case errors.Is(err, ErrWrongPrimary):
+			rc.refuseHello(CodeWrongPrimary, err.Error(), h, tgt)
+			return
+		case err != nil:
+			rc.refuse(CodeStaleEpoch, fmt.Sprintf("primary epoch %d, replica epoch %d: %v", m.Epoch, tgt.Epoch, err), "replica_epoch", tgt.Epoch)
+			return
+		case nt.Epoch != m.Epoch || nt.PrimaryID != h.PrimaryID || nt.Vol == nil:
+			rc.refuse(CodeStaleEpoch, fmt.Sprintf("primary epoch %d, replica epoch %d", m.Epoch, nt.Epoch), "replica_epoch", nt.Epoch)
+			return
+		}
+		tgt = nt
+	}
 	if tgt.Dir == "" {
 		tgt.Dir = tgt.Vol.Dir()
+	}
+	if tgt.FS == nil {
+		tgt.FS = r.cfg.FS
 	}
 	rc.tgt = tgt
 	v := r.rv(m.Volume)
@@ -410,7 +507,7 @@ func (rc *rconn) loadLineage() lineage {
 		return l
 	}
 	p := filepath.Join(rc.tgt.Dir, lineageFile)
-	f, err := rc.r.cfg.FS.OpenFile(p, os.O_RDONLY, 0)
+	f, err := rc.tgt.FS.OpenFile(p, os.O_RDONLY, 0)
 	if err != nil {
 		return l
 	}
@@ -451,9 +548,14 @@ func (rc *rconn) loop() error {
 		}
 		// The server may have moved this volume to a newer epoch since the
 		// session began: the old primary is refused before anything is applied.
-		if tgt, ok := rc.r.cfg.Lookup(rc.volume); !ok || tgt.Epoch != m.Epoch {
+		tgt, ok := rc.r.cfg.Lookup(rc.volume)
+		if !ok || tgt.Epoch != m.Epoch {
 			rc.refuse(CodeStaleEpoch, fmt.Sprintf("message epoch %d, replica epoch %d", m.Epoch, tgt.Epoch), "replica_epoch", tgt.Epoch, "type", m.Type.String())
 			return ErrStaleEpoch
+		}
+		if tgt.PrimaryID != rc.tgt.PrimaryID {
+			rc.refuse(CodeWrongPrimary, fmt.Sprintf("session of %q, the assignment now names %q", rc.tgt.PrimaryID, tgt.PrimaryID), "type", m.Type.String())
+			return ErrWrongPrimary
 		}
 		switch m.Type {
 		case MsgRecord:
@@ -521,15 +623,18 @@ func (rc *rconn) applyRecord(m *Msg) error {
 		rc.refuse(CodeGap, fmt.Sprintf("record LSN %d after head %d", lsn, head), "lsn", lsn, "head", head)
 		return fmt.Errorf("replication: LSN gap: got %d, head %d", lsn, head)
 	}
-	if body.Type != RecBarrier && (body.Offset+int64(body.Length) > vol.Size() || body.Length == 0) {
-		rc.refuse(CodeProtocol, fmt.Sprintf("record beyond volume: off=%d len=%d", body.Offset, body.Length))
-		return ErrBadFrame
+	rec := wal.Record{LSN: lsn, Epoch: body.Epoch, Type: wal.RecordType(body.Type), Offset: body.Offset, Length: body.Length, Payload: body.Data}
+	// Validated (overflow-safe, against this volume's size and block
+	// size) before anything is stored: a bad record never reaches the
+	// WAL, the lineage file or the transfer's live set.
+	if err := vol.ValidateRecord(rec); err != nil {
+		rc.refuse(CodeProtocol, err.Error(), "lsn", lsn, "offset", body.Offset, "length", body.Length)
+		return fmt.Errorf("%w: %v", ErrBadFrame, err)
 	}
 	if err := rc.noteLineage(lsn); err != nil {
 		rc.refuse(CodeApply, err.Error())
 		return err
 	}
-	rec := wal.Record{LSN: lsn, Epoch: body.Epoch, Type: wal.RecordType(body.Type), Offset: body.Offset, Length: body.Length, Payload: body.Data}
 	if err := vol.ApplyRecord(rec); err != nil {
 		rc.refuse(CodeApply, err.Error(), "lsn", lsn)
 		return fmt.Errorf("replication: apply LSN %d: %w", lsn, err)
@@ -614,7 +719,7 @@ func (rc *rconn) loadState() (*xferState, error) {
 	if p == "" {
 		return nil, nil
 	}
-	fs := rc.r.cfg.FS
+	fs := rc.tgt.FS
 	f, err := fs.OpenFile(p, os.O_RDONLY, 0)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
@@ -650,7 +755,7 @@ func (rc *rconn) saveState(st *xferState) error {
 // rename, fsync of the directory).
 func (rc *rconn) writeFile(name string, v any) error {
 	p := filepath.Join(rc.tgt.Dir, name)
-	fs := rc.r.cfg.FS
+	fs := rc.tgt.FS
 	data, _ := json.Marshal(v)
 	tmp := p + ".tmp"
 	f, err := fs.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
@@ -677,10 +782,10 @@ func (rc *rconn) removeState() error {
 	if p == "" {
 		return nil
 	}
-	if err := rc.r.cfg.FS.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := rc.tgt.FS.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("replication: remove %s: %w", p, err)
 	}
-	return rc.r.cfg.FS.SyncDir(rc.tgt.Dir)
+	return rc.tgt.FS.SyncDir(rc.tgt.Dir)
 }
 
 func (rc *rconn) begin(b Begin) error {
@@ -747,8 +852,8 @@ func (rc *rconn) base(c BaseChunk) error {
 		return fmt.Errorf("replication: base data outside a transfer")
 	}
 	vol := rc.tgt.Vol
-	if c.Offset+int64(c.Length) > vol.Size() {
-		return fmt.Errorf("replication: base chunk beyond volume: off=%d len=%d", c.Offset, c.Length)
+	if err := blockdev.CheckRange(vol.Size(), c.Offset, int64(c.Length), 0); err != nil {
+		return fmt.Errorf("replication: base chunk off=%d len=%d: %w", c.Offset, c.Length, err)
 	}
 	err := x.live.freeRuns(c.Offset, int64(c.Length), func(off, n int64) error {
 		if c.Zero {

@@ -22,13 +22,13 @@ func dialRaw(t *testing.T, addr string, epoch, session uint64, target string) (*
 	}
 	t.Cleanup(func() { c.Close() })
 	rp := &rawPrimary{t: t, c: c, mr: NewMsgReader(c), sess: session, ep: epoch}
-	rp.send(&Msg{Type: MsgHello, Payload: Hello{PrimaryID: "raw", TargetServerID: target, HeadLSN: 10, OldestLSN: 1, RegionSize: 65536}.Encode()})
+	rp.send(&Msg{Type: MsgHello, Payload: Hello{PrimaryID: testPrimaryID, TargetServerID: target, HeadLSN: 10, OldestLSN: 1, RegionSize: 65536}.Encode()})
 	return rp, rp.recv()
 }
 
 func (rp *rawPrimary) send(m *Msg) {
 	m.Volume, m.Epoch, m.Session = "v1", rp.ep, rp.sess
-	if err := WriteMsg(rp.c, m); err != nil {
+	if _, err := rp.c.Write(encodeFrames(rp.t, m)); err != nil {
 		rp.t.Fatal(err)
 	}
 }
@@ -121,5 +121,75 @@ func TestReceiverContiguityAndRefusals(t *testing.T) {
 	nw.send(&Msg{Type: MsgBarrier, LSNTo: 3})
 	if m := nw.recv(); m.Type != MsgBarrierResp || m.LSNTo != 3 {
 		t.Fatalf("new session barrier: %s %d", m.Type, m.LSNTo)
+	}
+}
+
+// Issue 18: a record frame with offset 2^63-4096 and length 8192 passed
+// the receiver's off+len check (the sum wraps negative) and a barrier
+// acknowledged it; the flusher then failed on it forever. It must be
+// refused before it reaches the WAL, and the volume must stay healthy:
+// the next session applies, flushes, checkpoints and recovers.
+func TestReceiverRefusesOverflowingRecord(t *testing.T) {
+	logs, log := newCapture()
+	rn := newNode(t, testVolSize)
+	rs := startReplServer(t, "srv-r", log)
+	rs.set("v1", rn.vol, 3, "")
+
+	rp, m := dialRaw(t, rs.addr, 3, 7, "srv-r")
+	if m.Type != MsgHelloResp {
+		t.Fatalf("hello answered with %s", m.Type)
+	}
+	rp.record(1, 5)
+	const off = int64(1<<63 - 4096)
+	rp.send(&Msg{Type: MsgRecord, LSNFrom: 2, LSNTo: 2, Payload: RecordBody{Type: RecWrite, Epoch: 3, Offset: off, Length: 8192, Data: make([]byte, 8192)}.Encode(nil)})
+	rp.send(&Msg{Type: MsgBarrier, LSNTo: 2})
+	if m := rp.recv(); m.Type != MsgError || errCode(t, m) != CodeProtocol {
+		t.Fatalf("overflowing record answered with %s (want a protocol refusal)", m.Type)
+	}
+	logs.waitEvent(t, EvRefused, map[string]string{"code": CodeProtocol, "lsn": "2", "length": "8192"})
+	if h := rn.vol.HeadLSN(); h != 1 {
+		t.Fatalf("replica head %d after the refused record, want 1", h)
+	}
+	nw, m := dialRaw(t, rs.addr, 3, 8, "srv-r")
+	if m.Type != MsgHelloResp {
+		t.Fatalf("second session: %s", m.Type)
+	}
+	nw.record(2, 6)
+	nw.send(&Msg{Type: MsgBarrier, LSNTo: 2})
+	if m := nw.recv(); m.Type != MsgBarrierResp || m.LSNTo != 2 {
+		t.Fatalf("barrier after the refused record: %s %d", m.Type, m.LSNTo)
+	}
+	if err := rn.vol.ReplCheckpoint(); err != nil {
+		t.Fatalf("checkpoint: %v", err)
+	}
+	rs.stop()
+	rn.reopen()
+	if rn.vol.HeadLSN() != 2 || rn.vol.CheckpointLSN() != 2 {
+		t.Fatalf("after reopen: head %d checkpoint %d, want 2/2", rn.vol.HeadLSN(), rn.vol.CheckpointLSN())
+	}
+	got := make([]byte, 4096)
+	if err := rn.vol.ReadAt(got, 6*4096); err != nil || string(got) != string(pattern(6, 2)) {
+		t.Fatalf("block 6 after reopen: %v", err)
+	}
+}
+
+// A stranger re-sending Hellos is logged once per refusalLogEvery per
+// (volume, peer, code), with the count of the refusals in between.
+func TestRefusalLogRateLimited(t *testing.T) {
+	var l refusalLog
+	t0 := time.Unix(1_000_000, 0)
+	if _, ok := l.note("v\x00evil", t0); !ok {
+		t.Fatal("first refusal not logged")
+	}
+	for i := 1; i <= 49; i++ {
+		if _, ok := l.note("v\x00evil", t0.Add(time.Duration(i)*200*time.Millisecond)); ok {
+			t.Fatalf("refusal %d within the window logged", i)
+		}
+	}
+	if _, ok := l.note("v\x00other", t0.Add(time.Second)); !ok {
+		t.Fatal("another peer's first refusal not logged")
+	}
+	if n, ok := l.note("v\x00evil", t0.Add(refusalLogEvery)); !ok || n != 49 {
+		t.Fatalf("after the window: logged %v with %d suppressed, want true/49", ok, n)
 	}
 }

@@ -27,7 +27,7 @@ func TestShipFlushSyncAll(t *testing.T) {
 	rvol, rdir := newVol(t)
 	rs.set("v1", rvol, 1, rdir)
 	pvol, _ := newVol(t)
-	p, err := NewPrimary(pvol, PrimaryConfig{Volume: "v1", ServerID: "srv-a", Epoch: 1, Durability: SyncAll,
+	p, err := NewPrimary(pvol, PrimaryConfig{Volume: "v1", ServerID: testPrimaryID, Epoch: 1, Durability: SyncAll,
 		Replicas: []Peer{{ServerID: "srv-b", Addr: rs.addr}}, Logger: log})
 	if err != nil {
 		t.Fatal(err)

@@ -93,113 +93,9 @@ type Msg struct {
 	Payload []byte
 }
 
-// AppendMsg encodes m onto dst and returns the extended slice.
-func AppendMsg(dst []byte, m *Msg) ([]byte, error) {
-	if len(m.Volume) == 0 || len(m.Volume) > MaxVolumeName {
-		return dst, fmt.Errorf("%w: volume name length %d", ErrBadFrame, len(m.Volume))
-	}
-	if len(m.Payload) > MaxPayload {
-		return dst, fmt.Errorf("%w: payload %d bytes > %d", ErrBadFrame, len(m.Payload), MaxPayload)
-	}
-	start := len(dst)
-	var h [headerSize]byte
-	binary.BigEndian.PutUint32(h[0:], wireMagic)
-	h[4] = byte(m.Type)
-	h[5] = 0
-	binary.BigEndian.PutUint16(h[6:], uint16(len(m.Volume)))
-	binary.BigEndian.PutUint64(h[8:], m.Epoch)
-	binary.BigEndian.PutUint64(h[16:], m.Session)
-	binary.BigEndian.PutUint64(h[24:], m.LSNFrom)
-	binary.BigEndian.PutUint64(h[32:], m.LSNTo)
-	binary.BigEndian.PutUint32(h[40:], uint32(len(m.Payload)))
-	dst = append(dst, h[:]...)
-	dst = append(dst, m.Volume...)
-	dst = append(dst, m.Payload...)
-	crc := crc32.Checksum(dst[start:], castagnoli)
-	dst = binary.BigEndian.AppendUint32(dst, crc)
-	return dst, nil
-}
-
-// WriteMsg encodes m and writes it to w in one Write call.
-func WriteMsg(w io.Writer, m *Msg) error {
-	buf, err := AppendMsg(make([]byte, 0, headerSize+len(m.Volume)+len(m.Payload)+trailerSize), m)
-	if err != nil {
-		return err
-	}
-	_, err = w.Write(buf)
-	return err
-}
-
-// ReadMsg reads one frame from r. The returned payload is freshly
-// allocated. io.EOF is returned only for a clean end between frames.
-func ReadMsg(r io.Reader) (*Msg, error) {
-	var h [headerSize]byte
-	if _, err := io.ReadFull(r, h[:]); err != nil {
-		if err == io.ErrUnexpectedEOF {
-			return nil, fmt.Errorf("%w: short header", ErrBadFrame)
-		}
-		return nil, err
-	}
-	m, volLen, payLen, err := parseHeader(h[:])
-	if err != nil {
-		return nil, err
-	}
-	rest := make([]byte, volLen+payLen+trailerSize)
-	if _, err := io.ReadFull(r, rest); err != nil {
-		return nil, fmt.Errorf("%w: short body: %v", ErrBadFrame, err)
-	}
-	crc := crc32.Update(crc32.Checksum(h[:], castagnoli), castagnoli, rest[:volLen+payLen])
-	if got := binary.BigEndian.Uint32(rest[volLen+payLen:]); got != crc {
-		return nil, fmt.Errorf("%w: got %08x want %08x", ErrBadCRC, got, crc)
-	}
-	m.Volume = string(rest[:volLen])
-	m.Payload = rest[volLen : volLen+payLen : volLen+payLen]
-	return m, nil
-}
-
-// MsgReader reads frames from a buffered stream, reusing one payload
-// buffer: a returned message is valid until the next Read.
-type MsgReader struct {
-	r   *bufio.Reader
-	buf []byte
-}
-
-// NewMsgReader wraps r with a 1 MiB read buffer.
-func NewMsgReader(r io.Reader) *MsgReader { return &MsgReader{r: bufio.NewReaderSize(r, 1<<20)} }
-
-// Read reads one frame; the same checks as ReadMsg.
-func (mr *MsgReader) Read() (*Msg, error) {
-	var h [headerSize]byte
-	if _, err := io.ReadFull(mr.r, h[:]); err != nil {
-		if err == io.ErrUnexpectedEOF {
-			return nil, fmt.Errorf("%w: short header", ErrBadFrame)
-		}
-		return nil, err
-	}
-	m, volLen, payLen, err := parseHeader(h[:])
-	if err != nil {
-		return nil, err
-	}
-	n := volLen + payLen + trailerSize
-	if cap(mr.buf) < n {
-		mr.buf = make([]byte, n, max(n, 64<<10))
-	}
-	rest := mr.buf[:n]
-	if _, err := io.ReadFull(mr.r, rest); err != nil {
-		return nil, fmt.Errorf("%w: short body: %v", ErrBadFrame, err)
-	}
-	crc := crc32.Update(crc32.Checksum(h[:], castagnoli), castagnoli, rest[:volLen+payLen])
-	if got := binary.BigEndian.Uint32(rest[volLen+payLen:]); got != crc {
-		return nil, fmt.Errorf("%w: got %08x want %08x", ErrBadCRC, got, crc)
-	}
-	m.Volume = string(rest[:volLen])
-	m.Payload = rest[volLen : volLen+payLen : volLen+payLen]
-	return m, nil
-}
-
-// AppendFrame writes the frame of m to w without an intermediate buffer
-// for the payload (header, volume and payload go to w in turn; w is
-// normally a bufio.Writer).
+// WriteFrame writes the frame of m to w: header, volume, payload and CRC
+// in turn, without copying the payload (w is normally a bufio.Writer;
+// the caller flushes it). It is the only encoder of the protocol.
 func WriteFrame(w io.Writer, m *Msg) error {
 	if len(m.Volume) == 0 || len(m.Volume) > MaxVolumeName {
 		return fmt.Errorf("%w: volume name length %d", ErrBadFrame, len(m.Volume))
@@ -233,27 +129,47 @@ func WriteFrame(w io.Writer, m *Msg) error {
 	return err
 }
 
-// DecodeMsg decodes one frame from the start of buf and returns it with
-// the number of bytes consumed.
-func DecodeMsg(buf []byte) (*Msg, int, error) {
-	if len(buf) < headerSize {
-		return nil, 0, fmt.Errorf("%w: short header", ErrBadFrame)
+// MsgReader reads frames from a buffered stream, reusing one payload
+// buffer: a returned message is valid until the next Read. It is the
+// only decoder of the protocol (primary and replica both run it).
+type MsgReader struct {
+	r   *bufio.Reader
+	buf []byte
+}
+
+// NewMsgReader wraps r with a 1 MiB read buffer.
+func NewMsgReader(r io.Reader) *MsgReader { return &MsgReader{r: bufio.NewReaderSize(r, 1<<20)} }
+
+// Read reads one frame. It validates the lengths before it allocates
+// and the CRC before it returns; io.EOF is returned only for a clean end
+// between frames.
+func (mr *MsgReader) Read() (*Msg, error) {
+	var h [headerSize]byte
+	if _, err := io.ReadFull(mr.r, h[:]); err != nil {
+		if err == io.ErrUnexpectedEOF {
+			return nil, fmt.Errorf("%w: short header", ErrBadFrame)
+		}
+		return nil, err
 	}
-	m, volLen, payLen, err := parseHeader(buf[:headerSize])
+	m, volLen, payLen, err := parseHeader(h[:])
 	if err != nil {
-		return nil, 0, err
+		return nil, err
 	}
-	total := headerSize + volLen + payLen + trailerSize
-	if len(buf) < total {
-		return nil, 0, fmt.Errorf("%w: short body", ErrBadFrame)
+	n := volLen + payLen + trailerSize
+	if cap(mr.buf) < n {
+		mr.buf = make([]byte, n, max(n, 64<<10))
 	}
-	crc := crc32.Checksum(buf[:total-trailerSize], castagnoli)
-	if got := binary.BigEndian.Uint32(buf[total-trailerSize:]); got != crc {
-		return nil, 0, fmt.Errorf("%w: got %08x want %08x", ErrBadCRC, got, crc)
+	rest := mr.buf[:n]
+	if _, err := io.ReadFull(mr.r, rest); err != nil {
+		return nil, fmt.Errorf("%w: short body: %v", ErrBadFrame, err)
 	}
-	m.Volume = string(buf[headerSize : headerSize+volLen])
-	m.Payload = append([]byte(nil), buf[headerSize+volLen:total-trailerSize]...)
-	return m, total, nil
+	crc := crc32.Update(crc32.Checksum(h[:], castagnoli), castagnoli, rest[:volLen+payLen])
+	if got := binary.BigEndian.Uint32(rest[volLen+payLen:]); got != crc {
+		return nil, fmt.Errorf("%w: got %08x want %08x", ErrBadCRC, got, crc)
+	}
+	m.Volume = string(rest[:volLen])
+	m.Payload = rest[volLen : volLen+payLen : volLen+payLen]
+	return m, nil
 }
 
 func parseHeader(h []byte) (*Msg, int, int, error) {
@@ -673,6 +589,7 @@ const (
 	CodeStaleEpoch   = "stale_epoch"
 	CodeStaleSession = "stale_session"
 	CodeWrongServer  = "wrong_server"
+	CodeWrongPrimary = "wrong_primary" // the Hello's primary is not the one the replica's assignment names
 	CodeNoVolume     = "no_volume"
 	CodeGap          = "lsn_gap"
 	CodeApply        = "apply_failed"

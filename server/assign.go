@@ -1,8 +1,9 @@
 package server
 
 import (
+	"errors"
 	"fmt"
-	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/blockd/blockd/api"
@@ -12,15 +13,55 @@ import (
 // apply carries out one heartbeat reply. sent is when the heartbeat was
 // sent: leases count from then, so this server's lease always ends before
 // the master's view of it does.
+//
+// An error is logged once per distinct error and volume (the master
+// repeats every assignment in every reply). A volume that cannot be
+// created or opened is reported in the next heartbeats' Failures instead.
 func (s *Server) apply(resp *api.HeartbeatResponse, sent time.Time) {
+	assigned := map[string]bool{}
 	for _, a := range resp.Assignments {
-		if err := s.applyOne(a, sent); err != nil {
+		if a.Role != api.RoleNone {
+			assigned[a.Volume] = true
+		}
+		err := s.applyOne(a, sent)
+		var cf *createFailed
+		switch {
+		case errors.Is(err, errRetryLater) || errors.As(err, &cf):
+			// reported in Failures and logged by ensureHosted
+		case s.fails.noteErr(a.Volume, err):
 			s.log.Error("assignment_failed", "volume", a.Volume, "role", a.Role, "epoch", a.Epoch, "err", err)
 		}
 	}
+	s.fails.keepOnly(assigned)
 	for _, name := range resp.Drop {
 		s.drop(name)
 	}
+}
+
+// ensureHosted is ensureVolume with failure reporting: a volume whose
+// create or open fails is retried with a growing pause (failRetryMin to
+// failRetryMax), reported to the master in every heartbeat until it
+// succeeds or is no longer assigned, and logged once per distinct reason.
+func (s *Server) ensureHosted(a api.VolumeAssignment) (*hosted, error) {
+	s.mu.Lock()
+	h := s.vols[a.Volume]
+	s.mu.Unlock()
+	if h != nil {
+		return h, nil
+	}
+	if !s.fails.due(a.Volume, a.ID) {
+		return nil, fmt.Errorf("volume %s: %w", a.Volume, errRetryLater)
+	}
+	h, err := s.ensureVolume(a)
+	if err != nil {
+		if isNew, retry := s.fails.failed(a.Volume, a.ID, err.Error()); isNew {
+			s.log.Error("volume_create_failed", "volume", a.Volume, "id", a.ID, "size", a.SizeBytes,
+				"wal_size", a.WALSizeBytes, "reason", err.Error(), "retry_in", retry.String())
+		}
+		return nil, &createFailed{err}
+	}
+	s.fails.clear(a.Volume)
+	return h, nil
 }
 
 // applyOne turns the master's assignment into the replication host's
@@ -37,7 +78,7 @@ func (s *Server) applyOne(a api.VolumeAssignment, sent time.Time) error {
 			return nil
 		}
 	}
-	h, err := s.ensureVolume(a)
+	h, err := s.ensureHosted(a)
 	if err != nil {
 		return err
 	}
@@ -45,7 +86,8 @@ func (s *Server) applyOne(a api.VolumeAssignment, sent time.Time) error {
 	if err != nil {
 		return err
 	}
-	ra := replication.Assignment{Volume: a.Volume, Role: a.Role, Epoch: a.Epoch, Durability: mode}
+	ra := replication.Assignment{Volume: a.Volume, Role: replication.Role(a.Role), Epoch: a.Epoch, Durability: mode,
+		PrimaryID: a.Primary.ServerID, ActingSet: a.ActingSet, MinCopies: a.MinCopies}
 	if a.LeaseTTLMS > 0 {
 		ra.LeaseUntil = sent.Add(time.Duration(a.LeaseTTLMS) * time.Millisecond)
 	}
@@ -65,6 +107,7 @@ func (s *Server) applyOne(a api.VolumeAssignment, sent time.Time) error {
 	if err := s.host.Apply(ra); err != nil {
 		return err
 	}
+	s.fails.noteErr(a.Volume, nil)
 	if wasPrimary && a.Role != api.RolePrimary {
 		n := s.nbdSrv.DisconnectExport(a.Volume)
 		s.log.Info("primary_demoted", "volume", a.Volume, "to", a.Role, "epoch", a.Epoch, "nbd_conns_closed", n)
@@ -73,13 +116,18 @@ func (s *Server) applyOne(a api.VolumeAssignment, sent time.Time) error {
 		if err := h.vol.Expand(a.SizeBytes); err != nil {
 			return fmt.Errorf("expand: %w", err)
 		}
-		s.log.Info("volume_expanded", "volume", a.Volume, "size", a.SizeBytes)
+		// NBD fixes an export's size for the life of a connection: cut
+		// the clients off so they renegotiate the new size (a kernel
+		// keeper reconnects by itself and grows its device).
+		n := s.nbdSrv.DisconnectExport(a.Volume)
+		s.log.Info("volume_expanded", "volume", a.Volume, "size", a.SizeBytes, "nbd_conns_closed", n)
 	}
 	return nil
 }
 
 // drop removes a deleted volume and its data.
 func (s *Server) drop(name string) {
+	s.fails.clear(name)
 	s.mu.Lock()
 	h := s.vols[name]
 	delete(s.vols, name)
@@ -96,7 +144,13 @@ func (s *Server) drop(name string) {
 	if err := h.close(); err != nil {
 		s.log.Error("volume_drop_close_failed", "volume", name, "err", err)
 	}
-	if err := os.RemoveAll(h.dir); err != nil {
+	// Through the server's FS, and the parent synced, so a drop cannot come
+	// back after a power cut as a half-removed volume directory.
+	if err := s.cfg.FS.RemoveAll(h.dir); err != nil {
+		s.log.Error("volume_drop_failed", "volume", name, "err", err)
+		return
+	}
+	if err := s.cfg.FS.SyncDir(filepath.Dir(h.dir)); err != nil {
 		s.log.Error("volume_drop_failed", "volume", name, "err", err)
 		return
 	}

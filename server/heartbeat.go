@@ -53,7 +53,7 @@ func (s *Server) heartbeatLoop() {
 func (s *Server) report() api.HeartbeatRequest {
 	total, free := s.capacity()
 	req := api.HeartbeatRequest{ServerID: s.cfg.ServerID, Addr: s.Addr(), NBDAddr: s.NBDAddr(),
-		CapacityBytes: total, FreeBytes: free}
+		CapacityBytes: total, FreeBytes: free, Failures: s.fails.list()}
 	for _, st := range s.host.Status() {
 		s.mu.Lock()
 		h := s.vols[st.Volume]
@@ -64,7 +64,7 @@ func (s *Server) report() api.HeartbeatRequest {
 		h.mu.Lock()
 		id := h.id
 		h.mu.Unlock()
-		hv := api.HeartbeatVolume{Name: st.Volume, ID: id, Role: st.Role, Epoch: st.Epoch,
+		hv := api.HeartbeatVolume{Name: st.Volume, ID: id, Role: string(st.Role), Epoch: st.Epoch,
 			HeadLSN: st.HeadLSN, CheckpointLSN: st.CheckpointLSN, DurableLSN: st.DurableLSN}
 		for _, r := range st.Replicas {
 			hv.Replicas = append(hv.Replicas, api.HeartbeatReplica{ServerID: r.ServerID,
@@ -89,7 +89,7 @@ func (s *Server) Serving(volume string) bool {
 	return false
 }
 
-// apiState names a replica state as DESIGN.md §3 and the master's API do.
+// apiState names a replica state as the master's API does (api.State*).
 func apiState(st replication.ReplicaState) string {
 	switch st {
 	case replication.Disconnected:

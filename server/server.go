@@ -76,6 +76,7 @@ type Server struct {
 	host    *replication.Host // roles, epochs, leases and replication of every volume
 	ctl     *control          // the control endpoint: set in New, cleared by Close
 	started time.Time
+	fails   volumeFailures // assigned volumes that cannot be created or opened (assign.go)
 
 	mu   sync.Mutex
 	vols map[string]*hosted

@@ -3,13 +3,10 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
@@ -66,10 +63,7 @@ func init() {
 			&cli.DurationFlag{Name: "wait", Value: 30 * time.Second, Usage: "how long to wait for the device to be released"},
 		},
 		Action: func(c *cli.Context) error {
-			if err := interspersedFlags(c); err != nil {
-				return fmt.Errorf("detach: %w", err)
-			}
-			args := argsOf(c)
+			args := c.Args().Slice()
 			if len(args) != 1 {
 				return fmt.Errorf("detach: exactly one DEVICE is needed (e.g. /dev/nbd0)")
 			}
@@ -88,77 +82,16 @@ func init() {
 	})
 }
 
-// interspersedFlags applies flags given after the positional arguments
-// (`blockd attach nbd NAME --device /dev/nbd1`, as DESIGN.md §8 writes
-// them): urfave/cli stops parsing at the first argument, so the rest is
-// parsed here with the command's own flags and set on the context. It leaves
-// c.Args() holding the positional arguments only when called, so callers use
-// positionalArgs afterwards.
-func interspersedFlags(c *cli.Context) error {
-	args := c.Args().Slice()
-	var pos, rest []string
-	for i, a := range args {
-		if strings.HasPrefix(a, "-") && a != "-" {
-			rest = args[i:]
-			break
-		}
-		pos = append(pos, a)
-	}
-	if len(rest) == 0 {
-		return nil
-	}
-	fs := flag.NewFlagSet(c.Command.Name, flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	for _, f := range c.Command.Flags {
-		if err := f.Apply(fs); err != nil {
-			return err
-		}
-	}
-	if err := fs.Parse(rest); err != nil {
-		return err
-	}
-	// A flag given by an alias (-o) sets every name of it (--output).
-	names := map[string][]string{}
-	for _, f := range c.Command.Flags {
-		for _, n := range f.Names() {
-			names[n] = f.Names()
-		}
-	}
-	var setErr error
-	fs.Visit(func(f *flag.Flag) {
-		for _, n := range names[f.Name] {
-			if err := c.Set(n, f.Value.String()); err != nil && setErr == nil {
-				setErr = fmt.Errorf("flag --%s: %w", f.Name, err)
-			}
-		}
-	})
-	if setErr != nil {
-		return setErr
-	}
-	pos = append(pos, fs.Args()...)
-	positional[c] = pos
-	return nil
-}
-
-// positional holds the positional arguments of contexts whose flags came
-// after them (see interspersedFlags).
-var positional = map[*cli.Context][]string{}
-
-func argsOf(c *cli.Context) []string {
-	if p, ok := positional[c]; ok {
-		return p
-	}
-	return c.Args().Slice()
-}
-
 func attachNBD(c *cli.Context) error {
-	if err := interspersedFlags(c); err != nil {
-		return fmt.Errorf("attach nbd: %w", err)
-	}
-	if len(argsOf(c)) != 1 {
+	if c.Args().Len() != 1 {
 		return fmt.Errorf("attach nbd: exactly one volume NAME is needed")
 	}
-	name := argsOf(c)[0]
+	name := c.Args().First()
+	if c.String("nbd") == "" { // a volume the master knows: its name follows the rule
+		if err := checkVolumeName(name); err != nil {
+			return fmt.Errorf("attach nbd: %w", err)
+		}
+	}
 	index := -1
 	if dev := c.String("device"); dev != "" {
 		i, err := kernel.ParseDevice(dev)
@@ -172,7 +105,10 @@ func attachNBD(c *cli.Context) error {
 		return fmt.Errorf("attach nbd: --give-up must be positive")
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	resolve := primaryResolver(c, name, log, "nbd.primary")
+	resolve, err := primaryResolver(c, name, log, "nbd.primary")
+	if err != nil {
+		return fmt.Errorf("attach nbd: %w", err)
+	}
 	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	pol := kernel.DefaultPolicy

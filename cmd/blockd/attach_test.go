@@ -7,9 +7,10 @@ import (
 	"github.com/urfave/cli/v2"
 )
 
-// TestInterspersedFlags: `blockd attach nbd NAME --device /dev/nbd1` (flags
-// after the name, as DESIGN.md §8 writes them) parses like flags first.
-func TestInterspersedFlags(t *testing.T) {
+// TestFlagsAfterTheName: `blockd attach nbd NAME --device /dev/nbd1` (flags
+// after the name, as the CLI's usage writes them) parses like flags first;
+// run (flagsFirst) is the one place that reorders them.
+func TestFlagsAfterTheName(t *testing.T) {
 	type got struct {
 		args   []string
 		device string
@@ -19,7 +20,7 @@ func TestInterspersedFlags(t *testing.T) {
 	}
 	run := func(argv ...string) (got, error) {
 		var g got
-		app := &cli.App{Name: "blockd", Commands: []*cli.Command{{
+		app := &cli.App{Name: "blockd", Commands: []*cli.Command{{Name: "attach", Subcommands: []*cli.Command{{
 			Name: "nbd",
 			Flags: []cli.Flag{
 				&cli.StringFlag{Name: "device"},
@@ -28,14 +29,11 @@ func TestInterspersedFlags(t *testing.T) {
 				&cli.StringFlag{Name: "output", Aliases: []string{"o"}},
 			},
 			Action: func(c *cli.Context) error {
-				if err := interspersedFlags(c); err != nil {
-					return err
-				}
-				g = got{argsOf(c), c.String("device"), c.Int("connections"), c.Duration("give-up"), c.String("output")}
+				g = got{c.Args().Slice(), c.String("device"), c.Int("connections"), c.Duration("give-up"), c.String("output")}
 				return nil
 			},
-		}}}
-		err := app.Run(append([]string{"blockd", "nbd"}, argv...))
+		}}}}}
+		err := run(app, append([]string{"blockd", "attach", "nbd"}, argv...))
 		return g, err
 	}
 	for _, argv := range [][]string{

@@ -14,6 +14,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/nbd/client"
 	"github.com/blockd/blockd/server"
 	"github.com/blockd/blockd/ublk"
 )
@@ -66,13 +67,18 @@ var ublkAttachCommand = &cli.Command{
 func init() { addAttach(ublkAttachCommand) }
 
 func attachUblk(c *cli.Context) error {
-	if err := interspersedFlags(c); err != nil {
-		return fmt.Errorf("attach ublk: %w", err)
-	}
-	if len(argsOf(c)) != 1 {
+	if c.Args().Len() != 1 {
 		return fmt.Errorf("attach ublk: exactly one volume NAME is needed")
 	}
-	name := argsOf(c)[0]
+	name := c.Args().First()
+	if c.String("nbd") == "" { // a volume the master knows: its name follows the rule
+		if err := checkVolumeName(name); err != nil {
+			return fmt.Errorf("attach ublk: %w", err)
+		}
+		if _, err := masterAddrs(c.String("master")); err != nil {
+			return fmt.Errorf("attach ublk: %w", err)
+		}
+	}
 	// Fail early and clearly when the kernel side is missing.
 	if _, err := ublk.Features(); err != nil {
 		return fmt.Errorf("attach ublk: %w", err)
@@ -106,7 +112,10 @@ func attachUblk(c *cli.Context) error {
 			return nil
 		}
 	}
-	resolve := primaryResolver(c, name, log, "ublk.primary")
+	resolve, err := primaryResolver(c, name, log, "ublk.primary")
+	if err != nil {
+		return fmt.Errorf("attach ublk: %w", err)
+	}
 	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	usr1 := make(chan os.Signal, 1)
@@ -114,24 +123,10 @@ func attachUblk(c *cli.Context) error {
 	defer signal.Stop(usr1)
 
 	actx, cancel := context.WithTimeout(ctx, c.Duration("wait")+time.Minute)
-	var dev *nbdDevice
-	for deadline := time.Now().Add(c.Duration("wait")); ; {
-		var err error
-		dctx, dcancel := context.WithTimeout(actx, 15*time.Second)
-		dev, err = dialNBDDevice(dctx, name, resolve, c.Duration("give-up"), log)
-		dcancel()
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) || actx.Err() != nil {
-			cancel()
-			return fmt.Errorf("attach ublk: %w", err)
-		}
-		log.Info("ublk.attach.retry", "volume", name, "err", err)
-		select {
-		case <-actx.Done():
-		case <-time.After(500 * time.Millisecond):
-		}
+	dev, err := client.Dial(actx, client.Options{Export: name, Resolve: resolve, GiveUp: c.Duration("give-up"), Wait: c.Duration("wait"), Logger: log})
+	if err != nil {
+		cancel()
+		return fmt.Errorf("attach ublk: %w", err)
 	}
 	defer dev.Close()
 	d, err := ublk.Serve(actx, dev, ublk.Options{
@@ -218,7 +213,7 @@ func attachUblkLocal(c *cli.Context, name string, log *slog.Logger) (path string
 			log.Info("ublk.local.not_primary", "volume", name, "local_server", serverID, "primary", p.ServerID, "fallback", "nbd")
 			return "", false, nil
 		case perr != nil && api.IsCode(perr, api.CodeNotFound):
-			return "", true, fmt.Errorf("unknown volume %q: %w", name, perr)
+			return "", true, fmt.Errorf("unknown volume %s: %w", api.QuoteName(name), perr)
 		case perr != nil:
 			// No answer from the master: the local server decides.
 			log.Info("ublk.local.master_unavailable", "volume", name, "err", perr)

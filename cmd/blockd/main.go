@@ -1,5 +1,10 @@
-// Command blockd is the CLI: it wires the packages together and holds no
-// logic of its own. Each group of commands lives in its own file and adds
+// Command blockd is the CLI. It wires the packages together: the NBD
+// protocol and clients, the engine, replication and the master's decisions
+// live in them, not here. What cmd holds is the CLI's own: reading and
+// checking what the user typed (run/flagsFirst, input.go), printing the
+// answers (text or JSON), and the sequence of steps of single commands
+// (serve's create-on-first-start, attach ublk's choice between a local
+// server and NBD). Each group of commands lives in its own file and adds
 // itself to the app with register.
 package main
 
@@ -17,21 +22,36 @@ var commands []*cli.Command
 // register adds a top-level command; files call it from init.
 func register(c *cli.Command) { commands = append(commands, c) }
 
-func main() {
-	app := &cli.App{
+// newApp is the whole CLI; main runs it on os.Args and tests in process.
+func newApp() *cli.App {
+	return &cli.App{
 		Name:     "blockd",
 		Usage:    "replicated block storage over NBD and ublk",
 		Commands: commands,
-		// One-line reason on stderr and a non-zero exit, per DESIGN.md §8.
+		// One-line reason on stderr and a non-zero exit (main prints it).
 		ExitErrHandler: func(_ *cli.Context, err error) {},
 	}
+}
+
+// run parses args (flags may follow positional arguments) and runs the
+// command.
+func run(app *cli.App, args []string) error {
+	return app.Run(flagsFirst(app.Commands, args))
+}
+
+func main() {
 	stopProfile := startProfile()
-	err := app.Run(flagsFirst(app.Commands, os.Args))
+	err := run(newApp(), os.Args)
 	stopProfile()
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "blockd: %v\n", err)
+		fmt.Fprintf(os.Stderr, "blockd: %s\n", oneLine(err))
 		os.Exit(1)
 	}
+}
+
+// oneLine is an error's text on a single line.
+func oneLine(err error) string {
+	return strings.Join(strings.Fields(err.Error()), " ")
 }
 
 // startProfile writes a CPU profile to $BLOCKD_CPUPROFILE for the life of
@@ -52,10 +72,12 @@ func startProfile() (stop func()) {
 	return func() { pprof.StopCPUProfile(); f.Close() }
 }
 
-// flagsFirst moves a command's flags in front of its positional arguments.
-// DESIGN.md §8 writes flags after the names (`blockd volume info NAME -o
-// json`), but urfave/cli stops parsing flags at the first positional
-// argument. Flags that take a value keep it; "--" ends the flags.
+// flagsFirst moves a command's flags in front of its positional arguments,
+// the one place the CLI does so. Usage lines write flags after the names
+// (`blockd volume info NAME -o json`), but urfave/cli stops parsing flags
+// at the first positional argument. Flags that take a value keep it (even
+// one that starts with "-", like --size -5GiB, which is then refused by
+// the size check); "--" ends the flags.
 func flagsFirst(cmds []*cli.Command, args []string) []string {
 	if len(args) < 2 {
 		return args

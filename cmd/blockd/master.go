@@ -43,7 +43,7 @@ func init() {
 
 func runMaster(c *cli.Context) error {
 	if c.Args().Len() > 0 {
-		return fmt.Errorf("master: unexpected arguments %q", strings.Join(c.Args().Slice(), " "))
+		return fmt.Errorf("master: unexpected arguments %s", api.QuoteName(strings.Join(c.Args().Slice(), " ")))
 	}
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(c.String("log-level"))); err != nil {

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
 	"time"
 
@@ -14,24 +13,23 @@ import (
 // primaryResolver tells an attach keeper where the volume's primary is
 // now: the fixed --nbd address, or the master's current record (asked
 // again after every failover). event names the log line for the answer.
-func primaryResolver(c *cli.Context, name string, log *slog.Logger, event string) func(context.Context) (string, error) {
+func primaryResolver(c *cli.Context, name string, log *slog.Logger, event string) (func(context.Context) (string, error), error) {
 	if addr := c.String("nbd"); addr != "" {
-		return func(context.Context) (string, error) { return addr, nil }
+		return func(context.Context) (string, error) { return addr, nil }, nil
 	}
-	mc := api.NewClient(api.ParseAddrs(c.String("master")))
+	addrs, err := masterAddrs(c.String("master"))
+	if err != nil {
+		return nil, err
+	}
+	mc := api.NewClient(addrs)
 	mc.RetryFor = 10 * time.Second
+	mc.AnswerTimeout = defaultAnswerTimeout
 	return func(ctx context.Context) (string, error) {
-		p, err := mc.PrimaryOf(ctx, name)
+		p, err := mc.PrimaryNBD(ctx, name)
 		if err != nil {
-			if api.IsCode(err, api.CodeNotFound) {
-				return "", fmt.Errorf("unknown volume %q: %w", name, err)
-			}
 			return "", err
-		}
-		if p.NBDAddr == "" {
-			return "", fmt.Errorf("volume %q: primary %s has no NBD address", name, p.ServerID)
 		}
 		log.Info(event, "volume", name, "server", p.ServerID, "nbd_addr", p.NBDAddr, "epoch", p.Epoch)
 		return p.NBDAddr, nil
-	}
+	}, nil
 }

@@ -57,22 +57,26 @@ func init() {
 func newLogger(level string) (*slog.Logger, error) {
 	var l slog.Level
 	if err := l.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("bad --log-level %q", level)
+		return nil, fmt.Errorf("--log-level %s: use debug, info, warn or error", api.QuoteName(level))
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})), nil
 }
 
-// parseVolumeSpec splits NAME:SIZE (human units).
+// parseVolumeSpec splits NAME:SIZE (human units) and checks both parts,
+// so that a bad --volume fails before anything starts.
 func parseVolumeSpec(spec string) (string, int64, error) {
 	name, sz, ok := strings.Cut(spec, ":")
 	if !ok || name == "" {
-		return "", 0, fmt.Errorf("bad --volume %q: want NAME:SIZE, e.g. vol0:1GiB", spec)
+		return "", 0, fmt.Errorf("--volume %s: want NAME:SIZE, e.g. vol0:1GiB", api.QuoteName(spec))
 	}
-	n, err := humanize.ParseBytes(sz)
-	if err != nil || n == 0 {
-		return "", 0, fmt.Errorf("bad --volume size %q: want e.g. 512MiB, 10GiB", sz)
+	if err := checkVolumeName(name); err != nil {
+		return "", 0, fmt.Errorf("--volume: %w", err)
 	}
-	return name, int64(n), nil
+	n, err := parseSize("--volume size", sz)
+	if err != nil {
+		return "", 0, err
+	}
+	return name, n, nil
 }
 
 func serve(c *cli.Context) error {
@@ -82,7 +86,7 @@ func serve(c *cli.Context) error {
 	}
 	volName, volSize, err := parseVolumeSpec(c.String("volume"))
 	if err != nil {
-		return err
+		return fmt.Errorf("serve: %w", err)
 	}
 	data := c.String("data")
 	// The whole data directory is locked before the master opens its raft
@@ -210,11 +214,11 @@ func runServer(c *cli.Context) error {
 	}
 	var capacity int64
 	if s := c.String("capacity"); s != "" {
-		n, err := humanize.ParseBytes(s)
+		n, err := parseSize("--capacity", s)
 		if err != nil {
-			return fmt.Errorf("bad --capacity %q: %w", s, err)
+			return fmt.Errorf("server: %w", err)
 		}
-		capacity = int64(n)
+		capacity = n
 	}
 	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 	defer stop()

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -20,11 +19,20 @@ import (
 
 // `blockd volume ...`: the master's client commands (DESIGN.md §8).
 
+// Defaults of --timeout and --wait: a master that refuses connections or
+// never answers is reported within a few seconds; scripts that wait for a
+// master to come up pass --wait.
+const (
+	defaultAnswerTimeout = 3 * time.Second
+	defaultWait          = 2 * time.Second
+)
+
 func volClientFlags(extra ...cli.Flag) []cli.Flag {
 	return append([]cli.Flag{
 		&cli.StringFlag{Name: "master", Value: api.DefaultMaster, EnvVars: []string{"BLOCKD_MASTER"}, Usage: "master API address(es), comma-separated"},
 		&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "output format: json (default: text)"},
-		&cli.DurationFlag{Name: "timeout", Value: 30 * time.Second, Usage: "give up after this long without an answer from a leader"},
+		&cli.DurationFlag{Name: "timeout", Value: defaultAnswerTimeout, Usage: "how long one master may take to answer before the next is tried"},
+		&cli.DurationFlag{Name: "wait", Value: defaultWait, Usage: "keep retrying this long while no master answers or none is leader (a master starting, an election)"},
 	}, extra...)
 }
 
@@ -36,6 +44,7 @@ func volPolicyFlags() []cli.Flag {
 		&cli.StringFlag{Name: "preset", Usage: "database | general | throughput"},
 		&cli.StringFlag{Name: "wal-size", Usage: "WAL size in human units; default from the preset"},
 		&cli.IntFlag{Name: "block-size", Usage: "block size in bytes (default 4096)"},
+		&cli.IntFlag{Name: "min-copies", Usage: "durable copies (the primary's included) a flush needs before it is acknowledged; default from the preset (2 for rf >= 3, else 1)"},
 	}
 }
 
@@ -46,11 +55,13 @@ func init() {
 		Subcommands: []*cli.Command{
 			{Name: "create", Usage: "create a volume", ArgsUsage: "NAME --size SIZE [--rf N] [--durability MODE] [--preset NAME] [--wal-size SIZE]",
 				Flags: volClientFlags(volPolicyFlags()...), Action: volumeCmd(volCreate)},
-			{Name: "list", Usage: "list volumes", Flags: volClientFlags(), Action: volumeCmd(volList)},
+			{Name: "list", Usage: "list volumes", Flags: volClientFlags(), Action: volumeCmd(volListCmd)},
 			{Name: "info", Usage: "show one volume", ArgsUsage: "NAME", Flags: volClientFlags(), Action: volumeCmd(volInfo)},
 			{Name: "delete", Usage: "delete a volume (servers drop its data)", ArgsUsage: "NAME", Flags: volClientFlags(), Action: volumeCmd(volDelete)},
 			{Name: "expand", Usage: "grow a volume", ArgsUsage: "NAME --size SIZE",
 				Flags: volClientFlags(&cli.StringFlag{Name: "size", Usage: "new size (human units); may only grow"}), Action: volumeCmd(volExpand)},
+			{Name: "update", Usage: "change a volume's policy", ArgsUsage: "NAME --min-copies N",
+				Flags: volClientFlags(&cli.IntFlag{Name: "min-copies", Usage: "durable copies (the primary's included) a flush needs, 1 to rf"}), Action: volumeCmd(volUpdate)},
 			{Name: "plan", Usage: "dry run of create: resolved policy and placement", ArgsUsage: "[NAME] --size SIZE [...]",
 				Flags: volClientFlags(volPolicyFlags()...), Action: volumeCmd(volPlan)},
 			{Name: "resolve", Usage: "dry run of preset resolution", ArgsUsage: "[NAME] --size SIZE [...]",
@@ -79,21 +90,31 @@ type volCtx struct {
 func volumeCmd(fn func(*volCtx) error) cli.ActionFunc {
 	return func(c *cli.Context) error {
 		name := "volume " + c.Command.Name
-		args, err := volFlagsAfterArgs(c)
-		if err != nil {
-			return fmt.Errorf("%s: %w", name, err)
-		}
+		args := c.Args().Slice()
 		switch o := c.String("output"); o {
 		case "", "text", "json":
 		default:
-			return fmt.Errorf("%s: unknown output format %q (json)", name, o)
+			return fmt.Errorf("%s: -o %s: unknown output format (json, or text by default)", name, api.QuoteName(o))
 		}
-		ctx, cancel := context.WithTimeout(c.Context, c.Duration("timeout"))
-		defer cancel()
-		cl := api.NewClient(api.ParseAddrs(c.String("master")))
-		cl.RetryFor = c.Duration("timeout")
-		v := &volCtx{c: c, args: args, cl: cl, ctx: ctx, json: c.String("output") == "json", out: os.Stdout}
+		if c.Duration("timeout") <= 0 {
+			return fmt.Errorf("%s: --timeout %v: must be more than 0", name, c.Duration("timeout"))
+		}
+		if c.Duration("wait") < 0 {
+			return fmt.Errorf("%s: --wait %v: cannot be negative", name, c.Duration("wait"))
+		}
+		addrs, err := masterAddrs(c.String("master"))
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		cl := api.NewClient(addrs)
+		cl.AnswerTimeout = c.Duration("timeout")
+		cl.RetryFor = c.Duration("wait")
+		v := &volCtx{c: c, args: args, cl: cl, ctx: c.Context, json: c.String("output") == "json", out: c.App.Writer}
 		if err := fn(v); err != nil {
+			var ue *api.UnreachableError
+			if errors.As(err, &ue) && !ue.MaybeApplied {
+				return fmt.Errorf("%s: %w (--wait DURATION keeps trying longer)", name, volOneLine(err))
+			}
 			return fmt.Errorf("%s: %w", name, volOneLine(err))
 		}
 		return nil
@@ -108,77 +129,29 @@ func volOneLine(err error) error {
 	return errors.New(strings.ReplaceAll(err.Error(), "\n", " "))
 }
 
-// flagsAfterArgs parses flags written after positional arguments
-// (`volume create NAME --size 1GiB`): urfave/cli stops at the first
-// positional, so the rest is parsed with the command's own flags and set
-// on the context. It returns the positional arguments.
-func volFlagsAfterArgs(c *cli.Context) ([]string, error) {
-	rest := c.Args().Slice()
-	var pos []string
-	for len(rest) > 0 {
-		i := 0
-		for i < len(rest) && (!strings.HasPrefix(rest[i], "-") || rest[i] == "-") {
-			i++
-		}
-		pos = append(pos, rest[:i]...)
-		rest = rest[i:]
-		if len(rest) == 0 {
-			break
-		}
-		if rest[0] == "--" {
-			pos = append(pos, rest[1:]...)
-			break
-		}
-		fs := flag.NewFlagSet(c.Command.Name, flag.ContinueOnError)
-		fs.SetOutput(io.Discard)
-		for _, f := range c.Command.Flags {
-			if err := f.Apply(fs); err != nil {
-				return nil, err
-			}
-		}
-		if err := fs.Parse(rest); err != nil {
-			return nil, err
-		}
-		var setErr error
-		fs.Visit(func(f *flag.Flag) {
-			if err := c.Set(f.Name, f.Value.String()); err != nil && setErr == nil {
-				setErr = fmt.Errorf("flag --%s: %w", f.Name, err)
-			}
-		})
-		if setErr != nil {
-			return nil, setErr
-		}
-		rest = fs.Args()
-	}
-	return pos, nil
-}
-
 func (v *volCtx) name(optional bool) (string, error) {
 	switch {
 	case len(v.args) == 1:
-		return v.args[0], nil
+		return v.args[0], checkVolumeName(v.args[0])
 	case len(v.args) == 0 && optional:
 		return "", nil
 	case len(v.args) == 0:
 		return "", errors.New("a volume NAME is needed")
 	default:
-		return "", fmt.Errorf("one volume NAME expected, got %q", strings.Join(v.args, " "))
+		return "", fmt.Errorf("one volume NAME expected, got %d arguments", len(v.args))
 	}
 }
 
-// parseSize reads human units; align rounds up to a multiple of align.
+// volParseSize reads a size flag (empty: unset, 0); align rounds it up to a
+// multiple of align.
 func volParseSize(flagName, s string, align int64) (int64, error) {
 	if s == "" {
 		return 0, nil
 	}
-	n, err := humanize.ParseBytes(s)
+	sz, err := parseSize("--"+flagName, s)
 	if err != nil {
-		return 0, fmt.Errorf("--%s %q: %w", flagName, s, err)
+		return 0, err
 	}
-	if n > 1<<62 {
-		return 0, fmt.Errorf("--%s %q: too large", flagName, s)
-	}
-	sz := int64(n)
 	if align > 0 && sz%align != 0 {
 		r := (sz/align + 1) * align
 		fmt.Fprintf(os.Stderr, "note: --%s %s rounded up to %d bytes (a multiple of the %d-byte block size)\n", flagName, s, r, align)
@@ -189,11 +162,20 @@ func volParseSize(flagName, s string, align int64) (int64, error) {
 
 func (v *volCtx) policy(name string) (api.CreateVolumeRequest, error) {
 	c := v.c
+	if err := positiveIntFlag(c, "rf", "the replication factor counts copies, the primary's included"); err != nil {
+		return api.CreateVolumeRequest{}, err
+	}
+	if err := positiveIntFlag(c, "block-size", "a block size is a number of bytes (512 to 65536, a power of 2)"); err != nil {
+		return api.CreateVolumeRequest{}, err
+	}
+	if err := positiveIntFlag(c, "min-copies", "a flush needs at least one durable copy, the primary's"); err != nil {
+		return api.CreateVolumeRequest{}, err
+	}
 	bs := int64(c.Int("block-size"))
 	if bs <= 0 {
 		bs = 4096
 	}
-	req := api.CreateVolumeRequest{Name: name, RF: c.Int("rf"), Durability: c.String("durability"), Preset: c.String("preset"), BlockSize: c.Int("block-size")}
+	req := api.CreateVolumeRequest{Name: name, RF: c.Int("rf"), Durability: c.String("durability"), Preset: c.String("preset"), BlockSize: c.Int("block-size"), MinCopies: c.Int("min-copies")}
 	var err error
 	if req.SizeBytes, err = volParseSize("size", c.String("size"), bs); err != nil {
 		return req, err
@@ -233,11 +215,41 @@ func (v *volCtx) printInfo(i *api.VolumeInfo) error {
 		fmt.Fprintf(w, "preset:\t%s\n", i.Preset)
 	}
 	fmt.Fprintf(w, "wal size:\t%s\n", volHumanSize(i.WALSizeBytes))
+	fmt.Fprintf(w, "min copies:\t%d\n", i.MinCopies)
 	fmt.Fprintf(w, "primary:\t%s nbd=%s addr=%s head_lsn=%d\n", i.Primary.ServerID, i.Primary.NBDAddr, i.Primary.Addr, i.HeadLSN)
 	for _, r := range i.Replicas {
-		fmt.Fprintf(w, "replica:\t%s %s flushed_lsn=%d addr=%s\n", r.ServerID, r.State, r.FlushedLSN, r.Addr)
+		member := ""
+		switch {
+		case r.Stale:
+			member = " (stale)"
+		case r.InActingSet:
+			member = " (in acting set)"
+		}
+		fmt.Fprintf(w, "replica:\t%s %s flushed_lsn=%d addr=%s%s\n", r.ServerID, r.State, r.FlushedLSN, r.Addr, member)
+	}
+	fmt.Fprintf(w, "acting set:\t%s\n", volList(i.ActingSet))
+	fmt.Fprintf(w, "stale:\t%s\n", volList(i.Stale))
+	if i.FlushesOK {
+		fmt.Fprintf(w, "flushes:\tok\n")
+	} else {
+		blocker := i.FlushBlocker
+		if blocker == "" {
+			blocker = "no reason given"
+		}
+		fmt.Fprintf(w, "flushes:\tblocked: %s\n", blocker)
+	}
+	if i.Status == api.StatusFailed || i.Failure != "" {
+		fmt.Fprintf(w, "failure:\t%s\n", i.Failure)
 	}
 	return w.Flush()
+}
+
+// volList prints IDs comma-separated, "(none)" for none.
+func volList(ids []string) string {
+	if len(ids) == 0 {
+		return "(none)"
+	}
+	return strings.Join(ids, ",")
 }
 
 func volCreate(v *volCtx) error {
@@ -259,9 +271,32 @@ func volCreate(v *volCtx) error {
 	return v.printInfo(info)
 }
 
-func volList(v *volCtx) error {
+func volUpdate(v *volCtx) error {
+	name, err := v.name(false)
+	if err != nil {
+		return err
+	}
+	var req api.UpdateVolumeRequest
+	if v.c.IsSet("min-copies") {
+		n := v.c.Int("min-copies")
+		if n < 1 {
+			return fmt.Errorf("--min-copies %d: a flush needs at least one durable copy, the primary's; use 1 to the volume's rf", n)
+		}
+		req.MinCopies = &n
+	}
+	if req.MinCopies == nil {
+		return errors.New("nothing to update: give --min-copies N")
+	}
+	info, err := v.cl.UpdateVolume(v.ctx, name, req)
+	if err != nil {
+		return err
+	}
+	return v.printInfo(info)
+}
+
+func volListCmd(v *volCtx) error {
 	if len(v.args) != 0 {
-		return fmt.Errorf("unexpected arguments %q", strings.Join(v.args, " "))
+		return fmt.Errorf("unexpected arguments %s", api.QuoteName(strings.Join(v.args, " ")))
 	}
 	vols, err := v.cl.ListVolumes(v.ctx)
 	if err != nil {

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/blockd/blockd/nbd/wire"
 )
 
 // Options configure Attach.
@@ -151,7 +153,7 @@ func Attach(ctx context.Context, o Options) (*Device, error) {
 		}
 	}
 	defer closeAll(conns)
-	if exp.Flags&FlagReadOnly != 0 {
+	if exp.Flags&wire.FlagReadOnly != 0 {
 		d.log.Warn("nbd.read_only", "addr", addr)
 	}
 	fds, files, err := socketFDs(conns)
@@ -205,7 +207,7 @@ func (d *Device) dialAll(ctx context.Context, addr string) ([]net.Conn, Export, 
 		}
 		if i == 0 {
 			exp = e
-			if d.o.Connections > 1 && e.Flags&FlagCanMultiConn == 0 {
+			if d.o.Connections > 1 && e.Flags&wire.FlagCanMultiConn == 0 {
 				c.Close()
 				return nil, Export{}, fmt.Errorf("%s does not allow several connections (no CAN_MULTI_CONN): use --connections 1%w", addr, errPermanent)
 			}

@@ -13,41 +13,12 @@ import (
 	"io"
 	"net"
 	"time"
+
+	"github.com/blockd/blockd/nbd/wire"
 )
 
-// Protocol constants (NetworkBlockDevice doc/proto.md).
-const (
-	nbdMagic        = 0x4e42444d41474943 // "NBDMAGIC"
-	optMagic        = 0x49484156454F5054 // "IHAVEOPT"
-	optReplyMagic   = 0x0003e889045565a9
-	flagFixedNew    = 1 << 0
-	flagNoZeroes    = 1 << 1
-	optExportName   = 1
-	optAbort        = 2
-	optGo           = 7
-	repAck          = 1
-	repInfo         = 3
-	repFlagError    = 1 << 31
-	repErrUnsup     = repFlagError | 1
-	repErrPolicy    = repFlagError | 2
-	repErrUnknown   = repFlagError | 6
-	repErrShutdown  = repFlagError | 7
-	infoExport      = 0
-	infoBlockSize   = 3
-	maxOptReplySize = 1 << 20
-)
-
-// Transmission flags the server announces (also what the kernel takes as
-// NBD_ATTR_SERVER_FLAGS).
-const (
-	FlagHasFlags     = 1 << 0
-	FlagReadOnly     = 1 << 1
-	FlagSendFlush    = 1 << 2
-	FlagSendFUA      = 1 << 3
-	FlagSendTrim     = 1 << 5
-	FlagWriteZeroes  = 1 << 6
-	FlagCanMultiConn = 1 << 8
-)
+// maxOptReplySize bounds an option reply this client accepts.
+const maxOptReplySize = 1 << 20
 
 // ErrUnknownExport means the server has no such export (volume).
 var ErrUnknownExport = errors.New("nbd: unknown export")
@@ -78,20 +49,20 @@ func Negotiate(conn net.Conn, name string, deadline time.Time) (Export, error) {
 	if _, err := io.ReadFull(conn, hello[:]); err != nil {
 		return Export{}, fmt.Errorf("nbd handshake: read greeting: %w", err)
 	}
-	if binary.BigEndian.Uint64(hello[0:]) != nbdMagic {
+	if binary.BigEndian.Uint64(hello[0:]) != wire.MagicNBD {
 		return Export{}, fmt.Errorf("nbd handshake: not an NBD server (bad magic %#x)", binary.BigEndian.Uint64(hello[0:]))
 	}
-	if binary.BigEndian.Uint64(hello[8:]) != optMagic {
+	if binary.BigEndian.Uint64(hello[8:]) != wire.MagicIHaveOpt {
 		return Export{}, fmt.Errorf("nbd handshake: server speaks oldstyle NBD, need fixed newstyle")
 	}
 	hflags := binary.BigEndian.Uint16(hello[16:])
-	if hflags&flagFixedNew == 0 {
+	if hflags&wire.HandshakeFixedNewstyle == 0 {
 		return Export{}, fmt.Errorf("nbd handshake: server lacks fixed newstyle (flags %#x)", hflags)
 	}
-	cflags := uint32(flagFixedNew)
-	noZeroes := hflags&flagNoZeroes != 0
+	cflags := wire.ClientFixedNewstyle
+	noZeroes := hflags&wire.HandshakeNoZeroes != 0
 	if noZeroes {
-		cflags |= flagNoZeroes
+		cflags |= wire.ClientNoZeroes
 	}
 	if err := binary.Write(conn, binary.BigEndian, cflags); err != nil {
 		return Export{}, fmt.Errorf("nbd handshake: write client flags: %w", err)
@@ -101,8 +72,8 @@ func Negotiate(conn net.Conn, name string, deadline time.Time) (Export, error) {
 	data = binary.BigEndian.AppendUint32(data, uint32(len(name)))
 	data = append(data, name...)
 	data = binary.BigEndian.AppendUint16(data, 1)
-	data = binary.BigEndian.AppendUint16(data, infoBlockSize)
-	if err := writeOpt(conn, optGo, data); err != nil {
+	data = binary.BigEndian.AppendUint16(data, wire.InfoBlockSize)
+	if err := writeOpt(conn, wire.OptGo, data); err != nil {
 		return Export{}, err
 	}
 	exp := Export{Name: name}
@@ -112,39 +83,39 @@ func Negotiate(conn net.Conn, name string, deadline time.Time) (Export, error) {
 		if err != nil {
 			return Export{}, err
 		}
-		if opt != optGo {
-			return Export{}, fmt.Errorf("nbd handshake: reply for option %d, want %d", opt, optGo)
+		if opt != wire.OptGo {
+			return Export{}, fmt.Errorf("nbd handshake: reply for option %d, want %d", opt, wire.OptGo)
 		}
 		switch {
-		case typ == repAck:
+		case typ == wire.RepAck:
 			if !gotExport {
 				return Export{}, fmt.Errorf("nbd handshake: server acked OPT_GO without NBD_INFO_EXPORT")
 			}
 			return exp, nil
-		case typ == repInfo:
+		case typ == wire.RepInfo:
 			if len(payload) < 2 {
 				return Export{}, fmt.Errorf("nbd handshake: short NBD_REP_INFO")
 			}
 			switch binary.BigEndian.Uint16(payload) {
-			case infoExport:
+			case wire.InfoExport:
 				if len(payload) != 12 {
 					return Export{}, fmt.Errorf("nbd handshake: NBD_INFO_EXPORT of %d bytes", len(payload))
 				}
 				exp.Size = binary.BigEndian.Uint64(payload[2:])
 				exp.Flags = binary.BigEndian.Uint16(payload[10:])
 				gotExport = true
-			case infoBlockSize:
+			case wire.InfoBlockSize:
 				if len(payload) == 14 {
 					exp.MinBlock = binary.BigEndian.Uint32(payload[2:])
 					exp.PrefBlock = binary.BigEndian.Uint32(payload[6:])
 					exp.MaxBlock = binary.BigEndian.Uint32(payload[10:])
 				}
 			}
-		case typ == repErrUnsup:
+		case typ == wire.RepErrUnsup:
 			return exportName(conn, name, noZeroes)
-		case typ == repErrUnknown:
+		case typ == wire.RepErrUnknown:
 			return Export{}, fmt.Errorf("%w %q: %s", ErrUnknownExport, name, msgOr(payload, "no such export"))
-		case typ&repFlagError != 0:
+		case typ&wire.RepFlagError != 0:
 			return Export{}, fmt.Errorf("%w: %q: %s (NBD error %#x)", ErrRefused, name, msgOr(payload, "refused"), typ)
 		default:
 			// Unknown informational reply: ignore, per the protocol.
@@ -162,7 +133,7 @@ func msgOr(p []byte, def string) string {
 // exportName is the NBD_OPT_EXPORT_NAME fallback: the server answers with
 // size and flags, or closes the connection for an unknown export.
 func exportName(conn net.Conn, name string, noZeroes bool) (Export, error) {
-	if err := writeOpt(conn, optExportName, []byte(name)); err != nil {
+	if err := writeOpt(conn, wire.OptExportName, []byte(name)); err != nil {
 		return Export{}, err
 	}
 	n := 10
@@ -178,7 +149,7 @@ func exportName(conn net.Conn, name string, noZeroes bool) (Export, error) {
 
 func writeOpt(w io.Writer, opt uint32, data []byte) error {
 	b := make([]byte, 0, 16+len(data))
-	b = binary.BigEndian.AppendUint64(b, optMagic)
+	b = binary.BigEndian.AppendUint64(b, wire.MagicIHaveOpt)
 	b = binary.BigEndian.AppendUint32(b, opt)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
 	b = append(b, data...)
@@ -193,7 +164,7 @@ func readOptReply(r io.Reader) (opt, typ uint32, payload []byte, err error) {
 	if _, err := io.ReadFull(r, h[:]); err != nil {
 		return 0, 0, nil, fmt.Errorf("nbd handshake: read option reply: %w", err)
 	}
-	if m := binary.BigEndian.Uint64(h[0:]); m != optReplyMagic {
+	if m := binary.BigEndian.Uint64(h[0:]); m != wire.MagicOptReply {
 		return 0, 0, nil, fmt.Errorf("nbd handshake: bad option reply magic %#x", m)
 	}
 	opt = binary.BigEndian.Uint32(h[8:])

@@ -18,6 +18,7 @@ import (
 	"github.com/blockd/blockd/blockdev"
 	"github.com/blockd/blockd/internal/testenv"
 	"github.com/blockd/blockd/nbd"
+	"github.com/blockd/blockd/nbd/wire"
 )
 
 // zeroDev is the smallest real blockdev.Device: reads return zeroes.
@@ -68,17 +69,17 @@ func TestNegotiateBlockdServer(t *testing.T) {
 	if e.Size != 64<<20 {
 		t.Errorf("size %d", e.Size)
 	}
-	for _, f := range []uint16{FlagHasFlags, FlagSendFlush, FlagSendFUA, FlagCanMultiConn} {
+	for _, f := range []uint16{wire.FlagHasFlags, wire.FlagSendFlush, wire.FlagSendFUA, wire.FlagCanMultiConn} {
 		if e.Flags&f == 0 {
 			t.Errorf("flags %#x lack %#x", e.Flags, f)
 		}
 	}
-	if e.Flags&FlagReadOnly != 0 {
+	if e.Flags&wire.FlagReadOnly != 0 {
 		t.Errorf("vol0 reported read-only")
 	}
 	// Transmission phase works on the negotiated socket: a simple-reply READ.
 	req := make([]byte, 28)
-	putBE32(req[0:], 0x25609513)
+	putBE32(req[0:], wire.MagicRequest)
 	putBE16(req[6:], 0) // NBD_CMD_READ
 	putBE64(req[8:], 42)
 	putBE64(req[16:], 4096)
@@ -90,12 +91,12 @@ func TestNegotiateBlockdServer(t *testing.T) {
 	if _, err := io.ReadFull(c, rep); err != nil {
 		t.Fatalf("read reply: %v", err)
 	}
-	if be32(rep[0:]) != 0x67446698 || be32(rep[4:]) != 0 || be64(rep[8:]) != 42 {
+	if be32(rep[0:]) != wire.MagicSimpleReply || be32(rep[4:]) != 0 || be64(rep[8:]) != 42 {
 		t.Fatalf("bad reply header % x", rep[:16])
 	}
 
 	ro, _, err := dialNegotiate(t, addr, "ro")
-	if err != nil || ro.Flags&FlagReadOnly == 0 {
+	if err != nil || ro.Flags&wire.FlagReadOnly == 0 {
 		t.Errorf("ro export: %+v %v", ro, err)
 	}
 	_, _, err = dialNegotiate(t, addr, "nope")
@@ -121,7 +122,7 @@ func TestNegotiatePeers(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if e.Size != 32<<20 || e.Flags&FlagCanMultiConn == 0 {
+		if e.Size != 32<<20 || e.Flags&wire.FlagCanMultiConn == 0 {
 			t.Errorf("nbdkit export %+v", e)
 		}
 	})

@@ -72,10 +72,9 @@ func seedFromEnv(t *testing.T, def int64) int64 {
 }
 
 // TestTortureShort is the torture run of `go test ./...`: kill -9 of the
-// primary or a replica of an RF=3 sync_all volume under load, a slow
-// replica link (and the primary cut off from the master with
-// TORTURE_KNOWN_BUGS=1); at least 10 failovers, then porcupine checks the
-// history. TORTURE_SEED replays a schedule.
+// primary or a replica of an RF=3 sync_all volume under load, the primary
+// cut off from the master, a slow replica link; at least 10 failovers,
+// then porcupine checks the history. TORTURE_SEED replays a schedule.
 func TestTortureShort(t *testing.T) {
 	if os.Getenv("TORTURE_LONG") != "" {
 		t.Skip("TORTURE_LONG is set: TestTortureLong runs instead")
@@ -87,15 +86,8 @@ func TestTortureShort(t *testing.T) {
 		clients:   4,
 		blocks:    32,
 		leaseTTL:  2 * time.Second,
-		faults:    []fault{faultKillPrimary, faultKillReplica, faultSlowReplica},
-		weights:   []int{4, 1, 1},
-	}
-	if os.Getenv("TORTURE_KNOWN_BUGS") != "" {
-		// Isolation of the primary finds the stale read of
-		// TestDeposedPrimaryServesNoStaleRead now and then (not on every
-		// run): kept out of `go test ./...` until that fix lands, so the
-		// suite does not fail at random; make torture has it.
-		cfg.faults, cfg.weights = append(cfg.faults, faultIsolatePrimry), append(cfg.weights, 1)
+		faults:    []fault{faultKillPrimary, faultKillReplica, faultIsolatePrimry, faultSlowReplica},
+		weights:   []int{4, 1, 1, 1},
 	}
 	runTorture(t, cfg)
 }

@@ -1,4 +1,9 @@
-package main
+// Package client is a userspace NBD client: a blockdev.Device over
+// pipelined connections to an export that reconnects when they die. It is
+// the backend of `blockd attach ublk` when the volume's primary is another
+// process. The handshake is nbd/kernel's Negotiate (the same one the kernel
+// attach uses); the protocol constants are nbd/wire's.
+package client
 
 import (
 	"bufio"
@@ -15,16 +20,32 @@ import (
 
 	"github.com/blockd/blockd/blockdev"
 	"github.com/blockd/blockd/nbd/kernel"
+	"github.com/blockd/blockd/nbd/wire"
 )
 
-// nbdDevice is a blockdev.Device over an NBD connection to the volume's
-// primary: the backend of `blockd attach ublk` when the primary is another
-// process. Requests are pipelined on one connection (simple replies,
-// matched by handle). When the connection dies, requests are retried on a
-// new one to whatever address resolve returns then (the current primary
-// after a failover), until giveUp passes without a connection; then they
-// fail with EIO.
-type nbdDevice struct {
+// Options configure Dial.
+type Options struct {
+	// Export is the export (volume) name.
+	Export string
+	// Resolve returns the address to connect to now; it is asked again
+	// for every reconnect (the current primary after a failover).
+	Resolve func(ctx context.Context) (string, error)
+	// GiveUp: requests fail with blockdev.ErrIO once the device has been
+	// without a connection for this long.
+	GiveUp time.Duration
+	// Wait: Dial keeps trying this long for an export that is not served
+	// yet or refuses (a server starting, a failover); 0 tries once.
+	Wait time.Duration
+	// Logger receives connection events (default slog.Default()).
+	Logger *slog.Logger
+}
+
+// Device is a blockdev.Device over an NBD connection to the export.
+// Requests are pipelined on one connection (simple replies, matched by
+// handle). When the connection dies, requests are retried on a new one to
+// whatever address Resolve returns then, until GiveUp passes without a
+// connection; then they fail with EIO.
+type Device struct {
 	name    string
 	resolve func(ctx context.Context) (string, error)
 	giveUp  time.Duration
@@ -32,7 +53,7 @@ type nbdDevice struct {
 
 	mu     sync.Mutex
 	cond   *sync.Cond
-	conn   *nbdConn // nil while reconnecting
+	conn   *conn // nil while reconnecting
 	export kernel.Export
 	gen    int // connection generation
 	closed bool
@@ -40,50 +61,57 @@ type nbdDevice struct {
 	down   time.Time
 }
 
-const (
-	nbdCmdRead        = 0
-	nbdCmdWrite       = 1
-	nbdCmdDisc        = 2
-	nbdCmdFlush       = 3
-	nbdCmdTrim        = 4
-	nbdCmdWriteZeroes = 6
-	nbdCmdFlagFUA     = 1 << 0
-	nbdCmdFlagNoHole  = 1 << 1
-	nbdRequestMagic   = 0x25609513
-	nbdSimpleMagic    = 0x67446698
-)
-
-type nbdReply struct {
+type reply struct {
 	errno uint32
 	err   error // transport failure: retry on a new connection
 }
 
-type nbdPending struct {
+type pending struct {
 	buf  []byte // read destination
-	done chan nbdReply
+	done chan reply
 }
 
-type nbdConn struct {
+type conn struct {
 	nc      net.Conn
 	wmu     sync.Mutex
 	mu      sync.Mutex
-	pending map[uint64]*nbdPending
+	pending map[uint64]*pending
 	next    uint64
 	dead    error
 }
 
-func dialNBDDevice(ctx context.Context, name string, resolve func(context.Context) (string, error), giveUp time.Duration, log *slog.Logger) (*nbdDevice, error) {
-	d := &nbdDevice{name: name, resolve: resolve, giveUp: giveUp, log: log}
-	d.cond = sync.NewCond(&d.mu)
-	c, exp, err := d.dial(ctx)
-	if err != nil {
-		return nil, err
+// Dial connects to the export at the address o.Resolve gives, retrying
+// for o.Wait, and returns the device once the handshake is done.
+func Dial(ctx context.Context, o Options) (*Device, error) {
+	if o.Logger == nil {
+		o.Logger = slog.Default()
 	}
-	d.conn, d.export = c, exp
-	return d, nil
+	d := &Device{name: o.Export, resolve: o.Resolve, giveUp: o.GiveUp, log: o.Logger}
+	d.cond = sync.NewCond(&d.mu)
+	deadline := time.Now().Add(o.Wait)
+	for {
+		dctx, cancel := context.WithTimeout(ctx, dialTimeout)
+		c, exp, err := d.dial(dctx)
+		cancel()
+		if err == nil {
+			d.conn, d.export = c, exp
+			return d, nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return nil, err
+		}
+		d.log.Info("ublk.attach.retry", "volume", d.name, "err", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
 }
 
-func (d *nbdDevice) dial(ctx context.Context) (*nbdConn, kernel.Export, error) {
+// dialTimeout bounds one connect and handshake.
+const dialTimeout = 15 * time.Second
+
+func (d *Device) dial(ctx context.Context) (*conn, kernel.Export, error) {
 	addr, err := d.resolve(ctx)
 	if err != nil {
 		return nil, kernel.Export{}, err
@@ -106,27 +134,27 @@ func (d *nbdDevice) dial(ctx context.Context) (*nbdConn, kernel.Export, error) {
 		return nil, kernel.Export{}, fmt.Errorf("nbd: %s at %s: %w", d.name, addr, err)
 	}
 	nc.SetDeadline(time.Time{})
-	c := &nbdConn{nc: nc, pending: map[uint64]*nbdPending{}}
+	c := &conn{nc: nc, pending: map[uint64]*pending{}}
 	go c.readLoop()
 	d.log.Info("ublk.nbd.connected", "volume", d.name, "addr", addr, "size", exp.Size)
 	return c, exp, nil
 }
 
-func (c *nbdConn) fail(err error) {
+func (c *conn) fail(err error) {
 	c.mu.Lock()
 	if c.dead == nil {
 		c.dead = err
 	}
 	p := c.pending
-	c.pending = map[uint64]*nbdPending{}
+	c.pending = map[uint64]*pending{}
 	c.mu.Unlock()
 	c.nc.Close()
 	for _, r := range p {
-		r.done <- nbdReply{err: err}
+		r.done <- reply{err: err}
 	}
 }
 
-func (c *nbdConn) readLoop() {
+func (c *conn) readLoop() {
 	r := bufio.NewReaderSize(c.nc, 256<<10)
 	var hdr [16]byte
 	for {
@@ -134,7 +162,7 @@ func (c *nbdConn) readLoop() {
 			c.fail(fmt.Errorf("nbd: read reply: %w", err))
 			return
 		}
-		if binary.BigEndian.Uint32(hdr[0:]) != nbdSimpleMagic {
+		if binary.BigEndian.Uint32(hdr[0:]) != wire.MagicSimpleReply {
 			c.fail(fmt.Errorf("nbd: bad reply magic %#x", binary.BigEndian.Uint32(hdr[0:])))
 			return
 		}
@@ -150,30 +178,30 @@ func (c *nbdConn) readLoop() {
 		}
 		if errno == 0 && p.buf != nil {
 			if _, err := io.ReadFull(r, p.buf); err != nil {
-				p.done <- nbdReply{err: err}
+				p.done <- reply{err: err}
 				c.fail(fmt.Errorf("nbd: read data: %w", err))
 				return
 			}
 		}
-		p.done <- nbdReply{errno: errno}
+		p.done <- reply{errno: errno}
 	}
 }
 
 // send issues one request and waits for its reply.
-func (c *nbdConn) do(typ, flags uint16, off int64, length uint32, data, rbuf []byte) nbdReply {
-	p := &nbdPending{buf: rbuf, done: make(chan nbdReply, 1)}
+func (c *conn) do(typ, flags uint16, off int64, length uint32, data, rbuf []byte) reply {
+	p := &pending{buf: rbuf, done: make(chan reply, 1)}
 	c.mu.Lock()
 	if c.dead != nil {
 		err := c.dead
 		c.mu.Unlock()
-		return nbdReply{err: err}
+		return reply{err: err}
 	}
 	c.next++
 	h := c.next
 	c.pending[h] = p
 	c.mu.Unlock()
 	var hdr [28]byte
-	binary.BigEndian.PutUint32(hdr[0:], nbdRequestMagic)
+	binary.BigEndian.PutUint32(hdr[0:], wire.MagicRequest)
 	binary.BigEndian.PutUint16(hdr[4:], flags)
 	binary.BigEndian.PutUint16(hdr[6:], typ)
 	binary.BigEndian.PutUint64(hdr[8:], h)
@@ -194,7 +222,7 @@ func (c *nbdConn) do(typ, flags uint16, off int64, length uint32, data, rbuf []b
 
 // current returns a live connection, reconnecting (to the address resolve
 // gives now) when the last one died; an error once giveUp has passed.
-func (d *nbdDevice) current(broken *nbdConn) (*nbdConn, error) {
+func (d *Device) current(broken *conn) (*conn, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if broken != nil && d.conn == broken {
@@ -218,7 +246,7 @@ func (d *nbdDevice) current(broken *nbdConn) (*nbdConn, error) {
 	return d.conn, nil
 }
 
-func (d *nbdDevice) reconnect() {
+func (d *Device) reconnect() {
 	for attempt := 0; ; attempt++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		c, exp, err := d.dial(ctx)
@@ -247,8 +275,8 @@ func (d *nbdDevice) reconnect() {
 	}
 }
 
-func (d *nbdDevice) request(typ, flags uint16, off int64, length uint32, data, rbuf []byte) error {
-	var c *nbdConn
+func (d *Device) request(typ, flags uint16, off int64, length uint32, data, rbuf []byte) error {
+	var c *conn
 	for {
 		var err error
 		c, err = d.current(c)
@@ -260,14 +288,14 @@ func (d *nbdDevice) request(typ, flags uint16, off int64, length uint32, data, r
 			continue // connection died: retry on the next one
 		}
 		if r.errno != 0 {
-			return fmt.Errorf("nbd: %s: command %d at %d+%d: %w", d.name, typ, off, length, nbdErrno(r.errno))
+			return fmt.Errorf("nbd: %s: command %d at %d+%d: %w", d.name, typ, off, length, errnoError(r.errno))
 		}
 		return nil
 	}
 }
 
-// nbdErrno maps an NBD error code onto the blockdev sentinels.
-func nbdErrno(e uint32) error {
+// errnoError maps an NBD error code onto the blockdev sentinels.
+func errnoError(e uint32) error {
 	switch syscall.Errno(e) {
 	case syscall.EPERM:
 		return blockdev.ErrNotPrimary
@@ -281,36 +309,36 @@ func nbdErrno(e uint32) error {
 	return blockdev.ErrIO
 }
 
-func (d *nbdDevice) Size() int64    { return int64(d.export.Size) }
-func (d *nbdDevice) BlockSize() int { return 4096 }
+func (d *Device) Size() int64    { return int64(d.export.Size) }
+func (d *Device) BlockSize() int { return 4096 }
 
-func (d *nbdDevice) ReadAt(p []byte, off int64) error {
-	return d.request(nbdCmdRead, 0, off, uint32(len(p)), nil, p)
+func (d *Device) ReadAt(p []byte, off int64) error {
+	return d.request(wire.CmdRead, 0, off, uint32(len(p)), nil, p)
 }
 
-func (d *nbdDevice) WriteAt(p []byte, off int64, fua bool) error {
+func (d *Device) WriteAt(p []byte, off int64, fua bool) error {
 	var fl uint16
 	if fua {
-		fl = nbdCmdFlagFUA
+		fl = wire.CmdFlagFUA
 	}
-	return d.request(nbdCmdWrite, fl, off, uint32(len(p)), p, nil)
+	return d.request(wire.CmdWrite, fl, off, uint32(len(p)), p, nil)
 }
 
-func (d *nbdDevice) Flush() error { return d.request(nbdCmdFlush, 0, 0, 0, nil, nil) }
+func (d *Device) Flush() error { return d.request(wire.CmdFlush, 0, 0, 0, nil, nil) }
 
-func (d *nbdDevice) Trim(off, n int64) error {
-	return d.chunked(off, n, func(o int64, l uint32) error { return d.request(nbdCmdTrim, 0, o, l, nil, nil) })
+func (d *Device) Trim(off, n int64) error {
+	return d.chunked(off, n, func(o int64, l uint32) error { return d.request(wire.CmdTrim, 0, o, l, nil, nil) })
 }
 
-func (d *nbdDevice) WriteZeroes(off, n int64, punch bool) error {
+func (d *Device) WriteZeroes(off, n int64, punch bool) error {
 	var fl uint16
 	if !punch {
-		fl = nbdCmdFlagNoHole
+		fl = wire.CmdFlagNoHole
 	}
-	return d.chunked(off, n, func(o int64, l uint32) error { return d.request(nbdCmdWriteZeroes, fl, o, l, nil, nil) })
+	return d.chunked(off, n, func(o int64, l uint32) error { return d.request(wire.CmdWriteZeroes, fl, o, l, nil, nil) })
 }
 
-func (d *nbdDevice) chunked(off, n int64, fn func(int64, uint32) error) error {
+func (d *Device) chunked(off, n int64, fn func(int64, uint32) error) error {
 	const max = 1 << 30
 	for n > 0 {
 		l := min(n, max)
@@ -322,12 +350,12 @@ func (d *nbdDevice) chunked(off, n int64, fn func(int64, uint32) error) error {
 	return nil
 }
 
-func (d *nbdDevice) BlockStatus(off, n int64) ([]blockdev.Extent, error) {
+func (d *Device) BlockStatus(off, n int64) ([]blockdev.Extent, error) {
 	return []blockdev.Extent{{Offset: off, Length: n}}, nil
 }
 
 // Close sends NBD_CMD_DISC and closes the connection.
-func (d *nbdDevice) Close() error {
+func (d *Device) Close() error {
 	d.mu.Lock()
 	d.closed = true
 	c := d.conn
@@ -338,8 +366,8 @@ func (d *nbdDevice) Close() error {
 		return nil
 	}
 	var hdr [28]byte
-	binary.BigEndian.PutUint32(hdr[0:], nbdRequestMagic)
-	binary.BigEndian.PutUint16(hdr[6:], nbdCmdDisc)
+	binary.BigEndian.PutUint32(hdr[0:], wire.MagicRequest)
+	binary.BigEndian.PutUint16(hdr[6:], wire.CmdDisc)
 	c.wmu.Lock()
 	c.nc.Write(hdr[:])
 	c.wmu.Unlock()

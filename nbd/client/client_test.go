@@ -1,4 +1,4 @@
-package main
+package client_test
 
 import (
 	"bytes"
@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -15,6 +16,7 @@ import (
 	"github.com/blockd/blockd/blockdev"
 	"github.com/blockd/blockd/blockvol"
 	"github.com/blockd/blockd/nbd"
+	"github.com/blockd/blockd/nbd/client"
 )
 
 // startNBD serves vol over NBD on a fresh loopback port.
@@ -29,11 +31,11 @@ func startNBD(t *testing.T, vol blockdev.Device) (*nbd.Server, string) {
 	return srv, l.Addr().String()
 }
 
-// TestNBDDeviceAgainstServer drives the ublk backend's NBD client against
+// TestDeviceAgainstServer drives the ublk backend's NBD client against
 // the real NBD server and engine: every operation, concurrent requests,
 // errors mapped to blockdev sentinels, and a reconnect to a new address
 // (the primary moved) with requests issued while the link was down.
-func TestNBDDeviceAgainstServer(t *testing.T) {
+func TestDeviceAgainstServer(t *testing.T) {
 	vol, err := blockvol.Create(t.TempDir(), blockvol.Options{Size: 64 << 20, WALSize: 8 << 20})
 	if err != nil {
 		t.Fatal(err)
@@ -44,7 +46,7 @@ func TestNBDDeviceAgainstServer(t *testing.T) {
 	cur.Store(addr)
 	resolve := func(context.Context) (string, error) { return cur.Load().(string), nil }
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	d, err := dialNBDDevice(context.Background(), "vol0", resolve, 30*time.Second, log)
+	d, err := client.Dial(context.Background(), client.Options{Export: "vol0", Resolve: resolve, GiveUp: 30 * time.Second, Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,9 +125,9 @@ func TestNBDDeviceAgainstServer(t *testing.T) {
 	}
 }
 
-// TestNBDDeviceGivesUp checks that without any server the device fails
+// TestDeviceGivesUp checks that without any server the device fails
 // requests with EIO after give-up instead of hanging.
-func TestNBDDeviceGivesUp(t *testing.T) {
+func TestDeviceGivesUp(t *testing.T) {
 	vol, err := blockvol.Create(t.TempDir(), blockvol.Options{Size: 16 << 20, WALSize: 4 << 20})
 	if err != nil {
 		t.Fatal(err)
@@ -133,7 +135,7 @@ func TestNBDDeviceGivesUp(t *testing.T) {
 	defer vol.Close()
 	srv, addr := startNBD(t, vol)
 	resolve := func(context.Context) (string, error) { return addr, nil }
-	d, err := dialNBDDevice(context.Background(), "vol0", resolve, 2*time.Second, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	d, err := client.Dial(context.Background(), client.Options{Export: "vol0", Resolve: resolve, GiveUp: 2 * time.Second, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -142,5 +144,45 @@ func TestNBDDeviceGivesUp(t *testing.T) {
 	err = d.ReadAt(make([]byte, 4096), 0)
 	if !errors.Is(err, blockdev.ErrIO) {
 		t.Fatalf("read with no server: %v, want ErrIO", err)
+	}
+}
+
+// TestDialWaitsForTheServer: with Wait, Dial keeps trying until the export
+// is served; without it, one refused connection is the answer.
+func TestDialWaitsForTheServer(t *testing.T) {
+	vol, err := blockvol.Create(t.TempDir(), blockvol.Options{Size: 16 << 20, WALSize: 4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vol.Close()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	resolve := func(context.Context) (string, error) { return addr, nil }
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if _, err := client.Dial(context.Background(), client.Options{Export: "vol0", Resolve: resolve, GiveUp: time.Second, Logger: log}); err == nil || !strings.Contains(err.Error(), addr) {
+		t.Fatalf("dial with nothing listening: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		d, err := client.Dial(context.Background(), client.Options{Export: "vol0", Resolve: resolve, GiveUp: time.Second, Wait: time.Minute, Logger: log})
+		if err == nil {
+			d.Close()
+		}
+		done <- err
+	}()
+	time.Sleep(300 * time.Millisecond) // Dial is retrying a refused address
+	l, err = net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := nbd.NewServer(nbd.StaticExports{{Name: "vol0", Device: vol}}, nbd.WithLogger(log))
+	go srv.Serve(l)
+	defer srv.Close()
+	if err := <-done; err != nil {
+		t.Fatalf("dial with Wait: %v", err)
 	}
 }
