@@ -2,33 +2,25 @@ package vfs
 
 import (
 	"fmt"
-	"os"
 	"strconv"
 )
 
 // FaultsEnv names the environment variable that makes a whole process run
-// on an ErrorFS: when it is set at start, Default (the real OS file
-// system) is wrapped with the rules ParseRules reads from it, so the real
-// blockd processes of a multi-process test get faults on real disks.
-// FaultsSeedEnv seeds the probabilistic rules (default 1). A bad value
-// stops the process at start with a message naming the variable.
+// on an ErrorFS: the blockd command calls FaultsFromEnv at start and, when
+// it is set, wraps Default (the real OS file system) with the rules
+// ParseRules reads from it, so the real blockd processes of a
+// multi-process test get faults on real disks. FaultsSeedEnv seeds the
+// probabilistic rules (default 1). The library itself reads no
+// environment: only the command does.
 const (
 	FaultsEnv     = "BLOCKD_VFS_FAULTS"
 	FaultsSeedEnv = "BLOCKD_VFS_FAULTS_SEED"
 )
 
-func init() {
-	fs, err := faultsFromEnv(Default, os.Getenv)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(2)
-	}
-	Default = fs
-}
-
-// faultsFromEnv returns base, or base wrapped in an ErrorFS when
-// FaultsEnv is set.
-func faultsFromEnv(base FS, getenv func(string) string) (FS, error) {
+// FaultsFromEnv returns base, or base wrapped in an ErrorFS when FaultsEnv
+// is set (getenv is os.Getenv in the command). A bad value is an error
+// naming the variable.
+func FaultsFromEnv(base FS, getenv func(string) string) (FS, error) {
 	spec := getenv(FaultsEnv)
 	if spec == "" {
 		return base, nil

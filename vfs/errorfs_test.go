@@ -249,11 +249,11 @@ func TestFaultsFromEnv(t *testing.T) {
 	env := func(kv map[string]string) func(string) string {
 		return func(k string) string { return kv[k] }
 	}
-	fs, err := faultsFromEnv(Default, env(nil))
+	fs, err := FaultsFromEnv(Default, env(nil))
 	if err != nil || fs != Default {
 		t.Fatalf("unset: %v, %v", fs, err)
 	}
-	fs, err = faultsFromEnv(Default, env(map[string]string{FaultsEnv: "sync:*:enospc", FaultsSeedEnv: "9"}))
+	fs, err = FaultsFromEnv(Default, env(map[string]string{FaultsEnv: "sync:*:enospc", FaultsSeedEnv: "9"}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -270,7 +270,7 @@ func TestFaultsFromEnv(t *testing.T) {
 		{FaultsEnv: " ; "},
 		{FaultsEnv: "sync:*:eio", FaultsSeedEnv: "x"},
 	} {
-		if _, err := faultsFromEnv(Default, env(bad)); err == nil || !strings.Contains(err.Error(), "BLOCKD_VFS_FAULTS") {
+		if _, err := FaultsFromEnv(Default, env(bad)); err == nil || !strings.Contains(err.Error(), "BLOCKD_VFS_FAULTS") {
 			t.Errorf("%v: error %v does not name the variable", bad, err)
 		}
 	}
