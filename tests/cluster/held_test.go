@@ -262,7 +262,7 @@ func TestHeldMalformedJSON(t *testing.T) {
 			st, body := post(t, c.mAPI[0], p, b)
 			e := errBody(body)
 			if st != http.StatusBadRequest || e.Code != api.CodeBadRequest || !strings.Contains(e.Message, "invalid JSON") {
-				t.Errorf("POST %s %q: %d %s, want 400 bad_request naming the invalid JSON", p, b, st, strings.TrimSpace(body))
+				t.Errorf("POST %s %q: %d %s, want 400 bad_request naming the invalid JSON", p, b, st, strings.Join(strings.Fields(body), " "))
 			}
 		}
 	}
