@@ -215,7 +215,10 @@ func (q *queue) run(ready chan<- error) {
 		return
 	}
 	// A FETCH_REQ the driver refuses completes at once with an error.
-	for q.ring.Ready() > 0 {
+	// Only the head is peeked (not consumed): before START_DEV no request
+	// can complete a FETCH_REQ, so a completion here is a refusal or the
+	// wake; loop() consumes whatever is there.
+	if q.ring.Ready() > 0 {
 		c, _ := q.ring.PeekCQE()
 		if c.UserData != wakeTag && c.Res < 0 {
 			q.teardown()
@@ -223,7 +226,6 @@ func (q *queue) run(ready chan<- error) {
 			ready <- q.err
 			return
 		}
-		break
 	}
 	ready <- nil
 	q.err = q.loop()

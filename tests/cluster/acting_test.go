@@ -398,7 +398,7 @@ func TestActingRF2ReplicaKilled(t *testing.T) {
 	if d := at.Sub(killed); d > leaseTTL+time.Second {
 		t.Errorf("durable write outage %v after the RF2 replica kill exceeds lease TTL + 1s", d)
 	}
-	info = c.waitActing("db", victim+" stale", 30*time.Second, func(i *api.VolumeInfo) error {
+	c.waitActing("db", victim+" stale", 30*time.Second, func(i *api.VolumeInfo) error {
 		if !isStale(i, victim) || !i.FlushesOK {
 			return fmt.Errorf("acting %v stale %v flushes_ok %v (%s)", i.ActingSet, i.Stale, i.FlushesOK, i.FlushBlocker)
 		}

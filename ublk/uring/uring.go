@@ -127,8 +127,7 @@ type Ring struct {
 	cqEntries uint32
 	cqes      unsafe.Pointer
 
-	tail    uint32 // local SQ tail: SQEs prepared, published on Submit
-	pending uint32 // SQEs published but not yet consumed by the kernel
+	tail uint32 // local SQ tail: SQEs prepared, published on Submit
 }
 
 // ErrRingFull is returned by GetSQE's callers when no SQE is free.
