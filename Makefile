@@ -31,3 +31,5 @@ fuzz:
 	$(GO) test ./wal -run '^$$' -fuzz FuzzScan -fuzztime 60s
 	$(GO) test ./replication -run '^$$' -fuzz FuzzMsgReader -fuzztime 60s
 	$(GO) test ./replication -run '^$$' -fuzz FuzzReceiverRecord -fuzztime 60s
+	$(GO) test ./nbd -run '^$$' -fuzz '^FuzzServerTLSRequired$$' -fuzztime 60s
+	$(GO) test ./nbd -run '^$$' -fuzz '^FuzzServerTLSSession$$' -fuzztime 60s

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bufio"
+	"crypto/x509"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -31,6 +32,9 @@ type conn struct {
 	structured bool
 	metaAlloc  bool
 	metaExport string
+
+	peer        *x509.Certificate // the verified client certificate after STARTTLS
+	warnedPlain bool              // a TLS_REQD refusal was logged
 
 	mu    sync.Mutex // guards exp and phase
 	exp   Export
@@ -78,7 +82,7 @@ func (c *conn) exportName() string {
 
 func (c *conn) serve() {
 	defer close(c.done)
-	defer c.nc.Close()
+	defer func() { c.nc.Close() }() // the TLS conn once STARTTLS replaced it
 	log := c.srv.log
 	if err := c.negotiate(); err != nil {
 		if !errors.Is(err, errAbort) {

@@ -81,6 +81,12 @@ func (c *conn) negotiate() error {
 			}
 			continue
 		}
+		if handled, err := c.tlsGate(opt, data); handled || err != nil {
+			if err != nil {
+				return err
+			}
+			continue
+		}
 		done, err := c.handleOption(opt, data)
 		if err != nil || done {
 			return err

@@ -10,6 +10,7 @@ package nbd
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -106,6 +107,7 @@ type Server struct {
 	maxInFlight      int
 	handshakeTimeout time.Duration
 	maxBlock         uint32
+	tls              *tls.Config
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}

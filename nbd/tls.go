@@ -1,0 +1,117 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/blockd/blockd/nbd/wire"
+)
+
+// WithTLS requires TLS on every connection (the NBD protocol's "TLS
+// required" mode): before NBD_OPT_STARTTLS every option but NBD_OPT_ABORT
+// is answered NBD_REP_ERR_TLS_REQD (NBD_OPT_EXPORT_NAME, which cannot
+// carry an error, ends the session); STARTTLS upgrades the connection with
+// cfg, which should demand a client certificate. nil: plain NBD.
+func WithTLS(cfg *tls.Config) Option { return func(s *Server) { s.tls = cfg } }
+
+// tlsHandshakeTimeout bounds the TLS handshake after STARTTLS (the whole
+// negotiation is bounded by WithHandshakeTimeout too).
+const tlsHandshakeTimeout = 10 * time.Second
+
+// errTLSRequired ends a session that asked for an export in the clear.
+var errTLSRequired = errors.New("TLS required: the client sent NBD_OPT_EXPORT_NAME without NBD_OPT_STARTTLS")
+
+// tlsGate answers an option received before STARTTLS on a TLS-only server.
+// handled means the option was dealt with here.
+func (c *conn) tlsGate(opt uint32, data []byte) (handled bool, err error) {
+	if c.srv.tls == nil {
+		if opt == wire.OptStartTLS {
+			return true, c.optReply(opt, wire.RepErrUnsup, []byte("this server does not offer TLS"))
+		}
+		return false, nil
+	}
+	if c.peer != nil {
+		if opt == wire.OptStartTLS {
+			return true, c.optReply(opt, wire.RepErrInvalid, []byte("TLS is already negotiated"))
+		}
+		return false, nil
+	}
+	switch opt {
+	case wire.OptStartTLS:
+		if len(data) != 0 {
+			return true, c.optReply(opt, wire.RepErrInvalid, []byte("NBD_OPT_STARTTLS takes no data"))
+		}
+		return true, c.startTLS()
+	case wire.OptAbort:
+		return false, nil
+	case wire.OptExportName:
+		c.srv.log.Warn("nbd: tls_required", "remote", c.remote, "option", opt, "err", errTLSRequired)
+		return true, errTLSRequired
+	default:
+		if !c.warnedPlain {
+			c.warnedPlain = true
+			c.srv.log.Warn("nbd: tls_required", "remote", c.remote, "option", opt,
+				"err", "option sent before NBD_OPT_STARTTLS on a TLS-only server")
+		}
+		return true, c.optReply(opt, wire.RepErrTLSReqd, []byte("TLS required: send NBD_OPT_STARTTLS first"))
+	}
+}
+
+// startTLS acknowledges STARTTLS and runs the server handshake; on
+// success the connection continues negotiating over TLS.
+func (c *conn) startTLS() error {
+	if c.br.Buffered() > 0 {
+		// Bytes sent after STARTTLS before our reply would be read as if
+		// they had come over TLS: refuse rather than let them in.
+		c.srv.log.Warn("nbd: tls_refused", "remote", c.remote, "reason", "data pipelined after NBD_OPT_STARTTLS")
+		return errors.New("client sent data after NBD_OPT_STARTTLS before the reply")
+	}
+	if err := c.optReply(wire.OptStartTLS, wire.RepAck, nil); err != nil {
+		return err
+	}
+	tc := tls.Server(c.nc, c.srv.tls)
+	ctx, cancel := context.WithTimeout(context.Background(), tlsHandshakeTimeout)
+	err := tc.HandshakeContext(ctx)
+	cancel()
+	if err != nil {
+		reason := describeTLS(err)
+		c.srv.log.Warn("nbd: tls_refused", "remote", c.remote, "reason", reason)
+		return fmt.Errorf("tls handshake: %s", reason)
+	}
+	st := tc.ConnectionState()
+	if len(st.PeerCertificates) > 0 {
+		c.peer = st.PeerCertificates[0]
+	} else {
+		c.peer = &x509.Certificate{} // the config did not ask for one
+	}
+	c.mu.Lock()
+	c.nc = tc
+	c.mu.Unlock()
+	c.br = bufio.NewReaderSize(tc, readBufferSize)
+	c.out.nc = tc
+	c.srv.log.Info("nbd: tls_established", "remote", c.remote, "client", c.peer.Subject.CommonName,
+		"version", tls.VersionName(st.Version))
+	return nil
+}
+
+// describeTLS is a handshake failure in a few words for the log.
+func describeTLS(err error) string {
+	var ce *tls.CertificateVerificationError
+	var rh tls.RecordHeaderError
+	var ne net.Error
+	switch {
+	case errors.As(err, &ce):
+		return "client certificate rejected: " + ce.Err.Error()
+	case errors.As(err, &rh):
+		return "not a TLS ClientHello: " + rh.Msg
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		return "TLS handshake did not complete in time"
+	}
+	return err.Error()
+}
