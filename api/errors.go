@@ -20,6 +20,8 @@ const (
 	CodeNoPrimary           = "no_primary"
 	CodeInternal            = "internal"
 	CodeUnavailable         = "unavailable" // transport: no master answered
+	// CodeForbidden (403): the client certificate's identity may not make this call.
+	CodeForbidden = "forbidden"
 )
 
 // Error is the JSON body of every non-2xx reply, and the error type Client

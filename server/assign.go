@@ -18,6 +18,7 @@ import (
 // repeats every assignment in every reply). A volume that cannot be
 // created or opened is reported in the next heartbeats' Failures instead.
 func (s *Server) apply(resp *api.HeartbeatResponse, sent time.Time) {
+	s.peers.set(resp.Assignments)
 	assigned := map[string]bool{}
 	for _, a := range resp.Assignments {
 		if a.Role != api.RoleNone {

@@ -33,6 +33,7 @@ func volClientFlags(extra ...cli.Flag) []cli.Flag {
 		&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "output format: json (default: text)"},
 		&cli.DurationFlag{Name: "timeout", Value: defaultAnswerTimeout, Usage: "how long one master may take to answer before the next is tried"},
 		&cli.DurationFlag{Name: "wait", Value: defaultWait, Usage: "keep retrying this long while no master answers or none is leader (a master starting, an election)"},
+		tlsFlags()[0], tlsFlags()[1], tlsFlags()[2],
 	}, extra...)
 }
 
@@ -106,7 +107,10 @@ func volumeCmd(fn func(*volCtx) error) cli.ActionFunc {
 		if err != nil {
 			return fmt.Errorf("%s: %w", name, err)
 		}
-		cl := api.NewClient(addrs)
+		cl, err := apiClient(c, addrs)
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
 		cl.AnswerTimeout = c.Duration("timeout")
 		cl.RetryFor = c.Duration("wait")
 		v := &volCtx{c: c, args: args, cl: cl, ctx: c.Context, json: c.String("output") == "json", out: c.App.Writer}
