@@ -117,7 +117,11 @@ func (s *Server) applyOne(a api.VolumeAssignment, sent time.Time) error {
 		if err := h.vol.Expand(a.SizeBytes); err != nil {
 			return fmt.Errorf("expand: %w", err)
 		}
-		s.log.Info("volume_expanded", "volume", a.Volume, "size", a.SizeBytes)
+		// NBD fixes an export's size for the life of a connection: cut
+		// the clients off so they renegotiate the new size (a kernel
+		// keeper reconnects by itself and grows its device).
+		n := s.nbdSrv.DisconnectExport(a.Volume)
+		s.log.Info("volume_expanded", "volume", a.Volume, "size", a.SizeBytes, "nbd_conns_closed", n)
 	}
 	return nil
 }

@@ -18,6 +18,7 @@ var allowed = map[string][]string{
 	"cmd/blockd":        {"*"},
 	"server":            {"replication", "blockvol", "nbd", "ublk", "api", "blockdev", "vfs", "tlsauth"},
 	"master":            {"api", "tlsauth"},
+	"csi":               {"api", "nbd/kernel"},
 	"replication":       {"blockvol", "wal", "blockdev", "vfs"},
 	"blockvol":          {"wal", "vfs", "blockdev"},
 	"nbd":               {"blockdev", "nbd/wire"},

@@ -1,0 +1,181 @@
+package csi
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/internal/testenv"
+)
+
+// A small harness of real processes: a `blockd master` and `blockd server`s
+// on loopback, built from this module (as tests/cluster does).
+
+var (
+	buildOnce sync.Once
+	blockdBin string
+	buildErr  error
+)
+
+// buildBlockd builds cmd/blockd once per test process.
+func buildBlockd(t *testing.T) string {
+	t.Helper()
+	goTool := testenv.RequireTool(t, "go")
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "blockd-csi-bin")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		blockdBin = filepath.Join(dir, "blockd")
+		out, err := exec.Command(goTool, "build", "-o", blockdBin, "github.com/blockd/blockd/cmd/blockd").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("build blockd: %w\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return blockdBin
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+type proc struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	log  string
+}
+
+// cluster is one master and some volume servers in a temp directory.
+type cluster struct {
+	t      *testing.T
+	dir    string
+	master string
+	client *api.Client
+	procs  []*proc
+}
+
+func (c *cluster) start(name string, args ...string) {
+	c.t.Helper()
+	logPath := filepath.Join(c.dir, name+".log")
+	f, err := os.Create(logPath)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	cmd := exec.Command(buildBlockd(c.t), args...)
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Start(); err != nil {
+		f.Close()
+		c.t.Fatalf("start %s: %v", name, err)
+	}
+	p := &proc{cmd: cmd, done: make(chan struct{}), log: logPath}
+	go func() { _ = cmd.Wait(); f.Close(); close(p.done) }()
+	c.procs = append(c.procs, p)
+}
+
+// newCluster starts a master and n servers and waits until all are alive.
+func newCluster(t *testing.T, servers int) *cluster {
+	c := &cluster{t: t, dir: t.TempDir(), master: freeAddr(t)}
+	t.Cleanup(func() {
+		for _, p := range c.procs {
+			_ = p.cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-p.done:
+			case <-time.After(15 * time.Second):
+				_ = p.cmd.Process.Kill()
+				<-p.done
+			}
+		}
+		if t.Failed() {
+			for _, p := range c.procs {
+				b, _ := os.ReadFile(p.log)
+				if len(b) > 8000 {
+					b = b[len(b)-8000:]
+				}
+				t.Logf("---- %s\n%s", filepath.Base(p.log), b)
+			}
+		}
+	})
+	c.start("master", "master", "--data", filepath.Join(c.dir, "master"), "--api", c.master, "--lease-ttl", "3s")
+	c.client = api.NewClient([]string{c.master})
+	var ids []string
+	for i := 1; i <= servers; i++ {
+		id := fmt.Sprintf("s%d", i)
+		ids = append(ids, id)
+		c.start(id, "server", "--id", id, "--data", filepath.Join(c.dir, id), "--master", c.master,
+			"--listen", freeAddr(t), "--nbd", freeAddr(t), "--capacity", "20GiB")
+	}
+	c.waitFor("servers alive", 60*time.Second, func() error {
+		ss, err := c.client.Servers(context.Background())
+		if err != nil {
+			return err
+		}
+		alive := map[string]bool{}
+		for _, s := range ss {
+			alive[s.ServerID] = s.Alive
+		}
+		for _, id := range ids {
+			if !alive[id] {
+				return fmt.Errorf("server %s not alive (have %v)", id, alive)
+			}
+		}
+		return nil
+	})
+	return c
+}
+
+func (c *cluster) waitFor(what string, d time.Duration, cond func() error) {
+	c.t.Helper()
+	deadline := time.Now().Add(d)
+	var err error
+	for time.Now().Before(deadline) {
+		if err = cond(); err == nil {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	c.t.Fatalf("timed out after %v waiting for %s: %v", d, what, err)
+}
+
+// startDriver serves a driver in mode on a socket in a temp directory and
+// returns its endpoint.
+func startDriver(t *testing.T, masters []string, mode string) (string, *Driver) {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "csi.sock")
+	d, err := New(Config{Endpoint: "unix://" + sock, NodeID: "node-1", Masters: masters, Mode: mode})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := Listen(d.cfg.Endpoint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Serve(ctx, l) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil && !strings.Contains(err.Error(), "closed") {
+			t.Errorf("driver: %v", err)
+		}
+	})
+	return "unix://" + sock, d
+}
