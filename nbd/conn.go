@@ -58,6 +58,7 @@ type conn struct {
 
 	out      sender
 	draining atomic.Bool
+	xmit     atomic.Bool  // negotiation is over (its deadline cleared)
 	latency  atomic.Int64 // EWMA of read/write execution time, ns
 }
 
@@ -91,6 +92,7 @@ func (c *conn) serve() {
 		return
 	}
 	_ = c.nc.SetDeadline(time.Time{})
+	c.xmit.Store(true)
 	c.mu.Lock()
 	drainNow := c.phase == 2
 	if c.phase == 0 {

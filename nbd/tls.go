@@ -75,7 +75,9 @@ func (c *conn) startTLS() error {
 	if err := c.optReply(wire.OptStartTLS, wire.RepAck, nil); err != nil {
 		return err
 	}
-	tc := tls.Server(c.nc, c.srv.tls)
+	raw := c.nc
+	// TLS reads from a large buffer: one read(2) brings many records.
+	tc := tls.Server(&bufConn{Conn: raw, r: bufio.NewReaderSize(raw, readBufferSize)}, c.srv.tls)
 	ctx, cancel := context.WithTimeout(context.Background(), tlsHandshakeTimeout)
 	err := tc.HandshakeContext(ctx)
 	cancel()
@@ -93,7 +95,7 @@ func (c *conn) startTLS() error {
 	c.mu.Lock()
 	c.nc = tc
 	c.mu.Unlock()
-	c.br = bufio.NewReaderSize(tc, readBufferSize)
+	c.br = bufio.NewReaderSize(&readAhead{tc: tc, raw: raw, c: c}, readBufferSize)
 	c.out.nc = tc
 	c.srv.log.Info("nbd: tls_established", "remote", c.remote, "client", c.peer.Subject.CommonName,
 		"version", tls.VersionName(st.Version))
@@ -115,3 +117,49 @@ func describeTLS(err error) string {
 	}
 	return err.Error()
 }
+
+// readAhead feeds the connection's bufio.Reader from TLS. tls.Conn.Read
+// returns one record at a time, so after a request the reader would find
+// its buffer empty and flush replies one by one although more requests are
+// already here. readAhead adds the records tls.Conn has already received
+// (it reads them with the socket's read deadline in the past, which fails
+// at once, without a system call, where a record would need the socket),
+// so Buffered() keeps meaning "requests already received".
+type readAhead struct {
+	tc  *tls.Conn
+	raw net.Conn
+	c   *conn
+}
+
+// maxRecord is the largest TLS record payload.
+const maxRecord = 16 << 10
+
+func (r *readAhead) Read(p []byte) (int, error) {
+	n, err := r.tc.Read(p)
+	if err != nil || n == 0 || !r.c.xmit.Load() {
+		return n, err
+	}
+	past := time.Unix(1, 0)
+	for len(p)-n >= maxRecord {
+		_ = r.raw.SetReadDeadline(past)
+		m, err := r.tc.Read(p[n:])
+		_ = r.raw.SetReadDeadline(time.Time{})
+		if r.c.draining.Load() {
+			_ = r.raw.SetReadDeadline(time.Now()) // drain's deadline wins
+		}
+		n += m
+		if err != nil || m == 0 {
+			break // a timeout: nothing more buffered; another error comes back on the next Read
+		}
+	}
+	return n, nil
+}
+
+// bufConn is the socket as tls.Conn sees it: reads go through a large
+// buffer (tls.Conn alone reads a few records per system call).
+type bufConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (b *bufConn) Read(p []byte) (int, error) { return b.r.Read(p) }
