@@ -21,7 +21,8 @@ import (
 	"time"
 )
 
-// DefaultMaster is the default master API address (DESIGN.md §8).
+// DefaultMaster is the default master API address (the default of every
+// client command's --master).
 const DefaultMaster = "127.0.0.1:9333"
 
 // Client talks to a set of masters and follows the raft leader: it sends to

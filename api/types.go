@@ -28,14 +28,14 @@
 // when it knows no leader. Client follows both.
 package api
 
-// Durability modes (DESIGN.md §3).
+// Durability modes (docs/ARCHITECTURE.md §3 and §4.6).
 const (
 	DurabilityBestEffort = "best_effort"
 	DurabilitySyncAll    = "sync_all"
 	DurabilitySyncQuorum = "sync_quorum"
 )
 
-// Roles of a server for one volume (DESIGN.md §3). RoleNone in an assignment
+// Roles of a server for one volume (docs/ARCHITECTURE.md §4.1). RoleNone in an assignment
 // means: this server is not in the volume's set; stop serving it (keep data).
 const (
 	RolePrimary    = "primary"
@@ -44,7 +44,7 @@ const (
 	RoleNone       = "none"
 )
 
-// Replica states (DESIGN.md §3), as reported by a primary for each replica.
+// Replica states (docs/ARCHITECTURE.md §4.5), as reported by a primary for each replica.
 const (
 	StateDisconnected = "Disconnected"
 	StateConnecting   = "Connecting"
@@ -110,7 +110,8 @@ type ReplicaInfo struct {
 	Stale       bool `json:"stale"`
 }
 
-// VolumeInfo is `blockd volume info NAME -o json` (DESIGN.md §8).
+// VolumeInfo is `blockd volume info NAME -o json`: its field names are a
+// contract that scripts rely on (README.md); add fields, never rename them.
 type VolumeInfo struct {
 	Name         string        `json:"name"`
 	ID           uint64        `json:"id"` // incarnation: changes when a name is deleted and re-created

@@ -220,10 +220,12 @@ func (v *Volume) appendRecord(rec wal.Record, fixedLSN bool) (uint64, error) {
 	resStart := v.head
 	v.head = start + uint64(size)
 	v.index.add(rec.LSN, resStart)
-	v.headLSN.Store(rec.LSN)
-	if v.sink != nil {
-		v.sink(rec)
+	if v.feed != nil {
+		// A copy into the feed (no subscriber code runs here), before the
+		// head moves: a record at or below HeadLSN is always in the feed.
+		v.feed.push(rec)
 	}
+	v.headLSN.Store(rec.LSN)
 	used := v.head - v.ckptPos.Load()
 	v.appendMu.Unlock()
 	if used >= flushHighWater(v.walSize) {

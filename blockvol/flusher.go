@@ -66,6 +66,9 @@ func (v *Volume) flusher() {
 // and only then let writers reuse the space. It reports whether the
 // checkpoint or the tail moved.
 func (v *Volume) flushCycle() (bool, error) {
+	// The holds are read before any lock is taken: no owner's code runs
+	// under the flusher's locks.
+	floor, held := v.retentionFloor()
 	v.flushMu.Lock()
 	defer v.flushMu.Unlock()
 	if err := v.failErr(); err != nil {
@@ -96,17 +99,15 @@ func (v *Volume) flushCycle() (bool, error) {
 			return false, err
 		}
 	}
-	// The new tail: right after the checkpoint, unless a retention floor
-	// holds older records for replication.
+	// The new tail: right after the checkpoint, unless a retention hold
+	// keeps older records (for replication).
 	tailLSN := v.tailLSN.Load()
 	newTailLSN, newTailPos := target+1, targetEnd
-	if fp := v.floor.Load(); fp != nil {
-		if fl, ok := (*fp)(); ok && fl < newTailLSN {
-			newTailLSN = max(fl, tailLSN)
-			var err error
-			if newTailPos, err = v.posOf(newTailLSN); err != nil {
-				return false, err
-			}
+	if held && floor < newTailLSN {
+		newTailLSN = max(floor, tailLSN)
+		var err error
+		if newTailPos, err = v.posOf(newTailLSN); err != nil {
+			return false, err
 		}
 	}
 	if target == ckLSN && newTailLSN == tailLSN {

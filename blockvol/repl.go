@@ -21,25 +21,6 @@ func (v *Volume) CheckpointLSN() uint64 { return v.ckptLSN.Load() }
 // (HeadLSN()+1 when the WAL holds none).
 func (v *Volume) OldestRetainedLSN() uint64 { return v.tailLSN.Load() }
 
-// SetRecordSink sets fn to be called for every record appended, in LSN
-// order, under the append lock: it must not block, and must copy
-// rec.Payload if it keeps it. nil removes the sink.
-func (v *Volume) SetRecordSink(fn func(rec wal.Record)) {
-	v.appendMu.Lock()
-	v.sink = fn
-	v.appendMu.Unlock()
-}
-
-// SetRetentionFloor sets a hook the flusher asks before recycling WAL:
-// while it returns ok, records with LSN >= lsn stay in the WAL.
-func (v *Volume) SetRetentionFloor(fn func() (lsn uint64, ok bool)) {
-	if fn == nil {
-		v.floor.Store(nil)
-		return
-	}
-	v.floor.Store(&fn)
-}
-
 // ReadRecords calls fn for each retained record with LSN >= fromLSN, in
 // order, up to the last completed record. rec.Payload is only valid during
 // the call. It fails with an error wrapping ErrNotRetained when fromLSN is
@@ -230,3 +211,21 @@ func (v *Volume) Barrier() (uint64, error) {
 // FS is the file system the volume's files live on (Options.FS): the one
 // replication keeps its per-volume state files on too.
 func (v *Volume) FS() vfs.FS { return v.fs }
+
+// WaitApplied waits until every record with LSN <= lsn is written and
+// readable (reads see it), or the volume has failed.
+func (v *Volume) WaitApplied(lsn uint64) error {
+	c := &v.comp
+	c.mu.Lock()
+	for c.done < lsn && v.failed.Load() == nil && !v.closed.Load() {
+		c.cond.Wait()
+	}
+	c.mu.Unlock()
+	if err := v.failErr(); err != nil {
+		return err
+	}
+	if v.closed.Load() && c.doneRelaxed() < lsn {
+		return fmt.Errorf("blockvol: wait for LSN %d: %w", lsn, blockdev.ErrClosed)
+	}
+	return nil
+}

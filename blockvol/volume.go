@@ -67,7 +67,7 @@ const (
 //   - walFullTimeout bounds a writer's wait for space: only a flusher that
 //     cannot make progress at all (the extent's disk is full or failing)
 //     makes it expire, and the write then fails with ENOSPC or EIO rather
-//     than hanging. A retention floor (SetRetentionFloor) that holds the
+//     than hanging. A retention hold (HoldRetention) that keeps the
 //     tail while the log fills has the same effect: replication must
 //     release holds within its budget, well before the log is full.
 const (
@@ -125,7 +125,7 @@ type Volume struct {
 	nextLSN  uint64
 	head     uint64 // logical position where the next record goes
 	gen      uint32
-	sink     func(wal.Record)
+	feed     *RecordFeed // guarded by appendMu
 	index    lsnIndex
 	spaceCh  chan struct{} // closed and replaced when the tail advances
 
@@ -149,7 +149,7 @@ type Volume struct {
 	nudge    chan struct{}
 	stop     chan struct{}
 	stopped  chan struct{}
-	floor    atomic.Pointer[func() (uint64, bool)]
+	retain   retention
 	flushErr atomic.Pointer[error]
 
 	superMu sync.Mutex

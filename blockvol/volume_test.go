@@ -431,15 +431,27 @@ func TestConcurrentSubBlockWrites(t *testing.T) {
 func TestReplicationHooks(t *testing.T) {
 	prim, _ := newVol(t, 2<<20, 1<<20)
 	repl, _ := newVol(t, 2<<20, 1<<20)
-	var mu sync.Mutex
+	feed, err := prim.SubscribeRecords()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer feed.Close()
+	if _, err := prim.SubscribeRecords(); !errors.Is(err, ErrFeedBusy) {
+		t.Fatalf("second subscriber: %v", err)
+	}
 	var shipped []wal.Record
-	prim.SetRecordSink(func(r wal.Record) {
-		r.Payload = append([]byte(nil), r.Payload...)
-		mu.Lock()
-		shipped = append(shipped, r)
-		mu.Unlock()
-	})
-	prim.SetRetentionFloor(func() (uint64, bool) { return 1, true })
+	take := func() {
+		recs, lost := feed.Take(nil)
+		if lost.From != 0 {
+			t.Fatalf("feed lost %+v", lost)
+		}
+		for _, r := range recs {
+			r.Payload = append([]byte(nil), r.Payload...)
+			shipped = append(shipped, r)
+		}
+		feed.Recycle(recs)
+	}
+	prim.HoldRetention("test", 1)
 	if err := prim.SetEpochRole(3, "primary"); err != nil {
 		t.Fatal(err)
 	}
@@ -455,8 +467,9 @@ func TestReplicationHooks(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitCheckpoint(t, prim)
+	take()
 	if prim.OldestRetainedLSN() != 1 {
-		t.Fatalf("retention floor ignored: oldest retained %d", prim.OldestRetainedLSN())
+		t.Fatalf("retention hold ignored: oldest retained %d", prim.OldestRetainedLSN())
 	}
 	// Sink saw every record in order.
 	if len(shipped) != 51 {
@@ -495,8 +508,8 @@ func TestReplicationHooks(t *testing.T) {
 	if !bytes.Equal(mustRead(t, repl, 0, int(repl.Size())), mustRead(t, prim, 0, int(prim.Size()))) {
 		t.Fatal("replica content differs")
 	}
-	// Releasing the floor lets the tail move; older LSNs are then gone.
-	prim.SetRetentionFloor(nil)
+	// Releasing the hold lets the tail move; older LSNs are then gone.
+	prim.ReleaseRetention("test")
 	deadline := time.Now().Add(60 * time.Second)
 	for prim.OldestRetainedLSN() <= prim.HeadLSN() {
 		if time.Now().After(deadline) {
@@ -591,12 +604,24 @@ func TestHotPathAllocs(t *testing.T) {
 func TestReadRecordsAcrossWrap(t *testing.T) {
 	v, _ := newVol(t, 4<<20, 256<<10)
 	seen := map[uint64][]byte{}
+	feed, err := v.SubscribeRecords()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer feed.Close()
 	var mu sync.Mutex
-	v.SetRecordSink(func(r wal.Record) {
+	take := func() {
+		recs, lost := feed.Take(nil)
+		if lost.From != 0 {
+			t.Fatalf("feed lost %+v", lost)
+		}
 		mu.Lock()
-		seen[r.LSN] = append([]byte(nil), r.Payload...)
+		for _, r := range recs {
+			seen[r.LSN] = append([]byte(nil), r.Payload...)
+		}
 		mu.Unlock()
-	})
+		feed.Recycle(recs)
+	}
 	r := rand.New(rand.NewPCG(7, 7))
 	for round := 0; round < 5; round++ {
 		v.pauseFlusher.Store(false)
@@ -612,6 +637,7 @@ func TestReadRecordsAcrossWrap(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+		take()
 		from := v.OldestRetainedLSN()
 		next := from
 		err := v.ReadRecords(from, func(rec wal.Record) error {

@@ -16,7 +16,7 @@ import (
 // Dirty-region bitmaps are persisted per replica in StateDir at
 // checkpoints: union of both generations, the LSN it covers from, and the
 // last LSN marked into it (through). While persistence is on, the primary's
-// retention floor keeps every record after `through` in the WAL, so after
+// retention hold keeps every record after `through` in the WAL, so after
 // a restart the bitmap is completed from the WAL and still covers every
 // record since `from`.
 
@@ -133,8 +133,8 @@ func (p *Primary) readBitmap(id string) (bitmapSnap, error) {
 }
 
 // persistBitmaps writes every replica's bitmap when the checkpoint moved
-// since the last time, then lets the retention floor move past what they
-// cover.
+// since the last time, then lets the bitmap's retention hold move past
+// what they cover.
 func (p *Primary) persistBitmaps() {
 	if p.cfg.StateDir == "" {
 		return

@@ -7,7 +7,7 @@ import (
 
 // CatchUpBudget bounds catch-up: after MaxAttempts failed attempts, or
 // when one catch-up runs longer than MaxDuration or streams more than
-// MaxBytes, it escalates (DESIGN §3: bounded replay, explicit escalation).
+// MaxBytes, it escalates (bounded replay, explicit escalation: docs/ARCHITECTURE.md §4.4).
 type CatchUpBudget struct {
 	MaxAttempts int
 	MaxDuration time.Duration

@@ -1,5 +1,5 @@
 // Package replication ships a primary volume's WAL records to its replicas
-// and makes FLUSH and FUA mean what the durability mode says (DESIGN §3).
+// and makes FLUSH and FUA mean what the durability mode says (docs/ARCHITECTURE.md §3, §4).
 //
 // # What the volume server calls
 //
@@ -31,24 +31,37 @@
 //
 // The parts Host is made of can be used directly:
 //
-//	p, err := NewPrimary(vol, PrimaryConfig{Volume, ServerID, Epoch, Durability, Replicas []Peer, WriteGate func() error, Logger, ...})
-//	p.Update(epoch, durability, replicas) error   // new assignment; replicas matched by ServerID
+//	p, err := NewPrimary(vol, PrimaryConfig{Volume, ServerID, Epoch, Durability, Replicas []Peer, ActingSet, MinCopies, FlushWait, WriteGate func() error, Logger, ...})
+//	p.Update(Assignment{Epoch, Durability, Replicas, ActingSet, MinCopies}) error // replicas matched by ServerID
 //	p.Replicas() []ReplicaStatus                  // ServerID, Addr, State, FlushedLSN, Session, byte counters
 //	p.Close()                                     // does not close the volume
 //	r := NewReceiver(ReceiverConfig{ServerID, Lookup: func(volume string) (ReplicaTarget, bool), Logger})
 //	r.Serve(ln); r.Close()
 //
+// The Primary takes records from the volume's record feed
+// (blockvol.SubscribeRecords: one Primary per volume) in replication's own
+// goroutines: the writer after its write returns, a flush before it asks
+// for barriers, a backstop goroutine otherwise. No replication code runs
+// under a lock of the engine, and the engine never calls into replication.
+//
 // *Primary implements blockdev.Device. Flush (and a FUA write) is: ask
 // every replica for a barrier, fdatasync locally in parallel, then wait
-// until DecideFlush says the durability mode is met: best_effort returns
-// after the local fsync; sync_all needs every replica InSync with
-// FlushedLSN ≥ the flush's LSN and otherwise fails with an error wrapping
-// blockdev.ErrIO (EIO at the frontends); sync_quorum needs a majority of
-// RF (the primary counts). Replicas report FlushedLSN after their own
-// fdatasync; one barrier answer completes every flush it covers. There is
-// no barrier timeout: a replica is declared gone only when its connection
-// fails or it answers nothing at all (pings are answered without touching
-// the disk) for DeadAfter (30 s).
+// until DecideFlush says the durability mode is met, counting only the
+// acting set (Assignment.ActingSet): copies are the primary plus the
+// members InSync with FlushedLSN ≥ the flush's LSN. sync_all needs every
+// member and at least MinCopies copies; sync_quorum needs max(majority of
+// RF, MinCopies); best_effort needs MinCopies (default 1). Replicas outside
+// the set are shipped to and recovered but never counted, and the primary
+// never changes the set itself. A flush the members cannot acknowledge as
+// they are (one not InSync, too few) waits up to FlushWait (4 s, restarted
+// by a new assignment) for a member to return or for the master to change
+// the set, then fails with an error wrapping blockdev.ErrIO (EIO at the
+// frontends) that names the rule and the members (flush_failed). Replicas
+// report FlushedLSN after their own fdatasync; one barrier answer
+// completes every flush it covers. There is no barrier timeout: a replica
+// is declared gone only when its connection fails or it answers nothing at
+// all (pings are answered without touching the disk) for DeadAfter (30 s).
+// A new epoch with the same primary re-Hellos every session at once.
 //
 // # Identity and authority
 //
@@ -89,9 +102,11 @@
 // LSN ≥ target. The replica persists its progress (repl-transfer.json in
 // the volume directory) so either side's restart resumes. Catch-up
 // escalates to a transfer after 3 failed attempts or a time/byte budget.
-// The primary holds WAL for replicas that are expected back (retention
-// floor) within a time and byte budget (the byte budget never exceeds half
-// the WAL); past it the hold is released and the replica escalated.
+// The primary holds WAL for replicas that are expected back (one retention
+// hold per replica in the volume's hold set, moved as the replica
+// progresses) within a time and byte budget (the byte budget never
+// exceeds half the WAL); past it the hold is released and the replica
+// escalated.
 // Replicas keep the records above the primary's committed LSN (within a
 // quarter of their WAL) so a divergent tail can be listed after failover.
 //

@@ -276,25 +276,26 @@ func (h *Host) Apply(a Assignment) error {
 		return nil
 	}
 	if prim != nil {
-		return prim.Update(a.Epoch, a.Durability, a.Replicas)
+		return prim.Update(a)
 	}
 	cfg := h.cfg.Primary
 	cfg.Volume, cfg.ServerID, cfg.Epoch, cfg.Durability, cfg.Replicas = a.Volume, h.cfg.ServerID, a.Epoch, a.Durability, a.Replicas
+	cfg.ActingSet, cfg.MinCopies = a.ActingSet, a.MinCopies
 	cfg.Logger = h.cfg.Logger
 	cfg.WriteGate = func() error { return h.gate(hv) }
 	p, err := NewPrimary(hv.vol, cfg)
-	if p == nil {
+	if err != nil {
 		return err
 	}
 	h.mu.Lock()
 	if h.closed {
 		h.mu.Unlock()
 		p.Close()
-		return errors.Join(err, fmt.Errorf("replication: assignment for %s: host closed while starting the primary", a.Volume))
+		return fmt.Errorf("replication: assignment for %s: host closed while starting the primary", a.Volume)
 	}
 	hv.primary.Store(p)
 	h.mu.Unlock()
-	return err
+	return nil
 }
 
 // gate is the write gate of a volume's Primary, run before every write,

@@ -64,6 +64,14 @@ func TestHostAssignmentsAndFailover(t *testing.T) {
 	if err := dev.Flush(); !errors.Is(err, blockdev.ErrNotPrimary) {
 		t.Fatalf("flush after lease expiry: %v", err)
 	}
+	// Reads too: a deposed primary must not answer with data a newer
+	// primary may already have overwritten.
+	if err := dev.ReadAt(make([]byte, 4096), 0); !errors.Is(err, blockdev.ErrNotPrimary) {
+		t.Fatalf("read after lease expiry: %v", err)
+	}
+	if _, err := dev.BlockStatus(0, 4096); !errors.Is(err, blockdev.ErrNotPrimary) {
+		t.Fatalf("block status after lease expiry: %v", err)
+	}
 	// A stale assignment is refused.
 	if err := hb.Apply(Assignment{Volume: "v1", Role: RoleReplica, Epoch: 0}); !errors.Is(err, ErrStaleEpoch) {
 		t.Fatalf("stale assignment: %v", err)

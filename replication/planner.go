@@ -20,10 +20,22 @@ type Facts struct {
 	// records from ForkLSN on touched.
 	ForkLSN        uint64
 	DivergentKnown bool
-	// Pending: the replica holds an interrupted transfer that this primary
-	// can continue (same epoch, resumable).
-	PendingResumable bool
-	PendingKind      TransferKind
+	// Pending: the replica holds an interrupted transfer of PendingKind
+	// begun at PendingEpoch. Epoch is the session's epoch: a transfer of
+	// the same epoch whose WAL tail is still retained (S ≤ R+1) is resumed.
+	HasPending   bool
+	PendingEpoch uint64
+	PendingKind  TransferKind
+	Epoch        uint64
+	// Escalated is the reason a catch-up of this replica was given up on
+	// (budget, attempts, WAL recycled): the next plan moves data instead
+	// of catching up. Empty: no escalation.
+	Escalated string
+}
+
+// PendingResumable: the interrupted transfer can be continued.
+func (f Facts) PendingResumable() bool {
+	return f.HasPending && f.PendingEpoch == f.Epoch && f.OldestRetained <= f.ReplicaFlushed+1
 }
 
 // PlanKind is the recovery decision.
@@ -44,16 +56,20 @@ func (k PlanKind) String() string {
 
 // Plan is the planner's answer. From/To is the LSN range to stream
 // (catch-up), Reason a stable machine-readable word, Detail the proof
-// with LSN values.
+// with LSN values. ResetLSN (TruncateThenCatchUp) is the LSN the replica's
+// log is cut back to; a resync or rebuild freezes its target at the
+// primary's head when the transfer begins.
 type Plan struct {
 	Kind     PlanKind
 	From, To uint64
+	ResetLSN uint64
 	Reason   string
 	Detail   string
 }
 
 // Decide is the recovery planner: a pure function of the facts.
 //
+//	pending transfer of this epoch, S ≤ R+1 → Resume
 //	untrusted                         → Rebuild (or Resume of the pending transfer)
 //	blank, H = 0                      → InSync
 //	blank, S ≤ 1                      → CatchUp [1, H]
@@ -64,9 +80,25 @@ type Plan struct {
 //	S ≤ R+1 ≤ H                       → CatchUp [R+1, H]
 //	R+1 < S, bitmap covers R+1        → Resync (bitmap regions + WAL tail)
 //	R+1 < S                           → Rebuild
+//
+// An escalated replica (Facts.Escalated) whose plan would be InSync or
+// CatchUp is resynced instead when the bitmap covers R+1 and it is not
+// blank, otherwise rebuilt.
 func Decide(f Facts) Plan {
+	p := decide(f)
+	if f.Escalated == "" || (p.Kind != PlanCatchUp && p.Kind != PlanInSync) {
+		return p
+	}
+	R := f.ReplicaFlushed
+	if f.BitmapOK && f.BitmapFrom <= R+1 && !f.Blank {
+		return Plan{Kind: PlanResync, From: R + 1, To: f.PrimaryHead, Reason: "escalated", Detail: f.Escalated}
+	}
+	return Plan{Kind: PlanRebuild, Reason: "escalated", Detail: f.Escalated}
+}
+
+func decide(f Facts) Plan {
 	H, S, R := f.PrimaryHead, f.OldestRetained, f.ReplicaFlushed
-	if f.PendingResumable {
+	if f.PendingResumable() {
 		return Plan{Kind: PlanResume, Reason: "pending_" + f.PendingKind.String(),
 			Detail: fmt.Sprintf("resume interrupted %s; replica flushed=%d head=%d primary head=%d", f.PendingKind, R, f.ReplicaHead, H)}
 	}
@@ -92,7 +124,7 @@ func Decide(f Facts) Plan {
 		// to the fork, restore the regions its divergent records touched,
 		// and catch up from the fork.
 		if f.DivergentKnown && S <= f.ForkLSN {
-			return Plan{Kind: PlanTruncateThenCatchUp, From: f.ForkLSN, To: H, Reason: "diverged_history",
+			return Plan{Kind: PlanTruncateThenCatchUp, From: f.ForkLSN, To: H, ResetLSN: f.ForkLSN - 1, Reason: "diverged_history",
 				Detail: fmt.Sprintf("replica records from LSN %d are not the primary's (replica head=%d, primary head=%d): truncate to %d", f.ForkLSN, f.ReplicaHead, H, f.ForkLSN-1)}
 		}
 		return Plan{Kind: PlanRebuild, Reason: "diverged_history_unrecoverable",
@@ -100,7 +132,7 @@ func Decide(f Facts) Plan {
 	}
 	if f.ReplicaHead > H || R > H {
 		if f.DivergentKnown {
-			return Plan{Kind: PlanTruncateThenCatchUp, From: H + 1, To: H, Reason: "replica_ahead",
+			return Plan{Kind: PlanTruncateThenCatchUp, From: H + 1, To: H, ResetLSN: H, Reason: "replica_ahead",
 				Detail: fmt.Sprintf("replica head=%d flushed=%d beyond primary head=%d: truncate to %d", f.ReplicaHead, R, H, H)}
 		}
 		return Plan{Kind: PlanRebuild, Reason: "replica_ahead_unknown_tail",

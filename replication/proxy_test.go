@@ -44,8 +44,6 @@ func newFaultProxy(t *testing.T, target string) *faultProxy {
 
 func (p *faultProxy) addr() string { return p.ln.Addr().String() }
 
-func (p *faultProxy) setTarget(a string) { p.mu.Lock(); p.target = a; p.mu.Unlock() }
-
 // drop: refuse (accept and close at once) every new connection.
 func (p *faultProxy) drop(on bool) { p.mu.Lock(); p.refuse = on; p.mu.Unlock() }
 

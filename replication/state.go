@@ -2,7 +2,7 @@ package replication
 
 import "fmt"
 
-// ReplicaState is the primary's view of one replica (DESIGN §3).
+// ReplicaState is the primary's view of one replica (docs/ARCHITECTURE.md §4.5).
 type ReplicaState int
 
 const (

@@ -89,7 +89,7 @@ func (s *Server) Serving(volume string) bool {
 	return false
 }
 
-// apiState names a replica state as DESIGN.md §3 and the master's API do.
+// apiState names a replica state as the master's API does (api.State*).
 func apiState(st replication.ReplicaState) string {
 	switch st {
 	case replication.Disconnected:

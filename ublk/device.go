@@ -273,12 +273,12 @@ func Serve(ctx context.Context, dev blockdev.Device, o Options) (*Device, error)
 		return nil, err
 	}
 	d := &Device{info: info, ctl: ctl, dev: dev, charFd: -1, log: o.Logger, done: make(chan struct{}), inline: o.Inline}
-	d.log.Info("ublk.device.added", "dev", info.DevID, "queues", info.NrHWQueues, "depth", info.QueueDepth,
+	d.log.Info("ublk_device_added", "dev", info.DevID, "queues", info.NrHWQueues, "depth", info.QueueDepth,
 		"max_io", info.MaxIOBufBytes, "flags", fmt.Sprintf("%#x", info.Flags), "recovery", o.Recovery.String(), "size", size)
 	fail := func(err error) (*Device, error) {
 		d.abandon()
 		if derr := ctl.simple("DEL_DEV", cmdDelDev, info.DevID, 0); derr != nil {
-			d.log.Warn("ublk.device.delete_failed", "dev", info.DevID, "err", derr)
+			d.log.Warn("ublk_device_delete_failed", "dev", info.DevID, "err", derr)
 		}
 		d.closeCtl()
 		return nil, err
@@ -317,7 +317,7 @@ func Serve(ctx context.Context, dev blockdev.Device, o Options) (*Device, error)
 		return fail(err)
 	}
 	go d.watch()
-	d.log.Info("ublk.device.started", "dev", info.DevID, "path", d.Path())
+	d.log.Info("ublk_device_started", "dev", info.DevID, "path", d.Path())
 	return d, nil
 }
 
@@ -352,7 +352,7 @@ func recoverDev(ctx context.Context, ctl *control, id uint32, dev blockdev.Devic
 		return nil, fmt.Errorf("ublk: device %d was created without user recovery (flags %#x): %w", id, info.Flags, blockdev.ErrInvalid)
 	}
 	log := o.Logger
-	log.Info("ublk.recovery.start", "dev", id, "state", info.State, "old_pid", info.ServerPID,
+	log.Info("ublk_recovery_start", "dev", id, "state", info.State, "old_pid", info.ServerPID,
 		"reissue", info.Flags&FeatUserRecoveryReiss != 0)
 	if ctx == nil {
 		ctx = context.Background()
@@ -381,7 +381,7 @@ func recoverDev(ctx context.Context, ctl *control, id uint32, dev blockdev.Devic
 		case <-time.After(min(time.Duration(attempt+1)*20*time.Millisecond, 500*time.Millisecond)):
 		}
 		if attempt%25 == 24 {
-			log.Info("ublk.recovery.waiting", "dev", id, "err", err)
+			log.Info("ublk_recovery_waiting", "dev", id, "err", err)
 		}
 	}
 	d := &Device{info: info, ctl: ctl, dev: dev, charFd: -1, log: log, done: make(chan struct{}), inline: o.Inline}
@@ -400,7 +400,7 @@ func recoverDev(ctx context.Context, ctl *control, id uint32, dev blockdev.Devic
 		return nil, err
 	}
 	go d.watch()
-	log.Info("ublk.recovery.done", "dev", id, "path", d.Path(), "queues", info.NrHWQueues, "depth", info.QueueDepth)
+	log.Info("ublk_recovery_done", "dev", id, "path", d.Path(), "queues", info.NrHWQueues, "depth", info.QueueDepth)
 	return d, nil
 }
 
@@ -471,9 +471,9 @@ func (d *Device) watch() {
 	}
 	d.release()
 	if len(errs) > 0 {
-		d.log.Error("ublk.device.queues_failed", "dev", d.info.DevID, "err", errors.Join(errs...))
+		d.log.Error("ublk_device_queues_failed", "dev", d.info.DevID, "err", errors.Join(errs...))
 	} else {
-		d.log.Info("ublk.device.queues_done", "dev", d.info.DevID)
+		d.log.Info("ublk_device_queues_done", "dev", d.info.DevID)
 	}
 	close(d.done)
 }
@@ -531,7 +531,7 @@ func (d *Device) Stop() error {
 	if err := d.wait(ctx); err != nil {
 		return err
 	}
-	d.log.Info("ublk.device.stopped", "dev", d.info.DevID)
+	d.log.Info("ublk_device_stopped", "dev", d.info.DevID)
 	return nil
 }
 
@@ -550,7 +550,7 @@ func (d *Device) Delete() error {
 	if err != nil && !errors.Is(err, ErrNoDevice) {
 		return err
 	}
-	d.log.Info("ublk.device.deleted", "dev", d.info.DevID)
+	d.log.Info("ublk_device_deleted", "dev", d.info.DevID)
 	return nil
 }
 
@@ -566,7 +566,7 @@ func (d *Device) Release() error {
 	defer cancel()
 	err := d.wait(ctx)
 	d.closeCtl()
-	d.log.Info("ublk.device.released", "dev", d.info.DevID, "err", err)
+	d.log.Info("ublk_device_released", "dev", d.info.DevID, "err", err)
 	return err
 }
 

@@ -228,7 +228,7 @@ func (q *queue) run(ready chan<- error) {
 	ready <- nil
 	q.err = q.loop()
 	q.teardown()
-	q.log().Debug("ublk.queue.exit", "dev", q.dev.info.DevID, "queue", q.id, "err", q.err)
+	q.log().Debug("ublk_queue_exit", "dev", q.dev.info.DevID, "queue", q.id, "err", q.err)
 }
 
 func (q *queue) loop() error {
@@ -283,7 +283,7 @@ func (q *queue) loop() error {
 				// The driver will not hand this tag out again (STOP_DEV,
 				// or the queue is being torn down).
 			default:
-				q.log().Error("ublk.queue.cmd_failed", "dev", q.dev.info.DevID, "queue", q.id, "tag", tag, "err", syscall.Errno(-c.Res))
+				q.log().Error("ublk_queue_cmd_failed", "dev", q.dev.info.DevID, "queue", q.id, "tag", tag, "err", syscall.Errno(-c.Res))
 			}
 		}
 		if !wakeArmed {
@@ -328,7 +328,7 @@ func (q *queue) dispatch(tag uint16, d ioDesc) {
 		q.work(tag, d)
 		if el := q.now().Sub(start); mode == InlineAuto && el > slowInline {
 			q.workersUntil = q.now().Add(inlineBackoff)
-			q.log().Debug("ublk.queue.inline_backoff", "dev", q.dev.info.DevID, "queue", q.id, "op", opName(d.op()), "took", el)
+			q.log().Debug("ublk_queue_inline_backoff", "dev", q.dev.info.DevID, "queue", q.id, "op", opName(d.op()), "took", el)
 		}
 		return
 	}
@@ -345,7 +345,7 @@ func (q *queue) work(tag uint16, d ioDesc) {
 	res, err := execute(q.dev.dev, d, q.buf(tag))
 	if err != nil {
 		q.dev.ioErrors.Add(1)
-		q.log().Warn("ublk.io.error", "dev", q.dev.info.DevID, "queue", q.id, "tag", tag, "op", opName(d.op()),
+		q.log().Warn("ublk_io_error", "dev", q.dev.info.DevID, "queue", q.id, "tag", tag, "op", opName(d.op()),
 			"offset", int64(d.startSector)*512, "length", int64(d.nrSectors)*512, "errno", -res, "err", err)
 	}
 	q.complete(tag, res)

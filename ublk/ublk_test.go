@@ -15,7 +15,7 @@ import (
 )
 
 func TestOpcodes(t *testing.T) {
-	// Values verified against the Debian 6.12 kernel (TESTING.md) and
+	// Values verified against the Debian 6.12 kernel (tests/vm/README.md) and
 	// include/uapi/linux/ublk_cmd.h.
 	for name, c := range map[string]struct{ got, want uint32 }{
 		"ADD_DEV":             {cmdAddDev, 0xc0207504},

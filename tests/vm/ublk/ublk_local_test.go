@@ -43,7 +43,7 @@ start_serve() {
 	kill -0 $SERVE || { echo "serve exited"; tail -n 40 /tmp/serve.log; exit 1; }
 	echo "serve started (pid $SERVE)"
 }
-recovered() { [ "$(grep -c 'msg=ublk.recovered' /tmp/serve.log)" -ge $1 ]; }
+recovered() { [ "$(grep -c 'msg=ublk_recovered' /tmp/serve.log)" -ge $1 ]; }
 holders() { # processes holding /dev/ublkcN open
 	for p in /proc/[0-9]*; do
 		ls -l $p/fd 2>/dev/null | grep -q "/dev/ublkc$ID" && echo ${p#/proc/}
@@ -57,7 +57,7 @@ test -b "$DEV" || { cat /tmp/attach.log; exit 1; }
 ID=${DEV#/dev/ublkb}
 echo "attached at $DEV"
 grep -q 'msg=ublk.local.attached' /tmp/attach.log && echo "attach used the local server"
-grep -q 'msg=ublk.served' /tmp/serve.log && echo "serve hosts the device"
+grep -q 'msg=ublk_served' /tmp/serve.log && echo "serve hosts the device"
 h=$(holders)
 echo "ublkc$ID held by: $h (serve is $SERVE)"
 [ "$h" = "$SERVE" ] && echo "only the serve process serves the device"
@@ -113,7 +113,7 @@ blockd detach $DEV
 test ! -e $DEV
 echo "detached"
 grep -q '"devices": \[\]' blockd-data/server/ublk.json && echo "server forgot the device"
-grep 'msg=ublk.deleted' /tmp/serve.log
+grep 'msg=ublk_deleted' /tmp/serve.log
 kill -TERM $SERVE; wait $SERVE
 echo "serve exited with $?"
 grep -E 'msg=ublk\.(served|recovered|recovery.done|released|deleted)' /tmp/serve.log
@@ -208,7 +208,7 @@ set -e
 cat /tmp/dd2.err
 echo "write while the restarted server is not primary: exit $rc"
 [ $rc -ne 0 ] && [ $rc -ne 124 ] && echo "queued write failed without hanging"
-grep 'msg=ublk.recovery.not_primary' /tmp/$R.log && echo "restarted replica took the device over"
+grep 'msg=ublk_recovery_not_primary' /tmp/$R.log && echo "restarted replica took the device over"
 BLOCKD_CONTROL=/tmp/$R/control.sock blockd detach $DEV
 test ! -e $DEV && echo "detached on the replica"
 echo UBLK-DEMOTED-OK

@@ -139,7 +139,7 @@ dd if=/dev/urandom of=$DEV bs=1M count=4 seek=100 oflag=direct 2>/dev/null
 test "$(dd if=$DEV bs=1M count=4 skip=100 iflag=direct 2>/dev/null | md5sum)" = "$(dd if=/dev/zero bs=1M count=4 2>/dev/null | md5sum)"
 echo "discard and write-zeroes read back as zeroes"
 kill -TERM $SERVER; wait $SERVER
-grep -c ublk.io.error /tmp/s.log || true
+grep -c ublk_io_error /tmp/s.log || true
 echo UBLK-FIO-OK
 `, "fio", "blkdiscard")
 	expect(t, res, "UBLK-FIO-OK", "fio randwrite+verify errors: 0", "discard and write-zeroes read back as zeroes")
@@ -210,10 +210,10 @@ md5sum -c /tmp/wsums > /tmp/check.out || { grep -v ': OK' /tmp/check.out; exit 1
 echo "verified $(wc -l < /tmp/check.out) files"
 umount /mnt/u
 kill -TERM $SERVER; wait $SERVER
-grep -h 'ublk.recovery' /tmp/s2.log /tmp/s3.log /tmp/s4.log
+grep -h 'ublk_recovery' /tmp/s2.log /tmp/s3.log /tmp/s4.log
 echo UBLK-RESTART-OK
 `, "fio")
-	expect(t, res, "UBLK-RESTART-OK", "ublk.recovery.done", "fio across restarts: errors 0")
+	expect(t, res, "UBLK-RESTART-OK", "ublk_recovery_done", "fio across restarts: errors 0")
 	if strings.Contains(res.Console, "WRITE-ERROR") || strings.Contains(res.Console, "KERNEL-IO-ERRORS") || strings.Contains(res.Console, "FIO-FAILED") {
 		t.Fatalf("I/O errors reached the filesystem")
 	}

@@ -127,7 +127,7 @@ func run(log *slog.Logger, file, engine, walS, sizeS string, id int, recov bool,
 	}
 	defer func() {
 		if err := dev.Close(); err != nil {
-			log.Error("ublkserve.close", "err", err)
+			log.Error("ublkserve_close", "err", err)
 		}
 	}()
 	o := ublk.Options{Queues: queues, Depth: depth, DevID: id, Recover: recov, Logger: log}
@@ -171,14 +171,14 @@ func run(log *slog.Logger, file, engine, walS, sizeS string, id int, recov bool,
 	case s := <-sigs:
 		if s == syscall.SIGUSR1 {
 			err := d.Release()
-			log.Info("ublkserve.released", "err", err)
+			log.Info("ublkserve_released", "err", err)
 			return err
 		}
 		err := d.Delete()
-		log.Info("ublkserve.deleted", "err", err)
+		log.Info("ublkserve_deleted", "err", err)
 		return err
 	case <-d.Done():
-		log.Info("ublkserve.device_gone", "io_errors", d.IOErrors())
+		log.Info("ublkserve_device_gone", "io_errors", d.IOErrors())
 		return nil
 	}
 }
