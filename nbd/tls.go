@@ -13,6 +13,12 @@ import (
 	"github.com/blockd/blockd/nbd/wire"
 )
 
+// WithPeerName sets how a verified client certificate becomes the client
+// name Export.Access is asked about (default: its subject CommonName).
+func WithPeerName(f func(*x509.Certificate) string) Option {
+	return func(s *Server) { s.peerName = f }
+}
+
 // WithTLS requires TLS on every connection (the NBD protocol's "TLS
 // required" mode): before NBD_OPT_STARTTLS every option but NBD_OPT_ABORT
 // is answered NBD_REP_ERR_TLS_REQD (NBD_OPT_EXPORT_NAME, which cannot
@@ -163,3 +169,38 @@ type bufConn struct {
 }
 
 func (b *bufConn) Read(p []byte) (int, error) { return b.r.Read(p) }
+
+// peerName is the client's name for Export.Access ("" in plain mode).
+func (c *conn) peerName() string {
+	if c.peer == nil || c.peer.Raw == nil {
+		return ""
+	}
+	if c.srv.peerName != nil {
+		return c.srv.peerName(c.peer)
+	}
+	return c.peer.Subject.CommonName
+}
+
+// checkAccess applies e.Access for this connection's client.
+func (c *conn) checkAccess(e Export) (Export, error) {
+	if e.Access == nil {
+		return e, nil
+	}
+	client := c.peerName()
+	ro, err := e.Access(client)
+	if err != nil {
+		c.srv.log.Warn("nbd: access_refused", "export", e.Name, "client", client, "remote", c.remote, "err", err)
+		return Export{}, err
+	}
+	if ro && !e.ReadOnly {
+		e.ReadOnly = true
+	}
+	return e, nil
+}
+
+func clipMsg(s string) string {
+	if len(s) > maxStringLen {
+		return s[:maxStringLen]
+	}
+	return s
+}

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -62,7 +63,7 @@ func (f *tlsFixture) credDir(name string) string { return filepath.Join(f.dir, "
 func startTLS(t *testing.T, opts ...Option) *tlsFixture {
 	t.Helper()
 	dir := t.TempDir()
-	if _, err := tlsauth.Init(dir, tlsauth.InitOptions{Servers: []string{"s1"}, Clients: []string{"alice"}}); err != nil {
+	if _, err := tlsauth.Init(dir, tlsauth.InitOptions{Servers: []string{"s1"}, Clients: []string{"alice", "bob"}}); err != nil {
 		t.Fatal(err)
 	}
 	sd := filepath.Join(dir, "servers", "s1")
@@ -78,7 +79,14 @@ func startTLS(t *testing.T, opts ...Option) *tlsFixture {
 	lb := &logBuf{}
 	dev := newMemDev(testSize)
 	opts = append([]Option{WithTLS(srvCreds.ServerConfig(nil)), WithLogger(slog.New(slog.NewTextHandler(lb, nil)))}, opts...)
-	ts := startServer(t, StaticExports{{Name: "vol0", Device: dev}}, opts...)
+	// "acl" admits alice read-only and nobody else.
+	acl := func(client string) (bool, error) {
+		if client == "alice" {
+			return true, nil
+		}
+		return false, fmt.Errorf("client %q is not on the allow list of volume acl", client)
+	}
+	ts := startServer(t, StaticExports{{Name: "vol0", Device: dev}, {Name: "acl", Device: dev, Access: acl}}, opts...)
 	ts.dev = dev
 	return &tlsFixture{dir: dir, ts: ts, log: lb, alice: alice}
 }
@@ -346,4 +354,57 @@ func TestTLSRealClients(t *testing.T) {
 	}
 	t.Logf("expired certificate, Go client: %v", err)
 	f.log.waitLog(t, "certificate has expired")
+}
+
+// TestTLSAccess: Export.Access is asked with the certificate's name at
+// OPT_GO: alice is served read-only (a write fails with EPERM), bob is
+// refused with NBD_REP_ERR_POLICY and the reason, and the refusal is
+// logged; negotiation goes on after the refusal.
+func TestTLSAccess(t *testing.T) {
+	f := startTLS(t)
+	bobDir := f.credDir("bob")
+	bob, err := tlsauth.Load(filepath.Join(bobDir, "client-cert.pem"), filepath.Join(bobDir, "client-key.pem"), filepath.Join(bobDir, "ca-cert.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc := dialRaw(t, "tcp", f.ts.addr)
+	rc.clientFlags(wire.ClientFixedNewstyle | wire.ClientNoZeroes)
+	if err := rc.upgrade(bob.ClientConfig(nil)); err != nil {
+		t.Fatal(err)
+	}
+	gi := rc.info(wire.OptGo, "acl")
+	if gi.errType != wire.RepErrPolicy || !strings.Contains(gi.errMsg, `client "bob" is not on the allow list`) {
+		t.Fatalf("bob at acl: %#x %q", gi.errType, gi.errMsg)
+	}
+	f.log.waitLog(t, "access_refused")
+	if gi := rc.info(wire.OptGo, "vol0"); gi.errType != 0 {
+		t.Fatalf("bob at vol0 after the refusal: %#x %q", gi.errType, gi.errMsg)
+	}
+
+	rc = dialRaw(t, "tcp", f.ts.addr)
+	rc.clientFlags(wire.ClientFixedNewstyle | wire.ClientNoZeroes)
+	if err := rc.upgrade(f.alice.ClientConfig(nil)); err != nil {
+		t.Fatal(err)
+	}
+	gi = rc.info(wire.OptGo, "acl")
+	if gi.errType != 0 || gi.flags&wire.FlagReadOnly == 0 {
+		t.Fatalf("alice at acl: %+v", gi)
+	}
+	rc.request(wire.CmdWrite, 0, 1, 0, 4096, make([]byte, 4096))
+	if r := rc.readReply(); r.errno != uint32(syscall.EPERM) {
+		t.Fatalf("alice's write to a read-only grant: errno %d", r.errno)
+	}
+
+	// Without TLS there is no name: a plain server refuses such an export.
+	ts := startServer(t, StaticExports{{Name: "acl", Device: newMemDev(1 << 20), Access: func(c string) (bool, error) {
+		if c == "" {
+			return false, fmt.Errorf("volume acl has an allow list: connect with a client certificate")
+		}
+		return false, nil
+	}}})
+	rc = dialRaw(t, "tcp", ts.addr)
+	rc.clientFlags(wire.ClientFixedNewstyle | wire.ClientNoZeroes)
+	if gi := rc.info(wire.OptGo, "acl"); gi.errType != wire.RepErrPolicy {
+		t.Fatalf("plain client at an export with an allow list: %#x", gi.errType)
+	}
 }
