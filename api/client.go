@@ -627,7 +627,7 @@ func (c *Client) Join(ctx context.Context, req JoinRequest) error {
 // following the leader.
 func (c *Client) Status(ctx context.Context, addr string) (*StatusResponse, error) {
 	var out StatusResponse
-	if _, err := c.once(ctx, http.MethodGet, normalize(addr), "/v1/status", nil, &out); err != nil {
+	if _, err := c.once(ctx, http.MethodGet, c.scheme(normalize(addr)), "/v1/status", nil, &out); err != nil {
 		return nil, err
 	}
 	return &out, nil
