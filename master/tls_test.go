@@ -47,7 +47,7 @@ func loadTest(t *testing.T, dir, kind, name, prefix string) *tlsauth.Creds {
 // redirect over https; a client may not join the raft cluster.
 func TestRaftOverTLS(t *testing.T) {
 	dir := t.TempDir()
-	if _, err := tlsauth.Init(dir, tlsauth.InitOptions{Masters: []string{"m1", "m2", "m3"}, Servers: []string{"s1"}, Clients: []string{"alice"}}); err != nil {
+	if _, err := tlsauth.Init(dir, tlsauth.InitOptions{Masters: []string{"m1", "m2", "m3", "m4"}, Servers: []string{"s1"}, Clients: []string{"alice"}}); err != nil {
 		t.Fatal(err)
 	}
 	var apis, rafts, peers []string
@@ -97,4 +97,28 @@ func TestRaftOverTLS(t *testing.T) {
 		t.Fatalf("join with a client certificate: %v", err)
 	}
 	t.Logf("client join: %v", err)
+
+	// A fourth master joins over TLS (status probe, join call, raft).
+	var leader *Master
+	for _, m := range ms {
+		if m.IsLeader() {
+			leader = m
+		}
+	}
+	startMaster(t, Config{DataDir: t.TempDir(), APIAddr: freePort(t), RaftAddr: freePort(t), Join: apis[follower],
+		TLS: loadTest(t, dir, "masters", "m4", "server"), Logger: slog.New(slog.NewTextHandler(&lockedBuf{}, nil))})
+	waitFor(t, "the fourth master a voter over TLS", 60*time.Second, func() bool {
+		if leader == nil || !leader.IsLeader() {
+			for _, m := range ms {
+				if m.IsLeader() {
+					leader = m
+				}
+			}
+		}
+		if leader == nil {
+			return false
+		}
+		v, _ := voterIDs(members(t, leader))
+		return len(v) == 4
+	})
 }
