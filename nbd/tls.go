@@ -83,7 +83,7 @@ func (c *conn) startTLS() error {
 	}
 	raw := c.nc
 	// TLS reads from a large buffer: one read(2) brings many records.
-	tc := tls.Server(&bufConn{Conn: raw, r: bufio.NewReaderSize(raw, readBufferSize)}, c.srv.tls)
+	tc := tls.Server(&bufConn{Conn: raw, r: bufio.NewReaderSize(raw, tlsReadBufferSize)}, c.srv.tls)
 	ctx, cancel := context.WithTimeout(context.Background(), tlsHandshakeTimeout)
 	err := tc.HandshakeContext(ctx)
 	cancel()
@@ -204,3 +204,6 @@ func clipMsg(s string) string {
 	}
 	return s
 }
+
+// tlsReadBufferSize is the socket buffer under TLS.
+const tlsReadBufferSize = 1 << 20
