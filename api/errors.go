@@ -19,7 +19,8 @@ const (
 	CodeEpochChanged        = "epoch_changed"
 	CodeNoPrimary           = "no_primary"
 	CodeInternal            = "internal"
-	CodeUnavailable         = "unavailable" // transport: no master answered
+	CodeAddressInUse        = "address_in_use" // a heartbeat claims an endpoint a live server holds
+	CodeUnavailable         = "unavailable"    // transport: no master answered
 	// CodeForbidden (403): the client certificate's identity may not make this call.
 	CodeForbidden = "forbidden"
 )
@@ -54,7 +55,7 @@ func StatusFor(code string) int {
 	switch code {
 	case CodeNotFound:
 		return http.StatusNotFound
-	case CodeAlreadyExists, CodePromoteRejected, CodeEpochChanged:
+	case CodeAlreadyExists, CodePromoteRejected, CodeEpochChanged, CodeAddressInUse:
 		return http.StatusConflict
 	case CodeBadRequest, CodeBadSize, CodeUnknownPreset:
 		return http.StatusBadRequest

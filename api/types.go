@@ -58,7 +58,7 @@ const (
 // Volume status values in VolumeInfo.Status (computed by the leader).
 const (
 	StatusPending     = "pending"      // assignment not yet confirmed by the primary's heartbeat
-	StatusHealthy     = "healthy"      // primary confirmed, every replica InSync
+	StatusHealthy     = "healthy"      // primary confirmed, every replica InSync and in the acting set
 	StatusDegraded    = "degraded"     // primary confirmed, some replica not InSync (or unknown)
 	StatusFailingOver = "failing_over" // primary lost; waiting for its lease to expire
 	StatusUnavailable = "unavailable"  // primary lost and no eligible replica to promote
@@ -70,9 +70,12 @@ const (
 // CreateVolumeRequest is the body of create, plan and resolve. Zero fields
 // are filled from the preset (or the built-in defaults); set fields override it.
 type CreateVolumeRequest struct {
-	Name         string `json:"name"`
-	SizeBytes    int64  `json:"size_bytes"`
-	BlockSize    int    `json:"block_size,omitempty"`
+	Name      string `json:"name"`
+	SizeBytes int64  `json:"size_bytes"`
+	BlockSize int    `json:"block_size,omitempty"`
+	// RF is the number of copies, the primary's included. 0 = unset: the
+	// preset's, or without a preset 2 (1 when a single server is
+	// registered). A negative RF is refused.
 	RF           int    `json:"rf,omitempty"`
 	Durability   string `json:"durability,omitempty"`
 	Preset       string `json:"preset,omitempty"`
@@ -178,6 +181,7 @@ type ResolvedPolicy struct {
 	RF           int    `json:"rf"`
 	Durability   string `json:"durability"`
 	WALSizeBytes int64  `json:"wal_size_bytes"`
+	MinCopies    int    `json:"min_copies"`
 }
 
 // ResolveResponse is the dry run of preset resolution. Errors lists what

@@ -20,6 +20,9 @@ type CandidateInput struct {
 	// PrimaryView is the primary's last report about this replica, taken
 	// only from a report at the volume's current epoch (nil: none).
 	PrimaryView *api.HeartbeatReplica
+	// InActing: a member of the acting set. A replica outside it is stale
+	// (it may lack acknowledged writes): reason "stale", soft.
+	InActing bool
 }
 
 // Gates are the thresholds of candidate evaluation.
@@ -48,6 +51,9 @@ func EvaluateCandidates(id, epoch, primaryHead uint64, in []CandidateInput, g Ga
 	for _, c := range in {
 		cand := api.Candidate{ServerID: c.ServerID, Reasons: []string{}}
 		add := func(r string) { cand.Reasons = append(cand.Reasons, r) }
+		if !c.InActing {
+			add(api.ReasonStale)
+		}
 		if c.PrimaryView != nil {
 			cand.State = c.PrimaryView.State
 		}
@@ -202,6 +208,19 @@ func summarize(cands []api.Candidate) string {
 		parts = append(parts, fmt.Sprintf("%s[%s]", c.ServerID, strings.Join(c.Reasons, ",")))
 	}
 	return strings.Join(parts, " ")
+}
+
+// FailoverActing is the acting set after promoting newPrimary: the old
+// set minus the new primary. The old primary is not in it: it returns as
+// a stale replica and is added back once InSync.
+func FailoverActing(acting []string, newPrimary string) []string {
+	out := []string{}
+	for _, a := range acting {
+		if a != newPrimary {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // FailoverReplicas is the replica set after promoting newPrimary: the old

@@ -32,12 +32,93 @@ type VolumeRecord struct {
 	// then. Leader memory holds the exact fence; this copy lets a new
 	// leader honour it.
 	LeaseFenceUnixMS int64 `json:"lease_fence_unix_ms,omitempty"`
+	// ActingSet lists the replicas (a subset of Replicas, never the
+	// primary) that count for durability at this epoch; the others are
+	// stale. A record written before acting sets existed has none (null):
+	// that means every replica, and normalize fills it in.
+	ActingSet []string `json:"acting_set"`
+	// MinCopies is the floor of durable copies (the primary's included) a
+	// flush needs. 0 (records older than the field) = DefaultMinCopies.
+	MinCopies int `json:"min_copies,omitempty"`
+	// Failure is set when a server reported that it cannot create or open
+	// the volume; the volume's status is then "failed".
+	Failure *VolumeFailureRecord `json:"failure,omitempty"`
+}
+
+// VolumeFailureRecord is a server's report that it cannot host a volume.
+type VolumeFailureRecord struct {
+	Server string `json:"server"`
+	Reason string `json:"reason"`
+}
+
+// normalize fills what older records lack: an absent acting set is every
+// replica; an acting-set member that is no longer a replica is dropped.
+func (v *VolumeRecord) normalize() {
+	if v.ActingSet == nil {
+		v.ActingSet = append([]string{}, v.Replicas...)
+		return
+	}
+	v.ActingSet = intersect(v.ActingSet, v.Replicas)
 }
 
 func (v *VolumeRecord) clone() *VolumeRecord {
 	c := *v
 	c.Replicas = append([]string(nil), v.Replicas...)
+	if v.ActingSet != nil {
+		c.ActingSet = append([]string{}, v.ActingSet...)
+	}
+	if v.Failure != nil {
+		f := *v.Failure
+		c.Failure = &f
+	}
+	c.normalize()
 	return &c
+}
+
+// inActing reports whether replica id counts for durability.
+func (v *VolumeRecord) inActing(id string) bool {
+	for _, a := range v.ActingSet {
+		if a == id {
+			return true
+		}
+	}
+	return false
+}
+
+// Stale returns the replicas outside the acting set, in replica order.
+func (v *VolumeRecord) Stale() []string {
+	out := []string{}
+	for _, r := range v.Replicas {
+		if !v.inActing(r) {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// EffectiveMinCopies is MinCopies, or the default for the volume's RF and
+// durability when the record predates the field.
+func (v *VolumeRecord) EffectiveMinCopies() int {
+	if v.MinCopies > 0 {
+		return v.MinCopies
+	}
+	return DefaultMinCopies(v.RF, v.Durability)
+}
+
+// intersect returns the members of a that are in b, in a's order, never nil.
+func intersect(a, b []string) []string {
+	in := map[string]bool{}
+	for _, x := range b {
+		in[x] = true
+	}
+	out := []string{}
+	for _, x := range a {
+		if in[x] {
+			out = append(out, x)
+			in[x] = false
+		}
+	}
+	return out
 }
 
 // Members returns primary then replicas.
@@ -79,6 +160,9 @@ const (
 	opExpand       = "expand"
 	opReassign     = "reassign"
 	opUpsertServer = "upsert_server"
+	opSetActing    = "set_acting"    // compare-and-set on (ID, ExpectEpoch): new acting set, epoch+1
+	opUpdatePolicy = "update_policy" // new MinCopies, epoch+1
+	opFail         = "fail"          // a server reported it cannot host the volume
 )
 
 type command struct {
@@ -93,6 +177,13 @@ type command struct {
 	Replicas    []string      `json:"replicas,omitempty"`
 	FenceUnixMS int64         `json:"fence_unix_ms,omitempty"`
 	Server      *ServerRecord `json:"server,omitempty"`
+	// reassign and set_acting: the acting set after the change (nil in a
+	// reassign logged before acting sets existed: every new replica).
+	ActingSet []string `json:"acting_set"` // no omitempty: an empty set is not an absent one
+	// update_policy
+	MinCopies int `json:"min_copies,omitempty"`
+	// fail
+	Failure *VolumeFailureRecord `json:"failure,omitempty"`
 }
 
 type applyResult struct {
@@ -132,6 +223,7 @@ func (s *fsmState) apply(c *command, index uint64) *applyResult {
 		}
 		nv := v.clone()
 		nv.ID = index
+		nv.Failure = nil
 		if nv.Epoch == 0 {
 			nv.Epoch = 1
 		}
@@ -171,6 +263,57 @@ func (s *fsmState) apply(c *command, index uint64) *applyResult {
 		v.Primary = c.Primary
 		v.Replicas = append([]string{}, c.Replicas...)
 		v.LeaseFenceUnixMS = c.FenceUnixMS
+		if c.ActingSet != nil {
+			v.ActingSet = append([]string{}, c.ActingSet...)
+		} else {
+			v.ActingSet = nil // an old command: every replica
+		}
+		v.normalize()
+		return &applyResult{Vol: v.clone()}
+	case opSetActing:
+		v, ok := s.Volumes[c.Name]
+		if !ok {
+			return &applyResult{Err: api.Errorf(api.CodeNotFound, "volume %q not found", c.Name)}
+		}
+		if v.ID != c.ID || v.Epoch != c.ExpectEpoch {
+			return &applyResult{Err: api.Errorf(api.CodeEpochChanged, "volume %q is at id %d epoch %d, expected id %d epoch %d", c.Name, v.ID, v.Epoch, c.ID, c.ExpectEpoch)}
+		}
+		for _, a := range c.ActingSet {
+			if a == v.Primary || !contains(v.Replicas, a) {
+				return &applyResult{Err: api.Errorf(api.CodeBadRequest, "acting set member %q is not a replica of %q", a, c.Name)}
+			}
+		}
+		v.Epoch = c.ExpectEpoch + 1
+		v.ActingSet = append([]string{}, c.ActingSet...)
+		v.normalize()
+		return &applyResult{Vol: v.clone()}
+	case opUpdatePolicy:
+		v, ok := s.Volumes[c.Name]
+		if !ok {
+			return &applyResult{Err: api.Errorf(api.CodeNotFound, "volume %q not found", c.Name)}
+		}
+		if c.ID != 0 && v.ID != c.ID {
+			return &applyResult{Err: api.Errorf(api.CodeEpochChanged, "volume %q is incarnation %d, expected %d", c.Name, v.ID, c.ID)}
+		}
+		if e := ValidateMinCopies(c.MinCopies, v.RF); e != nil {
+			return &applyResult{Err: e}
+		}
+		v.MinCopies = c.MinCopies
+		v.Epoch++
+		return &applyResult{Vol: v.clone()}
+	case opFail:
+		v, ok := s.Volumes[c.Name]
+		if !ok {
+			return &applyResult{Err: api.Errorf(api.CodeNotFound, "volume %q not found", c.Name)}
+		}
+		if v.ID != c.ID {
+			return &applyResult{Err: api.Errorf(api.CodeEpochChanged, "volume %q is incarnation %d, the failure names %d", c.Name, v.ID, c.ID)}
+		}
+		v.Failure = nil // nil clears: the server hosts it after all
+		if c.Failure != nil {
+			f := *c.Failure
+			v.Failure = &f
+		}
 		return &applyResult{Vol: v.clone()}
 	case opUpsertServer:
 		if c.Server == nil || c.Server.ID == "" {
@@ -181,6 +324,15 @@ func (s *fsmState) apply(c *command, index uint64) *applyResult {
 		return &applyResult{}
 	}
 	return &applyResult{Err: api.Errorf(api.CodeInternal, "unknown raft command %q", c.Op)}
+}
+
+func contains(list []string, x string) bool {
+	for _, y := range list {
+		if y == x {
+			return true
+		}
+	}
+	return false
 }
 
 func (f *fsm) volume(name string) *VolumeRecord {
@@ -255,6 +407,9 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	}
 	if st.Tombstones == nil {
 		st.Tombstones = map[string]uint64{}
+	}
+	for _, v := range st.Volumes {
+		v.normalize()
 	}
 	f.mu.Lock()
 	f.st = st

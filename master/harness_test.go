@@ -122,6 +122,8 @@ type fakeServer struct {
 	vols      map[string]*fakeVol
 	replies   []*api.HeartbeatResponse
 	leaseLog  map[string][]leaseGrant // volume -> grants received
+	states    map[string]string       // replica ID -> the state this server reports as primary (default InSync)
+	failures  []api.VolumeFailure     // sent with every heartbeat
 	beats     int
 	stopBeats chan struct{}
 	done      chan struct{}
@@ -136,13 +138,14 @@ type leaseGrant struct {
 // newFakeServer: server n advertises 127.0.0.1:2100n (control) and :1080n (NBD).
 func newFakeServer(id string, n int, masters []string) *fakeServer {
 	return &fakeServer{id: id, addr: fmt.Sprintf("127.0.0.1:%d", 21000+n), nbd: fmt.Sprintf("127.0.0.1:%d", 10800+n),
-		c: api.NewClient(masters), vols: map[string]*fakeVol{}, leaseLog: map[string][]leaseGrant{}}
+		c: api.NewClient(masters), vols: map[string]*fakeVol{}, leaseLog: map[string][]leaseGrant{}, states: map[string]string{}}
 }
 
 // beat sends one heartbeat and applies the reply like a real server would.
 func (f *fakeServer) beat(ctx context.Context) (*api.HeartbeatResponse, error) {
 	f.mu.Lock()
-	req := api.HeartbeatRequest{ServerID: f.id, Addr: f.addr, NBDAddr: f.nbd, CapacityBytes: 100 << 30, FreeBytes: 90 << 30}
+	req := api.HeartbeatRequest{ServerID: f.id, Addr: f.addr, NBDAddr: f.nbd, CapacityBytes: 100 << 30, FreeBytes: 90 << 30,
+		Failures: append([]api.VolumeFailure(nil), f.failures...)}
 	for _, v := range f.vols {
 		hv := v.HeartbeatVolume
 		hv.Replicas = append([]api.HeartbeatReplica(nil), v.Replicas...)
@@ -176,7 +179,11 @@ func (f *fakeServer) beat(ctx context.Context) (*api.HeartbeatResponse, error) {
 		if a.Role == api.RolePrimary {
 			v.Replicas = nil
 			for _, r := range a.Replicas {
-				v.Replicas = append(v.Replicas, api.HeartbeatReplica{ServerID: r.ServerID, State: api.StateInSync, FlushedLSN: v.DurableLSN})
+				st := api.StateInSync
+				if s, ok := f.states[r.ServerID]; ok {
+					st = s
+				}
+				v.Replicas = append(v.Replicas, api.HeartbeatReplica{ServerID: r.ServerID, State: st, FlushedLSN: v.DurableLSN})
 			}
 		} else {
 			v.Replicas = nil
@@ -278,4 +285,25 @@ func runFakeServers(t *testing.T, masters []string, ids ...string) {
 		f.run(200 * time.Millisecond)
 		t.Cleanup(f.stop)
 	}
+}
+
+// setState makes f, as a primary, report replica id in state st.
+func (f *fakeServer) setState(id, st string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.states[id] = st
+}
+
+// lastAssignment returns the last assignment of vol f received.
+func (f *fakeServer) lastAssignment(vol string) (api.VolumeAssignment, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i := len(f.replies) - 1; i >= 0; i-- {
+		for _, a := range f.replies[i].Assignments {
+			if a.Volume == vol {
+				return a, true
+			}
+		}
+	}
+	return api.VolumeAssignment{}, false
 }

@@ -86,6 +86,7 @@ func (m *Master) routes() http.Handler {
 	mux.HandleFunc("GET /v1/volumes/{name}", m.lead(m.hInfo))
 	mux.HandleFunc("DELETE /v1/volumes/{name}", m.lead(m.hDelete))
 	mux.HandleFunc("POST /v1/volumes/{name}/expand", m.lead(m.hExpand))
+	mux.HandleFunc("POST /v1/volumes/{name}/update", m.lead(m.hUpdate))
 	mux.HandleFunc("GET /v1/volumes/{name}/primary", m.lead(m.hPrimary))
 	mux.HandleFunc("GET /v1/volumes/{name}/preflight", m.lead(m.hPreflight))
 	mux.HandleFunc("POST /v1/volumes/{name}/promote", m.lead(m.hPromote))
@@ -239,7 +240,7 @@ func (m *Master) plan(ld *leaderState, req api.CreateVolumeRequest) api.PlanResp
 		}
 		return out
 	}
-	pl := Place(states, res.Policy.RF, res.Policy.SizeBytes)
+	pl := Place(states, res.Policy.RF, res.Policy.SizeBytes, res.Policy.WALSizeBytes)
 	out.Candidates = pl.Candidates
 	if pl.Err != nil {
 		out.Errors = append(out.Errors, *pl.Err)
@@ -314,13 +315,15 @@ func (m *Master) create(ld *leaderState, req api.CreateVolumeRequest) (*api.Volu
 	}
 	p := pl.Policy
 	rec := &VolumeRecord{Name: req.Name, SizeBytes: p.SizeBytes, BlockSize: p.BlockSize, RF: p.RF, Durability: p.Durability,
-		Preset: p.Preset, WALSizeBytes: p.WALSizeBytes, Epoch: 1, Primary: pl.Primary, Replicas: pl.Replicas, RequestID: req.RequestID}
+		Preset: p.Preset, WALSizeBytes: p.WALSizeBytes, Epoch: 1, Primary: pl.Primary, Replicas: pl.Replicas, RequestID: req.RequestID,
+		ActingSet: append([]string{}, pl.Replicas...), MinCopies: p.MinCopies}
 	res := m.apply(command{Op: opCreate, Volume: rec})
 	if res.Err != nil {
 		return nil, res.Err
 	}
 	m.log.Info("volume_created", "volume", rec.Name, "id", res.Vol.ID, "size", p.SizeBytes, "rf", p.RF, "durability", p.Durability,
-		"preset", p.Preset, "primary", res.Vol.Primary, "replicas", res.Vol.Replicas, "epoch", res.Vol.Epoch)
+		"preset", p.Preset, "primary", res.Vol.Primary, "replicas", res.Vol.Replicas, "epoch", res.Vol.Epoch,
+		"acting_set", res.Vol.ActingSet, "min_copies", res.Vol.EffectiveMinCopies())
 	for _, wn := range pl.Warnings {
 		m.log.Info("volume_create_warning", "volume", rec.Name, "code", wn.Code, "message", wn.Message)
 	}
@@ -340,6 +343,7 @@ func (m *Master) hDelete(w http.ResponseWriter, r *http.Request, ld *leaderState
 	}
 	delete(ld.pending, name)
 	delete(ld.leaseNotBefore, name)
+	delete(ld.tracks, name)
 	m.mu.Unlock()
 	m.log.Info("volume_deleted", "volume", name, "id", res.Vol.ID)
 	w.WriteHeader(http.StatusNoContent)
@@ -368,6 +372,28 @@ func (m *Master) hExpand(w http.ResponseWriter, r *http.Request, ld *leaderState
 	writeJSON(w, http.StatusOK, info)
 }
 
+func (m *Master) hUpdate(w http.ResponseWriter, r *http.Request, ld *leaderState) {
+	var req api.UpdateVolumeRequest
+	if e := decode(r, &req); e != nil {
+		writeErr(w, e)
+		return
+	}
+	v := m.lookup(w, r)
+	if v == nil {
+		return
+	}
+	nv, e := m.updatePolicy(v, req)
+	if e != nil {
+		m.log.Info("volume_update_rejected", "volume", v.Name, "reason", e.Message)
+		writeErr(w, e)
+		return
+	}
+	m.mu.Lock()
+	info := m.volumeInfo(ld, nv, time.Now())
+	m.mu.Unlock()
+	writeJSON(w, http.StatusOK, info)
+}
+
 func (m *Master) preflight(ld *leaderState, v *VolumeRecord) (api.PreflightResponse, []api.Candidate, string, bool) {
 	now := time.Now()
 	m.mu.Lock()
@@ -375,10 +401,16 @@ func (m *Master) preflight(ld *leaderState, v *VolumeRecord) (api.PreflightRespo
 	alive, left := m.primaryAlive(ld, v, now)
 	m.mu.Unlock()
 	cands, best := EvaluateCandidates(v.ID, v.Epoch, head, in, m.gates())
+	if ok, _, _ := m.failoverQuorum(v, cands); !ok && best != "" {
+		best = "" // the best acting member may lack acknowledged writes: only --force
+	}
 	out := api.PreflightResponse{Volume: v.Name, Epoch: v.Epoch, Primary: v.Primary, PrimaryAlive: alive,
 		LeaseExpiresMS: left.Milliseconds(), Best: best, Candidates: cands, Blockers: []string{}}
 	if alive {
 		out.Blockers = append(out.Blockers, api.ReasonPrimaryAlive)
+	}
+	if ok, _, _ := m.failoverQuorum(v, cands); !ok {
+		out.Blockers = append(out.Blockers, BlockerQuorumLost)
 	}
 	return out, cands, best, alive
 }
@@ -428,6 +460,10 @@ func (m *Master) hPromote(w http.ResponseWriter, r *http.Request, ld *leaderStat
 	}
 	m.mu.Unlock()
 	wait := max(fence.Sub(now), 0)
+	if contains(bypassed, api.ReasonStale) {
+		m.log.Warn("stale_replica_promoted", "volume", v.Name, "new_primary", target, "epoch", res.Vol.Epoch,
+			"acting_set", v.ActingSet, "risk", "it was outside the acting set: acknowledged writes may be lost")
+	}
 	m.log.Info("promotion", "volume", v.Name, "reason", "manual", "old_primary", v.Primary, "new_primary", target,
 		"epoch", res.Vol.Epoch, "force", req.Force, "bypassed", bypassed, "lease_wait_ms", wait.Milliseconds())
 	writeJSON(w, http.StatusOK, api.PromoteResponse{Volume: v.Name, OldPrimary: v.Primary, NewPrimary: target,

@@ -4,7 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
-	"sort"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -48,11 +48,14 @@ type leaderState struct {
 	sent           map[string]string    // volume/server -> role@epoch last logged as sent
 	confirmed      map[string]string    // volume/server -> role@epoch last logged as confirmed
 	unknownLogged  map[string]bool
+	tracks         map[string]*VolumeTrack // volume -> the primary's reports at the current epoch
+	sentAt         map[string]time.Time    // volume/server -> when the current unconfirmed role@epoch was first sent
 }
 
 func newLeaderState(now time.Time) *leaderState {
 	return &leaderState{since: now, servers: map[string]*liveServer{}, pending: map[string]*pendingFailover{},
-		leaseNotBefore: map[string]time.Time{}, sent: map[string]string{}, confirmed: map[string]string{}, unknownLogged: map[string]bool{}}
+		leaseNotBefore: map[string]time.Time{}, sent: map[string]string{}, confirmed: map[string]string{}, unknownLogged: map[string]bool{},
+		tracks: map[string]*VolumeTrack{}, sentAt: map[string]time.Time{}}
 }
 
 func (ld *leaderState) stopTimers() {
@@ -118,6 +121,13 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 	if ld == nil {
 		return nil, notLeader(m)
 	}
+	// A heartbeat proves nothing about who sent it (no TLS): an endpoint
+	// change for a known ID, or a new ID taking a live server's endpoint,
+	// takes effect only once the old endpoint's owner has been silent for
+	// a lease TTL. Until then the heartbeat is refused and changes nothing.
+	if e := m.checkEndpointChange(ld, req); e != nil {
+		return nil, e
+	}
 	// Identity and endpoints are raft state: record a new server or an
 	// address change (the ID stays; the endpoint follows).
 	if rec := m.fsm.server(req.ServerID); rec == nil || rec.Addr != req.Addr || rec.NBDAddr != req.NBDAddr {
@@ -156,6 +166,9 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 	for _, v := range req.Volumes {
 		reports[v.Name] = v
 	}
+	if e := m.recordFailures(req, reports); e != nil {
+		return nil, e
+	}
 	m.mu.Lock()
 	if m.ld != ld || m.raft.State() != raft.Leader {
 		m.mu.Unlock()
@@ -188,12 +201,16 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 	}
 	vols := m.fsm.volumes()
 	known := map[string]*VolumeRecord{}
+	fast := false // something is changing for this server: ask it to heartbeat sooner
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, v := range vols {
 		known[v.Name] = v
 		if !v.has(req.ServerID) {
 			continue
+		}
+		if r, ok := reports[v.Name]; ok && v.Primary == req.ServerID {
+			ld.tracks[v.Name] = TrackReport(ld.tracks[v.Name], v.ID, v.Epoch, r, now)
 		}
 		a := m.assignment(v, req.ServerID)
 		if a.Role == api.RolePrimary {
@@ -217,6 +234,7 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 			}
 		} else if ld.sent[key] != want {
 			ld.sent[key] = want
+			ld.sentAt[key] = now
 			m.log.Info("assignment_sent", "volume", v.Name, "server", req.ServerID, "role", a.Role, "epoch", a.Epoch,
 				"reported_role", r.Role, "reported_epoch", r.Epoch)
 		}
@@ -226,7 +244,19 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 			ld.unknownLogged["conflict/"+key] = true // the registry wins: it is told to be a replica
 			m.log.Warn("role_conflict", "volume", v.Name, "server", req.ServerID, "reported_role", r.Role, "epoch", v.Epoch, "primary", v.Primary)
 		}
+		switch {
+		case v.Failure != nil:
+		case !a.Confirmed && now.Sub(ld.sentAt[key]) < fastWindow:
+			fast = true // a new role or epoch: confirm it quickly
+		case a.Role == api.RolePrimary && a.LeaseTTLMS == 0:
+			fast = true // the lease is withheld: pick it up as soon as the fence passes
+		case ld.pending[v.Name] != nil:
+			fast = true // a failover may come: learn of it quickly
+		}
 		resp.Assignments = append(resp.Assignments, a)
+	}
+	if fast {
+		resp.HeartbeatIntervalMS = m.fastHeartbeat().Milliseconds()
 	}
 	// Reported volumes this server should not have.
 	for _, r := range req.Volumes {
@@ -255,7 +285,8 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 // assignment is the desired state of v on server id (lease not filled).
 func (m *Master) assignment(v *VolumeRecord, id string) api.VolumeAssignment {
 	a := api.VolumeAssignment{Volume: v.Name, ID: v.ID, SizeBytes: v.SizeBytes, BlockSize: v.BlockSize,
-		WALSizeBytes: v.WALSizeBytes, Durability: v.Durability, Epoch: v.Epoch, Role: api.RoleReplica, Replicas: []api.ServerRef{}}
+		WALSizeBytes: v.WALSizeBytes, Durability: v.Durability, Epoch: v.Epoch, Role: api.RoleReplica, Replicas: []api.ServerRef{},
+		ActingSet: append([]string{}, v.ActingSet...), MinCopies: v.EffectiveMinCopies()}
 	if v.Primary == id {
 		a.Role = api.RolePrimary
 	}
@@ -362,7 +393,7 @@ func (m *Master) candidateInputs(ld *leaderState, v *VolumeRecord, now time.Time
 	}
 	var in []CandidateInput
 	for _, id := range v.Replicas {
-		c := CandidateInput{ServerID: id, Registered: m.fsm.server(id) != nil}
+		c := CandidateInput{ServerID: id, Registered: m.fsm.server(id) != nil, InActing: v.inActing(id)}
 		if ls := ld.servers[id]; ls != nil {
 			c.Heard, c.Age = true, now.Sub(ls.heard)
 			if r, ok := ls.reports[v.Name]; ok {
@@ -420,13 +451,15 @@ func (m *Master) tryFailover(p *pendingFailover) {
 	}()
 
 	cands, best := EvaluateCandidates(v.ID, v.Epoch, head, in, m.gates())
-	if best == "" {
+	quorumOK, need, eligible := m.failoverQuorum(v, cands)
+	if best == "" || !quorumOK {
 		m.mu.Lock()
 		first := !p.noCand
 		p.noCand = true
 		m.mu.Unlock()
 		if first {
-			m.log.Warn("failover_no_candidate", "volume", v.Name, "primary", v.Primary, "epoch", v.Epoch, "candidates", summarize(cands))
+			m.log.Warn("failover_no_candidate", "volume", v.Name, "primary", v.Primary, "epoch", v.Epoch, "candidates", summarize(cands),
+				"acting_set", v.ActingSet, "eligible_acting", eligible, "needed_acting", need)
 		}
 		return
 	}
@@ -449,7 +482,7 @@ func (m *Master) tryFailover(p *pendingFailover) {
 		return
 	}
 	m.log.Info("promotion", "volume", v.Name, "reason", "failover", "old_primary", v.Primary, "new_primary", best,
-		"epoch", res.Vol.Epoch, "flushed_lsn", lsn, "lease_wait_ms", max(fence.Sub(time.Now()), 0).Milliseconds())
+		"epoch", res.Vol.Epoch, "flushed_lsn", lsn, "lease_wait_ms", max(time.Until(fence), 0).Milliseconds())
 }
 
 // reassign makes newPrimary the primary of v at epoch+1 (raft
@@ -466,8 +499,9 @@ func (m *Master) reassign(ld *leaderState, v *VolumeRecord, newPrimary string) (
 		fence = now.Add(m.cfg.LeaseTTL + m.cfg.LeaseMargin)
 	}
 	m.mu.Unlock()
+	acting := FailoverActing(v.ActingSet, newPrimary)
 	res := m.apply(command{Op: opReassign, Name: v.Name, ID: v.ID, ExpectEpoch: v.Epoch, Primary: newPrimary,
-		Replicas: FailoverReplicas(v.Primary, v.Replicas, newPrimary), FenceUnixMS: fence.UnixMilli()})
+		Replicas: FailoverReplicas(v.Primary, v.Replicas, newPrimary), FenceUnixMS: fence.UnixMilli(), ActingSet: acting})
 	if res.Err != nil {
 		return res, time.Time{}
 	}
@@ -479,92 +513,135 @@ func (m *Master) reassign(ld *leaderState, v *VolumeRecord, newPrimary string) (
 	if m.ld == ld {
 		ld.leaseNotBefore[v.Name] = fence
 	}
+	m.log.Info("acting_set_failover", "volume", v.Name, "epoch", res.Vol.Epoch, "new_primary", newPrimary,
+		"acting_set", res.Vol.ActingSet, "stale", res.Vol.Stale(), "member", v.Primary, "reason", ActingReasonFailoverStale)
 	return res, fence
 }
 
-// ---- read side ----
-
-func (m *Master) primaryAlive(ld *leaderState, v *VolumeRecord, now time.Time) (bool, time.Duration) {
-	if v.Primary == "" {
-		return false, 0
-	}
-	d := m.leaseDeadline(ld, v.Primary).Sub(now)
-	return d > 0, max(d, 0)
+// EndpointChangeAllowed is the rule for an endpoint claim without proof of
+// identity: a known server's registered endpoint (oldAddr, "" = none) may
+// be replaced by a different one only when its owner has been silent for
+// at least ttl. Pure.
+func EndpointChangeAllowed(oldAddr, newAddr string, ownerSilent, ttl time.Duration) bool {
+	return oldAddr == "" || oldAddr == newAddr || ownerSilent >= ttl
 }
 
-// volumeInfo renders v with the leader's live knowledge. Caller holds m.mu.
-func (m *Master) volumeInfo(ld *leaderState, v *VolumeRecord, now time.Time) api.VolumeInfo {
-	info := api.VolumeInfo{Name: v.Name, ID: v.ID, SizeBytes: v.SizeBytes, BlockSize: v.BlockSize, Epoch: v.Epoch,
-		Durability: v.Durability, RF: v.RF, Preset: v.Preset, WALSizeBytes: v.WALSizeBytes, Replicas: []api.ReplicaInfo{}}
-	pr := m.serverRef(v.Primary)
-	info.Primary = api.PrimaryRef{ServerID: pr.ServerID, NBDAddr: pr.NBDAddr, Addr: pr.Addr}
-	var primaryRep *api.HeartbeatVolume
-	fresh := false
-	if ls := ld.servers[v.Primary]; ls != nil {
-		fresh = now.Sub(ls.heard) <= m.cfg.freshWindow()
-		if r, ok := ls.reports[v.Name]; ok && r.Epoch == v.Epoch && r.Role == api.RolePrimary {
-			primaryRep = &r
-			info.HeadLSN = r.HeadLSN
+// checkEndpointChange refuses a heartbeat whose endpoints would redirect
+// traffic away from a server that is still heartbeating: an address change
+// for a known ID, or an address held by another live ID.
+func (m *Master) checkEndpointChange(ld *leaderState, req api.HeartbeatRequest) *api.Error {
+	now := time.Now()
+	silent := func(id string) time.Duration {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return now.Sub(ld.lastSeen(id))
+	}
+	refuse := func(owner, field, old, claimed string, quiet time.Duration) *api.Error {
+		m.mu.Lock()
+		key := fmt.Sprintf("endpoint/%s/%s/%s", req.ServerID, field, claimed)
+		first := !ld.unknownLogged[key]
+		ld.unknownLogged[key] = true
+		m.mu.Unlock()
+		wait := max(m.cfg.LeaseTTL-quiet, 0)
+		if first {
+			m.log.Warn("endpoint_change_refused", "server", req.ServerID, "owner", owner, "field", field, "registered", old,
+				"claimed", claimed, "owner_silent_ms", quiet.Milliseconds(), "wait_ms", wait.Milliseconds())
+		}
+		return api.Errorf(api.CodeAddressInUse, "heartbeat from %q claims %s %s, but %s is registered there (%s) and heartbeated %dms ago: an endpoint moves only after its owner is silent for the lease TTL %v (retry in %dms)",
+			req.ServerID, field, claimed, owner, old, quiet.Milliseconds(), m.cfg.LeaseTTL, wait.Milliseconds())
+	}
+	if rec := m.fsm.server(req.ServerID); rec != nil {
+		q := silent(rec.ID)
+		if !EndpointChangeAllowed(rec.Addr, req.Addr, q, m.cfg.LeaseTTL) {
+			return refuse(rec.ID, "addr", rec.Addr, req.Addr, q)
+		}
+		if !EndpointChangeAllowed(rec.NBDAddr, req.NBDAddr, q, m.cfg.LeaseTTL) {
+			return refuse(rec.ID, "nbd_addr", rec.NBDAddr, req.NBDAddr, q)
 		}
 	}
-	allInSync := true
-	for _, id := range v.Replicas {
-		ref := m.serverRef(id)
-		ri := api.ReplicaInfo{ServerID: id, Addr: ref.Addr, State: api.StateDisconnected}
-		found := false
-		if primaryRep != nil {
-			for _, pr := range primaryRep.Replicas {
-				if pr.ServerID == id {
-					ri.State, ri.FlushedLSN, found = pr.State, pr.FlushedLSN, true
+	for _, o := range m.fsm.servers() {
+		if o.ID == req.ServerID {
+			continue
+		}
+		for _, f := range []struct{ name, have, want string }{{"addr", o.Addr, req.Addr}, {"nbd_addr", o.NBDAddr, req.NBDAddr}} {
+			if f.have != "" && f.have == f.want {
+				if q := silent(o.ID); q < m.cfg.LeaseTTL {
+					return refuse(o.ID, f.name, f.have, f.want, q)
 				}
 			}
 		}
-		if !found {
-			if ls := ld.servers[id]; ls != nil {
-				if r, ok := ls.reports[v.Name]; ok {
-					ri.FlushedLSN = r.DurableLSN
-				}
-			}
-		}
-		if ri.State != api.StateInSync {
-			allInSync = false
-		}
-		info.Replicas = append(info.Replicas, ri)
 	}
-	switch p := ld.pending[v.Name]; {
-	case p != nil && p.expired:
-		info.Status = api.StatusUnavailable
-	case p != nil:
-		info.Status = api.StatusFailingOver
-	case primaryRep == nil || !fresh:
-		info.Status = api.StatusPending
-	case allInSync:
-		info.Status = api.StatusHealthy
-	default:
-		info.Status = api.StatusDegraded
-	}
-	return info
+	return nil
 }
 
-// serverStates feeds placement. Caller holds m.mu.
-func (m *Master) serverStates(ld *leaderState, now time.Time) []ServerState {
-	vols := m.fsm.volumes()
-	count, prim := map[string]int{}, map[string]int{}
-	for _, v := range vols {
-		prim[v.Primary]++
-		for _, id := range v.Members() {
-			count[id]++
+// maxFailureReason bounds a reported failure reason kept in the registry.
+const maxFailureReason = 512
+
+// recordFailures marks volumes failed that this server reports it cannot
+// create or open, and clears a failure it reported earlier once it hosts
+// the volume after all. Only failures of the volume's current incarnation
+// and from one of its servers count.
+func (m *Master) recordFailures(req api.HeartbeatRequest, reports map[string]api.HeartbeatVolume) *api.Error {
+	failing := map[string]bool{}
+	for _, f := range req.Failures {
+		failing[f.Volume] = true
+		v := m.fsm.volume(f.Volume)
+		if v == nil || !v.has(req.ServerID) || (f.ID != 0 && f.ID != v.ID) {
+			m.log.Warn("volume_failure_ignored", "volume", f.Volume, "server", req.ServerID, "id", f.ID, "reason", truncate(f.Reason, maxFailureReason))
+			continue
 		}
-	}
-	var out []ServerState
-	for _, s := range m.fsm.servers() {
-		st := ServerState{ID: s.ID, Volumes: count[s.ID], Primaries: prim[s.ID]}
-		if ls := ld.servers[s.ID]; ls != nil {
-			st.Alive = now.Sub(ls.heard) <= m.cfg.freshWindow()
-			st.CapacityBytes, st.FreeBytes = ls.capacity, ls.free
+		reason := truncate(strings.TrimSpace(f.Reason), maxFailureReason)
+		if reason == "" {
+			reason = "unspecified"
 		}
-		out = append(out, st)
+		if v.Failure != nil && v.Failure.Server == req.ServerID && v.Failure.Reason == reason {
+			continue
+		}
+		res := m.apply(command{Op: opFail, Name: v.Name, ID: v.ID, Failure: &VolumeFailureRecord{Server: req.ServerID, Reason: reason}})
+		if res.Err != nil {
+			if res.Err.Code == api.CodeNotLeader {
+				return res.Err
+			}
+			m.log.Warn("volume_failure_apply_failed", "volume", v.Name, "server", req.ServerID, "err", res.Err)
+			continue
+		}
+		m.log.Warn("volume_failed", "volume", v.Name, "id", v.ID, "server", req.ServerID, "reason", reason)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
-	return out
+	for name, r := range reports {
+		if failing[name] {
+			continue
+		}
+		v := m.fsm.volume(name)
+		if v == nil || v.Failure == nil || v.Failure.Server != req.ServerID || (r.ID != 0 && r.ID != v.ID) {
+			continue
+		}
+		res := m.apply(command{Op: opFail, Name: v.Name, ID: v.ID})
+		if res.Err != nil {
+			if res.Err.Code == api.CodeNotLeader {
+				return res.Err
+			}
+			continue
+		}
+		m.log.Info("volume_failure_cleared", "volume", v.Name, "id", v.ID, "server", req.ServerID, "reason", "server_hosts_it")
+	}
+	return nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return strings.ToValidUTF8(s[:n], "") + "..."
+}
+
+// fastWindow bounds how long an unconfirmed assignment keeps its server on
+// the fast heartbeat (a server that cannot apply it goes back to normal).
+const fastWindow = 10 * time.Second
+
+// fastHeartbeat is the interval asked of a server while one of its
+// volumes changes (new role or epoch, withheld lease, pending failover),
+// so that failovers and acting-set changes reach every member within
+// about 100 ms instead of a full heartbeat interval.
+func (m *Master) fastHeartbeat() time.Duration {
+	return min(m.cfg.HeartbeatInterval, max(m.cfg.HeartbeatInterval/5, 100*time.Millisecond))
 }

@@ -72,6 +72,10 @@ type Config struct {
 	// MaxLag is the failover lag tolerance in LSNs between the primary's
 	// last reported head and a candidate's durable LSN (default 1<<20).
 	MaxLag uint64
+	// FailGrace: a replica the primary reports Disconnected, Degraded or
+	// NeedsRebuild continuously this long leaves the acting set (default
+	// 2 heartbeat intervals). A replica silent for LeaseTTL leaves it too.
+	FailGrace time.Duration
 	// Logger receives every decision (default slog.Default()).
 	Logger *slog.Logger
 	// TLS, when set, makes the API HTTPS with client certificates
@@ -92,6 +96,9 @@ func (c *Config) setDefaults() {
 		if c.HeartbeatInterval > 500*time.Millisecond {
 			c.HeartbeatInterval = 500 * time.Millisecond
 		}
+	}
+	if c.FailGrace <= 0 {
+		c.FailGrace = 2 * c.HeartbeatInterval
 	}
 	if c.MaxLag == 0 {
 		c.MaxLag = 1 << 20
@@ -521,6 +528,7 @@ func (m *Master) monitor() {
 			m.log.Info("leadership_lost", "id", m.id, "leader", m.leaderAPI())
 		case isLeader:
 			m.sweep(time.Now())
+			m.actingSweep(time.Now())
 		}
 	}
 }

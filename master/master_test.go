@@ -319,15 +319,15 @@ func TestPreflightAndPromote(t *testing.T) {
 		pf, err := c.Preflight(ctxT(t), "v")
 		return err == nil && pf.Best != "" && len(pf.Candidates) == 2 && pf.Candidates[0].Eligible && pf.Candidates[1].Eligible
 	})
-	fs[r1].stop() // r1 goes silent: heartbeat_stale
+	fs[r1].stop() // r1 goes silent: heartbeat_stale, and after the lease TTL out of the acting set
 	waitFor(t, "r1 stale", 20*time.Second, func() bool {
 		pf, err := c.Preflight(ctxT(t), "v")
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, cd := range pf.Candidates {
-			if cd.ServerID == r1 && len(cd.Reasons) == 1 && cd.Reasons[0] == api.ReasonHeartbeatStale {
-				return true
+			if cd.ServerID == r1 && contains(cd.Reasons, api.ReasonStale) && contains(cd.Reasons, api.ReasonHeartbeatStale) {
+				return volInfo(t, c, "v").Status == api.StatusDegraded // the shrink is confirmed: the epoch stays
 			}
 		}
 		return false
@@ -380,7 +380,7 @@ func TestPreflightAndPromote(t *testing.T) {
 	}
 	waitFor(t, "lease for the new primary", 20*time.Second, func() bool {
 		for _, g := range fs[r2].grants("v") {
-			if g.epoch == epochBefore+1 {
+			if g.epoch > epochBefore {
 				return true
 			}
 		}
@@ -395,14 +395,14 @@ func TestPreflightAndPromote(t *testing.T) {
 		}
 	}
 	for _, g := range fs[r2].grants("v") {
-		if g.epoch == epochBefore+1 && !g.received.After(oldEnd) {
+		if g.epoch > epochBefore && !g.received.After(oldEnd) {
 			t.Fatalf("new primary lease at %v, old primary's lease ran until %v", g.received, oldEnd)
 		}
 	}
 	// The old primary, still alive, was demoted.
 	waitFor(t, "old primary demoted", 20*time.Second, func() bool {
 		fv, _ := fs[prim].vol("v")
-		return fv.Role == api.RoleReplica && fv.Epoch == epochBefore+1
+		return fv.Role == api.RoleReplica && fv.Epoch > epochBefore
 	})
 	if len(logs.find("promotion", "volume", "v", "reason", "manual", "new_primary", r2)) == 0 {
 		t.Fatal("no promotion event")
@@ -654,52 +654,5 @@ func TestStartRejectsBadConfig(t *testing.T) {
 	m := startMaster(t, Config{DataDir: t.TempDir(), APIAddr: api1, Logger: (&logSink{}).logger()})
 	if err := m.WaitLeader(ctxT(t)); err != nil {
 		t.Fatal(err)
-	}
-}
-
-// A new server taking over another's address: the old record loses the
-// endpoint (nothing is sent to the wrong server); identities stay.
-func TestAddressReuse(t *testing.T) {
-	var logs logSink
-	m := startMaster(t, Config{DataDir: t.TempDir(), APIAddr: "127.0.0.1:0", Logger: logs.logger()})
-	if err := m.WaitLeader(ctxT(t)); err != nil {
-		t.Fatal(err)
-	}
-	c := api.NewClient([]string{m.APIAddr()})
-	a, b := newFakeServer("a", 1, c.Addrs()), newFakeServer("b", 2, c.Addrs())
-	for _, f := range []*fakeServer{a, b} {
-		if _, err := f.beat(ctxT(t)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if _, err := c.CreateVolume(ctxT(t), api.CreateVolumeRequest{Name: "v", SizeBytes: 1 << 20, RF: 2}); err != nil {
-		t.Fatal(err)
-	}
-	// a dies; c comes up on a's endpoints.
-	nc := newFakeServer("c", 3, c.Addrs())
-	nc.addr, nc.nbd = a.addr, a.nbd
-	if _, err := nc.beat(ctxT(t)); err != nil {
-		t.Fatal(err)
-	}
-	if len(logs.find("address_reused", "server", "c", "previous_owner", "a")) == 0 {
-		t.Fatal("no address_reused event")
-	}
-	info := volInfo(t, c, "v")
-	for _, r := range append([]api.ReplicaInfo{{ServerID: info.Primary.ServerID, Addr: info.Primary.Addr}}, info.Replicas...) {
-		if r.ServerID == "a" && r.Addr != "" {
-			t.Fatalf("a still has the reused address %s", r.Addr)
-		}
-	}
-	// b's assignment names a without an endpoint, never c's.
-	resp, err := b.beat(ctxT(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, as := range resp.Assignments {
-		for _, r := range append([]api.ServerRef{as.Primary}, as.Replicas...) {
-			if r.ServerID == "a" && (r.Addr != "" || r.NBDAddr != "") {
-				t.Fatalf("assignment sends a's traffic to %s/%s", r.Addr, r.NBDAddr)
-			}
-		}
 	}
 }

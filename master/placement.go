@@ -1,7 +1,9 @@
 package master
 
 import (
+	"fmt"
 	"sort"
+	"strings"
 
 	"github.com/blockd/blockd/api"
 )
@@ -10,6 +12,7 @@ import (
 const (
 	RejectNotAlive             = "not_alive"
 	RejectInsufficientCapacity = "insufficient_capacity"
+	RejectInsufficientFree     = "insufficient_free_space" // the WAL (allocated up front) does not fit
 )
 
 // ServerState is what placement knows of one server.
@@ -30,11 +33,13 @@ type Placement struct {
 	Err        *api.Error
 }
 
-// Place chooses rf distinct servers for a volume of size bytes: alive
-// servers that can hold it, fewest volumes first, then most free bytes, then
-// ID; the primary is the chosen server with the fewest primaries. It is a
-// pure function of its arguments: plan (dry run) and create share it.
-func Place(servers []ServerState, rf int, size int64) Placement {
+// Place chooses rf distinct servers for a volume of size bytes with a WAL
+// of wal bytes: alive servers that can hold it (size+wal within the
+// capacity, the WAL, which is allocated up front, within the free bytes),
+// fewest volumes first, then most free bytes, then ID; the primary is the
+// chosen server with the fewest primaries. It is a pure function of its
+// arguments: plan (dry run) and create share it.
+func Place(servers []ServerState, rf int, size, wal int64) Placement {
 	var out Placement
 	sorted := append([]ServerState(nil), servers...)
 	sort.Slice(sorted, func(i, j int) bool {
@@ -48,13 +53,19 @@ func Place(servers []ServerState, rf int, size int64) Placement {
 		return a.ID < b.ID
 	})
 	var chosen []ServerState
+	var why []string
 	for _, s := range sorted {
 		c := api.PlacementCandidate{ServerID: s.ID, FreeBytes: s.FreeBytes, VolumeCount: s.Volumes}
 		switch {
 		case !s.Alive:
 			c.Rejection = RejectNotAlive
-		case s.CapacityBytes > 0 && size > s.CapacityBytes:
+			why = append(why, s.ID+" not alive")
+		case s.CapacityBytes > 0 && size+wal > s.CapacityBytes:
 			c.Rejection = RejectInsufficientCapacity
+			why = append(why, fmt.Sprintf("%s capacity %d < size %d + wal %d", s.ID, s.CapacityBytes, size, wal))
+		case s.CapacityBytes > 0 && wal > s.FreeBytes:
+			c.Rejection = RejectInsufficientFree
+			why = append(why, fmt.Sprintf("%s free %d < wal %d", s.ID, s.FreeBytes, wal))
 		case len(chosen) < rf:
 			c.Selected = true
 			chosen = append(chosen, s)
@@ -62,7 +73,11 @@ func Place(servers []ServerState, rf int, size int64) Placement {
 		out.Candidates = append(out.Candidates, c)
 	}
 	if rf < 1 || len(chosen) < rf {
-		out.Err = api.Errorf(api.CodeInsufficientServers, "rf %d needs %d eligible servers, %d available (of %d registered)", rf, rf, len(chosen), len(servers))
+		detail := ""
+		if len(why) > 0 {
+			detail = ": " + strings.Join(why, "; ")
+		}
+		out.Err = api.Errorf(api.CodeInsufficientServers, "rf %d needs %d eligible servers, %d available (of %d registered)%s", rf, rf, len(chosen), len(servers), detail)
 		for i := range out.Candidates {
 			out.Candidates[i].Selected = false
 		}

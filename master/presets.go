@@ -14,6 +14,7 @@ const (
 	DefaultWALSize   = 64 << 20  // general / no preset
 	LargeWALSize     = 256 << 20 // database, throughput
 	MinWALSize       = 1 << 20
+	MaxWALSize       = 64 << 30 // a WAL is allocated up front on every copy
 	MaxVolumeSize    = 256 << 40
 	MaxRF            = 8
 )
@@ -24,6 +25,30 @@ type Preset struct {
 	Durability string
 	RF         int
 	WALSize    int64
+	// MinCopies: 0 = DefaultMinCopies for the resolved RF and durability.
+	MinCopies int
+}
+
+// DefaultMinCopies is the floor of durable copies a flush needs when the
+// request and the preset leave it unset: 2 for RF >= 3 under sync_all and
+// sync_quorum (a flush survives the loss of any one server, like Ceph's
+// min_size 2 of size 3); 1 for RF <= 2 and for best_effort. RF 2 with 1
+// is DRBD's choice: when the peer dies the primary outdates it (it leaves
+// the acting set, stale) and goes on alone; that is safe because a stale
+// member is never promoted automatically.
+func DefaultMinCopies(rf int, durability string) int {
+	if rf >= 3 && durability != api.DurabilityBestEffort {
+		return 2
+	}
+	return 1
+}
+
+// ValidateMinCopies checks 1 <= n <= rf.
+func ValidateMinCopies(n, rf int) *api.Error {
+	if n < 1 || n > rf {
+		return api.Errorf(api.CodeBadRequest, "min_copies %d out of range 1..%d (the volume's rf)", n, rf)
+	}
+	return nil
 }
 
 // Presets are the built-in policies (DESIGN.md §4).
@@ -154,10 +179,32 @@ func Resolve(req api.CreateVolumeRequest, servers int) api.ResolveResponse {
 		pol.WALSizeBytes = DefaultWALSize
 	case pol.WALSizeBytes < MinWALSize:
 		fail(api.CodeBadSize, "wal size %d below the minimum %d", pol.WALSizeBytes, int64(MinWALSize))
+	case pol.WALSizeBytes > MaxWALSize:
+		fail(api.CodeBadSize, "wal size %d exceeds the maximum %d", pol.WALSizeBytes, int64(MaxWALSize))
+	case req.SizeBytes > 0 && pol.WALSizeBytes > max(req.SizeBytes, LargeWALSize):
+		fail(api.CodeBadSize, "wal size %d is larger than the volume (%d bytes) and than %d: it could never fill", pol.WALSizeBytes, req.SizeBytes, int64(LargeWALSize))
 	case pol.WALSizeBytes%int64(pol.BlockSize) != 0:
 		fail(api.CodeBadSize, "wal size %d is not a multiple of the block size %d", pol.WALSizeBytes, pol.BlockSize)
 	case p.Name != "" && pol.WALSizeBytes < p.WALSize:
 		warn("wal_smaller_than_preset", "wal size %d is below the %s preset's %d: more flusher stalls under write bursts", pol.WALSizeBytes, p.Name, p.WALSize)
+	}
+
+	// min_copies: 0 = the preset's, else the default for rf and durability.
+	switch {
+	case req.MinCopies < 0:
+		fail(api.CodeBadRequest, "min_copies %d must be at least 1 (0 = the default)", req.MinCopies)
+	case req.MinCopies == 0 && p.MinCopies > 0:
+		pol.MinCopies = min(p.MinCopies, max(pol.RF, 1))
+	case req.MinCopies == 0:
+		pol.MinCopies = DefaultMinCopies(pol.RF, pol.Durability)
+	case pol.RF >= 1 && pol.RF <= MaxRF:
+		pol.MinCopies = req.MinCopies
+		if e := ValidateMinCopies(req.MinCopies, pol.RF); e != nil {
+			out.Errors = append(out.Errors, *e)
+		}
+	}
+	if pol.MinCopies > 1 && pol.Durability == api.DurabilityBestEffort {
+		warn("min_copies_best_effort", "min_copies %d with best_effort: a flush still waits for %d durable copies", pol.MinCopies, pol.MinCopies)
 	}
 	out.Policy = pol
 	return out

@@ -36,25 +36,39 @@ func TestResolve(t *testing.T) {
 		warnings []string
 	}{
 		{name: "database preset", req: api.CreateVolumeRequest{SizeBytes: G, Preset: "database"}, servers: 3,
-			want: api.ResolvedPolicy{Preset: "database", SizeBytes: G, BlockSize: 4096, RF: 2, Durability: "sync_all", WALSizeBytes: LargeWALSize}},
+			want: api.ResolvedPolicy{Preset: "database", SizeBytes: G, BlockSize: 4096, RF: 2, Durability: "sync_all", WALSizeBytes: LargeWALSize, MinCopies: 1}},
 		{name: "general preset", req: api.CreateVolumeRequest{SizeBytes: G, Preset: "general"}, servers: 2,
-			want: api.ResolvedPolicy{Preset: "general", SizeBytes: G, BlockSize: 4096, RF: 2, Durability: "best_effort", WALSizeBytes: DefaultWALSize}},
+			want: api.ResolvedPolicy{Preset: "general", SizeBytes: G, BlockSize: 4096, RF: 2, Durability: "best_effort", WALSizeBytes: DefaultWALSize, MinCopies: 1}},
 		{name: "throughput preset", req: api.CreateVolumeRequest{SizeBytes: G, Preset: "throughput"}, servers: 2,
-			want: api.ResolvedPolicy{Preset: "throughput", SizeBytes: G, BlockSize: 4096, RF: 2, Durability: "best_effort", WALSizeBytes: LargeWALSize}},
+			want: api.ResolvedPolicy{Preset: "throughput", SizeBytes: G, BlockSize: 4096, RF: 2, Durability: "best_effort", WALSizeBytes: LargeWALSize, MinCopies: 1}},
 		{name: "no preset one server", req: api.CreateVolumeRequest{SizeBytes: G}, servers: 1,
-			want:     api.ResolvedPolicy{SizeBytes: G, BlockSize: 4096, RF: 1, Durability: "best_effort", WALSizeBytes: DefaultWALSize},
+			want:     api.ResolvedPolicy{SizeBytes: G, BlockSize: 4096, RF: 1, Durability: "best_effort", WALSizeBytes: DefaultWALSize, MinCopies: 1},
 			warnings: []string{"rf_defaulted"}},
 		{name: "no preset three servers", req: api.CreateVolumeRequest{SizeBytes: G}, servers: 3,
-			want: api.ResolvedPolicy{SizeBytes: G, BlockSize: 4096, RF: 2, Durability: "best_effort", WALSizeBytes: DefaultWALSize}},
+			want: api.ResolvedPolicy{SizeBytes: G, BlockSize: 4096, RF: 2, Durability: "best_effort", WALSizeBytes: DefaultWALSize, MinCopies: 1}},
 		{name: "override weakens database", req: api.CreateVolumeRequest{SizeBytes: G, Preset: "database", Durability: "best_effort", RF: 3}, servers: 3,
-			want:     api.ResolvedPolicy{Preset: "database", SizeBytes: G, BlockSize: 4096, RF: 3, Durability: "best_effort", WALSizeBytes: LargeWALSize},
+			want:     api.ResolvedPolicy{Preset: "database", SizeBytes: G, BlockSize: 4096, RF: 3, Durability: "best_effort", WALSizeBytes: LargeWALSize, MinCopies: 1},
 			warnings: []string{"durability_weakened", "preset_override"}},
 		{name: "smaller wal than preset", req: api.CreateVolumeRequest{SizeBytes: G, Preset: "throughput", WALSizeBytes: 8 << 20}, servers: 2,
-			want:     api.ResolvedPolicy{Preset: "throughput", SizeBytes: G, BlockSize: 4096, RF: 2, Durability: "best_effort", WALSizeBytes: 8 << 20},
+			want:     api.ResolvedPolicy{Preset: "throughput", SizeBytes: G, BlockSize: 4096, RF: 2, Durability: "best_effort", WALSizeBytes: 8 << 20, MinCopies: 1},
 			warnings: []string{"wal_smaller_than_preset"}},
 		{name: "sync_all rf1", req: api.CreateVolumeRequest{SizeBytes: G, RF: 1, Durability: "sync_all"}, servers: 1,
-			want:     api.ResolvedPolicy{SizeBytes: G, BlockSize: 4096, RF: 1, Durability: "sync_all", WALSizeBytes: DefaultWALSize},
+			want:     api.ResolvedPolicy{SizeBytes: G, BlockSize: 4096, RF: 1, Durability: "sync_all", WALSizeBytes: DefaultWALSize, MinCopies: 1},
 			warnings: []string{"single_copy"}},
+		{name: "rf3 sync_all defaults to min_copies 2", req: api.CreateVolumeRequest{SizeBytes: G, RF: 3, Durability: "sync_all"}, servers: 3,
+			want: api.ResolvedPolicy{SizeBytes: G, BlockSize: 4096, RF: 3, Durability: "sync_all", WALSizeBytes: DefaultWALSize, MinCopies: 2}},
+		{name: "rf3 sync_quorum defaults to min_copies 2", req: api.CreateVolumeRequest{SizeBytes: G, RF: 3, Durability: "sync_quorum"}, servers: 3,
+			want: api.ResolvedPolicy{SizeBytes: G, BlockSize: 4096, RF: 3, Durability: "sync_quorum", WALSizeBytes: DefaultWALSize, MinCopies: 2}},
+		{name: "database preset at rf3 gets 2", req: api.CreateVolumeRequest{SizeBytes: G, Preset: "database", RF: 3}, servers: 3,
+			want:     api.ResolvedPolicy{Preset: "database", SizeBytes: G, BlockSize: 4096, RF: 3, Durability: "sync_all", WALSizeBytes: LargeWALSize, MinCopies: 2},
+			warnings: []string{"preset_override"}},
+		{name: "explicit min_copies", req: api.CreateVolumeRequest{SizeBytes: G, RF: 3, Durability: "sync_all", MinCopies: 3}, servers: 3,
+			want: api.ResolvedPolicy{SizeBytes: G, BlockSize: 4096, RF: 3, Durability: "sync_all", WALSizeBytes: DefaultWALSize, MinCopies: 3}},
+		{name: "min_copies 2 with best_effort warns", req: api.CreateVolumeRequest{SizeBytes: G, RF: 2, MinCopies: 2}, servers: 2,
+			want:     api.ResolvedPolicy{SizeBytes: G, BlockSize: 4096, RF: 2, Durability: "best_effort", WALSizeBytes: DefaultWALSize, MinCopies: 2},
+			warnings: []string{"min_copies_best_effort"}},
+		{name: "min_copies above rf", req: api.CreateVolumeRequest{SizeBytes: G, RF: 2, MinCopies: 3}, servers: 3, errs: []string{api.CodeBadRequest}},
+		{name: "min_copies negative", req: api.CreateVolumeRequest{SizeBytes: G, RF: 2, MinCopies: -1}, servers: 3, errs: []string{api.CodeBadRequest}},
 		{name: "unknown preset", req: api.CreateVolumeRequest{SizeBytes: G, Preset: "fast"}, servers: 3, errs: []string{api.CodeUnknownPreset}},
 		{name: "zero size", req: api.CreateVolumeRequest{}, servers: 3, errs: []string{api.CodeBadSize}},
 		{name: "negative size", req: api.CreateVolumeRequest{SizeBytes: -4096}, servers: 3, errs: []string{api.CodeBadSize}},
@@ -65,6 +79,13 @@ func TestResolve(t *testing.T) {
 		{name: "bad durability", req: api.CreateVolumeRequest{SizeBytes: G, Durability: "fsync"}, servers: 2, errs: []string{api.CodeBadRequest}},
 		{name: "quorum needs rf3", req: api.CreateVolumeRequest{SizeBytes: G, RF: 2, Durability: "sync_quorum"}, servers: 3, errs: []string{api.CodeBadRequest}},
 		{name: "bad block size", req: api.CreateVolumeRequest{SizeBytes: G, BlockSize: 3000}, servers: 3, errs: []string{api.CodeBadRequest}},
+		{name: "wal far larger than the volume", req: api.CreateVolumeRequest{SizeBytes: 4096, WALSizeBytes: 1 << 40}, servers: 3, errs: []string{api.CodeBadSize}},
+		{name: "wal above the maximum", req: api.CreateVolumeRequest{SizeBytes: 1 << 40, WALSizeBytes: 128 << 30}, servers: 3, errs: []string{api.CodeBadSize}},
+		{name: "wal as large as a big volume is fine", req: api.CreateVolumeRequest{SizeBytes: 4 * G, WALSizeBytes: 2 * G, RF: 1}, servers: 1,
+			want: api.ResolvedPolicy{SizeBytes: 4 * G, BlockSize: 4096, RF: 1, Durability: "best_effort", WALSizeBytes: 2 * G, MinCopies: 1}},
+		{name: "large preset wal on a tiny volume is fine", req: api.CreateVolumeRequest{SizeBytes: 4096, Preset: "database", RF: 1}, servers: 1,
+			want:     api.ResolvedPolicy{Preset: "database", SizeBytes: 4096, BlockSize: 4096, RF: 1, Durability: "sync_all", WALSizeBytes: LargeWALSize, MinCopies: 1},
+			warnings: []string{"preset_override", "single_copy", "no_redundancy"}},
 		{name: "tiny wal", req: api.CreateVolumeRequest{SizeBytes: G, WALSizeBytes: 4096}, servers: 3, errs: []string{api.CodeBadSize}},
 	}
 	for _, tc := range tests {
@@ -105,7 +126,7 @@ func TestPlace(t *testing.T) {
 		name      string
 		servers   []ServerState
 		rf        int
-		size      int64
+		size, wal int64
 		primary   string
 		replicas  []string
 		err       string
@@ -124,6 +145,13 @@ func TestPlace(t *testing.T) {
 			servers: []ServerState{{ID: "a", Alive: false}, {ID: "b", Alive: true, CapacityBytes: G / 2}, {ID: "c", Alive: true}},
 			rf:      1, size: G, primary: "c", replicas: []string{},
 			rejection: map[string]string{"a": RejectNotAlive, "b": RejectInsufficientCapacity}},
+		{name: "wal beyond free space rejected",
+			servers: []ServerState{{ID: "a", Alive: true, CapacityBytes: 10 * G, FreeBytes: G}, {ID: "b", Alive: true, CapacityBytes: 10 * G, FreeBytes: 3 * G}},
+			rf:      1, size: G, wal: 2 * G, primary: "b", replicas: []string{},
+			rejection: map[string]string{"a": RejectInsufficientFree}},
+		{name: "size plus wal beyond capacity rejected",
+			servers: []ServerState{{ID: "a", Alive: true, CapacityBytes: 2 * G, FreeBytes: 2 * G}},
+			rf:      1, size: 2 * G, wal: G, err: api.CodeInsufficientServers},
 		{name: "not enough distinct servers",
 			servers: []ServerState{{ID: "a", Alive: true}, {ID: "b", Alive: false}},
 			rf:      2, size: G, err: api.CodeInsufficientServers},
@@ -131,7 +159,7 @@ func TestPlace(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			p := Place(tc.servers, tc.rf, tc.size)
+			p := Place(tc.servers, tc.rf, tc.size, tc.wal)
 			if tc.err != "" {
 				if p.Err == nil || p.Err.Code != tc.err {
 					t.Fatalf("err = %v, want %s", p.Err, tc.err)
@@ -161,7 +189,7 @@ func TestPlace(t *testing.T) {
 				}
 			}
 			// Same state, same answer (plan and create share it).
-			if q := Place(tc.servers, tc.rf, tc.size); !reflect.DeepEqual(p, q) {
+			if q := Place(tc.servers, tc.rf, tc.size, tc.wal); !reflect.DeepEqual(p, q) {
 				t.Fatalf("not deterministic: %+v vs %+v", p, q)
 			}
 		})
@@ -170,7 +198,7 @@ func TestPlace(t *testing.T) {
 
 // rep builds a candidate input that passes every gate at epoch 3.
 func rep(id string, durable uint64, mod func(*CandidateInput)) CandidateInput {
-	c := CandidateInput{ServerID: id, Registered: true, Heard: true, Age: 100 * time.Millisecond,
+	c := CandidateInput{ServerID: id, Registered: true, Heard: true, Age: 100 * time.Millisecond, InActing: true,
 		Report:      &api.HeartbeatVolume{Name: "v", ID: 7, Role: api.RoleReplica, Epoch: 3, DurableLSN: durable},
 		PrimaryView: &api.HeartbeatReplica{ServerID: id, State: api.StateInSync, FlushedLSN: durable}}
 	if mod != nil {
@@ -212,6 +240,7 @@ func TestEvaluateCandidates(t *testing.T) {
 				rep("oldepoch", 4900, func(c *CandidateInput) { c.Report.Epoch = 2 }),
 				rep("lagging", 3000, nil),
 				rep("otherincarnation", 4900, func(c *CandidateInput) { c.Report.ID = 6 }),
+				rep("outside", 4950, func(c *CandidateInput) { c.InActing = false }),
 				rep("good", 4500, nil),
 			},
 			best: "good",
@@ -226,6 +255,7 @@ func TestEvaluateCandidates(t *testing.T) {
 				"oldepoch":         {api.ReasonStaleEpoch},
 				"lagging":          {api.ReasonLagExceeded},
 				"otherincarnation": {api.ReasonVolumeIDMismatch},
+				"outside":          {api.ReasonStale},
 			}},
 		{name: "no primary view after master restart is fine",
 			in:   []CandidateInput{rep("a", 10, func(c *CandidateInput) { c.PrimaryView = nil })},
@@ -375,5 +405,25 @@ func TestFSMApply(t *testing.T) {
 	}
 	if r := s.apply(&command{Op: "bogus"}, 20); r.Err == nil {
 		t.Fatal("unknown op accepted")
+	}
+}
+
+func TestEndpointChangeAllowed(t *testing.T) {
+	ttl := 3 * time.Second
+	for _, tc := range []struct {
+		old, new string
+		silent   time.Duration
+		ok       bool
+	}{
+		{"", "127.0.0.1:1", 0, true},                   // first registration, or a cleared endpoint
+		{"127.0.0.1:1", "127.0.0.1:1", 0, true},        // unchanged
+		{"127.0.0.1:1", "127.0.0.1:2", 0, false},       // the owner heartbeats: forged or early
+		{"127.0.0.1:1", "127.0.0.1:2", ttl - 1, false}, // not silent long enough
+		{"127.0.0.1:1", "127.0.0.1:2", ttl, true},      // the old endpoint stopped for the TTL
+		{"127.0.0.1:1", "127.0.0.1:2", 10 * time.Hour, true},
+	} {
+		if got := EndpointChangeAllowed(tc.old, tc.new, tc.silent, ttl); got != tc.ok {
+			t.Errorf("%+v: %v", tc, got)
+		}
 	}
 }
