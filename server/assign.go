@@ -103,6 +103,7 @@ func (s *Server) applyOne(a api.VolumeAssignment, sent time.Time) error {
 	h.mu.Lock()
 	h.id, h.primary = a.ID, a.Primary
 	h.mu.Unlock()
+	h.setAllow(a.Allow)
 
 	_, wasPrimary := s.host.Primary(a.Volume)
 	if err := s.host.Apply(ra); err != nil {

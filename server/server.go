@@ -154,7 +154,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	nopts := []nbd.Option{nbd.WithLogger(s.log)}
 	if cfg.TLS != nil {
-		nopts = append(nopts, nbd.WithTLS(cfg.TLS.ServerConfig(nil)))
+		nopts = append(nopts, nbd.WithTLS(cfg.TLS.ServerConfig(nil)), nbd.WithPeerName(peerName))
 	}
 	s.nbdSrv = nbd.NewServer(exports{s}, nopts...)
 

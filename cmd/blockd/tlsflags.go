@@ -104,3 +104,8 @@ func nbdTLS(c *cli.Context) (*tls.Config, error) {
 	}
 	return creds.ClientConfig(tlsauth.Expect(tlsauth.KindServer, "")), nil
 }
+
+// allowFlag is volume create/update --allow NAME[:ro] (repeat or comma-separate).
+func allowFlag() cli.Flag {
+	return &cli.StringSliceFlag{Name: "allow", Usage: "client identity (its certificate's name) that may attach the volume over NBD; NAME:ro for read-only (repeat); none given: any certificate of the cluster CA"}
+}

@@ -49,7 +49,7 @@ func loadCreds(t *testing.T, dir, prefix string) *tlsauth.Creds {
 func startTLSCluster(t *testing.T) *tlsCluster {
 	c := &tlsCluster{cluster: newCluster(t), repl: map[string]string{}}
 	c.pki = filepath.Join(c.dir, "pki")
-	out, err := exec.Command(blockdBin, "tls", "init", "--dir", c.pki, "--master", "m1", "--server", "s1,s2", "--client", "alice").CombinedOutput()
+	out, err := exec.Command(blockdBin, "tls", "init", "--dir", c.pki, "--master", "m1", "--server", "s1,s2", "--client", "alice,bob,carol").CombinedOutput()
 	if err != nil {
 		t.Fatalf("tls init: %v\n%s", err, out)
 	}
