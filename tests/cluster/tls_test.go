@@ -315,3 +315,52 @@ func errText(err error) string {
 }
 
 func errorsAs(err error, target any) bool { return errors.As(err, target) }
+
+// TestServeTLS: blockd serve with the certificate of server "local" serves
+// NBD and its embedded master over TLS; a client certificate works with
+// the CLI and nbdinfo, a plain client is refused.
+func TestServeTLS(t *testing.T) {
+	testenv.RequireTool(t, "nbdinfo")
+	dir := t.TempDir()
+	pki := filepath.Join(dir, "pki")
+	if out, err := exec.Command(blockdBin, "tls", "init", "--dir", pki, "--server", "local", "--client", "alice").CombinedOutput(); err != nil {
+		t.Fatalf("tls init: %v\n%s", err, out)
+	}
+	apiAddr, nbdAddr := freePort(t), freePort(t)
+	p := &proc{name: "serve", log: filepath.Join(dir, "serve.log"),
+		args: append([]string{"serve", "--data", filepath.Join(dir, "data"), "--api", apiAddr, "--nbd", nbdAddr, "--volume", "vol0:64MiB"},
+			tlsArgs(filepath.Join(pki, "servers", "local"), "server")...)}
+	p.start(t)
+	defer p.kill9()
+	alice := filepath.Join(pki, "clients", "alice")
+	env := append(os.Environ(), "BLOCKD_TLS_CERT="+filepath.Join(alice, "client-cert.pem"),
+		"BLOCKD_TLS_KEY="+filepath.Join(alice, "client-key.pem"), "BLOCKD_TLS_CA="+filepath.Join(alice, "ca-cert.pem"))
+	var out []byte
+	var err error
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		cmd := exec.Command(blockdBin, "volume", "info", "vol0", "-o", "json", "--master", apiAddr, "--wait", "0s")
+		cmd.Env = env
+		out, err = cmd.CombinedOutput()
+		if err == nil && strings.Contains(string(out), `"status": "healthy"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			b, _ := os.ReadFile(p.log)
+			t.Fatalf("vol0 never healthy over TLS: %v %s\n%s", err, out, b)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	cmd := exec.Command("nbdinfo", fmt.Sprintf("nbds://%s/vol0?tls-certificates=%s", nbdAddr, alice))
+	cmd.Env = append(os.Environ(), "PATH=/usr/bin:"+os.Getenv("PATH"))
+	if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "with TLS") {
+		t.Fatalf("nbdinfo over TLS: %v\n%s", err, out)
+	}
+	out, err = exec.Command(blockdBin, "volume", "list", "--master", apiAddr, "--wait", "0s").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "HTTP request to an HTTPS server") {
+		t.Fatalf("plain CLI against serve with TLS: %v\n%s", err, out)
+	}
+	if b, _ := os.ReadFile(p.log); !strings.Contains(string(b), "over TLS (client certificates required)") {
+		t.Fatalf("serve did not say it serves TLS:\n%s", b)
+	}
+}
