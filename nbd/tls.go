@@ -57,12 +57,12 @@ func (c *conn) tlsGate(opt uint32, data []byte) (handled bool, err error) {
 	case wire.OptAbort:
 		return false, nil
 	case wire.OptExportName:
-		c.srv.log.Warn("nbd: tls_required", "remote", c.remote, "option", opt, "err", errTLSRequired)
+		c.srv.log.Warn("nbd_tls_required", "remote", c.remote, "option", opt, "err", errTLSRequired)
 		return true, errTLSRequired
 	default:
 		if !c.warnedPlain {
 			c.warnedPlain = true
-			c.srv.log.Warn("nbd: tls_required", "remote", c.remote, "option", opt,
+			c.srv.log.Warn("nbd_tls_required", "remote", c.remote, "option", opt,
 				"err", "option sent before NBD_OPT_STARTTLS on a TLS-only server")
 		}
 		return true, c.optReply(opt, wire.RepErrTLSReqd, []byte("TLS required: send NBD_OPT_STARTTLS first"))
@@ -75,7 +75,7 @@ func (c *conn) startTLS() error {
 	if c.br.Buffered() > 0 {
 		// Bytes sent after STARTTLS before our reply would be read as if
 		// they had come over TLS: refuse rather than let them in.
-		c.srv.log.Warn("nbd: tls_refused", "remote", c.remote, "reason", "data pipelined after NBD_OPT_STARTTLS")
+		c.srv.log.Warn("nbd_tls_refused", "remote", c.remote, "reason", "data pipelined after NBD_OPT_STARTTLS")
 		return errors.New("client sent data after NBD_OPT_STARTTLS before the reply")
 	}
 	if err := c.optReply(wire.OptStartTLS, wire.RepAck, nil); err != nil {
@@ -89,7 +89,7 @@ func (c *conn) startTLS() error {
 	cancel()
 	if err != nil {
 		reason := describeTLS(err)
-		c.srv.log.Warn("nbd: tls_refused", "remote", c.remote, "reason", reason)
+		c.srv.log.Warn("nbd_tls_refused", "remote", c.remote, "reason", reason)
 		return fmt.Errorf("tls handshake: %s", reason)
 	}
 	st := tc.ConnectionState()
@@ -103,7 +103,7 @@ func (c *conn) startTLS() error {
 	c.mu.Unlock()
 	c.br = bufio.NewReaderSize(&readAhead{tc: tc, raw: raw, c: c}, readBufferSize)
 	c.out.nc = tc
-	c.srv.log.Info("nbd: tls_established", "remote", c.remote, "client", c.peer.Subject.CommonName,
+	c.srv.log.Info("nbd_tls_established", "remote", c.remote, "client", c.peer.Subject.CommonName,
 		"version", tls.VersionName(st.Version))
 	return nil
 }
@@ -189,7 +189,7 @@ func (c *conn) checkAccess(e Export) (Export, error) {
 	client := c.peerName()
 	ro, err := e.Access(client)
 	if err != nil {
-		c.srv.log.Warn("nbd: access_refused", "export", e.Name, "client", client, "remote", c.remote, "err", err)
+		c.srv.log.Warn("nbd_access_refused", "export", e.Name, "client", client, "remote", c.remote, "err", err)
 		return Export{}, err
 	}
 	if ro && !e.ReadOnly {

@@ -99,7 +99,7 @@ func TestTLSAllowList(t *testing.T) {
 	}
 	t.Logf("carol after revocation: %v", err)
 	c.waitFor("carol's reconnect refused in the primary's log", 30*time.Second, func() error {
-		if !strings.Contains(c.logSince(primary, before), `access_refused" server=`+primary+` export=acl client=carol`) {
+		if !strings.Contains(c.logSince(primary, before), `msg=nbd_access_refused server=`+primary+` export=acl client=carol`) {
 			return fmt.Errorf("not yet")
 		}
 		return nil
