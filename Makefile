@@ -4,8 +4,10 @@
 
 GO ?= go
 TEST_TIMEOUT ?= 80m
+TORTURE_TIMEOUT ?= 150m
+FUZZTIME ?= 10m
 
-.PHONY: test deps unit e2e vet bench fuzz build
+.PHONY: test deps unit e2e vet bench fuzz fuzz-long torture build
 
 test: deps vet
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
@@ -33,3 +35,16 @@ fuzz:
 	$(GO) test ./replication -run '^$$' -fuzz FuzzReceiverRecord -fuzztime 60s
 	$(GO) test ./nbd -run '^$$' -fuzz '^FuzzServerTLSRequired$$' -fuzztime 60s
 	$(GO) test ./nbd -run '^$$' -fuzz '^FuzzServerTLSSession$$' -fuzztime 60s
+
+# Every fuzz target in the tree (found by grep, so new ones are included)
+# for FUZZTIME each; new corpus entries are kept under testdata/fuzz.
+fuzz-long:
+	FUZZTIME=$(FUZZTIME) GO=$(GO) bash scripts/fuzz-long.sh
+
+# The long torture: >= 100 failovers (TORTURE_FAILOVERS), every fault kind.
+# `go test ./...` runs the short one. Replay a run with TORTURE_SEED=N.
+# TORTURE_NETNS=auto: the servers in network namespaces (real partitions)
+# where root can make them, TCP proxies otherwise.
+TORTURE_NETNS ?= auto
+torture:
+	TORTURE_LONG=1 TORTURE_NETNS=$(TORTURE_NETNS) $(GO) test -count=1 -v -timeout $(TORTURE_TIMEOUT) -run '^TestTortureLong$$' ./tests/torture/

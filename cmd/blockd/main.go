@@ -15,6 +15,8 @@ import (
 	"strings"
 
 	"github.com/urfave/cli/v2"
+
+	"github.com/blockd/blockd/vfs"
 )
 
 var commands []*cli.Command
@@ -40,8 +42,16 @@ func run(app *cli.App, args []string) error {
 }
 
 func main() {
+	// Fault injection for multi-process tests: BLOCKD_VFS_FAULTS wraps
+	// every file operation of this process (vfs.FaultsEnv).
+	fs, err := vfs.FaultsFromEnv(vfs.Default, os.Getenv)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "blockd: %s\n", oneLine(err))
+		os.Exit(2)
+	}
+	vfs.Default = fs
 	stopProfile := startProfile()
-	err := run(newApp(), os.Args)
+	err = run(newApp(), os.Args)
 	stopProfile()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "blockd: %s\n", oneLine(err))

@@ -221,6 +221,7 @@ umount /mnt/v
 e2fsck -fn $DEV
 mount -t ext4 $DEV /mnt/v
 fs_verify /mnt/v before
+fs_verify /mnt/v during
 fs_verify /mnt/v after
 umount /mnt/v
 blockd detach $DEV
@@ -264,9 +265,12 @@ echo GIVEUP-OK
 // in the guest, a volume with RF=2 sync_all, mounted through blockd attach;
 // the primary is killed; the master promotes the in-sync replica; the keeper
 // finds the new primary and reconnects; files synced before the kill read
-// back intact through it. sync_all refuses flushes while the new primary has
-// no in-sync replica (DESIGN.md §3), so the old primary is then restarted,
-// rejoins as a replica, and writes, umount and e2fsck -fn follow.
+// back intact through it. The old primary left the acting set in the same
+// decision that promoted the replica, and RF=2 defaults to min_copies 1, so
+// synced writes go on at once on the new primary alone (nothing waits for
+// the dead server). The old primary is then restarted, catches up as a
+// stale replica, re-enters the set, and more synced writes, umount and
+// e2fsck -fn follow.
 func TestAttachFollowsFailover(t *testing.T) {
 	vmtest.Require(t)
 	blockd := vmtest.BuildBlockd(t)
@@ -314,9 +318,15 @@ echo "keeper followed the new primary"
 # the synced files, read through the new primary (not the page cache)
 echo 3 > /proc/sys/vm/drop_caches
 fs_verify /mnt/v before
-# the old primary comes back as a replica; once it is in sync, flushes work
+# synced writes go on while the old primary is still dead
+fs_write /mnt/v during 2
+sync
+echo "synced writes while the old primary is dead"
+# the old primary comes back as a stale replica, catches up and re-enters the set
 $VCMD >>$VLOG 2>&1 &
 waitfor 240 in_sync || { blockd volume info $M vol0; tail -30 $VLOG; exit 1; }
+in_set() { info | grep -o '"acting_set":\[[^]]*\]' | grep -q ','; }
+waitfor 240 in_set || { blockd volume info $M vol0; tail -30 /tmp/master.log; exit 1; }
 blockd volume info $M vol0
 fs_write /mnt/v after 2
 sync
@@ -324,6 +334,7 @@ umount /mnt/v
 e2fsck -fn $DEV
 mount -t ext4 $DEV /mnt/v
 fs_verify /mnt/v before
+fs_verify /mnt/v during
 fs_verify /mnt/v after
 umount /mnt/v
 blockd detach $DEV
@@ -332,7 +343,7 @@ echo "keeper exit $?"
 grep -E 'nbd\.(primary|link_dead|reconnected|reconnect_failed)' /tmp/attach.log | tail -20
 echo SCENARIO4-OK
 `)
-	expect(t, res, "SCENARIO4-OK", "keeper followed the new primary", "keeper exit 0", "verified 4 files before", "verified 2 files after")
+	expect(t, res, "SCENARIO4-OK", "keeper followed the new primary", "synced writes while the old primary is dead", "keeper exit 0", "verified 4 files before", "verified 2 files during", "verified 2 files after")
 }
 
 // TestVagrantProvisioning runs vagrant/provision inside one guest: the
