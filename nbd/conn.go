@@ -92,7 +92,6 @@ func (c *conn) serve() {
 		return
 	}
 	_ = c.nc.SetDeadline(time.Time{})
-	c.xmit.Store(true)
 	c.mu.Lock()
 	drainNow := c.phase == 2
 	if c.phase == 0 {

@@ -81,9 +81,9 @@ func (c *conn) startTLS() error {
 	if err := c.optReply(wire.OptStartTLS, wire.RepAck, nil); err != nil {
 		return err
 	}
-	raw := c.nc
 	// TLS reads from a large buffer: one read(2) brings many records.
-	tc := tls.Server(&bufConn{Conn: raw, r: bufio.NewReaderSize(raw, tlsReadBufferSize)}, c.srv.tls)
+	bc := &bufConn{Conn: c.nc, r: bufio.NewReaderSize(c.nc, tlsReadBufferSize)}
+	tc := tls.Server(bc, c.srv.tls)
 	ctx, cancel := context.WithTimeout(context.Background(), tlsHandshakeTimeout)
 	err := tc.HandshakeContext(ctx)
 	cancel()
@@ -101,7 +101,7 @@ func (c *conn) startTLS() error {
 	c.mu.Lock()
 	c.nc = tc
 	c.mu.Unlock()
-	c.br = bufio.NewReaderSize(&readAhead{tc: tc, raw: raw, c: c}, readBufferSize)
+	c.br = bufio.NewReaderSize(&readAhead{tc: tc, bc: bc}, readBufferSize)
 	c.out.nc = tc
 	c.srv.log.Info("nbd_tls_established", "remote", c.remote, "client", c.peer.Subject.CommonName,
 		"version", tls.VersionName(st.Version))
@@ -127,14 +127,13 @@ func describeTLS(err error) string {
 // readAhead feeds the connection's bufio.Reader from TLS. tls.Conn.Read
 // returns one record at a time, so after a request the reader would find
 // its buffer empty and flush replies one by one although more requests are
-// already here. readAhead adds the records tls.Conn has already received
-// (it reads them with the socket's read deadline in the past, which fails
-// at once, without a system call, where a record would need the socket),
-// so Buffered() keeps meaning "requests already received".
+// already here. readAhead adds the records already received: it reads on
+// with the socket buffer in probe mode, where an empty buffer answers
+// "would block" at once instead of reading the socket, so Buffered() keeps
+// meaning "requests already received".
 type readAhead struct {
-	tc  *tls.Conn
-	raw net.Conn
-	c   *conn
+	tc *tls.Conn
+	bc *bufConn
 }
 
 // maxRecord is the largest TLS record payload.
@@ -142,33 +141,43 @@ const maxRecord = 16 << 10
 
 func (r *readAhead) Read(p []byte) (int, error) {
 	n, err := r.tc.Read(p)
-	if err != nil || n == 0 || !r.c.xmit.Load() {
+	if err != nil || n == 0 {
 		return n, err
 	}
-	past := time.Unix(1, 0)
+	r.bc.probe = true
 	for len(p)-n >= maxRecord {
-		_ = r.raw.SetReadDeadline(past)
 		m, err := r.tc.Read(p[n:])
-		_ = r.raw.SetReadDeadline(time.Time{})
-		if r.c.draining.Load() {
-			_ = r.raw.SetReadDeadline(time.Now()) // drain's deadline wins
-		}
 		n += m
 		if err != nil || m == 0 {
-			break // a timeout: nothing more buffered; another error comes back on the next Read
+			break // would block: nothing more received; another error comes back on the next Read
 		}
 	}
+	r.bc.probe = false
 	return n, nil
 }
 
 // bufConn is the socket as tls.Conn sees it: reads go through a large
-// buffer (tls.Conn alone reads a few records per system call).
+// buffer (tls.Conn alone reads a few records per system call). In probe
+// mode (readAhead, on the reading goroutine) an empty buffer answers
+// errWouldBlock, a temporary error tls.Conn does not keep.
 type bufConn struct {
 	net.Conn
-	r *bufio.Reader
+	r     *bufio.Reader
+	probe bool
 }
 
-func (b *bufConn) Read(p []byte) (int, error) { return b.r.Read(p) }
+func (b *bufConn) Read(p []byte) (int, error) {
+	if b.probe && b.r.Buffered() == 0 {
+		return 0, errWouldBlock{}
+	}
+	return b.r.Read(p)
+}
+
+type errWouldBlock struct{}
+
+func (errWouldBlock) Error() string   { return "no TLS record received yet" }
+func (errWouldBlock) Timeout() bool   { return true }
+func (errWouldBlock) Temporary() bool { return true }
 
 // peerName is the client's name for Export.Access ("" in plain mode).
 func (c *conn) peerName() string {
