@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -45,8 +46,40 @@ type Client struct {
 	// answering, and the next address is tried.
 	AnswerTimeout time.Duration
 
+	tls *tls.Config // nil: plain http
+
 	mu     sync.Mutex
 	leader string
+}
+
+// NewClientTLS is NewClient speaking HTTPS with cfg (which should carry a
+// client certificate; the masters require one). Addresses given as
+// http://... and leaders named in redirects are reached over https.
+func NewClientTLS(addrs []string, cfg *tls.Config) *Client {
+	c := NewClient(addrs)
+	if cfg == nil {
+		return c
+	}
+	c.tls = cfg
+	for i, a := range c.addrs {
+		c.addrs[i] = toHTTPS(a)
+	}
+	c.hc.Transport = &http.Transport{
+		Proxy:               http.ProxyFromEnvironment,
+		TLSClientConfig:     cfg,
+		TLSHandshakeTimeout: 10 * time.Second,
+		MaxIdleConnsPerHost: 4,
+		IdleConnTimeout:     90 * time.Second,
+		ForceAttemptHTTP2:   false,
+	}
+	return c
+}
+
+func toHTTPS(base string) string {
+	if rest, ok := strings.CutPrefix(base, "http://"); ok {
+		return "https://" + rest
+	}
+	return base
 }
 
 // NewClient returns a client for the given master API addresses
@@ -409,7 +442,7 @@ func (c *Client) once(ctx context.Context, method, base, path string, body []byt
 	if json.Unmarshal(data, apiErr) != nil || apiErr.Code == "" {
 		// Not the API's error body: a proxy, another service on that
 		// port, or a master too old for this endpoint. Name who said what.
-		msg := fmt.Sprintf("%s answered %s %s with %s", strings.TrimPrefix(base, "http://"), method, clip(path), resp.Status)
+		msg := fmt.Sprintf("%s answered %s %s with %s", strings.TrimPrefix(strings.TrimPrefix(base, "http://"), "https://"), method, clip(path), resp.Status)
 		if body := strings.Join(strings.Fields(string(data)), " "); body != "" {
 			msg += ": " + clip(body)
 		}
@@ -420,14 +453,22 @@ func (c *Client) once(ctx context.Context, method, base, path string, body []byt
 	if resp.StatusCode == http.StatusTemporaryRedirect || resp.StatusCode == http.StatusPermanentRedirect {
 		if loc := resp.Header.Get("Location"); loc != "" {
 			if u, err := url.Parse(loc); err == nil && u.Host != "" {
-				return u.Scheme + "://" + u.Host, apiErr
+				return c.scheme(u.Scheme + "://" + u.Host), apiErr
 			}
 		}
 		if apiErr.Leader != "" {
-			return normalize(apiErr.Leader), apiErr
+			return c.scheme(normalize(apiErr.Leader)), apiErr
 		}
 	}
 	return "", apiErr
+}
+
+// scheme keeps a TLS client on https whatever a master's redirect says.
+func (c *Client) scheme(base string) string {
+	if c.tls != nil {
+		return toHTTPS(base)
+	}
+	return base
 }
 
 // unwrapURL drops net/http's *url.Error, whose text repeats the method and
@@ -586,7 +627,7 @@ func (c *Client) Join(ctx context.Context, req JoinRequest) error {
 // following the leader.
 func (c *Client) Status(ctx context.Context, addr string) (*StatusResponse, error) {
 	var out StatusResponse
-	if _, err := c.once(ctx, http.MethodGet, normalize(addr), "/v1/status", nil, &out); err != nil {
+	if _, err := c.once(ctx, http.MethodGet, c.scheme(normalize(addr)), "/v1/status", nil, &out); err != nil {
 		return nil, err
 	}
 	return &out, nil

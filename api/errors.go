@@ -21,6 +21,8 @@ const (
 	CodeInternal            = "internal"
 	CodeAddressInUse        = "address_in_use" // a heartbeat claims an endpoint a live server holds
 	CodeUnavailable         = "unavailable"    // transport: no master answered
+	// CodeForbidden (403): the client certificate's identity may not make this call.
+	CodeForbidden = "forbidden"
 )
 
 // Error is the JSON body of every non-2xx reply, and the error type Client

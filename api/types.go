@@ -88,6 +88,17 @@ type CreateVolumeRequest struct {
 	// a create whose name exists with the same RequestID succeeds with the
 	// existing volume. Client.CreateVolume fills it when empty.
 	RequestID string `json:"request_id,omitempty"`
+	// Allow restricts NBD access to the listed client identities (the
+	// names in their TLS certificates). Empty: any certificate of the
+	// cluster CA (and, without TLS, anyone).
+	Allow []AllowEntry `json:"allow,omitempty"`
+}
+
+// AllowEntry grants one client identity access to a volume: read-write,
+// or read-only.
+type AllowEntry struct {
+	Client   string `json:"client"`
+	ReadOnly bool   `json:"read_only,omitempty"`
 }
 
 // PrimaryRef names a volume's primary.
@@ -143,12 +154,17 @@ type VolumeInfo struct {
 	FlushBlocker string `json:"flush_blocker,omitempty"`
 	// Failure is set with Status "failed": the server's reported reason.
 	Failure string `json:"failure,omitempty"`
+	// Allow is the volume's NBD allow list (empty: unrestricted).
+	Allow []AllowEntry `json:"allow,omitempty"`
 }
 
 // UpdateVolumeRequest changes a volume's policy (POST /v1/volumes/{name}/update).
 // Nil fields are left as they are.
 type UpdateVolumeRequest struct {
 	MinCopies *int `json:"min_copies,omitempty"`
+	// Allow replaces the NBD allow list; a pointer to an empty list lifts
+	// the restriction.
+	Allow *[]AllowEntry `json:"allow,omitempty"`
 }
 
 // ExpandRequest grows a volume. Size may only grow.
@@ -353,6 +369,10 @@ type VolumeAssignment struct {
 	// MinCopies: durable copies, the primary's included, that a flush needs.
 	MinCopies int  `json:"min_copies"`
 	Confirmed bool `json:"confirmed"` // this heartbeat reported exactly this role and epoch
+	// Allow is the volume's NBD allow list, checked by the primary at
+	// NBD_OPT_GO against the client certificate's name. Empty:
+	// unrestricted (a master older than the field sends none).
+	Allow []AllowEntry `json:"allow,omitempty"`
 }
 
 // HeartbeatResponse is the master's reply to a heartbeat.

@@ -21,6 +21,15 @@
 # nbd package over a null device (bench/nbdfile -null) against `nbdkit null`,
 # 4k randwrite/randread QD32, CPU per I/O.
 #
+# With TLS=1 (default) it also measures NBD over TLS: 4k writes QD32 and
+# 1M sequential writes QD8 against blockd plain, blockd with TLS
+# (`blockd tls init` certificates) and `nbdkit --tls=require
+# --tls-verify-peer` with the same certificates, all driven by nbdcopy
+# (fio's nbd engine cannot be given tls-certificates: libnbd refuses local
+# file access in URIs unless the program allows it, and fio does not).
+# nbdcopy writes sequentially, so "4k QD32" here is 4k requests, 32 in
+# flight, in offset order.
+#
 # Environment: RUNTIME (s per run, default 10), ROUNDS (default 2), REGION
 # (bytes of the export touched, default 256MiB), BENCH_DIR (default
 # /var/tmp/blockd-bench), SERVERS (default "blockd nbdfile nbdkit qemu-nbd"),
@@ -37,6 +46,7 @@ BENCH_DIR=${BENCH_DIR:-/var/tmp/blockd-bench}
 SERVERS=${SERVERS:-"blockd nbdfile nbdkit qemu-nbd"}
 PROFILE=${PROFILE:-0}
 NULL=${NULL:-1}
+TLS=${TLS:-1}
 CLK_TCK=$(getconf CLK_TCK)
 
 for t in fio nbdkit qemu-nbd nbdinfo python3; do
@@ -55,12 +65,15 @@ else
   SERVERS=${SERVERS//blockd/}
 fi
 
-declare -A PORT=([blockd]=10950 [nbdfile]=10951 [nbdkit]=10952 [qemu-nbd]=10953 [nbdnull]=10954 [kitnull]=10955)
+declare -A PORT=([blockd]=10950 [nbdfile]=10951 [nbdkit]=10952 [qemu-nbd]=10953 [nbdnull]=10954 [kitnull]=10955
+  [tplain]=10956 [tblockd]=10957 [tkit]=10958)
 declare -A PID=()
 declare -A EXPORT=([blockd]=vol0 [nbdfile]=vol0 [nbdkit]="" [qemu-nbd]=vol0 [nbdnull]=vol0 [kitnull]="")
 
 wait_port() { # port
   for _ in $(seq 1 300); do
+    nbdinfo --size "nbds://127.0.0.1:$1/?tls-certificates=$BENCH_DIR/pki/clients/bench" >/dev/null 2>&1 && return 0
+    nbdinfo --size "nbds://127.0.0.1:$1/vol0?tls-certificates=$BENCH_DIR/pki/clients/bench" >/dev/null 2>&1 && return 0
     nbdinfo --size "nbd://127.0.0.1:$1/" >/dev/null 2>&1 && return 0
     nbdinfo --size "nbd://127.0.0.1:$1/vol0" >/dev/null 2>&1 && return 0
     sleep 0.1
@@ -91,6 +104,21 @@ start_server() { # name
     ;;
   kitnull)
     nbdkit -f -p "$p" -i 127.0.0.1 null "$SIZE" >"$d/log" 2>&1 &
+    ;;
+  tplain)
+    "$BENCH_DIR/bin/blockd" serve --data "$d/data" --nbd "127.0.0.1:$p" \
+      --api "127.0.0.1:$((p + 100))" --volume "vol0:$SIZE" >"$d/log" 2>&1 &
+    ;;
+  tblockd)
+    local c="$BENCH_DIR/pki/servers/local"
+    "$BENCH_DIR/bin/blockd" serve --data "$d/data" --nbd "127.0.0.1:$p" \
+      --api "127.0.0.1:$((p + 100))" --volume "vol0:$SIZE" \
+      --tls-cert "$c/server-cert.pem" --tls-key "$c/server-key.pem" --tls-ca "$c/ca-cert.pem" >"$d/log" 2>&1 &
+    ;;
+  tkit)
+    truncate -s "$SIZE" "$d/disk.img"
+    nbdkit -f -p "$p" -i 127.0.0.1 --tls=require --tls-certificates="$BENCH_DIR/pki/servers/local" \
+      --tls-verify-peer file "$d/disk.img" >"$d/log" 2>&1 &
     ;;
   qemu-nbd)
     truncate -s "$SIZE" "$d/disk.img"
@@ -188,6 +216,49 @@ if [ "$NULL" = 1 ]; then
     done
   done
 fi
+
+# NBD over TLS: nbdcopy from a file of random data, whole file per run.
+declare -A TLS_BPS=() TLS_CPU=()
+TLS_SERVERS="tplain tblockd tkit"
+if [ "$TLS" = 1 ] && [ "$have_blockd" = 1 ]; then
+  "$BENCH_DIR/bin/blockd" tls init --dir "$BENCH_DIR/pki" --server local --client bench >/dev/null
+  cap=$((SIZE / 2))
+  b4k=$((RUNTIME * (16 << 20)))
+  b1m=$((RUNTIME * (128 << 20)))
+  b4k=$((b4k < cap ? b4k : cap))
+  b1m=$((b1m < cap ? b1m : cap))
+  head -c "$b4k" /dev/urandom >"$BENCH_DIR/tls-4k.src"
+  head -c "$b1m" /dev/urandom >"$BENCH_DIR/tls-1m.src"
+  for s in $TLS_SERVERS; do start_server "$s"; done
+  tls_uri() { # server
+    case $1 in
+    tplain) echo "nbd://127.0.0.1:${PORT[$1]}/vol0" ;;
+    tblockd) echo "nbds://127.0.0.1:${PORT[$1]}/vol0?tls-certificates=$BENCH_DIR/pki/clients/bench" ;;
+    tkit) echo "nbds://127.0.0.1:${PORT[$1]}/?tls-certificates=$BENCH_DIR/pki/clients/bench" ;;
+    esac
+  }
+  for r in $(seq 1 "$ROUNDS"); do
+    for wl in w4k w1m; do
+      order=$TLS_SERVERS
+      if ((r % 2 == 0)); then order=$(echo "$TLS_SERVERS" | tr ' ' '\n' | tac | tr '\n' ' '); fi
+      for s in $order; do
+        if [ "$wl" = w4k ]; then src=$BENCH_DIR/tls-4k.src rs=4096 rq=32; else src=$BENCH_DIR/tls-1m.src rs=$((1 << 20)) rq=8; fi
+        c0=$(cpu_ticks "${PID[$s]}")
+        t0=$(date +%s.%N)
+        nbdcopy --no-extents --flush -C 1 -T 1 -R "$rq" --request-size="$rs" "$src" "$(tls_uri "$s")"
+        t1=$(date +%s.%N)
+        c1=$(cpu_ticks "${PID[$s]}")
+        read -r bps cpu < <(python3 -c "
+import os
+n = os.path.getsize('$src'); dt = $t1 - $t0; ios = n / $rs
+print(f'{n / dt:.0f} {($c1 - $c0) / $CLK_TCK * 1e6 / ios:.2f}')")
+        echo "round $r tls $wl $s: $(python3 -c "print(f'{$bps / $rs:.0f}')") IOPS ($(python3 -c "print(f'{$bps / 1048576:.0f}')") MiB/s), $cpu µs CPU/IO" >&2
+        TLS_BPS[$wl.$s]=$(python3 -c "print(${TLS_BPS[$wl.$s]:-0} + $bps / $ROUNDS)")
+        TLS_CPU[$wl.$s]=$(python3 -c "print(${TLS_CPU[$wl.$s]:-0} + $cpu / $ROUNDS)")
+      done
+    done
+  done
+fi
 stop_servers
 trap - EXIT
 
@@ -261,6 +332,24 @@ if [ "$NULL" = 1 ]; then
       python3 -c "
 b, k = ${NULL_CPU[$wl.nbdnull]}, ${NULL_CPU[$wl.kitnull]}
 print('| 4k $wl QD32 | %.0f | %.0f | %.1f | %.1f | %.2fx |' % (${NULL_IOPS[$wl.nbdnull]}, ${NULL_IOPS[$wl.kitnull]}, b, k, b / k))"
+    done
+  } | tee -a "$BENCH_DIR/results.md"
+fi
+
+if [ "$TLS" = 1 ] && [ "$have_blockd" = 1 ]; then
+  {
+    echo
+    echo "| NBD over TLS (nbdcopy, sequential offsets) | blockd plain | blockd TLS | nbdkit TLS | blockd TLS / plain | blockd TLS / nbdkit TLS | goal | CPU µs/IO plain / TLS / nbdkit TLS |"
+    echo "|---|---|---|---|---|---|---|---|"
+    for wl in w4k w1m; do
+      python3 -c "
+p, t, k = ${TLS_BPS[$wl.tplain]}, ${TLS_BPS[$wl.tblockd]}, ${TLS_BPS[$wl.tkit]}
+rs = 4096 if '$wl' == 'w4k' else 1048576
+name = '4k write QD32' if rs == 4096 else '1M seq write QD8'
+unit = (lambda v: '%.0f IOPS' % (v / rs)) if rs == 4096 else (lambda v: '%.0f MiB/s' % (v / 1048576))
+goal = '>= 0.7x plain, >= 1.0x nbdkit TLS' if rs == 4096 else '>= 1.0x nbdkit TLS'
+print('| %s | %s | %s | %s | %.2fx | %.2fx | %s | %.1f / %.1f / %.1f |' % (name, unit(p), unit(t), unit(k), t / p, t / k, goal,
+      ${TLS_CPU[$wl.tplain]}, ${TLS_CPU[$wl.tblockd]}, ${TLS_CPU[$wl.tkit]}))"
     done
   } | tee -a "$BENCH_DIR/results.md"
 fi

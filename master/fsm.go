@@ -43,6 +43,8 @@ type VolumeRecord struct {
 	// Failure is set when a server reported that it cannot create or open
 	// the volume; the volume's status is then "failed".
 	Failure *VolumeFailureRecord `json:"failure,omitempty"`
+	// Allow is the NBD allow list (access.go); empty: unrestricted.
+	Allow []api.AllowEntry `json:"allow,omitempty"`
 }
 
 // VolumeFailureRecord is a server's report that it cannot host a volume.
@@ -71,6 +73,7 @@ func (v *VolumeRecord) clone() *VolumeRecord {
 		f := *v.Failure
 		c.Failure = &f
 	}
+	c.Allow = cloneAllow(v.Allow)
 	c.normalize()
 	return &c
 }
@@ -184,6 +187,8 @@ type command struct {
 	MinCopies int `json:"min_copies,omitempty"`
 	// fail
 	Failure *VolumeFailureRecord `json:"failure,omitempty"`
+	// set_allow (access.go)
+	Allow []api.AllowEntry `json:"allow,omitempty"`
 }
 
 type applyResult struct {
@@ -301,6 +306,8 @@ func (s *fsmState) apply(c *command, index uint64) *applyResult {
 		v.MinCopies = c.MinCopies
 		v.Epoch++
 		return &applyResult{Vol: v.clone()}
+	case opSetAllow:
+		return s.applySetAllow(c)
 	case opFail:
 		v, ok := s.Volumes[c.Name]
 		if !ok {

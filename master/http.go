@@ -286,6 +286,9 @@ func (m *Master) create(ld *leaderState, req api.CreateVolumeRequest) (*api.Volu
 	if e := ValidateName(req.Name); e != nil {
 		return nil, e
 	}
+	if err := api.ValidateAllow(req.Allow); err != nil {
+		return nil, api.Errorf(api.CodeBadRequest, "%v", err)
+	}
 	render := func(v *VolumeRecord) *api.VolumeInfo {
 		m.mu.Lock()
 		defer m.mu.Unlock()
@@ -316,7 +319,7 @@ func (m *Master) create(ld *leaderState, req api.CreateVolumeRequest) (*api.Volu
 	p := pl.Policy
 	rec := &VolumeRecord{Name: req.Name, SizeBytes: p.SizeBytes, BlockSize: p.BlockSize, RF: p.RF, Durability: p.Durability,
 		Preset: p.Preset, WALSizeBytes: p.WALSizeBytes, Epoch: 1, Primary: pl.Primary, Replicas: pl.Replicas, RequestID: req.RequestID,
-		ActingSet: append([]string{}, pl.Replicas...), MinCopies: p.MinCopies}
+		ActingSet: append([]string{}, pl.Replicas...), MinCopies: p.MinCopies, Allow: cloneAllow(req.Allow)}
 	res := m.apply(command{Op: opCreate, Volume: rec})
 	if res.Err != nil {
 		return nil, res.Err
@@ -383,6 +386,9 @@ func (m *Master) hUpdate(w http.ResponseWriter, r *http.Request, ld *leaderState
 		return
 	}
 	nv, e := m.updatePolicy(v, req)
+	if e == nil {
+		nv, e = m.updateAllow(nv, req)
+	}
 	if e != nil {
 		m.log.Info("volume_update_rejected", "volume", v.Name, "reason", e.Message)
 		writeErr(w, e)

@@ -21,7 +21,7 @@ func (m *Master) primaryAlive(ld *leaderState, v *VolumeRecord, now time.Time) (
 func (m *Master) volumeInfo(ld *leaderState, v *VolumeRecord, now time.Time) api.VolumeInfo {
 	info := api.VolumeInfo{Name: v.Name, ID: v.ID, SizeBytes: v.SizeBytes, BlockSize: v.BlockSize, Epoch: v.Epoch,
 		Durability: v.Durability, RF: v.RF, Preset: v.Preset, WALSizeBytes: v.WALSizeBytes, Replicas: []api.ReplicaInfo{},
-		MinCopies: v.EffectiveMinCopies(), ActingSet: append([]string{}, v.ActingSet...), Stale: v.Stale()}
+		MinCopies: v.EffectiveMinCopies(), ActingSet: append([]string{}, v.ActingSet...), Stale: v.Stale(), Allow: cloneAllow(v.Allow)}
 	if v.Primary != "" {
 		info.ActingSet = append([]string{v.Primary}, v.ActingSet...)
 	}

@@ -286,7 +286,7 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 func (m *Master) assignment(v *VolumeRecord, id string) api.VolumeAssignment {
 	a := api.VolumeAssignment{Volume: v.Name, ID: v.ID, SizeBytes: v.SizeBytes, BlockSize: v.BlockSize,
 		WALSizeBytes: v.WALSizeBytes, Durability: v.Durability, Epoch: v.Epoch, Role: api.RoleReplica, Replicas: []api.ServerRef{},
-		ActingSet: append([]string{}, v.ActingSet...), MinCopies: v.EffectiveMinCopies()}
+		ActingSet: append([]string{}, v.ActingSet...), MinCopies: v.EffectiveMinCopies(), Allow: cloneAllow(v.Allow)}
 	if v.Primary == id {
 		a.Role = api.RolePrimary
 	}

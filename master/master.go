@@ -29,6 +29,7 @@ import (
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 
 	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/tlsauth"
 )
 
 // Config configures a master.
@@ -77,6 +78,10 @@ type Config struct {
 	FailGrace time.Duration
 	// Logger receives every decision (default slog.Default()).
 	Logger *slog.Logger
+	// TLS, when set, makes the API HTTPS with client certificates
+	// required and checked per call, and raft run over mutual TLS between
+	// masters (tls.go). nil: plain.
+	TLS *tlsauth.Creds
 }
 
 func (c *Config) setDefaults() {
@@ -156,7 +161,7 @@ func Start(cfg Config) (*Master, error) {
 		return nil, fmt.Errorf("master: create %s: %w", cfg.DataDir, err)
 	}
 	m := &Master{cfg: cfg, log: cfg.Logger.With("component", "master"), fsm: &fsm{st: newState()}, stop: make(chan struct{})}
-	m.handler = m.routes()
+	m.handler = m.authorize(m.routes())
 
 	if cfg.APIAddr != "" {
 		ln, err := net.Listen("tcp", cfg.APIAddr)
@@ -172,9 +177,9 @@ func Start(cfg Config) (*Master, error) {
 		return nil, err
 	}
 	if m.ln != nil {
-		m.srv = &http.Server{Handler: m.handler, ReadHeaderTimeout: 10 * time.Second}
+		m.srv = &http.Server{Handler: m.handler, ReadHeaderTimeout: 10 * time.Second, ErrorLog: tlsErrorLog(m.log)}
 		go func() {
-			if err := m.srv.Serve(m.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			if err := m.srv.Serve(m.apiTLS(m.ln)); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				m.log.Error("api_serve_failed", "err", err)
 			}
 		}()
@@ -278,7 +283,7 @@ func (m *Master) startRaft() error {
 			store.Close()
 			return fmt.Errorf("master: raft addr %s: %w", cfg.RaftAddr, err)
 		}
-		nt, err := raft.NewTCPTransport(cfg.RaftAddr, tcpAddr, 3, 10*time.Second, &slogWriter{log: m.log})
+		nt, err := m.raftTransport(cfg.RaftAddr, tcpAddr)
 		if err != nil {
 			store.Close()
 			return fmt.Errorf("master: raft transport %s: %w", cfg.RaftAddr, err)
@@ -334,7 +339,7 @@ func (m *Master) closeTransport() {
 // promotion in its own copy of the configuration.
 func (m *Master) join() {
 	defer m.wg.Done()
-	c := api.NewClient(api.ParseAddrs(m.cfg.Join))
+	c := m.apiClient(api.ParseAddrs(m.cfg.Join))
 	stopCtx, stopCancel := context.WithCancel(context.Background())
 	defer stopCancel()
 	go func() {

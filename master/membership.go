@@ -355,7 +355,7 @@ func (m *Master) configChangeErr(what string, err error) *api.Error {
 func (m *Master) probeStatus(id string) (*api.StatusResponse, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), memberProbeTimeout)
 	defer cancel()
-	st, err := api.NewClient([]string{id}).Status(ctx, id)
+	st, err := m.apiClient([]string{id}).Status(ctx, id)
 	if err != nil {
 		return nil, fmt.Errorf("probe %s: %w", id, err)
 	}

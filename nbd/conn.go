@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bufio"
+	"crypto/x509"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -32,6 +33,9 @@ type conn struct {
 	metaAlloc  bool
 	metaExport string
 
+	peer        *x509.Certificate // the verified client certificate after STARTTLS
+	warnedPlain bool              // a TLS_REQD refusal was logged
+
 	mu    sync.Mutex // guards exp and phase
 	exp   Export
 	phase int // 0 negotiating, 1 transmitting, 2 draining
@@ -54,6 +58,7 @@ type conn struct {
 
 	out      sender
 	draining atomic.Bool
+	xmit     atomic.Bool  // negotiation is over (its deadline cleared)
 	latency  atomic.Int64 // EWMA of read/write execution time, ns
 }
 
@@ -78,7 +83,7 @@ func (c *conn) exportName() string {
 
 func (c *conn) serve() {
 	defer close(c.done)
-	defer c.nc.Close()
+	defer func() { c.nc.Close() }() // the TLS conn once STARTTLS replaced it
 	log := c.srv.log
 	if err := c.negotiate(); err != nil {
 		if !errors.Is(err, errAbort) {

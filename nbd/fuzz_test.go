@@ -1,14 +1,17 @@
 package nbd
 
 import (
+	"crypto/tls"
 	"encoding/binary"
 	"io"
 	"log/slog"
 	"net"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/blockd/blockd/nbd/wire"
+	"github.com/blockd/blockd/tlsauth"
 )
 
 // fuzzSeed builds a client byte stream: flags, options, then requests.
@@ -71,5 +74,94 @@ func FuzzServerInput(f *testing.F) {
 			}
 			time.Sleep(time.Millisecond)
 		}
+	})
+}
+
+// fuzzTLSServer is a TLS-only server with a client config that passes.
+func fuzzTLSServer(f *testing.F) (srvCfg, cliCfg *tls.Config) {
+	dir := f.TempDir()
+	if _, err := tlsauth.Init(dir, tlsauth.InitOptions{Servers: []string{"s1"}, Clients: []string{"c"}}); err != nil {
+		f.Fatal(err)
+	}
+	ld := func(kind, name, prefix string) *tlsauth.Creds {
+		d := filepath.Join(dir, kind, name)
+		c, err := tlsauth.Load(filepath.Join(d, prefix+"-cert.pem"), filepath.Join(d, prefix+"-key.pem"), filepath.Join(d, "ca-cert.pem"))
+		if err != nil {
+			f.Fatal(err)
+		}
+		return c
+	}
+	return ld("servers", "s1", "server").ServerConfig(nil), ld("clients", "c", "client").ClientConfig(nil)
+}
+
+func fuzzWaitClosed(t *testing.T, srv *Server) {
+	deadline := time.Now().Add(10 * time.Second)
+	for srv.Conns() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("connection still open 10s after the client hung up")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// FuzzServerTLSRequired: the plaintext side of a TLS-only server
+// (options before STARTTLS, STARTTLS itself, whatever follows it in place
+// of a ClientHello): no panic, no connection left behind.
+func FuzzServerTLSRequired(f *testing.F) {
+	srvCfg, _ := fuzzTLSServer(f)
+	goOpt := [2]any{wire.OptGo, goData("vol0", wire.InfoBlockSize)}
+	f.Add(fuzzSeed(false, [][2]any{{wire.OptList, []byte(nil)}, goOpt, {wire.OptAbort, []byte(nil)}}))
+	f.Add(fuzzSeed(false, [][2]any{{wire.OptStartTLS, []byte(nil)}}))
+	f.Add(append(fuzzSeed(false, [][2]any{{wire.OptStartTLS, []byte(nil)}}), "\x16\x03\x01\x00\x05hello"...))
+	f.Add(fuzzSeed(false, [][2]any{{wire.OptStartTLS, []byte("data")}, {wire.OptExportName, []byte("vol0")}}))
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		srv := NewServer(StaticExports{{Name: "vol0", Device: newMemDev(1 << 20)}},
+			WithLogger(log), WithHandshakeTimeout(5*time.Second), WithTLS(srvCfg))
+		client, server := net.Pipe()
+		srv.ServeConn(server)
+		go func() { _, _ = io.Copy(io.Discard, client) }()
+		_, _ = client.Write(in)
+		client.Close()
+		fuzzWaitClosed(t, srv)
+	})
+}
+
+// FuzzServerTLSSession: after a real STARTTLS and handshake, whatever the
+// client sends over TLS (options, a second STARTTLS, requests).
+func FuzzServerTLSSession(f *testing.F) {
+	srvCfg, cliCfg := fuzzTLSServer(f)
+	goOpt := [2]any{wire.OptGo, goData("vol0", wire.InfoBlockSize)}
+	strip := func(b []byte) []byte { return b[4:] } // no client flags: sent before STARTTLS
+	f.Add(strip(fuzzSeed(false, [][2]any{goOpt}, fuzzReq(wire.CmdWrite, 0, 0, 4096, true), fuzzReq(wire.CmdRead, 0, 0, 4096, false))))
+	f.Add(strip(fuzzSeed(true, [][2]any{{wire.OptStartTLS, []byte(nil)}, goOpt}, fuzzReq(wire.CmdFlush, 0, 0, 0, false))))
+	f.Add(strip(fuzzSeed(false, [][2]any{{wire.OptExportName, []byte("vol0")}}, fuzzReq(wire.CmdDisc, 0, 0, 0, false))))
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		srv := NewServer(StaticExports{{Name: "vol0", Device: newMemDev(1 << 20)}},
+			WithLogger(log), WithHandshakeTimeout(5*time.Second), WithMaxInFlight(4), WithTLS(srvCfg))
+		client, server := net.Pipe()
+		srv.ServeConn(server)
+		defer func() { client.Close(); fuzzWaitClosed(t, srv) }()
+		_ = client.SetDeadline(time.Now().Add(5 * time.Second))
+		var hello [18]byte
+		if _, err := io.ReadFull(client, hello[:]); err != nil {
+			t.Fatalf("greeting: %v", err)
+		}
+		start := fuzzSeed(false, [][2]any{{wire.OptStartTLS, []byte(nil)}})
+		if _, err := client.Write(start); err != nil {
+			t.Fatalf("STARTTLS: %v", err)
+		}
+		var rep [20]byte
+		if _, err := io.ReadFull(client, rep[:]); err != nil || binary.BigEndian.Uint32(rep[12:]) != wire.RepAck {
+			t.Fatalf("STARTTLS reply % x: %v", rep, err)
+		}
+		tc := tls.Client(client, cliCfg)
+		if err := tc.Handshake(); err != nil {
+			t.Fatalf("handshake: %v", err)
+		}
+		_ = client.SetDeadline(time.Time{})
+		go func() { _, _ = io.Copy(io.Discard, tc) }()
+		_, _ = tc.Write(in)
 	})
 }

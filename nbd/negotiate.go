@@ -81,6 +81,12 @@ func (c *conn) negotiate() error {
 			}
 			continue
 		}
+		if handled, err := c.tlsGate(opt, data); handled || err != nil {
+			if err != nil {
+				return err
+			}
+			continue
+		}
 		done, err := c.handleOption(opt, data)
 		if err != nil || done {
 			return err
@@ -94,6 +100,9 @@ func (c *conn) handleOption(opt uint32, data []byte) (done bool, err error) {
 	case wire.OptExportName:
 		name := string(data)
 		e, lerr := c.srv.resolve(name)
+		if lerr == nil {
+			e, lerr = c.checkAccess(e)
+		}
 		if lerr != nil {
 			// EXPORT_NAME cannot carry an error: the session ends.
 			c.srv.log.Warn("nbd: export refused", "export", name, "remote", c.remote, "err", lerr)
@@ -174,6 +183,11 @@ func (c *conn) handleInfoGo(opt uint32, data []byte) (bool, error) {
 		}
 	}
 	e, err := c.srv.resolve(name)
+	if err == nil {
+		if e, err = c.checkAccess(e); err != nil {
+			return false, c.optReply(opt, wire.RepErrPolicy, []byte(clipMsg(err.Error())))
+		}
+	}
 	if err != nil {
 		c.srv.log.Warn("nbd: export refused", "export", name, "remote", c.remote, "err", err)
 		msg := err.Error()

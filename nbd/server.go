@@ -10,6 +10,8 @@ package nbd
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -29,6 +31,11 @@ type Export struct {
 	Description string
 	Device      blockdev.Device
 	ReadOnly    bool
+	// Access, when set, is asked at NBD_OPT_GO / NBD_OPT_INFO /
+	// NBD_OPT_EXPORT_NAME with the client's name (WithPeerName; "" without
+	// TLS): an error refuses the export (NBD_REP_ERR_POLICY, its text shown
+	// to the client, the refusal logged); readOnly serves it read-only.
+	Access func(client string) (readOnly bool, err error)
 }
 
 // ExportSource maps export names to devices. Lookup is called once per
@@ -106,6 +113,8 @@ type Server struct {
 	maxInFlight      int
 	handshakeTimeout time.Duration
 	maxBlock         uint32
+	tls              *tls.Config
+	peerName         func(*x509.Certificate) string
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}

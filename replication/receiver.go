@@ -56,6 +56,13 @@ type ReceiverConfig struct {
 	FS      vfs.FS
 }
 
+// PeerServerIDer is implemented by connections that know the verified
+// server ID of their peer (the TLS listener the server hands to
+// Host.Serve); the receiver then accepts a Hello only from that ID.
+type PeerServerIDer interface {
+	PeerServerID() (string, error)
+}
+
 // Receiver serves every replica volume of a volume server on one listener.
 type Receiver struct {
 	cfg ReceiverConfig
@@ -365,6 +372,19 @@ func (r *Receiver) handle(c net.Conn) {
 	if tgt.PrimaryID == "" || h.PrimaryID != tgt.PrimaryID {
 		rc.refuseHello(CodeWrongPrimary, fmt.Sprintf("hello from %q, the assignment names primary %q", h.PrimaryID, tgt.PrimaryID), h, tgt)
 		return
+	}
+	// Over TLS the connection knows the server ID the peer's certificate
+	// names: a Hello claiming another ID is refused.
+	if pv, ok := c.(PeerServerIDer); ok {
+		id, err := pv.PeerServerID()
+		if err != nil {
+			rc.refuseHello(CodeWrongPrimary, fmt.Sprintf("hello from %q over a connection without a server certificate: %v", h.PrimaryID, err), h, tgt)
+			return
+		}
+		if id != h.PrimaryID {
+			rc.refuseHello(CodeWrongPrimary, fmt.Sprintf("hello from %q over a connection whose certificate names %q", h.PrimaryID, id), h, tgt)
+			return
+		}
 	}
 	if m.Epoch < tgt.Epoch || (m.Epoch > tgt.Epoch && r.cfg.Advance == nil) {
 		rc.refuse(CodeStaleEpoch, fmt.Sprintf("primary epoch %d, replica epoch %d", m.Epoch, tgt.Epoch), "replica_epoch", tgt.Epoch)

@@ -18,6 +18,7 @@ import (
 // repeats every assignment in every reply). A volume that cannot be
 // created or opened is reported in the next heartbeats' Failures instead.
 func (s *Server) apply(resp *api.HeartbeatResponse, sent time.Time) {
+	s.peers.set(resp.Assignments)
 	assigned := map[string]bool{}
 	for _, a := range resp.Assignments {
 		if a.Role != api.RoleNone {
@@ -102,6 +103,7 @@ func (s *Server) applyOne(a api.VolumeAssignment, sent time.Time) error {
 	h.mu.Lock()
 	h.id, h.primary = a.ID, a.Primary
 	h.mu.Unlock()
+	h.setAllow(a.Allow)
 
 	_, wasPrimary := s.host.Primary(a.Volume)
 	if err := s.host.Apply(ra); err != nil {

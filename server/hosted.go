@@ -24,8 +24,9 @@ type hosted struct {
 	host *replication.Host
 
 	mu      sync.Mutex
-	id      uint64        // the master's incarnation ID of the volume
-	primary api.ServerRef // the volume's primary, as last assigned
+	id      uint64           // the master's incarnation ID of the volume
+	primary api.ServerRef    // the volume's primary, as last assigned
+	allow   []api.AllowEntry // NBD allow list, as last assigned (access.go)
 }
 
 func validVolumeName(name string) error {

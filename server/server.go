@@ -24,6 +24,7 @@ import (
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/nbd"
 	"github.com/blockd/blockd/replication"
+	"github.com/blockd/blockd/tlsauth"
 	"github.com/blockd/blockd/vfs"
 )
 
@@ -61,6 +62,14 @@ type Config struct {
 	// it takes the device over with every request failing (EPERM) rather
 	// than leaving it queued. 0 means 90 s.
 	UblkRecoveryWait time.Duration
+	// TLS, when set, secures NBD (STARTTLS required), replication (mutual
+	// TLS, certificates checked against server IDs) and heartbeats
+	// (tls.go). Its certificate must name ServerID.
+	TLS *tlsauth.Creds
+	// EmbeddedMaster: the master runs in this process and presents this
+	// server's own certificate (blockd serve), which the heartbeat client
+	// then accepts besides a master's.
+	EmbeddedMaster bool
 }
 
 // Server is a running volume server.
@@ -77,6 +86,7 @@ type Server struct {
 	ctl     *control          // the control endpoint: set in New, cleared by Close
 	started time.Time
 	fails   volumeFailures // assigned volumes that cannot be created or opened (assign.go)
+	peers   peerIDs        // replica server IDs by address, for the TLS dialer (tls.go)
 
 	mu   sync.Mutex
 	vols map[string]*hosted
@@ -109,7 +119,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{cfg: cfg, lock: lock, vols: map[string]*hosted{},
-		client: api.NewClient(cfg.Masters), hbInterval: 500 * time.Millisecond, started: time.Now()}
+		hbInterval: 500 * time.Millisecond, started: time.Now()}
 	ok := false
 	defer func() {
 		if !ok {
@@ -119,9 +129,16 @@ func New(cfg Config) (*Server, error) {
 	if s.cfg.ServerID, err = serverID(cfg.FS, cfg.DataDir, cfg.ServerID); err != nil {
 		return nil, err
 	}
+	if err := checkTLSIdentity(cfg.TLS, s.cfg.ServerID); err != nil {
+		return nil, err
+	}
+	s.client = s.masterClient()
 	s.log = cfg.Logger.With("server", s.cfg.ServerID)
-	s.host = replication.NewHost(replication.HostConfig{ServerID: s.cfg.ServerID, Logger: s.log,
-		Primary: replication.PrimaryConfig{FS: cfg.FS}})
+	pcfg := replication.PrimaryConfig{FS: cfg.FS}
+	if cfg.TLS != nil {
+		pcfg.Dial = s.replDial
+	}
+	s.host = replication.NewHost(replication.HostConfig{ServerID: s.cfg.ServerID, Logger: s.log, Primary: pcfg})
 	if err := cfg.FS.MkdirAll(s.volumesDir(), 0o755); err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
@@ -135,11 +152,15 @@ func New(cfg Config) (*Server, error) {
 	if s.nbdLn, err = listenNBD(orDefault(cfg.NBD, "127.0.0.1:10809")); err != nil {
 		return nil, fmt.Errorf("server: NBD listener: %w", err)
 	}
-	s.nbdSrv = nbd.NewServer(exports{s}, nbd.WithLogger(s.log))
+	nopts := []nbd.Option{nbd.WithLogger(s.log)}
+	if cfg.TLS != nil {
+		nopts = append(nopts, nbd.WithTLS(cfg.TLS.ServerConfig(nil)), nbd.WithPeerName(peerName))
+	}
+	s.nbdSrv = nbd.NewServer(exports{s}, nopts...)
 
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.wg.Add(2)
-	go func() { defer s.wg.Done(); _ = s.host.Serve(s.replLn) }()
+	go func() { defer s.wg.Done(); _ = s.host.Serve(s.replListener(s.replLn)) }()
 	if !cfg.DeferNBD {
 		s.StartNBD()
 	}

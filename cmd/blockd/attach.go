@@ -51,6 +51,7 @@ func init() {
 			&cli.DurationFlag{Name: "timeout", Value: 30 * time.Second, Usage: "per-request timeout: an unanswered request marks its connection dead and is retried on a new one"},
 			&cli.DurationFlag{Name: "wait", Value: 30 * time.Second, Usage: "keep trying this long for a primary that does not answer yet or refuses the export (a server starting, a failover)"},
 			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "json: print {\"device\": ...} instead of the bare path"},
+			tlsFlags()[0], tlsFlags()[1], tlsFlags()[2],
 		},
 		Action: attachNBD,
 	})
@@ -105,6 +106,10 @@ func attachNBD(c *cli.Context) error {
 		return fmt.Errorf("attach nbd: --give-up must be positive")
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	tcfg, err := nbdTLS(c)
+	if err != nil {
+		return fmt.Errorf("attach nbd: %w", err)
+	}
 	resolve, err := primaryResolver(c, name, log, "nbd.primary")
 	if err != nil {
 		return fmt.Errorf("attach nbd: %w", err)
@@ -126,6 +131,7 @@ func attachNBD(c *cli.Context) error {
 		// The master vouched for the volume: an "unknown export" from its
 		// server means "not hosted yet", worth waiting for.
 		RetryUnknownExport: c.String("nbd") == "",
+		TLS:                tcfg,
 	})
 	cancel()
 	if err != nil {

@@ -60,6 +60,7 @@ var ublkAttachCommand = &cli.Command{
 		&cli.DurationFlag{Name: "give-up", Value: 5 * time.Minute, Usage: "fail I/O after this long without a connection to the primary"},
 		&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "json: print {\"device\": ...} instead of the bare path"},
 		&cli.StringFlag{Name: "control", EnvVars: []string{"BLOCKD_CONTROL"}, Usage: "control socket of a local volume server (default: ./blockd-data/server/control.sock, /var/lib/blockd/control.sock); none: always serve over NBD in the foreground"},
+		tlsFlags()[0], tlsFlags()[1], tlsFlags()[2],
 	},
 	Action: attachUblk,
 }
@@ -123,7 +124,12 @@ func attachUblk(c *cli.Context) error {
 	defer signal.Stop(usr1)
 
 	actx, cancel := context.WithTimeout(ctx, c.Duration("wait")+time.Minute)
-	dev, err := client.Dial(actx, client.Options{Export: name, Resolve: resolve, GiveUp: c.Duration("give-up"), Wait: c.Duration("wait"), Logger: log})
+	tcfg, err := nbdTLS(c)
+	if err != nil {
+		cancel()
+		return fmt.Errorf("attach ublk: %w", err)
+	}
+	dev, err := client.Dial(actx, client.Options{Export: name, Resolve: resolve, GiveUp: c.Duration("give-up"), Wait: c.Duration("wait"), TLS: tcfg, Logger: log})
 	if err != nil {
 		cancel()
 		return fmt.Errorf("attach ublk: %w", err)
@@ -204,7 +210,10 @@ func attachUblkLocal(c *cli.Context, name string, log *slog.Logger) (path string
 		return "", false, nil
 	}
 	deadline := time.Now().Add(c.Duration("wait"))
-	mc := api.NewClient(api.ParseAddrs(c.String("master")))
+	mc, err := apiClient(c, api.ParseAddrs(c.String("master")))
+	if err != nil {
+		return "", true, err
+	}
 	mc.RetryFor = 10 * time.Second
 	for {
 		p, perr := mc.PrimaryOf(ctx, name)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/master"
+	"github.com/blockd/blockd/tlsauth"
 )
 
 // `blockd master`: a standalone master (raft member). `blockd serve` embeds
@@ -36,6 +37,7 @@ func init() {
 			&cli.DurationFlag{Name: "lease-ttl", Value: 5 * time.Second, Usage: "primary lease granted per heartbeat"},
 			&cli.DurationFlag{Name: "lease-margin", Value: 250 * time.Millisecond, Usage: "extra wait after a lost primary's lease before promoting"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug | info | warn | error"},
+			tlsFlags()[0], tlsFlags()[1], tlsFlags()[2], insecureFlag,
 		},
 		Action: runMaster,
 	})
@@ -50,6 +52,13 @@ func runMaster(c *cli.Context) error {
 		return fmt.Errorf("master: --log-level: %w", err)
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+	creds, err := loadTLSKind(c, tlsauth.KindMaster)
+	if err != nil {
+		return fmt.Errorf("master: %w", err)
+	}
+	if err := checkPlain(c, "master", creds, "api", "raft"); err != nil {
+		return err
+	}
 	var peers []string
 	if p := c.String("peers"); p != "" {
 		peers = api.ParseAddrs(p)
@@ -64,6 +73,7 @@ func runMaster(c *cli.Context) error {
 		LeaseTTL:    c.Duration("lease-ttl"),
 		LeaseMargin: c.Duration("lease-margin"),
 		Logger:      log,
+		TLS:         creds,
 	})
 	if err != nil {
 		return err

@@ -6,8 +6,6 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
-
-	"github.com/blockd/blockd/api"
 )
 
 // primaryResolver tells an attach keeper where the volume's primary is
@@ -21,7 +19,10 @@ func primaryResolver(c *cli.Context, name string, log *slog.Logger, event string
 	if err != nil {
 		return nil, err
 	}
-	mc := api.NewClient(addrs)
+	mc, err := apiClient(c, addrs)
+	if err != nil {
+		return nil, err
+	}
 	mc.RetryFor = 10 * time.Second
 	mc.AnswerTimeout = defaultAnswerTimeout
 	return func(ctx context.Context) (string, error) {

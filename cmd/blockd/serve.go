@@ -18,6 +18,7 @@ import (
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/master"
 	"github.com/blockd/blockd/server"
+	"github.com/blockd/blockd/tlsauth"
 )
 
 func init() {
@@ -33,6 +34,7 @@ func init() {
 			&cli.StringFlag{Name: "volume", Value: "vol0:1GiB", Usage: "volume created on first start, NAME:SIZE"},
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:0", Usage: "replication listen address of the embedded server"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+			tlsFlags()[0], tlsFlags()[1], tlsFlags()[2], insecureFlag,
 		},
 		Action: serve,
 	})
@@ -49,6 +51,7 @@ func init() {
 			&cli.StringFlag{Name: "advertise-nbd", Usage: "NBD address clients use (default: --nbd)"},
 			&cli.StringFlag{Name: "capacity", Usage: "capacity to report, e.g. 100GiB (default: the filesystem's)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+			tlsFlags()[0], tlsFlags()[1], tlsFlags()[2], insecureFlag,
 		},
 		Action: runServer,
 	})
@@ -88,6 +91,16 @@ func serve(c *cli.Context) error {
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
+	creds, err := loadTLSKind(c, tlsauth.KindServer)
+	if err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
+	if creds != nil && creds.ID.Name != serveServerID {
+		return fmt.Errorf("serve: --tls-cert is for %s; serve's embedded server is %q: use blockd tls init --server %s", creds.ID, serveServerID, serveServerID)
+	}
+	if err := checkPlain(c, "serve", creds, "nbd", "api", "listen"); err != nil {
+		return err
+	}
 	data := c.String("data")
 	// The whole data directory is locked before the master opens its raft
 	// store, so a second serve fails at once with a clear error.
@@ -97,7 +110,7 @@ func serve(c *cli.Context) error {
 	}
 	defer lock.Release()
 
-	m, err := master.Start(master.Config{DataDir: filepath.Join(data, "master"), APIAddr: c.String("api"), Logger: log})
+	m, err := master.Start(master.Config{DataDir: filepath.Join(data, "master"), APIAddr: c.String("api"), Logger: log, TLS: creds})
 	if err != nil {
 		return fmt.Errorf("start master: %w", err)
 	}
@@ -111,7 +124,7 @@ func serve(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	srv, err := server.New(server.Config{DataDir: filepath.Join(data, "server"), ServerID: "local",
+	srv, err := server.New(server.Config{DataDir: filepath.Join(data, "server"), ServerID: serveServerID, TLS: creds, EmbeddedMaster: creds != nil,
 		Listen: c.String("listen"), NBD: c.String("nbd"), DeferNBD: true, Masters: []string{m.APIAddr()}, Logger: log,
 		UblkRecoveryWait: ublkWait})
 	if err != nil {
@@ -120,6 +133,10 @@ func serve(c *cli.Context) error {
 	defer srv.Close()
 
 	client := api.NewClient([]string{m.APIAddr()})
+	if creds != nil {
+		// The embedded master presents the same (server) certificate.
+		client = api.NewClientTLS([]string{m.APIAddr()}, creds.ClientConfig(tlsauth.Expect(tlsauth.KindServer, serveServerID)))
+	}
 	if err := ensureVolume(ctx, client, volName, volSize); err != nil {
 		return err
 	}
@@ -127,7 +144,7 @@ func serve(c *cli.Context) error {
 		return err
 	}
 	srv.StartNBD()
-	printAttachHelp(srv.NBDAddr(), m.APIAddr(), volName, volSize)
+	printAttachHelp(srv.NBDAddr(), m.APIAddr(), volName, volSize, creds != nil)
 
 	<-ctx.Done()
 	fmt.Fprintln(os.Stderr, "blockd: shutting down: draining NBD connections and flushing volumes")
@@ -183,7 +200,25 @@ func waitServing(ctx context.Context, srv *server.Server, name string) error {
 	return nil
 }
 
-func printAttachHelp(nbdAddr, apiAddr, vol string, size int64) {
+// serveServerID is the ID of serve's embedded server (and the name its
+// TLS certificate must carry).
+const serveServerID = "local"
+
+func printAttachHelp(nbdAddr, apiAddr, vol string, size int64, tls bool) {
+	if tls {
+		fmt.Printf(`blockd is serving volume %[3]s (%[4]s) over TLS (client certificates required)
+  NBD URI:   nbds://%[1]s/%[3]s?tls-certificates=DIR/clients/NAME
+  master:    https://%[2]s/v1/volumes/%[3]s
+
+Attach it (with a client certificate from blockd tls init --client NAME):
+  kernel:    blockd attach nbd %[3]s --master %[2]s --tls-cert C --tls-key K --tls-ca CA
+  qemu:      qemu-img info --object tls-creds-x509,id=t0,endpoint=client,dir=DIR/clients/NAME \
+               --image-opts driver=nbd,host=HOST,port=PORT,export=%[3]s,tls-creds=t0
+  libnbd:    nbdinfo 'nbds://%[1]s/%[3]s?tls-certificates=DIR/clients/NAME'
+Ctrl-C flushes every volume and exits.
+`, nbdAddr, apiAddr, vol, humanize.IBytes(uint64(size)))
+		return
+	}
 	uri := "nbd://" + nbdAddr + "/" + vol
 	host, port := nbdAddr, "10809"
 	if i := strings.LastIndex(nbdAddr, ":"); i >= 0 {
@@ -226,7 +261,14 @@ func runServer(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	srv, err := server.New(server.Config{DataDir: c.String("data"), ServerID: c.String("id"),
+	creds, err := loadTLSKind(c, tlsauth.KindServer)
+	if err != nil {
+		return fmt.Errorf("server: %w", err)
+	}
+	if err := checkPlain(c, "server", creds, "nbd", "listen"); err != nil {
+		return err
+	}
+	srv, err := server.New(server.Config{DataDir: c.String("data"), ServerID: c.String("id"), TLS: creds,
 		Listen: c.String("listen"), NBD: c.String("nbd"), AdvertiseAddr: c.String("advertise"),
 		AdvertiseNBD: c.String("advertise-nbd"), Masters: api.ParseAddrs(c.String("master")),
 		CapacityBytes: capacity, Logger: log, UblkRecoveryWait: ublkWait})

@@ -33,6 +33,7 @@ func volClientFlags(extra ...cli.Flag) []cli.Flag {
 		&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "output format: json (default: text)"},
 		&cli.DurationFlag{Name: "timeout", Value: defaultAnswerTimeout, Usage: "how long one master may take to answer before the next is tried"},
 		&cli.DurationFlag{Name: "wait", Value: defaultWait, Usage: "keep retrying this long while no master answers or none is leader (a master starting, an election)"},
+		tlsFlags()[0], tlsFlags()[1], tlsFlags()[2],
 	}, extra...)
 }
 
@@ -54,14 +55,15 @@ func init() {
 		Usage: "create, inspect, resize, delete and promote volumes (talks to the master)",
 		Subcommands: []*cli.Command{
 			{Name: "create", Usage: "create a volume", ArgsUsage: "NAME --size SIZE [--rf N] [--durability MODE] [--preset NAME] [--wal-size SIZE]",
-				Flags: volClientFlags(volPolicyFlags()...), Action: volumeCmd(volCreate)},
+				Flags: volClientFlags(append(volPolicyFlags(), allowFlag())...), Action: volumeCmd(volCreate)},
 			{Name: "list", Usage: "list volumes", Flags: volClientFlags(), Action: volumeCmd(volListCmd)},
 			{Name: "info", Usage: "show one volume", ArgsUsage: "NAME", Flags: volClientFlags(), Action: volumeCmd(volInfo)},
 			{Name: "delete", Usage: "delete a volume (servers drop its data)", ArgsUsage: "NAME", Flags: volClientFlags(), Action: volumeCmd(volDelete)},
 			{Name: "expand", Usage: "grow a volume", ArgsUsage: "NAME --size SIZE",
 				Flags: volClientFlags(&cli.StringFlag{Name: "size", Usage: "new size (human units); may only grow"}), Action: volumeCmd(volExpand)},
-			{Name: "update", Usage: "change a volume's policy", ArgsUsage: "NAME --min-copies N",
-				Flags: volClientFlags(&cli.IntFlag{Name: "min-copies", Usage: "durable copies (the primary's included) a flush needs, 1 to rf"}), Action: volumeCmd(volUpdate)},
+			{Name: "update", Usage: "change a volume's policy", ArgsUsage: "NAME [--min-copies N] [--allow NAME[:ro]... | --allow-anyone]",
+				Flags: volClientFlags(&cli.IntFlag{Name: "min-copies", Usage: "durable copies (the primary's included) a flush needs, 1 to rf"},
+					allowFlag(), &cli.BoolFlag{Name: "allow-anyone", Usage: "lift the allow list: any certificate of the cluster CA may attach"}), Action: volumeCmd(volUpdate)},
 			{Name: "plan", Usage: "dry run of create: resolved policy and placement", ArgsUsage: "[NAME] --size SIZE [...]",
 				Flags: volClientFlags(volPolicyFlags()...), Action: volumeCmd(volPlan)},
 			{Name: "resolve", Usage: "dry run of preset resolution", ArgsUsage: "[NAME] --size SIZE [...]",
@@ -106,7 +108,10 @@ func volumeCmd(fn func(*volCtx) error) cli.ActionFunc {
 		if err != nil {
 			return fmt.Errorf("%s: %w", name, err)
 		}
-		cl := api.NewClient(addrs)
+		cl, err := apiClient(c, addrs)
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
 		cl.AnswerTimeout = c.Duration("timeout")
 		cl.RetryFor = c.Duration("wait")
 		v := &volCtx{c: c, args: args, cl: cl, ctx: c.Context, json: c.String("output") == "json", out: c.App.Writer}
@@ -216,6 +221,7 @@ func (v *volCtx) printInfo(i *api.VolumeInfo) error {
 	}
 	fmt.Fprintf(w, "wal size:\t%s\n", volHumanSize(i.WALSizeBytes))
 	fmt.Fprintf(w, "min copies:\t%d\n", i.MinCopies)
+	fmt.Fprintf(w, "allow:\t%s\n", api.FormatAllow(i.Allow))
 	fmt.Fprintf(w, "primary:\t%s nbd=%s addr=%s head_lsn=%d\n", i.Primary.ServerID, i.Primary.NBDAddr, i.Primary.Addr, i.HeadLSN)
 	for _, r := range i.Replicas {
 		member := ""
@@ -264,6 +270,9 @@ func volCreate(v *volCtx) error {
 	if err != nil {
 		return err
 	}
+	if req.Allow, err = api.ParseAllow(splitList(v.c.StringSlice("allow"))); err != nil {
+		return err
+	}
 	info, err := v.cl.CreateVolume(v.ctx, req)
 	if err != nil {
 		return err
@@ -284,8 +293,20 @@ func volUpdate(v *volCtx) error {
 		}
 		req.MinCopies = &n
 	}
-	if req.MinCopies == nil {
-		return errors.New("nothing to update: give --min-copies N")
+	switch {
+	case v.c.IsSet("allow") && v.c.Bool("allow-anyone"):
+		return errors.New("--allow and --allow-anyone: give one of them")
+	case v.c.IsSet("allow"):
+		list, err := api.ParseAllow(splitList(v.c.StringSlice("allow")))
+		if err != nil {
+			return err
+		}
+		req.Allow = &list
+	case v.c.Bool("allow-anyone"):
+		req.Allow = &[]api.AllowEntry{}
+	}
+	if req.MinCopies == nil && req.Allow == nil {
+		return errors.New("nothing to update: give --min-copies N, --allow NAME[:ro] or --allow-anyone")
 	}
 	info, err := v.cl.UpdateVolume(v.ctx, name, req)
 	if err != nil {

@@ -16,8 +16,8 @@ const module = "github.com/blockd/blockd"
 // "*" allows anything (the CLI and test/benchmark programs).
 var allowed = map[string][]string{
 	"cmd/blockd":        {"*"},
-	"server":            {"replication", "blockvol", "nbd", "ublk", "api", "blockdev", "vfs"},
-	"master":            {"api"},
+	"server":            {"replication", "blockvol", "nbd", "ublk", "api", "blockdev", "vfs", "tlsauth"},
+	"master":            {"api", "tlsauth"},
 	"csi":               {"api", "nbd/kernel"},
 	"replication":       {"blockvol", "wal", "blockdev", "vfs"},
 	"blockvol":          {"wal", "vfs", "blockdev"},
@@ -28,6 +28,7 @@ var allowed = map[string][]string{
 	"ublk/uring":        {},
 	"nbd/kernel":        {"nbd/wire"},
 	"api":               {},
+	"tlsauth":           {},
 	"wal":               {},
 	"vfs":               {},
 	"blockdev":          {},

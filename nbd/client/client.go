@@ -8,6 +8,7 @@ package client
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -36,6 +37,9 @@ type Options struct {
 	// Wait: Dial keeps trying this long for an export that is not served
 	// yet or refuses (a server starting, a failover); 0 tries once.
 	Wait time.Duration
+	// TLS, when set, upgrades every connection (NBD_OPT_STARTTLS) with
+	// this client config, on every reconnect.
+	TLS *tls.Config
 	// Logger receives connection events (default slog.Default()).
 	Logger *slog.Logger
 }
@@ -49,6 +53,7 @@ type Device struct {
 	name    string
 	resolve func(ctx context.Context) (string, error)
 	giveUp  time.Duration
+	tls     *tls.Config
 	log     *slog.Logger
 
 	mu     sync.Mutex
@@ -86,7 +91,7 @@ func Dial(ctx context.Context, o Options) (*Device, error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	d := &Device{name: o.Export, resolve: o.Resolve, giveUp: o.GiveUp, log: o.Logger}
+	d := &Device{name: o.Export, resolve: o.Resolve, giveUp: o.GiveUp, tls: o.TLS, log: o.Logger}
 	d.cond = sync.NewCond(&d.mu)
 	deadline := time.Now().Add(o.Wait)
 	for {
@@ -128,11 +133,12 @@ func (d *Device) dial(ctx context.Context) (*conn, kernel.Export, error) {
 	if deadline.IsZero() {
 		deadline = time.Now().Add(30 * time.Second)
 	}
-	exp, err := kernel.Negotiate(nc, d.name, deadline)
+	tnc, exp, err := kernel.NegotiateTLS(nc, d.name, deadline, d.tls)
 	if err != nil {
 		nc.Close()
 		return nil, kernel.Export{}, fmt.Errorf("nbd: %s at %s: %w", d.name, addr, err)
 	}
+	nc = tnc
 	nc.SetDeadline(time.Time{})
 	c := &conn{nc: nc, pending: map[uint64]*pending{}}
 	go c.readLoop()

@@ -2,6 +2,7 @@ package kernel
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -50,7 +51,11 @@ type Options struct {
 	// exists (its server may not have picked it up yet). Without it an
 	// unknown export fails at once.
 	RetryUnknownExport bool
-	Logger             *slog.Logger
+	// TLS, when set, upgrades every connection with NBD_OPT_STARTTLS and
+	// hands the kernel a socket proxied through TLS by the keeper
+	// (tlsproxy.go); the keeper negotiates TLS again on every reconnect.
+	TLS    *tls.Config
+	Logger *slog.Logger
 }
 
 // Device is an attached /dev/nbdN and its keeper state.
@@ -196,7 +201,16 @@ func (d *Device) dialAll(ctx context.Context, addr string) ([]net.Conn, Export, 
 			closeAll(conns)
 			return nil, Export{}, fmt.Errorf("dial %s: %w", addr, err)
 		}
-		e, err := Negotiate(c, d.o.Volume, dl)
+		nc, e, err := NegotiateTLS(c, d.o.Volume, dl, d.o.TLS)
+		if err == nil && d.o.TLS != nil {
+			kc, perr := tlsProxy(nc)
+			if perr != nil {
+				nc.Close()
+				closeAll(conns)
+				return nil, Export{}, perr
+			}
+			c = kc
+		}
 		if err != nil {
 			c.Close()
 			closeAll(conns)
@@ -225,12 +239,12 @@ func socketFDs(conns []net.Conn) ([]int, []*os.File, error) {
 	var fds []int
 	var files []*os.File
 	for _, c := range conns {
-		tc, ok := c.(*net.TCPConn)
+		fc, ok := c.(interface{ File() (*os.File, error) })
 		if !ok {
 			closeAll(files)
-			return nil, nil, fmt.Errorf("connection is %T, not TCP", c)
+			return nil, nil, fmt.Errorf("connection is %T, not a socket", c)
 		}
-		f, err := tc.File() // a dup; Fd puts it in blocking mode
+		f, err := fc.File() // a dup; Fd puts it in blocking mode
 		if err != nil {
 			closeAll(files)
 			return nil, nil, fmt.Errorf("socket fd: %w", err)

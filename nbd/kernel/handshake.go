@@ -7,6 +7,7 @@
 package kernel
 
 import (
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -41,32 +42,85 @@ type Export struct {
 // know OPT_GO). On success conn is in the transmission phase. The deadline
 // bounds the whole handshake (zero: none).
 func Negotiate(conn net.Conn, name string, deadline time.Time) (Export, error) {
+	_, exp, err := NegotiateTLS(conn, name, deadline, nil)
+	return exp, err
+}
+
+// ErrTLS means the TLS upgrade failed: the server does not offer TLS or
+// the handshake failed (a certificate rejected on either side).
+var ErrTLS = errors.New("nbd: TLS")
+
+// NegotiateTLS is Negotiate with NBD_OPT_STARTTLS first when cfg is not
+// nil. It returns the connection to use from then on (the TLS one).
+func NegotiateTLS(conn net.Conn, name string, deadline time.Time, cfg *tls.Config) (net.Conn, Export, error) {
 	if !deadline.IsZero() {
 		_ = conn.SetDeadline(deadline)
 		defer conn.SetDeadline(time.Time{})
 	}
+	noZeroes, err := greet(conn)
+	if err != nil {
+		return nil, Export{}, err
+	}
+	if cfg != nil {
+		if conn, err = startTLS(conn, cfg); err != nil {
+			return nil, Export{}, err
+		}
+	}
+	exp, err := optGo(conn, name, noZeroes)
+	return conn, exp, err
+}
+
+// startTLS sends NBD_OPT_STARTTLS and runs the client handshake.
+func startTLS(conn net.Conn, cfg *tls.Config) (net.Conn, error) {
+	if err := writeOpt(conn, wire.OptStartTLS, nil); err != nil {
+		return nil, err
+	}
+	opt, typ, payload, err := readOptReply(conn)
+	if err != nil {
+		return nil, err
+	}
+	if opt != wire.OptStartTLS {
+		return nil, fmt.Errorf("nbd handshake: reply for option %d, want STARTTLS", opt)
+	}
+	if typ != wire.RepAck {
+		return nil, fmt.Errorf("%w: server refused NBD_OPT_STARTTLS: %s (NBD reply %#x)", ErrTLS, msgOr(payload, "no reason given"), typ)
+	}
+	tc := tls.Client(conn, cfg)
+	if err := tc.Handshake(); err != nil {
+		return nil, fmt.Errorf("%w: handshake: %v", ErrTLS, err)
+	}
+	return tc, nil
+}
+
+// greet reads the server's greeting and sends the client flags.
+func greet(conn net.Conn) (noZeroes bool, err error) {
 	var hello [18]byte
 	if _, err := io.ReadFull(conn, hello[:]); err != nil {
-		return Export{}, fmt.Errorf("nbd handshake: read greeting: %w", err)
+		return false, fmt.Errorf("nbd handshake: read greeting: %w", err)
 	}
 	if binary.BigEndian.Uint64(hello[0:]) != wire.MagicNBD {
-		return Export{}, fmt.Errorf("nbd handshake: not an NBD server (bad magic %#x)", binary.BigEndian.Uint64(hello[0:]))
+		return false, fmt.Errorf("nbd handshake: not an NBD server (bad magic %#x)", binary.BigEndian.Uint64(hello[0:]))
 	}
 	if binary.BigEndian.Uint64(hello[8:]) != wire.MagicIHaveOpt {
-		return Export{}, fmt.Errorf("nbd handshake: server speaks oldstyle NBD, need fixed newstyle")
+		return false, fmt.Errorf("nbd handshake: server speaks oldstyle NBD, need fixed newstyle")
 	}
 	hflags := binary.BigEndian.Uint16(hello[16:])
 	if hflags&wire.HandshakeFixedNewstyle == 0 {
-		return Export{}, fmt.Errorf("nbd handshake: server lacks fixed newstyle (flags %#x)", hflags)
+		return false, fmt.Errorf("nbd handshake: server lacks fixed newstyle (flags %#x)", hflags)
 	}
 	cflags := wire.ClientFixedNewstyle
-	noZeroes := hflags&wire.HandshakeNoZeroes != 0
+	noZeroes = hflags&wire.HandshakeNoZeroes != 0
 	if noZeroes {
 		cflags |= wire.ClientNoZeroes
 	}
 	if err := binary.Write(conn, binary.BigEndian, cflags); err != nil {
-		return Export{}, fmt.Errorf("nbd handshake: write client flags: %w", err)
+		return false, fmt.Errorf("nbd handshake: write client flags: %w", err)
 	}
+	return noZeroes, nil
+}
+
+// optGo selects the export with NBD_OPT_GO (or NBD_OPT_EXPORT_NAME).
+func optGo(conn net.Conn, name string, noZeroes bool) (Export, error) {
 	// OPT_GO: name, and one info request (block size).
 	data := make([]byte, 0, 4+len(name)+4)
 	data = binary.BigEndian.AppendUint32(data, uint32(len(name)))
@@ -113,6 +167,8 @@ func Negotiate(conn net.Conn, name string, deadline time.Time) (Export, error) {
 			}
 		case typ == wire.RepErrUnsup:
 			return exportName(conn, name, noZeroes)
+		case typ == wire.RepErrTLSReqd:
+			return Export{}, fmt.Errorf("%w: %q: the server requires TLS: %s (give --tls-cert, --tls-key, --tls-ca)", ErrRefused, name, msgOr(payload, "TLS required"))
 		case typ == wire.RepErrUnknown:
 			return Export{}, fmt.Errorf("%w %q: %s", ErrUnknownExport, name, msgOr(payload, "no such export"))
 		case typ&wire.RepFlagError != 0:
