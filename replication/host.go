@@ -202,6 +202,9 @@ func (h *Host) RemoveVolume(name string) error {
 	if prim != nil {
 		prim.Close()
 	}
+	// New sessions no longer find the volume (lookup); the receiver drops
+	// the live one and its tail hold.
+	h.recv.Forget(name)
 	return nil
 }
 

@@ -96,7 +96,12 @@ type rvol struct {
 	tail      []tailEnt
 	tailBytes int64
 	tailCap   int64
+	held      uint64 // LSN of the retention hold on vol (0: none)
 }
+
+// tailHoldID names the replica's tail hold among the engine's retention
+// holds (the primary keeps its own, one per replica, under other IDs).
+const tailHoldID = "replica_tail"
 
 type tailEnt struct {
 	lsn  uint64
@@ -109,18 +114,39 @@ func (v *rvol) install(vol *blockvol.Volume) {
 	if v.vol == vol {
 		return
 	}
+	v.releaseLocked()
 	v.vol, v.tail, v.tailBytes, v.committed = vol, nil, 0, 0
 	v.tailCap = vol.WALSize() / 4
-	vol.SetRetentionFloor(v.floor)
 }
 
-func (v *rvol) floor() (uint64, bool) {
-	v.tmu.Lock()
-	defer v.tmu.Unlock()
-	if len(v.tail) == 0 {
-		return 0, false
+// syncHoldLocked pushes the tail's first LSN to the engine as this
+// replica's retention hold (or releases it when the tail is empty). The
+// engine owns the holds; nothing of replication runs under its locks.
+func (v *rvol) syncHoldLocked() {
+	if v.vol == nil {
+		return
 	}
-	return v.tail[0].lsn, true
+	want := uint64(0)
+	if len(v.tail) > 0 {
+		want = v.tail[0].lsn
+	}
+	if want == v.held {
+		return
+	}
+	if want == 0 {
+		v.vol.ReleaseRetention(tailHoldID)
+	} else {
+		v.vol.HoldRetention(tailHoldID, want)
+	}
+	v.held = want
+}
+
+// releaseLocked drops the hold on the installed volume, if any.
+func (v *rvol) releaseLocked() {
+	if v.vol != nil && v.held != 0 {
+		v.vol.ReleaseRetention(tailHoldID)
+	}
+	v.held = 0
 }
 
 func (v *rvol) applied(lsn uint64, size int64) {
@@ -135,6 +161,7 @@ func (v *rvol) applied(lsn uint64, size int64) {
 		v.tailBytes -= v.tail[0].size
 		v.tail = v.tail[1:]
 	}
+	v.syncHoldLocked()
 }
 
 func (v *rvol) commit(lsn uint64) {
@@ -153,12 +180,14 @@ func (v *rvol) commit(lsn uint64) {
 	if len(v.tail) == 0 {
 		v.tail = nil
 	}
+	v.syncHoldLocked()
 }
 
 // reset forgets the retained tail (the log was reset by a transfer).
 func (v *rvol) reset(lsn uint64) {
 	v.tmu.Lock()
 	v.tail, v.tailBytes, v.committed = nil, 0, lsn
+	v.syncHoldLocked()
 	v.tmu.Unlock()
 }
 
@@ -232,6 +261,30 @@ func (r *Receiver) Close() error {
 	r.mu.Unlock()
 	r.wg.Wait()
 	return nil
+}
+
+// Forget drops what the receiver keeps for a volume the server no longer
+// hosts: its live session is closed and waited for, and its tail hold is
+// released, so Receiver.vols holds only hosted volumes.
+func (r *Receiver) Forget(name string) {
+	r.mu.Lock()
+	v := r.vols[name]
+	delete(r.vols, name)
+	r.mu.Unlock()
+	if v == nil {
+		return
+	}
+	v.mu.Lock()
+	if v.conn != nil {
+		v.conn.Close()
+	}
+	v.mu.Unlock()
+	v.run.Lock() // the session's handler has returned
+	v.run.Unlock()
+	v.tmu.Lock()
+	v.releaseLocked()
+	v.vol = nil
+	v.tmu.Unlock()
 }
 
 func (r *Receiver) rv(name string) *rvol {

@@ -70,6 +70,10 @@ func TestReplicaPrimaryReplicaKeepsTailFloor(t *testing.T) {
 	if ckpt, oldest := b.node.vol.CheckpointLSN(), b.node.vol.OldestRetainedLSN(); oldest > first {
 		t.Fatalf("replica B (after replica → primary → replica) recycled its uncommitted tail: oldest retained %d > first uncommitted %d (checkpoint %d, head %d)", oldest, first, ckpt, head)
 	}
+	// The floor is a hold the receiver pushed to the engine, by ID.
+	if l, ok := b.node.vol.RetentionHolds()[tailHoldID]; !ok || l > first {
+		t.Fatalf("replica B's tail hold: %d %v, want <= %d (holds %v)", l, ok, first, b.node.vol.RetentionHolds())
+	}
 	// And the floor is not a leak: once C is back and has it all, the tail
 	// is committed and B recycles it.
 	c.restart()
@@ -82,6 +86,25 @@ func TestReplicaPrimaryReplicaKeepsTailFloor(t *testing.T) {
 		}
 		return b.node.vol.OldestRetainedLSN() > first
 	})
+	// A volume the server stops hosting leaves nothing behind in the
+	// receiver: its session is closed and its tail hold released.
+	write(pa, 6)
+	c.kill()
+	waitFor(t, "c away again", func() bool { st, _ := replicaState(pa, "srv-c"); return st.State != InSync })
+	write(pa, 7)
+	waitFor(t, "b holds a new tail", func() bool { _, ok := b.node.vol.RetentionHolds()[tailHoldID]; return ok })
+	if err := b.h.RemoveVolume("v1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := b.node.vol.RetentionHolds()[tailHoldID]; ok {
+		t.Fatalf("tail hold kept after RemoveVolume: %v", b.node.vol.RetentionHolds())
+	}
+	b.h.recv.mu.Lock()
+	_, kept := b.h.recv.vols["v1"]
+	b.h.recv.mu.Unlock()
+	if kept {
+		t.Fatal("the receiver still keeps the removed volume")
+	}
 }
 
 // One Primary per volume: a second one is refused with a clear error
