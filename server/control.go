@@ -200,7 +200,15 @@ type liveDevice struct {
 	blockSize int
 }
 
-func (d *liveDevice) cur() (blockdev.Device, error) { return d.s.exportDevice(d.name) }
+// cur takes no lock on the I/O path: the host's device lookup is an
+// atomic load; only a refusal goes through the server's volume map, for
+// the error that names the primary.
+func (d *liveDevice) cur() (blockdev.Device, error) {
+	if dev, ok := d.s.host.Device(d.name); ok {
+		return dev, nil
+	}
+	return d.s.exportDevice(d.name)
+}
 
 func (d *liveDevice) Size() int64    { return d.size }
 func (d *liveDevice) BlockSize() int { return d.blockSize }
