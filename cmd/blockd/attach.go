@@ -110,7 +110,7 @@ func attachNBD(c *cli.Context) error {
 	if err != nil {
 		return fmt.Errorf("attach nbd: %w", err)
 	}
-	resolve, err := primaryResolver(c, name, log, "nbd.primary")
+	resolve, err := primaryResolver(c, name, log, "nbd_primary")
 	if err != nil {
 		return fmt.Errorf("attach nbd: %w", err)
 	}

@@ -113,7 +113,7 @@ func attachUblk(c *cli.Context) error {
 			return nil
 		}
 	}
-	resolve, err := primaryResolver(c, name, log, "ublk.primary")
+	resolve, err := primaryResolver(c, name, log, "ublk_primary")
 	if err != nil {
 		return fmt.Errorf("attach ublk: %w", err)
 	}
@@ -154,14 +154,14 @@ func attachUblk(c *cli.Context) error {
 	}
 	select {
 	case <-ctx.Done():
-		log.Info("ublk.detach", "device", d.Path(), "reason", "signal")
+		log.Info("ublk_detach", "device", d.Path(), "reason", "signal")
 		return d.Delete()
 	case <-usr1:
-		log.Info("ublk.release", "device", d.Path(), "hint", fmt.Sprintf("blockd attach ublk %s --id %d --recover", name, d.ID()))
+		log.Info("ublk_release", "device", d.Path(), "hint", fmt.Sprintf("blockd attach ublk %s --id %d --recover", name, d.ID()))
 		return d.Release()
 	case <-d.Done():
 		// Stopped from outside (blockd detach): it deletes the device.
-		log.Info("ublk.detached", "device", d.Path(), "io_errors", d.IOErrors())
+		log.Info("ublk_detached", "device", d.Path(), "io_errors", d.IOErrors())
 		return nil
 	}
 }
@@ -205,7 +205,7 @@ func attachUblkLocal(c *cli.Context, name string, log *slog.Logger) (path string
 	cc, serverID, err := localServer(ctx, c.String("control"))
 	if cc == nil {
 		if err != nil && c.String("control") != "" {
-			log.Info("ublk.local.unavailable", "control", c.String("control"), "err", err)
+			log.Info("ublk_local_unavailable", "control", c.String("control"), "err", err)
 		}
 		return "", false, nil
 	}
@@ -219,13 +219,13 @@ func attachUblkLocal(c *cli.Context, name string, log *slog.Logger) (path string
 		p, perr := mc.PrimaryOf(ctx, name)
 		switch {
 		case perr == nil && p.ServerID != serverID:
-			log.Info("ublk.local.not_primary", "volume", name, "local_server", serverID, "primary", p.ServerID, "fallback", "nbd")
+			log.Info("ublk_local_not_primary", "volume", name, "local_server", serverID, "primary", p.ServerID, "fallback", "nbd")
 			return "", false, nil
 		case perr != nil && api.IsCode(perr, api.CodeNotFound):
 			return "", true, fmt.Errorf("unknown volume %s: %w", api.QuoteName(name), perr)
 		case perr != nil:
 			// No answer from the master: the local server decides.
-			log.Info("ublk.local.master_unavailable", "volume", name, "err", perr)
+			log.Info("ublk_local_master_unavailable", "volume", name, "err", perr)
 		}
 		req := server.UblkRequest{Volume: name}
 		if id := c.Int("id"); id >= 0 {
@@ -234,7 +234,7 @@ func attachUblkLocal(c *cli.Context, name string, log *slog.Logger) (path string
 		var d server.UblkDevice
 		d, err = cc.AttachUblk(ctx, req)
 		if err == nil {
-			log.Info("ublk.local.attached", "volume", name, "server", serverID, "device", d.Path, "control", cc.Socket())
+			log.Info("ublk_local_attached", "volume", name, "server", serverID, "device", d.Path, "control", cc.Socket())
 			return d.Path, true, nil
 		}
 		code := server.ControlCode(err)
@@ -247,7 +247,7 @@ func attachUblkLocal(c *cli.Context, name string, log *slog.Logger) (path string
 			}
 			return "", true, err
 		}
-		log.Info("ublk.local.retry", "volume", name, "err", err)
+		log.Info("ublk_local_retry", "volume", name, "err", err)
 		select {
 		case <-ctx.Done():
 			return "", true, ctx.Err()

@@ -105,7 +105,7 @@ func Dial(ctx context.Context, o Options) (*Device, error) {
 		if time.Now().After(deadline) || ctx.Err() != nil {
 			return nil, err
 		}
-		d.log.Info("ublk.attach.retry", "volume", d.name, "err", err)
+		d.log.Info("ublk_attach_retry", "volume", d.name, "err", err)
 		select {
 		case <-ctx.Done():
 		case <-time.After(500 * time.Millisecond):
@@ -142,7 +142,7 @@ func (d *Device) dial(ctx context.Context) (*conn, kernel.Export, error) {
 	nc.SetDeadline(time.Time{})
 	c := &conn{nc: nc, pending: map[uint64]*pending{}}
 	go c.readLoop()
-	d.log.Info("ublk.nbd.connected", "volume", d.name, "addr", addr, "size", exp.Size)
+	d.log.Info("ublk_nbd_connected", "volume", d.name, "addr", addr, "size", exp.Size)
 	return c, exp, nil
 }
 
@@ -234,7 +234,7 @@ func (d *Device) current(broken *conn) (*conn, error) {
 	if broken != nil && d.conn == broken {
 		d.conn = nil
 		d.down = time.Now()
-		d.log.Warn("ublk.nbd.connection_lost", "volume", d.name, "err", broken.dead)
+		d.log.Warn("ublk_nbd_connection_lost", "volume", d.name, "err", broken.dead)
 	}
 	for d.conn == nil {
 		if d.closed {
@@ -266,9 +266,9 @@ func (d *Device) reconnect() {
 			if err == nil {
 				d.conn = c
 				d.gen++
-				d.log.Info("ublk.nbd.reconnected", "volume", d.name, "attempt", attempt+1)
+				d.log.Info("ublk_nbd_reconnected", "volume", d.name, "attempt", attempt+1)
 			} else {
-				d.log.Error("ublk.nbd.give_up", "volume", d.name, "err", err)
+				d.log.Error("ublk_nbd_give_up", "volume", d.name, "err", err)
 			}
 			d.dialer = false
 			d.cond.Broadcast()
@@ -276,7 +276,7 @@ func (d *Device) reconnect() {
 			return
 		}
 		d.mu.Unlock()
-		d.log.Info("ublk.nbd.reconnect_failed", "volume", d.name, "attempt", attempt+1, "err", err)
+		d.log.Info("ublk_nbd_reconnect_failed", "volume", d.name, "attempt", attempt+1, "err", err)
 		time.Sleep(min(time.Duration(attempt+1)*200*time.Millisecond, 2*time.Second))
 	}
 }

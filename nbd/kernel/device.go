@@ -150,7 +150,7 @@ func Attach(ctx context.Context, o Options) (*Device, error) {
 		if permanent || time.Now().After(giveUp) {
 			return nil, fmt.Errorf("attach: %w", err)
 		}
-		d.log.Info("nbd.attach_retry", "addr", addr, "attempt", attempt, "err", err)
+		d.log.Info("nbd_attach_retry", "addr", addr, "attempt", attempt, "err", err)
 		select {
 		case <-ctx.Done():
 			return nil, fmt.Errorf("attach: %w (last error: %v)", ctx.Err(), err)
@@ -159,7 +159,7 @@ func Attach(ctx context.Context, o Options) (*Device, error) {
 	}
 	defer closeAll(conns)
 	if exp.Flags&wire.FlagReadOnly != 0 {
-		d.log.Warn("nbd.read_only", "addr", addr)
+		d.log.Warn("nbd_read_only", "addr", addr)
 	}
 	fds, files, err := socketFDs(conns)
 	if err != nil {
@@ -183,7 +183,7 @@ func Attach(ctx context.Context, o Options) (*Device, error) {
 	}
 	d.Index, d.Path, d.Export = idx, fmt.Sprintf("/dev/nbd%d", idx), exp
 	d.log = d.log.With("device", d.Path)
-	d.log.Info("nbd.attached", "addr", addr, "size", exp.Size, "flags", exp.Flags, "connections", len(conns))
+	d.log.Info("nbd_attached", "addr", addr, "size", exp.Size, "flags", exp.Flags, "connections", len(conns))
 	ok = true
 	return d, nil
 }
@@ -288,10 +288,10 @@ func (d *Device) reconnect(ctx context.Context) error {
 		return err
 	}
 	if grow > 0 {
-		d.log.Info("nbd.resized", "from", d.Export.Size, "to", grow)
+		d.log.Info("nbd_resized", "from", d.Export.Size, "to", grow)
 		d.Export.Size = grow
 	}
-	d.log.Info("nbd.reconnected", "addr", addr, "connections", len(conns))
+	d.log.Info("nbd_reconnected", "addr", addr, "connections", len(conns))
 	return nil
 }
 
@@ -314,9 +314,9 @@ func (d *Device) Keep(ctx context.Context) error {
 	act := func(dec Decision) error {
 		switch dec.Action {
 		case ActGiveUp:
-			d.log.Error("nbd.give_up", "down_for", time.Since(h.DownSince).Round(time.Millisecond), "attempts", h.Failures)
+			d.log.Error("nbd_give_up", "down_for", time.Since(h.DownSince).Round(time.Millisecond), "attempts", h.Failures)
 			if err := d.nl.disconnect(d.Index); err != nil {
-				d.log.Error("nbd.disconnect_failed", "err", err)
+				d.log.Error("nbd_disconnect_failed", "err", err)
 			}
 			return fmt.Errorf("keeper: %s: gave up after %v without a connection to volume %q", d.Path, p.GiveUp, d.o.Volume)
 		case ActReconnect:
@@ -328,9 +328,9 @@ func (d *Device) Keep(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			if mp := MountedAt(d.Path); mp != "" {
-				d.log.Warn("nbd.detach_mounted", "mountpoint", mp, "effect", "the filesystem gets I/O errors")
+				d.log.Warn("nbd_detach_mounted", "mountpoint", mp, "effect", "the filesystem gets I/O errors")
 			}
-			d.log.Info("nbd.detach", "reason", "keeper stopped")
+			d.log.Info("nbd_detach", "reason", "keeper stopped")
 			if err := d.nl.disconnect(d.Index); err != nil {
 				return err
 			}
@@ -339,7 +339,7 @@ func (d *Device) Keep(ctx context.Context) error {
 			if idx != d.Index && idx != -1 {
 				continue
 			}
-			d.log.Warn("nbd.link_dead", "index", idx)
+			d.log.Warn("nbd_link_dead", "index", idx)
 			var dec Decision
 			h, dec = p.Step(h, EvLinkDead, time.Now())
 			if err := act(dec); err != nil {
@@ -347,7 +347,7 @@ func (d *Device) Keep(ctx context.Context) error {
 			}
 		case <-retry:
 			retry = nil
-			d.log.Info("nbd.reconnect", "attempt", h.Failures+1)
+			d.log.Info("nbd_reconnect", "attempt", h.Failures+1)
 			// One attempt may not outlive the give-up deadline.
 			dl := time.Now().Add(d.o.DialTimeout * time.Duration(d.o.Connections+1))
 			if h.Down {
@@ -361,7 +361,7 @@ func (d *Device) Keep(ctx context.Context) error {
 			ev := EvReconnectOK
 			if err != nil {
 				ev = EvReconnectFailed
-				d.log.Warn("nbd.reconnect_failed", "err", err, "attempt", h.Failures+1)
+				d.log.Warn("nbd_reconnect_failed", "err", err, "attempt", h.Failures+1)
 			}
 			var dec Decision
 			h, dec = p.Step(h, ev, time.Now())
@@ -371,7 +371,7 @@ func (d *Device) Keep(ctx context.Context) error {
 		case <-tick.C:
 			exists, connected, err := d.nl.status(d.Index)
 			if err == nil && (!exists || !connected) {
-				d.log.Info("nbd.detached", "reason", "device disconnected")
+				d.log.Info("nbd_detached", "reason", "device disconnected")
 				return nil
 			}
 			var dec Decision

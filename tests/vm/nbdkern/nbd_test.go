@@ -209,7 +209,7 @@ wait $SERVER || true
 echo "server killed"
 sleep 1
 start_server
-waitfor 180 grep -q nbd.reconnected /tmp/attach.log || { cat /tmp/attach.log; exit 1; }
+waitfor 180 grep -q nbd_reconnected /tmp/attach.log || { cat /tmp/attach.log; exit 1; }
 echo "keeper reconnected"
 sleep 2
 touch /tmp/stop
@@ -227,7 +227,7 @@ umount /mnt/v
 blockd detach $DEV
 wait $KEEPER
 echo "keeper exit $?"
-grep -E 'nbd\.(link_dead|reconnect|reconnected|reconnect_failed)' /tmp/attach.log | head -20
+grep -E 'nbd_(link_dead|reconnect|reconnected|reconnect_failed)' /tmp/attach.log | head -20
 echo SCENARIO3-OK
 `)
 	expect(t, res, "SCENARIO3-OK", "keeper reconnected", "keeper exit 0", "verified 4 files before", "verified 3 files after")
@@ -251,7 +251,7 @@ echo "write failed after $(( $(date +%s) - start ))s: $(tail -1 /tmp/dd.err)"
 rc=0; wait $KEEPER || rc=$?
 echo "keeper exit $rc"
 test $rc -ne 0
-grep -E 'nbd\.give_up' /tmp/attach.log
+grep -E 'nbd_give_up' /tmp/attach.log
 # the device is released (disconnected, size 0), not left hanging
 waitfor 30 test "$(cat /sys/block/$(basename $DEV)/size)" = 0
 echo GIVEUP-OK
@@ -313,7 +313,7 @@ echo "killed primary at $OLD"
 waitfor 240 moved || { blockd volume info $M vol0; tail -30 /tmp/master.log; exit 1; }
 NEW=$(primary_nbd)
 echo "new primary: $NEW"
-waitfor 240 grep -q "nbd.reconnected.*addr=$NEW" /tmp/attach.log || { cat /tmp/attach.log; exit 1; }
+waitfor 240 grep -q "nbd_reconnected.*addr=$NEW" /tmp/attach.log || { cat /tmp/attach.log; exit 1; }
 echo "keeper followed the new primary"
 # the synced files, read through the new primary (not the page cache)
 echo 3 > /proc/sys/vm/drop_caches
@@ -340,7 +340,7 @@ umount /mnt/v
 blockd detach $DEV
 wait $KEEPER
 echo "keeper exit $?"
-grep -E 'nbd\.(primary|link_dead|reconnected|reconnect_failed)' /tmp/attach.log | tail -20
+grep -E 'nbd_(primary|link_dead|reconnected|reconnect_failed)' /tmp/attach.log | tail -20
 echo SCENARIO4-OK
 `)
 	expect(t, res, "SCENARIO4-OK", "keeper followed the new primary", "synced writes while the old primary is dead", "keeper exit 0", "verified 4 files before", "verified 2 files during", "verified 2 files after")

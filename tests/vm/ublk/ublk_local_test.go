@@ -56,7 +56,7 @@ DEV=$(cat /tmp/attach.out)
 test -b "$DEV" || { cat /tmp/attach.log; exit 1; }
 ID=${DEV#/dev/ublkb}
 echo "attached at $DEV"
-grep -q 'msg=ublk.local.attached' /tmp/attach.log && echo "attach used the local server"
+grep -q 'msg=ublk_local_attached' /tmp/attach.log && echo "attach used the local server"
 grep -q 'msg=ublk_served' /tmp/serve.log && echo "serve hosts the device"
 h=$(holders)
 echo "ublkc$ID held by: $h (serve is $SERVE)"
@@ -168,7 +168,7 @@ case "$P" in s1) R=s2;; s2) R=s1;; *) echo "no primary: $P"; info; exit 1;; esac
 echo "primary $P, replica $R"
 DEV=$(blockd attach ublk dv --control /tmp/$P/control.sock 2>/tmp/attach.log)
 test -b "$DEV" || { cat /tmp/attach.log; exit 1; }
-grep -q 'msg=ublk.local.attached' /tmp/attach.log && echo "hosted by the primary's server"
+grep -q 'msg=ublk_local_attached' /tmp/attach.log && echo "hosted by the primary's server"
 dd if=/dev/urandom of=/tmp/blk bs=64k count=16 2>/dev/null
 dd if=/tmp/blk of=$DEV bs=64k oflag=direct 2>/dev/null && echo "write while primary ok"
 blockd volume promote dv --target $R --force
