@@ -1,60 +1,86 @@
 package blockvol
 
 import (
+	"cmp"
 	"fmt"
-	"sort"
+	"slices"
 	"time"
 
 	"github.com/blockd/blockd/wal"
 )
 
 // flusher runs flush cycles when nudged (the log passed flushHighWater, a
-// writer waits for space, many zero ranges) or every flushInterval, and
-// keeps going while the unflushed log is above flushLowWater.
+// writer waits for space, many zero ranges) or, every flushInterval, when
+// the log was idle since the previous tick; it keeps going while the
+// unflushed log is above flushLowWater. While writes keep coming and the
+// log is below flushHighWater the tick leaves it alone: a block rewritten
+// while its older version is still in the log reaches the extent once.
 func (v *Volume) flusher() {
 	defer close(v.stopped)
 	t := time.NewTicker(flushInterval)
 	defer t.Stop()
+	lastHead := v.headLSN.Load()
 	for {
+		idle := false
 		select {
 		case <-v.stop:
 			return
 		case <-v.nudge:
 		case <-t.C:
+			h := v.headLSN.Load()
+			idle = h == lastHead
+			lastHead = h
+			_, end := v.comp.get()
+			if !idle && end-v.ckptPos.Load() < flushHighWater(v.walSize) && v.zeros.n.Load() < 32 {
+				continue
+			}
 		}
 		if v.pauseFlusher.Load() {
 			continue
 		}
-		for {
-			progressed, err := v.flushCycle()
-			if err != nil {
-				e := err
-				if v.flushErr.Swap(&e) == nil {
-					v.log.Error("blockvol.flusher_error", "err", err)
-				}
-				select {
-				case <-v.stop:
-					return
-				case <-time.After(100 * time.Millisecond):
-				}
-				break
-			}
-			if v.flushErr.Load() != nil {
-				v.flushErr.Store(nil)
-				v.log.Info("blockvol.flusher_recovered")
-			}
-			if !progressed {
-				break
-			}
-			_, end := v.comp.get()
-			if end-v.ckptPos.Load() < flushLowWater(v.walSize) && v.zeros.n.Load() < 32 {
-				break
+		v.flushEpisode(idle)
+	}
+}
+
+// flushEpisode runs flush cycles until the log is below flushLowWater, or
+// empty when drain (an idle log) unless writes resume, or until a cycle
+// makes no progress or fails; then it lets the staging buffer go.
+func (v *Volume) flushEpisode(drain bool) {
+	head0 := v.headLSN.Load()
+	defer func() {
+		v.flushMu.Lock()
+		v.stage = nil
+		v.flushMu.Unlock()
+	}()
+	for {
+		progressed, err := v.flushCycle()
+		if err != nil {
+			e := err
+			if v.flushErr.Swap(&e) == nil {
+				v.log.Error("blockvol.flusher_error", "err", err)
 			}
 			select {
 			case <-v.stop:
 				return
-			default:
+			case <-time.After(100 * time.Millisecond):
 			}
+			break
+		}
+		if v.flushErr.Load() != nil {
+			v.flushErr.Store(nil)
+			v.log.Info("blockvol.flusher_recovered")
+		}
+		if !progressed {
+			break
+		}
+		_, end := v.comp.get()
+		if (!drain || v.headLSN.Load() != head0) && end-v.ckptPos.Load() < flushLowWater(v.walSize) && v.zeros.n.Load() < 32 {
+			break
+		}
+		select {
+		case <-v.stop:
+			return
+		default:
 		}
 	}
 }
@@ -181,13 +207,19 @@ func (v *Volume) applyToExtent(end uint64) error {
 const (
 	flushRunMax = 1 << 20  // largest WAL read of one window
 	flushGapMax = 64 << 10 // a window skips at most this much unneeded log
+	// flushStageMax bounds the staging buffer of one pass: a batch's
+	// blocks (at most flushBatchBytes of them) normally fit in one.
+	flushStageMax = flushBatchBytes
 )
 
 // copyToExtent copies the newest data of the collected blocks (those not
-// superseded by a zero range) from the WAL to the extent. The WAL is read
-// in windows of up to flushRunMax bytes in log order (one pread for many
-// records instead of one per block); blocks consecutive both in the
-// volume and in the log (multi-block records) go out in one pwrite.
+// superseded by a zero range) from the WAL to the extent, in passes of at
+// most flushStageMax bytes of blocks taken in block order. A pass reads
+// the WAL in windows of up to flushRunMax bytes in log order (one pread
+// for many records instead of one per block) and places each block in a
+// staging buffer at its rank in block order; then every run of
+// consecutive blocks goes to the extent in one pwrite, wherever its
+// blocks lay in the log.
 func (v *Volume) copyToExtent(ents []dirtyEnt, zr []zeroRange) error {
 	bs := uint64(v.bs)
 	w := make([]dirtyEnt, 0, len(ents))
@@ -196,35 +228,69 @@ func (v *Volume) copyToExtent(ents []dirtyEnt, zr []zeroRange) error {
 			w = append(w, e)
 		}
 	}
-	sort.Slice(w, func(i, j int) bool { return w[i].pos < w[j].pos })
-	bp := getBuf(flushRunMax)
-	defer putBuf(bp)
-	for i := 0; i < len(w); {
-		start := w[i].pos
-		lim := start + uint64(min(int64(flushRunMax), v.ring.Remaining(start)))
-		j := i + 1
-		for j < len(w) && w[j].pos+bs <= lim && w[j].pos-w[j-1].pos <= flushGapMax {
-			j++
+	if !slices.IsSortedFunc(w, func(a, b dirtyEnt) int { return cmp.Compare(a.block, b.block) }) {
+		slices.SortFunc(w, func(a, b dirtyEnt) int { return cmp.Compare(a.block, b.block) })
+	}
+	per := max(int(flushStageMax/bs), 1)
+	for len(w) > 0 {
+		n := min(len(w), per)
+		if err := v.copyPass(w[:n]); err != nil {
+			return err
 		}
-		buf := (*bp)[:w[j-1].pos+bs-start]
-		if _, err := v.walF.ReadAt(buf, v.ring.Phys(start)); err != nil {
-			return fmt.Errorf("flusher read WAL at %d: %w", start, err)
-		}
-		for k := i; k < j; {
-			m := k + 1
-			for m < j && w[m].block == w[m-1].block+1 && w[m].pos == w[m-1].pos+bs {
-				m++
-			}
-			o := w[k].pos - start
-			if _, err := v.extF.WriteAt(buf[o:o+uint64(m-k)*bs], int64(w[k].block)<<v.bshift); err != nil {
-				return fmt.Errorf("flusher write extent block %d: %w", w[k].block, err)
-			}
-			k = m
-		}
-		i = j
+		w = w[n:]
 	}
 	return nil
 }
+
+// copyPass is one pass of copyToExtent over w, sorted by block.
+func (v *Volume) copyPass(w []dirtyEnt) error {
+	bs := uint64(v.bs)
+	need := len(w)*int(bs) + flushRunMax
+	if cap(v.stage) < need {
+		v.stage = make([]byte, need)
+	}
+	stage := v.stage[:len(w)*int(bs)]
+	win := v.stage[len(stage):need]
+	// byPos: the slots (ranks in block order) in log order.
+	byPos := make([]int32, len(w))
+	for i := range byPos {
+		byPos[i] = int32(i)
+	}
+	slices.SortFunc(byPos, func(a, b int32) int { return cmp.Compare(w[a].pos, w[b].pos) })
+	for i := 0; i < len(byPos); {
+		start := w[byPos[i]].pos
+		lim := start + uint64(min(int64(flushRunMax), v.ring.Remaining(start)))
+		j := i + 1
+		for j < len(byPos) && w[byPos[j]].pos+bs <= lim && w[byPos[j]].pos-w[byPos[j-1]].pos <= flushGapMax {
+			j++
+		}
+		buf := win[:w[byPos[j-1]].pos+bs-start]
+		if _, err := v.walF.ReadAt(buf, v.ring.Phys(start)); err != nil {
+			return fmt.Errorf("flusher read WAL at %d: %w", start, err)
+		}
+		for k := i; k < j; k++ {
+			slot := uint64(byPos[k])
+			o := w[slot].pos - start
+			copy(stage[slot*bs:(slot+1)*bs], buf[o:o+bs])
+		}
+		i = j
+	}
+	for k := 0; k < len(w); {
+		m := k + 1
+		for m < len(w) && w[m].block == w[m-1].block+1 && uint64(m-k)*bs < flushWriteMax {
+			m++
+		}
+		if _, err := v.extF.WriteAt(stage[uint64(k)*bs:uint64(m)*bs], int64(w[k].block)<<v.bshift); err != nil {
+			return fmt.Errorf("flusher write extent block %d: %w", w[k].block, err)
+		}
+		v.flushWrites.Add(1)
+		k = m
+	}
+	return nil
+}
+
+// flushWriteMax bounds one extent pwrite of the flusher.
+const flushWriteMax = 8 << 20
 
 func superseded(zr []zeroRange, e dirtyEnt) bool {
 	for _, z := range zr {
