@@ -158,7 +158,6 @@ type Volume struct {
 
 	// flushMu is held by the flusher for a whole cycle (and by Drain).
 	flushMu  sync.Mutex
-	stage    []byte // under flushMu: the flusher's staging buffer
 	nudge    chan struct{}
 	stop     chan struct{}
 	stopped  chan struct{}
