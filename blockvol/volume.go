@@ -76,6 +76,9 @@ const (
 //     a flush) on a 1 GiB volume with the default WAL sustained 49k IOPS
 //     (192 MiB/s) with the log full most of the time; the slowest
 //     write+flush took 0.5 s and none failed (TestSustainedRandomWrites).
+//     With the flusher starting at half of the log and merging neighbours
+//     (same test, same machine, other helpers' tests running): 96k IOPS
+//     (374 MiB/s), slowest write+flush 0.21 s, none failed.
 //   - walFullTimeout bounds a writer's wait for space: only a flusher that
 //     cannot make progress at all (the extent's disk is full or failing)
 //     makes it expire, and the write then fails with ENOSPC or EIO rather
