@@ -13,9 +13,15 @@
 # and, for write+flush QD1, a raw local file (fio psync, fdatasync=1).
 #
 # Workloads: 4k randwrite QD32, 4k randread QD32, 1M seq write QD8,
-# 4k write+flush QD1, 4k write+flush 8 jobs (QD1 each).
+# 4k write+flush QD1, 4k write+flush 8 jobs (QD1 each), and a database's
+# pattern: 4k random 70% read / 30% write at QD32 with a flush every 32
+# writes.
 # For every run the server's CPU time (utime+stime from /proc/PID/stat) is
-# divided by the I/Os done: µs of server CPU per I/O.
+# divided by the I/Os done: µs of server CPU per I/O. The CPU is counted
+# until the server is idle again after fio ends (at most SETTLE_MAX s), so
+# work a server defers (blockd's flusher copying the WAL to the extent) is
+# charged to the workload that caused it. The server's peak RSS (VmHWM,
+# reset before each run) is recorded too; the 4k randwrite one is printed.
 #
 # With NULL=1 (default) it also compares the protocol layers alone: blockd's
 # nbd package over a null device (bench/nbdfile -null) against `nbdkit null`,
@@ -31,7 +37,10 @@
 # flight, in offset order.
 #
 # Environment: RUNTIME (s per run, default 10), ROUNDS (default 2), REGION
-# (bytes of the export touched, default 256MiB), BENCH_DIR (default
+# (bytes of the export touched, default 256MiB), SIZE (export size in
+# bytes, default 1GiB; the memory goal is stated for 10GiB), SETTLE_MAX (s,
+# default 30), WORKLOADS (default: all), BLOCKD_BIN (a prebuilt blockd to
+# use instead of building ./cmd/blockd), BENCH_DIR (default
 # /var/tmp/blockd-bench), SERVERS (default "blockd nbdfile nbdkit qemu-nbd"),
 # PROFILE=1 writes CPU profiles of nbdfile and blockd (if it supports
 # BLOCKD_CPUPROFILE) under $BENCH_DIR.
@@ -41,7 +50,8 @@ cd "$(dirname "$0")/.."
 RUNTIME=${RUNTIME:-10}
 ROUNDS=${ROUNDS:-2}
 REGION=${REGION:-$((256 << 20))}
-SIZE=$((1 << 30))
+SIZE=${SIZE:-$((1 << 30))}
+SETTLE_MAX=${SETTLE_MAX:-30}
 BENCH_DIR=${BENCH_DIR:-/var/tmp/blockd-bench}
 SERVERS=${SERVERS:-"blockd nbdfile nbdkit qemu-nbd"}
 PROFILE=${PROFILE:-0}
@@ -57,7 +67,10 @@ rm -rf "$BENCH_DIR"
 mkdir -p "$BENCH_DIR/bin"
 go build -o "$BENCH_DIR/bin/nbdfile" ./bench/nbdfile
 have_blockd=0
-if go build -o "$BENCH_DIR/bin/blockd" ./cmd/blockd 2>/dev/null &&
+if [ -n "${BLOCKD_BIN:-}" ]; then
+  cp "$BLOCKD_BIN" "$BENCH_DIR/bin/blockd" # a prebuilt blockd (before/after runs)
+fi
+if { [ -n "${BLOCKD_BIN:-}" ] || go build -o "$BENCH_DIR/bin/blockd" ./cmd/blockd 2>/dev/null; } &&
   "$BENCH_DIR/bin/blockd" serve --help >/dev/null 2>&1; then
   have_blockd=1
 else
@@ -139,23 +152,49 @@ cpu_ticks() { # pid -> utime+stime (ticks)
   awk '{print $14 + $15}' "/proc/$1/stat"
 }
 
-# run_fio NAME SERVER ARGS... -> prints "iops cpu_us_per_io"
+wchar() { # pid -> bytes written by write(2)/pwrite(2) so far
+  awk '/^wchar:/{print $2}' "/proc/$1/io"
+}
+
+# settle PID: wait until the process uses (almost) no CPU and writes
+# (almost) nothing for 0.5 s (blockd's flusher is done copying the WAL to the
+# extent, whose fdatasyncs use little CPU), or SETTLE_MAX seconds.
+settle() {
+  local t0 t1 w0 w1 i
+  t0=$(cpu_ticks "$1")
+  w0=$(wchar "$1")
+  for ((i = 0; i < SETTLE_MAX * 2; i++)); do
+    sleep 0.5
+    t1=$(cpu_ticks "$1")
+    w1=$(wchar "$1")
+    ((t1 - t0 <= 1 && w1 - w0 < (1 << 20))) && return 0
+    t0=$t1 w0=$w1
+  done
+}
+
+# run_fio NAME SERVER ARGS... -> prints "iops cpu_us_per_io peak_rss_kib"
 run_fio() {
   local wl=$1 s=$2
   shift 2
   local out="$BENCH_DIR/$s/$wl.json"
-  local c0 c1
-  c0=$(cpu_ticks "${PID[$s]}")
+  local c0 c1 pid=${PID[$s]}
+  settle "$pid"
+  # Reset the peak RSS (VmHWM) so it covers this run only.
+  echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || true
+  c0=$(cpu_ticks "$pid")
   fio --name="$wl" --ioengine=nbd --uri="nbd://127.0.0.1:${PORT[$s]}/${EXPORT[$s]}" \
     --size="$REGION" --time_based --runtime="$RUNTIME" --output-format=json --output="$out" "$@" >/dev/null
-  c1=$(cpu_ticks "${PID[$s]}")
-  python3 - "$out" "$((c1 - c0))" "$CLK_TCK" <<'EOF'
+  settle "$pid"
+  c1=$(cpu_ticks "$pid")
+  local rss
+  rss=$(awk '/^VmHWM:/{print $2}' "/proc/$pid/status")
+  python3 - "$out" "$((c1 - c0))" "$CLK_TCK" "$rss" <<'EOF'
 import json, sys
 j = json.load(open(sys.argv[1]))
 ios = sum(jb["read"]["total_ios"] + jb["write"]["total_ios"] for jb in j["jobs"])
 iops = sum(jb["read"]["iops"] + jb["write"]["iops"] for jb in j["jobs"])
 ticks, hz = int(sys.argv[2]), int(sys.argv[3])
-print(f"{iops:.0f} {ticks / hz * 1e6 / max(ios, 1):.2f}")
+print(f"{iops:.0f} {ticks / hz * 1e6 / max(ios, 1):.2f} {sys.argv[4]}")
 EOF
 }
 
@@ -165,8 +204,9 @@ declare -A WL_ARGS=(
   [seqwrite]="--rw=write --bs=1M --iodepth=8"
   [flushqd1]="--rw=randwrite --bs=4k --iodepth=1 --fsync=1"
   [flush8j]="--rw=randwrite --bs=4k --iodepth=1 --fsync=1 --numjobs=8 --group_reporting"
+  [mixed]="--rw=randrw --rwmixread=70 --bs=4k --iodepth=32 --fsync=32"
 )
-WORKLOADS="randwrite randread seqwrite flushqd1 flush8j"
+WORKLOADS=${WORKLOADS:-"randwrite randread seqwrite flushqd1 flush8j mixed"}
 
 for s in $SERVERS; do start_server "$s"; done
 # Prefill the region so reads hit written data everywhere.
@@ -175,21 +215,23 @@ for s in $SERVERS; do
     --rw=write --bs=1M --iodepth=8 --size="$REGION" --output-format=terse >/dev/null
 done
 
-declare -A SUM_IOPS=() SUM_CPU=() N=()
+declare -A SUM_IOPS=() SUM_CPU=() MAX_RSS=() N=()
 for r in $(seq 1 "$ROUNDS"); do
   for wl in $WORKLOADS; do
     # Alternate the order every round so no server always runs first.
     order=$SERVERS
     if ((r % 2 == 0)); then order=$(echo "$SERVERS" | tr ' ' '\n' | tac | tr '\n' ' '); fi
     for s in $order; do
-      read -r iops cpu < <(run_fio "$wl" "$s" ${WL_ARGS[$wl]})
-      echo "round $r $wl $s: $iops IOPS, $cpu µs CPU/IO" >&2
+      read -r iops cpu rss < <(run_fio "$wl" "$s" ${WL_ARGS[$wl]})
+      echo "round $r $wl $s: $iops IOPS, $cpu µs CPU/IO, peak RSS $((rss / 1024)) MiB" >&2
       SUM_IOPS[$wl.$s]=$(python3 -c "print(${SUM_IOPS[$wl.$s]:-0} + $iops)")
       SUM_CPU[$wl.$s]=$(python3 -c "print(${SUM_CPU[$wl.$s]:-0} + $cpu)")
+      ((rss > ${MAX_RSS[$wl.$s]:-0})) && MAX_RSS[$wl.$s]=$rss
       N[$wl.$s]=$((${N[$wl.$s]:-0} + 1))
     done
   done
   # The raw local file for the QD1 write+flush comparison.
+  [[ " $WORKLOADS " == *" flushqd1 "* ]] || continue
   mkdir -p "$BENCH_DIR/raw"
   fio --name=raw --ioengine=psync --filename="$BENCH_DIR/raw/file" --size="$REGION" \
     --rw=randwrite --bs=4k --fdatasync=1 --time_based --runtime="$RUNTIME" \
@@ -208,7 +250,7 @@ if [ "$NULL" = 1 ]; then
   for r in $(seq 1 "$ROUNDS"); do
     for wl in randwrite randread; do
       for s in nbdnull kitnull; do
-        read -r iops cpu < <(run_fio "$wl" "$s" ${WL_ARGS[$wl]})
+        read -r iops cpu _ < <(run_fio "$wl" "$s" ${WL_ARGS[$wl]})
         echo "round $r $wl $s: $iops IOPS, $cpu µs CPU/IO" >&2
         NULL_IOPS[$wl.$s]=$(python3 -c "print(${NULL_IOPS[$wl.$s]:-0} + $iops / $ROUNDS)")
         NULL_CPU[$wl.$s]=$(python3 -c "print(${NULL_CPU[$wl.$s]:-0} + $cpu / $ROUNDS)")
@@ -269,59 +311,13 @@ if [ "$PROFILE" = 1 ]; then
   done
 fi
 
-# Table: mean IOPS and mean CPU/IO per server, with the goal ratios.
+# Tables: mean IOPS and mean CPU/IO per server, then every goal ratio
+# against its peer in this run (bench/report.py).
 {
   for k in "${!SUM_IOPS[@]}"; do
-    echo "$k ${SUM_IOPS[$k]} ${SUM_CPU[$k]:-0} ${N[$k]}"
+    echo "$k ${SUM_IOPS[$k]} ${SUM_CPU[$k]:-0} ${N[$k]} ${MAX_RSS[$k]:-0}"
   done
-} | python3 -c '
-import sys
-rows = {}
-for line in sys.stdin:
-    k, iops, cpu, n = line.split()
-    wl, s = k.split(".", 1)
-    rows.setdefault(wl, {})[s] = (float(iops) / int(n), float(cpu) / int(n))
-servers = [s for s in "'"$SERVERS"'".split()]
-names = {"randwrite": "4k randwrite QD32", "randread": "4k randread QD32",
-         "seqwrite": "1M seq write QD8", "flushqd1": "4k write+flush QD1",
-         "flush8j": "4k write+flush 8 jobs"}
-def g(wl, s):
-    return rows.get(wl, {}).get(s, (0.0, 0.0))
-hdr = "| workload | " + " | ".join(f"{s} IOPS" for s in servers) + " | raw file | blockd ratio | goal |"
-print(hdr)
-print("|" + "---|" * (hdr.count("|") - 1))
-for wl in ["randwrite", "randread", "seqwrite", "flushqd1", "flush8j"]:
-    b = g(wl, "blockd")[0] if "blockd" in servers else g(wl, "nbdfile")[0]
-    who = "blockd" if "blockd" in servers else "nbdfile"
-    peers = {s: g(wl, s)[0] for s in ("nbdkit", "qemu-nbd") if s in servers}
-    best = max(peers.values()) if peers else 0
-    nk = peers.get("nbdkit", 0)
-    raw = g(wl, "raw")[0]
-    if wl == "randwrite":
-        ratio, goal = (b / best if best else 0), ">= 1.2x best peer"
-    elif wl == "randread":
-        ratio, goal = (b / best if best else 0), ">= 1.0x best peer"
-    elif wl == "seqwrite":
-        ratio, goal = (b / nk if nk else 0), ">= 1.0x nbdkit"
-    elif wl == "flushqd1":
-        ratio, goal = (b / raw if raw else 0), ">= 0.95x raw file"
-    else:
-        ratio, goal = (b / nk if nk else 0), ">= 2x nbdkit"
-    cells = " | ".join(f"{g(wl, s)[0]:.0f}" for s in servers)
-    rawc = f"{raw:.0f}" if wl == "flushqd1" else ""
-    print(f"| {names[wl]} | {cells} | {rawc} | {who} {ratio:.2f}x | {goal} |")
-print()
-hdr = "| server CPU µs per I/O | " + " | ".join(servers) + " | " + " / ".join(s for s in servers if s in ("blockd", "nbdfile")) + " vs nbdkit |"
-print(hdr)
-print("|" + "---|" * (hdr.count("|") - 1))
-for wl in ["randwrite", "randread", "seqwrite", "flushqd1", "flush8j"]:
-    cells = " | ".join(f"{g(wl, s)[1]:.1f}" for s in servers)
-    nk = g(wl, "nbdkit")[1]
-    rat = " / ".join(f"{g(wl, s)[1] / nk:.2f}x" if nk else "-" for s in servers if s in ("blockd", "nbdfile"))
-    print(f"| {names[wl]} | {cells} | {rat} |")
-print()
-print("goal for CPU per 4k write at QD32: <= 0.8x nbdkit")
-' | tee "$BENCH_DIR/results.md"
+} | SERVERS="$SERVERS" SIZE="$SIZE" python3 bench/report.py | tee "$BENCH_DIR/results.md"
 
 if [ "$NULL" = 1 ]; then
   {
