@@ -518,14 +518,14 @@ func TestTornTailLogged(t *testing.T) {
 	if got := mustRead(t, v2, 0, 8192); string(got) != string(data) {
 		t.Fatal("FUA write lost")
 	}
-	ev := h.find("blockvol.recovery_tail_discarded")
+	ev := h.find("engine_recovery_tail_discarded")
 	if ev == nil {
 		t.Fatalf("no tail-discarded event; events: %v", h.events)
 	}
 	if ev["lsn"] != uint64(2) {
 		t.Fatalf("discarded LSN %v, want 2", ev["lsn"])
 	}
-	if rec := h.find("blockvol.recovery"); rec == nil || rec["records_replayed"] != int64(1) {
+	if rec := h.find("engine_recovery"); rec == nil || rec["records_replayed"] != int64(1) {
 		t.Fatalf("recovery event %v", rec)
 	}
 	if v2.HeadLSN() != 1 {

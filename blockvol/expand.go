@@ -47,7 +47,7 @@ func (v *Volume) Expand(newSize int64) error {
 			return fmt.Errorf("blockvol: expand: persist size: %w", ioError(err))
 		}
 		v.size.Store(newSize)
-		v.log.Info("blockvol.expanded", "from", cur, "to", newSize)
+		v.log.Info("engine_expanded", "from", cur, "to", newSize)
 		return nil
 	})
 }
@@ -72,6 +72,6 @@ func (v *Volume) checkExtentSize(size int64) error {
 	if err := v.extF.Sync(); err != nil {
 		return fmt.Errorf("blockvol: cut back an interrupted expand: %w", err)
 	}
-	v.log.Info("blockvol.expand_rolled_back", "extent_size", st.Size(), "size", size)
+	v.log.Info("engine_expand_rolled_back", "extent_size", st.Size(), "size", size)
 	return nil
 }

@@ -52,7 +52,7 @@ func (v *Volume) flushEpisode(drain bool) {
 		if err != nil {
 			e := err
 			if v.flushErr.Swap(&e) == nil {
-				v.log.Error("blockvol.flusher_error", "err", err)
+				v.log.Error("engine_flusher_error", "err", err)
 			}
 			select {
 			case <-v.stop:
@@ -63,7 +63,7 @@ func (v *Volume) flushEpisode(drain bool) {
 		}
 		if v.flushErr.Load() != nil {
 			v.flushErr.Store(nil)
-			v.log.Info("blockvol.flusher_recovered")
+			v.log.Info("engine_flusher_recovered")
 		}
 		if !progressed {
 			break

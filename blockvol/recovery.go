@@ -71,13 +71,13 @@ func (v *Volume) recover() error {
 	}
 	torn := res.Stop != nil && !res.Unwritten
 	if replayed > 0 || torn {
-		v.log.Info("blockvol.recovery", "records_replayed", replayed, "records_retained", skipped,
+		v.log.Info("engine_recovery", "records_replayed", replayed, "records_retained", skipped,
 			"checkpoint_lsn", sb.CheckpointLSN, "head_lsn", res.LastLSN, "end_pos", res.End,
 			"dirty_blocks", v.dirty.len(), "zero_ranges", v.zeros.n.Load(),
 			"reason", reason, "gen", sb.Gen, "duration", time.Since(t0))
 	}
 	if torn {
-		v.log.Info("blockvol.recovery_tail_discarded", "pos", res.End, "lsn", res.LastLSN+1, "reason", reason)
+		v.log.Info("engine_recovery_tail_discarded", "pos", res.End, "lsn", res.LastLSN+1, "reason", reason)
 	}
 	// Everything recovered counts as durable from now on: it is on disk
 	// (it was read back), and the sync below covers the page cache.

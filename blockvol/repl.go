@@ -194,7 +194,7 @@ func (v *Volume) SetEpochRole(epoch uint64, role string) error {
 	v.appendMu.Unlock()
 	r := role
 	v.role.Store(&r)
-	v.log.Info("blockvol.epoch_role", "epoch", epoch, "role", role)
+	v.log.Info("engine_epoch_role", "epoch", epoch, "role", role)
 	return nil
 }
 

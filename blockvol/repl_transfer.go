@@ -91,7 +91,7 @@ func (v *Volume) ReplResetHead(lsn uint64) error {
 	v.comp.mu.Unlock()
 	close(v.spaceCh)
 	v.spaceCh = make(chan struct{})
-	v.log.Info("blockvol.repl_reset_head", "lsn", lsn, "pos", head, "gen", v.gen)
+	v.log.Info("engine_repl_reset_head", "lsn", lsn, "pos", head, "gen", v.gen)
 	return nil
 }
 

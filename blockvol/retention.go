@@ -15,9 +15,6 @@ import (
 type retention struct {
 	mu    sync.Mutex
 	holds map[string]uint64
-	// legacy is the callback of SetRetentionFloor, asked by the flusher
-	// before it takes any lock.
-	legacy func() (uint64, bool)
 }
 
 // HoldRetention adds the hold id, or moves it: while it exists every
@@ -52,21 +49,9 @@ func (v *Volume) RetentionHolds() map[string]uint64 {
 	return maps.Clone(r.holds)
 }
 
-// SetRetentionFloor sets a callback the flusher asks, with no lock of the
-// volume held, before each cycle: while it returns ok, records with
-// LSN >= lsn stay in the WAL. It is one hold beside those of
-// HoldRetention and does not affect them; nil removes it. Prefer
-// HoldRetention, which the flusher reads without calling back into its
-// owner (the replica side's tail retention still uses this callback).
-func (v *Volume) SetRetentionFloor(fn func() (lsn uint64, ok bool)) {
-	r := &v.retain
-	r.mu.Lock()
-	r.legacy = fn
-	r.mu.Unlock()
-}
-
-// retentionFloor is the lowest LSN any hold needs. Callers hold no lock
-// of the volume (the legacy callback runs here).
+// retentionFloor is the lowest LSN any hold needs. It reads the hold set
+// only: no owner's code runs here, so the flusher asks it under its own
+// locks without calling into replication.
 func (v *Volume) retentionFloor() (lsn uint64, ok bool) {
 	r := &v.retain
 	r.mu.Lock()
@@ -75,12 +60,6 @@ func (v *Volume) retentionFloor() (lsn uint64, ok bool) {
 			lsn, ok = l, true
 		}
 	}
-	legacy := r.legacy
 	r.mu.Unlock()
-	if legacy != nil {
-		if l, lok := legacy(); lok && (!ok || l < lsn) {
-			lsn, ok = l, true
-		}
-	}
 	return lsn, ok
 }

@@ -1,7 +1,6 @@
 package blockvol
 
 import (
-	"sync/atomic"
 	"testing"
 )
 
@@ -64,45 +63,5 @@ func TestRetentionHolds(t *testing.T) {
 	}
 	if got, head := v.OldestRetainedLSN(), v.HeadLSN(); got != head+1 {
 		t.Fatalf("oldest retained %d with no hold, head %d", got, head)
-	}
-}
-
-// The callback of SetRetentionFloor is one hold beside the others and
-// runs with none of the volume's locks held (it may call back into the
-// volume).
-func TestRetentionFloorCallbackRunsUnlocked(t *testing.T) {
-	v, _ := newVol(t, 2<<20, 1<<20)
-	// Only this goroutine's checkpoints run flush cycles: a failed TryLock
-	// then means the cycle asking holds flushMu itself.
-	v.pauseFlusher.Store(true)
-	writeN(t, v, 10)
-	var calls, lockedFlush atomic.Int64
-	v.SetRetentionFloor(func() (uint64, bool) {
-		calls.Add(1)
-		if !v.flushMu.TryLock() {
-			lockedFlush.Add(1)
-		} else {
-			v.flushMu.Unlock()
-		}
-		_ = v.RetentionHolds() // would deadlock under the hold set's lock
-		v.HoldRetention("inner", 8)
-		return 4, true
-	})
-	writeN(t, v, 10)
-	if err := v.ReplCheckpoint(); err != nil {
-		t.Fatal(err)
-	}
-	if calls.Load() == 0 || lockedFlush.Load() != 0 {
-		t.Fatalf("callback ran %d times, %d of them under flushMu", calls.Load(), lockedFlush.Load())
-	}
-	if got := v.OldestRetainedLSN(); got != 4 {
-		t.Fatalf("oldest retained %d with the callback at 4 and a hold at 8", got)
-	}
-	v.SetRetentionFloor(nil)
-	if err := v.ReplCheckpoint(); err != nil {
-		t.Fatal(err)
-	}
-	if got := v.OldestRetainedLSN(); got != 8 {
-		t.Fatalf("oldest retained %d after removing the callback (hold at 8 stays)", got)
 	}
 }

@@ -254,7 +254,7 @@ func Create(dir string, o Options) (*Volume, error) {
 		}
 		return nil, fmt.Errorf("blockvol: create %s: %w", dir, mapNoSpace(err))
 	}
-	o.logger().Info("blockvol.create", "dir", dir, "size", o.Size, "block_size", o.BlockSize, "wal_size", o.WALSize)
+	o.logger().Info("engine_create", "dir", dir, "size", o.Size, "block_size", o.BlockSize, "wal_size", o.WALSize)
 	return Open(dir, o)
 }
 
@@ -364,7 +364,7 @@ func (v *Volume) open() error {
 func (v *Volume) fail(err error) {
 	e := fmt.Errorf("blockvol: volume failed: %w", err)
 	if v.failed.CompareAndSwap(nil, &e) {
-		v.log.Error("blockvol.failed", "err", err)
+		v.log.Error("engine_failed", "err", err)
 	}
 	v.comp.wakeAll()
 	// Wake writers waiting for WAL space: they must give up now.
@@ -424,7 +424,7 @@ func (v *Volume) Close() error {
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("blockvol: close %s: %w", v.dir, err)
 	}
-	v.log.Info("blockvol.closed", "checkpoint_lsn", v.ckptLSN.Load(), "head_lsn", v.headLSN.Load())
+	v.log.Info("engine_closed", "checkpoint_lsn", v.ckptLSN.Load(), "head_lsn", v.headLSN.Load())
 	return nil
 }
 

@@ -87,7 +87,7 @@ func (c *conn) serve() {
 	log := c.srv.log
 	if err := c.negotiate(); err != nil {
 		if !errors.Is(err, errAbort) {
-			log.Info("nbd: negotiation ended", "remote", c.remote, "err", err)
+			log.Info("nbd_negotiation_ended", "remote", c.remote, "err", err)
 		}
 		return
 	}
@@ -101,13 +101,13 @@ func (c *conn) serve() {
 	if drainNow {
 		return
 	}
-	log.Debug("nbd: transmission started", "remote", c.remote, "export", c.exp.Name,
+	log.Debug("nbd_transmission_started", "remote", c.remote, "export", c.exp.Name,
 		"structured", c.structured, "base_allocation", c.metaAlloc)
 	// Every request read is answered (or its reply dropped on a dead
 	// socket) before the connection closes.
 	reason := c.transmit()
 	c.out.stop()
-	log.Info("nbd: connection closed", "remote", c.remote, "export", c.exp.Name, "reason", reason)
+	log.Info("nbd_connection_closed", "remote", c.remote, "export", c.exp.Name, "reason", reason)
 }
 
 // drain stops reading new requests; in-flight ones finish and are answered,
@@ -123,7 +123,7 @@ func (c *conn) drain(why string) {
 		c.phase = 2
 		c.draining.Store(true)
 		_ = c.nc.SetReadDeadline(time.Now())
-		c.srv.log.Info("nbd: draining connection", "remote", c.remote, "export", c.exp.Name, "reason", why)
+		c.srv.log.Info("nbd_connection_draining", "remote", c.remote, "export", c.exp.Name, "reason", why)
 	}
 }
 
@@ -258,7 +258,7 @@ func (c *conn) readRequest() (*request, string) {
 			return nil, c.readStopReason(err)
 		}
 		if m := binary.BigEndian.Uint32(hdr[0:]); m != wire.MagicRequest {
-			c.srv.log.Warn("nbd: bad request magic, closing connection", "remote", c.remote, "magic", fmt.Sprintf("%#x", m))
+			c.srv.log.Warn("nbd_bad_request_magic", "remote", c.remote, "magic", fmt.Sprintf("%#x", m), "action", "closing the connection")
 			return nil, "bad request magic"
 		}
 		r := &request{
@@ -477,7 +477,7 @@ func wireErrno(err error) uint32 {
 
 func (c *conn) replyDevError(r *request, what string, err error) {
 	e := wireErrno(err)
-	c.srv.log.Warn("nbd: request failed", "remote", c.remote, "export", c.exp.Name, "op", what,
+	c.srv.log.Warn("nbd_request_failed", "remote", c.remote, "export", c.exp.Name, "op", what,
 		"offset", r.off, "length", r.length, "errno", e, "err", err)
 	c.replyError(r, e, sanitize(err.Error()))
 }

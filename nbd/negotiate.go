@@ -105,7 +105,7 @@ func (c *conn) handleOption(opt uint32, data []byte) (done bool, err error) {
 		}
 		if lerr != nil {
 			// EXPORT_NAME cannot carry an error: the session ends.
-			c.srv.log.Warn("nbd: export refused", "export", name, "remote", c.remote, "err", lerr)
+			c.srv.log.Warn("nbd_export_refused", "export", name, "remote", c.remote, "err", lerr)
 			return false, fmt.Errorf("export %q: %w", name, lerr)
 		}
 		c.selectExport(e)
@@ -189,7 +189,7 @@ func (c *conn) handleInfoGo(opt uint32, data []byte) (bool, error) {
 		}
 	}
 	if err != nil {
-		c.srv.log.Warn("nbd: export refused", "export", name, "remote", c.remote, "err", err)
+		c.srv.log.Warn("nbd_export_refused", "export", name, "remote", c.remote, "err", err)
 		msg := err.Error()
 		if len(msg) > maxStringLen {
 			msg = msg[:maxStringLen]

@@ -171,7 +171,7 @@ func (s *Server) Serve(l net.Listener) error {
 			if errors.As(err, &ne) && ne.Timeout() {
 				// Temporary accept failures (EMFILE...): back off and go on.
 				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				s.log.Warn("nbd: accept failed, retrying", "err", err, "backoff", backoff)
+				s.log.Warn("nbd_accept_failed", "err", err, "backoff", backoff, "action", "retrying")
 				time.Sleep(backoff)
 				continue
 			}
@@ -282,7 +282,7 @@ func (s *Server) DisconnectExport(name string) int {
 		select {
 		case <-c.done:
 		case <-timeout.C:
-			s.log.Warn("nbd: in-flight requests did not drain, closing connections hard", "export", name)
+			s.log.Warn("nbd_drain_timeout", "export", name, "action", "in-flight requests did not drain; closing the connections hard")
 			for _, c := range conns {
 				c.abort()
 			}
