@@ -12,6 +12,10 @@ WAL_SIZE=${WAL_SIZE:-}   # empty: the preset's
 DEVICE=${DEVICE:-/dev/nbd0}
 MNT=${MNT:-$ROOT/mnt/$VOLUME}
 FIO_SIZE=${FIO_SIZE:-64M}
+CLIENT_NAME=${CLIENT_NAME:-client}   # its certificate (master.sh CLIENTS)
+
+install_tls "$PKI_SHARE/clients/$CLIENT_NAME"
+export BLOCKD_TLS_CERT=$TLS_DIR/client-cert.pem BLOCKD_TLS_KEY=$TLS_DIR/client-key.pem BLOCKD_TLS_CA=$TLS_DIR/ca-cert.pem
 
 if [ -z "$ROOT" ]; then
 	modprobe nbd
@@ -26,7 +30,7 @@ fi
 
 name=blockd-attach-$VOLUME
 unit "$name" "blockd keeper of $VOLUME on $DEVICE" \
-	"$BLOCKD attach nbd --master $MASTER --device $DEVICE --connections 2 $VOLUME"
+	"$BLOCKD attach nbd --master $MASTER --device $DEVICE --connections 2 $(tls_flags client) $VOLUME"
 start "$name"
 dev=$(basename "$DEVICE")
 attached() { [ "$(cat "/sys/block/$dev/size" 2>/dev/null || echo 0)" != 0 ]; }

@@ -11,6 +11,24 @@ ROOT=${ROOT:-}
 BLOCKD=${BLOCKD:-/usr/local/bin/blockd}
 UNITDIR=$ROOT/etc/systemd/system
 STATE=$ROOT/var/lib/blockd
+# TLS: the master node makes the certificates (blockd tls init; the CA key
+# stays in its $STATE/pki) and publishes each other node's own directory
+# under $PKI_SHARE (the Vagrantfile carries it from the master to the
+# others); a node installs its own into $TLS_DIR.
+PKI_SHARE=${PKI_SHARE:-/tmp/blockd-pki}
+TLS_DIR=$ROOT/etc/blockd/tls
+
+# tls_flags KIND: the --tls-* flags for this node's certificate (KIND server or client).
+tls_flags() { echo "--tls-cert $TLS_DIR/$1-cert.pem --tls-key $TLS_DIR/$1-key.pem --tls-ca $TLS_DIR/ca-cert.pem"; }
+
+# install_tls DIR: install this node's certificate directory (from $PKI_SHARE).
+install_tls() {
+	if ! wait_for 300 test -f "$1/ca-cert.pem"; then log "no certificates at $1: provision the master first"; return 1; fi
+	mkdir -p "$TLS_DIR"
+	cp "$1"/*.pem "$TLS_DIR"/
+	chmod 0600 "$TLS_DIR"/*-key.pem
+	log "TLS certificate of $(basename "$1") installed in $TLS_DIR"
+}
 
 log() { echo "provision[$(hostname 2>/dev/null || echo node)${ROOT:+:$ROOT}]: $*"; }
 

@@ -375,7 +375,7 @@ func TestVagrantProvisioning(t *testing.T) {
 P=/opt/provision
 export BLOCKD=/usr/local/bin/blockd BLOCKD_SRC=/usr/local/bin/blockd
 for n in master s1 s2 s3 client; do ROOT=/tmp/n-$n bash $P/install.sh; done
-ROOT=/tmp/n-master MASTER_IP=127.0.0.10 bash $P/master.sh
+ROOT=/tmp/n-master MASTER_IP=127.0.0.10 SERVERS="s1=127.0.0.11 s2=127.0.0.12 s3=127.0.0.13" bash $P/master.sh
 for i in 1 2 3; do
 	ROOT=/tmp/n-s$i SERVER_ID=s$i SERVER_IP=127.0.0.1$i MASTER=127.0.0.10:9333 bash $P/server.sh
 done
@@ -383,6 +383,10 @@ ROOT=/tmp/n-client MASTER=127.0.0.10:9333 VOLUME=vol0 VOLUME_SIZE=256MiB RF=2 DU
 # idempotent: a second run neither recreates nor reformats
 ROOT=/tmp/n-client MASTER=127.0.0.10:9333 VOLUME=vol0 VOLUME_SIZE=256MiB RF=2 DURABILITY=sync_all WAL_SIZE=64MiB FIO_SIZE=4M bash $P/client.sh 2>&1 | grep -c mkfs.ext4 | grep -qx 0
 cat /tmp/n-client/etc/systemd/system/blockd-attach-vol0.service
+# the cluster runs in TLS mode: a client without a certificate is refused
+if blockd volume list --master 127.0.0.10:9333 --timeout 5s >/tmp/plain.out 2>&1; then echo "plain client not refused"; exit 1; fi
+echo "plain client refused: $(cat /tmp/plain.out)"
+grep -q 'tls-' /tmp/n-client/etc/systemd/system/blockd-attach-vol0.service
 umount /tmp/n-client/mnt/vol0
 blockd detach /dev/nbd0
 echo PROVISION-OK
