@@ -109,7 +109,7 @@ echo "server killed"
 before_restart=$(wc -l </tmp/server.log)
 sleep 1
 start_server
-waitfor 180 grep -q nbd.reconnected /tmp/attach.log || { cat /tmp/attach.log; exit 1; }
+waitfor 180 grep -q nbd_reconnected /tmp/attach.log || { cat /tmp/attach.log; exit 1; }
 # the restarted server saw new TLS handshakes from alice (the keeper renegotiated)
 tail -n +$((before_restart+1)) /tmp/server.log | grep 'nbd_tls_established.*client=alice'
 echo "keeper reconnected over TLS"
@@ -131,7 +131,7 @@ umount /mnt/v
 blockd detach $DEV
 wait $KEEPER
 echo "keeper exit $?"
-grep -E 'nbd\.(link_dead|reconnect|reconnected|reconnect_failed)|tls' /tmp/attach.log | head -20
+grep -E 'nbd_(link_dead|reconnect|reconnected|reconnect_failed)|tls' /tmp/attach.log | head -20
 echo TLS-ATTACH-KILL-OK
 `)
 	expect(t, res, "TLS-ATTACH-ROUNDTRIP-OK", "TLS-ATTACH-KILL-OK", "keeper reconnected over TLS", "keeper exit 0",
