@@ -221,7 +221,6 @@ umount /mnt/v
 e2fsck -fn $DEV
 mount -t ext4 $DEV /mnt/v
 fs_verify /mnt/v before
-fs_verify /mnt/v during
 fs_verify /mnt/v after
 umount /mnt/v
 blockd detach $DEV
