@@ -443,10 +443,18 @@ func (c *Client) once(ctx context.Context, method, base, path string, body []byt
 		// Not the API's error body: a proxy, another service on that
 		// port, or a master too old for this endpoint. Name who said what.
 		msg := fmt.Sprintf("%s answered %s %s with %s", strings.TrimPrefix(strings.TrimPrefix(base, "http://"), "https://"), method, clip(path), resp.Status)
-		if body := strings.Join(strings.Fields(string(data)), " "); body != "" {
+		body := strings.Join(strings.Fields(string(data)), " ")
+		if body != "" {
 			msg += ": " + clip(body)
 		}
-		apiErr = &Error{Code: CodeInternal, Message: msg}
+		code := CodeInternal
+		if strings.Contains(body, "HTTP request to an HTTPS server") {
+			// Go's TLS listener answers a plain client this way: say what to do.
+			code = CodeForbidden
+			msg = fmt.Sprintf("%s requires TLS: give --tls-cert, --tls-key and --tls-ca (it answered a plain request with %s)",
+				strings.TrimPrefix(strings.TrimPrefix(base, "http://"), "https://"), resp.Status)
+		}
+		apiErr = &Error{Code: code, Message: msg}
 	}
 	apiErr.Status = resp.StatusCode
 	apiErr.Message = clipWords(apiErr.Message)

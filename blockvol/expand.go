@@ -7,7 +7,7 @@ import (
 )
 
 // Expand grows the volume to newSize bytes. It is a destructive operation
-// in DESIGN.md's sense: it runs under Drain, so no I/O is in flight while
+// (docs/ARCHITECTURE.md §3): it runs under Drain, so no I/O is in flight while
 // the size changes.
 //
 // Order for crash safety: the extent grows first (sparse, synced), then the

@@ -198,7 +198,7 @@ func (m *Master) lookup(w http.ResponseWriter, r *http.Request) *VolumeRecord {
 	name := r.PathValue("name")
 	v := m.fsm.volume(name)
 	if v == nil {
-		writeErr(w, api.Errorf(api.CodeNotFound, "volume %q not found", name))
+		writeErr(w, api.Errorf(api.CodeNotFound, "volume %s not found", api.QuoteName(name)))
 	}
 	return v
 }
@@ -299,7 +299,7 @@ func (m *Master) create(ld *leaderState, req api.CreateVolumeRequest) (*api.Volu
 		if req.RequestID != "" && old.RequestID == req.RequestID {
 			return render(old), nil // retry of a create that already committed
 		}
-		return nil, api.Errorf(api.CodeAlreadyExists, "volume %q already exists", req.Name)
+		return nil, api.Errorf(api.CodeAlreadyExists, "volume %s already exists", api.QuoteName(req.Name))
 	}
 	pl := m.plan(ld, req)
 	if len(pl.Errors) > 0 && pl.Errors[0].Code == api.CodeInsufficientServers {

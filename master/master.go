@@ -30,6 +30,7 @@ import (
 
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/tlsauth"
+	"github.com/blockd/blockd/vfs"
 )
 
 // Config configures a master.
@@ -230,7 +231,7 @@ func (m *Master) startRaft() error {
 	if id == "" {
 		id = "master"
 	}
-	if err := os.WriteFile(idFile, []byte(id+"\n"), 0o644); err != nil {
+	if err := vfs.WriteFileAtomic(vfs.Default, idFile, []byte(id+"\n"), 0o644); err != nil {
 		return fmt.Errorf("master: write %s: %w", idFile, err)
 	}
 	m.id = id

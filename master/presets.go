@@ -67,7 +67,7 @@ func ValidateMinCopies(n, rf int) *api.Error {
 	return nil
 }
 
-// Presets are the built-in policies (DESIGN.md §4).
+// Presets are the built-in policies (README.md lists them).
 var Presets = map[string]Preset{
 	"database":   {Name: "database", Durability: api.DurabilitySyncAll, RF: 2, WALSize: LargeWALSize},
 	"general":    {Name: "general", Durability: api.DurabilityBestEffort, RF: 2, WALSize: DefaultWALSize},
@@ -89,7 +89,7 @@ var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
 // ValidateName checks a volume name (it is also the NBD export name).
 func ValidateName(name string) *api.Error {
 	if !nameRE.MatchString(name) {
-		return api.Errorf(api.CodeBadRequest, "invalid volume name %q: 1-64 characters of [A-Za-z0-9._-], starting with a letter or digit", name)
+		return api.Errorf(api.CodeBadRequest, "invalid volume name %s: 1-64 characters of [A-Za-z0-9._-], starting with a letter or digit", api.QuoteName(name))
 	}
 	return nil
 }
@@ -119,7 +119,7 @@ func Resolve(req api.CreateVolumeRequest, servers int) api.ResolveResponse {
 	if req.Preset != "" {
 		var ok bool
 		if p, ok = Presets[req.Preset]; !ok {
-			fail(api.CodeUnknownPreset, "unknown preset %q (known: %v)", req.Preset, PresetNames())
+			fail(api.CodeUnknownPreset, "unknown preset %s (known: %v)", api.QuoteName(req.Preset), PresetNames())
 		}
 	}
 	pol := api.ResolvedPolicy{Preset: req.Preset, SizeBytes: req.SizeBytes, BlockSize: req.BlockSize,
@@ -150,7 +150,7 @@ func Resolve(req api.CreateVolumeRequest, servers int) api.ResolveResponse {
 	case pol.Durability == "":
 		pol.Durability = api.DurabilityBestEffort
 	case !validDurability(pol.Durability):
-		fail(api.CodeBadRequest, "unknown durability %q (best_effort, sync_all, sync_quorum)", pol.Durability)
+		fail(api.CodeBadRequest, "unknown durability %s (best_effort, sync_all, sync_quorum)", api.QuoteName(pol.Durability))
 	case p.Name != "" && pol.Durability != p.Durability:
 		if p.Durability == api.DurabilitySyncAll {
 			warn("durability_weakened", "durability %s overrides the %s preset's %s: acknowledged flushes may exist on fewer copies", pol.Durability, p.Name, p.Durability)

@@ -83,8 +83,10 @@ func TestResolve(t *testing.T) {
 		{name: "wal above the maximum", req: api.CreateVolumeRequest{SizeBytes: 1 << 40, WALSizeBytes: 128 << 30}, servers: 3, errs: []string{api.CodeBadSize}},
 		{name: "wal as large as a big volume is fine", req: api.CreateVolumeRequest{SizeBytes: 4 * G, WALSizeBytes: 2 * G, RF: 1}, servers: 1,
 			want: api.ResolvedPolicy{SizeBytes: 4 * G, BlockSize: 4096, RF: 1, Durability: "best_effort", WALSizeBytes: 2 * G, MinCopies: 1}},
-		{name: "large preset wal on a tiny volume is fine", req: api.CreateVolumeRequest{SizeBytes: 4096, Preset: "database", RF: 1}, servers: 1,
-			want:     api.ResolvedPolicy{Preset: "database", SizeBytes: 4096, BlockSize: 4096, RF: 1, Durability: "sync_all", WALSizeBytes: LargeWALSize, MinCopies: 1},
+		// The preset's WAL default follows a tiny volume down (twice its
+		// size, at least MinWALSize) instead of fallocating 2 GiB for it.
+		{name: "large preset wal on a tiny volume follows the volume", req: api.CreateVolumeRequest{SizeBytes: 4096, Preset: "database", RF: 1}, servers: 1,
+			want:     api.ResolvedPolicy{Preset: "database", SizeBytes: 4096, BlockSize: 4096, RF: 1, Durability: "sync_all", WALSizeBytes: MinWALSize, MinCopies: 1},
 			warnings: []string{"preset_override", "single_copy", "no_redundancy"}},
 		{name: "tiny wal", req: api.CreateVolumeRequest{SizeBytes: G, WALSizeBytes: 4096}, servers: 3, errs: []string{api.CodeBadSize}},
 	}

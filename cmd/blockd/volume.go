@@ -17,7 +17,8 @@ import (
 	"github.com/blockd/blockd/api"
 )
 
-// `blockd volume ...`: the master's client commands (DESIGN.md §8).
+// `blockd volume ...`: the master's client commands. Their names, flags and
+// -o json fields are a contract scripts rely on (README.md): add, never rename.
 
 // Defaults of --timeout and --wait: a master that refuses connections or
 // never answers is reported within a few seconds; scripts that wait for a

@@ -17,7 +17,7 @@ const module = "github.com/blockd/blockd"
 var allowed = map[string][]string{
 	"cmd/blockd":        {"*"},
 	"server":            {"replication", "blockvol", "nbd", "ublk", "api", "blockdev", "vfs", "tlsauth"},
-	"master":            {"api", "tlsauth"},
+	"master":            {"api", "tlsauth", "vfs"},
 	"csi":               {"api", "nbd/kernel"},
 	"replication":       {"blockvol", "wal", "blockdev", "vfs"},
 	"blockvol":          {"wal", "vfs", "blockdev"},
