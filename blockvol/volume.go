@@ -199,6 +199,15 @@ var testTrace func(format string, args ...any)
 // Exists reports whether dir holds a volume (a superblock file).
 func Exists(dir string) bool { return existsFS(vfs.Default, dir) }
 
+// ExistsOn is Exists on the file system fs (Options.FS): a server whose
+// volumes live on another FS asks that one, not the OS.
+func ExistsOn(fs vfs.FS, dir string) bool {
+	if fs == nil {
+		fs = vfs.Default
+	}
+	return existsFS(fs, dir)
+}
+
 func existsFS(fs vfs.FS, dir string) bool {
 	_, err := fs.Stat(filepath.Join(dir, SuperblockFile))
 	return err == nil

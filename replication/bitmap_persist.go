@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/blockd/blockd/vfs"
 	"github.com/blockd/blockd/wal"
 )
 
@@ -89,26 +90,11 @@ func decodeBitmapSnap(b []byte) (bitmapSnap, error) {
 }
 
 func (p *Primary) writeBitmap(id string, s bitmapSnap) error {
-	fs, dir := p.cfg.FS, p.cfg.StateDir
-	path := bitmapPath(dir, id)
-	tmp := path + ".tmp"
-	f, err := fs.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
-	if err != nil {
-		return fmt.Errorf("replication: bitmap %s: %w", tmp, err)
-	}
-	if _, err := f.WriteAt(s.encode(), 0); err != nil {
-		f.Close()
-		return fmt.Errorf("replication: bitmap %s: %w", tmp, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("replication: bitmap %s: %w", tmp, err)
-	}
-	f.Close()
-	if err := fs.Rename(tmp, path); err != nil {
+	path := bitmapPath(p.cfg.StateDir, id)
+	if err := vfs.WriteFileAtomic(p.cfg.FS, path, s.encode(), 0o644); err != nil {
 		return fmt.Errorf("replication: bitmap %s: %w", path, err)
 	}
-	return fs.SyncDir(dir)
+	return nil
 }
 
 func (p *Primary) readBitmap(id string) (bitmapSnap, error) {

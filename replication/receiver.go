@@ -828,26 +828,14 @@ func (rc *rconn) saveState(st *xferState) error {
 // rename, fsync of the directory).
 func (rc *rconn) writeFile(name string, v any) error {
 	p := filepath.Join(rc.tgt.Dir, name)
-	fs := rc.tgt.FS
-	data, _ := json.Marshal(v)
-	tmp := p + ".tmp"
-	f, err := fs.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	data, err := json.Marshal(v)
 	if err != nil {
-		return fmt.Errorf("replication: create %s: %w", tmp, err)
+		return fmt.Errorf("replication: encode %s: %w", p, err)
 	}
-	if _, err := f.WriteAt(data, 0); err != nil {
-		f.Close()
-		return fmt.Errorf("replication: write %s: %w", tmp, err)
+	if err := vfs.WriteFileAtomic(rc.tgt.FS, p, data, 0o644); err != nil {
+		return fmt.Errorf("replication: write %s: %w", p, err)
 	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("replication: sync %s: %w", tmp, err)
-	}
-	f.Close()
-	if err := fs.Rename(tmp, p); err != nil {
-		return fmt.Errorf("replication: rename %s: %w", p, err)
-	}
-	return fs.SyncDir(rc.tgt.Dir)
+	return nil
 }
 
 func (rc *rconn) removeState() error {

@@ -50,7 +50,7 @@ func (s *Server) openExisting() error {
 			continue
 		}
 		dir := filepath.Join(s.volumesDir(), e.Name())
-		if !blockvol.Exists(dir) {
+		if !blockvol.ExistsOn(s.cfg.FS, dir) {
 			continue
 		}
 		vol, err := blockvol.Open(dir, blockvol.Options{FS: s.cfg.FS, Logger: s.log})
@@ -95,7 +95,7 @@ func (s *Server) ensureVolume(a api.VolumeAssignment) (*hosted, error) {
 		FS: s.cfg.FS, Logger: s.log}
 	var vol *blockvol.Volume
 	var err error
-	if blockvol.Exists(dir) {
+	if blockvol.ExistsOn(s.cfg.FS, dir) {
 		vol, err = blockvol.Open(dir, opts)
 	} else {
 		vol, err = blockvol.Create(dir, opts)

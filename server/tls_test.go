@@ -233,7 +233,7 @@ func TestTLSCluster(t *testing.T) {
 	plain := api.NewClient([]string{apiAddr})
 	plain.RetryFor = 0
 	_, err = plain.ListVolumes(ctxOnce(t))
-	if err == nil || !strings.Contains(err.Error(), "HTTP request to an HTTPS server") {
+	if err == nil || !strings.Contains(err.Error(), "requires TLS: give --tls-cert") {
 		t.Fatalf("plain API client: %v", err)
 	}
 	t.Logf("plain API client: %v", err)

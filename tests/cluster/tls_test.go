@@ -169,7 +169,7 @@ func TestTLSClusterRefusesStrangers(t *testing.T) {
 
 	// A plain client at each TCP port speaking the port's protocol.
 	out, err := c.cli("volume", "list", "--wait", "0s")
-	refused("plain CLI at the master API", out+errText(err), err, "HTTP request to an HTTPS server")
+	refused("plain CLI at the master API", out+errText(err), err, "requires TLS: give --tls-cert")
 	o, err := exec.Command("qemu-img", "info", "nbd://"+c.nbd[primary]+"/db").CombinedOutput()
 	refused("plain qemu-img at NBD", string(o), err, "TLS required")
 
@@ -357,7 +357,7 @@ func TestServeTLS(t *testing.T) {
 		t.Fatalf("nbdinfo over TLS: %v\n%s", err, out)
 	}
 	out, err = exec.Command(blockdBin, "volume", "list", "--master", apiAddr, "--wait", "0s").CombinedOutput()
-	if err == nil || !strings.Contains(string(out), "HTTP request to an HTTPS server") {
+	if err == nil || !strings.Contains(string(out), "requires TLS: give --tls-cert") {
 		t.Fatalf("plain CLI against serve with TLS: %v\n%s", err, out)
 	}
 	if b, _ := os.ReadFile(p.log); !strings.Contains(string(b), "over TLS (client certificates required)") {
