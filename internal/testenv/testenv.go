@@ -4,8 +4,10 @@
 package testenv
 
 import (
+	"net"
 	"os"
 	"os/exec"
+	"sync"
 	"testing"
 )
 
@@ -43,4 +45,34 @@ func Unavailable(t testing.TB, format string, args ...any) {
 func isExec(p string) bool {
 	fi, err := os.Stat(p)
 	return err == nil && !fi.IsDir() && fi.Mode()&0o111 != 0
+}
+
+// handedOut remembers every address FreeAddr gave in this test process: a
+// port closed here may be handed back by the kernel before the process it
+// was meant for has bound it, and two daemons would then race for it.
+var (
+	handedOutMu sync.Mutex
+	handedOut   = map[string]bool{}
+)
+
+// FreeAddr returns a loopback host:port that was free a moment ago and
+// that this process has not handed out before.
+func FreeAddr(t testing.TB) string {
+	t.Helper()
+	handedOutMu.Lock()
+	defer handedOutMu.Unlock()
+	for range 100 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		a := l.Addr().String()
+		l.Close()
+		if !handedOut[a] {
+			handedOut[a] = true
+			return a
+		}
+	}
+	t.Fatal("testenv: no fresh loopback port in 100 tries")
+	return ""
 }

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/internal/testenv"
 )
 
 var blockdBin string
@@ -37,15 +38,7 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func freeAddr(t testing.TB) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
+func freeAddr(t testing.TB) string { return testenv.FreeAddr(t) }
 
 // proc is one blockd process logging to a file.
 type proc struct {
