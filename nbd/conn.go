@@ -58,7 +58,6 @@ type conn struct {
 
 	out      sender
 	draining atomic.Bool
-	xmit     atomic.Bool  // negotiation is over (its deadline cleared)
 	latency  atomic.Int64 // EWMA of read/write execution time, ns
 }
 

@@ -279,12 +279,14 @@ func (r *Receiver) Forget(name string) {
 		v.conn.Close()
 	}
 	v.mu.Unlock()
-	v.run.Lock() // the session's handler has returned
-	v.run.Unlock()
+	// Taking run waits until the session's handler has returned; the hold
+	// is released while no handler can apply a record.
+	v.run.Lock()
 	v.tmu.Lock()
 	v.releaseLocked()
 	v.vol = nil
 	v.tmu.Unlock()
+	v.run.Unlock()
 }
 
 func (r *Receiver) rv(name string) *rvol {
