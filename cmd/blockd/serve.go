@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -19,6 +20,7 @@ import (
 	"github.com/blockd/blockd/master"
 	"github.com/blockd/blockd/server"
 	"github.com/blockd/blockd/tlsauth"
+	"github.com/blockd/blockd/vfs"
 )
 
 func init() {
@@ -124,13 +126,24 @@ func serve(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	listen := c.String("listen")
+	addrFile := filepath.Join(data, "server", "listen-addr")
+	if !c.IsSet("listen") {
+		listen = stableListen(addrFile, listen)
+	}
 	srv, err := server.New(server.Config{DataDir: filepath.Join(data, "server"), ServerID: serveServerID, TLS: creds, EmbeddedMaster: creds != nil,
-		Listen: c.String("listen"), NBD: c.String("nbd"), DeferNBD: true, Masters: []string{m.APIAddr()}, Logger: log,
+		Listen: listen, NBD: c.String("nbd"), DeferNBD: true, Masters: []string{m.APIAddr()}, Logger: log,
 		UblkRecoveryWait: ublkWait})
 	if err != nil {
 		return err
 	}
 	defer srv.Close()
+	if !c.IsSet("listen") {
+		// Best effort: a lost file only costs the next start a new port.
+		if err := vfs.WriteFileAtomic(vfs.Default, addrFile, []byte(srv.Addr()+"\n"), 0o644); err != nil {
+			log.Warn("listen_addr_not_saved", "file", addrFile, "err", err)
+		}
+	}
 
 	client := api.NewClient([]string{m.APIAddr()})
 	if creds != nil {
@@ -278,4 +291,24 @@ func runServer(c *cli.Context) error {
 	fmt.Printf("blockd server %s: NBD on %s, replication on %s, master %s\n", srv.ID(), srv.NBDAddr(), srv.Addr(), c.String("master"))
 	<-ctx.Done()
 	return srv.Close()
+}
+
+// stableListen keeps serve's replication address across restarts: the
+// master lets a known server's endpoint move only once the old one has
+// been silent for a lease TTL (a forged heartbeat cannot redirect it), so
+// a restart on a new random port would wait out that TTL before its
+// heartbeats count. The port of the last run is reused while it is free;
+// otherwise def (a random port) is.
+func stableListen(file, def string) string {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return def
+	}
+	addr := strings.TrimSpace(string(b))
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return def
+	}
+	l.Close()
+	return addr
 }
