@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"log/slog"
-	"net"
 	"net/http"
 	"path/filepath"
 	"strings"
@@ -15,6 +14,7 @@ import (
 	"time"
 
 	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/internal/testenv"
 	"github.com/blockd/blockd/master"
 	"github.com/blockd/blockd/nbd/client"
 	"github.com/blockd/blockd/replication"
@@ -66,15 +66,7 @@ func creds(t *testing.T, dir, kind, name string) *tlsauth.Creds {
 	return c
 }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
+func freeAddr(t *testing.T) string { return testenv.FreeAddr(t) }
 
 // TestTLSCluster: a master (API and raft over TLS) and two servers with
 // certificates; a replicated volume written over NBD/TLS with sync_all
