@@ -183,7 +183,7 @@ func (c *cluster) startServer(id string) *proc {
 		nbdAddr := freePort(c.t)
 		s = &proc{name: id, log: filepath.Join(c.dir, id+".log"),
 			args: []string{"server", "--id", id, "--data", filepath.Join(c.dir, id),
-				"--master", strings.Join(c.mAPI, ","), "--listen", freePort(c.t), "--nbd", nbdAddr}}
+				"--master", strings.Join(c.mAPI, ","), "--listen", freePort(c.t), "--nbd", nbdAddr, "--http", freePort(c.t)}}
 		c.servers[id] = s
 		c.nbd[id] = nbdAddr
 	}
