@@ -164,6 +164,10 @@ type stageWriteErr struct{ error }
 func (e stageWriteErr) Unwrap() error { return e.error }
 
 func stageError(vol string, err error) *api.Error {
+	var we stageWriteErr
+	if errors.As(err, &we) {
+		err = we.error // the file's error, not the reader's view of it
+	}
 	if isNoSpace(err) {
 		return imageError(api.CodeNoSpace, http.StatusInsufficientStorage, "volume %s unchanged: staging the image: %v", vol, err)
 	}

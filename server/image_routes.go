@@ -32,6 +32,8 @@ func imageSnapError(vol, snap string, err error) *api.Error {
 		return api.Errorf(api.CodeNotFound, "volume %s has no snapshot %q", vol, snap)
 	case errors.Is(err, blockvol.ErrSnapshotName):
 		return api.Errorf(api.CodeBadRequest, "%v", err)
+	case errors.Is(err, blockvol.ErrSnapshotExists):
+		return api.Errorf(api.CodeAlreadyExists, "volume %s: %v", vol, err)
 	case errors.Is(err, blockvol.ErrSnapshotBusy):
 		return api.Errorf(api.CodeBusy, "volume %s: %v", vol, err)
 	case errors.Is(err, blockdev.ErrNotPrimary):

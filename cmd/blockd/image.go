@@ -311,11 +311,13 @@ func volClone(v *volCtx) error {
 	if err != nil {
 		return fmt.Errorf("create %s: %w", dst, err)
 	}
+	// The reason is flattened to text: the CLI prints an *api.Error alone,
+	// and what happened to the new volume must be in the line too.
 	undo := func(err error) error {
 		if derr := v.cl.DeleteVolume(v.ctx, dst); derr != nil {
-			return fmt.Errorf("%w (and deleting the new volume %s failed: %v)", err, dst, derr)
+			return fmt.Errorf("%v (and deleting the new volume %s failed: %v)", volOneLine(err), dst, derr)
 		}
-		return fmt.Errorf("%w (the new volume %s was deleted)", err, dst)
+		return fmt.Errorf("%v (the new volume %s was deleted)", volOneLine(err), dst)
 	}
 	// The new volume's primary needs a moment to open it and to hold its
 	// lease: ask until a cheap call succeeds there, then send the stream

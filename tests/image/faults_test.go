@@ -1,0 +1,110 @@
+package imagetests
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestExportToFullDisk: the output is on a 1 MiB tmpfs. The export of a
+// live volume fails naming the full disk, the partial file is removed and
+// the temporary snapshot is deleted on the server.
+func TestExportToFullDisk(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a tmpfs needs root")
+	}
+	s := startServe(t, "64MiB")
+	mnt := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt).CombinedOutput(); err != nil {
+		t.Fatalf("mount tmpfs: %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(mnt, syscall.MNT_DETACH) })
+	s.mustQemuIO("vol0", "write -P 0x5a 0 4M")
+	s.cliFails("no space left on device", "volume", "export", "vol0", "--output", filepath.Join(mnt, "vol0.img"))
+	if m, _ := filepath.Glob(filepath.Join(mnt, "*")); len(m) != 0 {
+		t.Fatalf("partial output left: %v", m)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		l := s.mustCLI("snapshot", "list", "vol0")
+		if !strings.Contains(l, "export-") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the temporary export snapshot outlived the failed export:\n%s", l)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	// A snapshot export to stdout into a full pipe reader is the same
+	// path; a later export to a roomy place works.
+	s.mustCLI("volume", "export", "vol0", "--output", filepath.Join(t.TempDir(), "ok.img"))
+}
+
+// TestImportAndCloneOnFullDisk: the server's writes of the staging file
+// fail with ENOSPC (BLOCKD_VFS_FAULTS). Import and clone fail naming the
+// full disk; the target reads as before; the clone's new volume is gone.
+func TestImportAndCloneOnFullDisk(t *testing.T) {
+	s := startServe(t, "64MiB", "BLOCKD_VFS_FAULTS=write:import-staging.img:enospc,after=2")
+	dir := t.TempDir()
+	s.mustQemuIO("vol0", "write -P 0x5a 0 4M")
+	s.mustCLI("snapshot", "create", "vol0", "s1")
+	img := filepath.Join(dir, "s1.img")
+	s.mustCLI("volume", "export", "vol0@s1", "--output", img)
+	s.mustCLI("volume", "create", "vol1", "--size", "64MiB", "--rf", "1")
+	s.waitVolume("vol1")
+	s.mustQemuIO("vol1", "write -P 0x99 5M 1M")
+	s.capture("vol1", filepath.Join(dir, "vol1.before"))
+	s.cliFails("no space left on device", "volume", "import", "vol1", "--input", img, "--force")
+	s.sameAs("vol1", filepath.Join(dir, "vol1.before"))
+	msg := s.cliFails("no space left on device", "volume", "clone", "vol0@s1", "vol2")
+	if !strings.Contains(msg, "vol2 was deleted") {
+		t.Fatalf("clone failure does not say the new volume was removed: %s", msg)
+	}
+	if l := s.mustCLI("volume", "list"); strings.Contains(l, "vol2") {
+		t.Fatalf("the failed clone left vol2:\n%s", l)
+	}
+}
+
+// TestInterruptedImportRolledBack: a crash in the middle of an import
+// leaves the pending snapshot and the IMPORT-PENDING marker (made here by
+// hand: a pending snapshot, writes after it, the marker, a stale staging
+// file). The next start restores the pending snapshot, so the volume
+// reads as before the import, and removes the snapshot, marker and file.
+func TestInterruptedImportRolledBack(t *testing.T) {
+	s := startServe(t, "64MiB")
+	dir := t.TempDir()
+	s.mustQemuIO("vol0", "write -P 0x5a 0 2M")
+	s.mustCLI("snapshot", "create", "vol0", "import-pending-crash")
+	s.capture("vol0", filepath.Join(dir, "before.raw"))
+	s.mustQemuIO("vol0", "write -P 0xee 1M 2M", "write -z 0 64k") // the import's half-done writes
+	s.stop()
+	vdir := filepath.Join(s.dataDir, "server", "volumes", "vol0")
+	if _, err := os.Stat(vdir); err != nil {
+		t.Fatalf("volume directory: %v", err)
+	}
+	mark := fmt.Sprintf(`{"pending":"import-pending-crash","started":%q}`, time.Now().UTC().Format(time.RFC3339))
+	if err := os.WriteFile(filepath.Join(vdir, "IMPORT-PENDING"), []byte(mark), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(vdir, "import-staging.img"), []byte("half an image"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s.start("64MiB")
+	s.sameAs("vol0", filepath.Join(dir, "before.raw"))
+	if l := s.mustCLI("snapshot", "list", "vol0"); strings.Contains(l, "import-pending") {
+		t.Fatalf("pending snapshot left after the rollback:\n%s", l)
+	}
+	for _, f := range []string{"IMPORT-PENDING", "import-staging.img"} {
+		if _, err := os.Stat(filepath.Join(vdir, f)); err == nil {
+			t.Fatalf("%s left after the rollback", f)
+		}
+	}
+	if !strings.Contains(s.log.String(), "import_rolled_back") {
+		t.Fatal("no import_rolled_back event in the log")
+	}
+}
