@@ -36,6 +36,18 @@ type Export struct {
 	// TLS): an error refuses the export (NBD_REP_ERR_POLICY, its text shown
 	// to the client, the refusal logged); readOnly serves it read-only.
 	Access func(client string) (readOnly bool, err error)
+	// Release, when set, is called once the connection that looked the
+	// export up is done with it: at once for a lookup that only answered
+	// an option (NBD_OPT_INFO, NBD_OPT_LIST, meta contexts, a refusal),
+	// when the connection closes for the export it served. A source whose
+	// exports hold resources (an open snapshot) frees them here.
+	Release func()
+}
+
+func (e Export) release() {
+	if e.Release != nil {
+		e.Release()
+	}
 }
 
 // ExportSource maps export names to devices. Lookup is called once per
@@ -313,6 +325,7 @@ func (s *Server) resolve(name string) (Export, error) {
 		return Export{}, err
 	}
 	if e.Device == nil {
+		e.release()
 		return Export{}, fmt.Errorf("export %q has no device", name)
 	}
 	if e.Name == "" {
