@@ -277,10 +277,16 @@ const disconnectDrainTimeout = 10 * time.Second
 // after at most 10 s: connections whose requests are stuck in the device
 // are then closed hard (their goroutines end when the device returns).
 func (s *Server) DisconnectExport(name string) int {
+	return s.DisconnectMatching(func(n string) bool { return n == name })
+}
+
+// DisconnectMatching is DisconnectExport for every export whose name
+// match accepts.
+func (s *Server) DisconnectMatching(match func(name string) bool) int {
 	s.mu.Lock()
 	var conns []*conn
 	for c := range s.conns {
-		if c.exportName() == name {
+		if n := c.exportName(); n != "" && match(n) {
 			conns = append(conns, c)
 		}
 	}
@@ -294,7 +300,7 @@ func (s *Server) DisconnectExport(name string) int {
 		select {
 		case <-c.done:
 		case <-timeout.C:
-			s.log.Warn("nbd_drain_timeout", "export", name, "action", "in-flight requests did not drain; closing the connections hard")
+			s.log.Warn("nbd_drain_timeout", "export", c.exportName(), "conns", len(conns), "action", "in-flight requests did not drain; closing the connections hard")
 			for _, c := range conns {
 				c.abort()
 			}
