@@ -176,6 +176,11 @@ func (v *Volume) applyToExtent(end uint64) error {
 	if v.trace != nil {
 		v.trace("flush end=%d ents=%v zr=%v", end, ents, zr)
 	}
+	// Snapshots first: the newest one keeps what is about to be
+	// overwritten (durably) before the extent changes.
+	if err := v.cowBeforeFlush(ents, zr); err != nil {
+		return err
+	}
 	for _, z := range zr {
 		off, n := int64(z.start)<<v.bshift, int64(z.end-z.start)<<v.bshift
 		if err := v.extF.PunchHole(off, n); err != nil {

@@ -1,0 +1,330 @@
+package blockvol
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/blockd/blockd/blockdev"
+	"github.com/blockd/blockd/vfs"
+)
+
+// snapModel is the expected content of a volume and its snapshots.
+type snapModel struct {
+	live  []byte
+	snaps map[string][]byte
+}
+
+func newSnapModel(size int64) *snapModel {
+	return &snapModel{live: make([]byte, size), snaps: map[string][]byte{}}
+}
+
+func (m *snapModel) write(t testing.TB, v *Volume, p []byte, off int64) {
+	t.Helper()
+	if err := v.WriteAt(p, off, false); err != nil {
+		t.Fatalf("write off=%d: %v", off, err)
+	}
+	copy(m.live[off:], p)
+}
+
+func (m *snapModel) trim(t testing.TB, v *Volume, off, n int64) {
+	t.Helper()
+	if err := v.Trim(off, n); err != nil {
+		t.Fatalf("trim off=%d: %v", off, err)
+	}
+	clear(m.live[off : off+n])
+}
+
+func (m *snapModel) create(t testing.TB, v *Volume, name string) SnapshotInfo {
+	t.Helper()
+	in, err := v.CreateSnapshot(name, SnapshotOptions{})
+	if err != nil {
+		t.Fatalf("create snapshot %q: %v", name, err)
+	}
+	m.snaps[name] = bytes.Clone(m.live)
+	return in
+}
+
+func (m *snapModel) check(t testing.TB, v *Volume) {
+	t.Helper()
+	if got := mustRead(t, v, 0, len(m.live)); !bytes.Equal(got, m.live) {
+		t.Fatalf("live content differs at byte %d", firstDiff(got, m.live))
+	}
+	names := map[string]bool{}
+	for _, in := range v.Snapshots() {
+		names[in.Name] = true
+	}
+	for name, want := range m.snaps {
+		if !names[name] {
+			t.Fatalf("snapshot %q missing", name)
+		}
+		got := readSnapshot(t, v, name)
+		if !bytes.Equal(got, want) {
+			t.Fatalf("snapshot %q differs at byte %d", name, firstDiff(got, want))
+		}
+	}
+	if len(names) != len(m.snaps) {
+		t.Fatalf("volume has snapshots %v, model %d", names, len(m.snaps))
+	}
+}
+
+func readSnapshot(t testing.TB, v *Volume, name string) []byte {
+	t.Helper()
+	r, err := v.OpenSnapshot(name)
+	if err != nil {
+		t.Fatalf("open snapshot %q: %v", name, err)
+	}
+	defer r.Close()
+	b := make([]byte, r.Size())
+	for off := int64(0); off < int64(len(b)); off += 1 << 20 {
+		end := min(off+1<<20, int64(len(b)))
+		if err := r.ReadAt(b[off:end], off); err != nil {
+			t.Fatalf("read snapshot %q at %d: %v", name, off, err)
+		}
+	}
+	return b
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
+}
+
+func flushAll(t testing.TB, v *Volume) {
+	t.Helper()
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	waitCheckpoint(t, v)
+}
+
+func TestSnapshotBasic(t *testing.T) {
+	v, dir := newVol(t, 1<<20, 256<<10)
+	m := newSnapModel(v.Size())
+	m.write(t, v, pattern(1, 64<<10), 0)
+	s1 := m.create(t, v, "s1")
+	if s1.ID != 1 || s1.LSN == 0 || s1.SizeBytes != v.Size() || checkUUID(s1.UUID) != nil {
+		t.Fatalf("info %+v", s1)
+	}
+	m.write(t, v, pattern(2, 8192), 4096)    // overwrite inside s1's data
+	m.write(t, v, pattern(3, 8192), 512<<10) // over a hole
+	m.trim(t, v, 32<<10, 16<<10)
+	m.write(t, v, pattern(4, 1024), 100<<10+512) // sub-block
+	m.check(t, v)                                // from the WAL
+	flushAll(t, v)
+	m.check(t, v) // after copy-on-write
+	m.create(t, v, "s2")
+	m.write(t, v, pattern(5, 4096), 4096)
+	m.trim(t, v, 0, 1<<20)
+	flushAll(t, v)
+	m.check(t, v)
+	if n := len(v.Snapshots()); n != 2 {
+		t.Fatalf("%d snapshots", n)
+	}
+	// Reopen: the indexes come back from the files.
+	if err := v.Close(); err != nil {
+		t.Fatal(err)
+	}
+	v2, err := Open(dir, Options{Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v2.Close()
+	m.check(t, v2)
+	// Restore s1: the live volume reads as s1; s1 and s2 stay.
+	if err := v2.RestoreSnapshot("s1"); err != nil {
+		t.Fatal(err)
+	}
+	copy(m.live, m.snaps["s1"])
+	m.check(t, v2)
+	m.write(t, v2, pattern(6, 4096), 8192)
+	flushAll(t, v2)
+	m.check(t, v2)
+	// Delete s1 (the older one) and s2.
+	if err := v2.DeleteSnapshot("s1"); err != nil {
+		t.Fatal(err)
+	}
+	delete(m.snaps, "s1")
+	m.check(t, v2)
+	if err := v2.DeleteSnapshot("s2"); err != nil {
+		t.Fatal(err)
+	}
+	delete(m.snaps, "s2")
+	m.check(t, v2)
+	if s3 := m.create(t, v2, "s3"); s3.ID != 3 {
+		t.Fatalf("IDs are reused: %+v", s3)
+	}
+}
+
+// Deleting a middle or the newest snapshot moves what the older one
+// needs into it.
+func TestSnapshotDeleteMerges(t *testing.T) {
+	for _, victim := range []string{"b", "c"} {
+		t.Run(victim, func(t *testing.T) {
+			v, _ := newVol(t, 1<<20, 256<<10)
+			m := newSnapModel(v.Size())
+			r := rand.New(rand.NewPCG(9, 9))
+			for i, name := range []string{"a", "b", "c"} {
+				for k := 0; k < 20; k++ {
+					m.write(t, v, pattern(uint64(i*100+k), 4096), int64(r.IntN(256))*4096)
+				}
+				flushAll(t, v)
+				m.create(t, v, name)
+			}
+			for k := 0; k < 40; k++ {
+				m.write(t, v, pattern(uint64(1000+k), 4096), int64(r.IntN(256))*4096)
+			}
+			flushAll(t, v)
+			m.check(t, v)
+			if err := v.DeleteSnapshot(victim); err != nil {
+				t.Fatal(err)
+			}
+			delete(m.snaps, victim)
+			m.check(t, v)
+		})
+	}
+}
+
+func TestSnapshotBadInput(t *testing.T) {
+	v, _ := newVol(t, 1<<20, 256<<10)
+	for _, name := range []string{"", "a@b", "a/b", "-x", string(make([]byte, 65))} {
+		if _, err := v.CreateSnapshot(name, SnapshotOptions{}); !errors.Is(err, ErrSnapshotName) {
+			t.Errorf("create %q: %v", name, err)
+		}
+	}
+	if _, err := v.CreateSnapshot("ok", SnapshotOptions{UUID: "not-a-uuid"}); !errors.Is(err, blockdev.ErrInvalid) {
+		t.Errorf("bad UUID: %v", err)
+	}
+	if _, err := v.CreateSnapshot("s", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.CreateSnapshot("s", SnapshotOptions{}); !errors.Is(err, ErrSnapshotExists) {
+		t.Errorf("duplicate: %v", err)
+	}
+	for _, fn := range []func() error{
+		func() error { return v.DeleteSnapshot("nope") },
+		func() error { return v.RestoreSnapshot("nope") },
+		func() error { _, err := v.OpenSnapshot("nope"); return err },
+		func() error { _, err := v.SnapshotInfo("nope"); return err },
+		func() error { _, err := v.ChangedRanges("nope", ""); return err },
+		func() error { _, err := v.ChangedRanges("s", "nope"); return err },
+	} {
+		if err := fn(); !errors.Is(err, ErrSnapshotNotFound) {
+			t.Errorf("unknown snapshot: %v", err)
+		}
+	}
+	r, err := v.OpenSnapshot("s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := v.DeleteSnapshot("s"); !errors.Is(err, ErrSnapshotBusy) {
+		t.Errorf("delete while open: %v", err)
+	}
+	if err := r.WriteAt(make([]byte, 4096), 0, false); !errors.Is(err, blockdev.ErrReadOnly) {
+		t.Errorf("write to a snapshot: %v", err)
+	}
+	if err := r.Trim(0, 4096); !errors.Is(err, blockdev.ErrReadOnly) {
+		t.Errorf("trim of a snapshot: %v", err)
+	}
+	if err := r.ReadAt(make([]byte, 4096), v.Size()); !errors.Is(err, blockdev.ErrOutOfRange) {
+		t.Errorf("read past the end: %v", err)
+	}
+	r.Close()
+	if err := r.ReadAt(make([]byte, 4096), 0); !errors.Is(err, blockdev.ErrClosed) {
+		t.Errorf("read after close: %v", err)
+	}
+	if err := v.DeleteSnapshot("s"); err != nil {
+		t.Errorf("delete after close: %v", err)
+	}
+	if n := len(v.Snapshots()); n != 0 {
+		t.Errorf("%d snapshots left", n)
+	}
+}
+
+func TestSnapshotChangedRanges(t *testing.T) {
+	v, _ := newVol(t, 1<<20, 256<<10)
+	if err := v.WriteAt(pattern(1, 1<<20), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.CreateSnapshot("a", SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(v.WriteAt(pattern(2, 8192), 16384, false))
+	flushAll(t, v)
+	must(v.WriteAt(pattern(3, 4096), 65536, false))
+	_, err := v.CreateSnapshot("b", SnapshotOptions{})
+	must(err)
+	must(v.Trim(128<<10, 8192)) // unflushed
+	str := func(rs []Range) string { return fmt.Sprint(rs) }
+	got, err := v.ChangedRanges("a", "b")
+	must(err)
+	if want := []Range{{16384, 8192}, {65536, 4096}}; str(got) != str(want) {
+		t.Errorf("a..b: %v, want %v", got, want)
+	}
+	got, err = v.ChangedRanges("a", "")
+	must(err)
+	if want := []Range{{16384, 8192}, {65536, 4096}, {128 << 10, 8192}}; str(got) != str(want) {
+		t.Errorf("a..live: %v, want %v", got, want)
+	}
+	got, err = v.ChangedRanges("b", "")
+	must(err)
+	if want := []Range{{128 << 10, 8192}}; str(got) != str(want) {
+		t.Errorf("b..live: %v, want %v", got, want)
+	}
+	if _, err := v.ChangedRanges("b", "a"); !errors.Is(err, blockdev.ErrInvalid) {
+		t.Errorf("b..a: %v", err)
+	}
+}
+
+// A full disk at any step before the commit point fails the create with
+// a clear error and leaves no snapshot (in memory or after a reopen).
+func TestSnapshotCreateFullDisk(t *testing.T) {
+	for _, path := range []string{"snap-*.cow", SnapshotMetaFile + ".tmp"} {
+		t.Run(path, func(t *testing.T) {
+			efs := vfs.NewErrorFS(vfs.NewCrashFS(), 1)
+			v, err := Create("/vol", Options{Size: 1 << 20, WALSize: 256 << 10, FS: efs, Logger: testLogger(t)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := v.WriteAt(pattern(1, 8192), 0, false); err != nil {
+				t.Fatal(err)
+			}
+			id := efs.AddRule(vfs.Rule{Ops: []vfs.Op{vfs.OpWrite}, Path: path, Err: errNoSpace})
+			_, err = v.CreateSnapshot("s", SnapshotOptions{})
+			if !errors.Is(err, blockdev.ErrNoSpace) {
+				t.Fatalf("create on a full disk: %v", err)
+			}
+			efs.RemoveRule(id)
+			if n := len(v.Snapshots()); n != 0 {
+				t.Fatalf("%d snapshots after a failed create", n)
+			}
+			if _, err := efs.Stat("/vol/" + SnapshotFile(1)); err == nil {
+				t.Fatal("failed create left its snapshot file")
+			}
+			if _, err := v.CreateSnapshot("s", SnapshotOptions{}); err != nil {
+				t.Fatalf("create after space came back: %v", err)
+			}
+			v.Close()
+			v2, err := Open("/vol", Options{FS: efs, Logger: testLogger(t)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer v2.Close()
+			if s := v2.Snapshots(); len(s) != 1 || s[0].Name != "s" {
+				t.Fatalf("after reopen: %+v", s)
+			}
+		})
+	}
+}
