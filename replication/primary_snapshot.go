@@ -9,7 +9,6 @@ package replication
 // the durability mode (sync_all: every member) before it is reported done.
 
 import (
-	"errors"
 	"fmt"
 	"time"
 
@@ -23,26 +22,6 @@ const (
 	EvSnapshotRestored = "snapshot_restored" // volume, snapshot, lsn, head_lsn, epoch, took
 	EvSnapshotFailed   = "snapshot_failed"   // volume, op, snapshot, stage (authority|engine|durability), err
 )
-
-// snapshotEngine is the engine's snapshot API (blockvol/snapshot*.go).
-type snapshotEngine interface {
-	CreateSnapshot(name string, o blockvol.SnapshotOptions) (blockvol.SnapshotInfo, error)
-	DeleteSnapshot(name string) error
-	RestoreSnapshot(name string) error
-	Snapshots() []blockvol.SnapshotInfo
-	SnapshotInfo(name string) (blockvol.SnapshotInfo, error)
-}
-
-// errNoSnapshots: the engine this build runs on has no snapshot support.
-var errNoSnapshots = errors.New("replication: this volume engine has no snapshots")
-
-func (p *Primary) snapEngine() (snapshotEngine, error) {
-	e, ok := any(p.vol).(snapshotEngine)
-	if !ok {
-		return nil, errNoSnapshots
-	}
-	return e, nil
-}
 
 // CheckAuthority reports why this primary may not act on its volume now
 // (not primary, epoch not persisted, lease run out), or nil: the write
@@ -73,10 +52,7 @@ func (p *Primary) CreateSnapshot(name string, o blockvol.SnapshotOptions) (block
 	if err := blockvol.CheckSnapshotName(name); err != nil {
 		return blockvol.SnapshotInfo{}, err
 	}
-	eng, err := p.snapEngine()
-	if err != nil {
-		return blockvol.SnapshotInfo{}, err
-	}
+	eng := p.vol
 	if err := p.gate(); err != nil {
 		return blockvol.SnapshotInfo{}, p.snapFailed(op, name, "authority", err)
 	}
@@ -100,15 +76,12 @@ func (p *Primary) DeleteSnapshot(name string) error {
 	if err := blockvol.CheckSnapshotName(name); err != nil {
 		return err
 	}
-	eng, err := p.snapEngine()
-	if err != nil {
-		return err
-	}
+	eng := p.vol
 	if err := p.gate(); err != nil {
 		return p.snapFailed(op, name, "authority", err)
 	}
 	start := time.Now()
-	err = eng.DeleteSnapshot(name)
+	err := eng.DeleteSnapshot(name)
 	p.pumpSoon()
 	if err != nil {
 		return p.snapFailed(op, name, "engine", err)
@@ -129,10 +102,7 @@ func (p *Primary) RestoreSnapshot(name string) (blockvol.SnapshotInfo, error) {
 	if err := blockvol.CheckSnapshotName(name); err != nil {
 		return blockvol.SnapshotInfo{}, err
 	}
-	eng, err := p.snapEngine()
-	if err != nil {
-		return blockvol.SnapshotInfo{}, err
-	}
+	eng := p.vol
 	if err := p.gate(); err != nil {
 		return blockvol.SnapshotInfo{}, p.snapFailed(op, name, "authority", err)
 	}
@@ -156,10 +126,7 @@ func (p *Primary) RestoreSnapshot(name string) (blockvol.SnapshotInfo, error) {
 // Snapshots lists the volume's snapshots, oldest first, while this
 // primary holds its authority (a deposed primary's list may be stale).
 func (p *Primary) Snapshots() ([]blockvol.SnapshotInfo, error) {
-	eng, err := p.snapEngine()
-	if err != nil {
-		return nil, err
-	}
+	eng := p.vol
 	if err := p.gate(); err != nil {
 		return nil, err
 	}

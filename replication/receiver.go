@@ -715,7 +715,7 @@ func (rc *rconn) applyRecord(m *Msg) error {
 		return fmt.Errorf("replication: apply LSN %d: %w", lsn, err)
 	}
 	rc.rv.applied(lsn, int64(len(body.Data))+64)
-	if x := rc.xfer; x != nil && lsn > x.st.ResetLSN && body.Type != RecBarrier {
+	if x := rc.xfer; x != nil && lsn > x.st.ResetLSN && body.Type != RecBarrier && !isSnapshotRec(body.Type) {
 		x.live.mark(body.Offset, int64(body.Length))
 	}
 	return nil

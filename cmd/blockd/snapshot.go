@@ -96,7 +96,8 @@ func (s *snapCtx) primary() (*api.Client, *api.PrimaryInfo, error) {
 	p, err := s.cl.PrimaryOf(s.ctx, s.volume)
 	if err != nil {
 		if api.IsCode(err, api.CodeNotFound) {
-			return nil, nil, fmt.Errorf("unknown volume %s: %w", api.QuoteName(s.volume), err)
+			// Not wrapped: the error printer shows an *api.Error alone.
+			return nil, nil, fmt.Errorf("unknown volume %s (%v)", api.QuoteName(s.volume), err)
 		}
 		return nil, nil, err
 	}

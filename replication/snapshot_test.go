@@ -1,0 +1,137 @@
+package replication
+
+import (
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/blockd/blockd/blockdev"
+	"github.com/blockd/blockd/blockvol"
+)
+
+// Snapshot operations through the Primary: each returns once durable on
+// every acting replica (sync_all), the replica holds the same snapshot
+// (same ID, UUID and LSN, same bytes), deletes and restores follow, and
+// authority and bad names are checked before anything changes.
+func TestSnapshotOpsShippedSyncAll(t *testing.T) {
+	_, log := newCapture()
+	rs := startReplServer(t, "srv-b", log)
+	rvol, rdir := newVol(t)
+	rs.set("v1", rvol, 1, rdir)
+	pvol, _ := newVol(t)
+	// A long ping interval: no background barrier covers the snapshot
+	// record; only the operation's own flush can.
+	p, err := NewPrimary(pvol, PrimaryConfig{Volume: "v1", ServerID: testPrimaryID, Epoch: 1, Durability: SyncAll,
+		Replicas: []Peer{{ServerID: "srv-b", Addr: rs.addr}}, Logger: log, PingInterval: time.Hour, FlushWait: 500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	waitState(t, p, "srv-b", InSync)
+	for i := int64(0); i < 20; i++ {
+		if err := p.WriteAt(pattern(i, 1), i*4096, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	info, err := p.CreateSnapshot("s1", blockvol.SnapshotOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Durable on the replica when CreateSnapshot returns.
+	if st, _ := replicaState(p, "srv-b"); st.FlushedLSN < info.LSN {
+		t.Fatalf("replica flushed LSN %d < snapshot LSN %d when CreateSnapshot returned", st.FlushedLSN, info.LSN)
+	}
+	ri, err := rvol.SnapshotInfo("s1")
+	if err != nil || ri.ID != info.ID || ri.UUID != info.UUID || ri.LSN != info.LSN {
+		t.Fatalf("replica snapshot %+v, %v; primary %+v", ri, err, info)
+	}
+	// Writes after the snapshot do not show in it, on either side.
+	for i := int64(0); i < 20; i += 2 {
+		if err := p.WriteAt(pattern(i, 2), i*4096, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	pr, err := pvol.OpenSnapshot("s1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rr, err := rvol.OpenSnapshot("s1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameData(t, pr, rr)
+	b := make([]byte, 4096)
+	if err := rr.ReadAt(b, 2*4096); err != nil || string(b[:16]) != string(pattern(2, 1)[:16]) {
+		t.Fatalf("replica's snapshot reads %q at block 2, %v", b[:16], err)
+	}
+	pr.Close()
+	rr.Close()
+
+	// Restore: when it returns every replica reads what the primary reads.
+	if _, err := p.RestoreSnapshot("s1"); err != nil {
+		t.Fatal(err)
+	}
+	sameData(t, pvol, rvol)
+	if err := pvol.ReadAt(b, 2*4096); err != nil || string(b[:16]) != string(pattern(2, 1)[:16]) {
+		t.Fatalf("after restore block 2 reads %q, %v", b[:16], err)
+	}
+	if l, _ := p.Snapshots(); len(l) != 1 || l[0].Name != "s1" {
+		t.Fatalf("the snapshot does not stay after a restore: %+v", l)
+	}
+
+	// Delete follows too.
+	if err := p.DeleteSnapshot("s1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rvol.SnapshotInfo("s1"); !errors.Is(err, blockvol.ErrSnapshotNotFound) {
+		t.Fatalf("replica still has s1 after DeleteSnapshot returned: %v", err)
+	}
+
+	// Bad input changes nothing.
+	if _, err := p.CreateSnapshot("a@b", blockvol.SnapshotOptions{}); !errors.Is(err, blockvol.ErrSnapshotName) {
+		t.Fatalf("bad name: %v", err)
+	}
+	if err := p.DeleteSnapshot("nope"); !errors.Is(err, blockvol.ErrSnapshotNotFound) {
+		t.Fatalf("delete unknown: %v", err)
+	}
+	if _, err := p.RestoreSnapshot("nope"); !errors.Is(err, blockvol.ErrSnapshotNotFound) {
+		t.Fatalf("restore unknown: %v", err)
+	}
+	if _, err := p.CreateSnapshot("s2", blockvol.SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.CreateSnapshot("s2", blockvol.SnapshotOptions{}); !errors.Is(err, blockvol.ErrSnapshotExists) {
+		t.Fatalf("duplicate: %v", err)
+	}
+	// Without authority nothing happens on the volume.
+	head := pvol.HeadLSN()
+	p.cfg.WriteGate = func() error { return errors.New("lease expired") }
+	if _, err := p.CreateSnapshot("s3", blockvol.SnapshotOptions{}); !errors.Is(err, blockdev.ErrNotPrimary) {
+		t.Fatalf("create without lease: %v", err)
+	}
+	if _, err := p.RestoreSnapshot("s2"); !errors.Is(err, blockdev.ErrNotPrimary) {
+		t.Fatalf("restore without lease: %v", err)
+	}
+	if err := p.DeleteSnapshot("s2"); !errors.Is(err, blockdev.ErrNotPrimary) {
+		t.Fatalf("delete without lease: %v", err)
+	}
+	if _, err := p.Snapshots(); !errors.Is(err, blockdev.ErrNotPrimary) {
+		t.Fatalf("list without lease: %v", err)
+	}
+	if pvol.HeadLSN() != head || len(pvol.Snapshots()) != 1 {
+		t.Fatalf("refused operations changed the volume: head %d -> %d, snapshots %+v", head, pvol.HeadLSN(), pvol.Snapshots())
+	}
+	p.cfg.WriteGate = nil
+
+	// sync_all with the replica gone: the create is not acknowledged.
+	rs.stop()
+	waitFor(t, "replica not in sync", func() bool { st, _ := replicaState(p, "srv-b"); return st.State != InSync })
+	_, err = p.CreateSnapshot("s4", blockvol.SnapshotOptions{})
+	if !errors.Is(err, blockdev.ErrIO) || !strings.Contains(err.Error(), "not durable on the replicas per sync_all") {
+		t.Fatalf("create with the sync_all replica gone: %v", err)
+	}
+}
