@@ -32,6 +32,9 @@ func TestExportImportChain(t *testing.T) {
 	s.mustCLI("volume", "export", "vol0@s1", "--output", p("s1.img"))
 	h := decodeTo(t, p("s1.img"), p("s1.decoded"))
 	sameFile(t, p("s1.decoded"), p("s1.raw"))
+	// The same snapshot through NBD (VOLUME@SNAP), copied by nbdcopy.
+	s.capture("vol0@s1", p("s1.nbd"))
+	sameFile(t, p("s1.decoded"), p("s1.nbd"))
 	if h.Kind != image.Full || h.SourceName != "s1" || h.SourceUUID == "" {
 		t.Fatalf("header %+v", h)
 	}
@@ -53,6 +56,7 @@ func TestExportImportChain(t *testing.T) {
 	s.sameAs("vol1", p("s1.raw"))
 	s.mustCLI("volume", "import", "vol1", "--input", p("d12.img"))
 	s.sameAs("vol1", p("s2.raw"))
+	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", s.uri("vol0@s2"), s.uri("vol1@s2"))
 	var snaps []struct{ Name, UUID string }
 	for _, vol := range []string{"vol0", "vol1"} {
 		var list []struct{ Name, UUID string }
