@@ -37,7 +37,11 @@ func TestMain(m *testing.M) {
 	binDir = dir
 	blockdBin = filepath.Join(dir, "blockd")
 	_, file, _, _ := runtime.Caller(0)
-	cmd := exec.Command("go", "build", "-o", blockdBin, "./cmd/blockd")
+	args := []string{"build", "-o", blockdBin}
+	if os.Getenv("BLOCKD_E2E_RACE") != "" {
+		args = append(args, "-race") // the server and the CLI under the race detector
+	}
+	cmd := exec.Command("go", append(args, "./cmd/blockd")...)
 	cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		buildErr = fmt.Errorf("go build ./cmd/blockd: %v\n%s", err, out)
@@ -69,6 +73,9 @@ func startServe(t testing.TB, size string, env ...string) *serve {
 	s.start(size)
 	t.Cleanup(func() {
 		s.stop()
+		if strings.Contains(s.log.String(), "DATA RACE") {
+			t.Error("the race detector reported a data race in blockd serve")
+		}
 		if t.Failed() {
 			t.Logf("blockd serve log:\n%s", s.log)
 		}
