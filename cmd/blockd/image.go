@@ -289,7 +289,11 @@ func volImport(v *volCtx) error {
 	if v.json {
 		return v.emitJSON(res)
 	}
-	fmt.Fprintf(v.out, "imported %s into %s (%s image, %s of data)", in, vol, res.Kind, volHumanSize(res.DataBytes))
+	from := in
+	if in == "-" {
+		from = "stdin"
+	}
+	fmt.Fprintf(v.out, "imported %s into %s (%s image, %s of data)", from, vol, res.Kind, volHumanSize(res.DataBytes))
 	if res.Snapshot != "" {
 		fmt.Fprintf(v.out, "; snapshot %s@%s created", vol, res.Snapshot)
 	}

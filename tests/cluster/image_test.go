@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -85,6 +86,23 @@ func TestImagesAcrossCluster(t *testing.T) {
 	if _, err := c.cli("volume", "import", "dst", "--input", p("a.img")); err == nil || !strings.Contains(err.Error(), "already imported") {
 		t.Fatalf("second import: %v", err)
 	}
+
+	// A replica serves neither import nor export, and names the primary.
+	rep := dst.Replicas[0].ServerID
+	rc := api.NewClient([]string{c.http[rep]})
+	f, err := os.Open(p("a.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = rc.ImportImage(context.Background(), "dst", f, true)
+	f.Close()
+	if !api.IsCode(err, api.CodeNotPrimary) || !strings.Contains(err.Error(), dst.Primary.ServerID) {
+		t.Fatalf("import sent to replica %s: %v, want not_primary naming %s", rep, err, dst.Primary.ServerID)
+	}
+	if _, _, err := rc.ExportImage(context.Background(), "dst", "a", ""); !api.IsCode(err, api.CodeNotPrimary) {
+		t.Fatalf("export asked of replica %s: %v, want not_primary", rep, err)
+	}
+	same("dst", p("b.raw"))
 
 	mustCLI("volume", "clone", "src@a", "copy")
 	ci := c.waitHealthy("copy", 60*time.Second)
