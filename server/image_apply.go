@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/blockd/blockd/blockvol"
@@ -105,18 +106,28 @@ func (im *importer) apply() (err error) {
 }
 
 // rollbackImport restores the pending snapshot of an interrupted import,
-// deletes what the import created, then the marker. flush makes the
-// restore durable (the Primary's during an import, the engine's at open).
+// deletes what the import created (m.Created, and with m.Newer every
+// snapshot taken after the pending one), then the marker and the pending
+// snapshot. flush makes the restore durable (the Primary's during an
+// import, the engine's at open).
 func rollbackImport(s *Server, name, dir string, vol *blockvol.Volume, m importMark, flush func() error) error {
+	pending, err := vol.SnapshotInfo(m.Pending)
+	if err != nil {
+		return fmt.Errorf("pending snapshot %q: %w", m.Pending, err)
+	}
 	if err := vol.RestoreSnapshot(m.Pending); err != nil {
 		return fmt.Errorf("restore %q: %w", m.Pending, err)
 	}
 	if err := flush(); err != nil {
 		return fmt.Errorf("flush after restore: %w", err)
 	}
-	if m.Created != "" {
-		if err := vol.DeleteSnapshot(m.Created); err != nil && !errors.Is(err, blockvol.ErrSnapshotNotFound) {
-			return fmt.Errorf("delete %q: %w", m.Created, err)
+	var deleted []string
+	for _, sn := range vol.Snapshots() {
+		if sn.Name == m.Created || (m.Newer && sn.LSN > pending.LSN) {
+			if err := vol.DeleteSnapshot(sn.Name); err != nil && !errors.Is(err, blockvol.ErrSnapshotNotFound) {
+				return fmt.Errorf("delete %q: %w", sn.Name, err)
+			}
+			deleted = append(deleted, sn.Name)
 		}
 	}
 	if err := s.cfg.FS.Remove(filepath.Join(dir, importMarker)); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -126,20 +137,38 @@ func rollbackImport(s *Server, name, dir string, vol *blockvol.Volume, m importM
 	if err := vol.DeleteSnapshot(m.Pending); err != nil {
 		s.log.Warn("import_pending_snapshot_left", "volume", name, "snapshot", m.Pending, "err", err)
 	}
-	s.log.Info("import_rolled_back", "volume", name, "pending_snapshot", m.Pending, "deleted_snapshot", m.Created)
+	s.log.Info("import_rolled_back", "volume", name, "pending_snapshot", m.Pending, "deleted_snapshots", deleted)
 	return nil
 }
 
-// recoverImport undoes an import a crash interrupted (its marker is still
-// there) and removes a staging file left behind. The server calls it when
-// it opens a volume, and an import calls it before it starts.
-func (s *Server) recoverImport(name, dir string, vol *blockvol.Volume) error {
+// recoverImport undoes an import a crash interrupted and removes a
+// staging file left behind. Its marker says so on the server that ran
+// the import: the server checks when it opens a volume, and an import
+// checks before it starts. An import's pending snapshot without a marker
+// is an import whose primary died (the snapshot came here by
+// replication, the marker did not): onPrimary (an import about to start
+// on the primary, which holds the volume's import lock) rolls that back
+// too, deleting the snapshots taken after it. A replica never does: the
+// primary may be importing right now.
+func (s *Server) recoverImport(name, dir string, vol *blockvol.Volume, onPrimary bool, flush func() error) error {
 	fs := s.cfg.FS
 	if err := fs.Remove(filepath.Join(dir, importStaging)); err == nil {
 		s.log.Info("import_staging_removed", "volume", name)
 	}
 	b, err := vfs.ReadFile(fs, filepath.Join(dir, importMarker))
 	if errors.Is(err, os.ErrNotExist) {
+		if !onPrimary {
+			return nil
+		}
+		for _, sn := range vol.Snapshots() {
+			if strings.HasPrefix(sn.Name, pendingPrefix) {
+				s.log.Info("import_interrupted", "volume", name, "pending_snapshot", sn.Name, "marker", false)
+				if err := rollbackImport(s, name, dir, vol, importMark{Pending: sn.Name, Newer: true}, flush); err != nil {
+					return err
+				}
+				break
+			}
+		}
 		return nil
 	}
 	if err != nil {
@@ -150,12 +179,12 @@ func (s *Server) recoverImport(name, dir string, vol *blockvol.Volume) error {
 		return fmt.Errorf("import marker %s is unreadable (%q): remove it after checking the volume", filepath.Join(dir, importMarker), b)
 	}
 	if _, err := vol.SnapshotInfo(m.Pending); errors.Is(err, blockvol.ErrSnapshotNotFound) {
-		// The crash came before the pending snapshot was durable, so no
-		// write of the import happened: only the marker goes.
+		// The marker is written only once the pending snapshot is
+		// durable; without it, nothing of the import was written.
 		_ = fs.Remove(filepath.Join(dir, importMarker))
 		s.log.Info("import_rolled_back", "volume", name, "pending_snapshot", m.Pending, "note", "no pending snapshot: nothing was written")
 		return nil
 	}
-	s.log.Info("import_interrupted", "volume", name, "pending_snapshot", m.Pending, "started", m.Started)
-	return rollbackImport(s, name, dir, vol, m, vol.Flush)
+	s.log.Info("import_interrupted", "volume", name, "pending_snapshot", m.Pending, "started", m.Started, "marker", true)
+	return rollbackImport(s, name, dir, vol, m, flush)
 }

@@ -36,6 +36,7 @@ var importing sync.Map
 type importMark struct {
 	Pending string    `json:"pending"`
 	Created string    `json:"created,omitempty"` // the source snapshot, once created
+	Newer   bool      `json:"-"`                 // roll back: delete every snapshot after Pending
 	Started time.Time `json:"started"`
 }
 
@@ -88,7 +89,7 @@ func (s *Server) handleImport(w http.ResponseWriter, r *http.Request) {
 	}
 	defer importing.Delete(h.dir)
 	// A marker left by a crashed import is undone before anything else.
-	if err := s.recoverImport(name, h.dir, h.vol); err != nil {
+	if err := s.recoverImport(name, h.dir, h.vol, true, p.Flush); err != nil {
 		writeError(w, api.Errorf(api.CodeInternal, "volume %s: %v", name, err))
 		return
 	}

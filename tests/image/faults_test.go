@@ -108,3 +108,28 @@ func TestInterruptedImportRolledBack(t *testing.T) {
 		t.Fatal("no import_rolled_back event in the log")
 	}
 }
+
+// TestOrphanPendingImportRolledBack: a pending import snapshot without a
+// marker is what a new primary finds when the old one died mid-import (the
+// snapshot is replicated, the marker is not). The next import on the
+// primary rolls it back first: the volume reads as at the pending
+// snapshot and the snapshots taken after it are gone.
+func TestOrphanPendingImportRolledBack(t *testing.T) {
+	s := startServe(t, "64MiB")
+	dir := t.TempDir()
+	s.mustQemuIO("vol0", "write -P 0x5a 0 2M")
+	s.mustCLI("snapshot", "create", "vol0", "keep")
+	s.mustCLI("snapshot", "create", "vol0", "import-pending-orphan")
+	s.capture("vol0", filepath.Join(dir, "before.raw"))
+	s.mustQemuIO("vol0", "write -P 0xee 1M 2M")
+	s.mustCLI("snapshot", "create", "vol0", "made-by-import")
+	if err := os.WriteFile(filepath.Join(dir, "junk.img"), []byte("not an image at all"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s.cliFails("not a blockd image", "volume", "import", "vol0", "--input", filepath.Join(dir, "junk.img"))
+	s.sameAs("vol0", filepath.Join(dir, "before.raw"))
+	l := s.mustCLI("snapshot", "list", "vol0")
+	if strings.Contains(l, "import-pending") || strings.Contains(l, "made-by-import") || !strings.Contains(l, "keep") {
+		t.Fatalf("after the rollback the snapshots are:\n%s\nwant only keep", l)
+	}
+}
