@@ -39,7 +39,7 @@ func writeMark(fs vfs.FS, path string, m importMark) error {
 }
 
 // apply: pending snapshot, marker, rewrite, flush (durability rule),
-// source snapshot, flush, marker removed, pending snapshot deleted.
+// source snapshot, pending snapshot deleted (the commit), marker removed.
 // The flushes are the Primary's (gated by authority, durable per the
 // volume's durability mode).
 func (im *importer) apply() (err error) {
@@ -55,7 +55,8 @@ func (im *importer) apply() (err error) {
 	}
 	im.s.log.Info("import_started", "volume", name, "pending_snapshot", mark.Pending, "kind", im.hdr.Kind.String(), "fill", im.fill)
 	defer func() {
-		if err == nil {
+		var ce committedErr
+		if err == nil || errors.As(err, &ce) {
 			return
 		}
 		if rerr := rollbackImport(im.s, name, im.h.dir, vol, mark, flush); rerr != nil {
@@ -92,18 +93,31 @@ func (im *importer) apply() (err error) {
 			return fmt.Errorf("snapshot %q: %w", src, err)
 		}
 	}
-	// Commit point: the marker goes; a crash from here on keeps the import.
+	// Commit point: the pending snapshot goes (a record in LSN order, so
+	// a replica that takes over sees the same commit), durable per the
+	// durability mode. A crash from here on keeps the import.
+	if err := im.p.DeleteSnapshot(mark.Pending); err != nil {
+		if _, serr := vol.SnapshotInfo(mark.Pending); errors.Is(serr, blockvol.ErrSnapshotNotFound) {
+			// Deleted here but not durable on the replicas: the import
+			// stands on this primary; say so rather than roll back.
+			_ = fs.Remove(im.markerPath())
+			return committedErr{fmt.Errorf("the import is applied on the primary, but its commit is not durable on the replicas: %w", err)}
+		}
+		return fmt.Errorf("commit (delete pending snapshot %q): %w", mark.Pending, err)
+	}
 	if err := fs.Remove(im.markerPath()); err != nil {
-		return fmt.Errorf("remove import marker: %w", err)
-	}
-	if err := fs.SyncDir(im.h.dir); err != nil {
+		im.s.log.Warn("import_marker_left", "volume", name, "err", err)
+	} else if err := fs.SyncDir(im.h.dir); err != nil {
 		im.s.log.Warn("import_marker_sync_failed", "volume", name, "err", err)
-	}
-	if err := vol.DeleteSnapshot(mark.Pending); err != nil {
-		im.s.log.Warn("import_pending_snapshot_left", "volume", name, "snapshot", mark.Pending, "err", err)
 	}
 	return nil
 }
+
+// committedErr: the import failed after its commit point; there is
+// nothing to roll back.
+type committedErr struct{ error }
+
+func (e committedErr) Unwrap() error { return e.error }
 
 // rollbackImport restores the pending snapshot of an interrupted import,
 // deletes what the import created (m.Created, and with m.Newer every
@@ -180,9 +194,10 @@ func (s *Server) recoverImport(name, dir string, vol *blockvol.Volume, onPrimary
 	}
 	if _, err := vol.SnapshotInfo(m.Pending); errors.Is(err, blockvol.ErrSnapshotNotFound) {
 		// The marker is written only once the pending snapshot is
-		// durable; without it, nothing of the import was written.
+		// durable, and the snapshot's deletion is the commit: the import
+		// committed and only the marker's removal was lost.
 		_ = fs.Remove(filepath.Join(dir, importMarker))
-		s.log.Info("import_rolled_back", "volume", name, "pending_snapshot", m.Pending, "note", "no pending snapshot: nothing was written")
+		s.log.Info("import_marker_removed", "volume", name, "pending_snapshot", m.Pending, "note", "the import had committed")
 		return nil
 	}
 	s.log.Info("import_interrupted", "volume", name, "pending_snapshot", m.Pending, "started", m.Started, "marker", true)

@@ -147,6 +147,11 @@ func (s *Server) handleImport(w http.ResponseWriter, r *http.Request) {
 			writeError(w, imageError(api.CodeNoSpace, http.StatusInsufficientStorage, "volume %s: import failed and was rolled back: %v", name, err))
 			return
 		}
+		var ce committedErr
+		if errors.As(err, &ce) {
+			writeError(w, api.Errorf(api.CodeInternal, "volume %s: %v", name, err))
+			return
+		}
 		writeError(w, api.Errorf(api.CodeInternal, "volume %s: import failed and was rolled back: %v", name, err))
 		return
 	}
