@@ -107,6 +107,20 @@ func TestInterruptedImportRolledBack(t *testing.T) {
 	if !strings.Contains(s.log.String(), "import_rolled_back") {
 		t.Fatal("no import_rolled_back event in the log")
 	}
+	// A marker whose pending snapshot is gone: the import had committed
+	// (the deletion is the commit), so only the marker goes.
+	s.mustQemuIO("vol0", "write -P 0x77 4M 1M")
+	s.capture("vol0", filepath.Join(dir, "committed.raw"))
+	s.stop()
+	mark = `{"pending":"import-pending-gone"}`
+	if err := os.WriteFile(filepath.Join(vdir, "IMPORT-PENDING"), []byte(mark), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s.start("64MiB")
+	s.sameAs("vol0", filepath.Join(dir, "committed.raw"))
+	if _, err := os.Stat(filepath.Join(vdir, "IMPORT-PENDING")); err == nil {
+		t.Fatal("the marker of a committed import was left")
+	}
 }
 
 // TestOrphanPendingImportRolledBack: a pending import snapshot without a
@@ -132,4 +146,60 @@ func TestOrphanPendingImportRolledBack(t *testing.T) {
 	if strings.Contains(l, "import-pending") || strings.Contains(l, "made-by-import") || !strings.Contains(l, "keep") {
 		t.Fatalf("after the rollback the snapshots are:\n%s\nwant only keep", l)
 	}
+}
+
+// TestKilledImportRolledBack: kill -9 of blockd serve in the middle of an
+// import's apply (every WAL write is slowed by 30 ms, so the 32 records
+// take over a second; the kill comes 200 ms after import_started). After
+// the restart the volume reads as before the import (empty) and holds no
+// snapshot: the interrupted import was rolled back.
+func TestKilledImportRolledBack(t *testing.T) {
+	src := startServe(t, "64MiB")
+	dir := t.TempDir()
+	src.mustQemuIO("vol0", "write -P 0x5a 0 32M")
+	src.mustCLI("snapshot", "create", "vol0", "s1")
+	img := filepath.Join(dir, "s1.img")
+	src.mustCLI("volume", "export", "vol0@s1", "--output", img)
+	src.stop()
+
+	s := startServe(t, "64MiB", "BLOCKD_VFS_FAULTS=write:wal:delay,latency=30ms")
+	s.capture("vol0", filepath.Join(dir, "before.raw"))
+	done := make(chan error, 1)
+	go func() { _, err := s.cli("volume", "import", "vol0", "--input", img); done <- err }()
+	deadline := time.Now().Add(60 * time.Second)
+	for !strings.Contains(s.log.String(), "import_started") {
+		select {
+		case err := <-done:
+			t.Fatalf("the import ended before it started applying: %v", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no import_started in 60 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond)
+	select {
+	case err := <-done:
+		t.Fatalf("the import finished before the kill (%v): the WAL delay did not slow it", err)
+	default:
+	}
+	_ = s.cmd.Process.Kill()
+	<-s.exited
+	if err := <-done; err == nil {
+		t.Fatal("the import reported success though its server was killed")
+	}
+	s.env = nil
+	s.start("64MiB")
+	s.sameAs("vol0", filepath.Join(dir, "before.raw"))
+	if l := s.mustCLI("snapshot", "list", "vol0"); !strings.Contains(l, "no snapshots") {
+		t.Fatalf("snapshots after the rollback:\n%s", l)
+	}
+	if l := s.log.String(); !strings.Contains(l, "import_interrupted") || !strings.Contains(l, "import_rolled_back") {
+		t.Fatal("no import_interrupted / import_rolled_back events after the restart")
+	}
+	// The import then works.
+	s.mustCLI("volume", "import", "vol0", "--input", img)
+	decodeTo(t, img, filepath.Join(dir, "s1.raw"))
+	s.sameAs("vol0", filepath.Join(dir, "s1.raw"))
 }
