@@ -127,6 +127,10 @@ func (c *Client) stream(ctx context.Context, method, path string, body io.Reader
 			msg += ": " + clip(b)
 		}
 		apiErr = &Error{Code: CodeInternal, Message: msg}
+		if strings.Contains(string(data), "HTTP request to an HTTPS server") {
+			apiErr = &Error{Code: CodeForbidden, Message: fmt.Sprintf("%s requires TLS: give --tls-cert, --tls-key and --tls-ca (it answered a plain request with %s)",
+				strings.TrimPrefix(base, "http://"), resp.Status)}
+		}
 	}
 	apiErr.Status = resp.StatusCode
 	return nil, apiErr
