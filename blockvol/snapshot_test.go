@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"testing"
 
@@ -326,5 +327,61 @@ func TestSnapshotCreateFullDisk(t *testing.T) {
 				t.Fatalf("after reopen: %+v", s)
 			}
 		})
+	}
+}
+
+// A create whose record is durable but whose metadata commit failed is
+// activated by recovery at the record's point; a delete likewise is
+// completed. Without the recovery step the snapshot would be missing on
+// this volume while a replica that got the record has it.
+func TestSnapshotRecoveryCompletesOperations(t *testing.T) {
+	fs := vfs.NewCrashFS()
+	v, err := Create("/vol", Options{Size: 1 << 20, WALSize: 256 << 10, FS: fs, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := newSnapModel(v.Size())
+	m.write(t, v, pattern(1, 64<<10), 0)
+	m.create(t, v, "a")
+	m.write(t, v, pattern(2, 32<<10), 16<<10)
+	fs.Inject(vfs.Fault{Op: vfs.OpRename, Name: SnapshotMetaFile + ".tmp", Err: errEIO, Count: 1})
+	if _, err := v.CreateSnapshot("b", SnapshotOptions{}); err == nil {
+		t.Fatal("create succeeded despite the failed metadata commit")
+	}
+	m.snaps["b"] = bytes.Clone(m.live)
+	fs = fs.PowerCut(vfs.CutOptions{})
+	v.Close()
+	h := &captureHandler{}
+	v, err = Open("/vol", Options{FS: fs, Logger: slog.New(h)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev := h.find("engine_snapshot_activated_on_recovery"); ev == nil || ev["snapshot"] != "b" {
+		t.Fatalf("no activation event: %v", h.events)
+	}
+	m.check(t, v)
+	m.write(t, v, pattern(3, 64<<10), 0)
+	flushAll(t, v)
+	m.check(t, v)
+	// Delete b (it holds blocks a lacks) with the commit failing.
+	fs.Inject(vfs.Fault{Op: vfs.OpRename, Name: SnapshotMetaFile + ".tmp", Err: errEIO, Count: 1})
+	if err := v.DeleteSnapshot("b"); err == nil {
+		t.Fatal("delete succeeded despite the failed metadata commit")
+	}
+	delete(m.snaps, "b")
+	fs = fs.PowerCut(vfs.CutOptions{})
+	v.Close()
+	h = &captureHandler{}
+	v, err = Open("/vol", Options{FS: fs, Logger: slog.New(h)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	if ev := h.find("engine_snapshot_delete_completed_on_recovery"); ev == nil || ev["snapshot"] != "b" {
+		t.Fatalf("no delete completion event: %v", h.events)
+	}
+	m.check(t, v)
+	if _, err := fs.Stat("/vol/" + SnapshotFile(2)); err == nil {
+		t.Fatal("deleted snapshot's file is still there")
 	}
 }
