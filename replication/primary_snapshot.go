@@ -21,6 +21,9 @@ const (
 	EvSnapshotDeleted  = "snapshot_deleted"  // volume, snapshot, epoch, took
 	EvSnapshotRestored = "snapshot_restored" // volume, snapshot, lsn, head_lsn, epoch, took
 	EvSnapshotFailed   = "snapshot_failed"   // volume, op, snapshot, stage (authority|engine|durability), err
+	// EvSnapshotSkipped (replica side): a snapshot record arrived during a
+	// base transfer and is kept as absent (receiver.go).
+	EvSnapshotSkipped = "snapshot_skipped" // lsn, reason, transfer, reset_lsn
 )
 
 // CheckAuthority reports why this primary may not act on its volume now

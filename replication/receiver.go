@@ -710,6 +710,17 @@ func (rc *rconn) applyRecord(m *Msg) error {
 		rc.refuse(CodeApply, err.Error())
 		return err
 	}
+	if x := rc.xfer; x != nil && body.Type == RecSnapshot {
+		// A base transfer is under way: blocks not yet transferred still
+		// hold this replica's old data, so a snapshot taken now would
+		// preserve the wrong bytes. The snapshot is recorded as absent
+		// here (the record kept, as a delete of a snapshot this volume
+		// does not have, for the LSN sequence); later records about it
+		// find it absent too.
+		rec.Type = wal.SnapshotDelete
+		rc.log.Warn(EvSnapshotSkipped, "lsn", lsn, "reason", "base_transfer_in_progress", "transfer", x.st.Kind.String(),
+			"reset_lsn", x.st.ResetLSN)
+	}
 	if err := vol.ApplyRecord(rec); err != nil {
 		rc.refuse(CodeApply, err.Error(), "lsn", lsn)
 		return fmt.Errorf("replication: apply LSN %d: %w", lsn, err)

@@ -135,3 +135,83 @@ func TestSnapshotOpsShippedSyncAll(t *testing.T) {
 		t.Fatalf("create with the sync_all replica gone: %v", err)
 	}
 }
+
+// TestSnapshotDuringRebuildIsAbsentOnReplica: a snapshot taken while a
+// blank replica is being rebuilt cannot be held consistently there (the
+// blocks not yet transferred still hold the replica's old bytes). The
+// replica records it as absent; it never holds a snapshot whose bytes
+// differ from the primary's. A snapshot taken once it is in sync is held.
+func TestSnapshotDuringRebuildIsAbsentOnReplica(t *testing.T) {
+	logs, log := newCapture()
+	const size = 32 << 20
+	pn, rn := newNode(t, size), newNode(t, size)
+	// History the WAL no longer covers: a blank replica is rebuilt, and
+	// until the transfer reaches a block it reads zeroes there.
+	for i := int64(0); i < size/4096; i += 2 {
+		if err := pn.vol.WriteAt(pattern(i, 1), i*4096, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := pn.vol.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := pn.vol.ReplCheckpoint(); err != nil {
+		t.Fatal(err)
+	}
+	rs := startReplServer(t, "srv-r", log)
+	rs.set("v1", rn.vol, 1, "")
+	px := newFaultProxy(t, rs.addr)
+	px.delayUp.Store(int64(2 * time.Millisecond)) // slow link: the rebuild takes a while
+	p := newTestPrimary(t, pn.vol, 1, BestEffort, []Peer{{"srv-r", px.addr()}}, nil, func(c *PrimaryConfig) { c.Logger = log })
+	waitState(t, p, "srv-r", Rebuilding)
+	if _, err := p.CreateSnapshot("mid", blockvol.SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := replicaState(p, "srv-r"); st.State != Rebuilding {
+		t.Logf("the rebuild ended before the snapshot record reached it (state %v): nothing to check", st.State)
+	}
+	px.delayUp.Store(0)
+	waitState(t, p, "srv-r", InSync)
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "replica head", func() bool { return rn.vol.HeadLSN() == pn.vol.HeadLSN() })
+	sameData(t, pn.vol, rn.vol)
+	if ri, err := rn.vol.SnapshotInfo("mid"); err == nil {
+		// Held: then it must read as the primary's does.
+		pr, _ := pn.vol.OpenSnapshot("mid")
+		rr, _ := rn.vol.OpenSnapshot("mid")
+		defer pr.Close()
+		defer rr.Close()
+		t.Logf("replica holds %+v", ri)
+		sameData(t, pr, rr)
+	} else {
+		logs.waitEvent(t, EvSnapshotSkipped, map[string]string{"reason": "base_transfer_in_progress"})
+	}
+	// In sync again: a new snapshot is held with the same bytes, and a
+	// delete of the absent one is applied as a no-op.
+	if _, err := p.CreateSnapshot("after", blockvol.SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.DeleteSnapshot("mid"); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "replica head", func() bool { return rn.vol.HeadLSN() == pn.vol.HeadLSN() })
+	pr, err := pn.vol.OpenSnapshot("after")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr.Close()
+	rr, err := rn.vol.OpenSnapshot("after")
+	if err != nil {
+		t.Fatalf("replica lacks the snapshot taken in sync: %v", err)
+	}
+	defer rr.Close()
+	sameData(t, pr, rr)
+	if _, err := rn.vol.SnapshotInfo("mid"); err == nil {
+		t.Fatal("replica still holds the deleted snapshot")
+	}
+}

@@ -19,9 +19,9 @@ mkdir -p /mnt/v /mnt/s
 mount -t ext4 $DEV /mnt/v
 fs_write /mnt/v keep 5
 sync
-fsfreeze -f /mnt/v
+fsfreeze --freeze /mnt/v
 blockd snapshot create vol0 before $M
-fsfreeze -u /mnt/v
+fsfreeze --unfreeze /mnt/v
 blockd snapshot list vol0 $M
 
 # change the files: overwrite one, delete one, add new ones
