@@ -165,13 +165,18 @@ func streamPlan(ctx context.Context, src blockdev.Device, iw *image.Writer, plan
 		err error
 	}
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	stopped := make(chan struct{})
+	defer func() {
+		cancel()
+		<-stopped // no read of src outlives the call (src is closed next)
+	}()
 	free := make(chan []byte, 3)
 	for range 3 {
 		free <- make([]byte, exportPieceMax)
 	}
 	full := make(chan piece, 2)
 	go func() {
+		defer close(stopped)
 		defer close(full)
 		for _, p := range plan {
 			if p.zero {
