@@ -200,6 +200,7 @@ func (v *Volume) setSizes(size, pending int64, id uint64) error {
 		return fmt.Errorf("persist sizes: %w", ioError(err))
 	}
 	v.size.Store(size)
+	v.limit.Store(want)
 	if want < have {
 		// Best effort: a crash or error here leaves an extent longer than
 		// any size the superblock names, which Open cuts back.
@@ -216,6 +217,7 @@ func (v *Volume) setSizes(size, pending int64, id uint64) error {
 // refused as corrupt.
 func (v *Volume) checkExtentSize(size int64) error {
 	want := max(size, v.sb.PendingSize)
+	v.limit.Store(want)
 	st, err := v.extF.Stat()
 	if err != nil {
 		return err
@@ -234,4 +236,14 @@ func (v *Volume) checkExtentSize(size int64) error {
 	}
 	v.log.Info("engine_expand_rolled_back", "extent_size", st.Size(), "size", size, "pending_size", v.sb.PendingSize)
 	return nil
+}
+
+// recordLimit bounds the records a replica accepts and recovery replays:
+// the size, or a prepared size above it. A prepared replica may receive
+// writes past its size once the master committed the expand and the
+// primary learned it first; it commits on its own next assignment (and a
+// restart in between finds them again in its WAL). Clients never write
+// past the committed size (io.go refuses them).
+func (v *Volume) recordLimit() int64 {
+	return max(v.size.Load(), v.limit.Load())
 }

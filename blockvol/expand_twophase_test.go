@@ -9,6 +9,7 @@ import (
 
 	"github.com/blockd/blockd/blockdev"
 	"github.com/blockd/blockd/vfs"
+	"github.com/blockd/blockd/wal"
 )
 
 const (
@@ -251,4 +252,46 @@ func expandCutAt(t *testing.T, end string, keep float64, n int64) bool {
 		t.Fatalf("%s: write past the old end with size %d: %v", what, v2.Size(), err)
 	}
 	return finished
+}
+
+// A prepared replica accepts records past its size (the primary committed
+// first and writes there), replays them after a crash that came before its
+// own commit, and serves them once it commits. An unprepared one refuses.
+func TestExpandPreparedReplicaAcceptsRecords(t *testing.T) {
+	fs := vfs.NewCrashFS()
+	v, err := Create("/vol", Options{Size: tpOld, WALSize: 256 << 10, FS: fs, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := wal.Record{LSN: 1, Epoch: 1, Type: wal.Write, Offset: 3 << 20, Length: 4096, Payload: pattern(5, 4096)}
+	if err := v.ApplyRecord(rec); !errors.Is(err, blockdev.ErrInvalid) {
+		t.Fatalf("record past the size before prepare: %v", err)
+	}
+	if err := v.PrepareExpand(tpNew, 4); err != nil {
+		t.Fatal(err)
+	}
+	v.pauseFlusher.Store(true) // the record stays in the WAL only
+	if err := v.ApplyRecord(rec); err != nil {
+		t.Fatalf("record past the size while prepared: %v", err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	fs2 := fs.PowerCut(vfs.CutOptions{})
+	v.fail(errors.New("test: power cut"))
+	v.Close()
+	v2, err := Open("/vol", Options{FS: fs2, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatalf("reopen with a record past the size in the WAL: %v", err)
+	}
+	defer v2.Close()
+	if v2.HeadLSN() != 1 || v2.Size() != tpOld {
+		t.Fatalf("after reopen: head %d size %d", v2.HeadLSN(), v2.Size())
+	}
+	if err := v2.CommitExpand(tpNew); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, v2, 3<<20, 4096); !bytes.Equal(got, rec.Payload) {
+		t.Fatal("the record past the old size was lost")
+	}
 }
