@@ -1,9 +1,11 @@
 package cluster
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -149,4 +151,66 @@ func TestExpandTwoPhase(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// The master is killed (-9) while an expand prepares (one replica is
+// stopped, so the expand cannot end before the kill). The intent is raft
+// state: the restarted master finishes it from the members' heartbeats,
+// and every member ends at one size; a retry of the same expand then
+// reports it done.
+func TestExpandMasterCrashWhilePreparing(t *testing.T) {
+	c := newCluster(t)
+	m := c.startMaster()
+	for _, id := range []string{"s1", "s2", "s3"} {
+		c.startServer(id)
+	}
+	if out, err := c.cli("volume", "create", "mc", "--size", "64MiB", "--rf", "3", "--durability", "sync_all"); err != nil {
+		t.Fatalf("create: %v\n%s", err, out)
+	}
+	info := c.waitHealthy("mc", 60*time.Second)
+	stopped := info.Replicas[0].ServerID
+	c.servers[stopped].signal(syscall.SIGSTOP)
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.cli("volume", "expand", "mc", "--size", "128MiB", "--wait", "0s")
+		done <- err
+	}()
+	c.waitFor("the expand preparing", 10*time.Second, func() error {
+		if e := c.info("mc").Expand; e == nil || e.Phase != api.ExpandPreparing {
+			return fmt.Errorf("expand %+v", e)
+		}
+		return nil
+	})
+	m.kill9()
+	c.servers[stopped].signal(syscall.SIGCONT)
+	t.Logf("the interrupted expand call: %v", <-done)
+	m.start(t)
+	c.waitFor("master leader again", 30*time.Second, func() error {
+		st, err := c.client.Status(context.Background(), c.mAPI[0])
+		if err != nil {
+			return err
+		}
+		if !st.IsLeader {
+			return fmt.Errorf("state %s", st.State)
+		}
+		return nil
+	})
+	var e *api.ExpandStatus
+	c.waitFor("the expand decided by the new leader", 30*time.Second, func() error {
+		if e = c.info("mc").Expand; e == nil || e.Phase == api.ExpandPreparing {
+			return fmt.Errorf("expand %+v", e)
+		}
+		return nil
+	})
+	t.Logf("after the master restart: %s %s", e.Phase, e.Reason)
+	want := int64(64 << 20)
+	if e.Phase == api.ExpandCommitted {
+		want = 128 << 20
+	}
+	c.waitSizes("mc", want, 3)
+	out, err := c.cli("volume", "expand", "mc", "--size", "128MiB", "-o", "json")
+	if err != nil {
+		t.Fatalf("expand after the master restart: %v\n%s", err, out)
+	}
+	c.waitSizes("mc", 128<<20, 3)
 }
