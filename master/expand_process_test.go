@@ -92,6 +92,23 @@ func TestExpandTwoPhaseWithServers(t *testing.T) {
 	fs[2].expandErr = ""
 	fs[2].mu.Unlock()
 
+	// A member heartbeats but never prepares (a server that predates
+	// two-phase expand): cancelled at the timeout, after the POST answered
+	// 202 and the client polled.
+	fs[0].mu.Lock()
+	fs[0].expandOld = true
+	fs[0].mu.Unlock()
+	_, err = c.ExpandVolume(ctx, "v", 4<<30)
+	if !api.IsCode(err, api.CodeExpandCancelled) || !strings.Contains(err.Error(), "server s1 did not prepare") {
+		t.Fatalf("expand with a member that never prepares: %v", err)
+	}
+	if len(logs.find("expand_cancelled", "volume", "v", "server", "s1", "cause", ExpandCauseTimeout)) != 1 {
+		t.Fatalf("expand_cancelled events: %v", logs.find("expand_cancelled"))
+	}
+	fs[0].mu.Lock()
+	fs[0].expandOld = false
+	fs[0].mu.Unlock()
+
 	// A member goes silent: cancelled as soon as it counts as silent.
 	fs[1].stop()
 	_, err = c.ExpandVolume(ctx, "v", 4<<30)

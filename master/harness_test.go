@@ -117,6 +117,7 @@ type fakeServer struct {
 	states    map[string]string       // replica ID -> the state this server reports as primary (default InSync)
 	failures  []api.VolumeFailure     // sent with every heartbeat
 	expandErr string                  // reported for every expand it is asked to prepare
+	expandOld bool                    // knows nothing of two-phase expand (never prepares)
 	beats     int
 	stopBeats chan struct{}
 	done      chan struct{}
@@ -192,6 +193,9 @@ func (f *fakeServer) beat(ctx context.Context) (*api.HeartbeatResponse, error) {
 // applyExpand does what a real server does with the size fields of an
 // assignment (server/expand.go), without files.
 func (f *fakeServer) applyExpand(v *fakeVol, a api.VolumeAssignment) {
+	if f.expandOld {
+		return
+	}
 	if a.SizeBytes > v.SizeBytes {
 		v.SizeBytes, v.PendingSizeBytes, v.ExpandID = a.SizeBytes, 0, 0
 	}
