@@ -4,6 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -213,4 +216,96 @@ func TestExpandMasterCrashWhilePreparing(t *testing.T) {
 		t.Fatalf("expand after the master restart: %v\n%s", err, out)
 	}
 	c.waitSizes("mc", 128<<20, 3)
+}
+
+// A replica that prepared crashes (-9) before the master decides; after
+// its restart its pending size is resolved by the master's word: dropped
+// when the expand was cancelled (here because another replica was stopped
+// too long), committed when it was committed (the other replica resumed
+// in time). Every member ends at one size each time.
+func TestExpandPreparedReplicaCrash(t *testing.T) {
+	c := newCluster(t)
+	c.startMaster()
+	for _, id := range []string{"s1", "s2", "s3"} {
+		c.startServer(id)
+	}
+	if out, err := c.cli("volume", "create", "pc", "--size", "64MiB", "--rf", "3", "--durability", "sync_all"); err != nil {
+		t.Fatalf("create: %v\n%s", err, out)
+	}
+	info := c.waitHealthy("pc", 60*time.Second)
+	crash, hold := info.Replicas[0].ServerID, info.Replicas[1].ServerID
+
+	// run holds one replica, expands, waits until the other replica
+	// reported prepared and kills it; release says when to let the held
+	// one go on. It returns the expand call's error.
+	run := func(size string, release func()) error {
+		c.servers[hold].signal(syscall.SIGSTOP)
+		done := make(chan error, 1)
+		go func() {
+			_, err := c.cli("volume", "expand", "pc", "--size", size)
+			done <- err
+		}()
+		c.waitFor(crash+" prepared", 10*time.Second, func() error {
+			e := c.info("pc").Expand
+			if e == nil || e.Phase != api.ExpandPreparing || !slices.Contains(e.Prepared, crash) {
+				return fmt.Errorf("expand %+v", e)
+			}
+			return nil
+		})
+		c.servers[crash].kill9()
+		release()
+		return <-done
+	}
+
+	// Cancelled: the held replica stays silent past the limit.
+	err := run("128MiB", func() {
+		c.waitFor("the cancel", 20*time.Second, func() error {
+			if e := c.info("pc").Expand; e == nil || e.Phase != api.ExpandCancelled {
+				return fmt.Errorf("expand %+v", e)
+			}
+			return nil
+		})
+		c.servers[hold].signal(syscall.SIGCONT)
+	})
+	if err == nil || !strings.Contains(err.Error(), "server "+hold) {
+		t.Fatalf("expand with a held replica: %v", err)
+	}
+	c.startServer(crash)
+	c.waitSizes("pc", 64<<20, 3) // the restarted replica dropped its pending size
+	c.waitFor(crash+" dropped its prepared size after the restart", 10*time.Second, func() error {
+		return c.logHas(crash, "msg=expand_cancelled_local")
+	})
+	c.waitHealthy("pc", 90*time.Second)
+
+	// Committed: the held replica resumes at once and prepares; the
+	// crashed one had prepared before it died.
+	if err := run("128MiB", func() { c.servers[hold].signal(syscall.SIGCONT) }); err != nil {
+		t.Fatalf("expand with a prepared replica crashed: %v", err)
+	}
+	if info := c.info("pc"); info.SizeBytes != 128<<20 {
+		t.Fatalf("size %d", info.SizeBytes)
+	}
+	c.startServer(crash)
+	c.waitSizes("pc", 128<<20, 3) // the restarted replica committed its pending size
+	if err := c.logHas(crash, "prepared=true"); err != nil {
+		t.Fatal(err)
+	}
+	c.waitHealthy("pc", 90*time.Second)
+}
+
+// logHas checks the current life (since its last start) of a server's log
+// for a substring.
+func (c *cluster) logHas(id, sub string) error {
+	b, err := os.ReadFile(filepath.Join(c.dir, id+".log"))
+	if err != nil {
+		return err
+	}
+	life := string(b)
+	if i := strings.LastIndex(life, "==== start"); i >= 0 {
+		life = life[i:]
+	}
+	if !strings.Contains(life, sub) {
+		return fmt.Errorf("%s.log (this life) lacks %q", id, sub)
+	}
+	return nil
 }
