@@ -23,11 +23,6 @@ const (
 	CodeUnavailable         = "unavailable"    // transport: no master answered
 	// CodeForbidden (403): the client certificate's identity may not make this call.
 	CodeForbidden = "forbidden"
-	// CodeExpandCancelled (409): a member failed to prepare an expand or did
-	// not answer in time; every member keeps the old size.
-	CodeExpandCancelled = "expand_cancelled"
-	// CodeExpandBusy (409): another expand of the volume is preparing.
-	CodeExpandBusy = "expand_busy"
 )
 
 // Error is the JSON body of every non-2xx reply, and the error type Client
@@ -58,9 +53,11 @@ func Errorf(code, format string, a ...any) *Error {
 // StatusFor maps a code to its HTTP status.
 func StatusFor(code string) int {
 	switch code {
+	case CodeExpandCancelled, CodeExpandBusy: // types.go
+		return http.StatusConflict
 	case CodeNotFound:
 		return http.StatusNotFound
-	case CodeAlreadyExists, CodePromoteRejected, CodeEpochChanged, CodeAddressInUse, CodeExpandCancelled, CodeExpandBusy:
+	case CodeAlreadyExists, CodePromoteRejected, CodeEpochChanged, CodeAddressInUse:
 		return http.StatusConflict
 	case CodeBadRequest, CodeBadSize, CodeUnknownPreset:
 		return http.StatusBadRequest

@@ -163,6 +163,15 @@ type VolumeInfo struct {
 	MemberSizes []MemberSize `json:"member_sizes,omitempty"`
 }
 
+// Error codes of a two-phase expand (409).
+const (
+	// CodeExpandCancelled: a member failed to prepare an expand or did
+	// not answer in time; every member keeps the old size.
+	CodeExpandCancelled = "expand_cancelled"
+	// CodeExpandBusy: another expand of the volume is preparing.
+	CodeExpandBusy = "expand_busy"
+)
+
 // Expand phases (ExpandStatus.Phase).
 const (
 	ExpandPreparing = "preparing" // waiting for every member to prepare
