@@ -115,6 +115,17 @@ func (v *Volume) flushCycle() (bool, error) {
 			}
 		}
 	}
+	if c := v.ckptCeil.Load(); c != 0 && target >= c {
+		if c-1 <= ckLSN {
+			target, targetEnd = ckLSN, ckPos
+		} else {
+			end, err := v.posOf(c)
+			if err != nil {
+				return false, err
+			}
+			target, targetEnd = c-1, end
+		}
+	}
 	if target > ckLSN {
 		if err := v.applyToExtent(targetEnd); err != nil {
 			return false, err

@@ -357,22 +357,42 @@ func (v *Volume) DeleteSnapshot(name string) error {
 }
 
 // snapshotDeleteLocked deletes s with record rec (LSN fixed on a
-// replica). The caller holds opMu and ioMu (shared is enough).
+// replica). The caller holds opMu and ioMu (shared: writes go on).
+//
+// Order: the blocks s holds that the previous snapshot lacks are copied
+// into it, and from then on the flusher preserves into both (so the
+// previous one stays complete, and s too should the delete fail before
+// its record); the new metadata is staged; the record is appended and
+// synced while the checkpoint is kept before it (so recovery sees it if
+// the metadata commit does not happen); the metadata is committed and
+// the file removed.
 func (v *Volume) snapshotDeleteLocked(s *snapshot, rec wal.Record, fixed bool, origin string) error {
-	v.flushMu.Lock()
-	defer v.flushMu.Unlock()
 	held := s.heldBytes()
+	v.flushMu.Lock()
 	merged, err := v.mergeIntoOlder(s)
+	if err == nil {
+		s.merged.Store(true)
+	}
+	v.flushMu.Unlock()
 	if err != nil {
 		return err
+	}
+	undo := func() {
+		v.flushMu.Lock()
+		s.merged.Store(false)
+		v.flushMu.Unlock()
 	}
 	list, nextID := v.listWithout(s)
 	if err := v.stageSnapMeta(list, nextID, []uint64{s.info.ID}); err != nil {
+		undo()
 		return err
 	}
+	// appendRecord sets the ceiling to the record's LSN.
+	defer v.ckptCeil.Store(0)
 	lsn, err := v.appendRecord(rec, fixed)
 	if err != nil {
 		v.unstageSnapMeta()
+		undo()
 		return err
 	}
 	if err := v.syncWAL(lsn); err != nil {
@@ -416,7 +436,7 @@ func (v *Volume) commitDelete(s *snapshot, list []*snapshot) error {
 // mergeIntoOlder copies the blocks s holds that the snapshot before it
 // lacks (and that lie inside that snapshot's size) into it: after that
 // the older one reads the same without s. Idempotent. The caller holds
-// flushMu, so no flush adds to s meanwhile.
+// flushMu (or is recovery), so no flush adds to s meanwhile.
 func (v *Volume) mergeIntoOlder(s *snapshot) (int, error) {
 	list := v.snapList()
 	i := slices.Index(list, s)

@@ -5,15 +5,37 @@ import (
 	"slices"
 )
 
-// cowBeforeFlush preserves, in the newest snapshot, the extent content of
-// every block a flush of ents and zr is about to overwrite or punch and
-// that the snapshot does not hold yet. It returns once the pre-images are
-// durable. Called by applyToExtent (under flushMu, or in recovery).
-func (v *Volume) cowBeforeFlush(ents []dirtyEnt, zr []zeroRange) error {
-	s := v.latestSnap()
-	if s == nil {
+// cowTargets are the snapshots a flush preserves blocks in: the newest,
+// and the one before it while the newest is being deleted (merged).
+func (v *Volume) cowTargets() []*snapshot {
+	v.snaps.mu.RLock()
+	defer v.snaps.mu.RUnlock()
+	l := v.snaps.list
+	switch n := len(l); {
+	case n == 0:
 		return nil
+	case n >= 2 && l[n-1].merged.Load():
+		return []*snapshot{l[n-1], l[n-2]}
+	default:
+		return l[n-1:]
 	}
+}
+
+// cowBeforeFlush preserves, in the newest snapshot (see cowTargets), the
+// extent content of every block a flush of ents and zr is about to
+// overwrite or punch and that the snapshot does not hold yet. It returns
+// once the pre-images are durable. Called by applyToExtent (under
+// flushMu, or in recovery).
+func (v *Volume) cowBeforeFlush(ents []dirtyEnt, zr []zeroRange) error {
+	for _, s := range v.cowTargets() {
+		if err := v.cowInto(s, ents, zr); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (v *Volume) cowInto(s *snapshot, ents []dirtyEnt, zr []zeroRange) error {
 	limit := uint64(s.info.SizeBytes) >> v.bshift
 	var blocks []uint64
 	for _, e := range ents {
@@ -38,10 +60,15 @@ func (v *Volume) cowBeforeFlush(ents []dirtyEnt, zr []zeroRange) error {
 // cowRange is cowBeforeFlush for a base write of [off, off+n) straight
 // into the extent (ReplWriteBase, ReplZeroBase). The caller holds flushMu.
 func (v *Volume) cowRange(off, n int64, punch bool) error {
-	s := v.latestSnap()
-	if s == nil {
-		return nil
+	for _, s := range v.cowTargets() {
+		if err := v.cowRangeInto(s, off, n, punch); err != nil {
+			return err
+		}
 	}
+	return nil
+}
+
+func (v *Volume) cowRangeInto(s *snapshot, off, n int64, punch bool) error {
 	limit := uint64(s.info.SizeBytes) >> v.bshift
 	first, end := uint64(off)>>v.bshift, min(uint64(off+n+v.bs-1)>>v.bshift, limit)
 	var blocks []uint64

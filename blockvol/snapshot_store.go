@@ -149,7 +149,11 @@ type snapshot struct {
 
 	refs     int  // open SnapshotReaders; under snapSet.mu
 	deleting bool // a delete is under way; under snapSet.mu
-	gone     atomic.Bool
+	// merged: a delete copied what the previous snapshot needs into it;
+	// until the delete commits (or is undone) the flusher preserves
+	// blocks in both. Changed under flushMu.
+	merged atomic.Bool
+	gone   atomic.Bool
 }
 
 const (

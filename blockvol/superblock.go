@@ -47,6 +47,12 @@ type superblock struct {
 	// written; recovery that ends below it means lost durable data.
 	DurableLSN  uint64
 	CreatedUnix int64
+	// GenLSN is the first LSN generation Gen writes, persisted with the
+	// bump: every record from it on must carry Gen. Without it a stale
+	// record an earlier life left where the tail now is, with an LSN this
+	// life reused, would be replayed (0: unknown, a superblock written
+	// before the field existed).
+	GenLSN uint64
 }
 
 func (s *superblock) encode(buf []byte) {
@@ -66,6 +72,7 @@ func (s *superblock) encode(buf []byte) {
 	le.PutUint64(buf[80:], s.TailPos)
 	le.PutUint64(buf[88:], s.DurableLSN)
 	le.PutUint64(buf[96:], uint64(s.CreatedUnix))
+	le.PutUint64(buf[144:], s.GenLSN)
 	buf[104] = byte(len(s.Role))
 	copy(buf[105:105+maxRoleLen], s.Role)
 	le.PutUint32(buf[sbEncodeLen-4:], wal.Checksum(buf[:sbEncodeLen-4]))
@@ -100,6 +107,7 @@ func decodeSuperblock(buf []byte) (superblock, error) {
 	s.TailPos = le.Uint64(buf[80:])
 	s.DurableLSN = le.Uint64(buf[88:])
 	s.CreatedUnix = int64(le.Uint64(buf[96:]))
+	s.GenLSN = le.Uint64(buf[144:]) // after the role's 32 bytes; 0 in older superblocks
 	rl := int(buf[104])
 	if rl > maxRoleLen {
 		return s, fmt.Errorf("%w: role length %d", errBadSlot, rl)

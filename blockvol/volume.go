@@ -174,6 +174,10 @@ type Volume struct {
 	role atomic.Pointer[string]
 
 	snaps snapSet // snapshot.go
+	// ckptCeil (non-zero): the flusher checkpoints nothing at or past
+	// this LSN (a snapshot delete keeps its record after the checkpoint
+	// until its metadata is committed). Set by appendRecord.
+	ckptCeil atomic.Uint64
 
 	flushWrites  atomic.Int64                     // extent pwrites of the flusher (benchmarks)
 	trace        func(format string, args ...any) // tests only
