@@ -207,7 +207,9 @@ func TestSnapshotDuringRebuildIsAbsentOnReplica(t *testing.T) {
 	defer pr.Close()
 	rr, err := rn.vol.OpenSnapshot("after")
 	if err != nil {
-		t.Fatalf("replica lacks the snapshot taken in sync: %v", err)
+		ai, _ := pn.vol.SnapshotInfo("after")
+		t.Fatalf("replica lacks the snapshot taken in sync (lsn %d): %v\nskipped: %v\ntransfers done: %v\nplans: %v\nrefused: %v\nended: %v", ai.LSN, err,
+			logs.events(EvSnapshotSkipped), logs.events(EvTransferDone), logs.events(EvPlanChosen), logs.events(EvRefused), logs.events(EvSessionEnded))
 	}
 	defer rr.Close()
 	sameData(t, pr, rr)
