@@ -293,3 +293,29 @@ func TestSnapshotInstallOnRebuiltReplica(t *testing.T) {
 	sameVolumes(t, p, r)
 	m.check(t, r)
 }
+
+// A replica that does not hold a snapshot (rebuilt without it) accepts
+// the primary's delete record for the LSN sequence, and its flusher
+// checkpoints past it (it once stayed behind a checkpoint ceiling).
+func TestSnapshotDeleteRecordForAbsentSnapshot(t *testing.T) {
+	v, _ := newVol(t, 1<<20, 256<<10)
+	p, err := wal.SnapshotPayload{ID: 4, CreatedNano: 1, Size: 1 << 20, Name: "gone", UUID: newUUID()}.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := v.ApplyRecord(wal.Record{LSN: 1, Type: wal.SnapshotDelete, Length: uint32(len(p)), Payload: p}); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.ApplyRecord(wal.Record{LSN: 2, Type: wal.Write, Length: 4096, Payload: pattern(1, 4096)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.ReplCheckpoint(); err != nil {
+		t.Fatal(err)
+	}
+	if v.CheckpointLSN() != 2 {
+		t.Fatalf("checkpoint at %d after a delete record for an absent snapshot, head %d", v.CheckpointLSN(), v.HeadLSN())
+	}
+}
