@@ -106,6 +106,9 @@ type PrimaryRef struct {
 	ServerID string `json:"server_id"`
 	NBDAddr  string `json:"nbd_addr"`
 	Addr     string `json:"addr"` // control/replication address
+	// HTTPAddr is the server's admin API (snapshots, images); empty when
+	// the server runs without one.
+	HTTPAddr string `json:"http_addr"`
 }
 
 // ReplicaInfo is one replica of a volume as the master knows it. State and
@@ -231,6 +234,9 @@ type PrimaryInfo struct {
 	ServerID string `json:"server_id"`
 	Addr     string `json:"addr"`
 	NBDAddr  string `json:"nbd_addr"`
+	// HTTPAddr is the primary's admin API address (api/snapshot.go); empty
+	// when it runs without one.
+	HTTPAddr string `json:"http_addr"`
 }
 
 // ---- plan / resolve ----
@@ -375,9 +381,12 @@ type HeartbeatVolume struct {
 
 // HeartbeatRequest is what a volume server sends every HeartbeatIntervalMS.
 type HeartbeatRequest struct {
-	ServerID      string            `json:"server_id"`
-	Addr          string            `json:"addr"` // control/replication address (host:port); an empty host is filled with the caller's IP
-	NBDAddr       string            `json:"nbd_addr"`
+	ServerID string `json:"server_id"`
+	Addr     string `json:"addr"` // control/replication address (host:port); an empty host is filled with the caller's IP
+	NBDAddr  string `json:"nbd_addr"`
+	// HTTPAddr is the server's admin API address (empty: none); an empty
+	// host is filled with the caller's IP like Addr's.
+	HTTPAddr      string            `json:"http_addr,omitempty"`
 	CapacityBytes int64             `json:"capacity_bytes"`
 	FreeBytes     int64             `json:"free_bytes"`
 	Volumes       []HeartbeatVolume `json:"volumes"`
@@ -398,6 +407,7 @@ type ServerRef struct {
 	ServerID string `json:"server_id"`
 	Addr     string `json:"addr"`
 	NBDAddr  string `json:"nbd_addr,omitempty"`
+	HTTPAddr string `json:"http_addr,omitempty"`
 }
 
 // VolumeAssignment is the master's desired state of one volume on the

@@ -216,6 +216,11 @@ func (v *Volume) appendRecord(rec wal.Record, fixedLSN bool) (uint64, error) {
 		rec.Epoch = v.epoch.Load()
 	}
 	rec.Gen = v.gen
+	if rec.Type == wal.SnapshotDelete {
+		// Set before the record can complete: the flusher sees it once
+		// it could checkpoint the record (see snapshotDeleteLocked).
+		v.ckptCeil.Store(rec.LSN)
+	}
 	v.nextLSN++
 	resStart := v.head
 	v.head = start + uint64(size)

@@ -115,6 +115,17 @@ func (v *Volume) flushCycle() (bool, error) {
 			}
 		}
 	}
+	if c := v.ckptCeil.Load(); c != 0 && target >= c {
+		if c-1 <= ckLSN {
+			target, targetEnd = ckLSN, ckPos
+		} else {
+			end, err := v.posOf(c)
+			if err != nil {
+				return false, err
+			}
+			target, targetEnd = c-1, end
+		}
+	}
 	if target > ckLSN {
 		if err := v.applyToExtent(targetEnd); err != nil {
 			return false, err
@@ -175,6 +186,11 @@ func (v *Volume) applyToExtent(end uint64) error {
 	zr := v.zeros.collect()
 	if v.trace != nil {
 		v.trace("flush end=%d ents=%v zr=%v", end, ents, zr)
+	}
+	// Snapshots first: the newest one keeps what is about to be
+	// overwritten (durably) before the extent changes.
+	if err := v.cowBeforeFlush(ents, zr); err != nil {
+		return err
 	}
 	for _, z := range zr {
 		off, n := int64(z.start)<<v.bshift, int64(z.end-z.start)<<v.bshift

@@ -41,6 +41,10 @@ func (v *Volume) recover() error {
 			v.dirty.putRange(uint64(rec.Offset)>>v.bshift, uint64(rec.Length)>>v.bshift, pos+wal.HeaderSize, uint64(v.bs))
 		case wal.Zero:
 			v.zeros.add(uint64(rec.Offset)>>v.bshift, uint64(rec.Offset+int64(rec.Length))>>v.bshift, pos)
+		case wal.Snapshot, wal.SnapshotDelete:
+			if err := v.recoverSnapshotRecord(pos, rec); err != nil {
+				return fmt.Errorf("WAL record LSN %d (%s) at %d: %w", rec.LSN, rec.Type, pos, err)
+			}
 		}
 		replayed++
 		return nil
@@ -113,6 +117,8 @@ func (v *Volume) checkRecord(rec wal.Record) error {
 			return fmt.Errorf("%s [%d,+%d): %w", rec.Type, rec.Offset, rec.Length, err)
 		}
 	case wal.Barrier:
+	case wal.Snapshot, wal.SnapshotDelete:
+		return v.validateSnapshotRecord(rec)
 	default:
 		return fmt.Errorf("unexpected record type %s", rec.Type)
 	}

@@ -123,6 +123,8 @@ func (v *Volume) validateRecord(rec wal.Record) error {
 			return fmt.Errorf("barrier record with an extent or data")
 		}
 		return nil
+	case wal.Snapshot, wal.SnapshotDelete:
+		return v.validateSnapshotRecord(rec)
 	default:
 		return fmt.Errorf("unexpected record type %s", rec.Type)
 	}
@@ -137,6 +139,9 @@ func (v *Volume) validateRecord(rec wal.Record) error {
 // ValidateRecord is refused before it reaches the WAL and leaves the
 // volume as it was (it does not fail the volume).
 func (v *Volume) ApplyRecord(rec wal.Record) error {
+	if rec.Type == wal.Snapshot || rec.Type == wal.SnapshotDelete {
+		return v.applySnapshotRecord(rec)
+	}
 	v.ioMu.RLock()
 	defer v.ioMu.RUnlock()
 	if v.closed.Load() {

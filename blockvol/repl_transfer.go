@@ -104,6 +104,15 @@ func (v *Volume) ReplWriteBase(off int64, p []byte) error {
 		return err
 	}
 	defer v.ioMu.RUnlock()
+	if v.latestSnap() != nil {
+		// Keep the snapshots' blocks: a base write overwrites the extent
+		// like the flusher does (the flusher must not interleave).
+		v.flushMu.Lock()
+		defer v.flushMu.Unlock()
+	}
+	if err := v.cowRange(off, int64(len(p)), false); err != nil {
+		return fmt.Errorf("blockvol: base write off=%d len=%d: %w", off, len(p), ioError(err))
+	}
 	if _, err := v.extF.WriteAt(p, off); err != nil {
 		return fmt.Errorf("blockvol: base write off=%d len=%d: %w", off, len(p), ioError(err))
 	}
@@ -116,6 +125,13 @@ func (v *Volume) ReplZeroBase(off, n int64) error {
 		return err
 	}
 	defer v.ioMu.RUnlock()
+	if v.latestSnap() != nil {
+		v.flushMu.Lock()
+		defer v.flushMu.Unlock()
+	}
+	if err := v.cowRange(off, n, true); err != nil {
+		return fmt.Errorf("blockvol: base zero off=%d len=%d: %w", off, n, ioError(err))
+	}
 	if err := v.extF.PunchHole(off, n); err != nil {
 		return fmt.Errorf("blockvol: base zero off=%d len=%d: %w", off, n, ioError(err))
 	}

@@ -174,6 +174,12 @@ type Volume struct {
 
 	role atomic.Pointer[string]
 
+	snaps snapSet // snapshot.go
+	// ckptCeil (non-zero): the flusher checkpoints nothing at or past
+	// this LSN (a snapshot delete keeps its record after the checkpoint
+	// until its metadata is committed). Set by appendRecord.
+	ckptCeil atomic.Uint64
+
 	flushWrites  atomic.Int64                     // extent pwrites of the flusher (benchmarks)
 	trace        func(format string, args ...any) // tests only
 	pauseFlusher atomic.Bool                      // tests and benchmarks only
@@ -365,7 +371,14 @@ func (v *Volume) open() error {
 		return fmt.Errorf("%w: WAL is %d bytes, superblock says %d", ErrCorrupt, st.Size(), v.walSize)
 	}
 	v.dirty.init()
-	return v.recover()
+	if err := v.loadSnapshots(); err != nil {
+		return err
+	}
+	if err := v.recover(); err != nil {
+		return err
+	}
+	v.finishSnapshotOpen()
+	return nil
 }
 
 // fail puts the volume in fail-stop mode (the caller must not hold
@@ -445,6 +458,7 @@ func (v *Volume) closeFiles() error {
 			errs = append(errs, f.Close())
 		}
 	}
+	errs = append(errs, v.closeSnapshots())
 	return errors.Join(errs...)
 }
 

@@ -147,6 +147,8 @@ type ServerRecord struct {
 	ID      string `json:"id"`
 	Addr    string `json:"addr"`
 	NBDAddr string `json:"nbd_addr"`
+	// HTTPAddr is the server's admin API (snapshots, images); empty: none.
+	HTTPAddr string `json:"http_addr,omitempty"`
 }
 
 type fsmState struct {

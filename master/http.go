@@ -90,6 +90,7 @@ func (m *Master) routes() http.Handler {
 	mux.HandleFunc("GET /v1/volumes/{name}/primary", m.lead(m.hPrimary))
 	mux.HandleFunc("GET /v1/volumes/{name}/preflight", m.lead(m.hPreflight))
 	mux.HandleFunc("POST /v1/volumes/{name}/promote", m.lead(m.hPromote))
+	mux.Handle("/v1/server/", &m.mounted)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, api.Errorf(api.CodeNotFound, "no such endpoint: %s %s", r.Method, r.URL.Path))
 	})
@@ -224,7 +225,7 @@ func (m *Master) hPrimary(w http.ResponseWriter, r *http.Request, ld *leaderStat
 		return
 	}
 	ref := m.serverRef(v.Primary)
-	writeJSON(w, http.StatusOK, api.PrimaryInfo{Volume: v.Name, Epoch: v.Epoch, ServerID: ref.ServerID, Addr: ref.Addr, NBDAddr: ref.NBDAddr})
+	writeJSON(w, http.StatusOK, api.PrimaryInfo{Volume: v.Name, Epoch: v.Epoch, ServerID: ref.ServerID, Addr: ref.Addr, NBDAddr: ref.NBDAddr, HTTPAddr: ref.HTTPAddr})
 }
 
 // plan resolves and places a create request (shared by plan and create).

@@ -26,7 +26,7 @@ func (m *Master) volumeInfo(ld *leaderState, v *VolumeRecord, now time.Time) api
 		info.ActingSet = append([]string{v.Primary}, v.ActingSet...)
 	}
 	pr := m.serverRef(v.Primary)
-	info.Primary = api.PrimaryRef{ServerID: pr.ServerID, NBDAddr: pr.NBDAddr, Addr: pr.Addr}
+	info.Primary = api.PrimaryRef{ServerID: pr.ServerID, NBDAddr: pr.NBDAddr, Addr: pr.Addr, HTTPAddr: pr.HTTPAddr}
 	var primaryRep *api.HeartbeatVolume
 	fresh := false
 	if ls := ld.servers[v.Primary]; ls != nil {

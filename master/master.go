@@ -138,6 +138,7 @@ type Master struct {
 
 	ln      net.Listener
 	srv     *http.Server
+	mounted mountedAPI // a volume server's admin API under /v1/server/ (blockd serve)
 	handler http.Handler
 
 	mu sync.Mutex

@@ -52,7 +52,7 @@ func (s *Server) heartbeatLoop() {
 // report is the heartbeat: this server and every volume it hosts.
 func (s *Server) report() api.HeartbeatRequest {
 	total, free := s.capacity()
-	req := api.HeartbeatRequest{ServerID: s.cfg.ServerID, Addr: s.Addr(), NBDAddr: s.NBDAddr(),
+	req := api.HeartbeatRequest{ServerID: s.cfg.ServerID, Addr: s.Addr(), NBDAddr: s.NBDAddr(), HTTPAddr: s.HTTPAddr(),
 		CapacityBytes: total, FreeBytes: free, Failures: s.fails.list()}
 	for _, st := range s.host.Status() {
 		s.mu.Lock()

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -66,6 +67,11 @@ type Config struct {
 	// TLS, certificates checked against server IDs) and heartbeats
 	// (tls.go). Its certificate must name ServerID.
 	TLS *tlsauth.Creds
+	// HTTP is the admin API's listen address (httpapi.go); "" serves none
+	// (blockd serve mounts HTTPHandler on its master's listener instead
+	// and reports that address as AdvertiseHTTP).
+	HTTP          string
+	AdvertiseHTTP string
 	// EmbeddedMaster: the master runs in this process and presents this
 	// server's own certificate (blockd serve), which the heartbeat client
 	// then accepts besides a master's.
@@ -82,6 +88,8 @@ type Server struct {
 	nbdSrv  *nbd.Server
 	nbdLn   net.Listener
 	replLn  net.Listener
+	httpLn  net.Listener // the admin API (httpapi.go), nil without Config.HTTP
+	httpSrv *http.Server
 	host    *replication.Host // roles, epochs, leases and replication of every volume
 	ctl     *control          // the control endpoint: set in New, cleared by Close
 	started time.Time
@@ -157,6 +165,9 @@ func New(cfg Config) (*Server, error) {
 		nopts = append(nopts, nbd.WithTLS(cfg.TLS.ServerConfig(nil)), nbd.WithPeerName(peerName))
 	}
 	s.nbdSrv = nbd.NewServer(exports{s}, nopts...)
+	if err := s.startHTTP(); err != nil {
+		return nil, err
+	}
 
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.wg.Add(2)
@@ -171,7 +182,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	ok = true
-	s.log.Info("server_started", "nbd", s.NBDAddr(), "addr", s.Addr(), "data", cfg.DataDir)
+	s.log.Info("server_started", "nbd", s.NBDAddr(), "addr", s.Addr(), "http", s.HTTPAddr(), "data", cfg.DataDir)
 	return s, nil
 }
 
@@ -208,6 +219,7 @@ func (s *Server) NBDAddr() string {
 // every volume flushed and closed. It is what SIGTERM does.
 func (s *Server) Close() error {
 	s.stopControl()
+	s.stopHTTP()
 	if s.cancel != nil {
 		s.cancel()
 	}

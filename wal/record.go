@@ -12,7 +12,8 @@
 //	6  uint8  type
 //	7  uint8  format version (1)
 //	8  uint32 length: Write: payload bytes; Zero: bytes zeroed;
-//	          Padding: bytes skipped after the header; Barrier: 0
+//	          Padding: bytes skipped after the header; Barrier: 0;
+//	          Snapshot, SnapshotDelete: payload bytes (see snapshot.go)
 //	12 uint32 gen: the volume's WAL generation (bumped at every open) that
 //	          wrote the record; it never decreases along a valid log, so a
 //	          stale record left behind by an earlier life is not mistaken
@@ -55,6 +56,12 @@ const (
 	Barrier RecordType = 3
 	// Padding fills the end of the ring; scanners skip it.
 	Padding RecordType = 4
+	// Snapshot creates a snapshot at its LSN: the snapshot holds the
+	// effect of every record before it. Its payload (CRC-covered) is a
+	// SnapshotPayload; Offset is 0.
+	Snapshot RecordType = 5
+	// SnapshotDelete deletes the snapshot its payload names.
+	SnapshotDelete RecordType = 6
 )
 
 func (t RecordType) String() string {
@@ -67,6 +74,10 @@ func (t RecordType) String() string {
 		return "barrier"
 	case Padding:
 		return "padding"
+	case Snapshot:
+		return "snapshot"
+	case SnapshotDelete:
+		return "snapshot-delete"
 	}
 	return fmt.Sprintf("type(%d)", uint8(t))
 }
@@ -99,10 +110,16 @@ func align(n int) int { return (n + Align - 1) &^ (Align - 1) }
 // payloadLen is the number of bytes stored after the header.
 func payloadLen(t RecordType, length uint32) int {
 	switch t {
-	case Write, Padding:
+	case Write, Padding, Snapshot, SnapshotDelete:
 		return int(length)
 	}
 	return 0
+}
+
+// HasData reports whether records of type t carry Length payload bytes
+// covered by the CRC (Write and the snapshot records).
+func HasData(t RecordType) bool {
+	return t == Write || t == Snapshot || t == SnapshotDelete
 }
 
 // EncodedSize is the number of log bytes a record of this type and length
@@ -114,11 +131,11 @@ func EncodedSize(t RecordType, length uint32) int {
 // Size is EncodedSize for r.
 func (r Record) Size() int { return EncodedSize(r.Type, r.Length) }
 
-func validType(t RecordType) bool { return t >= Write && t <= Padding }
+func validType(t RecordType) bool { return t >= Write && t <= SnapshotDelete }
 
 // PutHeader writes r's header into hdr (at least HeaderSize bytes) with a
-// CRC over the header and payload. For Write records payload must be
-// exactly r.Length bytes; it is not copied (use it to write the header and
+// CRC over the header and payload. For records with data (HasData)
+// payload must be exactly r.Length bytes; it is not copied (use it to write the header and
 // the payload with separate calls).
 func PutHeader(hdr []byte, r Record, payload []byte) {
 	_ = hdr[HeaderSize-1]
@@ -131,23 +148,23 @@ func PutHeader(hdr []byte, r Record, payload []byte) {
 	binary.LittleEndian.PutUint64(hdr[24:], r.Epoch)
 	binary.LittleEndian.PutUint64(hdr[32:], uint64(r.Offset))
 	crc := crc32.Update(0, castagnoli, hdr[4:HeaderSize])
-	if r.Type == Write {
+	if HasData(r.Type) {
 		crc = crc32.Update(crc, castagnoli, payload)
 	}
 	binary.LittleEndian.PutUint32(hdr[0:], crc)
 }
 
 // EncodeInto frames r into buf, which must hold r.Size() bytes, and
-// returns the number of bytes used. A Write record's payload is r.Payload
-// (len must equal r.Length); a Padding record's skipped bytes are zeroed.
+// returns the number of bytes used. The payload of a record with data
+// (HasData) is r.Payload (len must equal r.Length); a Padding record's
+// skipped bytes are zeroed.
 func EncodeInto(buf []byte, r Record) int {
 	n := r.Size()
 	buf = buf[:n]
 	pl := payloadLen(r.Type, r.Length)
-	switch r.Type {
-	case Write:
+	if HasData(r.Type) {
 		copy(buf[HeaderSize:], r.Payload[:r.Length])
-	default:
+	} else {
 		clear(buf[HeaderSize : HeaderSize+pl])
 	}
 	clear(buf[HeaderSize+pl:])
@@ -157,7 +174,7 @@ func EncodeInto(buf []byte, r Record) int {
 
 // Encode appends the framed record to dst.
 func Encode(dst []byte, r Record) []byte {
-	if r.Type == Write && len(r.Payload) != int(r.Length) {
+	if HasData(r.Type) && len(r.Payload) != int(r.Length) {
 		r.Length = uint32(len(r.Payload))
 	}
 	n := r.Size()
@@ -193,6 +210,9 @@ func DecodeHeader(hdr []byte) (Record, int, error) {
 	if r.Type == Barrier && r.Length != 0 {
 		return Record{}, 0, fmt.Errorf("%w: barrier with length", ErrCorrupt)
 	}
+	if (r.Type == Snapshot || r.Type == SnapshotDelete) && (r.Length > MaxSnapshotPayload || r.Offset != 0) {
+		return Record{}, 0, fmt.Errorf("%w: %s record with length %d offset %d", ErrCorrupt, r.Type, r.Length, r.Offset)
+	}
 	if r.Type != Padding && r.Offset < 0 {
 		return Record{}, 0, fmt.Errorf("%w: negative offset", ErrCorrupt)
 	}
@@ -212,7 +232,7 @@ func Decode(buf []byte) (Record, int, error) {
 		return Record{}, 0, ErrShort
 	}
 	crc := crc32.Update(0, castagnoli, buf[4:HeaderSize])
-	if r.Type == Write {
+	if HasData(r.Type) {
 		crc = crc32.Update(crc, castagnoli, buf[HeaderSize:HeaderSize+pl])
 		r.Payload = buf[HeaderSize : HeaderSize+pl : HeaderSize+pl]
 	}

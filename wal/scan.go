@@ -160,7 +160,7 @@ func Scan(r io.ReaderAt, ring Ring, opt ScanOptions, fn func(pos uint64, rec Rec
 			return stop("generation %d after %d (max %d)", h.Gen, lastGen, opt.MaxGen)
 		}
 		n := HeaderSize
-		if h.Type == Write {
+		if HasData(h.Type) {
 			n = size
 		}
 		b, err := view(pos, n)

@@ -51,6 +51,8 @@ func init() {
 			&cli.StringFlag{Name: "nbd", Value: "127.0.0.1:10809", Usage: "NBD listen address (host:port or unix:/path)"},
 			&cli.StringFlag{Name: "advertise", Usage: "replication address other servers use (default: --listen)"},
 			&cli.StringFlag{Name: "advertise-nbd", Usage: "NBD address clients use (default: --nbd)"},
+			&cli.StringFlag{Name: "http", Usage: "admin API listen address (snapshots, images; HTTPS with the --tls-* credentials); none when empty"},
+			&cli.StringFlag{Name: "advertise-http", Usage: "admin API address clients use (default: --http)"},
 			&cli.StringFlag{Name: "capacity", Usage: "capacity to report, e.g. 100GiB (default: the filesystem's)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			tlsFlags()[0], tlsFlags()[1], tlsFlags()[2], insecureFlag,
@@ -133,11 +135,14 @@ func serve(c *cli.Context) error {
 	}
 	srv, err := server.New(server.Config{DataDir: filepath.Join(data, "server"), ServerID: serveServerID, TLS: creds, EmbeddedMaster: creds != nil,
 		Listen: listen, NBD: c.String("nbd"), DeferNBD: true, Masters: []string{m.APIAddr()}, Logger: log,
-		UblkRecoveryWait: ublkWait})
+		UblkRecoveryWait: ublkWait, AdvertiseHTTP: m.APIAddr()})
 	if err != nil {
 		return err
 	}
 	defer srv.Close()
+	// The server's admin API (snapshots, images) shares the master's
+	// listener, TLS and client checks: the one API address serves both.
+	m.MountServerAPI(srv.HTTPHandler())
 	if !c.IsSet("listen") {
 		// Best effort: a lost file only costs the next start a new port.
 		if err := vfs.WriteFileAtomic(vfs.Default, addrFile, []byte(srv.Addr()+"\n"), 0o644); err != nil {
@@ -278,17 +283,22 @@ func runServer(c *cli.Context) error {
 	if err != nil {
 		return fmt.Errorf("server: %w", err)
 	}
-	if err := checkPlain(c, "server", creds, "nbd", "listen"); err != nil {
+	if err := checkPlain(c, "server", creds, "nbd", "listen", "http"); err != nil {
 		return err
 	}
 	srv, err := server.New(server.Config{DataDir: c.String("data"), ServerID: c.String("id"), TLS: creds,
 		Listen: c.String("listen"), NBD: c.String("nbd"), AdvertiseAddr: c.String("advertise"),
 		AdvertiseNBD: c.String("advertise-nbd"), Masters: api.ParseAddrs(c.String("master")),
+		HTTP: c.String("http"), AdvertiseHTTP: c.String("advertise-http"),
 		CapacityBytes: capacity, Logger: log, UblkRecoveryWait: ublkWait})
 	if err != nil {
 		return err
 	}
-	fmt.Printf("blockd server %s: NBD on %s, replication on %s, master %s\n", srv.ID(), srv.NBDAddr(), srv.Addr(), c.String("master"))
+	httpNote := ""
+	if a := srv.HTTPAddr(); a != "" {
+		httpNote = ", admin API on " + a
+	}
+	fmt.Printf("blockd server %s: NBD on %s, replication on %s%s, master %s\n", srv.ID(), srv.NBDAddr(), srv.Addr(), httpNote, c.String("master"))
 	<-ctx.Done()
 	return srv.Close()
 }

@@ -92,7 +92,7 @@ type volCtx struct {
 
 func volumeCmd(fn func(*volCtx) error) cli.ActionFunc {
 	return func(c *cli.Context) error {
-		name := "volume " + c.Command.Name
+		name := commandPath(c)
 		args := c.Args().Slice()
 		switch o := c.String("output"); o {
 		case "", "text", "json":

@@ -102,6 +102,7 @@ type cluster struct {
 	mAPI    []string
 	servers map[string]*proc
 	nbd     map[string]string
+	http    map[string]string // each server's admin API (--http)
 	mu      sync.Mutex
 	client  *api.Client
 }
@@ -109,7 +110,7 @@ type cluster struct {
 func newCluster(t *testing.T) *cluster {
 	testenv.RequireTool(t, "qemu-io")
 	testenv.RequireTool(t, "nbdsh")
-	c := &cluster{t: t, dir: t.TempDir(), servers: map[string]*proc{}, nbd: map[string]string{}}
+	c := &cluster{t: t, dir: t.TempDir(), servers: map[string]*proc{}, nbd: map[string]string{}, http: map[string]string{}}
 	t.Cleanup(func() {
 		for _, s := range c.servers {
 			s.signal(syscall.SIGCONT)
@@ -164,12 +165,13 @@ func (c *cluster) startServer(id string) *proc {
 	c.mu.Lock()
 	s := c.servers[id]
 	if s == nil {
-		nbdAddr := freePort(c.t)
+		nbdAddr, httpAddr := freePort(c.t), freePort(c.t)
 		s = &proc{name: id, log: filepath.Join(c.dir, id+".log"),
 			args: []string{"server", "--id", id, "--data", filepath.Join(c.dir, id),
-				"--master", strings.Join(c.mAPI, ","), "--listen", freePort(c.t), "--nbd", nbdAddr}}
+				"--master", strings.Join(c.mAPI, ","), "--listen", freePort(c.t), "--nbd", nbdAddr, "--http", httpAddr}}
 		c.servers[id] = s
 		c.nbd[id] = nbdAddr
+		c.http[id] = httpAddr
 	}
 	c.mu.Unlock()
 	s.start(c.t)
