@@ -61,6 +61,9 @@ func (s *Server) openExisting() error {
 		if _, err := s.addVolume(e.Name(), dir, vol); err != nil {
 			return err
 		}
+		if err := s.recoverImport(e.Name(), dir, vol, false, vol.Flush); err != nil {
+			s.log.Error("import_recovery_failed", "volume", e.Name(), "err", err)
+		}
 		s.log.Info("volume_opened", "volume", e.Name(), "epoch", vol.Epoch(), "stored_role", vol.Role(),
 			"head_lsn", vol.HeadLSN(), "checkpoint_lsn", vol.CheckpointLSN())
 	}

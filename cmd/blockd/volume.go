@@ -54,7 +54,7 @@ func init() {
 	register(&cli.Command{
 		Name:  "volume",
 		Usage: "create, inspect, resize, delete and promote volumes (talks to the master)",
-		Subcommands: []*cli.Command{
+		Subcommands: append([]*cli.Command{
 			{Name: "create", Usage: "create a volume", ArgsUsage: "NAME --size SIZE [--rf N] [--durability MODE] [--preset NAME] [--wal-size SIZE]",
 				Flags: volClientFlags(append(volPolicyFlags(), allowFlag())...), Action: volumeCmd(volCreate)},
 			{Name: "list", Usage: "list volumes", Flags: volClientFlags(), Action: volumeCmd(volListCmd)},
@@ -76,7 +76,7 @@ func init() {
 					&cli.StringFlag{Name: "target", Usage: "server ID to promote (default: the best candidate)"},
 					&cli.BoolFlag{Name: "force", Usage: "bypass soft gates (lag, not in sync, lower LSN, live primary); hard gates still hold"},
 				), Action: volumeCmd(volPromote)},
-		},
+		}, imageCommands()...),
 	})
 }
 
@@ -94,7 +94,7 @@ func volumeCmd(fn func(*volCtx) error) cli.ActionFunc {
 	return func(c *cli.Context) error {
 		name := commandPath(c)
 		args := c.Args().Slice()
-		switch o := c.String("output"); o {
+		switch o := c.String("o"); o {
 		case "", "text", "json":
 		default:
 			return fmt.Errorf("%s: -o %s: unknown output format (json, or text by default)", name, api.QuoteName(o))
@@ -115,7 +115,7 @@ func volumeCmd(fn func(*volCtx) error) cli.ActionFunc {
 		}
 		cl.AnswerTimeout = c.Duration("timeout")
 		cl.RetryFor = c.Duration("wait")
-		v := &volCtx{c: c, args: args, cl: cl, ctx: c.Context, json: c.String("output") == "json", out: c.App.Writer}
+		v := &volCtx{c: c, args: args, cl: cl, ctx: c.Context, json: c.String("o") == "json", out: c.App.Writer}
 		if err := fn(v); err != nil {
 			var ue *api.UnreachableError
 			if errors.As(err, &ue) && !ue.MaybeApplied {
