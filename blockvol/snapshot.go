@@ -512,7 +512,9 @@ func (v *Volume) applySnapshotRecord(rec wal.Record) error {
 		if i < 0 {
 			// Not here (a replica rebuilt without it): keep the record
 			// for the LSN sequence, nothing else to do.
-			if _, err := v.appendRecord(rec, true); err != nil {
+			_, err := v.appendRecord(rec, true)
+			v.ckptCeil.Store(0) // appendRecord set it for a delete; nothing to commit here
+			if err != nil {
 				return fmt.Errorf("blockvol: apply record: %w", err)
 			}
 			v.log.Info("engine_snapshot_delete_absent", "snapshot", p.Name, "id", p.ID, "lsn", rec.LSN)

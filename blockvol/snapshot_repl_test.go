@@ -204,3 +204,118 @@ func TestSnapshotRecordValidation(t *testing.T) {
 		t.Fatalf("create after a replicated snapshot: %+v %v", in, err)
 	}
 }
+
+// A replica rebuilt from a base copy (ReplResetHead, ReplWriteBase) has
+// no WAL history; InstallSnapshot, newest first, with the primary's
+// ChangedRanges, gives it the same snapshots, byte for byte, and it then
+// follows the primary's snapshot records as usual.
+func TestSnapshotInstallOnRebuiltReplica(t *testing.T) {
+	const size = 1 << 20
+	p, _ := newVol(t, size, 8<<20)
+	r, _ := newVol(t, size, 256<<10)
+	m := newSnapModel(size)
+	rng := rand.New(rand.NewPCG(8, 8))
+	for k := 0; k < 5; k++ {
+		for i := 0; i < 30; i++ {
+			off := int64(rng.IntN(size/4096-2)) * 4096
+			if i%7 == 0 {
+				m.trim(t, p, off, 8192)
+			} else {
+				m.write(t, p, pattern(uint64(k*100+i), 8192), off)
+			}
+		}
+		if k%2 == 0 {
+			flushAll(t, p)
+		}
+		m.create(t, p, fmt.Sprintf("s%d", k))
+	}
+	m.write(t, p, pattern(999, 64<<10), 128<<10) // unflushed on the primary
+	if err := p.DeleteSnapshot("s2"); err != nil {
+		t.Fatal(err)
+	}
+	delete(m.snaps, "s2")
+	p.HoldRetention("replica", p.HeadLSN()+1)
+	// The rebuild: reset the head, copy the live data.
+	if err := r.ReplResetHead(p.HeadLSN()); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.ReplWriteBase(0, mustRead(t, p, 0, size)); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.ReplSyncBase(); err != nil {
+		t.Fatal(err)
+	}
+	snaps := p.Snapshots()
+	for i := len(snaps) - 1; i >= 0; i-- {
+		in := snaps[i]
+		var ranges []Range
+		if i < len(snaps)-1 {
+			var err error
+			if ranges, err = p.ChangedRanges(in.Name, snaps[i+1].Name); err != nil {
+				t.Fatal(err)
+			}
+		}
+		src, err := p.OpenSnapshot(in.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = r.InstallSnapshot(in, ranges, src.ReadAt)
+		src.Close()
+		if err != nil {
+			t.Fatalf("install %q: %v", in.Name, err)
+		}
+	}
+	sameVolumes(t, p, r)
+	m.check(t, r)
+	// Wrong order and duplicates are refused.
+	if err := r.InstallSnapshot(snaps[len(snaps)-1], nil, nil); !errors.Is(err, ErrSnapshotExists) {
+		t.Fatalf("duplicate install: %v", err)
+	}
+	late := snaps[0]
+	late.ID, late.Name, late.LSN = 99, "late", snaps[len(snaps)-1].LSN+1
+	if err := r.InstallSnapshot(late, nil, nil); !errors.Is(err, blockdev.ErrInvalid) {
+		t.Fatalf("install out of order: %v", err)
+	}
+	// Life goes on: records flow, snapshots keep matching.
+	m.write(t, p, pattern(1000, 16384), 0)
+	m.create(t, p, "after")
+	m.write(t, p, pattern(1001, 16384), 4096)
+	if err := p.DeleteSnapshot("s0"); err != nil {
+		t.Fatal(err)
+	}
+	delete(m.snaps, "s0")
+	if err := p.RestoreSnapshot("s3"); err != nil {
+		t.Fatal(err)
+	}
+	copy(m.live, m.snaps["s3"])
+	ship(t, p, r)
+	flushAll(t, r)
+	sameVolumes(t, p, r)
+	m.check(t, r)
+}
+
+// A replica that does not hold a snapshot (rebuilt without it) accepts
+// the primary's delete record for the LSN sequence, and its flusher
+// checkpoints past it (it once stayed behind a checkpoint ceiling).
+func TestSnapshotDeleteRecordForAbsentSnapshot(t *testing.T) {
+	v, _ := newVol(t, 1<<20, 256<<10)
+	p, err := wal.SnapshotPayload{ID: 4, CreatedNano: 1, Size: 1 << 20, Name: "gone", UUID: newUUID()}.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := v.ApplyRecord(wal.Record{LSN: 1, Type: wal.SnapshotDelete, Length: uint32(len(p)), Payload: p}); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.ApplyRecord(wal.Record{LSN: 2, Type: wal.Write, Length: 4096, Payload: pattern(1, 4096)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.ReplCheckpoint(); err != nil {
+		t.Fatal(err)
+	}
+	if v.CheckpointLSN() != 2 {
+		t.Fatalf("checkpoint at %d after a delete record for an absent snapshot, head %d", v.CheckpointLSN(), v.HeadLSN())
+	}
+}

@@ -564,12 +564,17 @@ func (m *Master) checkEndpointChange(ld *leaderState, req api.HeartbeatRequest) 
 		if !EndpointChangeAllowed(rec.NBDAddr, req.NBDAddr, q, m.cfg.LeaseTTL) {
 			return refuse(rec.ID, "nbd_addr", rec.NBDAddr, req.NBDAddr, q)
 		}
+		// The admin API address moves under the same rule (dropping it
+		// redirects nothing).
+		if req.HTTPAddr != "" && !EndpointChangeAllowed(rec.HTTPAddr, req.HTTPAddr, q, m.cfg.LeaseTTL) {
+			return refuse(rec.ID, "http_addr", rec.HTTPAddr, req.HTTPAddr, q)
+		}
 	}
 	for _, o := range m.fsm.servers() {
 		if o.ID == req.ServerID {
 			continue
 		}
-		for _, f := range []struct{ name, have, want string }{{"addr", o.Addr, req.Addr}, {"nbd_addr", o.NBDAddr, req.NBDAddr}} {
+		for _, f := range []struct{ name, have, want string }{{"addr", o.Addr, req.Addr}, {"nbd_addr", o.NBDAddr, req.NBDAddr}, {"http_addr", o.HTTPAddr, req.HTTPAddr}} {
 			if f.have != "" && f.have == f.want {
 				if q := silent(o.ID); q < m.cfg.LeaseTTL {
 					return refuse(o.ID, f.name, f.have, f.want, q)

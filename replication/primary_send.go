@@ -161,6 +161,12 @@ func (s *session) live() error {
 				return err
 			}
 		} else if s.kind != TransferNone && !s.doneSent {
+			if s.kind == TransferRebuild && !s.snapsSent {
+				if err := s.sendSnapshots(buf, zero[:]); err != nil {
+					return err
+				}
+				s.snapsSent = true
+			}
 			achieved := s.next - 1
 			p.mu.Lock()
 			s.promoteAt, s.promoteSet = achieved, true

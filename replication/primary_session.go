@@ -48,6 +48,7 @@ type session struct {
 	progress     int64 // regions sent
 	nRegions     int64
 	doneSent     bool
+	snapsSent    bool // a rebuild's snapshots were sent (snapshot_transfer.go)
 	allowBarrier bool
 	baseBytes    int64
 

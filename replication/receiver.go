@@ -670,6 +670,11 @@ func (rc *rconn) loop() error {
 				rc.refuse(CodeApply, err.Error())
 				return err
 			}
+		case MsgSnapBegin:
+			if err := rc.installSnapshot(m); err != nil {
+				rc.refuse(CodeApply, err.Error())
+				return err
+			}
 		case MsgDone:
 			if err := rc.done(m.LSNTo); err != nil {
 				rc.refuse(CodeApply, err.Error())

@@ -137,10 +137,11 @@ func TestSnapshotOpsShippedSyncAll(t *testing.T) {
 }
 
 // TestSnapshotDuringRebuildIsAbsentOnReplica: a snapshot taken while a
-// blank replica is being rebuilt cannot be held consistently there (the
+// blank replica is being rebuilt cannot be made from its record there (the
 // blocks not yet transferred still hold the replica's old bytes). The
-// replica records it as absent; it never holds a snapshot whose bytes
-// differ from the primary's. A snapshot taken once it is in sync is held.
+// replica records it as absent, and the snapshot transfer at the end of
+// the base installs it with the primary's bytes: it never holds a
+// snapshot whose bytes differ. A snapshot taken once it is in sync is held.
 func TestSnapshotDuringRebuildIsAbsentOnReplica(t *testing.T) {
 	logs, log := newCapture()
 	const size = 32 << 20
@@ -181,10 +182,10 @@ func TestSnapshotDuringRebuildIsAbsentOnReplica(t *testing.T) {
 		// Held: then it must read as the primary's does.
 		pr, _ := pn.vol.OpenSnapshot("mid")
 		rr, _ := rn.vol.OpenSnapshot("mid")
-		defer pr.Close()
-		defer rr.Close()
-		t.Logf("replica holds %+v", ri)
+		t.Logf("replica holds %+v (installed after the base: %d)", ri, len(logs.events(EvSnapshotInstalled)))
 		sameData(t, pr, rr)
+		pr.Close()
+		rr.Close()
 	} else {
 		logs.waitEvent(t, EvSnapshotSkipped, map[string]string{"reason": "base_transfer_in_progress"})
 	}
@@ -207,11 +208,92 @@ func TestSnapshotDuringRebuildIsAbsentOnReplica(t *testing.T) {
 	defer pr.Close()
 	rr, err := rn.vol.OpenSnapshot("after")
 	if err != nil {
-		t.Fatalf("replica lacks the snapshot taken in sync: %v", err)
+		ai, _ := pn.vol.SnapshotInfo("after")
+		t.Fatalf("replica lacks the snapshot taken in sync (lsn %d): %v\nskipped: %v\ntransfers done: %v\nplans: %v\nrefused: %v\nended: %v", ai.LSN, err,
+			logs.events(EvSnapshotSkipped), logs.events(EvTransferDone), logs.events(EvPlanChosen), logs.events(EvRefused), logs.events(EvSessionEnded))
 	}
 	defer rr.Close()
 	sameData(t, pr, rr)
 	if _, err := rn.vol.SnapshotInfo("mid"); err == nil {
 		t.Fatal("replica still holds the deleted snapshot")
+	}
+}
+
+// TestRebuildTransfersSnapshots: a blank replica rebuilt from a primary
+// whose snapshots' records the WAL no longer holds gets every snapshot
+// (same ID, UUID, LSN and bytes), installed after the base; later
+// snapshot operations follow as records.
+func TestRebuildTransfersSnapshots(t *testing.T) {
+	logs, log := newCapture()
+	const size = 32 << 20
+	pn, rn := newNode(t, size), newNode(t, size)
+	gen := 0
+	writeSome := func(step int64) {
+		gen++
+		for i := int64(0); i < size/4096; i += step {
+			if err := pn.vol.WriteAt(pattern(i, gen), i*4096, false); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	writeSome(3)
+	for _, name := range []string{"a", "b", "c"} {
+		if _, err := pn.vol.CreateSnapshot(name, blockvol.SnapshotOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		writeSome(5)
+	}
+	if err := pn.vol.DeleteSnapshot("b"); err != nil { // a gap in the chain
+		t.Fatal(err)
+	}
+	if err := pn.vol.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := pn.vol.ReplCheckpoint(); err != nil {
+		t.Fatal(err)
+	}
+	if pn.vol.OldestRetainedLSN() <= 1 {
+		t.Fatal("WAL not recycled: the rebuild would not be needed")
+	}
+	rs := startReplServer(t, "srv-r", log)
+	rs.set("v1", rn.vol, 1, "")
+	p := newTestPrimary(t, pn.vol, 1, SyncAll, []Peer{{"srv-r", rs.addr}}, nil, func(c *PrimaryConfig) { c.Logger = log })
+	waitState(t, p, "srv-r", InSync)
+	logs.waitEvent(t, EvPlanChosen, map[string]string{"replica": "srv-r", "plan": "rebuild"})
+	want := pn.vol.Snapshots()
+	got := rn.vol.Snapshots()
+	if len(got) != len(want) {
+		t.Fatalf("replica snapshots %+v, primary %+v", got, want)
+	}
+	for i := range want {
+		w, g := want[i], got[i]
+		if w.Name != g.Name || w.ID != g.ID || w.UUID != g.UUID || w.LSN != g.LSN || w.SizeBytes != g.SizeBytes {
+			t.Fatalf("snapshot %d: replica %+v, primary %+v", i, g, w)
+		}
+		pr, err := pn.vol.OpenSnapshot(w.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rr, err := rn.vol.OpenSnapshot(w.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sameData(t, pr, rr)
+		pr.Close()
+		rr.Close()
+	}
+	sameData(t, pn.vol, rn.vol)
+	if n := len(logs.events(EvSnapshotInstalled)); n != len(want) {
+		t.Fatalf("%d snapshot_installed events, want %d", n, len(want))
+	}
+	// Afterwards: records as usual (sync_all: on the replica at return).
+	if _, err := p.CreateSnapshot("d", blockvol.SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.DeleteSnapshot("a"); err != nil {
+		t.Fatal(err)
+	}
+	if l := rn.vol.Snapshots(); len(l) != 2 || l[0].Name != "c" || l[1].Name != "d" {
+		t.Fatalf("replica after create d and delete a: %+v", l)
 	}
 }

@@ -48,6 +48,8 @@ const (
 	MsgDoneResp    MsgType = 11 // replica → primary: lsnTo = FlushedLSN after the transfer
 	MsgError       MsgType = 12 // either way: refusal (payload: ErrorBody); the session ends
 	MsgProgress    MsgType = 13 // replica → primary: lsnTo = base bytes persisted (resume point)
+	MsgSnapBegin   MsgType = 14 // primary → replica: install a snapshot after a rebuild's base (payload: SnapBegin)
+	MsgSnapData    MsgType = 15 // primary → replica: that snapshot's bytes (payload: BaseChunk)
 )
 
 var msgNames = map[MsgType]string{
@@ -55,6 +57,7 @@ var msgNames = map[MsgType]string{
 	MsgBarrier: "barrier", MsgBarrierResp: "barrier_resp", MsgPing: "ping",
 	MsgPong: "pong", MsgBegin: "begin", MsgBase: "base", MsgDone: "done",
 	MsgDoneResp: "done_resp", MsgError: "error", MsgProgress: "progress",
+	MsgSnapBegin: "snap_begin", MsgSnapData: "snap_data",
 }
 
 func (t MsgType) String() string {
