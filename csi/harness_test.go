@@ -108,7 +108,7 @@ func newCluster(t *testing.T, servers int) *cluster {
 		id := fmt.Sprintf("s%d", i)
 		ids = append(ids, id)
 		c.start(id, "server", "--id", id, "--data", filepath.Join(c.dir, id), "--master", c.master,
-			"--listen", freeAddr(t), "--nbd", freeAddr(t), "--capacity", "20GiB")
+			"--listen", freeAddr(t), "--nbd", freeAddr(t), "--http", freeAddr(t), "--capacity", "20GiB")
 	}
 	c.waitFor("servers alive", 60*time.Second, func() error {
 		ss, err := c.client.Servers(context.Background())
