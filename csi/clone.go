@@ -24,6 +24,7 @@ type contentSource struct {
 	vol  string // source volume
 	snap string // "" for a volume source (exported live)
 	info *api.VolumeInfo
+	size int64 // of the snapshot, or of the volume now
 }
 
 func (s contentSource) String() string {
@@ -60,15 +61,17 @@ func (d *Driver) resolveSource(ctx context.Context, cs *csi.VolumeContentSource)
 		}
 		return nil, apiStatus("create volume: source "+src.String(), err)
 	}
-	src.info = info
+	src.info, src.size = info, info.SizeBytes
 	if src.snap != "" {
 		_, snaps, err := d.primaryClient(ctx, src.vol, d.cfg.AttachWait)
 		if err != nil {
 			return nil, snapStatus("create volume: source "+src.String(), err)
 		}
-		if findSnap(snaps, src.snap) == nil {
+		sn := findSnap(snaps, src.snap)
+		if sn == nil {
 			return nil, status.Errorf(codes.NotFound, "create volume: source snapshot %s does not exist", SnapshotID(src.vol, src.snap))
 		}
+		src.size = sn.SizeBytes // the volume may have grown since
 	}
 	return &src, nil
 }
@@ -141,7 +144,7 @@ func (d *Driver) createFromSource(ctx context.Context, req *csi.CreateVolumeRequ
 	if err != nil {
 		return nil, err
 	}
-	size, err := sizeFromSource(src.info.SizeBytes, req.GetCapacityRange())
+	size, err := sizeFromSource(src.size, req.GetCapacityRange())
 	if err != nil {
 		return nil, err
 	}
@@ -162,8 +165,8 @@ func (d *Driver) createFromSource(ctx context.Context, req *csi.CreateVolumeRequ
 		if _, err := d.adopt(req, params, existing); err != nil {
 			return nil, err
 		}
-		if existing.SizeBytes < src.info.SizeBytes {
-			return nil, status.Errorf(codes.AlreadyExists, "create volume %s: exists with %d bytes, smaller than its source %s (%d)", name, existing.SizeBytes, src, src.info.SizeBytes)
+		if existing.SizeBytes < src.size {
+			return nil, status.Errorf(codes.AlreadyExists, "create volume %s: exists with %d bytes, smaller than its source %s (%d)", name, existing.SizeBytes, src, src.size)
 		}
 		if err := d.populate(ctx, src, name, true); err != nil {
 			return nil, err

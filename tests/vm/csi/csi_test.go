@@ -2,8 +2,9 @@
 // (tests/vm/vmtest), where the kernel nbd driver exists: a master, a
 // volume server and `blockd csi --mode both` in the guest; the
 // Kubernetes CSI sanity suite (csi/sanity_test.go, built as a static test
-// binary) with its node service tests; then an end-to-end life of a volume
-// through the driver (csie2e).
+// binary) with its node service tests, snapshots and clones included;
+// then an end-to-end life of a volume through the driver (csie2e), with a
+// snapshot and volumes made from it.
 package csi
 
 import (
@@ -68,7 +69,7 @@ trap 'rc=$?; [ $rc = 0 ] || dump' EXIT
 M=127.0.0.1:9333
 blockd master --data /tmp/m --api $M --lease-ttl 3s >/tmp/master.log 2>&1 &
 waitfor 60 blockd volume list --master $M >/dev/null
-blockd server --id s1 --data /tmp/s1 --master $M --listen 127.0.0.1:9701 --nbd 127.0.0.1:10801 --capacity 1GiB >/tmp/server.log 2>&1 &
+blockd server --id s1 --data /tmp/s1 --master $M --listen 127.0.0.1:9701 --nbd 127.0.0.1:10801 --http 127.0.0.1:9780 --capacity 1GiB >/tmp/server.log 2>&1 &
 waitfor 60 sh -c "blockd volume list --master $M >/dev/null && grep -q server_registered /tmp/master.log"
 blockd csi --mode both --endpoint unix:///tmp/csi/csi.sock --node-id guest-node --master $M >/tmp/csi.log 2>&1 &
 CSI=$!
@@ -121,7 +122,8 @@ func TestCSIInGuest(t *testing.T) {
 		t.Fatalf("guest script failed with exit code %d (console in the log above)", res.ExitCode)
 	}
 	for _, m := range []string{"SANITY-OK", "E2E-OK all", "E2E-OK restart1", "E2E-OK restart2", "CSI-GUEST-OK",
-		"expanded while mounted", "files intact across the driver restart"} {
+		"expanded while mounted", "files intact across the driver restart",
+		"snapshot clone: the files are there", "pvc-e2e-from-snap: staged", "pvc-e2e-from-vol: staged"} {
 		if !strings.Contains(res.Console, m) {
 			t.Errorf("console lacks %q", m)
 		}
