@@ -34,7 +34,7 @@ import (
 func main() {
 	endpoint := flag.String("endpoint", "unix:///tmp/csi/csi.sock", "driver endpoint")
 	work := flag.String("work", "/tmp/e2e", "directory for staging and target paths")
-	phase := flag.String("phase", "all", "all | restart1 (stage, publish, write; the driver is then restarted) | restart2 (the new driver process finds the volume, unstages it)")
+	phase := flag.String("phase", "all", "all | restart1 (stage, publish, write; the driver is then restarted) | restart2 (the new driver process finds the volume, unstages it) | tls (a driver with a client certificate against a TLS-only cluster)")
 	flag.Parse()
 	var err error
 	switch *phase {
@@ -42,6 +42,8 @@ func main() {
 		err = run(*endpoint, *work)
 	case "restart1", "restart2":
 		err = restart(*endpoint, *work, *phase == "restart1")
+	case "tls":
+		err = tlsLife(*endpoint, *work)
 	default:
 		err = fmt.Errorf("unknown phase %q", *phase)
 	}
@@ -129,6 +131,71 @@ func restart(endpoint, work string, first bool) error {
 		return fmt.Errorf("delete: %w", err)
 	}
 	step("restart: %d files intact across the driver restart; unstaged by the new process", n)
+	return nil
+}
+
+// tlsLife: against a cluster that serves TLS only (the NBD server
+// refuses a session without STARTTLS), a driver with a client
+// certificate stages a volume (the kernel's socket proxied through TLS
+// by the keeper), writes files, expands it (the node asks the primary
+// for the size over NBD with TLS), snapshots it and stages a volume made
+// from the snapshot with the files there.
+func tlsLife(endpoint, work string) error {
+	conn, err := grpc.NewClient(endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	cc, nc := csi.NewControllerClient(conn), csi.NewNodeClient(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	rw := mountCap(csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER)
+	staging, target := filepath.Join(work, "tstaging"), filepath.Join(work, "ttarget")
+	if err := os.MkdirAll(staging, 0o755); err != nil {
+		return err
+	}
+	id := "pvc-tls"
+	if _, err := cc.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: id, VolumeCapabilities: []*csi.VolumeCapability{rw},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 32 << 20}, Parameters: map[string]string{"walSize": "4194304"}}); err != nil {
+		return fmt.Errorf("create: %w", err)
+	}
+	if _, err := nc.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: rw}); err != nil {
+		return fmt.Errorf("stage over TLS: %w", err)
+	}
+	if _, err := nc.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		TargetPath: target, VolumeCapability: rw}); err != nil {
+		return fmt.Errorf("publish: %w", err)
+	}
+	sums, err := writeFiles(target, 4)
+	if err != nil {
+		return err
+	}
+	if _, err := cc.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 48 << 20}, VolumeCapability: rw}); err != nil {
+		return fmt.Errorf("controller expand: %w", err)
+	}
+	if ne, err := nc.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: target, StagingTargetPath: staging,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 48 << 20}, VolumeCapability: rw}); err != nil || ne.CapacityBytes != 48<<20 {
+		return fmt.Errorf("node expand over TLS: %v %v", ne, err)
+	}
+	step("tls: staged, %d files written, expanded to 48 MiB", len(sums))
+	snapID, err := snapshotAndClone(ctx, cc, nc, work, id, target, sums)
+	if err != nil {
+		return fmt.Errorf("tls: %w", err)
+	}
+	if _, err := nc.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		return fmt.Errorf("unpublish: %w", err)
+	}
+	if _, err := nc.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		return fmt.Errorf("unstage: %w", err)
+	}
+	if _, err := cc.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: snapID}); err != nil {
+		return fmt.Errorf("delete snapshot: %w", err)
+	}
+	if _, err := cc.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		return fmt.Errorf("delete: %w", err)
+	}
+	step("tls: the volume's life over TLS, snapshot and clone included")
 	return nil
 }
 
