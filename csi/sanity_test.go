@@ -78,7 +78,7 @@ func TestSanity(t *testing.T) {
 				case !node && strings.HasPrefix(name, "Node Service"):
 					why = "node service: this host has no nbd driver; tests/vm/csi runs these specs in the 6.12 guest"
 				case s.State == types.SpecStatePending:
-					why = "pending in the suite itself (PIt: upstream marks it unfinished)"
+					why = "disabled in the suite itself (XIt upstream, csi-test issue 223)"
 				default:
 					why = "not selected (" + s.State.String() + ")"
 				}
