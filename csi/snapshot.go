@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"regexp"
 	"sort"
 	"strings"
 	"time"
@@ -14,7 +15,6 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/blockd/blockd/api"
-	"github.com/blockd/blockd/blockvol"
 	"github.com/blockd/blockd/tlsauth"
 )
 
@@ -353,17 +353,22 @@ func SnapshotID(vol, snap string) string { return vol + "@" + snap }
 // cannot have issued.
 func ParseSnapshotID(id string) (vol, snap string, ok bool) {
 	vol, snap, found := strings.Cut(id, "@")
-	if !found || !volNameRE.MatchString(vol) || blockvol.CheckSnapshotName(snap) != nil {
+	if !found || !volNameRE.MatchString(vol) || !snapNameRE.MatchString(snap) {
 		return "", "", false
 	}
 	return vol, snap, true
 }
 
+// snapNameRE is the rule of blockd snapshot names (the engine's
+// CheckSnapshotName: a letter or digit, then letters, digits, '.', '_',
+// '-', at most 64 characters; TestSnapshotNameRule holds them together).
+var snapNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
 // SnapshotName maps a CSI snapshot name to a blockd snapshot name: the
 // name itself when blockd accepts it (Kubernetes' snapshot-<uuid> does),
 // otherwise "csi-" and a hash of it.
 func SnapshotName(csiName string) string {
-	if blockvol.CheckSnapshotName(csiName) == nil {
+	if snapNameRE.MatchString(csiName) {
 		return csiName
 	}
 	return "csi-" + nameHash(csiName)

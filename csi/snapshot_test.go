@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/blockd/blockd/blockvol"
 	"github.com/blockd/blockd/internal/testenv"
 )
 
@@ -46,6 +47,18 @@ func TestSnapshotIDs(t *testing.T) {
 	}
 	if a := SnapshotName("has@at"); strings.Contains(a, "@") {
 		t.Errorf("a name with @ maps to %q", a)
+	}
+}
+
+// TestSnapshotNameRule: the driver's snapshot names are exactly the ones
+// the engine accepts (a name the driver passes must not be refused by
+// the server, and a name the engine takes must parse back from its ID).
+func TestSnapshotNameRule(t *testing.T) {
+	for _, n := range []string{"a", "snapshot-0b6c8f5e-1d1c-4f8e-9a43-2b1f1e0e9c11", "A.b_c-9", strings.Repeat("x", 64),
+		strings.Repeat("x", 65), "", "-a", ".a", "_a", "a@b", "a/b", "a b", "ä", "a\x00"} {
+		if got, want := snapNameRE.MatchString(n), blockvol.CheckSnapshotName(n) == nil; got != want {
+			t.Errorf("%q: driver says %v, engine says %v", n, got, want)
+		}
 	}
 }
 

@@ -18,7 +18,7 @@ var allowed = map[string][]string{
 	"cmd/blockd":        {"*"},
 	"server":            {"replication", "blockvol", "nbd", "ublk", "api", "blockdev", "vfs", "tlsauth", "image"},
 	"master":            {"api", "tlsauth", "vfs"},
-	"csi":               {"api", "nbd/kernel"},
+	"csi":               {"api", "nbd/kernel", "tlsauth"},
 	"replication":       {"blockvol", "wal", "blockdev", "vfs"},
 	"blockvol":          {"wal", "vfs", "blockdev"},
 	"nbd":               {"blockdev", "nbd/wire"},
