@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/blockvol"
 	"github.com/blockd/blockd/internal/testenv"
 )
@@ -305,5 +306,35 @@ func TestControllerSnapshots(t *testing.T) {
 		if _, err := cc.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 			t.Fatalf("delete %s: %v", id, err)
 		}
+	}
+}
+
+// TestSnapStatus: the admin API's refusals reach the CO with the codes
+// the spec names for them.
+func TestSnapStatus(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		code codes.Code
+	}{
+		{api.Errorf(api.CodeBusy, "snapshot in use"), codes.Aborted},
+		{api.Errorf(api.CodeNoSpace, "disk full"), codes.ResourceExhausted},
+		{api.Errorf(api.CodeNotPrimary, "moved"), codes.Unavailable},
+		{api.Errorf(api.CodeForbidden, "requires TLS"), codes.PermissionDenied},
+		{api.Errorf(api.CodeImageConflict, "holds data"), codes.FailedPrecondition},
+		{api.Errorf(api.CodeAlreadyExists, "exists"), codes.AlreadyExists},
+		{api.Errorf(api.CodeNotFound, "no such snapshot"), codes.NotFound},
+		{api.Errorf(api.CodeBadRequest, "bad name"), codes.InvalidArgument},
+		{fmt.Errorf("volume v: its primary, server s1, has %w", errNoAdmin), codes.FailedPrecondition},
+		{status.Error(codes.NotFound, "volume gone"), codes.NotFound},
+		{fmt.Errorf("dial tcp: connection refused"), codes.Unavailable},
+	} {
+		err := snapStatus("op", tc.err)
+		if status.Code(err) != tc.code || !strings.Contains(status.Convert(err).Message(), status.Convert(tc.err).Message()) {
+			t.Errorf("%v -> %v, want %v naming the cause", tc.err, err, tc.code)
+		}
+	}
+	if retryable(fmt.Errorf("x: %w", errNoAdmin)) || !retryable(api.Errorf(api.CodeNotPrimary, "x")) ||
+		retryable(api.Errorf(api.CodeForbidden, "x")) || retryable(status.Error(codes.NotFound, "x")) {
+		t.Error("retryable misclassifies")
 	}
 }
