@@ -34,6 +34,9 @@ type Error struct {
 	Leader string `json:"leader,omitempty"`
 	// Candidates is set on promote_rejected: the evaluated candidates.
 	Candidates []Candidate `json:"candidates,omitempty"`
+	// Placement is set on insufficient_servers from a create: every server
+	// placement considered, each with its rejection and reason.
+	Placement []PlacementCandidate `json:"placement,omitempty"`
 	// Status is the HTTP status (not sent on the wire).
 	Status int `json:"-"`
 }

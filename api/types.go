@@ -215,6 +215,9 @@ type PlacementCandidate struct {
 	VolumeCount int    `json:"volume_count"`
 	Selected    bool   `json:"selected"`
 	Rejection   string `json:"rejection,omitempty"` // stable reason: not_alive, insufficient_capacity
+	// Reason is Rejection with its figures, for people
+	// ("insufficient_capacity: 1.1 GiB (size 1.0 GiB + WAL 64 MiB) > 512 MiB free to provision ...").
+	Reason string `json:"reason,omitempty"`
 }
 
 // PlanResponse is the dry run of create: resolution plus placement.

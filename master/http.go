@@ -240,10 +240,12 @@ func (m *Master) plan(ld *leaderState, req api.CreateVolumeRequest) api.PlanResp
 		}
 		return out
 	}
-	pl := Place(states, res.Policy.RF, res.Policy.SizeBytes, res.Policy.WALSizeBytes)
+	pl := PlaceWith(Policy{OverprovisionPercent: m.cfg.OverprovisionPercent}, states, res.Policy.RF, res.Policy.SizeBytes, res.Policy.WALSizeBytes)
 	out.Candidates = pl.Candidates
 	if pl.Err != nil {
-		out.Errors = append(out.Errors, *pl.Err)
+		e := *pl.Err
+		e.Placement = nil // the plan's candidates carry them
+		out.Errors = append(out.Errors, e)
 		return out
 	}
 	out.Primary, out.Replicas = pl.Primary, pl.Replicas
@@ -302,17 +304,23 @@ func (m *Master) create(ld *leaderState, req api.CreateVolumeRequest) (*api.Volu
 		return nil, api.Errorf(api.CodeAlreadyExists, "volume %s already exists", api.QuoteName(req.Name))
 	}
 	pl := m.plan(ld, req)
-	if len(pl.Errors) > 0 && pl.Errors[0].Code == api.CodeInsufficientServers {
+	if len(pl.Errors) > 0 && pl.Errors[0].Code == api.CodeInsufficientServers && mayWarm(pl.Candidates) {
 		// A new leader knows no server alive until they heartbeat to it:
 		// give them one freshness window before refusing.
-		if warm := ld.since.Add(m.cfg.freshWindow()); time.Now().Before(warm) {
-			time.Sleep(time.Until(warm))
+		// Re-plan as they arrive: a placement that succeeds, or that every
+		// server heard from refuses for its own reason, answers at once.
+		warm := ld.since.Add(m.cfg.freshWindow())
+		for time.Now().Before(warm) && len(pl.Errors) > 0 && pl.Errors[0].Code == api.CodeInsufficientServers && mayWarm(pl.Candidates) {
+			time.Sleep(min(50*time.Millisecond, time.Until(warm)))
 			pl = m.plan(ld, req)
 		}
 	}
 	if len(pl.Errors) > 0 {
 		e := pl.Errors[0]
 		e.Status = api.StatusFor(e.Code)
+		if e.Code == api.CodeInsufficientServers {
+			e.Placement = pl.Candidates
+		}
 		m.log.Info("volume_create_rejected", "volume", req.Name, "code", e.Code, "reason", e.Message)
 		return nil, &e
 	}
@@ -331,6 +339,21 @@ func (m *Master) create(ld *leaderState, req api.CreateVolumeRequest) (*api.Volu
 		m.log.Info("volume_create_warning", "volume", rec.Name, "code", wn.Code, "message", wn.Message)
 	}
 	return render(res.Vol), nil
+}
+
+// mayWarm: a refused placement could change once servers heartbeat to a
+// new leader (some server is not alive, or none is known). A refusal for
+// capacity alone is final at once.
+func mayWarm(cands []api.PlacementCandidate) bool {
+	if len(cands) == 0 {
+		return true
+	}
+	for _, c := range cands {
+		if c.Rejection == RejectNotAlive {
+			return true
+		}
+	}
+	return false
 }
 
 func (m *Master) hDelete(w http.ResponseWriter, r *http.Request, ld *leaderState) {

@@ -59,6 +59,10 @@ type Config struct {
 	// as a non-voter waiting for it to catch up before it removes it again
 	// (default 30s).
 	JoinCatchUpTimeout time.Duration
+	// OverprovisionPercent is the placement policy for sparse volumes: the
+	// sizes plus WALs of the volumes a server holds may add up to this
+	// percentage of its capacity (0 = DefaultOverprovisionPercent, 100).
+	OverprovisionPercent int
 	// LeaseTTL is the primary lease granted by each heartbeat reply
 	// (default 5s).
 	LeaseTTL time.Duration

@@ -36,6 +36,7 @@ func init() {
 			&cli.StringFlag{Name: "volume", Value: "vol0:1GiB", Usage: "volume created on first start, NAME:SIZE"},
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:0", Usage: "replication listen address of the embedded server"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+			overprovisionFlag(),
 			tlsFlags()[0], tlsFlags()[1], tlsFlags()[2], insecureFlag,
 		},
 		Action: serve,
@@ -93,6 +94,10 @@ func serve(c *cli.Context) error {
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
+	over, err := overprovision(c)
+	if err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
 	creds, err := loadTLSKind(c, tlsauth.KindServer)
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
@@ -112,7 +117,8 @@ func serve(c *cli.Context) error {
 	}
 	defer lock.Release()
 
-	m, err := master.Start(master.Config{DataDir: filepath.Join(data, "master"), APIAddr: c.String("api"), Logger: log, TLS: creds})
+	m, err := master.Start(master.Config{DataDir: filepath.Join(data, "master"), APIAddr: c.String("api"), Logger: log, TLS: creds,
+		OverprovisionPercent: over})
 	if err != nil {
 		return fmt.Errorf("start master: %w", err)
 	}
@@ -182,12 +188,14 @@ func ensureVolume(ctx context.Context, client *api.Client, name string, size int
 	if !errors.As(err, &ae) || ae.Code != api.CodeNotFound {
 		return fmt.Errorf("volume %s: %w", name, err)
 	}
-	// The server must have registered before placement can choose it.
+	// The server must have registered before placement can choose it: the
+	// create is retried only while placement has not heard from it; any
+	// other refusal (a disk too small, say) is final and printed at once.
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		_, err = client.CreateVolume(ctx, api.CreateVolumeRequest{Name: name, SizeBytes: size, RF: 1,
 			Durability: api.DurabilityBestEffort, Preset: "general"})
-		if err == nil || time.Now().After(deadline) || ctx.Err() != nil {
+		if err == nil || !notRegisteredYet(err) || time.Now().After(deadline) || ctx.Err() != nil {
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -196,6 +204,21 @@ func ensureVolume(ctx context.Context, client *api.Client, name string, size int
 		return fmt.Errorf("create volume %s: %w", name, err)
 	}
 	return nil
+}
+
+// notRegisteredYet: a create refused only because no server has been heard
+// from yet (none registered, or every one not_alive).
+func notRegisteredYet(err error) bool {
+	var ae *api.Error
+	if !errors.As(err, &ae) || ae.Code != api.CodeInsufficientServers {
+		return false
+	}
+	for _, c := range ae.Placement {
+		if c.Rejection != master.RejectNotAlive {
+			return false
+		}
+	}
+	return true
 }
 
 func waitServing(ctx context.Context, srv *server.Server, name string) error {

@@ -276,6 +276,14 @@ func volCreate(v *volCtx) error {
 	}
 	info, err := v.cl.CreateVolume(v.ctx, req)
 	if err != nil {
+		var ae *api.Error
+		if v.json && errors.As(err, &ae) && len(ae.Placement) > 0 {
+			// The refusal with every server's reason, for scripts; the
+			// one-line reason still goes to stderr.
+			_ = v.emitJSON(struct {
+				Error *api.Error `json:"error"`
+			}{ae})
+		}
 		return err
 	}
 	return v.printInfo(info)
