@@ -122,6 +122,9 @@ type ReplicaInfo struct {
 	// master adds it back.
 	InActingSet bool `json:"in_acting_set"`
 	Stale       bool `json:"stale"`
+	// Progress is the catch-up, resync or rebuild in flight, as of the
+	// primary's last heartbeat (none: omitted).
+	Progress *TransferProgress `json:"progress,omitempty"`
 }
 
 // VolumeInfo is `blockd volume info NAME -o json`: its field names are a
@@ -303,6 +306,22 @@ type HeartbeatReplica struct {
 	ServerID   string `json:"server_id"`
 	State      string `json:"state"`
 	FlushedLSN uint64 `json:"flushed_lsn"`
+	// Progress is the catch-up, resync or rebuild in flight (none: nil).
+	Progress *TransferProgress `json:"progress,omitempty"`
+}
+
+// TransferProgress is a replica's catch-up, resync or rebuild in flight,
+// as its primary reports it. A base transfer (resync, rebuild) counts
+// bytes; a catch-up counts LSNs (DoneLSN toward TargetLSN) and the WAL
+// bytes sent (DoneBytes, TotalBytes 0).
+type TransferProgress struct {
+	Kind       string `json:"kind"` // catch_up, resync, rebuild, truncate
+	DoneBytes  int64  `json:"done_bytes"`
+	TotalBytes int64  `json:"total_bytes"`
+	FromLSN    uint64 `json:"from_lsn,omitempty"`
+	DoneLSN    uint64 `json:"done_lsn,omitempty"`
+	TargetLSN  uint64 `json:"target_lsn,omitempty"`
+	ElapsedMS  int64  `json:"elapsed_ms"`
 }
 
 // HeartbeatVolume is one volume a server hosts, as it reports it.

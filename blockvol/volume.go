@@ -152,8 +152,9 @@ type Volume struct {
 	ckptPos atomic.Uint64
 	durLSN  atomic.Uint64
 
-	comp completion
-	gc   groupCommit
+	comp  completion
+	gc    groupCommit
+	stats engineStats // stats.go
 
 	dirty   dirtyMap
 	zeros   zeroSet

@@ -75,6 +75,7 @@ func (m *Master) lead(h leaderHandler) http.HandlerFunc {
 func (m *Master) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", m.hStatus)
+	mux.Handle("GET /metrics", m.met.handler())
 	mux.HandleFunc("POST /v1/raft/join", m.lead(m.hJoin))
 	mux.HandleFunc("POST /v1/raft/remove", m.lead(m.hRemove))
 	mux.HandleFunc("POST /v1/heartbeat", m.lead(m.hHeartbeat))
@@ -493,6 +494,7 @@ func (m *Master) hPromote(w http.ResponseWriter, r *http.Request, ld *leaderStat
 		m.log.Warn("stale_replica_promoted", "volume", v.Name, "new_primary", target, "epoch", res.Vol.Epoch,
 			"acting_set", v.ActingSet, "risk", "it was outside the acting set: acknowledged writes may be lost")
 	}
+	m.met.promoted(promoteManual)
 	m.log.Info("promotion", "volume", v.Name, "reason", "manual", "old_primary", v.Primary, "new_primary", target,
 		"epoch", res.Vol.Epoch, "force", req.Force, "bypassed", bypassed, "lease_wait_ms", wait.Milliseconds())
 	writeJSON(w, http.StatusOK, api.PromoteResponse{Volume: v.Name, OldPrimary: v.Primary, NewPrimary: target,

@@ -47,6 +47,7 @@ func (m *Master) volumeInfo(ld *leaderState, v *VolumeRecord, now time.Time) api
 			for _, pr := range primaryRep.Replicas {
 				if pr.ServerID == id {
 					ri.State, ri.FlushedLSN, found = pr.State, pr.FlushedLSN, true
+					ri.Progress = pr.Progress
 				}
 			}
 		}

@@ -27,6 +27,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/tlsauth"
@@ -87,6 +88,9 @@ type Config struct {
 	// required and checked per call, and raft run over mutual TLS between
 	// masters (tls.go). nil: plain.
 	TLS *tlsauth.Creds
+	// Metrics is the registry /metrics serves (metrics.go); nil: one of
+	// the master's own, with the Go and process collectors.
+	Metrics *prometheus.Registry
 }
 
 func (c *Config) setDefaults() {
@@ -148,6 +152,7 @@ type Master struct {
 	ld *leaderState // nil unless this master is the ready leader
 
 	mem membership // raft membership changes (membership.go)
+	met *masterMetrics
 
 	stop      chan struct{}
 	wg        sync.WaitGroup
@@ -166,6 +171,7 @@ func Start(cfg Config) (*Master, error) {
 		return nil, fmt.Errorf("master: create %s: %w", cfg.DataDir, err)
 	}
 	m := &Master{cfg: cfg, log: cfg.Logger.With("component", "master"), fsm: &fsm{st: newState()}, stop: make(chan struct{})}
+	m.met = newMasterMetrics(m, cfg.Metrics)
 	m.handler = m.authorize(m.routes())
 
 	if cfg.APIAddr != "" {

@@ -120,6 +120,7 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[*conn]struct{}
 	closing   bool
+	stats     serverStats    // observe.go
 	wg        sync.WaitGroup // connection goroutines
 }
 
@@ -195,6 +196,7 @@ func (s *Server) ServeConn(nc net.Conn) {
 		return
 	}
 	s.conns[c] = struct{}{}
+	s.stats.accepted.Add(1)
 	s.wg.Add(1)
 	s.mu.Unlock()
 	go func() {

@@ -22,7 +22,7 @@ func (e exports) Lookup(name string) (nbd.Export, error) {
 	if err != nil {
 		return nbd.Export{}, err
 	}
-	return nbd.Export{Name: name, Device: dev, Access: h.access,
+	return nbd.Export{Name: name, Device: e.s.meter(name, dev), Access: h.access,
 		Description: fmt.Sprintf("blockd volume %s (epoch %d, server %s)", name, h.vol.Epoch(), e.s.cfg.ServerID)}, nil
 }
 

@@ -68,7 +68,7 @@ func (s *Server) report() api.HeartbeatRequest {
 			HeadLSN: st.HeadLSN, CheckpointLSN: st.CheckpointLSN, DurableLSN: st.DurableLSN}
 		for _, r := range st.Replicas {
 			hv.Replicas = append(hv.Replicas, api.HeartbeatReplica{ServerID: r.ServerID,
-				State: apiState(r.State), FlushedLSN: r.FlushedLSN})
+				State: apiState(r.State), FlushedLSN: r.FlushedLSN, Progress: apiProgress(r.Progress)})
 		}
 		req.Volumes = append(req.Volumes, hv)
 	}

@@ -21,6 +21,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/nbd"
 	"github.com/blockd/blockd/replication"
@@ -70,6 +72,13 @@ type Config struct {
 	// server's own certificate (blockd serve), which the heartbeat client
 	// then accepts besides a master's.
 	EmbeddedMaster bool
+	// Metrics, when set, gets this server's metrics (metrics.go): I/O per
+	// volume, engine, replicas, NBD and ublk. nil with no MetricsAddr: no
+	// metrics, and I/O is not measured.
+	Metrics *prometheus.Registry
+	// MetricsAddr, when set, serves the metrics at http://ADDR/metrics
+	// (on Metrics, or on a registry of its own).
+	MetricsAddr string
 }
 
 // Server is a running volume server.
@@ -87,6 +96,7 @@ type Server struct {
 	started time.Time
 	fails   volumeFailures // assigned volumes that cannot be created or opened (assign.go)
 	peers   peerIDs        // replica server IDs by address, for the TLS dialer (tls.go)
+	met     *serverMetrics // nil: metrics off (metrics.go)
 
 	mu   sync.Mutex
 	vols map[string]*hosted
@@ -170,6 +180,11 @@ func New(cfg Config) (*Server, error) {
 		_ = s.Close()
 		return nil, err
 	}
+	if err := s.startMetrics(); err != nil {
+		ok = true
+		_ = s.Close()
+		return nil, err
+	}
 	ok = true
 	s.log.Info("server_started", "nbd", s.NBDAddr(), "addr", s.Addr(), "data", cfg.DataDir)
 	return s, nil
@@ -207,6 +222,7 @@ func (s *Server) NBDAddr() string {
 // Close stops serving: no new NBD connections, in-flight requests drained,
 // every volume flushed and closed. It is what SIGTERM does.
 func (s *Server) Close() error {
+	s.stopMetrics()
 	s.stopControl()
 	if s.cancel != nil {
 		s.cancel()

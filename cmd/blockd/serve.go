@@ -53,6 +53,7 @@ func init() {
 			&cli.StringFlag{Name: "advertise", Usage: "replication address other servers use (default: --listen)"},
 			&cli.StringFlag{Name: "advertise-nbd", Usage: "NBD address clients use (default: --nbd)"},
 			&cli.StringFlag{Name: "capacity", Usage: "capacity to report, e.g. 100GiB (default: the filesystem's)"},
+			&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			tlsFlags()[0], tlsFlags()[1], tlsFlags()[2], insecureFlag,
 		},
@@ -139,6 +140,7 @@ func serve(c *cli.Context) error {
 	}
 	srv, err := server.New(server.Config{DataDir: filepath.Join(data, "server"), ServerID: serveServerID, TLS: creds, EmbeddedMaster: creds != nil,
 		Listen: listen, NBD: c.String("nbd"), DeferNBD: true, Masters: []string{m.APIAddr()}, Logger: log,
+		Metrics: m.Registry(), // one /metrics on the API address for both
 		UblkRecoveryWait: ublkWait})
 	if err != nil {
 		return err
@@ -307,11 +309,14 @@ func runServer(c *cli.Context) error {
 	srv, err := server.New(server.Config{DataDir: c.String("data"), ServerID: c.String("id"), TLS: creds,
 		Listen: c.String("listen"), NBD: c.String("nbd"), AdvertiseAddr: c.String("advertise"),
 		AdvertiseNBD: c.String("advertise-nbd"), Masters: api.ParseAddrs(c.String("master")),
-		CapacityBytes: capacity, Logger: log, UblkRecoveryWait: ublkWait})
+		CapacityBytes: capacity, Logger: log, UblkRecoveryWait: ublkWait, MetricsAddr: c.String("metrics")})
 	if err != nil {
 		return err
 	}
 	fmt.Printf("blockd server %s: NBD on %s, replication on %s, master %s\n", srv.ID(), srv.NBDAddr(), srv.Addr(), c.String("master"))
+	if a := srv.MetricsAddr(); a != "" {
+		fmt.Printf("  metrics:   http://%s/metrics\n", a)
+	}
 	<-ctx.Done()
 	return srv.Close()
 }
