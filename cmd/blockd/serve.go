@@ -140,7 +140,7 @@ func serve(c *cli.Context) error {
 	}
 	srv, err := server.New(server.Config{DataDir: filepath.Join(data, "server"), ServerID: serveServerID, TLS: creds, EmbeddedMaster: creds != nil,
 		Listen: listen, NBD: c.String("nbd"), DeferNBD: true, Masters: []string{m.APIAddr()}, Logger: log,
-		Metrics: m.Registry(), // one /metrics on the API address for both
+		Metrics:          m.Registry(), // one /metrics on the API address for both
 		UblkRecoveryWait: ublkWait})
 	if err != nil {
 		return err
