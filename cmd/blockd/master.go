@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"log/slog"
 	"os"
 	"os/signal"
 	"strings"
@@ -37,6 +36,7 @@ func init() {
 			&cli.DurationFlag{Name: "lease-ttl", Value: 5 * time.Second, Usage: "primary lease granted per heartbeat"},
 			&cli.DurationFlag{Name: "lease-margin", Value: 250 * time.Millisecond, Usage: "extra wait after a lost primary's lease before promoting"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug | info | warn | error"},
+			logFormatFlag(),
 			overprovisionFlag(),
 			tlsFlags()[0], tlsFlags()[1], tlsFlags()[2], insecureFlag,
 		},
@@ -48,11 +48,10 @@ func runMaster(c *cli.Context) error {
 	if c.Args().Len() > 0 {
 		return fmt.Errorf("master: unexpected arguments %s", api.QuoteName(strings.Join(c.Args().Slice(), " ")))
 	}
-	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(c.String("log-level"))); err != nil {
-		return fmt.Errorf("master: --log-level: %w", err)
+	log, err := daemonLogger(c)
+	if err != nil {
+		return fmt.Errorf("master: %w", err)
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
 	creds, err := loadTLSKind(c, tlsauth.KindMaster)
 	if err != nil {
 		return fmt.Errorf("master: %w", err)

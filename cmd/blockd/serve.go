@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"os"
 	"os/signal"
@@ -35,7 +34,9 @@ func init() {
 			&cli.StringFlag{Name: "api", Value: "127.0.0.1:9333", Usage: "master API listen address"},
 			&cli.StringFlag{Name: "volume", Value: "vol0:1GiB", Usage: "volume created on first start, NAME:SIZE"},
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:0", Usage: "replication listen address of the embedded server"},
-			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error (of the log file; the terminal shows warnings and errors)"},
+			logFormatFlag(),
+			&cli.StringFlag{Name: "log-file", Usage: "log file (default DATA/blockd.log); - logs everything to the terminal instead"},
 			overprovisionFlag(),
 			tlsFlags()[0], tlsFlags()[1], tlsFlags()[2], insecureFlag,
 		},
@@ -55,18 +56,11 @@ func init() {
 			&cli.StringFlag{Name: "capacity", Usage: "capacity to report, e.g. 100GiB (default: the filesystem's)"},
 			&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+			logFormatFlag(),
 			tlsFlags()[0], tlsFlags()[1], tlsFlags()[2], insecureFlag,
 		},
 		Action: runServer,
 	})
-}
-
-func newLogger(level string) (*slog.Logger, error) {
-	var l slog.Level
-	if err := l.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("--log-level %s: use debug, info, warn or error", api.QuoteName(level))
-	}
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})), nil
 }
 
 // parseVolumeSpec splits NAME:SIZE (human units) and checks both parts,
@@ -87,10 +81,12 @@ func parseVolumeSpec(spec string) (string, int64, error) {
 }
 
 func serve(c *cli.Context) error {
-	log, err := newLogger(c.String("log-level"))
+	data := c.String("data")
+	log, logPath, closeLog, err := serveLogger(c, data)
 	if err != nil {
-		return err
+		return fmt.Errorf("serve: %w", err)
 	}
+	defer closeLog()
 	volName, volSize, err := parseVolumeSpec(c.String("volume"))
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
@@ -109,7 +105,6 @@ func serve(c *cli.Context) error {
 	if err := checkPlain(c, "serve", creds, "nbd", "api", "listen"); err != nil {
 		return err
 	}
-	data := c.String("data")
 	// The whole data directory is locked before the master opens its raft
 	// store, so a second serve fails at once with a clear error.
 	lock, err := server.LockDir(data)
@@ -166,6 +161,9 @@ func serve(c *cli.Context) error {
 	}
 	srv.StartNBD()
 	printAttachHelp(srv.NBDAddr(), m.APIAddr(), volName, volSize, creds != nil)
+	if logPath != "" {
+		fmt.Printf("Logs: %s (warnings and errors also here); metrics: http://%s/metrics\n", logPath, m.APIAddr())
+	}
 
 	<-ctx.Done()
 	fmt.Fprintln(os.Stderr, "blockd: shutting down: draining NBD connections and flushing volumes")
@@ -281,9 +279,9 @@ Ctrl-C flushes every volume and exits.
 }
 
 func runServer(c *cli.Context) error {
-	log, err := newLogger(c.String("log-level"))
+	log, err := daemonLogger(c)
 	if err != nil {
-		return err
+		return fmt.Errorf("server: %w", err)
 	}
 	var capacity int64
 	if s := c.String("capacity"); s != "" {
