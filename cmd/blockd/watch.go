@@ -154,7 +154,7 @@ func progressText(done, total int64, rate float64, unit string) string {
 	}
 	eta := "ETA -"
 	if rate > 0 && total > done {
-		eta = "ETA " + (time.Duration(float64(total-done)/rate*float64(time.Second))).Round(time.Second).String()
+		eta = "ETA " + (time.Duration(float64(total-done) / rate * float64(time.Second))).Round(time.Second).String()
 	} else if total > 0 && done >= total {
 		eta = "finishing"
 	}
