@@ -11,6 +11,7 @@ import (
 
 	"github.com/hashicorp/raft"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/blockd/blockd/api"
@@ -32,7 +33,7 @@ type masterMetrics struct {
 func newMasterMetrics(m *Master, reg *prometheus.Registry) *masterMetrics {
 	if reg == nil {
 		reg = prometheus.NewRegistry()
-		reg.MustRegister(prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	}
 	mm := &masterMetrics{m: m, reg: reg,
 		promotions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "blockd_master_promotions_total",
