@@ -102,7 +102,7 @@ func gatherStatus(ctx context.Context, cl *api.Client, timeout time.Duration) (*
 		st, err := cl.Status(cctx, addr)
 		cancel()
 		if err != nil {
-			sm.Error = oneLine(err)
+			sm.Error = shortReason(err)
 		} else {
 			sm.Reachable, sm.State, sm.IsLeader, sm.Term, sm.Applied = true, st.State, st.IsLeader, st.Term, st.Applied
 			if st.Leader != "" && rep.Leader == "" {
@@ -114,6 +114,17 @@ func gatherStatus(ctx context.Context, cl *api.Client, timeout time.Duration) (*
 			queue = append(queue, st.Peers...)
 		}
 		rep.Masters = append(rep.Masters, sm)
+	}
+	reachable := false
+	for _, m := range rep.Masters {
+		reachable = reachable || m.Reachable
+	}
+	if !reachable {
+		var why []string
+		for _, m := range rep.Masters {
+			why = append(why, m.Addr+" "+m.Error)
+		}
+		return rep, fmt.Errorf("no master answered: %s; give --master ADDR[,ADDR...] of a running master", strings.Join(why, ", "))
 	}
 	srvs, err := cl.Servers(ctx)
 	if err != nil {
@@ -223,4 +234,23 @@ func yesNo(b bool) string {
 		return "yes"
 	}
 	return "no"
+}
+
+// shortReason is why one master did not answer, in a few words.
+func shortReason(err error) string {
+	msg := oneLine(err)
+	switch {
+	case strings.Contains(msg, "connection refused"):
+		return "refused the connection"
+	case strings.Contains(msg, "i/o timeout"), strings.Contains(msg, "deadline exceeded"), strings.Contains(msg, "Client.Timeout"):
+		return "did not answer within --timeout"
+	case strings.Contains(msg, "no such host"):
+		return "is an unknown host"
+	case strings.Contains(msg, "certificate"), strings.Contains(msg, "tls:"):
+		return "refused the TLS handshake: " + msg[strings.LastIndex(msg, ": ")+2:]
+	}
+	if i := strings.LastIndex(msg, ": "); i >= 0 {
+		return msg[i+2:]
+	}
+	return msg
 }
