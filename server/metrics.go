@@ -9,6 +9,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -221,6 +222,10 @@ func (s *Server) startMetrics() error {
 	ln, err := net.Listen("tcp", s.cfg.MetricsAddr)
 	if err != nil {
 		return fmt.Errorf("server: metrics listener: %w", err)
+	}
+	if s.cfg.TLS != nil {
+		// Like the master's API: HTTPS, a certificate of the cluster CA.
+		ln = tls.NewListener(ln, s.cfg.TLS.ServerConfig(nil))
 	}
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))

@@ -77,7 +77,8 @@ type Config struct {
 	// metrics, and I/O is not measured.
 	Metrics *prometheus.Registry
 	// MetricsAddr, when set, serves the metrics at http://ADDR/metrics
-	// (on Metrics, or on a registry of its own).
+	// (on Metrics, or on a registry of its own); with TLS, https:// and a
+	// client certificate of the cluster CA, as the master's API.
 	MetricsAddr string
 }
 
