@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"bytes"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -18,6 +19,7 @@ import (
 	"time"
 
 	"github.com/blockd/blockd/internal/testenv"
+	"github.com/blockd/blockd/tlsauth"
 )
 
 // startServerMetrics starts a volume server that also serves /metrics on
@@ -242,4 +244,48 @@ scrape_configs:
 		t.Errorf("docs/monitoring names metrics nobody exports: %v", missing)
 	}
 	t.Logf("%d blockd_ metric families exported; %d named by the rules and dashboard", len(exported), len(used))
+}
+
+// TestMetricsTLS: with TLS the master's /metrics and a server's --metrics
+// listener answer HTTPS to a cluster client certificate, and nothing to a
+// client without one.
+func TestMetricsTLS(t *testing.T) {
+	c := startTLSCluster(t)
+	s1 := c.servers["s1"]
+	s1.stop()
+	maddr := freePort(t)
+	s1.args = append(s1.args, "--metrics", maddr)
+	s1.start(t)
+	good := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: c.alice.ClientConfig(tlsauth.AnyOf(tlsauth.KindMaster, tlsauth.KindServer))}}
+	noCert := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: c.alice.Pool}}}
+	for _, addr := range []string{c.mAPI[0], maddr} {
+		url := "https://" + addr + "/metrics"
+		c.waitFor(url, 30*time.Second, func() error {
+			resp, err := good.Get(url)
+			if err != nil {
+				return err
+			}
+			defer resp.Body.Close()
+			b, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != http.StatusOK || !strings.Contains(string(b), "blockd_") {
+				return fmt.Errorf("%d: %.200s", resp.StatusCode, b)
+			}
+			return nil
+		})
+		if resp, err := noCert.Get(url); err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK && strings.Contains(string(b), "blockd_") {
+				t.Errorf("%s: metrics served without a client certificate", url)
+			}
+		}
+		if resp, err := http.Get("http://" + addr + "/metrics"); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				t.Errorf("%s: metrics served in the clear", addr)
+			}
+		}
+	}
 }
