@@ -263,6 +263,12 @@ func (m *Master) startRaft() error {
 	rc := raft.DefaultConfig()
 	rc.LocalID = raft.ServerID(id)
 	rc.Logger = hclog.New(&hclog.LoggerOptions{Name: "raft", Level: hclog.Warn, Output: &slogWriter{log: m.log}})
+	if single && cfg.RaftAddr == "" {
+		// One voter on an in-memory transport, for good (serve): no other
+		// master can ever be elected, so there is nothing to wait a
+		// second for before electing itself.
+		rc.HeartbeatTimeout, rc.ElectionTimeout, rc.LeaderLeaseTimeout = 100*time.Millisecond, 100*time.Millisecond, 100*time.Millisecond
+	}
 
 	store, err := raftboltdb.New(raftboltdb.Options{Path: filepath.Join(cfg.DataDir, "raft.db")})
 	if err != nil {
