@@ -121,7 +121,10 @@ func renderWatch(info *api.VolumeInfo, now time.Time, last map[string]sample) st
 		rate := 0.0
 		if prev, ok := last[r.ServerID]; ok && prev.kind == p.Kind && now.After(prev.at) && done >= prev.done {
 			rate = float64(done-prev.done) / now.Sub(prev.at).Seconds()
-		} else if p.ElapsedMS > 0 {
+		} else if p.ElapsedMS >= 2000 && p.TotalBytes == 0 {
+			// A first look at a catch-up: its mean rate so far. (A base
+			// transfer may have resumed with bytes done before it started:
+			// no rate until the next frame.)
 			rate = float64(done) / (float64(p.ElapsedMS) / 1000)
 		}
 		last[r.ServerID] = sample{at: now, done: done, kind: p.Kind}
