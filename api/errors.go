@@ -56,6 +56,8 @@ func Errorf(code, format string, a ...any) *Error {
 // StatusFor maps a code to its HTTP status.
 func StatusFor(code string) int {
 	switch code {
+	case CodeExpandCancelled, CodeExpandBusy: // types.go
+		return http.StatusConflict
 	case CodeNotFound:
 		return http.StatusNotFound
 	case CodeAlreadyExists, CodePromoteRejected, CodeEpochChanged, CodeAddressInUse:

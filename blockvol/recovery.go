@@ -11,14 +11,19 @@ import (
 // scan from the tail (the oldest retained record) past everything ever
 // written until the first record that does not check out, replay records
 // after the checkpoint into the dirty map, set the next LSN, then bump and
-// persist the WAL generation before anything new is appended.
+// persist the WAL generation, with the LSN it starts at, before anything
+// new is appended. Records from that LSN on must carry that generation
+// (ScanOptions.GenLSN): the log past the end found here may hold stale
+// records of an earlier life at the very positions and LSNs this life
+// reuses, and once a checkpoint puts the tail right on one, the rule that
+// generations never decrease no longer sees the newer record before it.
 func (v *Volume) recover() error {
 	sb := &v.sb
 	t0 := time.Now()
 	v.index.reset(sb.TailLSN, sb.TailPos)
 	replayed, skipped := 0, 0
 	res, err := wal.Scan(v.walF, v.ring, wal.ScanOptions{
-		From: sb.TailPos, FirstLSN: sb.TailLSN, MaxGen: sb.Gen,
+		From: sb.TailPos, FirstLSN: sb.TailLSN, MaxGen: sb.Gen, GenLSN: sb.GenLSN,
 	}, func(pos uint64, rec wal.Record) error {
 		// pos is where the record starts; a padding record before it
 		// is part of its reservation but the index only needs a
@@ -90,6 +95,7 @@ func (v *Volume) recover() error {
 		return fmt.Errorf("%w: WAL generation exhausted", ErrCorrupt)
 	}
 	sb.Gen++
+	sb.GenLSN = res.LastLSN + 1
 	sb.DurableLSN = res.LastLSN
 	v.gen = sb.Gen
 	if err := v.persistSuperblock(); err != nil {
@@ -103,7 +109,7 @@ func (v *Volume) checkRecord(rec wal.Record) error {
 	switch rec.Type {
 	case wal.Write, wal.Zero:
 		bs := v.bs
-		if err := checkExtent(v.size.Load(), bs, rec.Offset, int64(rec.Length)); err != nil {
+		if err := checkExtent(v.recordLimit(), bs, rec.Offset, int64(rec.Length)); err != nil {
 			return fmt.Errorf("%s [%d,+%d): %w", rec.Type, rec.Offset, rec.Length, err)
 		}
 	case wal.Barrier:

@@ -64,6 +64,7 @@ func (v *Volume) ReplResetHead(lsn uint64) error {
 		return fmt.Errorf("blockvol: reset head: %w: WAL generation exhausted", ErrCorrupt)
 	}
 	v.sb.Gen++
+	v.sb.GenLSN = lsn + 1
 	v.sb.CheckpointLSN, v.sb.CheckpointPos = lsn, head
 	v.sb.TailLSN, v.sb.TailPos = lsn+1, head
 	v.sb.DurableLSN = lsn

@@ -47,6 +47,16 @@ type superblock struct {
 	// written; recovery that ends below it means lost durable data.
 	DurableLSN  uint64
 	CreatedUnix int64
+	// GenLSN is the first LSN generation Gen writes, persisted with the
+	// bump: every record from it on must carry Gen. Without it a stale
+	// record an earlier life left where the tail now is, with an LSN this
+	// life reused, would be replayed (0: unknown, a superblock written
+	// before the field existed).
+	GenLSN uint64
+	// PendingSize/PendingExpandID: a prepared, uncommitted expand
+	// (expand.go); 0 = none.
+	PendingSize     int64
+	PendingExpandID uint64
 }
 
 func (s *superblock) encode(buf []byte) {
@@ -66,8 +76,10 @@ func (s *superblock) encode(buf []byte) {
 	le.PutUint64(buf[80:], s.TailPos)
 	le.PutUint64(buf[88:], s.DurableLSN)
 	le.PutUint64(buf[96:], uint64(s.CreatedUnix))
+	le.PutUint64(buf[144:], s.GenLSN)
 	buf[104] = byte(len(s.Role))
 	copy(buf[105:105+maxRoleLen], s.Role)
+	s.encodeExpand(buf)
 	le.PutUint32(buf[sbEncodeLen-4:], wal.Checksum(buf[:sbEncodeLen-4]))
 }
 
@@ -100,11 +112,13 @@ func decodeSuperblock(buf []byte) (superblock, error) {
 	s.TailPos = le.Uint64(buf[80:])
 	s.DurableLSN = le.Uint64(buf[88:])
 	s.CreatedUnix = int64(le.Uint64(buf[96:]))
+	s.GenLSN = le.Uint64(buf[144:]) // after the role's 32 bytes; 0 in older superblocks
 	rl := int(buf[104])
 	if rl > maxRoleLen {
 		return s, fmt.Errorf("%w: role length %d", errBadSlot, rl)
 	}
 	s.Role = string(buf[105 : 105+rl])
+	s.decodeExpand(buf)
 	if err := s.validate(); err != nil {
 		return s, fmt.Errorf("%w: %v", errBadSlot, err)
 	}
@@ -127,6 +141,9 @@ func (s *superblock) validate() error {
 		return fmt.Errorf("tail position %d, checkpoint position %d", s.TailPos, s.CheckpointPos)
 	case s.CheckpointPos%wal.Align != 0 || s.TailPos%wal.Align != 0:
 		return fmt.Errorf("unaligned WAL position")
+	}
+	if err := s.validateExpand(); err != nil {
+		return err
 	}
 	return nil
 }

@@ -121,6 +121,7 @@ type Volume struct {
 	fs      vfs.FS
 	log     *slog.Logger
 	size    atomic.Int64 // grows only, under Drain (Expand)
+	limit   atomic.Int64 // max(size, a prepared expand's size): what records may touch (expand.go)
 	bs      int64
 	bshift  uint
 	walSize int64

@@ -35,11 +35,7 @@ func buildBlockd(t *testing.T) string {
 			buildErr = err
 			return
 		}
-		blockdBin = filepath.Join(dir, "blockd")
-		out, err := exec.Command(goTool, "build", "-o", blockdBin, "github.com/blockd/blockd/cmd/blockd").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("build blockd: %w\n%s", err, out)
-		}
+		blockdBin, buildErr = testenv.BuildBlockd(goTool, dir)
 	})
 	if buildErr != nil {
 		t.Fatal(buildErr)
@@ -135,15 +131,7 @@ func newCluster(t *testing.T, servers int) *cluster {
 
 func (c *cluster) waitFor(what string, d time.Duration, cond func() error) {
 	c.t.Helper()
-	deadline := time.Now().Add(d)
-	var err error
-	for time.Now().Before(deadline) {
-		if err = cond(); err == nil {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	c.t.Fatalf("timed out after %v waiting for %s: %v", d, what, err)
+	testenv.WaitFor(c.t, what, d, cond)
 }
 
 // startDriver serves a driver in mode on a socket in a temp directory and

@@ -376,29 +376,6 @@ func (m *Master) hDelete(w http.ResponseWriter, r *http.Request, ld *leaderState
 	w.WriteHeader(http.StatusNoContent)
 }
 
-func (m *Master) hExpand(w http.ResponseWriter, r *http.Request, ld *leaderState) {
-	var req api.ExpandRequest
-	if e := decode(r, &req); e != nil {
-		writeErr(w, e)
-		return
-	}
-	name := r.PathValue("name")
-	if req.SizeBytes <= 0 {
-		writeErr(w, api.Errorf(api.CodeBadSize, "size must be positive (got %d)", req.SizeBytes))
-		return
-	}
-	res := m.apply(command{Op: opExpand, Name: name, Size: req.SizeBytes})
-	if res.Err != nil {
-		writeErr(w, res.Err)
-		return
-	}
-	m.log.Info("volume_expanded", "volume", name, "size", res.Vol.SizeBytes)
-	m.mu.Lock()
-	info := m.volumeInfo(ld, res.Vol, time.Now())
-	m.mu.Unlock()
-	writeJSON(w, http.StatusOK, info)
-}
-
 func (m *Master) hUpdate(w http.ResponseWriter, r *http.Request, ld *leaderState) {
 	var req api.UpdateVolumeRequest
 	if e := decode(r, &req); e != nil {

@@ -64,6 +64,7 @@ func (m *Master) volumeInfo(ld *leaderState, v *VolumeRecord, now time.Time) api
 		states[id] = ri.State
 		info.Replicas = append(info.Replicas, ri)
 	}
+	info.Expand, info.MemberSizes = expandStatus(ld, v), memberSizes(ld, v)
 	info.FlushesOK, info.FlushBlocker = FlushGate(v.Durability, v.RF, v.EffectiveMinCopies(), v.ActingSet, states, primaryRep != nil && fresh)
 	switch p := ld.pending[v.Name]; {
 	case v.Failure != nil:

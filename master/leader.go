@@ -252,6 +252,8 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 			fast = true // the lease is withheld: pick it up as soon as the fence passes
 		case ld.pending[v.Name] != nil:
 			fast = true // a failover may come: learn of it quickly
+		case v.preparing() != nil:
+			fast = true // an expand waits for this member's prepared report
 		}
 		resp.Assignments = append(resp.Assignments, a)
 	}
@@ -287,6 +289,7 @@ func (m *Master) assignment(v *VolumeRecord, id string) api.VolumeAssignment {
 	a := api.VolumeAssignment{Volume: v.Name, ID: v.ID, SizeBytes: v.SizeBytes, BlockSize: v.BlockSize,
 		WALSizeBytes: v.WALSizeBytes, Durability: v.Durability, Epoch: v.Epoch, Role: api.RoleReplica, Replicas: []api.ServerRef{},
 		ActingSet: append([]string{}, v.ActingSet...), MinCopies: v.EffectiveMinCopies(), Allow: cloneAllow(v.Allow)}
+	expandAssign(v, &a)
 	if v.Primary == id {
 		a.Role = api.RolePrimary
 	}

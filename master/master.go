@@ -546,6 +546,7 @@ func (m *Master) monitor() {
 		case isLeader:
 			m.sweep(time.Now())
 			m.actingSweep(time.Now())
+			m.expandSweep(time.Now())
 		}
 	}
 }

@@ -37,8 +37,15 @@ func TestSingleNodeRestartKeepsRegistry(t *testing.T) {
 	if err := c.DeleteVolume(ctx, "gone"); err != nil {
 		t.Fatal(err)
 	}
+	// A two-phase expand needs its members' heartbeats to prepare.
+	for _, s := range servers {
+		s.run(50 * time.Millisecond)
+	}
 	if _, err := c.ExpandVolume(ctx, "keep", 2<<30); err != nil {
 		t.Fatal(err)
+	}
+	for _, s := range servers {
+		s.stop()
 	}
 	// Promote manually (force: the primary is alive) to move the epoch.
 	for _, s := range servers {

@@ -66,6 +66,7 @@ func (s *Server) report() api.HeartbeatRequest {
 		h.mu.Unlock()
 		hv := api.HeartbeatVolume{Name: st.Volume, ID: id, Role: string(st.Role), Epoch: st.Epoch,
 			HeadLSN: st.HeadLSN, CheckpointLSN: st.CheckpointLSN, DurableLSN: st.DurableLSN}
+		h.reportExpand(&hv) // expand.go
 		for _, r := range st.Replicas {
 			hv.Replicas = append(hv.Replicas, api.HeartbeatReplica{ServerID: r.ServerID,
 				State: apiState(r.State), FlushedLSN: r.FlushedLSN, Progress: apiProgress(r.Progress)})

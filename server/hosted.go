@@ -27,6 +27,7 @@ type hosted struct {
 	id      uint64           // the master's incarnation ID of the volume
 	primary api.ServerRef    // the volume's primary, as last assigned
 	allow   []api.AllowEntry // NBD allow list, as last assigned (access.go)
+	expand  expandState      // a failed prepare (expand.go)
 }
 
 func validVolumeName(name string) error {

@@ -16,6 +16,17 @@ type ScanOptions struct {
 	// MaxGen: records with a larger generation stop the scan (0: no bound).
 	// Generations must not decrease along the log.
 	MaxGen uint32
+	// GenLSN is the first LSN written by generation MaxGen: a record at
+	// or after it of an older generation is stale (left behind by an
+	// earlier life whose LSNs this one reused) and stops the scan, even
+	// when the scan starts after the last record MaxGen wrote before it
+	// (0: no such bound; then only decreasing generations are caught).
+	// Padding is exempt: it carries the LSN of the record after it, and
+	// the scan that ended the earlier life's log may have stopped just
+	// past an old padding, where MaxGen then wrote that LSN at the start
+	// of the next lap; skipping to the lap start is all padding does, and
+	// the record found there is checked.
+	GenLSN uint64
 	// Limit is how many bytes past From may be scanned (0: Ring.Size).
 	Limit uint64
 	// MaxLSN stops the scan after this LSN (0: no bound).
@@ -141,6 +152,9 @@ func Scan(r io.ReaderAt, ring Ring, opt ScanOptions, fn func(pos uint64, rec Rec
 		}
 		if h.LSN != expect {
 			return stop("LSN %d, expected %d", h.LSN, expect)
+		}
+		if opt.GenLSN != 0 && h.LSN >= opt.GenLSN && h.Gen != opt.MaxGen && h.Type != Padding {
+			return stop("stale record: generation %d at LSN %d, generation %d began at LSN %d", h.Gen, h.LSN, opt.MaxGen, opt.GenLSN)
 		}
 		if h.Gen < lastGen || (opt.MaxGen != 0 && h.Gen > opt.MaxGen) {
 			return stop("generation %d after %d (max %d)", h.Gen, lastGen, opt.MaxGen)

@@ -390,25 +390,6 @@ func volDelete(v *volCtx) error {
 	return nil
 }
 
-func volExpand(v *volCtx) error {
-	name, err := v.name(false)
-	if err != nil {
-		return err
-	}
-	if v.c.String("size") == "" {
-		return errors.New("--size is required")
-	}
-	sz, err := volParseSize("size", v.c.String("size"), 0)
-	if err != nil {
-		return err
-	}
-	info, err := v.cl.ExpandVolume(v.ctx, name, sz)
-	if err != nil {
-		return err
-	}
-	return v.printInfo(info)
-}
-
 func volPrintWarnings(w io.Writer, ws []api.Warning, es []api.Error) {
 	for _, x := range ws {
 		fmt.Fprintf(w, "warning:\t%s: %s\n", x.Code, x.Message)

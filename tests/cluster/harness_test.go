@@ -23,23 +23,7 @@ import (
 
 var blockdBin string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "blockd-cluster-bin")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	blockdBin = filepath.Join(dir, "blockd")
-	cmd := exec.Command("go", "build", "-o", blockdBin, "github.com/blockd/blockd/cmd/blockd")
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build blockd:", err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(testenv.MainWithBlockd(m, &blockdBin)) }
 
 // freePort returns a loopback address nobody listens on right now.
 func freePort(t *testing.T) string { return testenv.FreeAddr(t) }
@@ -210,15 +194,7 @@ func (c *cluster) startServer(id string) *proc {
 
 func (c *cluster) waitFor(what string, d time.Duration, cond func() error) {
 	c.t.Helper()
-	deadline := time.Now().Add(d)
-	var err error
-	for time.Now().Before(deadline) {
-		if err = cond(); err == nil {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	c.t.Fatalf("timed out after %v waiting for %s: %v", d, what, err)
+	testenv.WaitFor(c.t, what, d, cond)
 }
 
 // cli runs a blockd client command against the masters.

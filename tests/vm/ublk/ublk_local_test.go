@@ -116,7 +116,7 @@ grep -q '"devices": \[\]' blockd-data/server/ublk.json && echo "server forgot th
 grep 'msg=ublk_deleted' /tmp/serve.log
 kill -TERM $SERVE; wait $SERVE
 echo "serve exited with $?"
-grep -E 'msg=ublk_(served|recovered|recovery_done|released|deleted)' /tmp/serve.log
+grep -E 'msg=ublk_(served|recovered|recovery_start|recovery_done|released|deleted)' /tmp/serve.log
 echo BLOCKD-SERVE-UBLK-OK
 `,
 	})
