@@ -44,6 +44,9 @@ type Error struct {
 	// Primary is set on not_primary: the volume's primary as the
 	// answering server last heard it from the master.
 	Primary *ServerRef `json:"primary,omitempty"`
+	// Placement is set on insufficient_servers from a create: every server
+	// placement considered, each with its rejection and reason.
+	Placement []PlacementCandidate `json:"placement,omitempty"`
 	// Status is the HTTP status (not sent on the wire).
 	Status int `json:"-"`
 }

@@ -125,6 +125,9 @@ type ReplicaInfo struct {
 	// master adds it back.
 	InActingSet bool `json:"in_acting_set"`
 	Stale       bool `json:"stale"`
+	// Progress is the catch-up, resync or rebuild in flight, as of the
+	// primary's last heartbeat (none: omitted).
+	Progress *TransferProgress `json:"progress,omitempty"`
 }
 
 // VolumeInfo is `blockd volume info NAME -o json`: its field names are a
@@ -273,6 +276,9 @@ type PlacementCandidate struct {
 	VolumeCount int    `json:"volume_count"`
 	Selected    bool   `json:"selected"`
 	Rejection   string `json:"rejection,omitempty"` // stable reason: not_alive, insufficient_capacity
+	// Reason is Rejection with its figures, for people
+	// ("insufficient_capacity: 1.1 GiB (size 1.0 GiB + WAL 64 MiB) > 512 MiB free to provision ...").
+	Reason string `json:"reason,omitempty"`
 }
 
 // PlanResponse is the dry run of create: resolution plus placement.
@@ -358,6 +364,22 @@ type HeartbeatReplica struct {
 	ServerID   string `json:"server_id"`
 	State      string `json:"state"`
 	FlushedLSN uint64 `json:"flushed_lsn"`
+	// Progress is the catch-up, resync or rebuild in flight (none: nil).
+	Progress *TransferProgress `json:"progress,omitempty"`
+}
+
+// TransferProgress is a replica's catch-up, resync or rebuild in flight,
+// as its primary reports it. A base transfer (resync, rebuild) counts
+// bytes; a catch-up counts LSNs (DoneLSN toward TargetLSN) and the WAL
+// bytes sent (DoneBytes, TotalBytes 0).
+type TransferProgress struct {
+	Kind       string `json:"kind"` // catch_up, resync, rebuild, truncate
+	DoneBytes  int64  `json:"done_bytes"`
+	TotalBytes int64  `json:"total_bytes"`
+	FromLSN    uint64 `json:"from_lsn,omitempty"`
+	DoneLSN    uint64 `json:"done_lsn,omitempty"`
+	TargetLSN  uint64 `json:"target_lsn,omitempty"`
+	ElapsedMS  int64  `json:"elapsed_ms"`
 }
 
 // HeartbeatVolume is one volume a server hosts, as it reports it.

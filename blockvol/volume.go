@@ -153,8 +153,9 @@ type Volume struct {
 	ckptPos atomic.Uint64
 	durLSN  atomic.Uint64
 
-	comp completion
-	gc   groupCommit
+	comp  completion
+	gc    groupCommit
+	stats engineStats // stats.go
 
 	dirty   dirtyMap
 	zeros   zeroSet

@@ -75,6 +75,7 @@ func (m *Master) lead(h leaderHandler) http.HandlerFunc {
 func (m *Master) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", m.hStatus)
+	mux.Handle("GET /metrics", m.met.handler())
 	mux.HandleFunc("POST /v1/raft/join", m.lead(m.hJoin))
 	mux.HandleFunc("POST /v1/raft/remove", m.lead(m.hRemove))
 	mux.HandleFunc("POST /v1/heartbeat", m.lead(m.hHeartbeat))
@@ -241,10 +242,12 @@ func (m *Master) plan(ld *leaderState, req api.CreateVolumeRequest) api.PlanResp
 		}
 		return out
 	}
-	pl := Place(states, res.Policy.RF, res.Policy.SizeBytes, res.Policy.WALSizeBytes)
+	pl := PlaceWith(Policy{OverprovisionPercent: m.cfg.OverprovisionPercent}, states, res.Policy.RF, res.Policy.SizeBytes, res.Policy.WALSizeBytes)
 	out.Candidates = pl.Candidates
 	if pl.Err != nil {
-		out.Errors = append(out.Errors, *pl.Err)
+		e := *pl.Err
+		e.Placement = nil // the plan's candidates carry them
+		out.Errors = append(out.Errors, e)
 		return out
 	}
 	out.Primary, out.Replicas = pl.Primary, pl.Replicas
@@ -303,17 +306,23 @@ func (m *Master) create(ld *leaderState, req api.CreateVolumeRequest) (*api.Volu
 		return nil, api.Errorf(api.CodeAlreadyExists, "volume %s already exists", api.QuoteName(req.Name))
 	}
 	pl := m.plan(ld, req)
-	if len(pl.Errors) > 0 && pl.Errors[0].Code == api.CodeInsufficientServers {
+	if len(pl.Errors) > 0 && pl.Errors[0].Code == api.CodeInsufficientServers && mayWarm(pl.Candidates) {
 		// A new leader knows no server alive until they heartbeat to it:
 		// give them one freshness window before refusing.
-		if warm := ld.since.Add(m.cfg.freshWindow()); time.Now().Before(warm) {
-			time.Sleep(time.Until(warm))
+		// Re-plan as they arrive: a placement that succeeds, or that every
+		// server heard from refuses for its own reason, answers at once.
+		warm := ld.since.Add(m.cfg.freshWindow())
+		for time.Now().Before(warm) && len(pl.Errors) > 0 && pl.Errors[0].Code == api.CodeInsufficientServers && mayWarm(pl.Candidates) {
+			time.Sleep(min(50*time.Millisecond, time.Until(warm)))
 			pl = m.plan(ld, req)
 		}
 	}
 	if len(pl.Errors) > 0 {
 		e := pl.Errors[0]
 		e.Status = api.StatusFor(e.Code)
+		if e.Code == api.CodeInsufficientServers {
+			e.Placement = pl.Candidates
+		}
 		m.log.Info("volume_create_rejected", "volume", req.Name, "code", e.Code, "reason", e.Message)
 		return nil, &e
 	}
@@ -332,6 +341,21 @@ func (m *Master) create(ld *leaderState, req api.CreateVolumeRequest) (*api.Volu
 		m.log.Info("volume_create_warning", "volume", rec.Name, "code", wn.Code, "message", wn.Message)
 	}
 	return render(res.Vol), nil
+}
+
+// mayWarm: a refused placement could change once servers heartbeat to a
+// new leader (some server is not alive, or none is known). A refusal for
+// capacity alone is final at once.
+func mayWarm(cands []api.PlacementCandidate) bool {
+	if len(cands) == 0 {
+		return true
+	}
+	for _, c := range cands {
+		if c.Rejection == RejectNotAlive {
+			return true
+		}
+	}
+	return false
 }
 
 func (m *Master) hDelete(w http.ResponseWriter, r *http.Request, ld *leaderState) {
@@ -448,6 +472,7 @@ func (m *Master) hPromote(w http.ResponseWriter, r *http.Request, ld *leaderStat
 		m.log.Warn("stale_replica_promoted", "volume", v.Name, "new_primary", target, "epoch", res.Vol.Epoch,
 			"acting_set", v.ActingSet, "risk", "it was outside the acting set: acknowledged writes may be lost")
 	}
+	m.met.promoted(promoteManual)
 	m.log.Info("promotion", "volume", v.Name, "reason", "manual", "old_primary", v.Primary, "new_primary", target,
 		"epoch", res.Vol.Epoch, "force", req.Force, "bypassed", bypassed, "lease_wait_ms", wait.Milliseconds())
 	writeJSON(w, http.StatusOK, api.PromoteResponse{Volume: v.Name, OldPrimary: v.Primary, NewPrimary: target,

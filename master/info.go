@@ -47,6 +47,7 @@ func (m *Master) volumeInfo(ld *leaderState, v *VolumeRecord, now time.Time) api
 			for _, pr := range primaryRep.Replicas {
 				if pr.ServerID == id {
 					ri.State, ri.FlushedLSN, found = pr.State, pr.FlushedLSN, true
+					ri.Progress = pr.Progress
 				}
 			}
 		}
@@ -88,15 +89,17 @@ func (m *Master) volumeInfo(ld *leaderState, v *VolumeRecord, now time.Time) api
 func (m *Master) serverStates(ld *leaderState, now time.Time) []ServerState {
 	vols := m.fsm.volumes()
 	count, prim := map[string]int{}, map[string]int{}
+	prov := map[string]int64{}
 	for _, v := range vols {
 		prim[v.Primary]++
 		for _, id := range v.Members() {
 			count[id]++
+			prov[id] += v.SizeBytes + v.WALSizeBytes
 		}
 	}
 	var out []ServerState
 	for _, s := range m.fsm.servers() {
-		st := ServerState{ID: s.ID, Volumes: count[s.ID], Primaries: prim[s.ID]}
+		st := ServerState{ID: s.ID, Volumes: count[s.ID], Primaries: prim[s.ID], ProvisionedBytes: prov[s.ID]}
 		if ls := ld.servers[s.ID]; ls != nil {
 			st.Alive = now.Sub(ls.heard) <= m.cfg.freshWindow()
 			st.CapacityBytes, st.FreeBytes = ls.capacity, ls.free

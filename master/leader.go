@@ -487,6 +487,7 @@ func (m *Master) tryFailover(p *pendingFailover) {
 		m.log.Warn("failover_apply_failed", "volume", v.Name, "candidate", best, "epoch", v.Epoch, "err", res.Err)
 		return
 	}
+	m.met.promoted(promoteAuto)
 	m.log.Info("promotion", "volume", v.Name, "reason", "failover", "old_primary", v.Primary, "new_primary", best,
 		"epoch", res.Vol.Epoch, "flushed_lsn", lsn, "lease_wait_ms", max(time.Until(fence), 0).Milliseconds())
 }

@@ -499,6 +499,7 @@ func (c *conn) replyOK(r *request) {
 // replyError answers with an error: a structured error chunk when
 // negotiated (it carries a message), else a simple reply without payload.
 func (c *conn) replyError(r *request, errno uint32, msg string) {
+	c.srv.stats.countError(errno)
 	if !c.structured {
 		var h [wire.SimpleReplySize]byte
 		binary.BigEndian.PutUint32(h[0:], wire.MagicSimpleReply)

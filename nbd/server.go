@@ -132,6 +132,7 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[*conn]struct{}
 	closing   bool
+	stats     serverStats    // observe.go
 	wg        sync.WaitGroup // connection goroutines
 }
 
@@ -207,6 +208,7 @@ func (s *Server) ServeConn(nc net.Conn) {
 		return
 	}
 	s.conns[c] = struct{}{}
+	s.stats.accepted.Add(1)
 	s.wg.Add(1)
 	s.mu.Unlock()
 	go func() {

@@ -139,6 +139,9 @@ func (s *Server) drop(name string) {
 	if err := h.close(); err != nil {
 		s.log.Error("volume_drop_close_failed", "volume", name, "err", err)
 	}
+	if s.met != nil {
+		s.met.forget(name)
+	}
 	// Through the server's FS, and the parent synced, so a drop cannot come
 	// back after a power cut as a half-removed volume directory.
 	if err := s.cfg.FS.RemoveAll(h.dir); err != nil {

@@ -40,7 +40,7 @@ func (e exports) Lookup(name string) (nbd.Export, error) {
 		return nbd.Export{}, err
 	}
 	if !isSnap {
-		return nbd.Export{Name: name, Device: &liveExport{Device: dev, h: h}, Access: h.access,
+		return nbd.Export{Name: name, Device: &liveExport{Device: e.s.meter(name, dev), h: h}, Access: h.access,
 			Description: fmt.Sprintf("blockd volume %s (epoch %d, server %s)", name, h.vol.Epoch(), e.s.cfg.ServerID)}, nil
 	}
 	if err := blockvol.CheckSnapshotName(snap); err != nil {

@@ -69,7 +69,7 @@ func (s *Server) report() api.HeartbeatRequest {
 		h.reportExpand(&hv) // expand.go
 		for _, r := range st.Replicas {
 			hv.Replicas = append(hv.Replicas, api.HeartbeatReplica{ServerID: r.ServerID,
-				State: apiState(r.State), FlushedLSN: r.FlushedLSN})
+				State: apiState(r.State), FlushedLSN: r.FlushedLSN, Progress: apiProgress(r.Progress)})
 		}
 		req.Volumes = append(req.Volumes, hv)
 	}

@@ -22,6 +22,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/nbd"
 	"github.com/blockd/blockd/replication"
@@ -76,6 +78,14 @@ type Config struct {
 	// server's own certificate (blockd serve), which the heartbeat client
 	// then accepts besides a master's.
 	EmbeddedMaster bool
+	// Metrics, when set, gets this server's metrics (metrics.go): I/O per
+	// volume, engine, replicas, NBD and ublk. nil with no MetricsAddr: no
+	// metrics, and I/O is not measured.
+	Metrics *prometheus.Registry
+	// MetricsAddr, when set, serves the metrics at http://ADDR/metrics
+	// (on Metrics, or on a registry of its own); with TLS, https:// and a
+	// client certificate of the cluster CA, as the master's API.
+	MetricsAddr string
 }
 
 // Server is a running volume server.
@@ -95,6 +105,7 @@ type Server struct {
 	started time.Time
 	fails   volumeFailures // assigned volumes that cannot be created or opened (assign.go)
 	peers   peerIDs        // replica server IDs by address, for the TLS dialer (tls.go)
+	met     *serverMetrics // nil: metrics off (metrics.go)
 
 	mu   sync.Mutex
 	vols map[string]*hosted
@@ -181,6 +192,11 @@ func New(cfg Config) (*Server, error) {
 		_ = s.Close()
 		return nil, err
 	}
+	if err := s.startMetrics(); err != nil {
+		ok = true
+		_ = s.Close()
+		return nil, err
+	}
 	ok = true
 	s.log.Info("server_started", "nbd", s.NBDAddr(), "addr", s.Addr(), "http", s.HTTPAddr(), "data", cfg.DataDir)
 	return s, nil
@@ -218,6 +234,7 @@ func (s *Server) NBDAddr() string {
 // Close stops serving: no new NBD connections, in-flight requests drained,
 // every volume flushed and closed. It is what SIGTERM does.
 func (s *Server) Close() error {
+	s.stopMetrics()
 	s.stopControl()
 	s.stopHTTP()
 	if s.cancel != nil {

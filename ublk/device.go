@@ -178,6 +178,7 @@ type Device struct {
 
 	inline   InlineMode
 	ioErrors atomic.Int64
+	stats    devStats // observe.go
 	done     chan struct{}
 	once     sync.Once
 	ctlOnce  sync.Once

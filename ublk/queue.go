@@ -352,9 +352,12 @@ func inlineEligible(d ioDesc) bool {
 func (q *queue) now() time.Time { return time.Now() }
 
 func (q *queue) work(tag uint16, d ioDesc) {
+	q.dev.stats.inFlight.Add(1)
 	res, err := execute(q.dev.dev, d, q.buf(tag))
+	q.dev.stats.inFlight.Add(-1)
 	if err != nil {
 		q.dev.ioErrors.Add(1)
+		q.dev.stats.countError(res)
 		q.log().Warn("ublk_io_error", "dev", q.dev.info.DevID, "queue", q.id, "tag", tag, "op", opName(d.op()),
 			"offset", int64(d.startSector)*512, "length", int64(d.nrSectors)*512, "errno", -res, "err", err)
 	}

@@ -58,7 +58,7 @@ func init() {
 			{Name: "create", Usage: "create a volume", ArgsUsage: "NAME --size SIZE [--rf N] [--durability MODE] [--preset NAME] [--wal-size SIZE]",
 				Flags: volClientFlags(append(volPolicyFlags(), allowFlag())...), Action: volumeCmd(volCreate)},
 			{Name: "list", Usage: "list volumes", Flags: volClientFlags(), Action: volumeCmd(volListCmd)},
-			{Name: "info", Usage: "show one volume", ArgsUsage: "NAME", Flags: volClientFlags(), Action: volumeCmd(volInfo)},
+			{Name: "info", Usage: "show one volume", ArgsUsage: "NAME [--watch]", Flags: volClientFlags(watchFlags()...), Action: volumeCmd(volInfo)},
 			{Name: "delete", Usage: "delete a volume (servers drop its data)", ArgsUsage: "NAME", Flags: volClientFlags(), Action: volumeCmd(volDelete)},
 			{Name: "expand", Usage: "grow a volume", ArgsUsage: "NAME --size SIZE",
 				Flags: volClientFlags(&cli.StringFlag{Name: "size", Usage: "new size (human units); may only grow"}), Action: volumeCmd(volExpand)},
@@ -91,8 +91,18 @@ type volCtx struct {
 }
 
 func volumeCmd(fn func(*volCtx) error) cli.ActionFunc {
+	return clientCmd("volume ", fn)
+}
+
+// clientCmd is the setup every master client command shares (output
+// format, timeouts, the client); errors are prefixed with prefix and the
+// command's name.
+func clientCmd(prefix string, fn func(*volCtx) error) cli.ActionFunc {
 	return func(c *cli.Context) error {
 		name := commandPath(c)
+		if prefix == "" { // a top-level command (status)
+			name = c.Command.Name
+		}
 		args := c.Args().Slice()
 		switch o := c.String("o"); o {
 		case "", "text", "json":
@@ -233,6 +243,9 @@ func (v *volCtx) printInfo(i *api.VolumeInfo) error {
 			member = " (in acting set)"
 		}
 		fmt.Fprintf(w, "replica:\t%s %s flushed_lsn=%d addr=%s%s\n", r.ServerID, r.State, r.FlushedLSN, r.Addr, member)
+		if p := r.Progress; p != nil {
+			fmt.Fprintf(w, "\t  %s %s (--watch follows it)\n", p.Kind, progressSummary(p))
+		}
 	}
 	fmt.Fprintf(w, "acting set:\t%s\n", volList(i.ActingSet))
 	fmt.Fprintf(w, "stale:\t%s\n", volList(i.Stale))
@@ -276,6 +289,14 @@ func volCreate(v *volCtx) error {
 	}
 	info, err := v.cl.CreateVolume(v.ctx, req)
 	if err != nil {
+		var ae *api.Error
+		if v.json && errors.As(err, &ae) && len(ae.Placement) > 0 {
+			// The refusal with every server's reason, for scripts; the
+			// one-line reason still goes to stderr.
+			_ = v.emitJSON(struct {
+				Error *api.Error `json:"error"`
+			}{ae})
+		}
 		return err
 	}
 	return v.printInfo(info)
@@ -343,6 +364,12 @@ func volInfo(v *volCtx) error {
 	name, err := v.name(false)
 	if err != nil {
 		return err
+	}
+	if v.c.Bool("watch") {
+		if v.json {
+			return errors.New("--watch draws for people; use -o json without --watch (once per call) for scripts")
+		}
+		return volWatch(v, name)
 	}
 	info, err := v.cl.VolumeInfo(v.ctx, name)
 	if err != nil {

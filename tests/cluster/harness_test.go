@@ -33,6 +33,7 @@ func freePort(t *testing.T) string { return testenv.FreeAddr(t) }
 type proc struct {
 	name string
 	args []string
+	env  []string // added to the environment (e.g. BLOCKD_VFS_FAULTS)
 	log  string
 	cmd  *exec.Cmd
 	done chan struct{}
@@ -47,6 +48,9 @@ func (p *proc) start(t *testing.T) {
 	}
 	fmt.Fprintf(f, "==== start %s %v\n", p.name, p.args)
 	p.cmd = exec.Command(blockdBin, p.args...)
+	if p.env != nil {
+		p.cmd.Env = append(os.Environ(), p.env...)
+	}
 	p.cmd.Stdout, p.cmd.Stderr = f, f
 	if err := p.cmd.Start(); err != nil {
 		f.Close()

@@ -328,7 +328,7 @@ func TestServeTLS(t *testing.T) {
 	}
 	apiAddr, nbdAddr := freePort(t), freePort(t)
 	p := &proc{name: "serve", log: filepath.Join(dir, "serve.log"),
-		args: append([]string{"serve", "--data", filepath.Join(dir, "data"), "--api", apiAddr, "--nbd", nbdAddr, "--volume", "vol0:64MiB"},
+		args: append([]string{"serve", "--log-file", "-", "--data", filepath.Join(dir, "data"), "--api", apiAddr, "--nbd", nbdAddr, "--volume", "vol0:64MiB"},
 			tlsArgs(filepath.Join(pki, "servers", "local"), "server")...)}
 	p.start(t)
 	defer p.kill9()

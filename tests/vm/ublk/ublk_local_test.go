@@ -37,7 +37,7 @@ starts=0
 serve_up() { [ "$(grep -c 'blockd is serving volume' /tmp/serve.log)" -ge $starts ] || ! kill -0 $SERVE; }
 start_serve() {
 	starts=$((starts+1))
-	blockd serve --volume vol0:256MiB >>/tmp/serve.log 2>&1 &
+	blockd serve --log-file - --volume vol0:256MiB >>/tmp/serve.log 2>&1 &
 	SERVE=$!
 	waitfor 180 serve_up
 	kill -0 $SERVE || { echo "serve exited"; tail -n 40 /tmp/serve.log; exit 1; }
@@ -242,7 +242,7 @@ func BenchmarkServeHostedUblkVsNBD(b *testing.B) {
 			Timeout:   10 * time.Minute,
 			Script: prelude + `
 cd /tmp
-blockd serve --volume vol0:512MiB >/tmp/serve.log 2>&1 &
+blockd serve --log-file - --volume vol0:512MiB >/tmp/serve.log 2>&1 &
 SERVE=$!
 up() { grep -q 'blockd is serving volume' /tmp/serve.log || ! kill -0 $SERVE; }
 waitfor 180 up
