@@ -18,7 +18,7 @@ func TestMistakesOneLine(t *testing.T) {
 		want string
 	}{
 		{[]string{"bogus"}, `unknown command "bogus"; commands: attach, completion,`},
-		{[]string{"volume", "bogus"}, `volume: unknown command "bogus"; commands: create, delete,`},
+		{[]string{"volume", "bogus"}, `volume: unknown command "bogus"; commands: clone, create, delete,`},
 		{[]string{"volume", "list", "--bogus"}, "volume list: unknown flag --bogus (see blockd volume list --help)"},
 		{[]string{"volume", "create", "x", "--rf", "abc"}, `volume create: --rf "abc": not a valid value (see blockd volume create --help)`},
 		{[]string{"server", "--id", "s1"}, "server: --data is required (see blockd server --help)"},
