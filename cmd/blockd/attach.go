@@ -119,6 +119,7 @@ func attachNBD(c *cli.Context) error {
 	pol := kernel.DefaultPolicy
 	pol.GiveUp = giveUp
 	actx, cancel := context.WithTimeout(ctx, c.Duration("wait")+time.Minute)
+	stopSpin := waitSpinner("attach nbd "+name+": waiting for its primary", time.Second)
 	dev, err := kernel.Attach(actx, kernel.Options{
 		Volume:      name,
 		Resolve:     resolve,
@@ -133,10 +134,11 @@ func attachNBD(c *cli.Context) error {
 		RetryUnknownExport: c.String("nbd") == "",
 		TLS:                tcfg,
 	})
+	stopSpin()
 	cancel()
 	if err != nil {
 		if errors.Is(err, kernel.ErrNoModule) {
-			return fmt.Errorf("%w; on Debian: modprobe nbd (package linux-image-*)", err)
+			return fmt.Errorf("%w; on Debian the module comes with the linux-image-* package", err)
 		}
 		return err
 	}
