@@ -86,7 +86,7 @@ func startServe(t testing.TB, size string, env ...string) *serve {
 func (s *serve) start(size string) {
 	t := s.t
 	t.Helper()
-	s.cmd = exec.Command(blockdBin, "serve", "--data", s.dataDir, "--nbd", s.nbd, "--api", s.api, "--volume", "vol0:"+size)
+	s.cmd = exec.Command(blockdBin, "serve", "--log-file", "-", "--data", s.dataDir, "--nbd", s.nbd, "--api", s.api, "--volume", "vol0:"+size)
 	s.cmd.Env = append(os.Environ(), s.env...)
 	if s.log == nil {
 		s.log = &bytes.Buffer{}
