@@ -35,6 +35,7 @@ fuzz:
 	$(GO) test ./replication -run '^$$' -fuzz FuzzReceiverRecord -fuzztime 60s
 	$(GO) test ./nbd -run '^$$' -fuzz '^FuzzServerTLSRequired$$' -fuzztime 60s
 	$(GO) test ./nbd -run '^$$' -fuzz '^FuzzServerTLSSession$$' -fuzztime 60s
+	$(GO) test ./image -run '^$$' -fuzz FuzzReader -fuzztime 60s
 
 # Every fuzz target in the tree (found by grep, so new ones are included)
 # for FUZZTIME each; new corpus entries are kept under testdata/fuzz.

@@ -534,11 +534,33 @@ func (c *Client) DeleteVolume(ctx context.Context, name string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/volumes/"+esc(name), nil, nil, false)
 }
 
-// ExpandVolume grows a volume to size bytes (never shrinks; same size is a no-op).
+// ExpandVolume grows a volume to size bytes (never shrinks; same size is a
+// no-op) and waits for the two-phase expand to end: the volume once every
+// member committed, or an *Error with Code CodeExpandCancelled naming the
+// member that made it cancel (every member keeps the old size).
 func (c *Client) ExpandVolume(ctx context.Context, name string, size int64) (*VolumeInfo, error) {
 	var out VolumeInfo
 	if err := c.do(ctx, http.MethodPost, "/v1/volumes/"+esc(name)+"/expand", ExpandRequest{SizeBytes: size}, &out, true); err != nil {
 		return nil, err
+	}
+	for out.Expand != nil && out.Expand.Phase == ExpandPreparing {
+		id := out.Expand.ID
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("api: expand %s: waiting for the outcome of expand %d: %w", name, id, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+		info, err := c.VolumeInfo(ctx, name)
+		if err != nil {
+			return nil, err
+		}
+		if info.Expand == nil || info.Expand.ID != id {
+			return nil, Errorf(CodeInternal, "expand of %q: expand %d vanished from the registry", name, id)
+		}
+		if e := info.Expand.Err(name); e != nil {
+			return nil, e
+		}
+		out = *info
 	}
 	return &out, nil
 }

@@ -23,6 +23,13 @@ const (
 	CodeUnavailable         = "unavailable"    // transport: no master answered
 	// CodeForbidden (403): the client certificate's identity may not make this call.
 	CodeForbidden = "forbidden"
+	// CodeNotPrimary (409, the server API): this server is not the
+	// volume's primary with a live lease; Error.Primary names the primary
+	// it last heard of.
+	CodeNotPrimary = "not_primary"
+	// CodeBusy (409): the object is in use (a snapshot an NBD client or an
+	// export has open).
+	CodeBusy = "busy"
 )
 
 // Error is the JSON body of every non-2xx reply, and the error type Client
@@ -34,6 +41,12 @@ type Error struct {
 	Leader string `json:"leader,omitempty"`
 	// Candidates is set on promote_rejected: the evaluated candidates.
 	Candidates []Candidate `json:"candidates,omitempty"`
+	// Primary is set on not_primary: the volume's primary as the
+	// answering server last heard it from the master.
+	Primary *ServerRef `json:"primary,omitempty"`
+	// Placement is set on insufficient_servers from a create: every server
+	// placement considered, each with its rejection and reason.
+	Placement []PlacementCandidate `json:"placement,omitempty"`
 	// Status is the HTTP status (not sent on the wire).
 	Status int `json:"-"`
 }
@@ -53,9 +66,11 @@ func Errorf(code, format string, a ...any) *Error {
 // StatusFor maps a code to its HTTP status.
 func StatusFor(code string) int {
 	switch code {
+	case CodeExpandCancelled, CodeExpandBusy: // types.go
+		return http.StatusConflict
 	case CodeNotFound:
 		return http.StatusNotFound
-	case CodeAlreadyExists, CodePromoteRejected, CodeEpochChanged, CodeAddressInUse:
+	case CodeAlreadyExists, CodePromoteRejected, CodeEpochChanged, CodeAddressInUse, CodeNotPrimary, CodeBusy:
 		return http.StatusConflict
 	case CodeBadRequest, CodeBadSize, CodeUnknownPreset:
 		return http.StatusBadRequest

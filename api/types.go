@@ -14,7 +14,7 @@
 //	POST   /v1/volumes/resolve           CreateVolumeRequest -> ResolveResponse (dry run)
 //	GET    /v1/volumes/{name}            VolumeInfo
 //	DELETE /v1/volumes/{name}            204
-//	POST   /v1/volumes/{name}/expand     ExpandRequest -> VolumeInfo
+//	POST   /v1/volumes/{name}/expand     ExpandRequest -> VolumeInfo (two-phase; 202 while preparing, 409 expand_cancelled)
 //	GET    /v1/volumes/{name}/primary    PrimaryInfo
 //	GET    /v1/volumes/{name}/preflight  PreflightResponse (read only)
 //	POST   /v1/volumes/{name}/promote    PromoteRequest -> PromoteResponse
@@ -106,6 +106,9 @@ type PrimaryRef struct {
 	ServerID string `json:"server_id"`
 	NBDAddr  string `json:"nbd_addr"`
 	Addr     string `json:"addr"` // control/replication address
+	// HTTPAddr is the server's admin API (snapshots, images); empty when
+	// the server runs without one.
+	HTTPAddr string `json:"http_addr"`
 }
 
 // ReplicaInfo is one replica of a volume as the master knows it. State and
@@ -122,6 +125,9 @@ type ReplicaInfo struct {
 	// master adds it back.
 	InActingSet bool `json:"in_acting_set"`
 	Stale       bool `json:"stale"`
+	// Progress is the catch-up, resync or rebuild in flight, as of the
+	// primary's last heartbeat (none: omitted).
+	Progress *TransferProgress `json:"progress,omitempty"`
 }
 
 // VolumeInfo is `blockd volume info NAME -o json`: its field names are a
@@ -156,6 +162,58 @@ type VolumeInfo struct {
 	Failure string `json:"failure,omitempty"`
 	// Allow is the volume's NBD allow list (empty: unrestricted).
 	Allow []AllowEntry `json:"allow,omitempty"`
+	// Expand is the volume's current or last two-phase expand.
+	Expand *ExpandStatus `json:"expand,omitempty"`
+	// MemberSizes is each member's size as its own last heartbeat
+	// reported it (primary first), with any prepared, uncommitted size.
+	MemberSizes []MemberSize `json:"member_sizes,omitempty"`
+}
+
+// Error codes of a two-phase expand (409).
+const (
+	// CodeExpandCancelled: a member failed to prepare an expand or did
+	// not answer in time; every member keeps the old size.
+	CodeExpandCancelled = "expand_cancelled"
+	// CodeExpandBusy: another expand of the volume is preparing.
+	CodeExpandBusy = "expand_busy"
+)
+
+// Expand phases (ExpandStatus.Phase).
+const (
+	ExpandPreparing = "preparing" // waiting for every member to prepare
+	ExpandCommitted = "committed" // the new size is the volume's size
+	ExpandCancelled = "cancelled" // every member drops its prepared size
+)
+
+// ExpandStatus is a two-phase expand as the master's registry records it:
+// every member of the acting set prepares (grows its extent, keeps the
+// size unexposed), then the master commits; a member that fails or does
+// not answer in time makes it cancel (Server and Reason say which and why).
+type ExpandStatus struct {
+	ID        uint64   `json:"id"` // raft index of the request
+	FromBytes int64    `json:"from_bytes"`
+	SizeBytes int64    `json:"size_bytes"` // the target size
+	Phase     string   `json:"phase"`
+	Members   []string `json:"members"`            // the primary and the acting set when it started
+	Prepared  []string `json:"prepared,omitempty"` // members that reported prepared (leader memory)
+	Server    string   `json:"server,omitempty"`   // cancelled: the member that caused it
+	Reason    string   `json:"reason,omitempty"`   // cancelled: why
+}
+
+// Err is the one-line error of a cancelled expand of volume name (nil
+// unless Phase is cancelled).
+func (s *ExpandStatus) Err(name string) *Error {
+	if s == nil || s.Phase != ExpandCancelled {
+		return nil
+	}
+	return Errorf(CodeExpandCancelled, "expand of %q to %d bytes cancelled: %s; every member keeps %d bytes", name, s.SizeBytes, s.Reason, s.FromBytes)
+}
+
+// MemberSize is one member's size as it reported it.
+type MemberSize struct {
+	ServerID         string `json:"server_id"`
+	SizeBytes        int64  `json:"size_bytes"`                   // 0: no report
+	PendingSizeBytes int64  `json:"pending_size_bytes,omitempty"` // prepared, not committed
 }
 
 // UpdateVolumeRequest changes a volume's policy (POST /v1/volumes/{name}/update).
@@ -179,6 +237,9 @@ type PrimaryInfo struct {
 	ServerID string `json:"server_id"`
 	Addr     string `json:"addr"`
 	NBDAddr  string `json:"nbd_addr"`
+	// HTTPAddr is the primary's admin API address (api/snapshot.go); empty
+	// when it runs without one.
+	HTTPAddr string `json:"http_addr"`
 }
 
 // ---- plan / resolve ----
@@ -215,6 +276,9 @@ type PlacementCandidate struct {
 	VolumeCount int    `json:"volume_count"`
 	Selected    bool   `json:"selected"`
 	Rejection   string `json:"rejection,omitempty"` // stable reason: not_alive, insufficient_capacity
+	// Reason is Rejection with its figures, for people
+	// ("insufficient_capacity: 1.1 GiB (size 1.0 GiB + WAL 64 MiB) > 512 MiB free to provision ...").
+	Reason string `json:"reason,omitempty"`
 }
 
 // PlanResponse is the dry run of create: resolution plus placement.
@@ -300,6 +364,22 @@ type HeartbeatReplica struct {
 	ServerID   string `json:"server_id"`
 	State      string `json:"state"`
 	FlushedLSN uint64 `json:"flushed_lsn"`
+	// Progress is the catch-up, resync or rebuild in flight (none: nil).
+	Progress *TransferProgress `json:"progress,omitempty"`
+}
+
+// TransferProgress is a replica's catch-up, resync or rebuild in flight,
+// as its primary reports it. A base transfer (resync, rebuild) counts
+// bytes; a catch-up counts LSNs (DoneLSN toward TargetLSN) and the WAL
+// bytes sent (DoneBytes, TotalBytes 0).
+type TransferProgress struct {
+	Kind       string `json:"kind"` // catch_up, resync, rebuild, truncate
+	DoneBytes  int64  `json:"done_bytes"`
+	TotalBytes int64  `json:"total_bytes"`
+	FromLSN    uint64 `json:"from_lsn,omitempty"`
+	DoneLSN    uint64 `json:"done_lsn,omitempty"`
+	TargetLSN  uint64 `json:"target_lsn,omitempty"`
+	ElapsedMS  int64  `json:"elapsed_ms"`
 }
 
 // HeartbeatVolume is one volume a server hosts, as it reports it.
@@ -312,13 +392,23 @@ type HeartbeatVolume struct {
 	CheckpointLSN uint64             `json:"checkpoint_lsn"`
 	DurableLSN    uint64             `json:"durable_lsn"`        // local FlushedLSN (covered by fdatasync)
 	Replicas      []HeartbeatReplica `json:"replicas,omitempty"` // primary only
+	// SizeBytes is the volume's committed size here; PendingSizeBytes a
+	// size prepared for expand ExpandID and not yet committed (0: none);
+	// ExpandError why preparing ExpandID failed.
+	SizeBytes        int64  `json:"size_bytes,omitempty"`
+	PendingSizeBytes int64  `json:"pending_size_bytes,omitempty"`
+	ExpandID         uint64 `json:"expand_id,omitempty"`
+	ExpandError      string `json:"expand_error,omitempty"`
 }
 
 // HeartbeatRequest is what a volume server sends every HeartbeatIntervalMS.
 type HeartbeatRequest struct {
-	ServerID      string            `json:"server_id"`
-	Addr          string            `json:"addr"` // control/replication address (host:port); an empty host is filled with the caller's IP
-	NBDAddr       string            `json:"nbd_addr"`
+	ServerID string `json:"server_id"`
+	Addr     string `json:"addr"` // control/replication address (host:port); an empty host is filled with the caller's IP
+	NBDAddr  string `json:"nbd_addr"`
+	// HTTPAddr is the server's admin API address (empty: none); an empty
+	// host is filled with the caller's IP like Addr's.
+	HTTPAddr      string            `json:"http_addr,omitempty"`
 	CapacityBytes int64             `json:"capacity_bytes"`
 	FreeBytes     int64             `json:"free_bytes"`
 	Volumes       []HeartbeatVolume `json:"volumes"`
@@ -339,6 +429,7 @@ type ServerRef struct {
 	ServerID string `json:"server_id"`
 	Addr     string `json:"addr"`
 	NBDAddr  string `json:"nbd_addr,omitempty"`
+	HTTPAddr string `json:"http_addr,omitempty"`
 }
 
 // VolumeAssignment is the master's desired state of one volume on the
@@ -373,6 +464,12 @@ type VolumeAssignment struct {
 	// NBD_OPT_GO against the client certificate's name. Empty:
 	// unrestricted (a master older than the field sends none).
 	Allow []AllowEntry `json:"allow,omitempty"`
+	// ExpandID/ExpandSizeBytes: a two-phase expand is preparing: grow to
+	// ExpandSizeBytes without exposing it and report it prepared. Absent:
+	// drop any prepared size that is not SizeBytes. SizeBytes above the
+	// size here commits it (or, never prepared, grows in one step).
+	ExpandID        uint64 `json:"expand_id,omitempty"`
+	ExpandSizeBytes int64  `json:"expand_size_bytes,omitempty"`
 }
 
 // HeartbeatResponse is the master's reply to a heartbeat.

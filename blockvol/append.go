@@ -121,6 +121,7 @@ func (v *Volume) syncWAL(target uint64) error {
 	g.mu.Lock()
 	g.syncing = false
 	if err == nil && lsn > g.durLSN {
+		v.stats.observeBatch(lsn - g.durLSN)
 		g.durLSN, g.durEnd = lsn, end
 		v.durLSN.Store(lsn)
 	}
@@ -188,6 +189,7 @@ func (v *Volume) appendRecord(rec wal.Record, fixedLSN bool) (uint64, error) {
 		// The log is full: nudge the flusher and wait for the tail.
 		if deadline.IsZero() {
 			deadline = time.Now().Add(v.fullTO)
+			v.stats.backPressureWaits.Add(1)
 		}
 		ch := v.spaceCh
 		v.appendMu.Unlock()

@@ -113,7 +113,7 @@ func (v *Volume) checkRecord(rec wal.Record) error {
 	switch rec.Type {
 	case wal.Write, wal.Zero:
 		bs := v.bs
-		if err := checkExtent(v.size.Load(), bs, rec.Offset, int64(rec.Length)); err != nil {
+		if err := checkExtent(v.recordLimit(), bs, rec.Offset, int64(rec.Length)); err != nil {
 			return fmt.Errorf("%s [%d,+%d): %w", rec.Type, rec.Offset, rec.Length, err)
 		}
 	case wal.Barrier:

@@ -128,7 +128,7 @@ func (v *Volume) validateRecord(rec wal.Record) error {
 	default:
 		return fmt.Errorf("unexpected record type %s", rec.Type)
 	}
-	if err := checkExtent(v.size.Load(), v.bs, rec.Offset, int64(rec.Length)); err != nil {
+	if err := checkExtent(v.recordLimit(), v.bs, rec.Offset, int64(rec.Length)); err != nil {
 		return fmt.Errorf("%s [%d,+%d): %w", rec.Type, rec.Offset, rec.Length, err)
 	}
 	return nil

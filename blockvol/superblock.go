@@ -53,6 +53,10 @@ type superblock struct {
 	// life reused, would be replayed (0: unknown, a superblock written
 	// before the field existed).
 	GenLSN uint64
+	// PendingSize/PendingExpandID: a prepared, uncommitted expand
+	// (expand.go); 0 = none.
+	PendingSize     int64
+	PendingExpandID uint64
 }
 
 func (s *superblock) encode(buf []byte) {
@@ -75,6 +79,7 @@ func (s *superblock) encode(buf []byte) {
 	le.PutUint64(buf[144:], s.GenLSN)
 	buf[104] = byte(len(s.Role))
 	copy(buf[105:105+maxRoleLen], s.Role)
+	s.encodeExpand(buf)
 	le.PutUint32(buf[sbEncodeLen-4:], wal.Checksum(buf[:sbEncodeLen-4]))
 }
 
@@ -113,6 +118,7 @@ func decodeSuperblock(buf []byte) (superblock, error) {
 		return s, fmt.Errorf("%w: role length %d", errBadSlot, rl)
 	}
 	s.Role = string(buf[105 : 105+rl])
+	s.decodeExpand(buf)
 	if err := s.validate(); err != nil {
 		return s, fmt.Errorf("%w: %v", errBadSlot, err)
 	}
@@ -135,6 +141,9 @@ func (s *superblock) validate() error {
 		return fmt.Errorf("tail position %d, checkpoint position %d", s.TailPos, s.CheckpointPos)
 	case s.CheckpointPos%wal.Align != 0 || s.TailPos%wal.Align != 0:
 		return fmt.Errorf("unaligned WAL position")
+	}
+	if err := s.validateExpand(); err != nil {
+		return err
 	}
 	return nil
 }

@@ -121,6 +121,7 @@ type Volume struct {
 	fs      vfs.FS
 	log     *slog.Logger
 	size    atomic.Int64 // grows only, under Drain (Expand)
+	limit   atomic.Int64 // max(size, a prepared expand's size): what records may touch (expand.go)
 	bs      int64
 	bshift  uint
 	walSize int64
@@ -152,8 +153,9 @@ type Volume struct {
 	ckptPos atomic.Uint64
 	durLSN  atomic.Uint64
 
-	comp completion
-	gc   groupCommit
+	comp  completion
+	gc    groupCommit
+	stats engineStats // stats.go
 
 	dirty   dirtyMap
 	zeros   zeroSet

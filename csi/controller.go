@@ -5,6 +5,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -21,10 +22,12 @@ const (
 	CtxDurability = "blockd.io/durability"
 )
 
-// ControllerGetCapabilities: create/delete, expand, capacity, list.
-// Not offered: publish/unpublish (the node attaches over the network, no
-// controller step), snapshots and clones (blockd has no snapshots yet),
-// single-node multi-writer.
+// ControllerGetCapabilities: create/delete, expand, capacity, list,
+// snapshots (create/delete, list) and clones. Not offered:
+// publish/unpublish (the node attaches over the network, no controller
+// step), GetSnapshot (a newer, optional RPC; ListSnapshots with a
+// snapshot ID answers the same), single-node multi-writer, volume
+// conditions.
 func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
 	var caps []*csi.ControllerServiceCapability
 	for _, t := range []csi.ControllerServiceCapability_RPC_Type{
@@ -32,6 +35,9 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 		csi.ControllerServiceCapability_RPC_EXPAND_VOLUME,
 		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
 		csi.ControllerServiceCapability_RPC_LIST_VOLUMES,
+		csi.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
+		csi.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
+		csi.ControllerServiceCapability_RPC_CLONE_VOLUME,
 	} {
 		caps = append(caps, &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{
 			Rpc: &csi.ControllerServiceCapability_RPC{Type: t}}})
@@ -55,18 +61,26 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	if err := CheckCapabilities(req.GetVolumeCapabilities()); err != nil {
 		return nil, err
 	}
-	if req.GetVolumeContentSource() != nil {
-		return nil, status.Error(codes.InvalidArgument, "create volume: a content source (snapshot or clone) is not supported yet")
-	}
 	params, err := ParseParams(req.GetParameters())
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "create volume %s: %v", req.GetName(), err)
+	}
+	name := VolumeName(req.GetName())
+	if req.GetVolumeContentSource() != nil {
+		if _, err := sizeFromSource(0, req.GetCapacityRange()); err != nil {
+			return nil, err // a malformed range, before any lookup
+		}
+		release, err := d.lock.acquire(name, "CreateVolume")
+		if err != nil {
+			return nil, err
+		}
+		defer release()
+		return d.createFromSource(ctx, req, params, name)
 	}
 	size, err := SizeFor(req.GetCapacityRange())
 	if err != nil {
 		return nil, err
 	}
-	name := VolumeName(req.GetName())
 	release, err := d.lock.acquire(name, "CreateVolume")
 	if err != nil {
 		return nil, err
@@ -122,6 +136,9 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 		return nil, err
 	}
 	defer release()
+	if err := d.refuseWithSnapshots(ctx, id); err != nil {
+		return nil, err
+	}
 	err = d.mc.DeleteVolume(ctx, id)
 	if err != nil && !api.IsCode(err, api.CodeNotFound) && !api.IsCode(err, api.CodeBadRequest) {
 		return nil, apiStatus("delete volume "+id, err)
@@ -130,6 +147,34 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 		d.log.Info("csi_volume_deleted", "volume", id)
 	}
 	return &csi.DeleteVolumeResponse{}, nil
+}
+
+// deleteSnapshotWait bounds how long DeleteVolume waits for the primary
+// to tell the volume's snapshots.
+const deleteSnapshotWait = 10 * time.Second
+
+// refuseWithSnapshots makes DeleteVolume FailedPrecondition while the
+// volume has snapshots: a blockd snapshot lives in its volume, so
+// deleting the volume would silently destroy snapshots the CO still
+// holds (the spec's "has snapshots and the plugin doesn't treat them as
+// independent entities"). A volume whose primary does not answer is
+// deleted anyway (logged): nothing can be read from it.
+func (d *Driver) refuseWithSnapshots(ctx context.Context, id string) error {
+	_, snaps, err := d.primaryClient(ctx, id, deleteSnapshotWait)
+	if err != nil {
+		if status.Code(err) != codes.NotFound || isAPIError(err) {
+			d.log.Warn("csi_delete_snapshots_unknown", "volume", id, "err", err)
+		}
+		return nil
+	}
+	if len(snaps) == 0 {
+		return nil
+	}
+	ids := make([]string, 0, len(snaps))
+	for _, s := range snaps {
+		ids = append(ids, SnapshotID(id, s.Name))
+	}
+	return status.Errorf(codes.FailedPrecondition, "delete volume %s: it has %d snapshot(s) (%s); delete them first", id, len(snaps), strings.Join(ids, ", "))
 }
 
 // ValidateVolumeCapabilities confirms capabilities blockd can serve.

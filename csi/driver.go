@@ -6,9 +6,10 @@
 // this process and reconnects a device after a failover), makes a file
 // system on a blank device and mounts it.
 //
-// Volume IDs are blockd volume names (VolumeName). Snapshots and clones
-// are not offered yet: the driver does not advertise them, so a CO never
-// asks.
+// Volume IDs are blockd volume names (VolumeName); snapshot IDs are
+// VOLUME@SNAP (SnapshotID). Snapshots, and volumes made from a snapshot
+// or another volume, go to the volume's primary's admin API (snapshot.go,
+// clone.go).
 package csi
 
 import (
@@ -31,6 +32,7 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/tlsauth"
 )
 
 // DriverName is the CSI driver name (CSIDriver object, StorageClass
@@ -66,6 +68,11 @@ type Config struct {
 	// GiveUp is the keeper's give-up time without a connection (default
 	// 5 minutes): then I/O on the device fails instead of hanging.
 	GiveUp time.Duration
+	// TLS, when set, are this driver's client credentials in a TLS
+	// cluster (blockd tls init): the master API, the primaries' admin API
+	// (snapshots, clones) and the NBD connections of attached devices all
+	// use them, each checking the peer's certificate kind.
+	TLS    *tlsauth.Creds
 	Logger *slog.Logger
 }
 
@@ -114,6 +121,11 @@ func New(cfg Config) (*Driver, error) {
 		cfg.Logger = slog.Default()
 	}
 	mc := api.NewClient(cfg.Masters)
+	if cfg.TLS != nil {
+		// A master presents a master certificate; blockd serve's embedded
+		// master presents its server's.
+		mc = api.NewClientTLS(cfg.Masters, cfg.TLS.ClientConfig(tlsauth.AnyOf(tlsauth.KindMaster, tlsauth.KindServer)))
+	}
 	mc.RetryFor = 20 * time.Second
 	return &Driver{cfg: cfg, mc: mc, log: cfg.Logger.With("component", "csi"), staged: map[string]*stagedVol{}}, nil
 }

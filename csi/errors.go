@@ -41,8 +41,16 @@ func apiStatus(what string, err error) error {
 			code = codes.ResourceExhausted
 		case api.CodeNotLeader, api.CodeUnavailable, api.CodeNoPrimary:
 			code = codes.Unavailable
-		case api.CodeEpochChanged:
+		case api.CodeEpochChanged, api.CodeBusy:
 			code = codes.Aborted
+		case api.CodeNotPrimary:
+			code = codes.Unavailable
+		case api.CodeNoSpace:
+			code = codes.ResourceExhausted
+		case api.CodeImageConflict:
+			code = codes.FailedPrecondition
+		case api.CodeForbidden:
+			code = codes.PermissionDenied
 		}
 	default:
 		code = codes.Unavailable // transport: no master answered

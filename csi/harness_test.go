@@ -14,6 +14,7 @@ import (
 
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/internal/testenv"
+	"github.com/blockd/blockd/tlsauth"
 )
 
 // A small harness of real processes: a `blockd master` and `blockd server`s
@@ -35,11 +36,7 @@ func buildBlockd(t *testing.T) string {
 			buildErr = err
 			return
 		}
-		blockdBin = filepath.Join(dir, "blockd")
-		out, err := exec.Command(goTool, "build", "-o", blockdBin, "github.com/blockd/blockd/cmd/blockd").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("build blockd: %w\n%s", err, out)
-		}
+		blockdBin, buildErr = testenv.BuildBlockd(goTool, dir)
 	})
 	if buildErr != nil {
 		t.Fatal(buildErr)
@@ -62,6 +59,7 @@ type cluster struct {
 	master string
 	client *api.Client
 	procs  []*proc
+	creds  *tlsauth.Creds // a client's, in a TLS cluster
 }
 
 func (c *cluster) start(name string, args ...string) {
@@ -83,7 +81,21 @@ func (c *cluster) start(name string, args ...string) {
 }
 
 // newCluster starts a master and n servers and waits until all are alive.
-func newCluster(t *testing.T, servers int) *cluster {
+func newCluster(t *testing.T, servers int) *cluster { return startCluster(t, servers, false) }
+
+// newTLSCluster is newCluster with certificates from `blockd tls init`
+// (master m1, servers s1..sN, client alice): every daemon serves TLS
+// only. c.creds are alice's client credentials.
+func newTLSCluster(t *testing.T, servers int) *cluster { return startCluster(t, servers, true) }
+
+// tlsArgs are the --tls-* flags of the entity directory dir (prefix
+// server or client).
+func tlsArgs(dir, prefix string) []string {
+	return []string{"--tls-cert", filepath.Join(dir, prefix+"-cert.pem"), "--tls-key", filepath.Join(dir, prefix+"-key.pem"),
+		"--tls-ca", filepath.Join(dir, "ca-cert.pem")}
+}
+
+func startCluster(t *testing.T, servers int, withTLS bool) *cluster {
 	c := &cluster{t: t, dir: t.TempDir(), master: freeAddr(t)}
 	t.Cleanup(func() {
 		for _, p := range c.procs {
@@ -105,14 +117,31 @@ func newCluster(t *testing.T, servers int) *cluster {
 			}
 		}
 	})
-	c.start("master", "master", "--data", filepath.Join(c.dir, "master"), "--api", c.master, "--lease-ttl", "3s")
-	c.client = api.NewClient([]string{c.master})
 	var ids []string
 	for i := 1; i <= servers; i++ {
-		id := fmt.Sprintf("s%d", i)
-		ids = append(ids, id)
-		c.start(id, "server", "--id", id, "--data", filepath.Join(c.dir, id), "--master", c.master,
-			"--listen", freeAddr(t), "--nbd", freeAddr(t), "--capacity", "20GiB")
+		ids = append(ids, fmt.Sprintf("s%d", i))
+	}
+	tlsOf := func(kind, name, prefix string) []string { return nil }
+	c.client = api.NewClient([]string{c.master})
+	if withTLS {
+		pki := filepath.Join(c.dir, "pki")
+		out, err := exec.Command(buildBlockd(t), "tls", "init", "--dir", pki, "--master", "m1", "--server", strings.Join(ids, ","), "--client", "alice").CombinedOutput()
+		if err != nil {
+			t.Fatalf("tls init: %v\n%s", err, out)
+		}
+		tlsOf = func(kind, name, prefix string) []string { return tlsArgs(filepath.Join(pki, kind, name), prefix) }
+		alice := filepath.Join(pki, "clients", "alice")
+		if c.creds, err = tlsauth.Load(filepath.Join(alice, "client-cert.pem"), filepath.Join(alice, "client-key.pem"), filepath.Join(alice, "ca-cert.pem")); err != nil {
+			t.Fatal(err)
+		}
+		c.client = api.NewClientTLS([]string{c.master}, c.creds.ClientConfig(tlsauth.AnyOf(tlsauth.KindMaster, tlsauth.KindServer)))
+	}
+	c.start("master", append([]string{"master", "--data", filepath.Join(c.dir, "master"), "--api", c.master, "--lease-ttl", "3s"},
+		tlsOf("masters", "m1", "server")...)...)
+	for _, id := range ids {
+		c.start(id, append([]string{"server", "--id", id, "--data", filepath.Join(c.dir, id), "--master", c.master,
+			"--listen", freeAddr(t), "--nbd", freeAddr(t), "--http", freeAddr(t), "--capacity", "20GiB"},
+			tlsOf("servers", id, "server")...)...)
 	}
 	c.waitFor("servers alive", 60*time.Second, func() error {
 		ss, err := c.client.Servers(context.Background())
@@ -135,23 +164,21 @@ func newCluster(t *testing.T, servers int) *cluster {
 
 func (c *cluster) waitFor(what string, d time.Duration, cond func() error) {
 	c.t.Helper()
-	deadline := time.Now().Add(d)
-	var err error
-	for time.Now().Before(deadline) {
-		if err = cond(); err == nil {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	c.t.Fatalf("timed out after %v waiting for %s: %v", d, what, err)
+	testenv.WaitFor(c.t, what, d, cond)
 }
 
 // startDriver serves a driver in mode on a socket in a temp directory and
 // returns its endpoint.
 func startDriver(t *testing.T, masters []string, mode string) (string, *Driver) {
 	t.Helper()
+	return startDriverTLS(t, masters, mode, nil)
+}
+
+// startDriverTLS is startDriver with client credentials (nil: plain).
+func startDriverTLS(t *testing.T, masters []string, mode string, creds *tlsauth.Creds) (string, *Driver) {
+	t.Helper()
 	sock := filepath.Join(t.TempDir(), "csi.sock")
-	d, err := New(Config{Endpoint: "unix://" + sock, NodeID: "node-1", Masters: masters, Mode: mode})
+	d, err := New(Config{Endpoint: "unix://" + sock, NodeID: "node-1", Masters: masters, Mode: mode, TLS: creds})
 	if err != nil {
 		t.Fatal(err)
 	}

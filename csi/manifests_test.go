@@ -30,13 +30,20 @@ import (
 // through a shared volume; the registrar's kubelet path is the plugin
 // directory of this driver; --master names an existing Service and port;
 // the node plugin is privileged with Bidirectional propagation on the
-// kubelet directory; the StatefulSets' services exist.
+// kubelet directory; the StatefulSets' services exist; the controller
+// carries the provisioner, resizer and snapshotter sidecars and its
+// account holds their rules (snapshot contents and classes too); the
+// VolumeSnapshotClass has no parameters (the driver refuses any); the
+// master and servers start (a non-loopback listen address has TLS flags
+// or --insecure, as the daemons demand); the servers serve the admin API
+// that snapshots and clones use, advertised and on their Service.
 //
 // What it cannot prove (no cluster runs here): that an API server accepts
 // the objects (schema, defaults, admission), that the images exist and
 // pull (blockd:latest must be built from deploy/kubernetes/Dockerfile,
 // which no test builds), that the sidecar versions suit the cluster, that
-// the RBAC rules are enough for the sidecars at run time, that mount
+// the RBAC rules are enough for the sidecars at run time, that the
+// snapshot CRDs and snapshot-controller are installed, that mount
 // propagation and the nbd module work on the nodes, and that volumes
 // actually provision: the driver's behaviour is proven by the sanity
 // suite and the guest tests instead.
@@ -263,6 +270,9 @@ func (c *checker) driverNames() {
 		if d := str(o.m, "driver"); d != name {
 			c.t.Errorf("%v: driver %q, want %q", o, d, name)
 		}
+		if pm, _ := get(o.m, "parameters").(map[string]any); len(pm) > 0 {
+			c.t.Errorf("%v: parameters %v: CreateSnapshot refuses every parameter", o, pm)
+		}
 	}
 }
 
@@ -371,7 +381,8 @@ func (c *checker) workloads() {
 			switch mode {
 			case ModeController:
 				sawController = true
-				for _, s := range []string{"registry.k8s.io/sig-storage/csi-provisioner", "registry.k8s.io/sig-storage/csi-resizer"} {
+				for _, s := range []string{"registry.k8s.io/sig-storage/csi-provisioner", "registry.k8s.io/sig-storage/csi-resizer",
+					"registry.k8s.io/sig-storage/csi-snapshotter"} {
 					if !images[s] {
 						c.t.Errorf("%v: controller lacks sidecar %s", o, s)
 					}
@@ -387,6 +398,7 @@ func (c *checker) workloads() {
 	if !sawController || !sawNode {
 		c.t.Errorf("want a controller-mode and a node-mode driver workload (controller %v, node %v)", sawController, sawNode)
 	}
+	c.daemons()
 	for _, o := range c.all("StatefulSet") {
 		svc := str(o.m, "spec", "serviceName")
 		if c.find("Service", o.namespace(), svc) == nil {
@@ -517,7 +529,10 @@ func (c *checker) rbac() {
 			}
 		}
 		for _, need := range []string{"persistentvolumes:create", "persistentvolumes:delete", "persistentvolumes:patch",
-			"persistentvolumeclaims:get", "persistentvolumeclaims/status:patch", "storageclasses:get", "events:create"} {
+			"persistentvolumeclaims:get", "persistentvolumeclaims/status:patch", "storageclasses:get", "events:create",
+			// the snapshotter, and the provisioner restoring a snapshot
+			"volumesnapshotclasses:list", "volumesnapshotcontents:watch", "volumesnapshotcontents:update",
+			"volumesnapshotcontents/status:update", "volumesnapshots:get"} {
 			if !verbs[need] {
 				c.t.Errorf("%v: ServiceAccount %s lacks %s", w, sa, need)
 			}
@@ -545,5 +560,77 @@ func (c *checker) services() {
 		if !matched {
 			c.t.Errorf("%v: its selector %v matches no workload", s, sel)
 		}
+	}
+}
+
+// flagValue returns the value of --name in args (--name=V or --name V)
+// and whether it is there.
+func flagValue(args []string, name string) (string, bool) {
+	for i, a := range args {
+		if v, ok := strings.CutPrefix(a, "--"+name+"="); ok {
+			return v, true
+		}
+		if a == "--"+name {
+			if i+1 < len(args) && !strings.HasPrefix(args[i+1], "--") {
+				return args[i+1], true
+			}
+			return "", true
+		}
+	}
+	return "", false
+}
+
+// daemons checks the blockd master and server containers the way the
+// daemons check themselves at start: a non-loopback listen address needs
+// TLS credentials or --insecure (else the process refuses to start); the
+// servers serve the admin API (--http, advertised) that snapshots and
+// clones need, on a port of their Service.
+func (c *checker) daemons() {
+	listens := map[string][]string{"master": {"api", "raft"}, "server": {"listen", "nbd", "http"}, "serve": {"api", "listen", "nbd"}}
+	var servers int
+	for _, kind := range []string{"Deployment", "DaemonSet", "StatefulSet"} {
+		for _, o := range c.all(kind) {
+			for _, ct := range list(o.m, "spec", "template", "spec", "containers") {
+				args := strs(ct, "args")
+				if len(args) == 0 || listens[args[0]] == nil {
+					continue
+				}
+				_, tls := flagValue(args, "tls-cert")
+				_, insecure := flagValue(args, "insecure")
+				for _, f := range listens[args[0]] {
+					v, ok := flagValue(args, f)
+					host, _, _ := strings.Cut(v, ":")
+					if ok && host != "127.0.0.1" && host != "localhost" && !tls && !insecure {
+						c.t.Errorf("%v: %s --%s %s binds a non-loopback address without --tls-* or --insecure: it would refuse to start", o, args[0], f, v)
+					}
+				}
+				if args[0] != "server" {
+					continue
+				}
+				servers++
+				h, ok := flagValue(args, "http")
+				if !ok || h == "" {
+					c.t.Errorf("%v: the servers need --http (the admin API: CSI snapshots and clones)", o)
+					continue
+				}
+				if _, ok := flagValue(args, "advertise-http"); !ok && strings.HasPrefix(h, "0.0.0.0:") {
+					c.t.Errorf("%v: --http %s needs --advertise-http (clients cannot dial 0.0.0.0)", o, h)
+				}
+				_, port, _ := strings.Cut(h, ":")
+				svc := c.find("Service", o.namespace(), str(o.m, "spec", "serviceName"))
+				found := false
+				if svc != nil {
+					for _, p := range list(svc.m, "spec", "ports") {
+						found = found || fmt.Sprint(get(p, "port")) == port
+					}
+				}
+				if !found {
+					c.t.Errorf("%v: the admin API port %s is not a port of its Service", o, port)
+				}
+			}
+		}
+	}
+	if servers == 0 {
+		c.t.Error("no blockd server workload")
 	}
 }

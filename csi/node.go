@@ -2,6 +2,7 @@ package csi
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/nbd/kernel"
+	"github.com/blockd/blockd/tlsauth"
 )
 
 // MaxVolumesPerNode is the nbd driver's default device count (nbds_max).
@@ -191,6 +193,7 @@ func (d *Driver) attach(ctx context.Context, id string) (*stagedVol, error) {
 		// The master vouched for the volume: an unknown export means its
 		// server has not picked it up yet.
 		RetryUnknownExport: true,
+		TLS:                d.nbdTLS(),
 	})
 	if err != nil {
 		code := codes.Internal
@@ -563,7 +566,7 @@ func (d *Driver) servedSize(ctx context.Context, id string, want int64) (int64, 
 		if err != nil {
 			return 0, apiStatus("node expand "+id, err)
 		}
-		size, err := negotiateSize(ctx, addr, id)
+		size, err := negotiateSize(ctx, addr, id, d.nbdTLS())
 		if err == nil && (want <= 0 || size >= want) {
 			return size, nil
 		}
@@ -610,7 +613,16 @@ func (d *Driver) grownDevice(ctx context.Context, id, dev string, served int64) 
 	}
 }
 
-func negotiateSize(ctx context.Context, addr, id string) (int64, error) {
+// nbdTLS is the client TLS config of NBD connections to volume servers
+// (nil in plain mode).
+func (d *Driver) nbdTLS() *tls.Config {
+	if d.cfg.TLS == nil {
+		return nil
+	}
+	return d.cfg.TLS.ClientConfig(tlsauth.Expect(tlsauth.KindServer, ""))
+}
+
+func negotiateSize(ctx context.Context, addr, id string, tcfg *tls.Config) (int64, error) {
 	dl := time.Now().Add(10 * time.Second)
 	dctx, cancel := context.WithDeadline(ctx, dl)
 	defer cancel()
@@ -619,7 +631,7 @@ func negotiateSize(ctx context.Context, addr, id string) (int64, error) {
 		return 0, fmt.Errorf("dial %s: %w", addr, err)
 	}
 	defer c.Close()
-	exp, err := kernel.Negotiate(c, id, dl)
+	_, exp, err := kernel.NegotiateTLS(c, id, dl, tcfg) // plain when tcfg is nil
 	if err != nil {
 		return 0, fmt.Errorf("negotiate with %s: %w", addr, err)
 	}

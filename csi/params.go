@@ -160,8 +160,13 @@ func VolumeName(csiName string) string {
 	if volNameRE.MatchString(csiName) {
 		return csiName
 	}
-	h := sha256.Sum256([]byte(csiName))
-	return "csi-" + hex.EncodeToString(h[:16])
+	return "csi-" + nameHash(csiName)
+}
+
+// nameHash is the hex of the first 16 bytes of name's SHA-256.
+func nameHash(name string) string {
+	h := sha256.Sum256([]byte(name))
+	return hex.EncodeToString(h[:16])
 }
 
 // SizeFor decides a new volume's size from a capacity range: the required

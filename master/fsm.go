@@ -45,6 +45,8 @@ type VolumeRecord struct {
 	Failure *VolumeFailureRecord `json:"failure,omitempty"`
 	// Allow is the NBD allow list (access.go); empty: unrestricted.
 	Allow []api.AllowEntry `json:"allow,omitempty"`
+	// Expand is the current or last two-phase expand (expand_fsm.go).
+	Expand *ExpandRecord `json:"expand,omitempty"`
 }
 
 // VolumeFailureRecord is a server's report that it cannot host a volume.
@@ -74,6 +76,7 @@ func (v *VolumeRecord) clone() *VolumeRecord {
 		c.Failure = &f
 	}
 	c.Allow = cloneAllow(v.Allow)
+	c.Expand = v.Expand.clone()
 	c.normalize()
 	return &c
 }
@@ -144,6 +147,8 @@ type ServerRecord struct {
 	ID      string `json:"id"`
 	Addr    string `json:"addr"`
 	NBDAddr string `json:"nbd_addr"`
+	// HTTPAddr is the server's admin API (snapshots, images); empty: none.
+	HTTPAddr string `json:"http_addr,omitempty"`
 }
 
 type fsmState struct {
@@ -189,6 +194,8 @@ type command struct {
 	Failure *VolumeFailureRecord `json:"failure,omitempty"`
 	// set_allow (access.go)
 	Allow []api.AllowEntry `json:"allow,omitempty"`
+	// expand_prepare (expand_fsm.go)
+	Expand *ExpandRecord `json:"expand,omitempty"`
 }
 
 type applyResult struct {
@@ -308,6 +315,8 @@ func (s *fsmState) apply(c *command, index uint64) *applyResult {
 		return &applyResult{Vol: v.clone()}
 	case opSetAllow:
 		return s.applySetAllow(c)
+	case opExpandPrepare, opExpandCommit, opExpandCancel:
+		return s.applyExpand(c, index)
 	case opFail:
 		v, ok := s.Volumes[c.Name]
 		if !ok {

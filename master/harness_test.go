@@ -116,6 +116,8 @@ type fakeServer struct {
 	leaseLog  map[string][]leaseGrant // volume -> grants received
 	states    map[string]string       // replica ID -> the state this server reports as primary (default InSync)
 	failures  []api.VolumeFailure     // sent with every heartbeat
+	expandErr string                  // reported for every expand it is asked to prepare
+	expandOld bool                    // knows nothing of two-phase expand (never prepares)
 	beats     int
 	stopBeats chan struct{}
 	done      chan struct{}
@@ -163,6 +165,7 @@ func (f *fakeServer) beat(ctx context.Context) (*api.HeartbeatResponse, error) {
 		if a.Epoch >= v.Epoch { // epochs never go back
 			v.ID, v.Role, v.Epoch = a.ID, a.Role, a.Epoch
 		}
+		f.applyExpand(v, a)
 		if a.Role == api.RolePrimary && a.LeaseTTLMS > 0 {
 			ttl := time.Duration(a.LeaseTTLMS) * time.Millisecond
 			v.leaseUntil = sent.Add(ttl)
@@ -185,6 +188,25 @@ func (f *fakeServer) beat(ctx context.Context) (*api.HeartbeatResponse, error) {
 		delete(f.vols, d)
 	}
 	return resp, nil
+}
+
+// applyExpand does what a real server does with the size fields of an
+// assignment (server/expand.go), without files.
+func (f *fakeServer) applyExpand(v *fakeVol, a api.VolumeAssignment) {
+	if f.expandOld {
+		return
+	}
+	if a.SizeBytes > v.SizeBytes {
+		v.SizeBytes, v.PendingSizeBytes, v.ExpandID = a.SizeBytes, 0, 0
+	}
+	switch {
+	case a.ExpandID != 0 && f.expandErr != "":
+		v.ExpandID, v.ExpandError = a.ExpandID, f.expandErr
+	case a.ExpandID != 0:
+		v.PendingSizeBytes, v.ExpandID, v.ExpandError = a.ExpandSizeBytes, a.ExpandID, ""
+	default:
+		v.PendingSizeBytes, v.ExpandID, v.ExpandError = 0, 0, ""
+	}
 }
 
 // run heartbeats until stop; errors are ignored (masters may be down).

@@ -75,6 +75,7 @@ func (m *Master) lead(h leaderHandler) http.HandlerFunc {
 func (m *Master) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", m.hStatus)
+	mux.Handle("GET /metrics", m.met.handler())
 	mux.HandleFunc("POST /v1/raft/join", m.lead(m.hJoin))
 	mux.HandleFunc("POST /v1/raft/remove", m.lead(m.hRemove))
 	mux.HandleFunc("POST /v1/heartbeat", m.lead(m.hHeartbeat))
@@ -90,6 +91,7 @@ func (m *Master) routes() http.Handler {
 	mux.HandleFunc("GET /v1/volumes/{name}/primary", m.lead(m.hPrimary))
 	mux.HandleFunc("GET /v1/volumes/{name}/preflight", m.lead(m.hPreflight))
 	mux.HandleFunc("POST /v1/volumes/{name}/promote", m.lead(m.hPromote))
+	mux.Handle("/v1/server/", &m.mounted)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, api.Errorf(api.CodeNotFound, "no such endpoint: %s %s", r.Method, r.URL.Path))
 	})
@@ -224,7 +226,7 @@ func (m *Master) hPrimary(w http.ResponseWriter, r *http.Request, ld *leaderStat
 		return
 	}
 	ref := m.serverRef(v.Primary)
-	writeJSON(w, http.StatusOK, api.PrimaryInfo{Volume: v.Name, Epoch: v.Epoch, ServerID: ref.ServerID, Addr: ref.Addr, NBDAddr: ref.NBDAddr})
+	writeJSON(w, http.StatusOK, api.PrimaryInfo{Volume: v.Name, Epoch: v.Epoch, ServerID: ref.ServerID, Addr: ref.Addr, NBDAddr: ref.NBDAddr, HTTPAddr: ref.HTTPAddr})
 }
 
 // plan resolves and places a create request (shared by plan and create).
@@ -240,10 +242,12 @@ func (m *Master) plan(ld *leaderState, req api.CreateVolumeRequest) api.PlanResp
 		}
 		return out
 	}
-	pl := Place(states, res.Policy.RF, res.Policy.SizeBytes, res.Policy.WALSizeBytes)
+	pl := PlaceWith(Policy{OverprovisionPercent: m.cfg.OverprovisionPercent}, states, res.Policy.RF, res.Policy.SizeBytes, res.Policy.WALSizeBytes)
 	out.Candidates = pl.Candidates
 	if pl.Err != nil {
-		out.Errors = append(out.Errors, *pl.Err)
+		e := *pl.Err
+		e.Placement = nil // the plan's candidates carry them
+		out.Errors = append(out.Errors, e)
 		return out
 	}
 	out.Primary, out.Replicas = pl.Primary, pl.Replicas
@@ -302,17 +306,23 @@ func (m *Master) create(ld *leaderState, req api.CreateVolumeRequest) (*api.Volu
 		return nil, api.Errorf(api.CodeAlreadyExists, "volume %s already exists", api.QuoteName(req.Name))
 	}
 	pl := m.plan(ld, req)
-	if len(pl.Errors) > 0 && pl.Errors[0].Code == api.CodeInsufficientServers {
+	if len(pl.Errors) > 0 && pl.Errors[0].Code == api.CodeInsufficientServers && mayWarm(pl.Candidates) {
 		// A new leader knows no server alive until they heartbeat to it:
 		// give them one freshness window before refusing.
-		if warm := ld.since.Add(m.cfg.freshWindow()); time.Now().Before(warm) {
-			time.Sleep(time.Until(warm))
+		// Re-plan as they arrive: a placement that succeeds, or that every
+		// server heard from refuses for its own reason, answers at once.
+		warm := ld.since.Add(m.cfg.freshWindow())
+		for time.Now().Before(warm) && len(pl.Errors) > 0 && pl.Errors[0].Code == api.CodeInsufficientServers && mayWarm(pl.Candidates) {
+			time.Sleep(min(50*time.Millisecond, time.Until(warm)))
 			pl = m.plan(ld, req)
 		}
 	}
 	if len(pl.Errors) > 0 {
 		e := pl.Errors[0]
 		e.Status = api.StatusFor(e.Code)
+		if e.Code == api.CodeInsufficientServers {
+			e.Placement = pl.Candidates
+		}
 		m.log.Info("volume_create_rejected", "volume", req.Name, "code", e.Code, "reason", e.Message)
 		return nil, &e
 	}
@@ -333,6 +343,21 @@ func (m *Master) create(ld *leaderState, req api.CreateVolumeRequest) (*api.Volu
 	return render(res.Vol), nil
 }
 
+// mayWarm: a refused placement could change once servers heartbeat to a
+// new leader (some server is not alive, or none is known). A refusal for
+// capacity alone is final at once.
+func mayWarm(cands []api.PlacementCandidate) bool {
+	if len(cands) == 0 {
+		return true
+	}
+	for _, c := range cands {
+		if c.Rejection == RejectNotAlive {
+			return true
+		}
+	}
+	return false
+}
+
 func (m *Master) hDelete(w http.ResponseWriter, r *http.Request, ld *leaderState) {
 	name := r.PathValue("name")
 	res := m.apply(command{Op: opDelete, Name: name})
@@ -350,29 +375,6 @@ func (m *Master) hDelete(w http.ResponseWriter, r *http.Request, ld *leaderState
 	m.mu.Unlock()
 	m.log.Info("volume_deleted", "volume", name, "id", res.Vol.ID)
 	w.WriteHeader(http.StatusNoContent)
-}
-
-func (m *Master) hExpand(w http.ResponseWriter, r *http.Request, ld *leaderState) {
-	var req api.ExpandRequest
-	if e := decode(r, &req); e != nil {
-		writeErr(w, e)
-		return
-	}
-	name := r.PathValue("name")
-	if req.SizeBytes <= 0 {
-		writeErr(w, api.Errorf(api.CodeBadSize, "size must be positive (got %d)", req.SizeBytes))
-		return
-	}
-	res := m.apply(command{Op: opExpand, Name: name, Size: req.SizeBytes})
-	if res.Err != nil {
-		writeErr(w, res.Err)
-		return
-	}
-	m.log.Info("volume_expanded", "volume", name, "size", res.Vol.SizeBytes)
-	m.mu.Lock()
-	info := m.volumeInfo(ld, res.Vol, time.Now())
-	m.mu.Unlock()
-	writeJSON(w, http.StatusOK, info)
 }
 
 func (m *Master) hUpdate(w http.ResponseWriter, r *http.Request, ld *leaderState) {
@@ -470,6 +472,7 @@ func (m *Master) hPromote(w http.ResponseWriter, r *http.Request, ld *leaderStat
 		m.log.Warn("stale_replica_promoted", "volume", v.Name, "new_primary", target, "epoch", res.Vol.Epoch,
 			"acting_set", v.ActingSet, "risk", "it was outside the acting set: acknowledged writes may be lost")
 	}
+	m.met.promoted(promoteManual)
 	m.log.Info("promotion", "volume", v.Name, "reason", "manual", "old_primary", v.Primary, "new_primary", target,
 		"epoch", res.Vol.Epoch, "force", req.Force, "bypassed", bypassed, "lease_wait_ms", wait.Milliseconds())
 	writeJSON(w, http.StatusOK, api.PromoteResponse{Volume: v.Name, OldPrimary: v.Primary, NewPrimary: target,

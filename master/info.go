@@ -26,7 +26,7 @@ func (m *Master) volumeInfo(ld *leaderState, v *VolumeRecord, now time.Time) api
 		info.ActingSet = append([]string{v.Primary}, v.ActingSet...)
 	}
 	pr := m.serverRef(v.Primary)
-	info.Primary = api.PrimaryRef{ServerID: pr.ServerID, NBDAddr: pr.NBDAddr, Addr: pr.Addr}
+	info.Primary = api.PrimaryRef{ServerID: pr.ServerID, NBDAddr: pr.NBDAddr, Addr: pr.Addr, HTTPAddr: pr.HTTPAddr}
 	var primaryRep *api.HeartbeatVolume
 	fresh := false
 	if ls := ld.servers[v.Primary]; ls != nil {
@@ -47,6 +47,7 @@ func (m *Master) volumeInfo(ld *leaderState, v *VolumeRecord, now time.Time) api
 			for _, pr := range primaryRep.Replicas {
 				if pr.ServerID == id {
 					ri.State, ri.FlushedLSN, found = pr.State, pr.FlushedLSN, true
+					ri.Progress = pr.Progress
 				}
 			}
 		}
@@ -63,6 +64,7 @@ func (m *Master) volumeInfo(ld *leaderState, v *VolumeRecord, now time.Time) api
 		states[id] = ri.State
 		info.Replicas = append(info.Replicas, ri)
 	}
+	info.Expand, info.MemberSizes = expandStatus(ld, v), memberSizes(ld, v)
 	info.FlushesOK, info.FlushBlocker = FlushGate(v.Durability, v.RF, v.EffectiveMinCopies(), v.ActingSet, states, primaryRep != nil && fresh)
 	switch p := ld.pending[v.Name]; {
 	case v.Failure != nil:
@@ -87,15 +89,17 @@ func (m *Master) volumeInfo(ld *leaderState, v *VolumeRecord, now time.Time) api
 func (m *Master) serverStates(ld *leaderState, now time.Time) []ServerState {
 	vols := m.fsm.volumes()
 	count, prim := map[string]int{}, map[string]int{}
+	prov := map[string]int64{}
 	for _, v := range vols {
 		prim[v.Primary]++
 		for _, id := range v.Members() {
 			count[id]++
+			prov[id] += v.SizeBytes + v.WALSizeBytes
 		}
 	}
 	var out []ServerState
 	for _, s := range m.fsm.servers() {
-		st := ServerState{ID: s.ID, Volumes: count[s.ID], Primaries: prim[s.ID]}
+		st := ServerState{ID: s.ID, Volumes: count[s.ID], Primaries: prim[s.ID], ProvisionedBytes: prov[s.ID]}
 		if ls := ld.servers[s.ID]; ls != nil {
 			st.Alive = now.Sub(ls.heard) <= m.cfg.freshWindow()
 			st.CapacityBytes, st.FreeBytes = ls.capacity, ls.free

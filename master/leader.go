@@ -117,6 +117,9 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 	}
 	req.Addr = canonicalAddr(req.Addr, remoteIP)
 	req.NBDAddr = canonicalAddr(req.NBDAddr, remoteIP)
+	if req.HTTPAddr != "" {
+		req.HTTPAddr = canonicalAddr(req.HTTPAddr, remoteIP)
+	}
 	ld := m.leader()
 	if ld == nil {
 		return nil, notLeader(m)
@@ -130,8 +133,8 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 	}
 	// Identity and endpoints are raft state: record a new server or an
 	// address change (the ID stays; the endpoint follows).
-	if rec := m.fsm.server(req.ServerID); rec == nil || rec.Addr != req.Addr || rec.NBDAddr != req.NBDAddr {
-		res := m.apply(command{Op: opUpsertServer, Server: &ServerRecord{ID: req.ServerID, Addr: req.Addr, NBDAddr: req.NBDAddr}})
+	if rec := m.fsm.server(req.ServerID); rec == nil || rec.Addr != req.Addr || rec.NBDAddr != req.NBDAddr || rec.HTTPAddr != req.HTTPAddr {
+		res := m.apply(command{Op: opUpsertServer, Server: &ServerRecord{ID: req.ServerID, Addr: req.Addr, NBDAddr: req.NBDAddr, HTTPAddr: req.HTTPAddr}})
 		if res.Err != nil {
 			return nil, res.Err
 		}
@@ -155,9 +158,9 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 			m.log.Warn("address_reused", "server", req.ServerID, "previous_owner", o.ID, "addr", req.Addr, "nbd_addr", req.NBDAddr)
 		}
 		if rec == nil {
-			m.log.Info("server_registered", "server", req.ServerID, "addr", req.Addr, "nbd_addr", req.NBDAddr)
+			m.log.Info("server_registered", "server", req.ServerID, "addr", req.Addr, "nbd_addr", req.NBDAddr, "http_addr", req.HTTPAddr)
 		} else {
-			m.log.Info("server_address_changed", "server", req.ServerID, "old_addr", rec.Addr, "addr", req.Addr, "nbd_addr", req.NBDAddr)
+			m.log.Info("server_address_changed", "server", req.ServerID, "old_addr", rec.Addr, "addr", req.Addr, "nbd_addr", req.NBDAddr, "http_addr", req.HTTPAddr)
 		}
 	}
 
@@ -252,6 +255,8 @@ func (m *Master) Heartbeat(req api.HeartbeatRequest, remoteIP string) (*api.Hear
 			fast = true // the lease is withheld: pick it up as soon as the fence passes
 		case ld.pending[v.Name] != nil:
 			fast = true // a failover may come: learn of it quickly
+		case v.preparing() != nil:
+			fast = true // an expand waits for this member's prepared report
 		}
 		resp.Assignments = append(resp.Assignments, a)
 	}
@@ -287,6 +292,7 @@ func (m *Master) assignment(v *VolumeRecord, id string) api.VolumeAssignment {
 	a := api.VolumeAssignment{Volume: v.Name, ID: v.ID, SizeBytes: v.SizeBytes, BlockSize: v.BlockSize,
 		WALSizeBytes: v.WALSizeBytes, Durability: v.Durability, Epoch: v.Epoch, Role: api.RoleReplica, Replicas: []api.ServerRef{},
 		ActingSet: append([]string{}, v.ActingSet...), MinCopies: v.EffectiveMinCopies(), Allow: cloneAllow(v.Allow)}
+	expandAssign(v, &a)
 	if v.Primary == id {
 		a.Role = api.RolePrimary
 	}
@@ -300,7 +306,7 @@ func (m *Master) assignment(v *VolumeRecord, id string) api.VolumeAssignment {
 func (m *Master) serverRef(id string) api.ServerRef {
 	ref := api.ServerRef{ServerID: id}
 	if s := m.fsm.server(id); s != nil {
-		ref.Addr, ref.NBDAddr = s.Addr, s.NBDAddr
+		ref.Addr, ref.NBDAddr, ref.HTTPAddr = s.Addr, s.NBDAddr, s.HTTPAddr
 	}
 	return ref
 }
@@ -481,6 +487,7 @@ func (m *Master) tryFailover(p *pendingFailover) {
 		m.log.Warn("failover_apply_failed", "volume", v.Name, "candidate", best, "epoch", v.Epoch, "err", res.Err)
 		return
 	}
+	m.met.promoted(promoteAuto)
 	m.log.Info("promotion", "volume", v.Name, "reason", "failover", "old_primary", v.Primary, "new_primary", best,
 		"epoch", res.Vol.Epoch, "flushed_lsn", lsn, "lease_wait_ms", max(time.Until(fence), 0).Milliseconds())
 }
@@ -558,12 +565,17 @@ func (m *Master) checkEndpointChange(ld *leaderState, req api.HeartbeatRequest) 
 		if !EndpointChangeAllowed(rec.NBDAddr, req.NBDAddr, q, m.cfg.LeaseTTL) {
 			return refuse(rec.ID, "nbd_addr", rec.NBDAddr, req.NBDAddr, q)
 		}
+		// The admin API address moves under the same rule (dropping it
+		// redirects nothing).
+		if req.HTTPAddr != "" && !EndpointChangeAllowed(rec.HTTPAddr, req.HTTPAddr, q, m.cfg.LeaseTTL) {
+			return refuse(rec.ID, "http_addr", rec.HTTPAddr, req.HTTPAddr, q)
+		}
 	}
 	for _, o := range m.fsm.servers() {
 		if o.ID == req.ServerID {
 			continue
 		}
-		for _, f := range []struct{ name, have, want string }{{"addr", o.Addr, req.Addr}, {"nbd_addr", o.NBDAddr, req.NBDAddr}} {
+		for _, f := range []struct{ name, have, want string }{{"addr", o.Addr, req.Addr}, {"nbd_addr", o.NBDAddr, req.NBDAddr}, {"http_addr", o.HTTPAddr, req.HTTPAddr}} {
 			if f.have != "" && f.have == f.want {
 				if q := silent(o.ID); q < m.cfg.LeaseTTL {
 					return refuse(o.ID, f.name, f.have, f.want, q)

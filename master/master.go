@@ -27,6 +27,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/tlsauth"
@@ -59,6 +60,10 @@ type Config struct {
 	// as a non-voter waiting for it to catch up before it removes it again
 	// (default 30s).
 	JoinCatchUpTimeout time.Duration
+	// OverprovisionPercent is the placement policy for sparse volumes: the
+	// sizes plus WALs of the volumes a server holds may add up to this
+	// percentage of its capacity (0 = DefaultOverprovisionPercent, 100).
+	OverprovisionPercent int
 	// LeaseTTL is the primary lease granted by each heartbeat reply
 	// (default 5s).
 	LeaseTTL time.Duration
@@ -83,6 +88,9 @@ type Config struct {
 	// required and checked per call, and raft run over mutual TLS between
 	// masters (tls.go). nil: plain.
 	TLS *tlsauth.Creds
+	// Metrics is the registry /metrics serves (metrics.go); nil: one of
+	// the master's own, with the Go and process collectors.
+	Metrics *prometheus.Registry
 }
 
 func (c *Config) setDefaults() {
@@ -138,12 +146,14 @@ type Master struct {
 
 	ln      net.Listener
 	srv     *http.Server
+	mounted mountedAPI // a volume server's admin API under /v1/server/ (blockd serve)
 	handler http.Handler
 
 	mu sync.Mutex
 	ld *leaderState // nil unless this master is the ready leader
 
 	mem membership // raft membership changes (membership.go)
+	met *masterMetrics
 
 	stop      chan struct{}
 	wg        sync.WaitGroup
@@ -162,6 +172,7 @@ func Start(cfg Config) (*Master, error) {
 		return nil, fmt.Errorf("master: create %s: %w", cfg.DataDir, err)
 	}
 	m := &Master{cfg: cfg, log: cfg.Logger.With("component", "master"), fsm: &fsm{st: newState()}, stop: make(chan struct{})}
+	m.met = newMasterMetrics(m, cfg.Metrics)
 	m.handler = m.authorize(m.routes())
 
 	if cfg.APIAddr != "" {
@@ -253,6 +264,12 @@ func (m *Master) startRaft() error {
 	rc := raft.DefaultConfig()
 	rc.LocalID = raft.ServerID(id)
 	rc.Logger = hclog.New(&hclog.LoggerOptions{Name: "raft", Level: hclog.Warn, Output: &slogWriter{log: m.log}})
+	if single && cfg.RaftAddr == "" {
+		// One voter on an in-memory transport, for good (serve): no other
+		// master can ever be elected, so there is nothing to wait a
+		// second for before electing itself.
+		rc.HeartbeatTimeout, rc.ElectionTimeout, rc.LeaderLeaseTimeout = 100*time.Millisecond, 100*time.Millisecond, 100*time.Millisecond
+	}
 
 	store, err := raftboltdb.New(raftboltdb.Options{Path: filepath.Join(cfg.DataDir, "raft.db")})
 	if err != nil {
@@ -530,6 +547,7 @@ func (m *Master) monitor() {
 		case isLeader:
 			m.sweep(time.Now())
 			m.actingSweep(time.Now())
+			m.expandSweep(time.Now())
 		}
 	}
 }

@@ -37,8 +37,15 @@ func TestSingleNodeRestartKeepsRegistry(t *testing.T) {
 	if err := c.DeleteVolume(ctx, "gone"); err != nil {
 		t.Fatal(err)
 	}
+	// A two-phase expand needs its members' heartbeats to prepare.
+	for _, s := range servers {
+		s.run(50 * time.Millisecond)
+	}
 	if _, err := c.ExpandVolume(ctx, "keep", 2<<30); err != nil {
 		t.Fatal(err)
+	}
+	for _, s := range servers {
+		s.stop()
 	}
 	// Promote manually (force: the primary is alive) to move the epoch.
 	for _, s := range servers {
@@ -332,8 +339,16 @@ func TestPreflightAndPromote(t *testing.T) {
 		}
 		return false
 	})
-	pf, _ := c.Preflight(ctxT(t), "v")
-	if !pf.PrimaryAlive || pf.Best != r2 || len(pf.Blockers) != 1 || pf.Blockers[0] != api.ReasonPrimaryAlive {
+	// The live replica's next heartbeat confirms the current epoch; on a
+	// loaded machine the read above can land between an epoch's change
+	// and that report (stale_epoch), so wait for it rather than sample.
+	var pf *api.PreflightResponse
+	ok := false
+	for deadline := time.Now().Add(10 * time.Second); !ok && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		pf, _ = c.Preflight(ctxT(t), "v")
+		ok = pf != nil && pf.PrimaryAlive && pf.Best == r2 && len(pf.Blockers) == 1 && pf.Blockers[0] == api.ReasonPrimaryAlive
+	}
+	if !ok {
 		t.Fatalf("preflight = %+v", pf)
 	}
 	epochBefore := pf.Epoch

@@ -3,6 +3,7 @@ package master
 import (
 	"reflect"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -427,5 +428,39 @@ func TestEndpointChangeAllowed(t *testing.T) {
 		if got := EndpointChangeAllowed(tc.old, tc.new, tc.silent, ttl); got != tc.ok {
 			t.Errorf("%+v: %v", tc, got)
 		}
+	}
+}
+
+// TestPlaceOverprovision: the over-provisioning policy counts what a server
+// already holds, and every refusal carries the server's reason with its
+// figures (in the error and per candidate).
+func TestPlaceOverprovision(t *testing.T) {
+	const G = int64(1) << 30
+	srv := []ServerState{{ID: "a", Alive: true, CapacityBytes: 4 * G, FreeBytes: 4 * G, ProvisionedBytes: 3 * G},
+		{ID: "b", Alive: false}}
+	p := PlaceWith(Policy{}, srv, 1, 2*G, 0)
+	if p.Err == nil || p.Err.Code != api.CodeInsufficientServers {
+		t.Fatalf("err = %v", p.Err)
+	}
+	for _, want := range []string{"a: insufficient_capacity: 2.0 GiB", "> 1.0 GiB free to provision", "capacity 4.0 GiB at 100% over-provisioning, 3.0 GiB provisioned", "b: not_alive"} {
+		if !strings.Contains(p.Err.Message, want) {
+			t.Errorf("message %q lacks %q", p.Err.Message, want)
+		}
+	}
+	if len(p.Err.Placement) != 2 || p.Err.Placement[0].Reason == "" || p.Err.Placement[1].Rejection == "" {
+		t.Fatalf("placement in the error: %+v", p.Err.Placement)
+	}
+	// At 200% the same server takes it (sparse volumes).
+	if p := PlaceWith(Policy{OverprovisionPercent: 200}, srv, 1, 2*G, 0); p.Err != nil || p.Primary != "a" {
+		t.Fatalf("at 200%%: %+v", p)
+	}
+	// The WAL is real space: over-provisioning does not lift the free check.
+	tight := []ServerState{{ID: "a", Alive: true, CapacityBytes: 4 * G, FreeBytes: G / 2}}
+	p = PlaceWith(Policy{OverprovisionPercent: 500}, tight, 1, G, G)
+	if p.Err == nil || !strings.Contains(p.Err.Message, "a: insufficient_free_space: WAL 1.0 GiB (allocated up front) > 512 MiB free on disk") {
+		t.Fatalf("err = %v", p.Err)
+	}
+	if p := PlaceWith(Policy{}, nil, 1, G, 0); p.Err == nil || !strings.Contains(p.Err.Message, "no server has registered") {
+		t.Fatalf("no servers: %v", p.Err)
 	}
 }

@@ -210,6 +210,10 @@ type reply struct {
 	dataOff uint64
 	extents [][2]uint32
 	chunks  int
+	// status holds each block status chunk's descriptors by context ID,
+	// and statusIDs the IDs in the order the chunks came.
+	status    map[uint32][][2]uint32
+	statusIDs []uint32
 }
 
 // readReply reads one complete reply (all chunks of a structured one).
@@ -266,8 +270,15 @@ func (rc *rawClient) tryReadReply() (reply, error) {
 				r.dataOff = binary.BigEndian.Uint64(p)
 				r.data = append(r.data, p[8:]...)
 			case wire.ReplyTypeBlockStatus:
+				id := binary.BigEndian.Uint32(p)
+				if r.status == nil {
+					r.status = map[uint32][][2]uint32{}
+				}
+				r.statusIDs = append(r.statusIDs, id)
 				for i := 4; i+8 <= len(p); i += 8 {
-					r.extents = append(r.extents, [2]uint32{binary.BigEndian.Uint32(p[i:]), binary.BigEndian.Uint32(p[i+4:])})
+					d := [2]uint32{binary.BigEndian.Uint32(p[i:]), binary.BigEndian.Uint32(p[i+4:])}
+					r.extents = append(r.extents, d)
+					r.status[id] = append(r.status[id], d)
 				}
 			case wire.ReplyTypeError, wire.ReplyTypeErrorOffset:
 				r.errno = binary.BigEndian.Uint32(p)

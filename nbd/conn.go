@@ -31,6 +31,7 @@ type conn struct {
 	noZeroes   bool
 	structured bool
 	metaAlloc  bool
+	metaSel    []metaSel // the device's contexts negotiated (meta.go)
 	metaExport string
 
 	peer        *x509.Certificate // the verified client certificate after STARTTLS
@@ -74,6 +75,16 @@ func newConn(s *Server, nc net.Conn) *conn {
 	return c
 }
 
+// releaseExport gives the selected export back (Export.Release) once the
+// connection is done with it.
+func (c *conn) releaseExport() {
+	c.mu.Lock()
+	e := c.exp
+	c.exp.Release = nil
+	c.mu.Unlock()
+	e.release()
+}
+
 func (c *conn) exportName() string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -83,6 +94,7 @@ func (c *conn) exportName() string {
 func (c *conn) serve() {
 	defer close(c.done)
 	defer func() { c.nc.Close() }() // the TLS conn once STARTTLS replaced it
+	defer c.releaseExport()
 	log := c.srv.log
 	if err := c.negotiate(); err != nil {
 		if !errors.Is(err, errAbort) {
@@ -385,7 +397,7 @@ func (c *conn) exec(r *request) {
 		c.replyOK(r) // reads are served from the engine; nothing to prefetch
 
 	case wire.CmdBlockStatus:
-		if !c.structured || !c.metaAlloc {
+		if !c.structured || (!c.metaAlloc && len(c.metaSel) == 0) {
 			c.replyError(r, wire.ErrnoInval, "no metadata context negotiated")
 			return
 		}
@@ -393,12 +405,7 @@ func (c *conn) exec(r *request) {
 			c.replyError(r, wire.ErrnoInval, "block status range beyond the end of the export")
 			return
 		}
-		exts, err := c.dev.BlockStatus(off, n)
-		if err != nil {
-			c.replyDevError(r, "block status", err)
-			return
-		}
-		c.replyBlockStatus(r, exts)
+		c.blockStatus(r, off, n)
 
 	default:
 		c.replyError(r, wire.ErrnoInval, fmt.Sprintf("unknown command %d", r.typ))
@@ -492,6 +499,7 @@ func (c *conn) replyOK(r *request) {
 // replyError answers with an error: a structured error chunk when
 // negotiated (it carries a message), else a simple reply without payload.
 func (c *conn) replyError(r *request, errno uint32, msg string) {
+	c.srv.stats.countError(errno)
 	if !c.structured {
 		var h [wire.SimpleReplySize]byte
 		binary.BigEndian.PutUint32(h[0:], wire.MagicSimpleReply)
@@ -539,63 +547,3 @@ func (c *conn) replyRead(r *request) {
 
 // maxStatusDescriptors bounds one BLOCK_STATUS reply.
 const maxStatusDescriptors = 1024
-
-func (c *conn) replyBlockStatus(r *request, exts []blockdev.Extent) {
-	reqEnd := int64(r.off) + int64(r.length)
-	pos := int64(r.off)
-	var desc []byte
-	var last uint32 = ^uint32(0)
-	count := 0
-	for _, e := range exts {
-		if pos >= reqEnd || count >= maxStatusDescriptors {
-			break
-		}
-		end := min(e.Offset+e.Length, reqEnd)
-		if e.Offset > pos || end <= pos {
-			if end <= pos {
-				continue
-			}
-			break // a gap: stop at what is known contiguously
-		}
-		var st uint32
-		if e.Hole {
-			st |= wire.StateHole | wire.StateZero
-		}
-		if e.Zero {
-			st |= wire.StateZero
-		}
-		for pos < end {
-			n := min(end-pos, 1<<31) // descriptor lengths are 32-bit
-			if count > 0 && st == last && uint64(binary.BigEndian.Uint32(desc[len(desc)-8:]))+uint64(n) < 1<<32 {
-				prev := binary.BigEndian.Uint32(desc[len(desc)-8:])
-				binary.BigEndian.PutUint32(desc[len(desc)-8:], prev+uint32(n))
-			} else {
-				desc = binary.BigEndian.AppendUint32(desc, uint32(n))
-				desc = binary.BigEndian.AppendUint32(desc, st)
-				count++
-				last = st
-			}
-			pos += n
-		}
-		if r.flags&wire.CmdFlagReqOne != 0 && count > 0 {
-			break
-		}
-	}
-	if count == 0 {
-		// The device said nothing usable: "allocated, unknown" is always safe.
-		desc = binary.BigEndian.AppendUint32(desc, min(r.length, 1<<31))
-		desc = binary.BigEndian.AppendUint32(desc, 0)
-	}
-	if r.flags&wire.CmdFlagReqOne != 0 {
-		desc = desc[:8]
-	}
-	h := make([]byte, wire.StructuredReplySize+4, wire.StructuredReplySize+4+len(desc))
-	binary.BigEndian.PutUint32(h[0:], wire.MagicStructuredReply)
-	binary.BigEndian.PutUint16(h[4:], wire.ReplyFlagDone)
-	binary.BigEndian.PutUint16(h[6:], wire.ReplyTypeBlockStatus)
-	binary.BigEndian.PutUint64(h[8:], r.handle)
-	binary.BigEndian.PutUint32(h[16:], uint32(4+len(desc)))
-	binary.BigEndian.PutUint32(h[20:], wire.MetaBaseAllocationID)
-	h = append(h, desc...)
-	c.out.send(h, nil, nil, r.deferFlush)
-}

@@ -99,10 +99,7 @@ func (c *conn) handleOption(opt uint32, data []byte) (done bool, err error) {
 	switch opt {
 	case wire.OptExportName:
 		name := string(data)
-		e, lerr := c.srv.resolve(name)
-		if lerr == nil {
-			e, lerr = c.checkAccess(e)
-		}
+		e, lerr := c.lookupChecked(name)
 		if lerr != nil {
 			// EXPORT_NAME cannot carry an error: the session ends.
 			c.srv.log.Warn("nbd_export_refused", "export", name, "remote", c.remote, "err", lerr)
@@ -131,8 +128,11 @@ func (c *conn) handleOption(opt uint32, data []byte) (done bool, err error) {
 		for _, name := range c.srv.names() {
 			p := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
 			p = append(p, name...)
-			if e, err := c.srv.src.Lookup(name); err == nil && e.Description != "" {
-				p = append(p, e.Description...)
+			if e, err := c.srv.src.Lookup(name); err == nil {
+				if e.Description != "" {
+					p = append(p, e.Description...)
+				}
+				e.release()
 			}
 			if err := c.optReply(opt, wire.RepServer, p); err != nil {
 				return false, err
@@ -184,9 +184,12 @@ func (c *conn) handleInfoGo(opt uint32, data []byte) (bool, error) {
 	}
 	e, err := c.srv.resolve(name)
 	if err == nil {
-		if e, err = c.checkAccess(e); err != nil {
-			return false, c.optReply(opt, wire.RepErrPolicy, []byte(clipMsg(err.Error())))
+		checked, aerr := c.checkAccess(e)
+		if aerr != nil {
+			e.release()
+			return false, c.optReply(opt, wire.RepErrPolicy, []byte(clipMsg(aerr.Error())))
 		}
+		e = checked
 	}
 	if err != nil {
 		c.srv.log.Warn("nbd_export_refused", "export", name, "remote", c.remote, "err", err)
@@ -196,9 +199,15 @@ func (c *conn) handleInfoGo(opt uint32, data []byte) (bool, error) {
 		}
 		return false, c.optReply(opt, wire.RepErrUnknown, []byte(msg))
 	}
+	selected := false
+	defer func() {
+		if !selected {
+			e.release() // NBD_OPT_INFO, or a reply that failed
+		}
+	}()
 	// Meta contexts negotiated for another export do not carry over.
 	if c.metaExport != e.Name {
-		c.metaAlloc = false
+		c.metaAlloc, c.metaSel = false, nil
 	}
 	flags := c.transmissionFlags(e)
 	info := make([]byte, 12)
@@ -238,6 +247,7 @@ func (c *conn) handleInfoGo(opt uint32, data []byte) (bool, error) {
 	}
 	if opt == wire.OptGo {
 		c.selectExport(e)
+		selected = true
 		return true, nil
 	}
 	return false, nil
@@ -274,22 +284,37 @@ func (c *conn) handleMetaContext(opt uint32, data []byte) error {
 	if len(rest) != 0 {
 		return bad()
 	}
+	list := opt == wire.OptListMetaContext
 	match := false
-	if opt == wire.OptListMetaContext && nq == 0 {
+	if list && nq == 0 {
 		match = true
 	}
 	for _, q := range queries {
-		if q == wire.MetaBaseAllocation || (opt == wire.OptListMetaContext && q == "base:") {
+		if q == wire.MetaBaseAllocation || (list && q == "base:") {
 			match = true
 		}
 	}
-	if opt == wire.OptSetMetaContext {
+	// The export's own contexts (MetaContexter, meta.go): its device is
+	// looked up only when a query asks beyond base:.
+	var devCtx []string
+	if wantsDevice(queries, list) {
+		if e, err := c.lookupChecked(export); err == nil {
+			devCtx = matchContexts(deviceContexts(e.Device), queries, list)
+			e.release()
+		}
+	}
+	var sel []metaSel
+	if !list {
 		c.metaExport = c.srv.canonical(export)
 		c.metaAlloc = match
+		for i, n := range devCtx {
+			sel = append(sel, metaSel{id: firstDeviceMetaID + uint32(i), name: n})
+		}
+		c.metaSel = sel
 	}
 	if match {
 		id := uint32(0)
-		if opt == wire.OptSetMetaContext {
+		if !list {
 			id = wire.MetaBaseAllocationID
 		}
 		p := binary.BigEndian.AppendUint32(nil, id)
@@ -297,7 +322,32 @@ func (c *conn) handleMetaContext(opt uint32, data []byte) error {
 			return err
 		}
 	}
+	for i, n := range devCtx {
+		id := uint32(0)
+		if !list {
+			id = sel[i].id
+		}
+		p := binary.BigEndian.AppendUint32(nil, id)
+		if err := c.optReply(opt, wire.RepMetaContext, append(p, n...)); err != nil {
+			return err
+		}
+	}
 	return c.optReply(opt, wire.RepAck, nil)
+}
+
+// lookupChecked resolves an export and applies its access check; a
+// refused export is released.
+func (c *conn) lookupChecked(name string) (Export, error) {
+	e, err := c.srv.resolve(name)
+	if err != nil {
+		return Export{}, err
+	}
+	checked, err := c.checkAccess(e)
+	if err != nil {
+		e.release()
+		return Export{}, err
+	}
+	return checked, nil
 }
 
 // optReply sends one fixed newstyle option reply.
@@ -336,7 +386,7 @@ func (c *conn) selectExport(e Export) {
 	c.size = e.Device.Size()
 	c.tflags = c.transmissionFlags(e)
 	if c.metaExport != e.Name {
-		c.metaAlloc = false
+		c.metaAlloc, c.metaSel = false, nil
 	}
 }
 

@@ -36,6 +36,18 @@ type Export struct {
 	// TLS): an error refuses the export (NBD_REP_ERR_POLICY, its text shown
 	// to the client, the refusal logged); readOnly serves it read-only.
 	Access func(client string) (readOnly bool, err error)
+	// Release, when set, is called once the connection that looked the
+	// export up is done with it: at once for a lookup that only answered
+	// an option (NBD_OPT_INFO, NBD_OPT_LIST, meta contexts, a refusal),
+	// when the connection closes for the export it served. A source whose
+	// exports hold resources (an open snapshot) frees them here.
+	Release func()
+}
+
+func (e Export) release() {
+	if e.Release != nil {
+		e.Release()
+	}
 }
 
 // ExportSource maps export names to devices. Lookup is called once per
@@ -120,6 +132,7 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[*conn]struct{}
 	closing   bool
+	stats     serverStats    // observe.go
 	wg        sync.WaitGroup // connection goroutines
 }
 
@@ -195,6 +208,7 @@ func (s *Server) ServeConn(nc net.Conn) {
 		return
 	}
 	s.conns[c] = struct{}{}
+	s.stats.accepted.Add(1)
 	s.wg.Add(1)
 	s.mu.Unlock()
 	go func() {
@@ -265,10 +279,16 @@ const disconnectDrainTimeout = 10 * time.Second
 // after at most 10 s: connections whose requests are stuck in the device
 // are then closed hard (their goroutines end when the device returns).
 func (s *Server) DisconnectExport(name string) int {
+	return s.DisconnectMatching(func(n string) bool { return n == name })
+}
+
+// DisconnectMatching is DisconnectExport for every export whose name
+// match accepts.
+func (s *Server) DisconnectMatching(match func(name string) bool) int {
 	s.mu.Lock()
 	var conns []*conn
 	for c := range s.conns {
-		if c.exportName() == name {
+		if n := c.exportName(); n != "" && match(n) {
 			conns = append(conns, c)
 		}
 	}
@@ -282,7 +302,7 @@ func (s *Server) DisconnectExport(name string) int {
 		select {
 		case <-c.done:
 		case <-timeout.C:
-			s.log.Warn("nbd_drain_timeout", "export", name, "action", "in-flight requests did not drain; closing the connections hard")
+			s.log.Warn("nbd_drain_timeout", "export", c.exportName(), "conns", len(conns), "action", "in-flight requests did not drain; closing the connections hard")
 			for _, c := range conns {
 				c.abort()
 			}
@@ -313,6 +333,7 @@ func (s *Server) resolve(name string) (Export, error) {
 		return Export{}, err
 	}
 	if e.Device == nil {
+		e.release()
 		return Export{}, fmt.Errorf("export %q has no device", name)
 	}
 	if e.Name == "" {

@@ -85,6 +85,10 @@ type ReplicaStatus struct {
 	WALBytes  int64 // record payloads (live and catch-up)
 	BaseBytes int64 // base data of rebuilds/resyncs (zero runs not counted)
 	Transfers int   // completed base transfers
+	// Progress is the catch-up, resync or rebuild in flight (nil: none);
+	// Barrier the barrier round-trip latencies (stats.go).
+	Progress *TransferProgress
+	Barrier  BarrierStats
 }
 
 // Primary wraps the primary's volume: it implements blockdev.Device for
@@ -447,7 +451,8 @@ func (p *Primary) Replicas() []ReplicaStatus {
 	out := make([]ReplicaStatus, 0, len(p.reps))
 	for _, r := range p.reps {
 		out = append(out, ReplicaStatus{ServerID: r.id, Addr: r.addr, State: r.state, FlushedLSN: r.flushed, Session: r.session,
-			WALBytes: r.walBytes.Load(), BaseBytes: r.baseBytes.Load(), Transfers: r.transfers})
+			WALBytes: r.walBytes.Load(), BaseBytes: r.baseBytes.Load(), Transfers: r.transfers,
+			Progress: r.prog.snapshot(), Barrier: r.bar.snapshot()})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ServerID < out[j].ServerID })
 	return out

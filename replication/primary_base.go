@@ -32,6 +32,7 @@ func (s *session) sendBase(buf, zero []byte) error {
 	length := min(n*rs, size-off)
 	if length <= 0 || off >= size {
 		s.progress += n
+		s.r.prog.setBase(s.progress, rs)
 		return nil
 	}
 	data := buf[:length]
@@ -39,6 +40,7 @@ func (s *session) sendBase(buf, zero []byte) error {
 		return fmt.Errorf("read base at %d: %w", off, err)
 	}
 	s.progress += n
+	s.r.prog.setBase(s.progress, rs)
 	c := BaseChunk{Offset: off, Length: uint32(length), Done: s.progress}
 	if string(data) == string(zero[:length]) {
 		c.Zero = true

@@ -46,6 +46,9 @@ type replica struct {
 
 	walBytes  atomic.Int64
 	baseBytes atomic.Int64
+
+	prog progressGauge // stats.go
+	bar  barrierGauge
 }
 
 // setStateLocked moves r to a new state, logging the transition. A move
@@ -63,6 +66,9 @@ func (r *replica) setStateLocked(to ReplicaState, reason string) bool {
 		return false
 	}
 	r.state = to
+	if to != CatchingUp && to != Rebuilding {
+		r.prog.clear()
+	}
 	if from == InSync {
 		r.notInSyncSince = time.Now()
 		r.bytesAtLeave = p.cumBytes.Load()

@@ -85,6 +85,7 @@ func (s *session) streamWAL(target uint64) error {
 		s.records++
 		s.walBytes += int64(len(body))
 		s.r.walBytes.Add(int64(len(body)))
+		s.r.prog.catchUp(rec.LSN, target, s.walBytes)
 		if s.failed() {
 			return s.err
 		}
@@ -161,6 +162,12 @@ func (s *session) live() error {
 				return err
 			}
 		} else if s.kind != TransferNone && !s.doneSent {
+			if s.kind == TransferRebuild && !s.snapsSent {
+				if err := s.sendSnapshots(buf, zero[:]); err != nil {
+					return err
+				}
+				s.snapsSent = true
+			}
 			achieved := s.next - 1
 			p.mu.Lock()
 			s.promoteAt, s.promoteSet = achieved, true
@@ -184,6 +191,7 @@ func (s *session) live() error {
 			}
 			s.barrierSent = lsn
 			s.lastBgBar = time.Now()
+			r.bar.sent(lsn)
 		} else if s.bgDue() {
 			if err := s.write(&Msg{Type: MsgPing}); err != nil {
 				return err

@@ -48,6 +48,7 @@ type session struct {
 	progress     int64 // regions sent
 	nRegions     int64
 	doneSent     bool
+	snapsSent    bool // a rebuild's snapshots were sent (snapshot_transfer.go)
 	allowBarrier bool
 	baseBytes    int64
 
@@ -122,6 +123,7 @@ func (r *replica) runSession() (wasInSync bool, err error) {
 	}
 	r.cur = s
 	p.mu.Unlock()
+	r.bar.reset() // a barrier of an earlier session is not measured
 	defer s.fail(errors.New("session over"))
 	s.log.Info(EvSessionCreated, "addr", addr)
 
@@ -283,6 +285,7 @@ func (s *session) begin(b Begin) error {
 	r.bytesAtLeave = p.cumBytes.Load()
 	p.syncHoldsLocked(time.Now())
 	p.mu.Unlock()
+	r.prog.startBase(b.Kind, s.progress, s.nRegions, p.cfg.RegionSize, p.vol.Size())
 	s.log.Info(EvTransferBegun, "kind", b.Kind.String(), "reset_lsn", b.ResetLSN, "regions", s.nRegions, "progress", s.progress, "resume", b.Resume)
 	return s.write(&Msg{Type: MsgBegin, Payload: b.Encode()})
 }
@@ -301,6 +304,7 @@ func (s *session) recvLoop() {
 		}
 		switch m.Type {
 		case MsgBarrierResp:
+			s.r.bar.answered(m.LSNTo)
 			s.r.onFlushed(s, m.LSNTo, false)
 		case MsgDoneResp:
 			s.r.onFlushed(s, m.LSNTo, true)

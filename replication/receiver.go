@@ -670,6 +670,11 @@ func (rc *rconn) loop() error {
 				rc.refuse(CodeApply, err.Error())
 				return err
 			}
+		case MsgSnapBegin:
+			if err := rc.installSnapshot(m); err != nil {
+				rc.refuse(CodeApply, err.Error())
+				return err
+			}
 		case MsgDone:
 			if err := rc.done(m.LSNTo); err != nil {
 				rc.refuse(CodeApply, err.Error())
@@ -710,12 +715,23 @@ func (rc *rconn) applyRecord(m *Msg) error {
 		rc.refuse(CodeApply, err.Error())
 		return err
 	}
+	if x := rc.xfer; x != nil && body.Type == RecSnapshot {
+		// A base transfer is under way: blocks not yet transferred still
+		// hold this replica's old data, so a snapshot taken now would
+		// preserve the wrong bytes. The snapshot is recorded as absent
+		// here (the record kept, as a delete of a snapshot this volume
+		// does not have, for the LSN sequence); later records about it
+		// find it absent too.
+		rec.Type = wal.SnapshotDelete
+		rc.log.Warn(EvSnapshotSkipped, "lsn", lsn, "reason", "base_transfer_in_progress", "transfer", x.st.Kind.String(),
+			"reset_lsn", x.st.ResetLSN)
+	}
 	if err := vol.ApplyRecord(rec); err != nil {
 		rc.refuse(CodeApply, err.Error(), "lsn", lsn)
 		return fmt.Errorf("replication: apply LSN %d: %w", lsn, err)
 	}
 	rc.rv.applied(lsn, int64(len(body.Data))+64)
-	if x := rc.xfer; x != nil && lsn > x.st.ResetLSN && body.Type != RecBarrier {
+	if x := rc.xfer; x != nil && lsn > x.st.ResetLSN && body.Type != RecBarrier && !isSnapshotRec(body.Type) {
 		x.live.mark(body.Offset, int64(body.Length))
 	}
 	return nil

@@ -48,6 +48,8 @@ const (
 	MsgDoneResp    MsgType = 11 // replica → primary: lsnTo = FlushedLSN after the transfer
 	MsgError       MsgType = 12 // either way: refusal (payload: ErrorBody); the session ends
 	MsgProgress    MsgType = 13 // replica → primary: lsnTo = base bytes persisted (resume point)
+	MsgSnapBegin   MsgType = 14 // primary → replica: install a snapshot after a rebuild's base (payload: SnapBegin)
+	MsgSnapData    MsgType = 15 // primary → replica: that snapshot's bytes (payload: BaseChunk)
 )
 
 var msgNames = map[MsgType]string{
@@ -55,6 +57,7 @@ var msgNames = map[MsgType]string{
 	MsgBarrier: "barrier", MsgBarrierResp: "barrier_resp", MsgPing: "ping",
 	MsgPong: "pong", MsgBegin: "begin", MsgBase: "base", MsgDone: "done",
 	MsgDoneResp: "done_resp", MsgError: "error", MsgProgress: "progress",
+	MsgSnapBegin: "snap_begin", MsgSnapData: "snap_data",
 }
 
 func (t MsgType) String() string {
@@ -416,7 +419,18 @@ const (
 	RecWrite   uint8 = 1
 	RecZero    uint8 = 2
 	RecBarrier uint8 = 3
+	// RecSnapshot and RecSnapshotDelete carry a snapshot record's payload
+	// (wal's snapshot payload: ID, name, UUID...), shipped in LSN order
+	// like any record and applied by the replica's ApplyRecord.
+	RecSnapshot       uint8 = 5
+	RecSnapshotDelete uint8 = 6
 )
+
+// maxSnapshotBody bounds a snapshot record's payload on the wire.
+const maxSnapshotBody = 4096
+
+// isSnapshotRec reports whether t is a snapshot record type.
+func isSnapshotRec(t uint8) bool { return t == RecSnapshot || t == RecSnapshotDelete }
 
 // RecordBody is the payload of MsgRecord. The LSN travels in the frame
 // header (LSNFrom == LSNTo == LSN).
@@ -454,6 +468,10 @@ func DecodeRecordBody(p []byte) (RecordBody, error) {
 	case RecZero, RecBarrier:
 		if len(r.Data) != 0 {
 			return r, fmt.Errorf("%w: %d data bytes on a dataless record", ErrBadFrame, len(r.Data))
+		}
+	case RecSnapshot, RecSnapshotDelete:
+		if uint64(len(r.Data)) != uint64(r.Length) || len(r.Data) == 0 || len(r.Data) > maxSnapshotBody {
+			return r, fmt.Errorf("%w: snapshot record length %d with %d data bytes (1 to %d)", ErrBadFrame, r.Length, len(r.Data), maxSnapshotBody)
 		}
 	default:
 		return r, fmt.Errorf("%w: record type %d", ErrBadFrame, r.Type)

@@ -9,6 +9,8 @@ pkgs=(
   e2fsprogs util-linux
   # kernel VM harness (tests/vm)
   qemu-system-x86 busybox-static kmod xz-utils cpio
+  # tests/metrics: a real Prometheus scraping a cluster (prometheus, promtool)
+  prometheus
   # vagrant/ syntax check
   ruby
 )

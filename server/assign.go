@@ -114,15 +114,8 @@ func (s *Server) applyOne(a api.VolumeAssignment, sent time.Time) error {
 		n := s.nbdSrv.DisconnectExport(a.Volume)
 		s.log.Info("primary_demoted", "volume", a.Volume, "to", a.Role, "epoch", a.Epoch, "nbd_conns_closed", n)
 	}
-	if a.SizeBytes > h.vol.Size() {
-		if err := h.vol.Expand(a.SizeBytes); err != nil {
-			return fmt.Errorf("expand: %w", err)
-		}
-		// NBD fixes an export's size for the life of a connection: cut
-		// the clients off so they renegotiate the new size (a kernel
-		// keeper reconnects by itself and grows its device).
-		n := s.nbdSrv.DisconnectExport(a.Volume)
-		s.log.Info("volume_expanded", "volume", a.Volume, "size", a.SizeBytes, "nbd_conns_closed", n)
+	if err := s.applyExpand(h, a); err != nil { // expand.go
+		return err
 	}
 	return nil
 }
@@ -145,6 +138,9 @@ func (s *Server) drop(name string) {
 	}
 	if err := h.close(); err != nil {
 		s.log.Error("volume_drop_close_failed", "volume", name, "err", err)
+	}
+	if s.met != nil {
+		s.met.forget(name)
 	}
 	// Through the server's FS, and the parent synced, so a drop cannot come
 	// back after a power cut as a half-removed volume directory.

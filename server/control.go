@@ -345,7 +345,7 @@ func (c *control) recoverWhenPrimary(e *ublkEntry) {
 	}
 	if err == nil {
 		var d *ublk.Device
-		d, err = ublk.Serve(c.ctx, live, c.options(e.id, true))
+		d, err = ublk.Serve(c.ctx, c.s.meter(e.volume, live), c.options(e.id, true))
 		if err == nil {
 			c.mu.Lock()
 			e.dev = d
@@ -422,7 +422,7 @@ func (c *control) create(ctx context.Context, volume string, id int) (UblkDevice
 	// The request's context bounds only the setup.
 	sctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
-	d, err := ublk.Serve(sctx, live, c.options(id, false))
+	d, err := ublk.Serve(sctx, c.s.meter(volume, live), c.options(id, false))
 	if err != nil {
 		return UblkDevice{}, 0, fmt.Errorf("volume %s: %w", volume, err)
 	}

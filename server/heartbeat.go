@@ -52,7 +52,7 @@ func (s *Server) heartbeatLoop() {
 // report is the heartbeat: this server and every volume it hosts.
 func (s *Server) report() api.HeartbeatRequest {
 	total, free := s.capacity()
-	req := api.HeartbeatRequest{ServerID: s.cfg.ServerID, Addr: s.Addr(), NBDAddr: s.NBDAddr(),
+	req := api.HeartbeatRequest{ServerID: s.cfg.ServerID, Addr: s.Addr(), NBDAddr: s.NBDAddr(), HTTPAddr: s.HTTPAddr(),
 		CapacityBytes: total, FreeBytes: free, Failures: s.fails.list()}
 	for _, st := range s.host.Status() {
 		s.mu.Lock()
@@ -66,9 +66,10 @@ func (s *Server) report() api.HeartbeatRequest {
 		h.mu.Unlock()
 		hv := api.HeartbeatVolume{Name: st.Volume, ID: id, Role: string(st.Role), Epoch: st.Epoch,
 			HeadLSN: st.HeadLSN, CheckpointLSN: st.CheckpointLSN, DurableLSN: st.DurableLSN}
+		h.reportExpand(&hv) // expand.go
 		for _, r := range st.Replicas {
 			hv.Replicas = append(hv.Replicas, api.HeartbeatReplica{ServerID: r.ServerID,
-				State: apiState(r.State), FlushedLSN: r.FlushedLSN})
+				State: apiState(r.State), FlushedLSN: r.FlushedLSN, Progress: apiProgress(r.Progress)})
 		}
 		req.Volumes = append(req.Volumes, hv)
 	}

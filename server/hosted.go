@@ -27,6 +27,7 @@ type hosted struct {
 	id      uint64           // the master's incarnation ID of the volume
 	primary api.ServerRef    // the volume's primary, as last assigned
 	allow   []api.AllowEntry // NBD allow list, as last assigned (access.go)
+	expand  expandState      // a failed prepare (expand.go)
 }
 
 func validVolumeName(name string) error {
@@ -59,6 +60,9 @@ func (s *Server) openExisting() error {
 		}
 		if _, err := s.addVolume(e.Name(), dir, vol); err != nil {
 			return err
+		}
+		if err := s.recoverImport(e.Name(), dir, vol, false, vol.Flush); err != nil {
+			s.log.Error("import_recovery_failed", "volume", e.Name(), "err", err)
 		}
 		s.log.Info("volume_opened", "volume", e.Name(), "epoch", vol.Epoch(), "stored_role", vol.Role(),
 			"head_lsn", vol.HeadLSN(), "checkpoint_lsn", vol.CheckpointLSN())

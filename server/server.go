@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,6 +21,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/nbd"
@@ -66,10 +69,23 @@ type Config struct {
 	// TLS, certificates checked against server IDs) and heartbeats
 	// (tls.go). Its certificate must name ServerID.
 	TLS *tlsauth.Creds
+	// HTTP is the admin API's listen address (httpapi.go); "" serves none
+	// (blockd serve mounts HTTPHandler on its master's listener instead
+	// and reports that address as AdvertiseHTTP).
+	HTTP          string
+	AdvertiseHTTP string
 	// EmbeddedMaster: the master runs in this process and presents this
 	// server's own certificate (blockd serve), which the heartbeat client
 	// then accepts besides a master's.
 	EmbeddedMaster bool
+	// Metrics, when set, gets this server's metrics (metrics.go): I/O per
+	// volume, engine, replicas, NBD and ublk. nil with no MetricsAddr: no
+	// metrics, and I/O is not measured.
+	Metrics *prometheus.Registry
+	// MetricsAddr, when set, serves the metrics at http://ADDR/metrics
+	// (on Metrics, or on a registry of its own); with TLS, https:// and a
+	// client certificate of the cluster CA, as the master's API.
+	MetricsAddr string
 }
 
 // Server is a running volume server.
@@ -82,11 +98,14 @@ type Server struct {
 	nbdSrv  *nbd.Server
 	nbdLn   net.Listener
 	replLn  net.Listener
+	httpLn  net.Listener // the admin API (httpapi.go), nil without Config.HTTP
+	httpSrv *http.Server
 	host    *replication.Host // roles, epochs, leases and replication of every volume
 	ctl     *control          // the control endpoint: set in New, cleared by Close
 	started time.Time
 	fails   volumeFailures // assigned volumes that cannot be created or opened (assign.go)
 	peers   peerIDs        // replica server IDs by address, for the TLS dialer (tls.go)
+	met     *serverMetrics // nil: metrics off (metrics.go)
 
 	mu   sync.Mutex
 	vols map[string]*hosted
@@ -157,6 +176,9 @@ func New(cfg Config) (*Server, error) {
 		nopts = append(nopts, nbd.WithTLS(cfg.TLS.ServerConfig(nil)), nbd.WithPeerName(peerName))
 	}
 	s.nbdSrv = nbd.NewServer(exports{s}, nopts...)
+	if err := s.startHTTP(); err != nil {
+		return nil, err
+	}
 
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.wg.Add(2)
@@ -170,8 +192,13 @@ func New(cfg Config) (*Server, error) {
 		_ = s.Close()
 		return nil, err
 	}
+	if err := s.startMetrics(); err != nil {
+		ok = true
+		_ = s.Close()
+		return nil, err
+	}
 	ok = true
-	s.log.Info("server_started", "nbd", s.NBDAddr(), "addr", s.Addr(), "data", cfg.DataDir)
+	s.log.Info("server_started", "nbd", s.NBDAddr(), "addr", s.Addr(), "http", s.HTTPAddr(), "data", cfg.DataDir)
 	return s, nil
 }
 
@@ -207,7 +234,9 @@ func (s *Server) NBDAddr() string {
 // Close stops serving: no new NBD connections, in-flight requests drained,
 // every volume flushed and closed. It is what SIGTERM does.
 func (s *Server) Close() error {
+	s.stopMetrics()
 	s.stopControl()
+	s.stopHTTP()
 	if s.cancel != nil {
 		s.cancel()
 	}

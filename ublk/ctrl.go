@@ -6,6 +6,7 @@ import (
 	"os"
 	"sync"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"github.com/blockd/blockd/ublk/uring"
@@ -32,7 +33,29 @@ var (
 	ErrNoDevice = errors.New("no such ublk device")
 	// ErrBusy: the device is still served by another process.
 	ErrBusy = errors.New("ublk device busy")
+	// ErrStuck: a control command got no answer from the driver within
+	// its bound (ctrlTimeout): the driver is blocked, for example in a
+	// device that never quiesces. The command stays in the kernel and the
+	// control ring it was sent on is unusable from then on.
+	ErrStuck = errors.New("ublk control command got no answer from the driver")
 )
+
+// Bounds on control commands: a driver that does not answer fails the
+// caller with ErrStuck instead of hanging it. Queries and quick state
+// changes answer at once; START_DEV, END_USER_RECOVERY, STOP_DEV and
+// DEL_DEV wait for the queues or for requests in flight.
+const (
+	ctrlTimeout     = 30 * time.Second
+	ctrlLongTimeout = 60 * time.Second
+)
+
+func cmdTimeout(op uint32) time.Duration {
+	switch op {
+	case cmdStartDev, cmdEndUserRecovery, cmdStopDev, cmdDelDev:
+		return ctrlLongTimeout
+	}
+	return ctrlTimeout
+}
 
 // RequiredFeatures are the driver features Serve and Recover depend on.
 const RequiredFeatures = FeatCmdIoctlEncode | FeatUserRecovery
@@ -46,6 +69,9 @@ type control struct {
 	// control command asynchronously (START_DEV blocks in an io-wq worker),
 	// so the payload must live outside the Go heap and stack.
 	buf []byte
+	// stuck: a command timed out and is still in the kernel, which may
+	// yet write its answer into buf (so buf is never unmapped then).
+	stuck error
 }
 
 func openControl() (*control, error) {
@@ -87,10 +113,10 @@ func (c *control) close() {
 		c.ring.Close()
 		c.ring = nil
 	}
-	if c.buf != nil {
+	if c.buf != nil && c.stuck == nil {
 		unix.Munmap(c.buf)
-		c.buf = nil
 	}
+	c.buf = nil
 	if c.fd >= 0 {
 		unix.Close(c.fd)
 		c.fd = -1
@@ -106,6 +132,9 @@ func (c *control) cmd(op uint32, devID uint32, data uint64, in []byte, outLen in
 	defer c.mu.Unlock()
 	if c.ring == nil {
 		return 0, nil, fmt.Errorf("ublk: control closed")
+	}
+	if c.stuck != nil {
+		return 0, nil, fmt.Errorf("ublk: control ring unusable: %w", c.stuck)
 	}
 	hdr := ctrlCmd{devID: devID, queueID: 0xffff, data: data}
 	n := max(len(in), outLen)
@@ -127,7 +156,12 @@ func (c *control) cmd(op uint32, devID uint32, data uint64, in []byte, outLen in
 	sqe.SetCmdOp(op)
 	sqe.UserData = uint64(op)
 	hdr.encode(c.ring.Cmd(sqe))
-	cqe, err := c.ring.WaitCQE()
+	timeout := cmdTimeout(op)
+	cqe, err := c.ring.WaitCQETimeout(timeout)
+	if errors.Is(err, uring.ErrTimeout) {
+		c.stuck = fmt.Errorf("control command %#x sent %v ago is still in the kernel: %w", op, timeout, ErrStuck)
+		return 0, nil, fmt.Errorf("no answer from the driver in %v: %w", timeout, ErrStuck)
+	}
 	if err != nil {
 		return 0, nil, fmt.Errorf("ublk: control command %#x: %w", op, err)
 	}

@@ -178,9 +178,11 @@ type Device struct {
 
 	inline   InlineMode
 	ioErrors atomic.Int64
+	stats    devStats // observe.go
 	done     chan struct{}
 	once     sync.Once
 	ctlOnce  sync.Once
+	ringMu   sync.Mutex // closeKeptRings
 }
 
 // ID is the device number N of /dev/ublkbN.
@@ -321,89 +323,6 @@ func Serve(ctx context.Context, dev blockdev.Device, o Options) (*Device, error)
 	return d, nil
 }
 
-// Recover takes over device id, whose previous server exited, with user
-// recovery: START_USER_RECOVERY (retried while the old process is still
-// going away), fresh queue loops, END_USER_RECOVERY. /dev/ublkbN and any
-// filesystem mounted on it stay in place; requests queued meanwhile (and,
-// in RecoveryReissue mode, those the old server had accepted) are served
-// by this process. dev must hold the same data the old server served.
-func Recover(ctx context.Context, id int, dev blockdev.Device, o Options) (*Device, error) {
-	if err := o.fill(); err != nil {
-		return nil, err
-	}
-	if ctx == nil {
-		ctx = context.Background()
-	}
-	ctl, err := openControl()
-	if err != nil {
-		return nil, err
-	}
-	return recoverDev(ctx, ctl, uint32(id), dev, o)
-}
-
-func recoverDev(ctx context.Context, ctl *control, id uint32, dev blockdev.Device, o Options) (*Device, error) {
-	info, err := ctl.getDevInfo(id)
-	if err != nil {
-		ctl.close()
-		return nil, err
-	}
-	if info.Flags&FeatUserRecovery == 0 {
-		ctl.close()
-		return nil, fmt.Errorf("ublk: device %d was created without user recovery (flags %#x): %w", id, info.Flags, blockdev.ErrInvalid)
-	}
-	log := o.Logger
-	log.Info("ublk_recovery_start", "dev", id, "state", info.State, "old_pid", info.ServerPID,
-		"reissue", info.Flags&FeatUserRecoveryReiss != 0)
-	if ctx == nil {
-		ctx = context.Background()
-	}
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, 60*time.Second)
-		defer cancel()
-	}
-	// The driver accepts START_USER_RECOVERY only once the old server has
-	// exited, the device is quiesced and /dev/ublkcN is released: EBUSY
-	// (or EINVAL while the queues are still being torn down) until then.
-	for attempt := 0; ; attempt++ {
-		err = ctl.simple("START_USER_RECOVERY", cmdStartUserRecovery, id, 0)
-		if err == nil {
-			break
-		}
-		if !errors.Is(err, ErrBusy) && !errors.Is(err, unix.EINVAL) {
-			ctl.close()
-			return nil, err
-		}
-		select {
-		case <-ctx.Done():
-			ctl.close()
-			return nil, fmt.Errorf("ublk: device %d still held by pid %d: %w (last: %w)", id, info.ServerPID, ctx.Err(), err)
-		case <-time.After(min(time.Duration(attempt+1)*20*time.Millisecond, 500*time.Millisecond)):
-		}
-		if attempt%25 == 24 {
-			log.Info("ublk_recovery_waiting", "dev", id, "err", err)
-		}
-	}
-	d := &Device{info: info, ctl: ctl, dev: dev, charFd: -1, log: log, done: make(chan struct{}), inline: o.Inline}
-	if err := d.openChar(ctx); err != nil {
-		d.closeCtl()
-		return nil, err
-	}
-	if err := d.startQueues(); err != nil {
-		d.abandon()
-		d.closeCtl()
-		return nil, err
-	}
-	if err := ctl.simple("END_USER_RECOVERY", cmdEndUserRecovery, id, uint64(os.Getpid())); err != nil {
-		d.abandon()
-		d.closeCtl()
-		return nil, err
-	}
-	go d.watch()
-	log.Info("ublk_recovery_done", "dev", id, "path", d.Path(), "queues", info.NrHWQueues, "depth", info.QueueDepth)
-	return d, nil
-}
-
 // openChar opens /dev/ublkcN, waiting for devtmpfs to create it (and
 // creating the node from sysfs if /dev is not devtmpfs).
 func (d *Device) openChar(ctx context.Context) error {
@@ -451,7 +370,7 @@ func (d *Device) startQueues() error {
 		q := newQueue(d, i)
 		d.queues[i] = q
 		ready := make(chan error, 1)
-		go q.run(ready)
+		goLocked(func() { q.run(ready) })
 		if err := <-ready; err != nil {
 			d.queues = d.queues[:i+1]
 			return err
@@ -503,6 +422,7 @@ func (d *Device) abandon() {
 		<-q.exited
 	}
 	d.release()
+	d.closeKeptRings()
 }
 
 func (d *Device) closeCtl() { d.ctlOnce.Do(func() { d.ctl.close() }) }
@@ -555,9 +475,10 @@ func (d *Device) Delete() error {
 }
 
 // Release ends this process's service of the device without removing it:
-// the queue loops finish the requests they hold and close their rings, and
-// the driver quiesces the device until a new server calls Recover. Used
-// for a planned restart (upgrade) of the serving process.
+// the queue loops finish the requests they hold and end their threads,
+// then their rings are closed (see closeKeptRings), and the driver
+// quiesces the device until a new server calls Recover. Used for a
+// planned restart (upgrade) of the serving process.
 func (d *Device) Release() error {
 	for _, q := range d.queues {
 		q.stop()
@@ -565,6 +486,9 @@ func (d *Device) Release() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	err := d.wait(ctx)
+	if err == nil {
+		d.closeKeptRings()
+	}
 	d.closeCtl()
 	d.log.Info("ublk_device_released", "dev", d.info.DevID, "err", err)
 	return err

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -74,6 +73,11 @@ type queue struct {
 
 	exited chan struct{}
 	err    error // why the loop ended (nil: all tags aborted by the driver)
+	tid    int   // the locked OS thread's id (the driver's queue task)
+	// kept is the ring of a loop stopped by this process (errStopped),
+	// left open so that the Device closes it once the thread is gone
+	// (Device.closeKeptRings says why).
+	kept *uring.Ring
 }
 
 func newQueue(d *Device, id int) *queue {
@@ -194,9 +198,10 @@ func (q *queue) stop() {
 // run is the queue loop. ready receives the setup result once every tag
 // has been fetched (the driver then counts the queue as ready).
 func (q *queue) run(ready chan<- error) {
-	// Never unlocked: when the loop ends, the thread ends with it, so no
-	// other goroutine ever runs on the task the driver bound to this queue.
-	runtime.LockOSThread()
+	// Started by goLocked: never unlocked, and not the main thread, so
+	// when the loop ends the thread ends with it and no other goroutine
+	// ever runs on the task the driver bound to this queue.
+	q.tid = unix.Gettid()
 	defer close(q.exited)
 	if err := q.setup(); err != nil {
 		q.teardown()
@@ -229,6 +234,9 @@ func (q *queue) run(ready chan<- error) {
 	}
 	ready <- nil
 	q.err = q.loop()
+	if errors.Is(q.err, errStopped) {
+		q.kept, q.ring = q.ring, nil
+	}
 	q.teardown()
 	q.log().Debug("ublk_queue_exit", "dev", q.dev.info.DevID, "queue", q.id, "err", q.err)
 }
@@ -344,9 +352,12 @@ func inlineEligible(d ioDesc) bool {
 func (q *queue) now() time.Time { return time.Now() }
 
 func (q *queue) work(tag uint16, d ioDesc) {
+	q.dev.stats.inFlight.Add(1)
 	res, err := execute(q.dev.dev, d, q.buf(tag))
+	q.dev.stats.inFlight.Add(-1)
 	if err != nil {
 		q.dev.ioErrors.Add(1)
+		q.dev.stats.countError(res)
 		q.log().Warn("ublk_io_error", "dev", q.dev.info.DevID, "queue", q.id, "tag", tag, "op", opName(d.op()),
 			"offset", int64(d.startSector)*512, "length", int64(d.nrSectors)*512, "errno", -res, "err", err)
 	}

@@ -24,8 +24,11 @@ func init() {
 			"process, so a mounted volume follows failovers), makes ext4/xfs on a blank device and\n" +
 			"mounts it. The node needs root and the nbd kernel module. SIGINT/SIGTERM stop it;\n" +
 			"devices it attached stay connected (pods keep their I/O), without reconnects until\n" +
-			"they are unstaged and staged again.",
-		Flags: []cli.Flag{
+			"they are unstaged and staged again. Snapshots and clones go to the volume's primary's\n" +
+			"admin API (servers need --http). In a TLS cluster give --tls-cert/--tls-key/--tls-ca\n" +
+			"(a client certificate, blockd tls init --client NAME): the master, the admin API and\n" +
+			"the NBD connections all use them.",
+		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "endpoint", Value: "unix:///csi/csi.sock", EnvVars: []string{"CSI_ENDPOINT"}, Usage: "gRPC endpoint (unix:///path)"},
 			&cli.StringFlag{Name: "node-id", EnvVars: []string{"NODE_ID"}, Usage: "this node's ID (required in node and both modes)"},
 			&cli.StringFlag{Name: "master", Value: api.DefaultMaster, EnvVars: []string{"BLOCKD_MASTER"}, Usage: "master API address(es), comma-separated"},
@@ -34,7 +37,7 @@ func init() {
 			&cli.DurationFlag{Name: "attach-wait", Value: time.Minute, Usage: "how long staging waits for a volume's primary to serve it"},
 			&cli.DurationFlag{Name: "give-up", Value: 5 * time.Minute, Usage: "a device without a connection this long fails its I/O"},
 			&cli.BoolFlag{Name: "debug", Usage: "log every call"},
-		},
+		}, tlsFlags()...),
 		Action: func(c *cli.Context) error {
 			if c.Args().Len() > 0 {
 				return fmt.Errorf("csi: unexpected arguments %v", c.Args().Slice())
@@ -44,10 +47,15 @@ func init() {
 				level = slog.LevelDebug
 			}
 			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+			creds, err := loadTLS(c)
+			if err != nil {
+				return fmt.Errorf("csi: %w", err)
+			}
 			drv, err := csi.New(csi.Config{
 				Endpoint: c.String("endpoint"), NodeID: c.String("node-id"), Mode: c.String("mode"),
 				Masters: api.ParseAddrs(c.String("master")), NBDConnections: c.Int("connections"),
 				AttachWait: c.Duration("attach-wait"), GiveUp: c.Duration("give-up"), Logger: log,
+				TLS: creds,
 			})
 			if err != nil {
 				return err

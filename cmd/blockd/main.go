@@ -26,10 +26,14 @@ func register(c *cli.Command) { commands = append(commands, c) }
 
 // newApp is the whole CLI; main runs it on os.Args and tests in process.
 func newApp() *cli.App {
+	decorate(commands, "") // help.go: examples, one-line usage errors
 	return &cli.App{
 		Name:     "blockd",
 		Usage:    "replicated block storage over NBD and ublk",
 		Commands: commands,
+		// Shell completion (blockd completion bash|zsh prints the script).
+		EnableBashCompletion: true,
+		OnUsageError:         usageError("blockd"),
 		// One-line reason on stderr and a non-zero exit (main prints it).
 		ExitErrHandler: func(_ *cli.Context, err error) {},
 	}
@@ -38,6 +42,12 @@ func newApp() *cli.App {
 // run parses args (flags may follow positional arguments) and runs the
 // command.
 func run(app *cli.App, args []string) error {
+	if len(args) > 1 && args[len(args)-1] == completionFlag {
+		return app.Run(args) // the shell asks for completions: as typed
+	}
+	if err := checkCommand(app.Commands, args); err != nil {
+		return err
+	}
 	return app.Run(flagsFirst(app.Commands, args))
 }
 

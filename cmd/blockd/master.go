@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"log/slog"
 	"os"
 	"os/signal"
 	"strings"
@@ -37,6 +36,8 @@ func init() {
 			&cli.DurationFlag{Name: "lease-ttl", Value: 5 * time.Second, Usage: "primary lease granted per heartbeat"},
 			&cli.DurationFlag{Name: "lease-margin", Value: 250 * time.Millisecond, Usage: "extra wait after a lost primary's lease before promoting"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug | info | warn | error"},
+			logFormatFlag(),
+			overprovisionFlag(),
 			tlsFlags()[0], tlsFlags()[1], tlsFlags()[2], insecureFlag,
 		},
 		Action: runMaster,
@@ -47,17 +48,20 @@ func runMaster(c *cli.Context) error {
 	if c.Args().Len() > 0 {
 		return fmt.Errorf("master: unexpected arguments %s", api.QuoteName(strings.Join(c.Args().Slice(), " ")))
 	}
-	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(c.String("log-level"))); err != nil {
-		return fmt.Errorf("master: --log-level: %w", err)
+	log, err := daemonLogger(c)
+	if err != nil {
+		return fmt.Errorf("master: %w", err)
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
 	creds, err := loadTLSKind(c, tlsauth.KindMaster)
 	if err != nil {
 		return fmt.Errorf("master: %w", err)
 	}
 	if err := checkPlain(c, "master", creds, "api", "raft"); err != nil {
 		return err
+	}
+	over, err := overprovision(c)
+	if err != nil {
+		return fmt.Errorf("master: %w", err)
 	}
 	var peers []string
 	if p := c.String("peers"); p != "" {
@@ -73,7 +77,9 @@ func runMaster(c *cli.Context) error {
 		LeaseTTL:    c.Duration("lease-ttl"),
 		LeaseMargin: c.Duration("lease-margin"),
 		Logger:      log,
-		TLS:         creds,
+
+		OverprovisionPercent: over,
+		TLS:                  creds,
 	})
 	if err != nil {
 		return err
@@ -84,4 +90,18 @@ func runMaster(c *cli.Context) error {
 	<-sig
 	signal.Stop(sig)
 	return m.Close()
+}
+
+// overprovisionFlag is the placement policy for sparse volumes (master and
+// serve).
+func overprovisionFlag() cli.Flag {
+	return &cli.IntFlag{Name: "overprovision", Value: master.DefaultOverprovisionPercent, Usage: "PERCENT: a server takes volumes whose sizes plus WALs add up to this percentage of its capacity (volumes are sparse; above 100 a full disk fails writes instead of creates)"}
+}
+
+func overprovision(c *cli.Context) (int, error) {
+	n := c.Int("overprovision")
+	if n < 1 || n > 10000 {
+		return 0, fmt.Errorf("--overprovision %d: want a percentage from 1 to 10000 (default %d)", n, master.DefaultOverprovisionPercent)
+	}
+	return n, nil
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"os"
 	"os/signal"
@@ -35,7 +34,10 @@ func init() {
 			&cli.StringFlag{Name: "api", Value: "127.0.0.1:9333", Usage: "master API listen address"},
 			&cli.StringFlag{Name: "volume", Value: "vol0:1GiB", Usage: "volume created on first start, NAME:SIZE"},
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:0", Usage: "replication listen address of the embedded server"},
-			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error (of the log file; the terminal shows warnings and errors)"},
+			logFormatFlag(),
+			&cli.StringFlag{Name: "log-file", Usage: "log file (default DATA/blockd.log); - logs everything to the terminal instead"},
+			overprovisionFlag(),
 			tlsFlags()[0], tlsFlags()[1], tlsFlags()[2], insecureFlag,
 		},
 		Action: serve,
@@ -51,20 +53,16 @@ func init() {
 			&cli.StringFlag{Name: "nbd", Value: "127.0.0.1:10809", Usage: "NBD listen address (host:port or unix:/path)"},
 			&cli.StringFlag{Name: "advertise", Usage: "replication address other servers use (default: --listen)"},
 			&cli.StringFlag{Name: "advertise-nbd", Usage: "NBD address clients use (default: --nbd)"},
+			&cli.StringFlag{Name: "http", Usage: "admin API listen address (snapshots, images; HTTPS with the --tls-* credentials); none when empty"},
+			&cli.StringFlag{Name: "advertise-http", Usage: "admin API address clients use (default: --http)"},
 			&cli.StringFlag{Name: "capacity", Usage: "capacity to report, e.g. 100GiB (default: the filesystem's)"},
+			&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+			logFormatFlag(),
 			tlsFlags()[0], tlsFlags()[1], tlsFlags()[2], insecureFlag,
 		},
 		Action: runServer,
 	})
-}
-
-func newLogger(level string) (*slog.Logger, error) {
-	var l slog.Level
-	if err := l.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("--log-level %s: use debug, info, warn or error", api.QuoteName(level))
-	}
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})), nil
 }
 
 // parseVolumeSpec splits NAME:SIZE (human units) and checks both parts,
@@ -85,11 +83,17 @@ func parseVolumeSpec(spec string) (string, int64, error) {
 }
 
 func serve(c *cli.Context) error {
-	log, err := newLogger(c.String("log-level"))
+	data := c.String("data")
+	log, logPath, closeLog, err := serveLogger(c, data)
 	if err != nil {
-		return err
+		return fmt.Errorf("serve: %w", err)
 	}
+	defer closeLog()
 	volName, volSize, err := parseVolumeSpec(c.String("volume"))
+	if err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
+	over, err := overprovision(c)
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
@@ -103,7 +107,6 @@ func serve(c *cli.Context) error {
 	if err := checkPlain(c, "serve", creds, "nbd", "api", "listen"); err != nil {
 		return err
 	}
-	data := c.String("data")
 	// The whole data directory is locked before the master opens its raft
 	// store, so a second serve fails at once with a clear error.
 	lock, err := server.LockDir(data)
@@ -112,7 +115,8 @@ func serve(c *cli.Context) error {
 	}
 	defer lock.Release()
 
-	m, err := master.Start(master.Config{DataDir: filepath.Join(data, "master"), APIAddr: c.String("api"), Logger: log, TLS: creds})
+	m, err := master.Start(master.Config{DataDir: filepath.Join(data, "master"), APIAddr: c.String("api"), Logger: log, TLS: creds,
+		OverprovisionPercent: over})
 	if err != nil {
 		return fmt.Errorf("start master: %w", err)
 	}
@@ -133,11 +137,15 @@ func serve(c *cli.Context) error {
 	}
 	srv, err := server.New(server.Config{DataDir: filepath.Join(data, "server"), ServerID: serveServerID, TLS: creds, EmbeddedMaster: creds != nil,
 		Listen: listen, NBD: c.String("nbd"), DeferNBD: true, Masters: []string{m.APIAddr()}, Logger: log,
-		UblkRecoveryWait: ublkWait})
+		Metrics:          m.Registry(), // one /metrics on the API address for both
+		UblkRecoveryWait: ublkWait, AdvertiseHTTP: m.APIAddr()})
 	if err != nil {
 		return err
 	}
 	defer srv.Close()
+	// The server's admin API (snapshots, images) shares the master's
+	// listener, TLS and client checks: the one API address serves both.
+	m.MountServerAPI(srv.HTTPHandler())
 	if !c.IsSet("listen") {
 		// Best effort: a lost file only costs the next start a new port.
 		if err := vfs.WriteFileAtomic(vfs.Default, addrFile, []byte(srv.Addr()+"\n"), 0o644); err != nil {
@@ -158,6 +166,9 @@ func serve(c *cli.Context) error {
 	}
 	srv.StartNBD()
 	printAttachHelp(srv.NBDAddr(), m.APIAddr(), volName, volSize, creds != nil)
+	if logPath != "" {
+		fmt.Printf("Logs: %s (warnings and errors also here); metrics: http://%s/metrics\n", logPath, m.APIAddr())
+	}
 
 	<-ctx.Done()
 	fmt.Fprintln(os.Stderr, "blockd: shutting down: draining NBD connections and flushing volumes")
@@ -182,12 +193,14 @@ func ensureVolume(ctx context.Context, client *api.Client, name string, size int
 	if !errors.As(err, &ae) || ae.Code != api.CodeNotFound {
 		return fmt.Errorf("volume %s: %w", name, err)
 	}
-	// The server must have registered before placement can choose it.
+	// The server must have registered before placement can choose it: the
+	// create is retried only while placement has not heard from it; any
+	// other refusal (a disk too small, say) is final and printed at once.
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		_, err = client.CreateVolume(ctx, api.CreateVolumeRequest{Name: name, SizeBytes: size, RF: 1,
 			Durability: api.DurabilityBestEffort, Preset: "general"})
-		if err == nil || time.Now().After(deadline) || ctx.Err() != nil {
+		if err == nil || !notRegisteredYet(err) || time.Now().After(deadline) || ctx.Err() != nil {
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -196,6 +209,21 @@ func ensureVolume(ctx context.Context, client *api.Client, name string, size int
 		return fmt.Errorf("create volume %s: %w", name, err)
 	}
 	return nil
+}
+
+// notRegisteredYet: a create refused only because no server has been heard
+// from yet (none registered, or every one not_alive).
+func notRegisteredYet(err error) bool {
+	var ae *api.Error
+	if !errors.As(err, &ae) || ae.Code != api.CodeInsufficientServers {
+		return false
+	}
+	for _, c := range ae.Placement {
+		if c.Rejection != master.RejectNotAlive {
+			return false
+		}
+	}
+	return true
 }
 
 func waitServing(ctx context.Context, srv *server.Server, name string) error {
@@ -256,9 +284,9 @@ Ctrl-C flushes every volume and exits.
 }
 
 func runServer(c *cli.Context) error {
-	log, err := newLogger(c.String("log-level"))
+	log, err := daemonLogger(c)
 	if err != nil {
-		return err
+		return fmt.Errorf("server: %w", err)
 	}
 	var capacity int64
 	if s := c.String("capacity"); s != "" {
@@ -278,17 +306,25 @@ func runServer(c *cli.Context) error {
 	if err != nil {
 		return fmt.Errorf("server: %w", err)
 	}
-	if err := checkPlain(c, "server", creds, "nbd", "listen"); err != nil {
+	if err := checkPlain(c, "server", creds, "nbd", "listen", "http"); err != nil {
 		return err
 	}
 	srv, err := server.New(server.Config{DataDir: c.String("data"), ServerID: c.String("id"), TLS: creds,
 		Listen: c.String("listen"), NBD: c.String("nbd"), AdvertiseAddr: c.String("advertise"),
 		AdvertiseNBD: c.String("advertise-nbd"), Masters: api.ParseAddrs(c.String("master")),
-		CapacityBytes: capacity, Logger: log, UblkRecoveryWait: ublkWait})
+		HTTP: c.String("http"), AdvertiseHTTP: c.String("advertise-http"),
+		CapacityBytes: capacity, Logger: log, UblkRecoveryWait: ublkWait, MetricsAddr: c.String("metrics")})
 	if err != nil {
 		return err
 	}
-	fmt.Printf("blockd server %s: NBD on %s, replication on %s, master %s\n", srv.ID(), srv.NBDAddr(), srv.Addr(), c.String("master"))
+	httpNote := ""
+	if a := srv.HTTPAddr(); a != "" {
+		httpNote = ", admin API on " + a
+	}
+	fmt.Printf("blockd server %s: NBD on %s, replication on %s%s, master %s\n", srv.ID(), srv.NBDAddr(), srv.Addr(), httpNote, c.String("master"))
+	if a := srv.MetricsAddr(); a != "" {
+		fmt.Printf("  metrics:   http://%s/metrics\n", a)
+	}
 	<-ctx.Done()
 	return srv.Close()
 }

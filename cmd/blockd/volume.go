@@ -54,11 +54,11 @@ func init() {
 	register(&cli.Command{
 		Name:  "volume",
 		Usage: "create, inspect, resize, delete and promote volumes (talks to the master)",
-		Subcommands: []*cli.Command{
+		Subcommands: append([]*cli.Command{
 			{Name: "create", Usage: "create a volume", ArgsUsage: "NAME --size SIZE [--rf N] [--durability MODE] [--preset NAME] [--wal-size SIZE]",
 				Flags: volClientFlags(append(volPolicyFlags(), allowFlag())...), Action: volumeCmd(volCreate)},
 			{Name: "list", Usage: "list volumes", Flags: volClientFlags(), Action: volumeCmd(volListCmd)},
-			{Name: "info", Usage: "show one volume", ArgsUsage: "NAME", Flags: volClientFlags(), Action: volumeCmd(volInfo)},
+			{Name: "info", Usage: "show one volume", ArgsUsage: "NAME [--watch]", Flags: volClientFlags(watchFlags()...), Action: volumeCmd(volInfo)},
 			{Name: "delete", Usage: "delete a volume (servers drop its data)", ArgsUsage: "NAME", Flags: volClientFlags(), Action: volumeCmd(volDelete)},
 			{Name: "expand", Usage: "grow a volume", ArgsUsage: "NAME --size SIZE",
 				Flags: volClientFlags(&cli.StringFlag{Name: "size", Usage: "new size (human units); may only grow"}), Action: volumeCmd(volExpand)},
@@ -76,7 +76,7 @@ func init() {
 					&cli.StringFlag{Name: "target", Usage: "server ID to promote (default: the best candidate)"},
 					&cli.BoolFlag{Name: "force", Usage: "bypass soft gates (lag, not in sync, lower LSN, live primary); hard gates still hold"},
 				), Action: volumeCmd(volPromote)},
-		},
+		}, imageCommands()...),
 	})
 }
 
@@ -91,10 +91,20 @@ type volCtx struct {
 }
 
 func volumeCmd(fn func(*volCtx) error) cli.ActionFunc {
+	return clientCmd("volume ", fn)
+}
+
+// clientCmd is the setup every master client command shares (output
+// format, timeouts, the client); errors are prefixed with prefix and the
+// command's name.
+func clientCmd(prefix string, fn func(*volCtx) error) cli.ActionFunc {
 	return func(c *cli.Context) error {
-		name := "volume " + c.Command.Name
+		name := commandPath(c)
+		if prefix == "" { // a top-level command (status)
+			name = c.Command.Name
+		}
 		args := c.Args().Slice()
-		switch o := c.String("output"); o {
+		switch o := c.String("o"); o {
 		case "", "text", "json":
 		default:
 			return fmt.Errorf("%s: -o %s: unknown output format (json, or text by default)", name, api.QuoteName(o))
@@ -115,7 +125,7 @@ func volumeCmd(fn func(*volCtx) error) cli.ActionFunc {
 		}
 		cl.AnswerTimeout = c.Duration("timeout")
 		cl.RetryFor = c.Duration("wait")
-		v := &volCtx{c: c, args: args, cl: cl, ctx: c.Context, json: c.String("output") == "json", out: c.App.Writer}
+		v := &volCtx{c: c, args: args, cl: cl, ctx: c.Context, json: c.String("o") == "json", out: c.App.Writer}
 		if err := fn(v); err != nil {
 			var ue *api.UnreachableError
 			if errors.As(err, &ue) && !ue.MaybeApplied {
@@ -233,6 +243,9 @@ func (v *volCtx) printInfo(i *api.VolumeInfo) error {
 			member = " (in acting set)"
 		}
 		fmt.Fprintf(w, "replica:\t%s %s flushed_lsn=%d addr=%s%s\n", r.ServerID, r.State, r.FlushedLSN, r.Addr, member)
+		if p := r.Progress; p != nil {
+			fmt.Fprintf(w, "\t  %s %s (--watch follows it)\n", p.Kind, progressSummary(p))
+		}
 	}
 	fmt.Fprintf(w, "acting set:\t%s\n", volList(i.ActingSet))
 	fmt.Fprintf(w, "stale:\t%s\n", volList(i.Stale))
@@ -276,6 +289,14 @@ func volCreate(v *volCtx) error {
 	}
 	info, err := v.cl.CreateVolume(v.ctx, req)
 	if err != nil {
+		var ae *api.Error
+		if v.json && errors.As(err, &ae) && len(ae.Placement) > 0 {
+			// The refusal with every server's reason, for scripts; the
+			// one-line reason still goes to stderr.
+			_ = v.emitJSON(struct {
+				Error *api.Error `json:"error"`
+			}{ae})
+		}
 		return err
 	}
 	return v.printInfo(info)
@@ -344,6 +365,12 @@ func volInfo(v *volCtx) error {
 	if err != nil {
 		return err
 	}
+	if v.c.Bool("watch") {
+		if v.json {
+			return errors.New("--watch draws for people; use -o json without --watch (once per call) for scripts")
+		}
+		return volWatch(v, name)
+	}
 	info, err := v.cl.VolumeInfo(v.ctx, name)
 	if err != nil {
 		return err
@@ -364,25 +391,6 @@ func volDelete(v *volCtx) error {
 	}
 	fmt.Fprintf(v.out, "deleted %s\n", name)
 	return nil
-}
-
-func volExpand(v *volCtx) error {
-	name, err := v.name(false)
-	if err != nil {
-		return err
-	}
-	if v.c.String("size") == "" {
-		return errors.New("--size is required")
-	}
-	sz, err := volParseSize("size", v.c.String("size"), 0)
-	if err != nil {
-		return err
-	}
-	info, err := v.cl.ExpandVolume(v.ctx, name, sz)
-	if err != nil {
-		return err
-	}
-	return v.printInfo(info)
 }
 
 func volPrintWarnings(w io.Writer, ws []api.Warning, es []api.Error) {

@@ -16,9 +16,9 @@ const module = "github.com/blockd/blockd"
 // "*" allows anything (the CLI and test/benchmark programs).
 var allowed = map[string][]string{
 	"cmd/blockd":        {"*"},
-	"server":            {"replication", "blockvol", "nbd", "ublk", "api", "blockdev", "vfs", "tlsauth"},
+	"server":            {"replication", "blockvol", "nbd", "ublk", "api", "blockdev", "vfs", "tlsauth", "image"},
 	"master":            {"api", "tlsauth", "vfs"},
-	"csi":               {"api", "nbd/kernel"},
+	"csi":               {"api", "nbd/kernel", "tlsauth"},
 	"replication":       {"blockvol", "wal", "blockdev", "vfs"},
 	"blockvol":          {"wal", "vfs", "blockdev"},
 	"nbd":               {"blockdev", "nbd/wire"},
@@ -30,6 +30,7 @@ var allowed = map[string][]string{
 	"api":               {},
 	"tlsauth":           {},
 	"wal":               {},
+	"image":             {},
 	"vfs":               {},
 	"blockdev":          {},
 	"internal/testenv":  {},

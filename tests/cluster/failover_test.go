@@ -234,7 +234,7 @@ func TestServeEmbedsMaster(t *testing.T) {
 	dir := t.TempDir()
 	apiAddr, nbdAddr := freePort(t), freePort(t)
 	p := &proc{name: "serve", log: filepath.Join(dir, "serve.log"),
-		args: []string{"serve", "--data", filepath.Join(dir, "data"), "--api", apiAddr, "--nbd", nbdAddr}}
+		args: []string{"serve", "--log-file", "-", "--data", filepath.Join(dir, "data"), "--api", apiAddr, "--nbd", nbdAddr}}
 	p.start(t)
 	defer p.kill9()
 	client := api.NewClient([]string{apiAddr})

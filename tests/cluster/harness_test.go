@@ -23,23 +23,7 @@ import (
 
 var blockdBin string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "blockd-cluster-bin")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	blockdBin = filepath.Join(dir, "blockd")
-	cmd := exec.Command("go", "build", "-o", blockdBin, "github.com/blockd/blockd/cmd/blockd")
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build blockd:", err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(testenv.MainWithBlockd(m, &blockdBin)) }
 
 // freePort returns a loopback address nobody listens on right now.
 func freePort(t *testing.T) string { return testenv.FreeAddr(t) }
@@ -49,6 +33,7 @@ func freePort(t *testing.T) string { return testenv.FreeAddr(t) }
 type proc struct {
 	name string
 	args []string
+	env  []string // added to the environment (e.g. BLOCKD_VFS_FAULTS)
 	log  string
 	cmd  *exec.Cmd
 	done chan struct{}
@@ -63,6 +48,9 @@ func (p *proc) start(t *testing.T) {
 	}
 	fmt.Fprintf(f, "==== start %s %v\n", p.name, p.args)
 	p.cmd = exec.Command(blockdBin, p.args...)
+	if p.env != nil {
+		p.cmd.Env = append(os.Environ(), p.env...)
+	}
 	p.cmd.Stdout, p.cmd.Stderr = f, f
 	if err := p.cmd.Start(); err != nil {
 		f.Close()
@@ -118,6 +106,7 @@ type cluster struct {
 	mAPI    []string
 	servers map[string]*proc
 	nbd     map[string]string
+	http    map[string]string // each server's admin API (--http)
 	mu      sync.Mutex
 	client  *api.Client
 }
@@ -125,7 +114,7 @@ type cluster struct {
 func newCluster(t *testing.T) *cluster {
 	testenv.RequireTool(t, "qemu-io")
 	testenv.RequireTool(t, "nbdsh")
-	c := &cluster{t: t, dir: t.TempDir(), servers: map[string]*proc{}, nbd: map[string]string{}}
+	c := &cluster{t: t, dir: t.TempDir(), servers: map[string]*proc{}, nbd: map[string]string{}, http: map[string]string{}}
 	t.Cleanup(func() {
 		for _, s := range c.servers {
 			s.signal(syscall.SIGCONT)
@@ -180,12 +169,13 @@ func (c *cluster) startServer(id string) *proc {
 	c.mu.Lock()
 	s := c.servers[id]
 	if s == nil {
-		nbdAddr := freePort(c.t)
+		nbdAddr, httpAddr := freePort(c.t), freePort(c.t)
 		s = &proc{name: id, log: filepath.Join(c.dir, id+".log"),
 			args: []string{"server", "--id", id, "--data", filepath.Join(c.dir, id),
-				"--master", strings.Join(c.mAPI, ","), "--listen", freePort(c.t), "--nbd", nbdAddr}}
+				"--master", strings.Join(c.mAPI, ","), "--listen", freePort(c.t), "--nbd", nbdAddr, "--http", httpAddr}}
 		c.servers[id] = s
 		c.nbd[id] = nbdAddr
+		c.http[id] = httpAddr
 	}
 	c.mu.Unlock()
 	s.start(c.t)
@@ -206,15 +196,7 @@ func (c *cluster) startServer(id string) *proc {
 
 func (c *cluster) waitFor(what string, d time.Duration, cond func() error) {
 	c.t.Helper()
-	deadline := time.Now().Add(d)
-	var err error
-	for time.Now().Before(deadline) {
-		if err = cond(); err == nil {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	c.t.Fatalf("timed out after %v waiting for %s: %v", d, what, err)
+	testenv.WaitFor(c.t, what, d, cond)
 }
 
 // cli runs a blockd client command against the masters.

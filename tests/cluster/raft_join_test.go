@@ -27,7 +27,7 @@ func TestServeRefusesUnsafeRaftJoin(t *testing.T) {
 	dir := t.TempDir()
 	apiAddr, nbdAddr := freePort(t), freePort(t)
 	p := &proc{name: "serve", log: filepath.Join(dir, "serve.log"),
-		args: []string{"serve", "--data", filepath.Join(dir, "data"), "--api", apiAddr, "--nbd", nbdAddr}}
+		args: []string{"serve", "--log-file", "-", "--data", filepath.Join(dir, "data"), "--api", apiAddr, "--nbd", nbdAddr}}
 	defer func() {
 		if t.Failed() {
 			b, _ := os.ReadFile(p.log)

@@ -73,12 +73,12 @@ func startTLSCluster(t *testing.T) *tlsCluster {
 		return nil
 	})
 	for _, id := range []string{"s1", "s2"} {
-		nbdAddr, repl := freePort(t), freePort(t)
+		nbdAddr, repl, httpAddr := freePort(t), freePort(t), freePort(t)
 		s := &proc{name: id, log: filepath.Join(c.dir, id+".log"),
-			args: append([]string{"server", "--id", id, "--data", filepath.Join(c.dir, id), "--master", api1, "--listen", repl, "--nbd", nbdAddr},
-				tlsArgs(filepath.Join(c.pki, "servers", id), "server")...)}
+			args: append([]string{"server", "--id", id, "--data", filepath.Join(c.dir, id), "--master", api1, "--listen", repl, "--nbd", nbdAddr,
+				"--http", httpAddr}, tlsArgs(filepath.Join(c.pki, "servers", id), "server")...)}
 		s.start(t)
-		c.servers[id], c.nbd[id], c.repl[id] = s, nbdAddr, repl
+		c.servers[id], c.nbd[id], c.repl[id], c.http[id] = s, nbdAddr, repl, httpAddr
 	}
 	c.waitFor("servers registered over TLS", 30*time.Second, func() error {
 		srvs, err := c.client.Servers(context.Background())
@@ -328,7 +328,7 @@ func TestServeTLS(t *testing.T) {
 	}
 	apiAddr, nbdAddr := freePort(t), freePort(t)
 	p := &proc{name: "serve", log: filepath.Join(dir, "serve.log"),
-		args: append([]string{"serve", "--data", filepath.Join(dir, "data"), "--api", apiAddr, "--nbd", nbdAddr, "--volume", "vol0:64MiB"},
+		args: append([]string{"serve", "--log-file", "-", "--data", filepath.Join(dir, "data"), "--api", apiAddr, "--nbd", nbdAddr, "--volume", "vol0:64MiB"},
 			tlsArgs(filepath.Join(pki, "servers", "local"), "server")...)}
 	p.start(t)
 	defer p.kill9()

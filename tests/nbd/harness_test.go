@@ -85,7 +85,7 @@ func (s *server) start() {
 	t := s.t
 	t.Helper()
 	s.addr, s.apiAddr = freePort(t), freePort(t)
-	s.cmd = exec.Command(blockdBin, "serve", "--data", s.dataDir, "--nbd", s.addr, "--api", s.apiAddr,
+	s.cmd = exec.Command(blockdBin, "serve", "--log-file", "-", "--data", s.dataDir, "--nbd", s.addr, "--api", s.apiAddr,
 		"--volume", fmt.Sprintf("vol0:%d", volSize))
 	s.log = &bytes.Buffer{}
 	s.cmd.Stdout, s.cmd.Stderr = s.log, s.log

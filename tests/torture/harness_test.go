@@ -20,23 +20,7 @@ import (
 
 var blockdBin string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "blockd-torture-bin")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	blockdBin = filepath.Join(dir, "blockd")
-	cmd := exec.Command("go", "build", "-o", blockdBin, "github.com/blockd/blockd/cmd/blockd")
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build blockd:", err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(testenv.MainWithBlockd(m, &blockdBin)) }
 
 func freeAddr(t testing.TB) string { return testenv.FreeAddr(t) }
 
@@ -289,25 +273,11 @@ func (c *cluster) ids() []string {
 
 func (c *cluster) waitFor(what string, d time.Duration, cond func() error) {
 	c.t.Helper()
-	if err := waitUntil(d, cond); err != nil {
-		c.t.Fatalf("timed out after %v waiting for %s: %v", d, what, err)
-	}
+	testenv.WaitFor(c.t, what, d, cond)
 }
 
 // waitUntil polls cond until it returns nil or d has passed.
-func waitUntil(d time.Duration, cond func() error) error {
-	deadline := time.Now().Add(d)
-	for {
-		err := cond()
-		if err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return err
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
+func waitUntil(d time.Duration, cond func() error) error { return testenv.WaitUntil(d, cond) }
 
 func (c *cluster) info(vol string) (*api.VolumeInfo, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"sync/atomic"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -39,6 +40,7 @@ const (
 const (
 	featSingleMmap  = 1 << 0 // IORING_FEAT_SINGLE_MMAP
 	enterGetEvents  = 1 << 0 // IORING_ENTER_GETEVENTS
+	enterExtArg     = 1 << 3 // IORING_ENTER_EXT_ARG (Linux >= 5.11)
 	offSQRing       = 0
 	offCQRing       = 0x8000000
 	offSQEs         = 0x10000000
@@ -128,7 +130,27 @@ type Ring struct {
 	cqes      unsafe.Pointer
 
 	tail uint32 // local SQ tail: SQEs prepared, published on Submit
+
+	// wait is the argument of a bounded io_uring_enter; it lives in the
+	// (heap-allocated, never moved) Ring because the kernel follows the
+	// timespec pointer stored inside it.
+	wait struct {
+		arg geteventsArg
+		ts  unix.Timespec
+	}
 }
+
+// geteventsArg is struct io_uring_getevents_arg.
+type geteventsArg struct {
+	sigmask   uint64
+	sigmaskSz uint32
+	minWait   uint32
+	ts        uint64
+}
+
+// ErrTimeout is returned by WaitCQETimeout when no completion arrived in
+// time (the operations stay in flight).
+var ErrTimeout = errors.New("uring: no completion before the timeout")
 
 // ErrRingFull is returned by GetSQE's callers when no SQE is free.
 var ErrRingFull = errors.New("uring: submission queue full")
@@ -312,6 +334,35 @@ func (r *Ring) WaitCQE() (CQE, error) {
 		}
 		if _, err := r.Submit(1); err != nil {
 			return CQE{}, err
+		}
+	}
+}
+
+// WaitCQETimeout is WaitCQE bounded by d: it submits pending SQEs and
+// returns ErrTimeout if no completion is available within d. An operation
+// still in flight then completes later (or is cancelled when the ring is
+// closed).
+func (r *Ring) WaitCQETimeout(d time.Duration) (CQE, error) {
+	deadline := time.Now().Add(d)
+	for {
+		if c, ok := r.PeekCQE(); ok {
+			r.SeenCQE()
+			return c, nil
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			return CQE{}, ErrTimeout
+		}
+		atomic.StoreUint32(r.sqTail, r.tail)
+		toSubmit := r.tail - atomic.LoadUint32(r.sqHead)
+		r.wait.ts = unix.NsecToTimespec(left.Nanoseconds())
+		r.wait.arg = geteventsArg{ts: uint64(uintptr(unsafe.Pointer(&r.wait.ts)))}
+		_, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(toSubmit), 1,
+			enterGetEvents|enterExtArg, uintptr(unsafe.Pointer(&r.wait.arg)), unsafe.Sizeof(r.wait.arg))
+		switch errno {
+		case 0, syscall.EINTR, syscall.ETIME:
+		default:
+			return CQE{}, fmt.Errorf("uring: io_uring_enter: %w", errno)
 		}
 	}
 }

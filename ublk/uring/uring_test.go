@@ -6,12 +6,16 @@ import (
 	"os"
 	"syscall"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
 
 func TestLayout(t *testing.T) {
+	if got := unsafe.Sizeof(geteventsArg{}); got != 24 {
+		t.Fatalf("io_uring_getevents_arg is %d bytes, want 24", got)
+	}
 	if got := unsafe.Sizeof(params{}); got != paramsSizeBytes {
 		t.Fatalf("io_uring_params is %d bytes, want %d", got, paramsSizeBytes)
 	}
@@ -95,26 +99,34 @@ func TestNopRoundTrip(t *testing.T) {
 	}
 }
 
-// TestReadWakeup is the pattern the ublk queue loop uses to be woken by
-// worker goroutines: an IORING_OP_READ on an eventfd.
-func TestReadWakeup(t *testing.T) {
-	r := newRing(t, 8, SetupSQE128)
+// prepEventfdRead prepares an 8-byte IORING_OP_READ of a new eventfd into
+// a new mmapped buffer (both released when the test ends).
+func prepEventfdRead(t *testing.T, r *Ring, userData uint64) (int, []byte) {
+	t.Helper()
 	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer unix.Close(efd)
+	t.Cleanup(func() { unix.Close(efd) })
 	buf, err := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer unix.Munmap(buf)
+	t.Cleanup(func() { unix.Munmap(buf) })
 	s := r.GetSQE()
 	s.Opcode = OpRead
 	s.Fd = int32(efd)
 	s.Addr = uint64(uintptr(unsafe.Pointer(&buf[0])))
 	s.Len = 8
-	s.UserData = 77
+	s.UserData = userData
+	return efd, buf
+}
+
+// TestReadWakeup is the pattern the ublk queue loop uses to be woken by
+// worker goroutines: an IORING_OP_READ on an eventfd.
+func TestReadWakeup(t *testing.T) {
+	r := newRing(t, 8, SetupSQE128)
+	efd, buf := prepEventfdRead(t, r, 77)
 	if _, err := r.Submit(0); err != nil {
 		t.Fatal(err)
 	}
@@ -128,6 +140,31 @@ func TestReadWakeup(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c.UserData != 77 || c.Res != 8 || binary.LittleEndian.Uint64(buf) != 3 {
+		t.Fatalf("cqe %+v value %d", c, binary.LittleEndian.Uint64(buf))
+	}
+}
+
+// TestWaitCQETimeout: a read of an empty eventfd does not complete, so the
+// bounded wait returns ErrTimeout instead of blocking; once the eventfd is
+// written, the same read completes.
+func TestWaitCQETimeout(t *testing.T) {
+	r := newRing(t, 8, SetupSQE128)
+	efd, buf := prepEventfdRead(t, r, 9)
+	t0 := time.Now()
+	if _, err := r.WaitCQETimeout(50 * time.Millisecond); !errors.Is(err, ErrTimeout) {
+		t.Fatalf("wait on a read that cannot complete: %v, want ErrTimeout", err)
+	}
+	t.Logf("timed out after %v", time.Since(t0))
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], 5)
+	if _, err := unix.Write(efd, b[:]); err != nil {
+		t.Fatal(err)
+	}
+	c, err := r.WaitCQETimeout(time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.UserData != 9 || c.Res != 8 || binary.LittleEndian.Uint64(buf) != 5 {
 		t.Fatalf("cqe %+v value %d", c, binary.LittleEndian.Uint64(buf))
 	}
 }

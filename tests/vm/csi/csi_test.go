@@ -2,8 +2,9 @@
 // (tests/vm/vmtest), where the kernel nbd driver exists: a master, a
 // volume server and `blockd csi --mode both` in the guest; the
 // Kubernetes CSI sanity suite (csi/sanity_test.go, built as a static test
-// binary) with its node service tests; then an end-to-end life of a volume
-// through the driver (csie2e).
+// binary) with its node service tests, snapshots and clones included;
+// then an end-to-end life of a volume through the driver (csie2e), with a
+// snapshot and volumes made from it.
 package csi
 
 import (
@@ -62,13 +63,13 @@ waitfor() { # waitfor SECONDS CMD...
 		sleep 0.1
 	done
 }
-dump() { for f in /tmp/master.log /tmp/server.log /tmp/csi.log; do echo "==== $f"; tail -n 150 $f; done; }
+dump() { for f in /tmp/master.log /tmp/server.log /tmp/csi.log /tmp/tmaster.log /tmp/tserver.log /tmp/tcsi.log; do [ -f $f ] || continue; echo "==== $f"; tail -n 150 $f; done; }
 trap 'rc=$?; [ $rc = 0 ] || dump' EXIT
 
 M=127.0.0.1:9333
 blockd master --data /tmp/m --api $M --lease-ttl 3s >/tmp/master.log 2>&1 &
 waitfor 60 blockd volume list --master $M >/dev/null
-blockd server --id s1 --data /tmp/s1 --master $M --listen 127.0.0.1:9701 --nbd 127.0.0.1:10801 --capacity 1GiB >/tmp/server.log 2>&1 &
+blockd server --id s1 --data /tmp/s1 --master $M --listen 127.0.0.1:9701 --nbd 127.0.0.1:10801 --http 127.0.0.1:9780 --capacity 1GiB >/tmp/server.log 2>&1 &
 waitfor 60 sh -c "blockd volume list --master $M >/dev/null && grep -q server_registered /tmp/master.log"
 blockd csi --mode both --endpoint unix:///tmp/csi/csi.sock --node-id guest-node --master $M >/tmp/csi.log 2>&1 &
 CSI=$!
@@ -99,6 +100,22 @@ csie2e --endpoint unix:///tmp/csi/csi.sock --phase restart2
 noneattached
 kill $CSI; wait $CSI || true
 grep -c csi_volume_staged /tmp/csi.log
+
+# A TLS-only cluster (its NBD server refuses sessions without STARTTLS)
+# and a driver with a client certificate.
+blockd tls init --dir /tmp/pki --master m1 --server t1 --client node >/dev/null
+tlsflags() { echo "--tls-cert /tmp/pki/$1/$2-cert.pem --tls-key /tmp/pki/$1/$2-key.pem --tls-ca /tmp/pki/ca-cert.pem"; }
+T=127.0.0.1:9433
+blockd master --data /tmp/tm --api $T --lease-ttl 3s $(tlsflags masters/m1 server) >/tmp/tmaster.log 2>&1 &
+waitfor 60 grep -q leader_elected /tmp/tmaster.log
+blockd server --id t1 --data /tmp/t1 --master $T --listen 127.0.0.1:9711 --nbd 127.0.0.1:10811 --http 127.0.0.1:9781 --capacity 1GiB $(tlsflags servers/t1 server) >/tmp/tserver.log 2>&1 &
+waitfor 60 grep -q server_registered /tmp/tmaster.log
+blockd csi --mode both --endpoint unix:///tmp/tcsi/csi.sock --node-id guest-node --master $T $(tlsflags clients/node client) >/tmp/tcsi.log 2>&1 &
+TCSI=$!
+waitfor 30 test -S /tmp/tcsi/csi.sock
+csie2e --endpoint unix:///tmp/tcsi/csi.sock --phase tls
+noneattached
+kill $TCSI; wait $TCSI || true
 echo CSI-GUEST-OK
 `
 
@@ -121,7 +138,9 @@ func TestCSIInGuest(t *testing.T) {
 		t.Fatalf("guest script failed with exit code %d (console in the log above)", res.ExitCode)
 	}
 	for _, m := range []string{"SANITY-OK", "E2E-OK all", "E2E-OK restart1", "E2E-OK restart2", "CSI-GUEST-OK",
-		"expanded while mounted", "files intact across the driver restart"} {
+		"expanded while mounted", "files intact across the driver restart",
+		"snapshot clone: the files are there", "pvc-e2e-from-snap: staged", "pvc-e2e-from-vol: staged",
+		"E2E-OK tls", "tls: the volume's life over TLS"} {
 		if !strings.Contains(res.Console, m) {
 			t.Errorf("console lacks %q", m)
 		}

@@ -95,7 +95,7 @@ func guestServer(t *testing.T) server {
 		srv = server{
 			name:       "blockd serve",
 			binaries:   map[string]string{"/usr/local/bin/blockd": blockd},
-			cmd:        "blockd serve --data /tmp/bd --nbd 127.0.0.1:10809 --api 127.0.0.1:9333 --volume vol0:256MiB",
+			cmd:        "blockd serve --log-file - --data /tmp/bd --nbd 127.0.0.1:10809 --api 127.0.0.1:9333 --volume vol0:256MiB",
 			ready:      "blockd volume info --master 127.0.0.1:9333 --timeout 5s vol0",
 			attachArgs: "--master 127.0.0.1:9333",
 		}

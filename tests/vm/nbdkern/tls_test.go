@@ -29,7 +29,7 @@ func tlsServer(t *testing.T) server {
 	return server{
 		name:     "blockd serve (TLS)",
 		binaries: map[string]string{"/usr/local/bin/blockd": vmtest.BuildBlockd(t)},
-		cmd: "blockd serve --data /tmp/bd --nbd 127.0.0.1:10809 --api 127.0.0.1:9333 --volume vol0:256MiB" +
+		cmd: "blockd serve --log-file - --data /tmp/bd --nbd 127.0.0.1:10809 --api 127.0.0.1:9333 --volume vol0:256MiB" +
 			" --tls-cert " + d + "/server-cert.pem --tls-key " + d + "/server-key.pem --tls-ca " + d + "/ca-cert.pem",
 		ready:      "blockd volume info --master 127.0.0.1:9333 --timeout 5s vol0",
 		attachArgs: "--master 127.0.0.1:9333",

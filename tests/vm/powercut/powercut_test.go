@@ -110,7 +110,7 @@ mkfs.ext4 -q $DEV
 mkdir -p /data
 mount $DEV /data
 serve() {
-	blockd serve --data /data/blockd --nbd 127.0.0.1:10809 --api 127.0.0.1:9333 --volume vol0:32MiB >>/tmp/serve.log 2>&1 &
+	blockd serve --log-file - --data /data/blockd --nbd 127.0.0.1:10809 --api 127.0.0.1:9333 --volume vol0:32MiB >>/tmp/serve.log 2>&1 &
 	SRV=$!
 	pcclient wait
 }

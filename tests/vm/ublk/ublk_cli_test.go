@@ -23,7 +23,7 @@ func TestBlockdAttachUblk(t *testing.T) {
 		MemoryMiB: 2048,
 		Timeout:   8 * time.Minute,
 		Script: prelude + `
-blockd serve --data /tmp/bd --nbd 127.0.0.1:10809 --api 127.0.0.1:9333 --volume vol0:256MiB >/tmp/serve.log 2>&1 &
+blockd serve --log-file - --data /tmp/bd --nbd 127.0.0.1:10809 --api 127.0.0.1:9333 --volume vol0:256MiB >/tmp/serve.log 2>&1 &
 attached() { test -s /tmp/attach.out || ! kill -0 $ATT; }
 blockd attach ublk vol0 >/tmp/attach.out 2>/tmp/attach.log &
 ATT=$!

@@ -37,7 +37,7 @@ starts=0
 serve_up() { [ "$(grep -c 'blockd is serving volume' /tmp/serve.log)" -ge $starts ] || ! kill -0 $SERVE; }
 start_serve() {
 	starts=$((starts+1))
-	blockd serve --volume vol0:256MiB >>/tmp/serve.log 2>&1 &
+	blockd serve --log-file - --volume vol0:256MiB >>/tmp/serve.log 2>&1 &
 	SERVE=$!
 	waitfor 180 serve_up
 	kill -0 $SERVE || { echo "serve exited"; tail -n 40 /tmp/serve.log; exit 1; }
@@ -116,7 +116,7 @@ grep -q '"devices": \[\]' blockd-data/server/ublk.json && echo "server forgot th
 grep 'msg=ublk_deleted' /tmp/serve.log
 kill -TERM $SERVE; wait $SERVE
 echo "serve exited with $?"
-grep -E 'msg=ublk_(served|recovered|recovery_done|released|deleted)' /tmp/serve.log
+grep -E 'msg=ublk_(served|recovered|recovery_start|recovery_done|released|deleted)' /tmp/serve.log
 echo BLOCKD-SERVE-UBLK-OK
 `,
 	})
@@ -242,7 +242,7 @@ func BenchmarkServeHostedUblkVsNBD(b *testing.B) {
 			Timeout:   10 * time.Minute,
 			Script: prelude + `
 cd /tmp
-blockd serve --volume vol0:512MiB >/tmp/serve.log 2>&1 &
+blockd serve --log-file - --volume vol0:512MiB >/tmp/serve.log 2>&1 &
 SERVE=$!
 up() { grep -q 'blockd is serving volume' /tmp/serve.log || ! kill -0 $SERVE; }
 waitfor 180 up

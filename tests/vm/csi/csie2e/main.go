@@ -3,7 +3,9 @@
 // (tests/vm/csi): create, stage (attach over NBD, mkfs, mount), publish,
 // write files, unpublish, unstage (detach), stage again (the file system
 // is found, not remade), verify the files, expand (controller, then node:
-// the device and ext4 grow while mounted), stats, a read-only publish, a
+// the device and ext4 grow while mounted), stats, a snapshot of the mounted
+// volume and volumes made from it and from the volume (staged: the files
+// are there), a read-only publish, a
 // block-mode volume written through its published device, and clean
 // teardown. It prints E2E-OK at the end and exits non-zero at the first
 // failure.
@@ -24,13 +26,15 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 )
 
 func main() {
 	endpoint := flag.String("endpoint", "unix:///tmp/csi/csi.sock", "driver endpoint")
 	work := flag.String("work", "/tmp/e2e", "directory for staging and target paths")
-	phase := flag.String("phase", "all", "all | restart1 (stage, publish, write; the driver is then restarted) | restart2 (the new driver process finds the volume, unstages it)")
+	phase := flag.String("phase", "all", "all | restart1 (stage, publish, write; the driver is then restarted) | restart2 (the new driver process finds the volume, unstages it) | tls (a driver with a client certificate against a TLS-only cluster)")
 	flag.Parse()
 	var err error
 	switch *phase {
@@ -38,6 +42,8 @@ func main() {
 		err = run(*endpoint, *work)
 	case "restart1", "restart2":
 		err = restart(*endpoint, *work, *phase == "restart1")
+	case "tls":
+		err = tlsLife(*endpoint, *work)
 	default:
 		err = fmt.Errorf("unknown phase %q", *phase)
 	}
@@ -125,6 +131,71 @@ func restart(endpoint, work string, first bool) error {
 		return fmt.Errorf("delete: %w", err)
 	}
 	step("restart: %d files intact across the driver restart; unstaged by the new process", n)
+	return nil
+}
+
+// tlsLife: against a cluster that serves TLS only (the NBD server
+// refuses a session without STARTTLS), a driver with a client
+// certificate stages a volume (the kernel's socket proxied through TLS
+// by the keeper), writes files, expands it (the node asks the primary
+// for the size over NBD with TLS), snapshots it and stages a volume made
+// from the snapshot with the files there.
+func tlsLife(endpoint, work string) error {
+	conn, err := grpc.NewClient(endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	cc, nc := csi.NewControllerClient(conn), csi.NewNodeClient(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	rw := mountCap(csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER)
+	staging, target := filepath.Join(work, "tstaging"), filepath.Join(work, "ttarget")
+	if err := os.MkdirAll(staging, 0o755); err != nil {
+		return err
+	}
+	id := "pvc-tls"
+	if _, err := cc.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: id, VolumeCapabilities: []*csi.VolumeCapability{rw},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 32 << 20}, Parameters: map[string]string{"walSize": "4194304"}}); err != nil {
+		return fmt.Errorf("create: %w", err)
+	}
+	if _, err := nc.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: rw}); err != nil {
+		return fmt.Errorf("stage over TLS: %w", err)
+	}
+	if _, err := nc.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		TargetPath: target, VolumeCapability: rw}); err != nil {
+		return fmt.Errorf("publish: %w", err)
+	}
+	sums, err := writeFiles(target, 4)
+	if err != nil {
+		return err
+	}
+	if _, err := cc.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 48 << 20}, VolumeCapability: rw}); err != nil {
+		return fmt.Errorf("controller expand: %w", err)
+	}
+	if ne, err := nc.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: target, StagingTargetPath: staging,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 48 << 20}, VolumeCapability: rw}); err != nil || ne.CapacityBytes != 48<<20 {
+		return fmt.Errorf("node expand over TLS: %v %v", ne, err)
+	}
+	step("tls: staged, %d files written, expanded to 48 MiB", len(sums))
+	snapID, err := snapshotAndClone(ctx, cc, nc, work, id, target, sums)
+	if err != nil {
+		return fmt.Errorf("tls: %w", err)
+	}
+	if _, err := nc.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		return fmt.Errorf("unpublish: %w", err)
+	}
+	if _, err := nc.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		return fmt.Errorf("unstage: %w", err)
+	}
+	if _, err := cc.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: snapID}); err != nil {
+		return fmt.Errorf("delete snapshot: %w", err)
+	}
+	if _, err := cc.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		return fmt.Errorf("delete: %w", err)
+	}
+	step("tls: the volume's life over TLS, snapshot and clone included")
 	return nil
 }
 
@@ -245,6 +316,11 @@ func run(endpoint, work string) error {
 	}
 	step("stats: %d of %d bytes used, %d inodes used", st.Usage[0].Used, st.Usage[0].Total, st.Usage[1].Used)
 
+	snapID, err := snapshotAndClone(ctx, cc, nc, work, id, target, merge(sums, more))
+	if err != nil {
+		return err
+	}
+
 	// Read-only publish: writes fail with EROFS, reads work.
 	if err := unpublish(); err != nil {
 		return fmt.Errorf("unpublish: %w", err)
@@ -268,11 +344,113 @@ func run(endpoint, work string) error {
 	if err := unstage(); err != nil {
 		return fmt.Errorf("unstage: %w", err)
 	}
+	// The snapshot lives in its volume: deleting the volume first is
+	// refused, after the snapshot it goes.
+	if _, err := cc.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); status.Code(err) != codes.FailedPrecondition {
+		return fmt.Errorf("delete a volume that has a snapshot: %v, want FailedPrecondition", err)
+	}
+	if _, err := cc.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: snapID}); err != nil {
+		return fmt.Errorf("delete snapshot: %w", err)
+	}
 	if _, err := cc.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 		return fmt.Errorf("delete: %w", err)
 	}
+	step("deleted: the volume with a snapshot refused, then the snapshot and the volume")
 
 	return blockVolume(ctx, cc, nc, work)
+}
+
+// snapshotAndClone: a snapshot of the mounted volume src (its files
+// synced), a file written after it, then a volume from the snapshot and
+// one from the volume itself, each staged and published: the first holds
+// exactly the files of the snapshot, the second the later file too. It
+// returns the snapshot's ID; the clones are deleted.
+func snapshotAndClone(ctx context.Context, cc csi.ControllerClient, nc csi.NodeClient, work, src, srcTarget string, sums map[string][32]byte) (string, error) {
+	rw := mountCap(csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER)
+	unix.Sync()
+	sr, err := cc.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snapshot-e2e", SourceVolumeId: src})
+	if err != nil {
+		return "", fmt.Errorf("create snapshot: %w", err)
+	}
+	snap := sr.Snapshot
+	if !snap.ReadyToUse || snap.SourceVolumeId != src || snap.SizeBytes == 0 || snap.CreationTime == nil {
+		return "", fmt.Errorf("create snapshot answered %v", snap)
+	}
+	if again, err := cc.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snapshot-e2e", SourceVolumeId: src}); err != nil || again.Snapshot.SnapshotId != snap.SnapshotId {
+		return "", fmt.Errorf("create snapshot again (idempotent): %v %v", again, err)
+	}
+	ls, err := cc.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SourceVolumeId: src})
+	if err != nil || len(ls.Entries) != 1 || ls.Entries[0].Snapshot.SnapshotId != snap.SnapshotId {
+		return "", fmt.Errorf("list snapshots of %s: %v %v", src, ls, err)
+	}
+	step("snapshot %s of the mounted volume (%d bytes)", snap.SnapshotId, snap.SizeBytes)
+	later, err := writeFiles(srcTarget, 1)
+	if err != nil {
+		return "", fmt.Errorf("write after the snapshot: %w", err)
+	}
+
+	for _, c := range []struct {
+		name   string
+		source *csi.VolumeContentSource
+		want   map[string][32]byte
+		absent map[string][32]byte
+	}{
+		{"pvc-e2e-from-snap", &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
+			Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.SnapshotId}}}, sums, later},
+		{"pvc-e2e-from-vol", &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
+			Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: src}}}, merge(sums, later), nil},
+	} {
+		cv, err := cc.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: c.name, VolumeCapabilities: []*csi.VolumeCapability{rw},
+			Parameters: map[string]string{"walSize": "4194304"}, VolumeContentSource: c.source})
+		if err != nil {
+			return "", fmt.Errorf("create %s: %w", c.name, err)
+		}
+		id := cv.Volume.VolumeId
+		if cv.Volume.ContentSource == nil || cv.Volume.CapacityBytes != snap.SizeBytes {
+			return "", fmt.Errorf("create %s answered %v (want the content source and %d bytes)", c.name, cv.Volume, snap.SizeBytes)
+		}
+		staging, target := filepath.Join(work, c.name+"-staging"), filepath.Join(work, c.name+"-target")
+		if err := os.MkdirAll(staging, 0o755); err != nil {
+			return "", err
+		}
+		if _, err := nc.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: rw}); err != nil {
+			return "", fmt.Errorf("stage %s: %w", c.name, err)
+		}
+		if _, err := nc.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+			TargetPath: target, VolumeCapability: rw}); err != nil {
+			return "", fmt.Errorf("publish %s: %w", c.name, err)
+		}
+		if err := verifyFiles(target, c.want); err != nil {
+			return "", fmt.Errorf("%s: %w", c.name, err)
+		}
+		for name := range c.absent {
+			if _, err := os.Stat(filepath.Join(target, filepath.Base(name))); !os.IsNotExist(err) {
+				return "", fmt.Errorf("%s holds %s, written after the snapshot (%v)", c.name, filepath.Base(name), err)
+			}
+		}
+		// The copy is independent: a write to it leaves the source alone.
+		if _, err := writeFiles(target, 1); err != nil {
+			return "", fmt.Errorf("write to %s: %w", c.name, err)
+		}
+		if ls, err := cc.ListSnapshots(ctx, &csi.ListSnapshotsRequest{SourceVolumeId: id}); err != nil || len(ls.Entries) != 0 {
+			return "", fmt.Errorf("%s carries snapshots the CO did not ask for: %v %v", c.name, ls, err)
+		}
+		step("%s: staged, %d files there as at its source, %d absent, writable", c.name, len(c.want), len(c.absent))
+		if _, err := nc.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+			return "", fmt.Errorf("unpublish %s: %w", c.name, err)
+		}
+		if _, err := nc.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+			return "", fmt.Errorf("unstage %s: %w", c.name, err)
+		}
+		if _, err := cc.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+			return "", fmt.Errorf("delete %s: %w", c.name, err)
+		}
+	}
+	if err := verifyFiles(srcTarget, merge(sums, later)); err != nil {
+		return "", fmt.Errorf("the source after its clones: %w", err)
+	}
+	step("snapshot clone: the files are there")
+	return snap.SnapshotId, nil
 }
 
 // blockVolume: a raw block volume published as a device file; a pattern
