@@ -252,19 +252,21 @@ func payloadInfo(p wal.SnapshotPayload, lsn uint64) SnapshotInfo {
 // caller holds ioMu exclusively, so nothing new arrives): afterwards the
 // dirty map and zero set are empty and the extent is the volume's content.
 func (v *Volume) flushAllLocked() error {
-	for i := 0; ; i++ {
-		done := v.comp.doneRelaxed()
-		if v.ckptLSN.Load() >= done && v.dirty.len() == 0 && v.zeros.n.Load() == 0 {
-			return nil
-		}
+	flushed := func() bool {
+		return v.ckptLSN.Load() >= v.comp.doneRelaxed() && v.dirty.len() == 0 && v.zeros.n.Load() == 0
+	}
+	for i := 0; !flushed(); i++ {
 		progressed, err := v.flushCycle()
 		if err != nil {
 			return fmt.Errorf("flush to the extent: %w", ioError(err))
 		}
-		if !progressed && i > 0 && v.ckptLSN.Load() < done {
-			return fmt.Errorf("flush to the extent: no progress at checkpoint LSN %d of %d: %w", v.ckptLSN.Load(), done, blockdev.ErrIO)
+		// The background flusher may have done the work meanwhile.
+		if !progressed && i > 0 && !flushed() {
+			return fmt.Errorf("flush to the extent: no progress at checkpoint LSN %d of %d (%d dirty blocks, %d zero ranges): %w",
+				v.ckptLSN.Load(), v.comp.doneRelaxed(), v.dirty.len(), v.zeros.n.Load(), blockdev.ErrIO)
 		}
 	}
+	return nil
 }
 
 // snapshotCreateLocked creates the snapshot info with record rec (its LSN
@@ -368,8 +370,16 @@ func (v *Volume) DeleteSnapshot(name string) error {
 // the file removed.
 func (v *Volume) snapshotDeleteLocked(s *snapshot, rec wal.Record, fixed bool, origin string) error {
 	held := s.heldBytes()
-	v.flushMu.Lock()
+	// The bulk of the copy runs with the flusher going (s's entries do
+	// not change, and the previous snapshot reads the same either way);
+	// only what the flusher added to s meanwhile is copied with it
+	// paused, so writers do not wait for a long merge.
 	merged, err := v.mergeIntoOlder(s)
+	if err != nil {
+		return err
+	}
+	v.flushMu.Lock()
+	more, err := v.mergeIntoOlder(s)
 	if err == nil {
 		s.merged.Store(true)
 	}
@@ -377,6 +387,7 @@ func (v *Volume) snapshotDeleteLocked(s *snapshot, rec wal.Record, fixed bool, o
 	if err != nil {
 		return err
 	}
+	merged += more
 	undo := func() {
 		v.flushMu.Lock()
 		s.merged.Store(false)
@@ -435,8 +446,8 @@ func (v *Volume) commitDelete(s *snapshot, list []*snapshot) error {
 
 // mergeIntoOlder copies the blocks s holds that the snapshot before it
 // lacks (and that lie inside that snapshot's size) into it: after that
-// the older one reads the same without s. Idempotent. The caller holds
-// flushMu (or is recovery), so no flush adds to s meanwhile.
+// the older one reads the same without s. Idempotent; safe with the
+// flusher running (it only adds to s, or to both once s is merged).
 func (v *Volume) mergeIntoOlder(s *snapshot) (int, error) {
 	list := v.snapList()
 	i := slices.Index(list, s)
