@@ -190,7 +190,7 @@ func (c *cluster) addNamespacedServer(id string, viaProxy bool) {
 		extra = []string{"--advertise", px.addr()}
 	}
 	args := append([]string{"server", "--id", id, "--data", filepath.Join(c.dir, id), "--master", master,
-		"--listen", listen, "--nbd", net.JoinHostPort(ip, "10809")}, extra...)
+		"--listen", listen, "--nbd", net.JoinHostPort(ip, "10809"), "--insecure"}, extra...)
 	c.servers[id] = &proc{name: id, log: filepath.Join(c.dir, id+".log"), args: args, prefix: c.lab.exec(id)}
 	c.nbd[id] = net.JoinHostPort(ip, "10809")
 }

@@ -40,6 +40,9 @@ func (c *cluster) startMasters(n int, leaseTTL time.Duration) {
 		if n > 1 {
 			args = append(args, "--raft", c.mRaft[i], "--peers", strings.Join(peers, ","))
 		}
+		if c.lab != nil {
+			args = append(args, "--insecure") // the bridge address is not loopback
+		}
 		name := fmt.Sprintf("master%d", i)
 		if n == 1 {
 			name = "master"
