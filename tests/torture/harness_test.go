@@ -289,14 +289,13 @@ func (c *cluster) cli(args ...string) (string, error) {
 	return string(out), nil
 }
 
-// proxy is a TCP relay that can delay its traffic, be cut, and be pointed
-// at a new target.
+// proxy is a TCP relay that can delay its traffic (the replication links;
+// the links to the masters are masterProxy's).
 type proxy struct {
 	ln     net.Listener
 	mu     sync.Mutex
 	target string
 	delay  time.Duration
-	cut    bool // refuse and drop everything until healed
 	conns  map[net.Conn]struct{}
 	closed bool
 }
@@ -318,17 +317,6 @@ func newProxyOn(t testing.TB, host, target string) *proxy {
 
 func (p *proxy) addr() string { return p.ln.Addr().String() }
 
-// setCut cuts the link (every relayed connection closed, new ones
-// refused) or heals it.
-func (p *proxy) setCut(cut bool) {
-	p.mu.Lock()
-	p.cut = cut
-	p.mu.Unlock()
-	if cut {
-		p.reset()
-	}
-}
-
 // setDelay delays every chunk relayed from now on, both ways.
 func (p *proxy) setDelay(d time.Duration) {
 	p.mu.Lock()
@@ -349,12 +337,8 @@ func (p *proxy) accept() {
 			return
 		}
 		p.mu.Lock()
-		target, cut := p.target, p.cut
+		target := p.target
 		p.mu.Unlock()
-		if cut {
-			c.Close()
-			continue
-		}
 		u, err := net.DialTimeout("tcp", target, 2*time.Second)
 		if err != nil {
 			c.Close()
