@@ -39,6 +39,8 @@ fuzz:
 
 # Every fuzz target in the tree (found by grep, so new ones are included)
 # for FUZZTIME each; new corpus entries are kept under testdata/fuzz.
+# FUZZTIME_FuzzReader=30m gives one target its own time, FUZZ_ONLY=A,B
+# runs only those, FUZZ_NICE=19 on a shared machine.
 fuzz-long:
 	FUZZTIME=$(FUZZTIME) GO=$(GO) bash scripts/fuzz-long.sh
 

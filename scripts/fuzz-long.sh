@@ -6,7 +6,9 @@
 # testdata/fuzz/NAME as usual).
 #
 #   FUZZTIME=30s bash scripts/fuzz-long.sh        # a quick pass
-#   FUZZ_ONLY=FuzzMasterAPI bash scripts/fuzz-long.sh
+#   FUZZ_ONLY=FuzzMasterAPI,FuzzReader bash scripts/fuzz-long.sh
+#   FUZZTIME=2m FUZZTIME_FuzzReader=10m bash scripts/fuzz-long.sh   # one target longer
+#   FUZZ_NICE=19 ...                           # on a shared machine
 set -u
 cd "$(dirname "$0")/.."
 GO=${GO:-go}
@@ -24,20 +26,24 @@ if [ -z "$targets" ]; then
 	exit 1
 fi
 while read -r dir name; do
-	if [ -n "${FUZZ_ONLY:-}" ] && [ "$name" != "$FUZZ_ONLY" ]; then
+	if [ -n "${FUZZ_ONLY:-}" ] && [[ ",$FUZZ_ONLY," != *",$name,"* ]]; then
 		continue
 	fi
 	pkg="$module/$dir"
-	echo "==== $pkg $name for $FUZZTIME"
+	ovr="FUZZTIME_$name"
+	ft=${!ovr:-$FUZZTIME}
+	echo "==== $pkg $name for $ft"
 	log=$(mktemp)
-	$GO test "./$dir" -run '^$' -fuzz "^${name}\$" -fuzztime "$FUZZTIME" 2>&1 | tee "$log"
+	began=$(date +%s)
+	nice -n "${FUZZ_NICE:-0}" $GO test "./$dir" -run '^$' -fuzz "^${name}\$" -fuzztime "$ft" 2>&1 | tee "$log"
 	rc=${PIPESTATUS[0]}
+	took=$(($(date +%s) - began))
 	execs=$(grep -oE 'execs: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+')
 	if [ "$rc" -ne 0 ]; then
 		failed=1
-		summary+=("$name ($dir): FAILED after ${execs:-?} execs (see testdata/fuzz/$name)")
+		summary+=("$name ($dir): FAILED after ${execs:-?} execs in ${took}s (see testdata/fuzz/$name)")
 	else
-		summary+=("$name ($dir): ok, ${execs:-?} execs, 0 panics")
+		summary+=("$name ($dir): ok, ${execs:-?} execs in ${took}s (fuzztime $ft), 0 panics")
 	fi
 	if [ "$KEEP_CORPUS" = 1 ] && [ -d "$cache/$pkg/$name" ]; then
 		mkdir -p "$dir/testdata/fuzz/$name"

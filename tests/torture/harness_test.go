@@ -93,28 +93,30 @@ func (p *proc) kill9() {
 type cluster struct {
 	t       testing.TB
 	dir     string
-	master  *proc
-	mAPI    string
+	masters []*proc
+	mAPIs   []string // each master's API address (its raft ID)
+	mRaft   []string // each master's raft address
+	mAPI    string   // mAPIs joined by commas (the CLI's --master)
 	client  *api.Client
 	mu      sync.Mutex
 	servers map[string]*proc
-	nbd     map[string]string // server ID -> the NBD address clients dial
-	proxies map[string]*proxy // server ID -> proxy in front of its replication listener, if any
-	mproxy  map[string]*proxy // server ID -> its proxy to the master, if any
-	lab     *netLab           // servers in network namespaces, if set
-	ports   map[string]int    // server ID -> port offset in its namespace (readdress)
+	nbd     map[string]string      // server ID -> the NBD address clients dial
+	proxies map[string]*proxy      // server ID -> proxy in front of its replication listener, if any
+	mproxy  map[string]*masterLink // server ID -> its proxies to the masters, if any
+	lab     *netLab                // servers in network namespaces, if set
+	ports   map[string]int         // server ID -> port offset in its namespace (readdress)
 }
 
 func newCluster(t testing.TB) *cluster {
-	c := &cluster{t: t, dir: t.TempDir(), servers: map[string]*proc{}, nbd: map[string]string{}, proxies: map[string]*proxy{}, mproxy: map[string]*proxy{}, ports: map[string]int{}}
+	c := &cluster{t: t, dir: t.TempDir(), servers: map[string]*proc{}, nbd: map[string]string{}, proxies: map[string]*proxy{}, mproxy: map[string]*masterLink{}, ports: map[string]int{}}
 	t.Cleanup(func() {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		for _, s := range c.servers {
 			s.kill9()
 		}
-		if c.master != nil {
-			c.master.kill9()
+		for _, m := range c.masters {
+			m.kill9()
 		}
 		if t.Failed() || os.Getenv("TORTURE_KEEP_LOGS") != "" {
 			c.saveLogs()
@@ -140,29 +142,9 @@ func (c *cluster) saveLogs() {
 	c.t.Logf("process logs saved in %s", out)
 }
 
-func (c *cluster) startMaster(leaseTTL time.Duration) {
-	c.mAPI = freeAddr(c.t)
-	if c.lab != nil {
-		// On the bridge, where the namespaced servers reach it.
-		_, port, _ := net.SplitHostPort(c.mAPI)
-		c.mAPI = net.JoinHostPort(c.lab.hostIP, port)
-	}
-	c.master = &proc{name: "master", log: filepath.Join(c.dir, "master.log"),
-		args: []string{"master", "--data", filepath.Join(c.dir, "master"), "--api", c.mAPI,
-			"--lease-ttl", leaseTTL.String()}}
-	c.master.start(c.t)
-	c.client = api.NewClient([]string{c.mAPI})
-	c.waitFor("master leader", 30*time.Second, func() error {
-		st, err := c.client.Status(context.Background(), c.mAPI)
-		if err != nil {
-			return err
-		}
-		if !st.IsLeader {
-			return fmt.Errorf("not leader yet (%s)", st.State)
-		}
-		return nil
-	})
-}
+// startMaster starts one master (lease TTL leaseTTL) and waits until it
+// leads; startMasters starts a raft cluster.
+func (c *cluster) startMaster(leaseTTL time.Duration) { c.startMasters(1, leaseTTL) }
 
 // addServer defines a server; with viaProxy its replication address and
 // its link to the master go through proxies the schedule can slow down or
@@ -178,9 +160,7 @@ func (c *cluster) addServer(id string, viaProxy bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if viaProxy {
-		mp := newProxy(c.t, c.mAPI)
-		c.mproxy[id] = mp
-		master = mp.addr()
+		master = c.masterLinks(id)
 	}
 	args := []string{"server", "--id", id, "--data", filepath.Join(c.dir, id),
 		"--master", master, "--listen", listen, "--nbd", nbdAddr}
@@ -204,15 +184,13 @@ func (c *cluster) addNamespacedServer(id string, viaProxy bool) {
 	master := c.mAPI
 	var extra []string
 	if viaProxy {
-		mp := newProxyOn(c.t, c.lab.hostIP, c.mAPI)
-		c.mproxy[id] = mp
-		master = mp.addr()
+		master = c.masterLinks(id)
 		px := newProxyOn(c.t, c.lab.hostIP, listen)
 		c.proxies[id] = px
 		extra = []string{"--advertise", px.addr()}
 	}
 	args := append([]string{"server", "--id", id, "--data", filepath.Join(c.dir, id), "--master", master,
-		"--listen", listen, "--nbd", net.JoinHostPort(ip, "10809")}, extra...)
+		"--listen", listen, "--nbd", net.JoinHostPort(ip, "10809"), "--insecure"}, extra...)
 	c.servers[id] = &proc{name: id, log: filepath.Join(c.dir, id+".log"), args: args, prefix: c.lab.exec(id)}
 	c.nbd[id] = net.JoinHostPort(ip, "10809")
 }
@@ -311,14 +289,13 @@ func (c *cluster) cli(args ...string) (string, error) {
 	return string(out), nil
 }
 
-// proxy is a TCP relay that can delay its traffic, be cut, and be pointed
-// at a new target.
+// proxy is a TCP relay that can delay its traffic (the replication links;
+// the links to the masters are masterProxy's).
 type proxy struct {
 	ln     net.Listener
 	mu     sync.Mutex
 	target string
 	delay  time.Duration
-	cut    bool // refuse and drop everything until healed
 	conns  map[net.Conn]struct{}
 	closed bool
 }
@@ -340,17 +317,6 @@ func newProxyOn(t testing.TB, host, target string) *proxy {
 
 func (p *proxy) addr() string { return p.ln.Addr().String() }
 
-// setCut cuts the link (every relayed connection closed, new ones
-// refused) or heals it.
-func (p *proxy) setCut(cut bool) {
-	p.mu.Lock()
-	p.cut = cut
-	p.mu.Unlock()
-	if cut {
-		p.reset()
-	}
-}
-
 // setDelay delays every chunk relayed from now on, both ways.
 func (p *proxy) setDelay(d time.Duration) {
 	p.mu.Lock()
@@ -371,12 +337,8 @@ func (p *proxy) accept() {
 			return
 		}
 		p.mu.Lock()
-		target, cut := p.target, p.cut
+		target := p.target
 		p.mu.Unlock()
-		if cut {
-			c.Close()
-			continue
-		}
 		u, err := net.DialTimeout("tcp", target, 2*time.Second)
 		if err != nil {
 			c.Close()

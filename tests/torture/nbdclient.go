@@ -201,3 +201,14 @@ func (c *Client) WriteAt(p []byte, off int64) error { return c.do(nbdCmdWrite, o
 
 // Flush asks for every completed write to be durable.
 func (c *Client) Flush() error { return c.do(nbdCmdFlush, 0, nil) }
+
+// Abort closes the connection at once, without a disconnect request.
+func (c *Client) Abort() error { return c.nc.Close() }
+
+// SendRead sends a read request and does not wait for the reply (the
+// caller aborts the connection with the request in flight).
+func (c *Client) SendRead(n uint32, off int64) error {
+	_ = c.nc.SetDeadline(time.Now().Add(c.timeout))
+	_, err := c.nc.Write(c.request(nbdCmdRead, uint64(off), n))
+	return err
+}

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"math/rand"
 	"os"
-	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -29,6 +28,9 @@ const (
 	faultFullDisk      fault = "full_disk"       // restart a replica on a disk that fills up (ENOSPC from vfs.ErrorFS), then normally
 	faultBadDisk       fault = "bad_disk"        // restart a replica on a disk with EIO on fsync or slow fsyncs (vfs.ErrorFS), then normally
 	faultPartition     fault = "partition"       // the primary's only link down (network namespaces): cut from master, replicas and clients
+	faultKillLeader    fault = "kill_leader"     // kill -9 of the master leader under load; restart it after a new leader is elected
+	faultLeaderPrimary fault = "leader_primary"  // kill -9 of the master leader, then of the primary: the failover happens while the old leader is down
+	faultReconnect     fault = "reconnect"       // NBD clients open and close connections in a tight loop while the others write
 )
 
 type tortureConfig struct {
@@ -40,6 +42,7 @@ type tortureConfig struct {
 	leaseTTL   time.Duration
 	rf         int
 	durability string
+	masters    int // 1 or 3 (a raft cluster); TORTURE_MASTERS overrides
 	faults     []fault
 	weights    []int
 }
@@ -56,7 +59,11 @@ type failover struct {
 
 type tortureStats struct {
 	kills, isolations, slowLinks, readdresses, promotes, fullDisks int
+	killsBy                                                        map[string]int // primary, replica, leader
 	failovers                                                      []failover
+	leaderKills                                                    []leaderKill
+	storms                                                         int
+	stormConns                                                     int64
 	notes                                                          []string
 }
 
@@ -86,8 +93,9 @@ func TestTortureShort(t *testing.T) {
 		clients:   4,
 		blocks:    32,
 		leaseTTL:  2 * time.Second,
-		faults:    []fault{faultKillPrimary, faultKillReplica, faultIsolatePrimry, faultSlowReplica},
-		weights:   []int{4, 1, 1, 1},
+		masters:   3,
+		faults:    []fault{faultKillPrimary, faultKillReplica, faultIsolatePrimry, faultSlowReplica, faultKillLeader, faultLeaderPrimary, faultReconnect},
+		weights:   []int{4, 1, 1, 1, 1, 1, 1},
 	}
 	runTorture(t, cfg)
 }
@@ -113,8 +121,10 @@ func TestTortureLong(t *testing.T) {
 		clients:   6,
 		blocks:    48,
 		leaseTTL:  2 * time.Second,
-		faults:    []fault{faultKillPrimary, faultKillReplica, faultSlowReplica, faultReaddress, faultPromoteRace, faultIsolatePrimry, faultFullDisk, faultBadDisk},
-		weights:   []int{4, 2, 2, 2, 2, 2, 1, 1},
+		masters:   3,
+		faults: []fault{faultKillPrimary, faultKillReplica, faultSlowReplica, faultReaddress, faultPromoteRace, faultIsolatePrimry, faultFullDisk, faultBadDisk,
+			faultKillLeader, faultLeaderPrimary, faultReconnect},
+		weights: []int{4, 2, 2, 2, 2, 2, 1, 1, 2, 2, 2},
 	}
 	runTorture(t, cfg)
 }
@@ -129,7 +139,29 @@ func runTorture(t *testing.T, cfg tortureConfig) {
 		}
 	}
 	known := map[fault]bool{faultKillPrimary: true, faultKillReplica: true, faultSlowReplica: true, faultReaddress: true,
-		faultPromoteRace: true, faultIsolatePrimry: true, faultFullDisk: true, faultBadDisk: true, faultPartition: true}
+		faultPromoteRace: true, faultIsolatePrimry: true, faultFullDisk: true, faultBadDisk: true, faultPartition: true,
+		faultKillLeader: true, faultLeaderPrimary: true, faultReconnect: true}
+	if s := os.Getenv("TORTURE_MASTERS"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || (n != 1 && n != 3) {
+			t.Fatalf("TORTURE_MASTERS=%q: want 1 or 3", s)
+		}
+		cfg.masters = n
+	}
+	if cfg.masters == 0 {
+		cfg.masters = 1
+	}
+	if cfg.masters == 1 {
+		// No leader to kill with one master.
+		var fs []fault
+		var ws []int
+		for i, f := range cfg.faults {
+			if f != faultKillLeader && f != faultLeaderPrimary {
+				fs, ws = append(fs, f), append(ws, cfg.weights[i])
+			}
+		}
+		cfg.faults, cfg.weights = fs, ws
+	}
 	for _, f := range cfg.faults {
 		if !known[f] {
 			t.Fatalf("unknown fault kind %q", f)
@@ -157,7 +189,7 @@ func runTorture(t *testing.T, cfg tortureConfig) {
 		cfg.faults = append(cfg.faults, faultPartition)
 		cfg.weights = append(cfg.weights, 3)
 	}
-	c.startMaster(cfg.leaseTTL)
+	c.startMasters(cfg.masters, cfg.leaseTTL)
 	for _, id := range ids {
 		c.addServer(id, true)
 		c.server(id).start(t)
@@ -200,12 +232,17 @@ func runTorture(t *testing.T, cfg tortureConfig) {
 	rec := newRecorder()
 	w := &workload{c: c, vol: vol, rec: rec, blocks: cfg.blocks, timeout: 10 * time.Second}
 	w.run(cfg.clients, cfg.seed)
-	st := &tortureStats{}
+	st := &tortureStats{killsBy: map[string]int{}}
 	began := time.Now()
-	nemesisErr := runSchedule(t, c, vol, rec, rng, cfg, st, began)
+	nemesisErr := runSchedule(t, c, vol, w, rng, cfg, st, began)
 	// Restart whatever the last fault left down and keep the load on
 	// until the volume is healthy again, so the last failover's outage
 	// is measured too.
+	for _, m := range c.masters {
+		if !m.running() {
+			m.start(t)
+		}
+	}
 	for _, id := range c.ids() {
 		if !c.server(id).running() {
 			c.server(id).start(t)
@@ -240,6 +277,12 @@ func runTorture(t *testing.T, cfg tortureConfig) {
 
 	for i := range st.failovers {
 		measureOutage(&st.failovers[i], history)
+	}
+	for i := range st.leaderKills {
+		measureLeaderKill(&st.leaderKills[i], history)
+		if st.leaderKills[i].flushGap < 0 {
+			t.Errorf("no durable write (flush) succeeded after master leader %s was killed and %s elected", st.leaderKills[i].killed, st.leaderKills[i].elected)
+		}
 	}
 	checkStart := time.Now()
 	res, err := Check(history, cfg.seed, ArtifactDir(), 3*time.Minute)
@@ -308,7 +351,8 @@ func jitter(rng *rand.Rand, lo, hi time.Duration) time.Duration {
 // runSchedule causes faults until enough failovers happened or the budget
 // is spent. Every decision comes from rng, so a seed replays the schedule
 // (the timing of the processes does not replay).
-func runSchedule(t *testing.T, c *cluster, vol string, rec *recorder, rng *rand.Rand, cfg tortureConfig, st *tortureStats, began time.Time) error {
+func runSchedule(t *testing.T, c *cluster, vol string, w *workload, rng *rand.Rand, cfg tortureConfig, st *tortureStats, began time.Time) error {
+	rec := w.rec
 	for len(st.failovers) < cfg.failovers && time.Since(began) < cfg.budget {
 		if err := waitUntil(90*time.Second, func() error { return c.healthy(vol) }); err != nil {
 			return fmt.Errorf("volume not healthy before fault %d: %w", st.kills+st.isolations+st.slowLinks, err)
@@ -333,6 +377,7 @@ func runSchedule(t *testing.T, c *cluster, vol string, rec *recorder, rng *rand.
 			rec.add(Op{Client: cfg.clients + 1, Kind: KindCrash, Call: fo.killAt, Return: rec.now(), Outcome: OK,
 				Note: fmt.Sprintf("%s %s", f, primary)})
 			st.kills++
+			st.killsBy["primary"]++
 			if f == faultPromoteRace {
 				// Race the master's own failover: promote the
 				// replica the schedule chose around the lease expiry.
@@ -409,10 +454,86 @@ func runSchedule(t *testing.T, c *cluster, vol string, rec *recorder, rng *rand.
 			if err := c.lab.setLink(primary, true); err != nil {
 				return err
 			}
+		case faultKillLeader:
+			// The volume must go on serving durable writes: the
+			// primary's lease is renewed by the new leader.
+			lk, li, err := killLeader(t, c, rec, f)
+			if err != nil {
+				return err
+			}
+			st.kills++
+			st.killsBy["leader"]++
+			if err := lk.waitElected(c, rec, li); err != nil {
+				return err
+			}
+			time.Sleep(jitter(rng, 0, 3*time.Second))
+			if after, err := c.info(vol); err == nil && after.Epoch != info.Epoch {
+				lk.epochMoved = true
+			}
+			st.leaderKills = append(st.leaderKills, lk)
+			c.masters[li].start(t)
+		case faultLeaderPrimary:
+			// The primary dies while the leader is down: the next
+			// leader (which never saw the primary's last lease) must
+			// wait it out and fail over correctly. Or the primary dies
+			// first and the leader is killed in the middle of the
+			// failover (during the lease wait, or as it promotes).
+			primaryFirst := rng.Intn(2) == 0
+			fo := failover{fault: f, from: primary}
+			killPrimary := func() {
+				fo.killAt = rec.now()
+				c.server(primary).kill9()
+				rec.add(Op{Client: cfg.clients + 1, Kind: KindCrash, Call: fo.killAt, Return: rec.now(), Outcome: OK,
+					Note: fmt.Sprintf("%s %s", f, primary)})
+				st.kills++
+				st.killsBy["primary"]++
+			}
+			if primaryFirst {
+				killPrimary()
+				time.Sleep(jitter(rng, 0, cfg.leaseTTL+time.Second))
+			}
+			lk, li, err := killLeader(t, c, rec, f)
+			if err != nil {
+				return err
+			}
+			st.kills++
+			st.killsBy["leader"]++
+			if primaryFirst {
+				st.notes = append(st.notes, fmt.Sprintf("%s: primary %s killed first, leader %s %s later (mid-failover)",
+					f, primary, lk.killed, time.Duration(lk.killAt-fo.killAt).Round(10*time.Millisecond)))
+			} else {
+				time.Sleep(jitter(rng, 0, 800*time.Millisecond))
+				killPrimary()
+			}
+			if err := lk.waitElected(c, rec, li); err != nil {
+				return err
+			}
+			restartEarly := rng.Intn(2) == 0 // the old leader back before or after the failover
+			if restartEarly {
+				c.masters[li].start(t)
+			}
+			to, err := waitPromoted(c, vol, primary, info.Epoch, 60*time.Second)
+			if err != nil {
+				return fmt.Errorf("no failover after %s (leader %s, primary %s): %w", f, lk.killed, primary, err)
+			}
+			fo.to, fo.promotedAt = to, rec.now()
+			st.failovers = append(st.failovers, fo)
+			st.leaderKills = append(st.leaderKills, lk)
+			time.Sleep(jitter(rng, 0, time.Second))
+			if !restartEarly {
+				c.masters[li].start(t)
+			}
+			c.server(primary).start(t)
+		case faultReconnect:
+			d := jitter(rng, 2*time.Second, 5*time.Second)
+			n := reconnectStorm(c, vol, w, rng, 3, d, cfg.clients+2)
+			st.storms++
+			st.stormConns += n
 		case faultKillReplica:
 			victim := replicas[rng.Intn(len(replicas))]
 			c.server(victim).kill9()
 			st.kills++
+			st.killsBy["replica"]++
 			time.Sleep(jitter(rng, 200*time.Millisecond, 2*time.Second))
 			c.server(victim).start(t)
 		case faultFullDisk, faultBadDisk:
@@ -420,6 +541,7 @@ func runSchedule(t *testing.T, c *cluster, vol string, rec *recorder, rng *rand.
 			p := c.server(victim)
 			p.kill9()
 			st.kills++
+			st.killsBy["replica"]++
 			st.fullDisks++
 			spec := fmt.Sprintf("write+allocate+truncate:*:enospc,after=%d", rng.Intn(400))
 			if f == faultBadDisk {
@@ -541,71 +663,4 @@ func mutateLoseFlushed(h []Op, final map[int64]uint64) ([]Op, int64, bool) {
 		}
 	}
 	return nil, 0, false
-}
-
-func summary(cfg tortureConfig, st *tortureStats, res Result, lost []int64, h []Op, ran, checked time.Duration, dials int64) string {
-	var b strings.Builder
-	counts := map[string]int{}
-	for _, op := range h {
-		counts[op.Kind.String()+"/"+op.Outcome.String()]++
-	}
-	var keys []string
-	for k := range counts {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	var cs []string
-	for _, k := range keys {
-		cs = append(cs, fmt.Sprintf("%s=%d", k, counts[k]))
-	}
-	lin := "yes"
-	if !res.Linearizable() {
-		lin = fmt.Sprintf("NO (%s, block %d, artifacts %s)", res.Verdict, res.BadBlock, res.Artifacts)
-	}
-	var maxW, maxF time.Duration
-	var ws []string
-	for _, fo := range st.failovers {
-		if fo.writeOutage > maxW {
-			maxW = fo.writeOutage
-		}
-		if fo.flushOutage > maxF {
-			maxF = fo.flushOutage
-		}
-		ws = append(ws, fmt.Sprintf("%s %s->%s write %s flush %s", fo.fault, fo.from, fo.to, dur(fo.writeOutage), dur(fo.flushOutage)))
-	}
-	fmt.Fprintf(&b, "TORTURE SUMMARY seed=%d (TORTURE_SEED=%d replays the schedule)\n", cfg.seed, cfg.seed)
-	fmt.Fprintf(&b, "  volume RF=%d %s; ran %v, checked in %v; faults: %v\n", cfg.rf, cfg.durability, ran.Round(time.Second), checked.Round(time.Millisecond), cfg.faults)
-	fmt.Fprintf(&b, "  failovers %d, kills %d, isolations %d, slow links %d, readdresses %d, racing promotes %d, full/bad disks %d, client dials %d\n",
-		len(st.failovers), st.kills, st.isolations, st.slowLinks, st.readdresses, st.promotes, st.fullDisks, dials)
-	fmt.Fprintf(&b, "  client operations %d (%s); per-block operations checked %d over %d blocks\n",
-		res.ClientOps, strings.Join(cs, " "), res.Ops, res.Blocks)
-	fmt.Fprintf(&b, "  acknowledged flushed writes lost: %d %v\n", len(lost), lost)
-	fmt.Fprintf(&b, "  linearizable: %s\n", lin)
-	fmt.Fprintf(&b, "  longest write unavailability after a failover fault: %s; longest flush unavailability: %s\n", dur(maxW), dur(maxF))
-	for i, s := range ws {
-		fmt.Fprintf(&b, "    failover %d: %s\n", i+1, s)
-	}
-	for _, n := range st.notes {
-		fmt.Fprintf(&b, "  note: %s\n", n)
-	}
-	return b.String()
-}
-
-func dur(d time.Duration) string {
-	if d < 0 {
-		return "never"
-	}
-	return d.Round(10 * time.Millisecond).String()
-}
-
-func saveSummary(seed int64, report string) string {
-	dir := ArtifactDir()
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return ""
-	}
-	p := filepath.Join(dir, fmt.Sprintf("summary-seed-%d.txt", seed))
-	if os.WriteFile(p, []byte(report), 0o644) != nil {
-		return ""
-	}
-	return p
 }
