@@ -193,24 +193,25 @@ func (d *Device) closeKeptRings() {
 // the process's main thread, and never unlocked: the thread ends when fn
 // returns. (Go cannot end the main thread: a locked goroutine that ends
 // there leaves the thread alive, so a queue's task would live on.)
-func goLocked(fn func()) {
-	go func() {
-		runtime.LockOSThread()
-		if !onMainThread() {
-			fn()
-			return
-		}
-		// This goroutine holds the main thread, so the one started here
-		// gets another thread; it locks that before this one lets go.
-		locked := make(chan struct{})
-		go func() {
-			runtime.LockOSThread()
-			close(locked)
-			fn()
-		}()
-		<-locked
-		runtime.UnlockOSThread()
-	}()
+func goLocked(fn func()) { go runLocked(fn, nil) }
+
+// runLocked is goLocked's goroutine: it locks its thread (then tells its
+// parent, which may let go of its own) and runs fn there, unless that is
+// the main thread; then it holds the main thread while a new goroutine,
+// which cannot get it, finds another.
+func runLocked(fn func(), locked chan<- struct{}) {
+	runtime.LockOSThread()
+	if locked != nil {
+		close(locked)
+	}
+	if !onMainThread() {
+		fn()
+		return
+	}
+	next := make(chan struct{})
+	go runLocked(fn, next)
+	<-next
+	runtime.UnlockOSThread()
 }
 
 // onMainThread reports whether the calling (locked) goroutine runs on the

@@ -2,6 +2,7 @@ package ublk
 
 import (
 	"errors"
+	"sync"
 	"testing"
 	"time"
 
@@ -54,14 +55,19 @@ func TestWaitThreadGone(t *testing.T) {
 	for _, handOff := range []bool{false, true} {
 		first := make(chan int, 1)
 		if handOff {
-			calls := 0
+			// The first thread asked plays the main thread from then on
+			// (as does the real one): fn must run on neither.
+			var mu sync.Mutex
+			fake := 0
 			onMainThread = func() bool {
-				calls++
-				if calls == 1 {
-					first <- unix.Gettid()
-					return true
+				tid := unix.Gettid()
+				mu.Lock()
+				defer mu.Unlock()
+				if fake == 0 {
+					fake = tid
+					first <- tid
 				}
-				return false
+				return tid == fake || tid == unix.Getpid()
 			}
 		}
 		tids := make(chan int)

@@ -39,7 +39,7 @@ cat /tmp/expand.out /tmp/expand.err
 test "$(wc -l </tmp/expand.out)" = 1
 grep -q 'expanded from 256 MiB to 512 MiB' /tmp/expand.out
 grep -q 'ublk' /tmp/expand.err
-waitfor 120 test "$(cat $SYS)" = 1048576 || { echo "device size $(cat $SYS)"; cat /tmp/attach.log; exit 1; }
+waitfor 120 sh -c "test \"\$(cat $SYS)\" = 1048576" || { echo "device size $(cat $SYS)"; cat /tmp/attach.log; exit 1; }
 echo "device grew to $(cat $SYS) sectors without a detach"
 kill -0 $KEEPER
 grep nbd_resized /tmp/attach.log

@@ -252,7 +252,7 @@ echo "keeper exit $rc"
 test $rc -ne 0
 grep -E 'nbd_give_up' /tmp/attach.log
 # the device is released (disconnected, size 0), not left hanging
-waitfor 30 test "$(cat /sys/block/$(basename $DEV)/size)" = 0
+waitfor 30 sh -c "test \"\$(cat /sys/block/$(basename $DEV)/size)\" = 0"
 echo GIVEUP-OK
 `)
 	if res.ExitCode != 0 || !strings.Contains(res.Console, "GIVEUP-OK") {
