@@ -372,7 +372,12 @@ func (v *Volume) BlockStatus(off, length int64) ([]blockdev.Extent, error) {
 			emit(b, bs, !allocated)
 		}
 	}
-	// Clip to the request.
+	return clipExtents(out, off, length), nil
+}
+
+// clipExtents trims block-aligned extents to [off, off+length): the
+// first may start before off and the last end past the range.
+func clipExtents(out []blockdev.Extent, off, length int64) []blockdev.Extent {
 	if len(out) > 0 {
 		if d := off - out[0].Offset; d > 0 {
 			out[0].Offset += d
@@ -383,7 +388,7 @@ func (v *Volume) BlockStatus(off, length int64) ([]blockdev.Extent, error) {
 			last.Length -= e - (off + length)
 		}
 	}
-	return out, nil
+	return out
 }
 
 const blockStatusMax = 64 << 20

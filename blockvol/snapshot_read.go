@@ -223,15 +223,5 @@ func (r *SnapshotReader) BlockStatus(off, length int64) ([]blockdev.Extent, erro
 		}
 		out = append(out, blockdev.Extent{Offset: b, Length: bs, Hole: !allocated, Zero: !allocated})
 	}
-	if len(out) > 0 {
-		if d := off - out[0].Offset; d > 0 {
-			out[0].Offset += d
-			out[0].Length -= d
-		}
-		last := &out[len(out)-1]
-		if e := last.Offset + last.Length; e > off+length {
-			last.Length -= e - (off + length)
-		}
-	}
-	return out, nil
+	return clipExtents(out, off, length), nil
 }
