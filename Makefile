@@ -27,6 +27,7 @@ unit:
 
 bench: deps
 	bash bench/run.sh
+	bash bench/metrics-cost.sh
 
 fuzz:
 	$(GO) test ./wal -run '^$$' -fuzz FuzzDecode -fuzztime 60s

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/dustin/go-humanize"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/urfave/cli/v2"
 
 	"github.com/blockd/blockd/api"
@@ -35,6 +36,7 @@ func init() {
 			&cli.StringFlag{Name: "volume", Value: "vol0:1GiB", Usage: "volume created on first start, NAME:SIZE"},
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:0", Usage: "replication listen address of the embedded server"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error (of the log file; the terminal shows warnings and errors)"},
+			&cli.BoolFlag{Name: "no-server-metrics", Usage: "leave the volume server's metrics (the per-request I/O meters among them) out of /metrics; for measuring their cost"},
 			logFormatFlag(),
 			&cli.StringFlag{Name: "log-file", Usage: "log file (default DATA/blockd.log); - logs everything to the terminal instead"},
 			overprovisionFlag(),
@@ -137,7 +139,7 @@ func serve(c *cli.Context) error {
 	}
 	srv, err := server.New(server.Config{DataDir: filepath.Join(data, "server"), ServerID: serveServerID, TLS: creds, EmbeddedMaster: creds != nil,
 		Listen: listen, NBD: c.String("nbd"), DeferNBD: true, Masters: []string{m.APIAddr()}, Logger: log,
-		Metrics:          m.Registry(), // one /metrics on the API address for both
+		Metrics:          serveMetrics(c, m), // one /metrics on the API address for both
 		UblkRecoveryWait: ublkWait, AdvertiseHTTP: m.APIAddr()})
 	if err != nil {
 		return err
@@ -347,4 +349,15 @@ func stableListen(file, def string) string {
 	}
 	l.Close()
 	return addr
+}
+
+// serveMetrics is the registry the embedded server adds its metrics to:
+// the master's, so one /metrics answers for both; nil with
+// --no-server-metrics, which leaves out the per-request I/O meters (to
+// measure what they cost: bench/metrics-cost.sh).
+func serveMetrics(c *cli.Context, m *master.Master) *prometheus.Registry {
+	if c.Bool("no-server-metrics") {
+		return nil
+	}
+	return m.Registry()
 }
