@@ -10,10 +10,15 @@ import (
 )
 
 // BuildBlockd builds this module's cmd/blockd with goTool into dir and
-// returns the binary's path.
+// returns the binary's path. With BLOCKD_E2E_RACE set, the binary is
+// built with the race detector (the server and the CLI under it).
 func BuildBlockd(goTool, dir string) (string, error) {
 	bin := filepath.Join(dir, "blockd")
-	out, err := exec.Command(goTool, "build", "-o", bin, "github.com/blockd/blockd/cmd/blockd").CombinedOutput()
+	args := []string{"build", "-o", bin}
+	if os.Getenv("BLOCKD_E2E_RACE") != "" {
+		args = append(args, "-race")
+	}
+	out, err := exec.Command(goTool, append(args, "github.com/blockd/blockd/cmd/blockd")...).CombinedOutput()
 	if err != nil {
 		return "", fmt.Errorf("build blockd: %w\n%s", err, out)
 	}

@@ -11,8 +11,6 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -22,34 +20,9 @@ import (
 	"github.com/blockd/blockd/internal/testenv"
 )
 
-var (
-	binDir    string
-	blockdBin string
-	buildErr  error
-)
+var blockdBin string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "blockd-image-e2e-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	binDir = dir
-	blockdBin = filepath.Join(dir, "blockd")
-	_, file, _, _ := runtime.Caller(0)
-	args := []string{"build", "-o", blockdBin}
-	if os.Getenv("BLOCKD_E2E_RACE") != "" {
-		args = append(args, "-race") // the server and the CLI under the race detector
-	}
-	cmd := exec.Command("go", append(args, "./cmd/blockd")...)
-	cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		buildErr = fmt.Errorf("go build ./cmd/blockd: %v\n%s", err, out)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(testenv.MainWithBlockd(m, &blockdBin)) }
 
 // serve is one `blockd serve` process (a single-node master and server).
 type serve struct {
@@ -65,9 +38,6 @@ type serve struct {
 
 func startServe(t testing.TB, size string, env ...string) *serve {
 	t.Helper()
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
 	testenv.RequireTool(t, "qemu-io")
 	s := &serve{t: t, dataDir: t.TempDir(), nbd: testenv.FreeAddr(t), api: testenv.FreeAddr(t), env: env}
 	s.start(size)

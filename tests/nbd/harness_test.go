@@ -10,8 +10,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -20,39 +18,9 @@ import (
 	"github.com/blockd/blockd/internal/testenv"
 )
 
-var (
-	binDir    string
-	blockdBin string
-	buildErr  error
-)
+var blockdBin string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "blockd-nbd-e2e-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	binDir = dir
-	buildErr = build()
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
-
-func repoRoot() string {
-	_, file, _, _ := runtime.Caller(0)
-	return filepath.Join(filepath.Dir(file), "..", "..")
-}
-
-func build() error {
-	blockdBin = filepath.Join(binDir, "blockd")
-	cmd := exec.Command("go", "build", "-o", blockdBin, "./cmd/blockd")
-	cmd.Dir = repoRoot()
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("go build ./cmd/blockd: %v\n%s", err, out)
-	}
-	return nil
-}
+func TestMain(m *testing.M) { os.Exit(testenv.MainWithBlockd(m, &blockdBin)) }
 
 // server is one running NBD server process over a data directory.
 type server struct {
@@ -72,9 +40,6 @@ func freePort(t *testing.T) string { return testenv.FreeAddr(t) }
 // startServer starts a server on a fresh data directory.
 func startServer(t *testing.T) *server {
 	t.Helper()
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
 	s := &server{t: t, dataDir: t.TempDir()}
 	s.start()
 	t.Cleanup(func() { s.stop() })
