@@ -141,11 +141,11 @@ func TestCSIInGuest(t *testing.T) {
 		"expanded while mounted", "files intact across the driver restart",
 		"snapshot clone: the files are there", "pvc-e2e-from-snap: staged", "pvc-e2e-from-vol: staged",
 		"E2E-OK tls", "tls: the volume's life over TLS"} {
-		if !strings.Contains(res.Console, m) {
+		if !strings.Contains(res.Output, m) {
 			t.Errorf("console lacks %q", m)
 		}
 	}
-	if m := regexp.MustCompile(`sanity counts \(node service true\): passed=(\d+) skipped=(\d+) failed=(\d+)`).FindStringSubmatch(res.Console); m == nil {
+	if m := regexp.MustCompile(`sanity counts \(node service true\): passed=(\d+) skipped=(\d+) failed=(\d+)`).FindStringSubmatch(res.Output); m == nil {
 		t.Error("console lacks the sanity counts")
 	} else {
 		t.Logf("guest sanity: passed=%s skipped=%s failed=%s", m[1], m[2], m[3])

@@ -121,7 +121,7 @@ func expect(t *testing.T, res vmtest.Result, markers ...string) {
 		t.Fatalf("guest script failed with exit code %d (console in the log above)", res.ExitCode)
 	}
 	for _, m := range markers {
-		if !strings.Contains(res.Console, m) {
+		if !strings.Contains(res.Output, m) {
 			t.Errorf("console lacks %q", m)
 		}
 	}
@@ -255,7 +255,7 @@ grep -E 'nbd_give_up' /tmp/attach.log
 waitfor 30 sh -c "test \"\$(cat /sys/block/$(basename $DEV)/size)\" = 0"
 echo GIVEUP-OK
 `)
-	if res.ExitCode != 0 || !strings.Contains(res.Console, "GIVEUP-OK") {
+	if res.ExitCode != 0 || !strings.Contains(res.Output, "GIVEUP-OK") {
 		t.Fatalf("give-up scenario failed: exit %d", res.ExitCode)
 	}
 }

@@ -214,7 +214,7 @@ func TestPowerCutDMFlakey(t *testing.T) {
 		Timeout:   time.Duration(cycles)*90*time.Second + 2*time.Minute,
 	})
 	var lines []string
-	for _, l := range strings.Split(res.Console, "\n") {
+	for _, l := range strings.Split(res.Output, "\n") {
 		if strings.Contains(l, "POWERCUT") {
 			lines = append(lines, strings.TrimSpace(l))
 		}
@@ -223,10 +223,10 @@ func TestPowerCutDMFlakey(t *testing.T) {
 	if res.ExitCode != 0 {
 		t.Fatalf("guest script exit %d (a flushed write lost, a torn block, or a step failed); seed %d", res.ExitCode, seed)
 	}
-	if !strings.Contains(res.Console, fmt.Sprintf("POWERCUT all %d cycles verified", cycles)) {
+	if !strings.Contains(res.Output, fmt.Sprintf("POWERCUT all %d cycles verified", cycles)) {
 		t.Fatalf("the guest did not report every cycle verified")
 	}
-	if !strings.Contains(res.Console, "POWERCUT control: flushes acknowledged after the cut found lost") {
+	if !strings.Contains(res.Output, "POWERCUT control: flushes acknowledged after the cut found lost") {
 		t.Fatalf("the control cycle did not run")
 	}
 }

@@ -125,7 +125,7 @@ echo BLOCKD-SERVE-UBLK-OK
 		"recovered after SIGKILL", "serve exited with 0 after SIGTERM", "recovered after a planned restart",
 		"the new serve process serves the device", "without error", "fio across restarts: errors 0", "is mounted at /mnt/u", "detached",
 		"server forgot the device", "serve exited with 0")
-	if strings.Contains(res.Console, "WRITE-ERROR") || strings.Contains(res.Console, "KERNEL-IO-ERRORS") || strings.Contains(res.Console, "FIO-FAILED") {
+	if strings.Contains(res.Output, "WRITE-ERROR") || strings.Contains(res.Output, "KERNEL-IO-ERRORS") || strings.Contains(res.Output, "FIO-FAILED") {
 		t.Fatalf("I/O errors reached the filesystem")
 	}
 }
@@ -268,7 +268,7 @@ kill -TERM $SERVE; wait $SERVE
 			b.Fatalf("guest failed: exit %d", res.ExitCode)
 		}
 		iops := map[string]map[string]float64{} // round → rw/kind
-		for _, line := range strings.Split(res.Console, "\n") {
+		for _, line := range strings.Split(res.Output, "\n") {
 			f := strings.Fields(line)
 			if len(f) == 5 && f[0] == "BENCH" {
 				v, err := strconv.ParseFloat(f[4], 64)

@@ -69,7 +69,7 @@ func expect(t *testing.T, res vmtest.Result, markers ...string) {
 		t.Fatalf("guest script failed with exit code %d", res.ExitCode)
 	}
 	for _, m := range markers {
-		if !strings.Contains(res.Console, m) {
+		if !strings.Contains(res.Output, m) {
 			t.Errorf("console lacks %q", m)
 		}
 	}
@@ -214,7 +214,7 @@ grep -h 'ublk_recovery' /tmp/s2.log /tmp/s3.log /tmp/s4.log
 echo UBLK-RESTART-OK
 `, "fio")
 	expect(t, res, "UBLK-RESTART-OK", "ublk_recovery_done", "fio across restarts: errors 0")
-	if strings.Contains(res.Console, "WRITE-ERROR") || strings.Contains(res.Console, "KERNEL-IO-ERRORS") || strings.Contains(res.Console, "FIO-FAILED") {
+	if strings.Contains(res.Output, "WRITE-ERROR") || strings.Contains(res.Output, "KERNEL-IO-ERRORS") || strings.Contains(res.Output, "FIO-FAILED") {
 		t.Fatalf("I/O errors reached the filesystem")
 	}
 }
@@ -332,7 +332,7 @@ done
 		}
 		// iops[round][rw+"/"+kind]
 		iops := map[string]map[string]float64{}
-		for _, line := range strings.Split(res.Console, "\n") {
+		for _, line := range strings.Split(res.Output, "\n") {
 			f := strings.Fields(line)
 			if len(f) == 5 && f[0] == "BENCH" {
 				v, err := strconv.ParseFloat(f[4], 64)

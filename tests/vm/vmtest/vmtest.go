@@ -77,6 +77,11 @@ type Guest struct {
 // Result is what a finished guest reported.
 type Result struct {
 	Console  string        // the serial console (kernel messages and script output), \r removed
+	// Output is the script's output alone: Console without the kernel's
+	// lines. The kernel writes a message to the serial port whole, but in
+	// the middle of a line of the script's ("writer stopped b[ 8.81]
+	// Buffer I/O error ...\ny an error"), so markers are looked for here.
+	Output string
 	ExitCode int           // the guest script's exit status
 	Duration time.Duration // qemu start to power-off
 }
@@ -85,6 +90,14 @@ type Result struct {
 var ErrTimeout = errors.New("vmtest: guest timed out")
 
 var exitRe = regexp.MustCompile(`<<<vmtest-exit:(\d+)>>>`)
+
+// kernelLineRe matches one kernel console message: a "[  seconds.micro] "
+// stamp up to the end of its line.
+var kernelLineRe = regexp.MustCompile(`\[ *\d+\.\d{6}\] [^\n]*\n?`)
+
+// ScriptOutput removes the kernel's messages from a console transcript,
+// including those printed into the middle of a line of the script's.
+func ScriptOutput(console string) string { return kernelLineRe.ReplaceAllString(console, "") }
 
 // Run boots a guest and waits for its script. An error means the harness or
 // the guest failed (qemu missing, kernel panic, timeout); a script failure is
@@ -147,7 +160,8 @@ func Run(ctx context.Context, g Guest) (Result, error) {
 		start := time.Now()
 		runErr = cmd.Run()
 		res = Result{Console: strings.ReplaceAll(buf.String(), "\r", ""), Duration: time.Since(start)}
-		if m := exitRe.FindAllStringSubmatch(res.Console, -1); len(m) > 0 {
+		res.Output = ScriptOutput(res.Console)
+		if m := exitRe.FindAllStringSubmatch(res.Output, -1); len(m) > 0 {
 			res.ExitCode, _ = strconv.Atoi(m[len(m)-1][1])
 			return res, nil
 		}

@@ -36,7 +36,7 @@ exit 7
 		t.Fatalf("exit code %d, want 7", res.ExitCode)
 	}
 	for _, want := range []string{"hello from the host", "env: it's me"} {
-		if !strings.Contains(res.Console, want) {
+		if !strings.Contains(res.Output, want) {
 			t.Errorf("console lacks %q", want)
 		}
 	}
@@ -57,7 +57,24 @@ fio --name=v --filename=/dev/loop0 --rw=read --bs=64k --size=4m --ioengine=libai
 echo fio-ok
 `,
 	})
-	if res.ExitCode != 0 || !strings.Contains(res.Console, "fio-ok") {
+	if res.ExitCode != 0 || !strings.Contains(res.Output, "fio-ok") {
 		t.Fatalf("fio in guest failed: exit %d", res.ExitCode)
+	}
+}
+
+// TestScriptOutputDropsKernelLines feeds the console CI saw, where the
+// kernel printed into the middle of the script's "writer stopped by an
+// error".
+func TestScriptOutputDropsKernelLines(t *testing.T) {
+	console := "[    8.810430] Buffer I/O error on device ublkb0, logical block 37385\n" +
+		"writer stopped b[    8.813065] Buffer I/O error on dev ublkb0, logical block 33, lost async page write\n" +
+		"y an error\n" +
+		"[    8.813832] Buffer I/O error on dev ublkb0, logical block 35, lost async page write\n" +
+		"detached /dev/ublkb0\n" +
+		"<<<vmtest-ex[    8.9] not a kernel stamp\n" +
+		"array [1] ok\n"
+	want := "writer stopped by an error\ndetached /dev/ublkb0\n<<<vmtest-ex[    8.9] not a kernel stamp\narray [1] ok\n"
+	if got := vmtest.ScriptOutput(console); got != want {
+		t.Fatalf("ScriptOutput:\n%q\nwant\n%q", got, want)
 	}
 }
