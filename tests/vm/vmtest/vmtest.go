@@ -76,12 +76,12 @@ type Guest struct {
 
 // Result is what a finished guest reported.
 type Result struct {
-	Console  string        // the serial console (kernel messages and script output), \r removed
+	Console string // the serial console (kernel messages and script output), \r removed
 	// Output is the script's output alone: Console without the kernel's
 	// lines. The kernel writes a message to the serial port whole, but in
 	// the middle of a line of the script's ("writer stopped b[ 8.81]
 	// Buffer I/O error ...\ny an error"), so markers are looked for here.
-	Output string
+	Output   string
 	ExitCode int           // the guest script's exit status
 	Duration time.Duration // qemu start to power-off
 }
