@@ -45,10 +45,15 @@ func (s *Server) apply(resp *api.HeartbeatResponse, sent time.Time) {
 // succeeds or is no longer assigned, and logged once per distinct reason.
 func (s *Server) ensureHosted(a api.VolumeAssignment) (*hosted, error) {
 	s.mu.Lock()
-	h := s.vols[a.Volume]
+	h, dropping := s.vols[a.Volume], s.dropping[a.Volume]
 	s.mu.Unlock()
 	if h != nil {
 		return h, nil
+	}
+	if dropping {
+		// A volume of this name was deleted and its files are still
+		// being removed; the next heartbeat tries again.
+		return nil, fmt.Errorf("volume %s: the deleted volume of this name is still being removed: %w", a.Volume, errRetryLater)
 	}
 	if !s.fails.due(a.Volume, a.ID) {
 		return nil, fmt.Errorf("volume %s: %w", a.Volume, errRetryLater)
@@ -120,12 +125,24 @@ func (s *Server) applyOne(a api.VolumeAssignment, sent time.Time) error {
 	return nil
 }
 
-// drop removes a deleted volume and its data.
+// drop removes a deleted volume and its data. Only the part that stops
+// serving it runs here; closing it (which waits for its I/O and its
+// flusher) and removing its files run in the background, because drop is
+// called from the heartbeat loop, and the heartbeats renew every other
+// volume's lease: a drop under load held them back for seconds. Until
+// the removal is done the name is in s.dropping, and an assignment of the
+// same name waits for it (ensureHosted: errRetryLater).
 func (s *Server) drop(name string) {
 	s.fails.clear(name)
 	s.mu.Lock()
 	h := s.vols[name]
 	delete(s.vols, name)
+	if h != nil {
+		if s.dropping == nil {
+			s.dropping = map[string]bool{}
+		}
+		s.dropping[name] = true
+	}
 	s.mu.Unlock()
 	if h == nil {
 		return
@@ -133,9 +150,23 @@ func (s *Server) drop(name string) {
 	if _, ok := s.host.Primary(name); ok {
 		s.nbdSrv.DisconnectExport(name)
 	}
+	// Its role goes at once: nothing writes to a deleted volume.
 	if err := s.host.RemoveVolume(name); err != nil {
 		s.log.Error("volume_drop_failed", "volume", name, "err", err)
 	}
+	s.dropWG.Add(1)
+	go func() {
+		defer s.dropWG.Done()
+		s.remove(name, h)
+		s.mu.Lock()
+		delete(s.dropping, name)
+		s.mu.Unlock()
+	}()
+}
+
+// remove closes a dropped volume and deletes its data (drop's background
+// half).
+func (s *Server) remove(name string, h *hosted) {
 	if err := h.close(); err != nil {
 		s.log.Error("volume_drop_close_failed", "volume", name, "err", err)
 	}

@@ -109,6 +109,10 @@ type Server struct {
 
 	mu   sync.Mutex
 	vols map[string]*hosted
+	// dropping names the deleted volumes whose files are still being
+	// removed (drop, assign.go); dropWG waits for those removals.
+	dropping map[string]bool
+	dropWG   sync.WaitGroup
 	// hbInterval is the master's requested heartbeat period.
 	hbInterval time.Duration
 	lastHB     time.Time
@@ -252,6 +256,7 @@ func (s *Server) Close() error {
 		_ = s.host.Close()
 	}
 	s.wg.Wait()
+	s.dropWG.Wait()
 	errs = append(errs, s.closeAll())
 	return errors.Join(errs...)
 }
