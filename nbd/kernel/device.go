@@ -68,6 +68,9 @@ type Device struct {
 	nl  *nlConn
 	mon *monitor
 	log *slog.Logger
+	// growTo is a size the server serves and the device does not have
+	// yet (a resize that failed after a reconnect); Keep retries it.
+	growTo uint64
 }
 
 // errPermanent marks errors retrying cannot fix (wrapped with an empty text).
@@ -284,15 +287,33 @@ func (d *Device) reconnect(ctx context.Context) error {
 	if exp.Size > d.Export.Size {
 		grow = exp.Size
 	}
-	if err := d.nl.reconfigure(d.Index, d.o.Volume, grow, fds); err != nil {
+	// Sockets first, the new size after, in two requests. A resize
+	// freezes the device's queue, which waits for every request in
+	// flight, and a request sent while the link was dead is waiting for
+	// these very sockets (until the dead-connection timeout, minutes):
+	// one request carrying both deadlocked the device until that timeout
+	// failed the request (seen when a volume grew while a stage was
+	// reading the device).
+	if err := d.nl.reconfigure(d.Index, d.o.Volume, 0, fds); err != nil {
 		return err
 	}
-	if grow > 0 {
-		d.log.Info("nbd_resized", "from", d.Export.Size, "to", grow)
-		d.Export.Size = grow
-	}
 	d.log.Info("nbd_reconnected", "addr", addr, "connections", len(conns))
+	if grow > 0 {
+		d.growTo = grow
+		d.grow()
+	}
 	return nil
+}
+
+// grow resizes the device to growTo. A failure leaves it connected at
+// its old size; Keep tries again every second.
+func (d *Device) grow() {
+	if err := d.nl.reconfigure(d.Index, d.o.Volume, d.growTo, nil); err != nil {
+		d.log.Warn("nbd_resize_failed", "from", d.Export.Size, "to", d.growTo, "err", err)
+		return
+	}
+	d.log.Info("nbd_resized", "from", d.Export.Size, "to", d.growTo)
+	d.Export.Size, d.growTo = d.growTo, 0
 }
 
 // Keep stays with the device until it is disconnected (blockd detach, or
@@ -373,6 +394,9 @@ func (d *Device) Keep(ctx context.Context) error {
 			if err == nil && (!exists || !connected) {
 				d.log.Info("nbd_detached", "reason", "device disconnected")
 				return nil
+			}
+			if d.growTo > 0 && !h.Down {
+				d.grow()
 			}
 			var dec Decision
 			h, dec = p.Step(h, EvTick, time.Now())

@@ -314,7 +314,9 @@ func (c *nlConn) connect(cfg Config, fds []int) (int, error) {
 
 // reconfigure hands replacement sockets for dead connections of device
 // index. The kernel uses as many as it has dead slots and ignores the rest.
-// A non-zero size resizes the device (a volume that grew while it was away).
+// A non-zero size resizes the device (a volume that grew while it was
+// away); the resize waits for the requests in flight, so do not send it
+// with the sockets those requests wait for (Device.reconnect).
 func (c *nlConn) reconfigure(index int, backend string, size uint64, fds []int) error {
 	var a attrBuf
 	a.u32(attrIndex, uint32(index))
@@ -324,7 +326,9 @@ func (c *nlConn) reconfigure(index int, backend string, size uint64, fds []int) 
 	if backend != "" {
 		a.str(attrBackendID, backend)
 	}
-	a.raw(attrSockets, sockets(fds))
+	if len(fds) > 0 {
+		a.raw(attrSockets, sockets(fds))
+	}
 	if _, err := c.request(c.family, cmdReconfigure, nbdGenlVer, a.bytes()); err != nil {
 		return mapErr("reconfigure", err)
 	}

@@ -63,7 +63,7 @@ waitfor() { # waitfor SECONDS CMD...
 		sleep 0.1
 	done
 }
-dump() { for f in /tmp/master.log /tmp/server.log /tmp/csi.log /tmp/tmaster.log /tmp/tserver.log /tmp/tcsi.log; do [ -f $f ] || continue; echo "==== $f"; tail -n 150 $f; done; }
+dump() { for f in /tmp/master.log /tmp/server.log /tmp/csi.log /tmp/tmaster.log /tmp/tserver.log /tmp/tcsi.log; do [ -f $f ] || continue; echo "==== $f"; tail -n 150 $f; done; echo "==== nbd events"; grep -hE 'msg=nbd_|csi_keeper' /tmp/csi.log /tmp/tcsi.log 2>/dev/null | tail -n 80; }
 trap 'rc=$?; [ $rc = 0 ] || dump' EXIT
 
 M=127.0.0.1:9333
@@ -116,6 +116,9 @@ waitfor 30 test -S /tmp/tcsi/csi.sock
 csie2e --endpoint unix:///tmp/tcsi/csi.sock --phase tls
 noneattached
 kill $TCSI; wait $TCSI || true
+# A request that failed or hung on an nbd device fails the run here, so
+# that the trap prints the logs (the kernel's lines alone do not say why).
+if dmesg | grep -E "I/O error, dev nbd|blocked for more than" >/tmp/kerr; then cat /tmp/kerr; echo "kernel: nbd requests failed or hung"; exit 1; fi
 echo CSI-GUEST-OK
 `
 
