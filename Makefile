@@ -7,7 +7,7 @@ TEST_TIMEOUT ?= 80m
 TORTURE_TIMEOUT ?= 150m
 FUZZTIME ?= 10m
 
-.PHONY: test deps unit e2e vet bench fuzz fuzz-long torture build
+.PHONY: test deps unit e2e vet bench sustained fuzz fuzz-long torture build
 
 test: deps vet
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
@@ -28,6 +28,11 @@ unit:
 bench: deps
 	bash bench/run.sh
 	bash bench/metrics-cost.sh
+
+# 10 minutes of 4k random writes at disk speed: fails on an error or on
+# any write of 1 s or more (DURATION=60 for a short look).
+sustained: deps
+	bash bench/sustained.sh
 
 fuzz:
 	$(GO) test ./wal -run '^$$' -fuzz FuzzDecode -fuzztime 60s
