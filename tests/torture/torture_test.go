@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand"
 	"os"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -325,7 +326,14 @@ func runTorture(t *testing.T, cfg tortureConfig) {
 		t.Errorf("history NOT linearizable at block %d (seed %d); minimal sub-history of %d ops, visualisation and history saved in %s",
 			res.BadBlock, cfg.seed, res.BadOps, res.Artifacts)
 	case res.Verdict != "Ok":
-		t.Errorf("linearizability check inconclusive: %s (seed %d)", res.Verdict, cfg.seed)
+		// Keep the history: the checker can be rerun on it alone.
+		p := filepath.Join(ArtifactDir(), fmt.Sprintf("history-seed-%d-unknown.json", cfg.seed))
+		if err := os.MkdirAll(ArtifactDir(), 0o755); err == nil {
+			if err := writeJSON(p, history); err != nil {
+				p = "not saved: " + err.Error()
+			}
+		}
+		t.Errorf("linearizability check inconclusive: %s (seed %d); history in %s", res.Verdict, cfg.seed, p)
 	}
 }
 
