@@ -1,0 +1,203 @@
+package nbdtests
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/blockd/blockd/internal/testenv"
+)
+
+// tlsInit runs `blockd tls init` into a fresh directory.
+func tlsInit(t *testing.T, args ...string) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "pki")
+	if out, err := exec.Command(blockdBin, append([]string{"tls", "init", "--dir", dir}, args...)...).CombinedOutput(); err != nil {
+		t.Fatalf("blockd tls init: %v\n%s", err, out)
+	}
+	return dir
+}
+
+// tlsServer is a `blockd serve` whose output goes to a file (read while
+// it runs, so not to server.log's unsynchronised buffer).
+type tlsServer struct {
+	*server
+	logPath string
+}
+
+func (s *tlsServer) logText() string {
+	b, _ := os.ReadFile(s.logPath)
+	return string(b)
+}
+
+// startTLSServer starts `blockd serve` with the certificate of server
+// "local" from pki: NBD requires TLS and a client certificate of pki's CA.
+func startTLSServer(t *testing.T, pki string) *tlsServer {
+	t.Helper()
+	s := &tlsServer{server: &server{t: t, dataDir: t.TempDir(), addr: freePort(t), apiAddr: freePort(t), log: &bytes.Buffer{}}}
+	s.logPath = filepath.Join(t.TempDir(), "serve.log")
+	lf, err := os.Create(s.logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lf.Close()
+	c := filepath.Join(pki, "servers", "local")
+	s.cmd = exec.Command(blockdBin, "serve", "--log-file", "-", "--data", s.dataDir, "--nbd", s.addr, "--api", s.apiAddr,
+		"--volume", fmt.Sprintf("vol0:%d", volSize),
+		"--tls-cert", filepath.Join(c, "server-cert.pem"), "--tls-key", filepath.Join(c, "server-key.pem"), "--tls-ca", filepath.Join(c, "ca-cert.pem"))
+	s.cmd.Stdout, s.cmd.Stderr = lf, lf
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	s.exited = make(chan struct{})
+	go func(c *exec.Cmd, ch chan struct{}) { _ = c.Wait(); close(ch) }(s.cmd, s.exited)
+	t.Cleanup(func() { s.stop() })
+	uri := fmt.Sprintf("nbds://%s/vol0?tls-certificates=%s", s.addr, filepath.Join(pki, "clients", "alice"))
+	testenv.WaitFor(t, "blockd serve answers nbdinfo over TLS", 60*time.Second, func() error {
+		select {
+		case <-s.exited:
+			t.Fatalf("server exited during start:\n%s", s.logText())
+		default:
+		}
+		if out, err := runErr(t, 30*time.Second, "nbdinfo", "--size", uri); err != nil {
+			return fmt.Errorf("%v: %s", err, strings.TrimSpace(out))
+		}
+		return nil
+	})
+	return s
+}
+
+// libnbdHome makes a home directory whose .pki/libnbd (libnbd's default
+// certificate directory) holds the given CA, client certificate and key.
+func libnbdHome(t *testing.T, caCert, clientDir string) string {
+	t.Helper()
+	home := t.TempDir()
+	d := filepath.Join(home, ".pki", "libnbd")
+	if err := os.MkdirAll(d, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for dst, src := range map[string]string{"ca-cert.pem": caCert, "client-cert.pem": filepath.Join(clientDir, "client-cert.pem"),
+		"client-key.pem": filepath.Join(clientDir, "client-key.pem")} {
+		b, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(d, dst), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return home
+}
+
+// fioTLS runs fio with libnbd's default certificate directory set to
+// home/.pki/libnbd. fio's nbd engine cannot pass tls-certificates in its
+// URI (libnbd refuses local file access in URIs unless the program calls
+// nbd_set_uri_allow_local_file, which fio does not), so the certificates
+// go where libnbd looks when none is set: $HOME/.pki/libnbd, or, when the
+// effective uid is 0, only /etc/pki/libnbd. Rather than write to /etc, fio
+// runs as root in a fresh user namespace (unshare --user): there its
+// effective uid is the overflow uid, so libnbd takes HOME's directory,
+// while file access still uses the real credentials.
+func fioTLS(t *testing.T, home string, args ...string) (string, error) {
+	t.Helper()
+	fio := testenv.RequireTool(t, "fio")
+	name, argv := fio, args
+	if os.Geteuid() == 0 {
+		name, argv = testenv.RequireTool(t, "unshare"), append([]string{"--user", fio}, args...)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, name, argv...)
+	cmd.Env = append(os.Environ(), "HOME="+home, "LIBNBD_DEBUG=0")
+	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		return string(out), fmt.Errorf("fio timed out: %w", err)
+	}
+	if err != nil && bytes.Contains(out, []byte("unshare failed")) {
+		t.Fatalf("cannot make a user namespace for fio (libnbd ignores HOME as root):\n%s", out)
+	}
+	return string(out), err
+}
+
+// TestFioTLS: fio's nbd engine over TLS (nbds://) against a TLS-only
+// `blockd serve`, two connections at QD32 with crc32c verify, read back
+// by a second fio run; then the refusals fio meets: a plain nbd:// URI,
+// a CA that did not sign the server (fio refuses the server), a client
+// certificate of another CA (the server refuses fio). The server logs
+// each refusal and keeps serving.
+func TestFioTLS(t *testing.T) {
+	testenv.RequireTool(t, "fio")
+	pki := tlsInit(t, "--server", "local", "--client", "alice")
+	s := startTLSServer(t, pki)
+	alice := filepath.Join(pki, "clients", "alice")
+	home := libnbdHome(t, filepath.Join(alice, "ca-cert.pem"), alice)
+	uri := "--uri=nbds://" + s.addr + "/vol0"
+	job := []string{"--name=tls", "--ioengine=nbd", uri, "--rw=randwrite", "--bs=4k", "--iodepth=32", "--numjobs=2",
+		"--size=32m", "--offset_increment=32m", "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0",
+		"--group_reporting", "--output-format=json"}
+	out, err := fioTLS(t, home, job...)
+	if err != nil {
+		t.Fatalf("fio over TLS: %v\n%s\nserver:\n%s", err, out, s.logText())
+	}
+	checkFio(t, out, true, true)
+	if n := strings.Count(s.logText(), "msg=nbd_tls_established server=local"); n < 2 || !strings.Contains(s.logText(), "client=alice") {
+		t.Fatalf("server log shows %d TLS sessions (want >= 2, client alice):\n%s", n, s.logText())
+	}
+	// A second process reads the blocks back and checks their checksums.
+	out, err = fioTLS(t, home, append(job, "--verify_only")...)
+	if err != nil {
+		t.Fatalf("fio verify_only over TLS: %v\n%s", err, out)
+	}
+	checkFio(t, out, true, false)
+
+	refused := func(what, out string, err error, want string) {
+		t.Helper()
+		if err == nil || !strings.Contains(out, want) {
+			t.Fatalf("%s: err %v, want a refusal containing %q:\n%s", what, err, want, out)
+		}
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, "fio: ") {
+				t.Logf("refused: %s: %s", what, l)
+			}
+		}
+	}
+	plain := []string{"--name=plain", "--ioengine=nbd", "--rw=write", "--bs=4k", "--size=1m"}
+	out, err = fioTLS(t, home, append(plain, "--uri=nbd://"+s.addr+"/vol0")...)
+	refused("plain nbd:// at the TLS-only server", out, err, "server requires TLS")
+	waitLog(t, s, "nbd_tls_required")
+
+	// A CA that did not sign the server: fio (libnbd) refuses the server.
+	other := tlsInit(t, "--server", "local", "--client", "alice")
+	wrongCA := libnbdHome(t, filepath.Join(other, "ca-cert.pem"), alice)
+	out, err = fioTLS(t, wrongCA, append(plain, uri)...)
+	refused("fio trusting another CA", out, err, "certificate verification")
+
+	// A client certificate of another CA: the server refuses fio.
+	stranger := libnbdHome(t, filepath.Join(alice, "ca-cert.pem"), filepath.Join(other, "clients", "alice"))
+	out, err = fioTLS(t, stranger, append(plain, uri)...)
+	refused("fio with another CA's client certificate", out, err, "nbd_connect_uri")
+	waitLog(t, s, "client certificate rejected: x509: certificate signed by unknown authority")
+
+	// Undisturbed: the first blocks still verify.
+	out, err = fioTLS(t, home, append(job, "--verify_only")...)
+	if err != nil {
+		t.Fatalf("fio verify_only after the refusals: %v\n%s", err, out)
+	}
+	checkFio(t, out, true, false)
+}
+
+func waitLog(t *testing.T, s *tlsServer, want string) {
+	t.Helper()
+	testenv.WaitFor(t, "server log: "+want, 20*time.Second, func() error {
+		if !strings.Contains(s.logText(), want) {
+			return fmt.Errorf("not yet")
+		}
+		return nil
+	})
+}
