@@ -4,14 +4,18 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/blockd/blockd/internal/testenv"
+	"github.com/blockd/blockd/nbd/client"
+	"github.com/blockd/blockd/tlsauth"
 )
 
 // tlsInit runs `blockd tls init` into a fresh directory.
@@ -28,6 +32,7 @@ func tlsInit(t *testing.T, args ...string) string {
 // it runs, so not to server.log's unsynchronised buffer).
 type tlsServer struct {
 	*server
+	pki     string
 	logPath string
 }
 
@@ -40,14 +45,24 @@ func (s *tlsServer) logText() string {
 // "local" from pki: NBD requires TLS and a client certificate of pki's CA.
 func startTLSServer(t *testing.T, pki string) *tlsServer {
 	t.Helper()
-	s := &tlsServer{server: &server{t: t, dataDir: t.TempDir(), addr: freePort(t), apiAddr: freePort(t), log: &bytes.Buffer{}}}
-	s.logPath = filepath.Join(t.TempDir(), "serve.log")
-	lf, err := os.Create(s.logPath)
+	s := &tlsServer{server: &server{t: t, dataDir: t.TempDir(), addr: freePort(t), apiAddr: freePort(t), log: &bytes.Buffer{}},
+		pki: pki, logPath: filepath.Join(t.TempDir(), "serve.log")}
+	s.launch()
+	t.Cleanup(func() { s.stop() })
+	return s
+}
+
+// launch starts the process on s's addresses and data, appending to its
+// log, and waits until nbdinfo negotiates TLS with it.
+func (s *tlsServer) launch() {
+	t := s.t
+	t.Helper()
+	lf, err := os.OpenFile(s.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer lf.Close()
-	c := filepath.Join(pki, "servers", "local")
+	c := filepath.Join(s.pki, "servers", "local")
 	s.cmd = exec.Command(blockdBin, "serve", "--log-file", "-", "--data", s.dataDir, "--nbd", s.addr, "--api", s.apiAddr,
 		"--volume", fmt.Sprintf("vol0:%d", volSize),
 		"--tls-cert", filepath.Join(c, "server-cert.pem"), "--tls-key", filepath.Join(c, "server-key.pem"), "--tls-ca", filepath.Join(c, "ca-cert.pem"))
@@ -57,8 +72,7 @@ func startTLSServer(t *testing.T, pki string) *tlsServer {
 	}
 	s.exited = make(chan struct{})
 	go func(c *exec.Cmd, ch chan struct{}) { _ = c.Wait(); close(ch) }(s.cmd, s.exited)
-	t.Cleanup(func() { s.stop() })
-	uri := fmt.Sprintf("nbds://%s/vol0?tls-certificates=%s", s.addr, filepath.Join(pki, "clients", "alice"))
+	uri := fmt.Sprintf("nbds://%s/vol0?tls-certificates=%s", s.addr, filepath.Join(s.pki, "clients", "alice"))
 	testenv.WaitFor(t, "blockd serve answers nbdinfo over TLS", 60*time.Second, func() error {
 		select {
 		case <-s.exited:
@@ -70,7 +84,6 @@ func startTLSServer(t *testing.T, pki string) *tlsServer {
 		}
 		return nil
 	})
-	return s
 }
 
 // libnbdHome makes a home directory whose .pki/libnbd (libnbd's default
@@ -200,4 +213,80 @@ func waitLog(t *testing.T, s *tlsServer, want string) {
 		}
 		return nil
 	})
+}
+
+// TestTLSClientReconnect: blockd's userspace NBD client (the backend of
+// `attach ublk`) over TLS keeps its device across a kill -9 and restart
+// of blockd serve: every reconnect negotiates STARTTLS and a new TLS
+// session with its client certificate, and the data written before and
+// after reads back.
+func TestTLSClientReconnect(t *testing.T) {
+	pki := tlsInit(t, "--server", "local", "--client", "alice")
+	s := startTLSServer(t, pki)
+	a := filepath.Join(pki, "clients", "alice")
+	alice, err := tlsauth.Load(filepath.Join(a, "client-cert.pem"), filepath.Join(a, "client-key.pem"), filepath.Join(a, "ca-cert.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &lockedLog{}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	dev, err := client.Dial(ctx, client.Options{Export: "vol0", Wait: 10 * time.Second, GiveUp: 2 * time.Minute,
+		Resolve: func(context.Context) (string, error) { return s.addr, nil },
+		TLS:     alice.ClientConfig(tlsauth.Expect(tlsauth.KindServer, "local")),
+		Logger:  slog.New(slog.NewTextHandler(logs, nil))})
+	if err != nil {
+		t.Fatalf("dial over TLS: %v\n%s", err, s.logText())
+	}
+	defer dev.Close()
+	before, after := bytes.Repeat([]byte{0x5a}, 64<<10), bytes.Repeat([]byte{0xa5}, 64<<10)
+	if err := dev.WriteAt(before, 0, true); err != nil {
+		t.Fatal(err)
+	}
+	sessions := func() int { return strings.Count(s.logText(), "msg=nbd_tls_established server=local") }
+	n0 := sessions()
+	s.kill9()
+	done := make(chan error, 1)
+	go func() { done <- dev.WriteAt(after, 1<<20, true) }() // blocks until the device has reconnected
+	time.Sleep(500 * time.Millisecond)
+	s.launch()
+	if err := <-done; err != nil {
+		t.Fatalf("write across the restart: %v\nclient:\n%s", err, logs)
+	}
+	if !strings.Contains(logs.String(), "ublk_nbd_reconnected") {
+		t.Fatalf("the client did not reconnect:\n%s", logs)
+	}
+	if n := sessions(); n <= n0 {
+		t.Fatalf("no new TLS session after the restart (%d before, %d after):\n%s", n0, n, s.logText())
+	}
+	got := make([]byte, 64<<10)
+	for _, w := range []struct {
+		off  int64
+		want []byte
+	}{{0, before}, {1 << 20, after}} {
+		if err := dev.ReadAt(got, w.off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, w.want) {
+			t.Fatalf("data at %d after the reconnect differs", w.off)
+		}
+	}
+}
+
+// lockedLog is a log sink safe for concurrent writers.
+type lockedLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
