@@ -290,3 +290,46 @@ func (l *lockedLog) String() string {
 	defer l.mu.Unlock()
 	return l.b.String()
 }
+
+// TestServeInsecure: without credentials `blockd serve` refuses a
+// non-loopback NBD address, naming the cure; with --insecure it serves
+// plain NBD there and prints a warning.
+func TestServeInsecure(t *testing.T) {
+	_, port, _ := strings.Cut(freePort(t), ":")
+	args := []string{"serve", "--log-file", "-", "--data", t.TempDir(), "--nbd", "0.0.0.0:" + port, "--api", freePort(t),
+		"--volume", "vol0:64MiB"}
+	out, err := exec.Command(blockdBin, args...).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "binds a non-loopback address without TLS") || !strings.Contains(string(out), "--insecure") {
+		t.Fatalf("serve on 0.0.0.0 without TLS: %v\n%s", err, out)
+	}
+	t.Logf("refused: %s", strings.TrimSpace(string(out)))
+
+	s := &tlsServer{server: &server{t: t, log: &bytes.Buffer{}}, logPath: filepath.Join(t.TempDir(), "serve.log")}
+	lf, err := os.Create(s.logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lf.Close()
+	s.cmd = exec.Command(blockdBin, append(args, "--insecure")...)
+	s.cmd.Stdout, s.cmd.Stderr = lf, lf
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	s.exited = make(chan struct{})
+	go func(c *exec.Cmd, ch chan struct{}) { _ = c.Wait(); close(ch) }(s.cmd, s.exited)
+	t.Cleanup(func() { s.stop() })
+	testenv.WaitFor(t, "plain nbdinfo at 0.0.0.0 with --insecure", 60*time.Second, func() error {
+		select {
+		case <-s.exited:
+			t.Fatalf("serve --insecure exited:\n%s", s.logText())
+		default:
+		}
+		if out, err := runErr(t, 30*time.Second, "nbdinfo", "--size", "nbd://127.0.0.1:"+port+"/vol0"); err != nil {
+			return fmt.Errorf("%v: %s", err, strings.TrimSpace(out))
+		}
+		return nil
+	})
+	if !strings.Contains(s.logText(), "WARNING: serve: --nbd 0.0.0.0:"+port+" without TLS (--insecure)") {
+		t.Fatalf("no warning for serving in the clear:\n%s", s.logText())
+	}
+}
