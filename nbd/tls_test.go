@@ -255,7 +255,7 @@ func runTool(t *testing.T, name string, args ...string) (string, error) {
 	return string(out), err
 }
 
-// TestTLSRealClients: libnbd's nbdinfo, qemu-img, qemu-io and fio over
+// TestTLSRealClients: libnbd's nbdinfo, qemu-img and qemu-io over
 // TLS with the certificates blockd tls init writes, and the refusals they
 // meet: a plain client, a certificate from another CA, an expired one.
 func TestTLSRealClients(t *testing.T) {
@@ -279,10 +279,8 @@ func TestTLSRealClients(t *testing.T) {
 	if out, err := runTool(t, qemuImg, "info", "--object", obj, "--image-opts", img); err != nil || !strings.Contains(out, "64 MiB") {
 		t.Fatalf("qemu-img info over TLS: %v\n%s", err, out)
 	}
-	// fio's nbd engine is not run over TLS: libnbd refuses the
-	// tls-certificates URI parameter ("local file access is not allowed")
-	// unless the program calls nbd_set_uri_allow_local_file, which fio
-	// 3.33 does not.
+	// fio's nbd engine over TLS (its certificates in libnbd's default
+	// directory) is run against blockd serve in tests/nbd (TestFioTLS).
 
 	// Refusals. A plain client against the TLS-only server.
 	out, err = runTool(t, nbdinfo, "nbd://"+f.ts.addr+"/vol0")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
@@ -200,4 +201,56 @@ func mustCA(t *testing.T, dir string) *x509.Certificate {
 		t.Fatal(err)
 	}
 	return ca.Cert
+}
+
+// TestStalledHandshake: a client that connects and sends nothing costs the
+// server at most HandshakeTimeout, and the reason says so; a server that
+// accepts and never answers costs Dial at most its context's deadline.
+func TestStalledHandshake(t *testing.T) {
+	dir := initDir(t, InitOptions{Servers: []string{"s1"}, Clients: []string{"alice"}})
+	s1 := load(t, dir, Identity{KindServer, "s1"})
+	alice := load(t, dir, Identity{KindClient, "alice"})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	tl := NewListener(ln, s1.ServerConfig(nil))
+	stall, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stall.Close()
+	c, err := tl.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_, rerr := c.Read(make([]byte, 1))
+	if rerr == nil || !strings.Contains(Describe(rerr), "handshake did not complete within") {
+		t.Fatalf("stalled client: %v (%s)", rerr, Describe(rerr))
+	}
+	t.Logf("stalled client, server side: %s", Describe(rerr))
+
+	// The other way round: a listener that accepts and says nothing.
+	mute, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mute.Close()
+	go func() {
+		c, err := mute.Accept()
+		if err == nil {
+			defer c.Close()
+			_, _ = c.Read(make([]byte, 1<<10))
+			time.Sleep(5 * time.Second)
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_, derr := Dial(ctx, &net.Dialer{}, mute.Addr().String(), alice.ClientConfig(Expect(KindServer, "s1")))
+	if !errors.Is(derr, context.DeadlineExceeded) {
+		t.Fatalf("mute server: %v", derr)
+	}
+	t.Logf("mute server, client side: %v", derr)
 }
