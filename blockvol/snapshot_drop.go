@@ -17,8 +17,10 @@ import (
 )
 
 // ReplDropSnapshots drops every snapshot for which keep returns false,
-// with no WAL record, and returns the ones dropped (oldest first). It
-// blocks I/O while it runs. Readers of a dropped snapshot fail with
+// with no WAL record, and returns the ones dropped (oldest first). keep
+// is called before any of the engine's locks is taken, on the list as it
+// is then; a snapshot that appears after that is kept. It blocks I/O
+// while it runs. Readers of a dropped snapshot fail with
 // ErrSnapshotNotFound from then on. A record of a dropped snapshot found
 // in the WAL by a later recovery does not bring it back, and a later
 // SnapshotDelete record of it is applied as for an absent snapshot.
@@ -31,6 +33,15 @@ func (v *Volume) ReplDropSnapshots(keep func(SnapshotInfo) bool) ([]SnapshotInfo
 }
 
 func (v *Volume) replDropSnapshots(keep func(SnapshotInfo) bool) ([]SnapshotInfo, error) {
+	gone := map[uint64]bool{}
+	for _, in := range v.Snapshots() {
+		if !keep(in) {
+			gone[in.ID] = true
+		}
+	}
+	if len(gone) == 0 {
+		return nil, nil
+	}
 	v.snaps.opMu.Lock()
 	defer v.snaps.opMu.Unlock()
 	v.ioMu.Lock()
@@ -41,10 +52,10 @@ func (v *Volume) replDropSnapshots(keep func(SnapshotInfo) bool) ([]SnapshotInfo
 	list := v.snapList()
 	var kept, drop []*snapshot
 	for _, s := range list {
-		if keep(s.infoNow()) {
-			kept = append(kept, s)
-		} else {
+		if gone[s.info.ID] {
 			drop = append(drop, s)
+		} else {
+			kept = append(kept, s)
 		}
 	}
 	if len(drop) == 0 {
