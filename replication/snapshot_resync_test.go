@@ -157,7 +157,9 @@ func TestResyncBringsSnapshots(t *testing.T) {
 	if err := p.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "replica head", func() bool { return rn.vol.HeadLSN() == pn.vol.HeadLSN() })
+	// The head moves when the record is appended, the list once the
+	// snapshot is committed.
+	waitFor(t, "replica snapshot c", func() bool { _, err := rn.vol.SnapshotInfo("c"); return err == nil })
 	sameSnapshots(t, pn.vol, rn.vol)
 }
 
