@@ -1,9 +1,9 @@
 package blockvol
 
-// Snapshot transfer for a rebuilt replica. A rebuild (ReplResetHead,
-// ReplWriteBase) gives a replica the primary's data but none of the WAL
-// history in which its snapshots were created, so the snapshots are
-// copied separately:
+// Snapshot transfer for a replica after a base transfer. A rebuild or a
+// resync (ReplResetHead, ReplWriteBase) gives a replica the primary's
+// data but none of the WAL history in which its snapshots were created,
+// so the snapshots are copied separately:
 //
 //   - Source (the primary, existing methods only): list Snapshots(); for
 //     each, newest first, OpenSnapshot it (this also keeps it from being
@@ -17,9 +17,13 @@ package blockvol
 //     newest, from the live volume), so it costs what it costs natively.
 //
 // Not handled here: a snapshot record the replica applies while its base
-// transfer is still running captures an unfinished base. Replication
-// must keep snapshot creation and deletion on the primary from
-// overlapping a rebuild (or repeat the rebuild when one did).
+// transfer is still running would capture an unfinished base. The
+// replica's receiver (replication) applies such a record as a delete of
+// an absent snapshot instead, and the snapshot is installed with the
+// others once the base is complete. The replica's snapshots that the
+// source does not have are dropped first (ReplDropSnapshots,
+// snapshot_drop.go), so that the installed ones are older than every
+// snapshot left.
 
 import (
 	"bytes"

@@ -162,7 +162,10 @@ func (s *session) live() error {
 				return err
 			}
 		} else if s.kind != TransferNone && !s.doneSent {
-			if s.kind == TransferRebuild && !s.snapsSent {
+			// After any transfer the replica is brought to the primary's
+			// snapshots; a replica that did not list its own (an older
+			// one) is sent them only after a rebuild.
+			if !s.snapsSent && (s.replicaSnapsKnown || s.kind == TransferRebuild) {
 				if err := s.sendSnapshots(buf, zero[:]); err != nil {
 					return err
 				}

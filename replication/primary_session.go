@@ -35,22 +35,26 @@ type session struct {
 	respCh chan *Msg
 
 	// sender state (sender goroutine only)
-	next         uint64 // next LSN to send
-	barrierSent  uint64
-	lastBgBar    time.Time
-	records      int64
-	walStart     time.Time
-	walBytes     int64
-	kind         TransferKind
-	target       uint64
-	regions      []uint32 // nil with all=true
-	all          bool
-	progress     int64 // regions sent
-	nRegions     int64
-	doneSent     bool
-	snapsSent    bool // a rebuild's snapshots were sent (snapshot_transfer.go)
-	allowBarrier bool
-	baseBytes    int64
+	next        uint64 // next LSN to send
+	barrierSent uint64
+	lastBgBar   time.Time
+	records     int64
+	walStart    time.Time
+	walBytes    int64
+	kind        TransferKind
+	target      uint64
+	regions     []uint32 // nil with all=true
+	all         bool
+	progress    int64 // regions sent
+	nRegions    int64
+	doneSent    bool
+	snapsSent   bool // the transfer's snapshots were sent (snapshot_transfer.go)
+	// The replica's snapshots as its HelloResp listed them (known: it
+	// did, so it takes a snapshot plan after any transfer).
+	replicaSnaps      []SnapRef
+	replicaSnapsKnown bool
+	allowBarrier      bool
+	baseBytes         int64
 
 	promoteAt  uint64 // guarded by p.mu (set before InSync can happen)
 	promoteSet bool   // guarded by p.mu
@@ -170,7 +174,7 @@ func (s *session) handshake() (HelloResp, Facts, error) {
 	p.mu.Lock()
 	epochStart := p.epochStart
 	p.mu.Unlock()
-	if err := s.write(&Msg{Type: MsgHello, Payload: Hello{PrimaryID: p.cfg.ServerID, TargetServerID: r.id, HeadLSN: H, OldestLSN: S,
+	if err := s.write(&Msg{Type: MsgHello, LSNFrom: HelloFeatSnapshots, Payload: Hello{PrimaryID: p.cfg.ServerID, TargetServerID: r.id, HeadLSN: H, OldestLSN: S,
 		RegionSize: uint32(p.cfg.RegionSize), EpochStartLSN: epochStart}.Encode()}); err != nil {
 		return HelloResp{}, Facts{}, err
 	}
@@ -196,6 +200,7 @@ func (s *session) handshake() (HelloResp, Facts, error) {
 	if err != nil {
 		return HelloResp{}, Facts{}, err
 	}
+	s.replicaSnaps, s.replicaSnapsKnown = hr.Snapshots, hr.SnapshotsKnown
 	p.smu.Lock()
 	bmFrom := r.bm.from()
 	p.smu.Unlock()

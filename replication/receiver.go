@@ -498,7 +498,7 @@ func (r *Receiver) handle(c net.Conn) {
 	go rc.barrierWorker()
 	defer rc.stopBarrier()
 
-	resp, err := rc.helloResp(h)
+	resp, err := rc.helloResp(h, m.LSNFrom)
 	if err != nil {
 		rc.refuse(CodeApply, err.Error())
 		return
@@ -512,9 +512,13 @@ func (r *Receiver) handle(c net.Conn) {
 	}
 }
 
-func (rc *rconn) helloResp(h Hello) (HelloResp, error) {
+// helloResp answers h; feats are the Hello frame's feature bits.
+func (rc *rconn) helloResp(h Hello, feats uint64) (HelloResp, error) {
 	vol := rc.tgt.Vol
 	resp := HelloResp{FlushedLSN: vol.DurableLSN(), HeadLSN: vol.HeadLSN()}
+	if feats&HelloFeatSnapshots != 0 {
+		resp.SnapshotsKnown, resp.Snapshots = true, snapRefs(vol.Snapshots())
+	}
 	st, err := rc.loadState()
 	if err != nil {
 		return resp, err

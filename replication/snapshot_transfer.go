@@ -1,25 +1,49 @@
 package replication
 
-// Snapshots for a rebuilt replica. A rebuild gives the replica the
-// primary's data but not the WAL history its snapshots were created in, so
-// once the base has been sent (and before MsgDone) the primary sends every
-// snapshot whose record the replica has already been streamed, newest
-// first: a MsgSnapBegin (its info, and the ranges where it may differ from
-// the next newer one; none for the newest, which is compared whole with
-// the live volume), then MsgSnapData chunks that cover those ranges in
-// order, Total bytes in all. The replica installs each with
-// blockvol.InstallSnapshot, which stores only what differs. A snapshot
-// whose record comes later is created by that record after the transfer;
-// one whose record arrived during the transfer was kept as absent
-// (receiver.go) and is installed here. A replica that cannot install one
-// (it still holds snapshots of its own from before the rebuild, for
-// example) skips it, logs snapshot_install_skipped and reads the data on:
-// missing snapshots are the documented outcome, wrong ones never are.
+// Snapshots after a base transfer. A rebuild gives the replica the
+// primary's data but not the WAL history its snapshots were created in; a
+// resync (or the truncation of a divergent tail) copies only some regions
+// and ships none of the snapshot records of the replica's gap. So once
+// the base has been sent (and before MsgDone) the replica is brought to
+// hold exactly the primary's snapshots whose records it has been
+// streamed (the ones with a later record are created by it after the
+// transfer):
+//
+//   - Plan. The replica listed its snapshots in its HelloResp (a Hello
+//     with HelloFeatSnapshots asks for it). PlanSnapshotSync
+//     (snapshot_sync.go) decides which of them it keeps (its copies of
+//     the primary's newest), which it drops, and which of the primary's
+//     are sent (all older than the kept ones); the primary logs
+//     snapshot_sync_planned and sends the plan as a MsgSnapBegin carrying
+//     only Plan: the snapshots to keep. The replica drops every other one
+//     with blockvol.ReplDropSnapshots (no WAL record; snapshots_dropped).
+//     A replica that listed none (an older one) gets no plan, and
+//     snapshots only after a rebuild, as before.
+//   - Transfer. The primary sends each snapshot to install, newest first:
+//     a MsgSnapBegin (its info, and the ranges where it may differ from
+//     the next newer one; none for the newest with nothing kept, which is
+//     compared whole with the live volume), then MsgSnapData chunks that
+//     cover those ranges in order, Total bytes in all. The snapshot the
+//     ranges are relative to is kept open on the primary until the next
+//     is sent, so it cannot be deleted under the chain. The replica
+//     installs each with blockvol.InstallSnapshot, which stores only what
+//     differs.
+//
+// A snapshot record that reaches the replica while its base transfer
+// runs would capture an unfinished base: the replica records it as
+// absent (receiver.go) and, its LSN being covered, it is planned and
+// installed here with the others. A replica that cannot install one
+// (an older primary that sent no plan, and snapshots of its own from
+// before the rebuild, for example) skips it, logs
+// snapshot_install_skipped and reads the data on: missing snapshots are
+// the outcome then, wrong ones never are.
 
 import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 
 	"github.com/blockd/blockd/blockvol"
 )
@@ -43,21 +67,64 @@ type SnapBegin struct {
 	// Total is the number of bytes the MsgSnapData chunks that follow
 	// cover (the sum of Ranges, or the snapshot's size).
 	Total int64 `json:"total"`
+	// Plan, when set, makes this message the transfer's plan instead of
+	// a snapshot (Info empty, no data follows): the replica keeps only the
+	// snapshots Plan.Keep names and drops its others.
+	Plan *SnapPlan `json:"plan,omitempty"`
 }
 
-// sendSnapshots sends the snapshots of a rebuild (see the top of the file).
-// A snapshot deleted meanwhile is left out, and the chain continues from
-// the last one sent.
+// SnapPlan is what a replica is told of a SnapshotSyncPlan.
+type SnapPlan struct {
+	Keep []SnapRef `json:"keep"`
+}
+
+// sendSnapshots plans and sends the snapshots after a base transfer
+// (see the top of the file). A snapshot deleted meanwhile is left out,
+// and the chain continues from the last one sent.
 func (s *session) sendSnapshots(buf, zero []byte) error {
 	p := s.r.p
-	list := p.vol.Snapshots() // oldest first
 	sent := s.next - 1
-	var newer blockvol.SnapshotInfo
-	for i := len(list) - 1; i >= 0; i-- {
-		si := list[i]
-		if si.LSN > sent {
-			continue // its record is still to come: the replica creates it
+	var list []blockvol.SnapshotInfo // oldest first, records already streamed
+	for _, si := range p.vol.Snapshots() {
+		if si.LSN <= sent {
+			list = append(list, si)
 		}
+	}
+	toSend := list
+	var newer blockvol.SnapshotInfo
+	var newerRd *blockvol.SnapshotReader // keeps newer from being deleted
+	defer func() {
+		if newerRd != nil {
+			newerRd.Close()
+		}
+	}()
+	if s.replicaSnapsKnown {
+		plan := PlanSnapshotSync(list, s.replicaSnaps)
+		if len(plan.Keep) > 0 {
+			rd, err := p.vol.OpenSnapshot(plan.Keep[0].Name)
+			switch {
+			case errors.Is(err, blockvol.ErrSnapshotNotFound):
+				// Deleted since the list was taken: keep none, send what is left.
+				plan = SnapshotSyncPlan{Drop: s.replicaSnaps, Send: list, Reason: SnapSyncKeptDeleted}
+			case err != nil:
+				return fmt.Errorf("snapshot transfer: open %s: %w", plan.Keep[0].Name, err)
+			default:
+				newer, newerRd = plan.Keep[0], rd
+			}
+		}
+		s.log.Info(EvSnapshotSyncPlanned, "kind", s.kind.String(), "keep", len(plan.Keep), "drop", len(plan.Drop), "send", len(plan.Send),
+			"reason", plan.Reason, "primary_snapshots", len(list), "replica_snapshots", len(s.replicaSnaps))
+		b, err := json.Marshal(SnapBegin{Plan: &SnapPlan{Keep: snapRefs(plan.Keep)}})
+		if err != nil {
+			return err
+		}
+		if err := s.write(&Msg{Type: MsgSnapBegin, Payload: b}); err != nil {
+			return err
+		}
+		toSend = plan.Send
+	}
+	for i := len(toSend) - 1; i >= 0; i-- {
+		si := toSend[i]
 		rd, err := p.vol.OpenSnapshot(si.Name)
 		if errors.Is(err, blockvol.ErrSnapshotNotFound) {
 			continue
@@ -65,12 +132,14 @@ func (s *session) sendSnapshots(buf, zero []byte) error {
 		if err != nil {
 			return fmt.Errorf("snapshot transfer: open %s: %w", si.Name, err)
 		}
-		err = s.sendSnapshot(rd, si, newer, buf, zero)
-		rd.Close()
-		if err != nil {
+		if err := s.sendSnapshot(rd, si, newer, buf, zero); err != nil {
+			rd.Close()
 			return err
 		}
-		newer = si
+		if newerRd != nil {
+			newerRd.Close()
+		}
+		newer, newerRd = si, rd
 	}
 	return nil
 }
@@ -218,8 +287,14 @@ func (rc *rconn) installSnapshot(m *Msg) error {
 	if err := json.Unmarshal(m.Payload, &b); err != nil {
 		return fmt.Errorf("%w: snapshot begin: %v", ErrBadFrame, err)
 	}
-	if rc.xfer == nil || rc.xfer.st.Kind != TransferRebuild {
-		return fmt.Errorf("%w: snapshot %q outside a rebuild", ErrBadFrame, b.Info.Name)
+	if rc.xfer == nil {
+		return fmt.Errorf("%w: snapshot %q outside a transfer", ErrBadFrame, b.Info.Name)
+	}
+	if b.Plan != nil {
+		if b.Total != 0 || b.Info.Name != "" {
+			return fmt.Errorf("%w: snapshot plan with a snapshot (%q, %d bytes)", ErrBadFrame, b.Info.Name, b.Total)
+		}
+		return rc.applySnapPlan(b.Plan)
 	}
 	if b.Total < 0 || b.Total > 1<<50 {
 		return fmt.Errorf("%w: snapshot %q with %d bytes", ErrBadFrame, b.Info.Name, b.Total)
@@ -256,5 +331,39 @@ func (rc *rconn) installSnapshot(m *Msg) error {
 		return err
 	}
 	rc.log.Info(EvSnapshotInstalled, "snapshot", b.Info.Name, "id", b.Info.ID, "lsn", b.Info.LSN, "bytes", b.Total)
+	return nil
+}
+
+// applySnapPlan drops every snapshot the plan does not keep (without a
+// WAL record: the primary's log has none for them).
+func (rc *rconn) applySnapPlan(pl *SnapPlan) error {
+	vol := rc.tgt.Vol
+	keep := func(in blockvol.SnapshotInfo) bool {
+		for _, k := range pl.Keep {
+			if sameSnap(in, k) {
+				return true
+			}
+		}
+		return false
+	}
+	dropped, err := vol.ReplDropSnapshots(keep)
+	if err != nil {
+		return fmt.Errorf("replication: snapshot plan: %w", err)
+	}
+	// A kept snapshot missing here (nothing should remove one in between)
+	// makes the installs relative to it skip, never install wrong bytes.
+	here := vol.Snapshots()
+	missing := 0
+	for _, k := range pl.Keep {
+		if !slices.ContainsFunc(here, func(in blockvol.SnapshotInfo) bool { return sameSnap(in, k) }) {
+			missing++
+		}
+	}
+	names := make([]string, 0, len(dropped))
+	for _, in := range dropped {
+		names = append(names, in.Name)
+	}
+	rc.log.Info(EvSnapshotsDropped, "dropped", len(dropped), "kept", len(pl.Keep), "missing", missing,
+		"transfer", rc.xfer.st.Kind.String(), "names", strings.Join(names, ","))
 	return nil
 }

@@ -26,6 +26,11 @@ import (
 //	payload [payLen]byte
 //	crc     uint32  CRC32C of every byte above
 //
+// A Hello frame's lsnFrom carries the primary's feature bits (HelloFeat*;
+// 0 from a primary that has none), which an older replica ignores: a
+// replica adds to its HelloResp only what the bits ask for, so either side
+// may be the older one.
+//
 // All integers are big-endian. Decoding validates the lengths before it
 // allocates anything and the CRC before it returns the message, so a
 // corrupted or hostile stream yields an error, never a panic or a huge
@@ -337,7 +342,29 @@ type HelloResp struct {
 	ForkLSN        uint64
 	DivergentKnown bool
 	Divergent      []uint32
+	// SnapshotsKnown: the replica listed its snapshots (Snapshots, oldest
+	// first), as a Hello with HelloFeatSnapshots asks. They trail the
+	// payload, so an older primary never receives them, and an older
+	// replica's answer decodes without them.
+	SnapshotsKnown bool
+	Snapshots      []SnapRef
 }
+
+// HelloFeatSnapshots (a Hello frame's lsnFrom bit): the primary reads the
+// replica's snapshot list from the end of the HelloResp, and may then
+// drop and send snapshots after any base transfer (snapshot_transfer.go).
+const HelloFeatSnapshots uint64 = 1
+
+// SnapRef identifies one snapshot a replica holds.
+type SnapRef struct {
+	ID   uint64 `json:"id"`
+	LSN  uint64 `json:"lsn"`
+	UUID string `json:"uuid"`
+	Name string `json:"name"`
+}
+
+// snapRefMin is the smallest encoding of a SnapRef (two empty strings).
+const snapRefMin = 8 + 8 + 4 + 4
 
 func (r HelloResp) Encode() []byte {
 	var flags uint8
@@ -374,7 +401,17 @@ func (r HelloResp) Encode() []byte {
 	for _, x := range r.Divergent {
 		b = binary.BigEndian.AppendUint32(b, x)
 	}
-	return binary.BigEndian.AppendUint64(b, r.ForkLSN)
+	b = binary.BigEndian.AppendUint64(b, r.ForkLSN)
+	if r.SnapshotsKnown {
+		b = binary.BigEndian.AppendUint32(b, uint32(len(r.Snapshots)))
+		for _, x := range r.Snapshots {
+			b = binary.BigEndian.AppendUint64(b, x.ID)
+			b = binary.BigEndian.AppendUint64(b, x.LSN)
+			b = appendStr(b, x.UUID)
+			b = appendStr(b, x.Name)
+		}
+	}
+	return b
 }
 
 func DecodeHelloResp(p []byte) (HelloResp, error) {
@@ -411,6 +448,17 @@ func DecodeHelloResp(p []byte) (HelloResp, error) {
 		}
 	}
 	r.ForkLSN = d.u64()
+	if d.err == nil && len(d.b) > 0 {
+		r.SnapshotsKnown = true
+		n := int(d.u32())
+		if d.err == nil && n > len(d.b)/snapRefMin {
+			return r, fmt.Errorf("%w: snapshot count %d", ErrBadFrame, n)
+		}
+		r.Snapshots = make([]SnapRef, 0, n)
+		for range n {
+			r.Snapshots = append(r.Snapshots, SnapRef{ID: d.u64(), LSN: d.u64(), UUID: d.str(), Name: d.str()})
+		}
+	}
 	return r, d.done()
 }
 
