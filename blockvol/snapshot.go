@@ -454,41 +454,7 @@ func (v *Volume) mergeIntoOlder(s *snapshot) (int, error) {
 	if i <= 0 {
 		return 0, nil
 	}
-	prev := list[i-1]
-	limit := uint64(prev.info.SizeBytes) >> v.bshift
-	s.mu.RLock()
-	type src struct {
-		block uint64
-		off   int64
-	}
-	var todo []src
-	for b, off := range s.idx {
-		if b < limit && !prev.has(b) {
-			todo = append(todo, src{b, off})
-		}
-	}
-	s.mu.RUnlock()
-	slices.SortFunc(todo, func(a, b src) int { return cmpU64(a.block, b.block) })
-	const chunk = 256
-	buf := make([]byte, chunk*v.bs)
-	for k := 0; k < len(todo); k += chunk {
-		part := todo[k:min(k+chunk, len(todo))]
-		ents := make([]snapEnt, len(part))
-		for j, t := range part {
-			ents[j].block = t.block
-			if t.off != snapZeroEnt {
-				d := buf[int64(j)*v.bs : int64(j+1)*v.bs]
-				if err := v.readSnapBlock(s, t.off, d); err != nil {
-					return 0, err
-				}
-				ents[j].data = d
-			}
-		}
-		if err := v.appendSnapEntries(prev, ents); err != nil {
-			return 0, err
-		}
-	}
-	return len(todo), nil
+	return v.mergeInto(s, list[i-1])
 }
 
 // applySnapshotRecord applies a snapshot record from the primary

@@ -130,8 +130,9 @@ func (v *Volume) replDropSnapshots(keep func(SnapshotInfo) bool) ([]SnapshotInfo
 }
 
 // mergeInto copies the blocks s holds that dst lacks (inside dst's size)
-// into dst: mergeIntoOlder with an explicit target. The caller holds
-// flushMu, so s gains no blocks meanwhile.
+// into dst. Delete merges into the next older snapshot (mergeIntoOlder),
+// a replica's drop into the next kept one (its caller holds flushMu).
+// Idempotent; it only adds to dst.
 func (v *Volume) mergeInto(s, dst *snapshot) (int, error) {
 	limit := uint64(dst.info.SizeBytes) >> v.bshift
 	type src struct {
