@@ -194,7 +194,8 @@ echo CHURN-OK
 `
 
 // TestAttachDetachChurn runs the cycles in one guest. CHURN_CYCLES
-// overrides their number (default 32: four rounds of the eight kinds, about 2 minutes of guest time on a loaded 2-core host).
+// overrides their number (default 32: four rounds of the eight kinds,
+// about 2 minutes of guest time on a loaded 2-core host).
 func TestAttachDetachChurn(t *testing.T) {
 	vmtest.Require(t)
 	testenv.RequireTool(t, "fio")
