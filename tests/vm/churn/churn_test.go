@@ -1,8 +1,8 @@
 // Package churn attaches and detaches one volume over and over in a Debian
 // 6.12 guest (tests/vm/vmtest), with the real kernel drivers: `blockd
 // attach nbd` (the keeper, /dev/nbdN) and `blockd attach ublk` (the
-// foreground ublk server, /dev/ublkbN) take turns against one `blockd
-// serve`. Every cycle writes a region and makes it durable (a FUA write or
+// foreground ublk server, or /dev/ublkbN hosted by the serve process
+// itself) take turns against one `blockd serve`. Every cycle writes a region and makes it durable (a FUA write or
 // an fsync), some cycles kill -9 the keeper, the ublk process or the
 // server in between, and every attach first reads the whole used area back
 // and compares it with a reference copy of everything flushed so far. At
@@ -11,8 +11,8 @@
 package churn
 
 import (
-	"fmt"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -27,13 +27,23 @@ import (
 // fsync), the server-kill cycles also keep a writer on the BG regions
 // across the kill. /tmp/ref.img (tmpfs) holds what the device must read.
 //
-// Cycle i, by i%8 (odd: nbd, even: ublk):
+// Cycle i, by i%10 ("ublk": `attach ublk --control none`, the foreground
+// process serves the device over NBD; "hosted": plain `attach ublk`, which
+// finds serve's control socket in the working directory and has the serve
+// process host the device itself):
 //
-//	1 nbd plain          2 ublk plain
-//	3 nbd kill -9 keeper 4 ublk kill -9 attach, then attach --recover
-//	5 nbd plain          6 ublk kill -9 serve under writes
-//	7 nbd kill -9 serve under writes
-//	0 ublk kill -9 attach, then blockd detach of the orphan device
+//	1 nbd plain
+//	2 ublk plain
+//	3 nbd kill -9 keeper (the device goes on without it), blockd detach
+//	4 ublk kill -9 of its process, then attach --recover
+//	5 hosted plain (the next serve restart must not bring the detached
+//	  device back)
+//	6 ublk kill -9 serve under synced writes
+//	7 nbd kill -9 serve under synced writes
+//	8 ublk kill -9 of its process, then blockd detach of the orphan device
+//	9 hosted kill -9 serve under synced writes (the restarted serve
+//	  recovers the device)
+//	0 nbd plain
 const guestScript = `
 on_exit() {
 	rc=$?
@@ -63,12 +73,13 @@ starts=0
 serve_up() { [ "$(grep -c 'blockd is serving volume' /tmp/serve.out)" -ge $starts ] || ! kill -0 $SERVE; }
 start_serve() {
 	starts=$((starts+1))
-	blockd serve --log-file /tmp/serve.log --data /tmp/bd --nbd 127.0.0.1:10809 --api 127.0.0.1:9333 --volume vol0:256MiB >>/tmp/serve.out 2>&1 &
+	blockd serve --log-file /tmp/serve.log --nbd 127.0.0.1:10809 --api 127.0.0.1:9333 --volume vol0:256MiB >>/tmp/serve.out 2>&1 &
 	SERVE=$!
 	waitfor 120 serve_up
 	kill -0 $SERVE || { echo "serve exited"; cat /tmp/serve.out; return 1; }
 }
 kill_serve() { kill -9 $SERVE; wait $SERVE 2>/dev/null || true; }
+cd /tmp # serve's data directory ./blockd-data: attach ublk finds its control socket
 
 REG=65536
 AREA=$((REGIONS + BG)) # regions compared
@@ -111,8 +122,11 @@ stop_writer() {
 serve_kill_under_writes() {
 	start_writer
 	sleep 0.3
+	p0=$(pending)
 	kill_serve
 	start_serve
+	# a device detached through serve is forgotten: no recovery of it
+	[ -n "$HOSTED" ] || [ "$(pending)" = "$p0" ] || { echo "CHURN cycle $i: the restarted serve wants to recover a detached device"; return 1; }
 	# the client reconnects by itself; the writer must go on without an error
 	sleep 1.5
 	stop_writer
@@ -130,7 +144,7 @@ no_device_left() {
 
 attach_nbd() {
 	: >/tmp/dev
-	blockd attach nbd $M --connections 2 --timeout 10s --give-up 90s vol0 >/tmp/dev 2>>/tmp/attach.log &
+	blockd attach nbd $M --connections 2 --timeout 5s --give-up 90s vol0 >/tmp/dev 2>>/tmp/attach.log &
 	KEEPER=$!
 	waitfor 60 sh -c "test -s /tmp/dev || ! kill -0 $KEEPER" || return 1
 	DEV=$(cat /tmp/dev)
@@ -144,6 +158,17 @@ attach_ublk() { # attach_ublk [ARGS...]
 	DEV=$(cat /tmp/dev)
 	test -b "$DEV" || { echo "attach ublk exited"; return 1; }
 }
+attach_hosted() {
+	blockd attach ublk $M vol0 >/tmp/dev 2>>/tmp/attach.log || { echo "CHURN cycle $i: attach ublk (hosted) failed"; return 1; }
+	DEV=$(cat /tmp/dev)
+	test -b "$DEV"
+	grep -q msg=ublk_served /tmp/serve.log
+}
+detach_hosted() {
+	blockd detach $DEV 2>>/tmp/attach.log || { echo "CHURN cycle $i: blockd detach $DEV (hosted) failed"; return 1; }
+	test ! -e $DEV || { echo "CHURN cycle $i: $DEV still there after detach"; return 1; }
+}
+pending() { grep -c msg=ublk_recovery_pending /tmp/serve.log || true; }
 detach() { # detach PID: blockd detach $DEV, its process exits 0
 	blockd detach $DEV 2>>/tmp/attach.log || { echo "CHURN cycle $i: blockd detach $DEV failed"; return 1; }
 	rc=0; wait $1 || rc=$?
@@ -151,13 +176,14 @@ detach() { # detach PID: blockd detach $DEV, its process exits 0
 }
 
 start_serve
-fua=0; fsyncs=0; serve_kills=0; client_kills=0; recovers=0; orphans=0
+fua=0; fsyncs=0; serve_kills=0; client_kills=0; recovers=0; orphans=0; hosted=0
 t0=$(date +%s)
 i=1
 while [ $i -le $CYCLES ]; do
 	r=$((i % REGIONS))
-	case $((i % 8)) in
-	1|5) attach_nbd; verify; write_region $r; detach $KEEPER;;
+	c0=$(date +%s)
+	case $((i % 10)) in
+	1|0) attach_nbd; verify; write_region $r; detach $KEEPER;;
 	3)   attach_nbd; verify; write_region $r
 	     kill -9 $KEEPER; wait $KEEPER 2>/dev/null || true; client_kills=$((client_kills + 1))
 	     # the kernel still holds the sockets: the device works without its keeper
@@ -165,11 +191,11 @@ while [ $i -le $CYCLES ]; do
 	     blockd detach $DEV 2>>/tmp/attach.log;;
 	7)   attach_nbd; verify; serve_kill_under_writes; verify; write_region $r; detach $KEEPER;;
 	2)   attach_ublk; verify; write_region $r; detach $ATT;;
-	4|0) attach_ublk; verify; write_region $r
+	4|8) attach_ublk; verify; write_region $r
 	     ID=${DEV#/dev/ublkb}
 	     kill -9 $ATT; wait $ATT 2>/dev/null || true; client_kills=$((client_kills + 1))
 	     test -b $DEV || { echo "CHURN cycle $i: $DEV went away with its process (no user recovery)"; exit 1; }
-	     if [ $((i % 8)) -eq 4 ]; then
+	     if [ $((i % 10)) -eq 4 ]; then
 	         attach_ublk --id $ID --recover
 	         [ "$DEV" = /dev/ublkb$ID ] || { echo "CHURN cycle $i: recovered as $DEV, not ublkb$ID"; exit 1; }
 	         verify; detach $ATT; recovers=$((recovers + 1))
@@ -177,14 +203,31 @@ while [ $i -le $CYCLES ]; do
 	         blockd detach $DEV 2>>/tmp/attach.log; orphans=$((orphans + 1))
 	     fi;;
 	6)   attach_ublk; verify; serve_kill_under_writes; verify; write_region $r; detach $ATT;;
+	5)   attach_hosted; verify; write_region $r; detach_hosted; hosted=$((hosted + 1));;
+	9)   attach_hosted; verify; write_region $r
+	     u0=$(grep -c msg=ublk_recovered /tmp/serve.log || true)
+	     HOSTED=1; serve_kill_under_writes; HOSTED=
+	     [ "$(grep -c msg=ublk_recovered /tmp/serve.log)" -gt "$u0" ] || { echo "CHURN cycle $i: the restarted serve did not recover $DEV"; exit 1; }
+	     verify; detach_hosted; hosted=$((hosted + 1));;
 	esac
 	no_device_left
+	times="$times $i:$(( $(date +%s) - c0 ))"
+	if [ $BUDGET -gt 0 ] && [ $i -ge 10 ] && [ $(( $(date +%s) - t0 )) -ge $BUDGET ] && [ $i -lt $CYCLES ]; then
+		echo "CHURN time budget of ${BUDGET}s spent: stopping after $i of $CYCLES cycles"
+		break
+	fi
 	i=$((i + 1))
 done
-i=$CYCLES
+[ $i -le $CYCLES ] || i=$CYCLES
 # a last attach reads everything back once more
-attach_nbd; verify; detach $KEEPER; no_device_left
-echo "CHURN $CYCLES cycles in $(( $(date +%s) - t0 ))s: $fua FUA writes, $fsyncs fsyncs, $client_kills client kills ($recovers ublk recoveries, $orphans orphan detaches), $serve_kills server kills; every attach read back what was flushed"
+attach_nbd; verify
+# control: a write the reference does not know of must be caught
+dd if=/dev/urandom of=$DEV bs=4k count=1 seek=$((REGIONS * 16 + 5)) oflag=direct conv=fsync 2>/dev/null
+if verify >/dev/null; then echo "CHURN control: an unknown write went unnoticed"; exit 1; fi
+echo "CHURN control: an unknown write is caught"
+detach $KEEPER; no_device_left
+echo "CHURN seconds per cycle:$times"
+echo "CHURN $i cycles in $(( $(date +%s) - t0 ))s: $fua FUA writes, $fsyncs fsyncs, $client_kills client kills ($recovers ublk recoveries, $orphans orphan detaches), $hosted hosted ublk devices, $serve_kills server kills; every attach read back what was flushed"
 if dmesg | grep -E 'Buffer I/O error|blocked for more than|Oops|I/O error, dev|BUG:|WARNING:' >/tmp/bad; then
 	echo "CHURN kernel log:"; cat /tmp/bad; exit 1
 fi
@@ -193,24 +236,37 @@ kill -TERM $SERVE; wait $SERVE || true
 echo CHURN-OK
 `
 
-// TestAttachDetachChurn runs the cycles in one guest. CHURN_CYCLES
-// overrides their number (default 32: four rounds of the eight kinds,
-// about 2 minutes of guest time on a loaded 2-core host).
+var doneRe = regexp.MustCompile(`CHURN (\d+) cycles in \d+s`)
+
+// TestAttachDetachChurn runs the cycles in one guest: up to CHURN_CYCLES
+// (default 30: three rounds of the ten kinds, about 2 minutes of guest
+// time on a 2-core host running other tests), but it stops after the
+// cycle that spends CHURN_BUDGET seconds of guest time (default 150; 0:
+// no budget), once every kind ran (10 cycles), so that `go test ./...`
+// stays bounded on a loaded machine. The cycles done are logged.
 func TestAttachDetachChurn(t *testing.T) {
 	vmtest.Require(t)
 	testenv.RequireTool(t, "fio")
-	cycles := 32
+	cycles := 30
 	if s := os.Getenv("CHURN_CYCLES"); s != "" {
 		n, err := strconv.Atoi(s)
-		if err != nil || n < 8 {
-			t.Fatalf("CHURN_CYCLES=%q: want a number >= 8", s)
+		if err != nil || n < 10 {
+			t.Fatalf("CHURN_CYCLES=%q: want a number >= 10", s)
 		}
 		cycles = n
+	}
+	budget := 150
+	if s := os.Getenv("CHURN_BUDGET"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 0 {
+			t.Fatalf("CHURN_BUDGET=%q: want seconds >= 0", s)
+		}
+		budget = n
 	}
 	res := vmtest.Boot(t, vmtest.Guest{
 		Binaries:  map[string]string{"/usr/local/bin/blockd": vmtest.BuildBlockd(t)},
 		Tools:     []string{"fio"},
-		Env:       map[string]string{"CYCLES": strconv.Itoa(cycles), "REGIONS": "16", "BG": "4"},
+		Env:       map[string]string{"CYCLES": strconv.Itoa(cycles), "BUDGET": strconv.Itoa(budget), "REGIONS": "16", "BG": "4"},
 		Script:    guestScript,
 		MemoryMiB: 2048,
 		Timeout:   time.Duration(cycles)*6*time.Second + 3*time.Minute,
@@ -225,8 +281,12 @@ func TestAttachDetachChurn(t *testing.T) {
 	if res.ExitCode != 0 {
 		t.Fatalf("guest script exit %d (the console above has the blockd logs)", res.ExitCode)
 	}
-	if !strings.Contains(res.Output, "CHURN-OK") || !strings.Contains(res.Output, fmt.Sprintf("CHURN %d cycles", cycles)) {
-		t.Fatalf("the guest did not report the %d cycles done", cycles)
+	m := doneRe.FindStringSubmatch(res.Output)
+	if !strings.Contains(res.Output, "CHURN-OK") || !strings.Contains(res.Output, "CHURN control: an unknown write is caught") || m == nil {
+		t.Fatalf("the guest did not report its cycles done")
+	}
+	if n, _ := strconv.Atoi(m[1]); n < 10 || n > cycles || (n < cycles && !strings.Contains(res.Output, "CHURN time budget")) {
+		t.Fatalf("the guest reports %d cycles done, want %d (or at least 10 with the time budget spent)", n, cycles)
 	}
 	for _, bad := range []string{"Buffer I/O error", "blocked for more than", "Oops", "I/O error, dev", "BUG:", "WARNING:"} {
 		if strings.Contains(res.Console, bad) {
