@@ -269,7 +269,7 @@ func TestAttachDetachChurn(t *testing.T) {
 		Env:       map[string]string{"CYCLES": strconv.Itoa(cycles), "BUDGET": strconv.Itoa(budget), "REGIONS": "16", "BG": "4"},
 		Script:    guestScript,
 		MemoryMiB: 2048,
-		Timeout:   time.Duration(cycles)*6*time.Second + 3*time.Minute,
+		Timeout:   time.Duration(cycles)*10*time.Second + 3*time.Minute,
 	})
 	var lines []string
 	for _, l := range strings.Split(res.Output, "\n") {
