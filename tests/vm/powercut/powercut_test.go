@@ -7,7 +7,10 @@
 // killed, the file system unmounted, the table restored, the file system
 // mounted (journal recovery), blockd restarted, and every flushed write
 // must read back whole. A control cycle at the end counts the flushes
-// acknowledged after a cut, and must find them lost.
+// acknowledged after a cut, and must find them lost. Between the two, a
+// fio phase (fioSh) does the same with fio through the kernel's nbd driver
+// as the client: fio --verify_only must find every region it wrote and
+// fsynced before a cut intact after it.
 package powercut
 
 import (
@@ -143,6 +146,8 @@ done
 serve
 pcclient verify -blocks 256
 echo "POWERCUT all $CYCLES cycles verified"
+fio_phase
+pcclient verify -blocks 256
 # Control: the same cut, but the writer goes on counting the flushes the
 # server acknowledges after it. Those were dropped below the file system,
 # so verify must find lost writes, or the rig cuts nothing.
@@ -172,6 +177,93 @@ kill -9 $SRV
 const libSh = `load() { dmsetup suspend --nolockfs flaky && dmsetup load flaky --table "$1" && dmsetup resume flaky; }
 `
 
+// fioSh is the fio phase, sourced by the guest script after the cycles
+// (serve is running as $SRV): fio, through the kernel's nbd driver and a
+// `blockd attach nbd` keeper that stays attached across the cuts, writes a
+// region with crc32c verify headers and fsyncs it; right after the fsync,
+// while a second fio keeps O_SYNC (FUA) writes going on another region,
+// the power is cut (drop_writes, then error_writes in the second round);
+// serve is killed, the file system recovered, serve restarted, the keeper
+// reconnects by itself, and fio --verify_only must find every block of
+// each flushed region (this round's and the earlier one's) intact. As a
+// control, in the drop_writes round fio also writes and fsyncs a region
+// after the cut: verify_only must find that one lost. The regions (4M..,
+// 12M.., load 18M.., control 24M..) lie past pcclient's blocks (the
+// first 1 MiB).
+const fioSh = `
+fio_attach() {
+	: >/tmp/nbd.dev
+	blockd attach nbd --nbd 127.0.0.1:10809 --connections 2 --timeout 10s --give-up 3m vol0 >/tmp/nbd.dev 2>>/tmp/attach.log &
+	KEEPER=$!
+	n=1200
+	while ! test -s /tmp/nbd.dev; do
+		kill -0 $KEEPER 2>/dev/null || { echo "POWERCUT fio: attach nbd exited"; cat /tmp/attach.log; exit 1; }
+		n=$((n-1)); [ $n -gt 0 ] || { echo "POWERCUT fio: attach nbd timed out"; cat /tmp/attach.log; exit 1; }
+		usleep 100000
+	done
+	NBD=$(cat /tmp/nbd.dev)
+	echo "POWERCUT fio: attached $NBD (fua $(cat /sys/block/${NBD#/dev/}/queue/fua))"
+}
+flushed_job() { # flushed_job OFFSET ARGS...: the job that writes (and later verifies) a flushed region
+	local at=$1; shift
+	fio --name=flushed --filename=$NBD --offset=$at --size=6M --rw=randwrite --bsrange=4k-64k \
+		--direct=1 --ioengine=libaio --iodepth=16 --verify=crc32c --verify_fatal=1 --verify_state_save=0 \
+		--output-format=terse "$@"
+}
+reconnects() { grep -c msg=nbd_reconnected /tmp/attach.log || true; }
+fio_cut() { # fio_cut NAME TABLE OFFSET CONTROL [VERIFIED_OFFSET...]
+	name=$1; table=$2; off=$3; control=$4; shift 4
+	flushed_job $off --do_verify=0 --end_fsync=1 --fsync_on_close=1 >/tmp/fio-w.out 2>&1 || { echo "POWERCUT fio: write phase failed"; cat /tmp/fio-w.out; exit 1; }
+	echo "POWERCUT fio $name: region $off+6M written and fsynced (fio errors $(tail -1 /tmp/fio-w.out | cut -d';' -f5))"
+	fio --name=load --filename=$NBD --offset=18M --size=6M --rw=randwrite --bs=4k --direct=1 --sync=1 \
+		--ioengine=libaio --iodepth=8 --time_based --runtime=60 --output-format=terse >/tmp/fio-load.out 2>&1 &
+	FL=$!
+	usleep 500000
+	load "$table"
+	echo "POWERCUT fio $name: cut under FUA load"
+	if [ "$control" != - ]; then
+		# control: a region written and fsynced after the cut; the server
+		# acknowledges it, but it never reached the disk
+		flushed_job $control --do_verify=0 --end_fsync=1 >/tmp/fio-c.out 2>&1 || true
+	fi
+	usleep 1500000
+	kill -9 $FL 2>/dev/null || echo "POWERCUT fio $name: the FUA load had stopped by itself: $(grep -m1 'io_u error' /tmp/fio-load.out | cut -c1-100)"
+	wait $FL 2>/dev/null || true
+	r0=$(reconnects)
+	kill -9 $SRV 2>/dev/null || echo "POWERCUT fio $name: serve had exited by itself"
+	wait $SRV 2>/dev/null || true
+	umount /data || umount -l /data
+	load "$UP"
+	echo 3 > /proc/sys/vm/drop_caches
+	e2fsck -fy $DEV >/tmp/fsck.log 2>&1 || echo "POWERCUT fio $name: e2fsck exit $? (repaired)"
+	mount $DEV /data
+	serve
+	n=1800
+	while [ "$(reconnects)" -le "$r0" ]; do
+		n=$((n-1)); [ $n -gt 0 ] || { echo "POWERCUT fio: the keeper did not reconnect"; tail -20 /tmp/attach.log; exit 1; }
+		usleep 100000
+	done
+	if [ "$control" != - ]; then
+		if flushed_job $control --verify_only >/tmp/fio-cv.out 2>&1; then
+			echo "POWERCUT fio control: region $control+6M, fsynced after the cut, verified: the rig cut nothing"; exit 1
+		fi
+		echo "POWERCUT fio control: region $control+6M, fsynced after the cut, found lost, as it must be"
+	fi
+	for o in $off "$@"; do
+		flushed_job $o --verify_only >/tmp/fio-v.out 2>&1 || { echo "POWERCUT fio $name: verify_only of region $o+6M FAILED: a flushed write was lost"; tail -20 /tmp/fio-v.out; exit 1; }
+		echo "POWERCUT fio $name: verify_only of region $o+6M: every block intact"
+	done
+}
+fio_phase() {
+	fio_attach
+	fio_cut drop_writes "$DROP" 4M 24M
+	fio_cut error_writes "$EIO" 12M - 4M
+	blockd detach $NBD
+	wait $KEEPER || { echo "POWERCUT fio: keeper exit $?"; exit 1; }
+	echo "POWERCUT fio phase: flushed regions intact after 2 cuts"
+}
+`
+
 // TestPowerCutDMFlakey boots the guest once and runs the cycles.
 func TestPowerCutDMFlakey(t *testing.T) {
 	if testing.Short() {
@@ -179,6 +271,7 @@ func TestPowerCutDMFlakey(t *testing.T) {
 	}
 	vmtest.Require(t)
 	testenv.RequireTool(t, "dmsetup")
+	testenv.RequireTool(t, "fio")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	img, err := vmtest.Prepare(ctx)
 	cancel()
@@ -186,7 +279,7 @@ func TestPowerCutDMFlakey(t *testing.T) {
 		t.Fatalf("prepare guest image: %v", err)
 	}
 	files := fetchDMModules(t, img.KernelVersion)
-	files["/root/lib.sh"] = []byte(libSh)
+	files["/root/lib.sh"] = []byte(libSh + fioSh)
 	files["/root/cut-drop.sh"] = []byte(". /root/lib.sh\nload \"$DROP\"\n")
 	cycles := 6
 	if s := os.Getenv("POWERCUT_CYCLES"); s != "" {
@@ -207,11 +300,11 @@ func TestPowerCutDMFlakey(t *testing.T) {
 			"/usr/local/bin/pcclient": vmtest.GoBuild(t, "./tests/vm/powercut/pcclient"),
 		},
 		Files:     files,
-		Tools:     []string{"dmsetup"},
+		Tools:     []string{"dmsetup", "fio"},
 		Env:       map[string]string{"CYCLES": strconv.Itoa(cycles), "BASESEED": strconv.FormatInt(seed, 10)},
 		Script:    guestScript,
 		MemoryMiB: 1536,
-		Timeout:   time.Duration(cycles)*90*time.Second + 2*time.Minute,
+		Timeout:   time.Duration(cycles)*90*time.Second + 4*time.Minute,
 	})
 	var lines []string
 	for _, l := range strings.Split(res.Output, "\n") {
@@ -225,6 +318,10 @@ func TestPowerCutDMFlakey(t *testing.T) {
 	}
 	if !strings.Contains(res.Output, fmt.Sprintf("POWERCUT all %d cycles verified", cycles)) {
 		t.Fatalf("the guest did not report every cycle verified")
+	}
+	if !strings.Contains(res.Output, "POWERCUT fio phase: flushed regions intact after 2 cuts") ||
+		!strings.Contains(res.Output, "POWERCUT fio control: region 24M+6M, fsynced after the cut, found lost") {
+		t.Fatalf("the fio phase did not report its flushed regions intact")
 	}
 	if !strings.Contains(res.Output, "POWERCUT control: flushes acknowledged after the cut found lost") {
 		t.Fatalf("the control cycle did not run")
