@@ -8,7 +8,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
@@ -399,15 +398,8 @@ func mountedFrom(path, dev string) bool {
 // dropStalePidFile removes a keeper pid file that names this process or
 // a process that is not a running blockd.
 func dropStalePidFile(path string) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err == nil && pid > 0 && pid != os.Getpid() {
-		if comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); err == nil && strings.TrimSpace(string(comm)) == "blockd" {
-			return // a live keeper (blockd attach nbd): Detach stops it
-		}
+	if pid, ok := kernel.KeeperPid(path); ok && pid != os.Getpid() {
+		return // a live keeper (blockd attach nbd): Detach stops it
 	}
 	_ = os.Remove(path)
 }

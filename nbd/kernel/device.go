@@ -80,9 +80,6 @@ type permanentError struct{}
 
 func (permanentError) Error() string { return "" }
 
-// PidFile is where the keeper of /dev/nbdN records its pid, for detach.
-func PidFile(index int) string { return fmt.Sprintf("/run/blockd/nbd%d.pid", index) }
-
 // Attach negotiates with the volume's primary and connects a kernel nbd
 // device to it. The returned Device must then be kept (Keep) or closed.
 func Attach(ctx context.Context, o Options) (*Device, error) {
@@ -324,8 +321,9 @@ func (d *Device) Keep(ctx context.Context) error {
 	defer d.close()
 	pid := PidFile(d.Index)
 	if err := os.MkdirAll(filepath.Dir(pid), 0o755); err == nil {
-		_ = os.WriteFile(pid, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644)
-		defer os.Remove(pid)
+		if err := writePidFile(pid); err == nil {
+			defer os.Remove(pid)
+		}
 	}
 	var h Health
 	p := d.o.Policy
@@ -482,10 +480,8 @@ func Detach(ctx context.Context, dev string, force bool) error {
 		return fmt.Errorf("detach: %s is not connected", path)
 	}
 	// Stop the keeper first so it does not reconnect what we disconnect.
-	if b, err := os.ReadFile(PidFile(idx)); err == nil {
-		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 0 {
-			_ = syscall.Kill(pid, syscall.SIGTERM)
-		}
+	if pid, ok := KeeperPid(PidFile(idx)); ok {
+		_ = syscall.Kill(pid, syscall.SIGTERM)
 	}
 	if err := nl.disconnect(idx); err != nil {
 		return fmt.Errorf("detach: %s: %w", path, err)
