@@ -242,7 +242,9 @@ func BenchmarkServeHostedUblkVsNBD(b *testing.B) {
 			Timeout:   10 * time.Minute,
 			Script: prelude + `
 cd /tmp
-blockd serve --log-file - --volume vol0:512MiB >/tmp/serve.log 2>&1 &
+# 256 MiB, the region fio touches: the engine's WAL (twice a small
+# volume, at most 1 GiB) must fit the guest's RAM-backed /tmp beside it.
+blockd serve --log-file - --volume vol0:256MiB >/tmp/serve.log 2>&1 &
 SERVE=$!
 up() { grep -q 'blockd is serving volume' /tmp/serve.log || ! kill -0 $SERVE; }
 waitfor 180 up

@@ -5,6 +5,7 @@
 package ublk_test
 
 import (
+	"fmt"
 	"os"
 	"sort"
 	"strconv"
@@ -265,7 +266,9 @@ echo UBLK-DETACH-OK
 // BenchmarkUblkVsNBD runs fio 4k random read and random write at QD32 on
 // /dev/ublkb0 and on /dev/nbd0 in the same guest, both served by the same
 // process from the same blockvol engine volume, and reports IOPS and the
-// ublk/NBD ratios (emulation makes the absolute numbers meaningless). The
+// ublk/NBD ratios, and against the kernel's loop device over a file on
+// the same guest file system, the ceiling (emulation makes the absolute
+// numbers meaningless). The
 // host is shared and noisy, so the measurements are interleaved in rounds
 // (ublk with InlineNever, the default, then NBD, then ublk with the modes
 // in BLOCKD_BENCH_MODES) and the median of the per-round ratios is
@@ -324,6 +327,12 @@ while [ $r -lt $ROUNDS ]; do
 		fi
 		kill -TERM $SERVER; wait $SERVER
 	done
+	# The ceiling: the kernel's loop device over a file on the same
+	# guest file system as the engine's volume.
+	[ -f /tmp/loop.img ] || dd if=/dev/urandom of=/tmp/loop.img bs=1M count=256 2>/dev/null
+	losetup /dev/loop0 /tmp/loop.img
+	bench /dev/loop0 loop $r
+	losetup -d /dev/loop0
 done
 `,
 		})
@@ -362,9 +371,35 @@ done
 				b.ReportMetric(median(ratios), rw+"-"+kind+"/nbd")
 				b.Logf("%s 4k QD32: %s median %.0f IOPS, nbd median %.0f IOPS, median per-round ratio %.2f (rounds %v)",
 					rw, kind, median(us), median(ns), median(ratios), ratios)
+				var lr, ls []float64
+				for _, m := range iops {
+					l := m[rw+"/loop"]
+					if l == 0 {
+						b.Fatalf("missing %s loop results: %v", rw, m)
+					}
+					lr, ls = append(lr, m[rw+"/"+kind]/l), append(ls, l)
+				}
+				b.ReportMetric(median(lr), rw+"-"+kind+"/loop")
+				b.Logf("%s 4k QD32: %s against the loop device (median %.0f IOPS): median per-round ratio %.2f (rounds %v)%s",
+					rw, kind, median(ls), median(lr), lr, ublkGoal(rw, median(ratios), median(lr)))
 			}
 		}
 	}
+}
+
+// ublkGoal states the write goals: ublk at least 2x nbd0 and 0.8x the
+// loop device.
+func ublkGoal(rw string, vsNBD, vsLoop float64) string {
+	if rw != "randwrite" {
+		return ""
+	}
+	verdict := func(ok bool) string {
+		if ok {
+			return "met"
+		}
+		return "MISSED"
+	}
+	return fmt.Sprintf("; goals: >= 2x nbd %s, >= 0.8x loop %s", verdict(vsNBD >= 2), verdict(vsLoop >= 0.8))
 }
 
 func median(v []float64) float64 {
