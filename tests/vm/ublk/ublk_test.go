@@ -294,10 +294,11 @@ func BenchmarkUblkVsNBD(b *testing.B) {
 	testenv.RequireTool(b, "fio")
 	for i := 0; i < b.N; i++ {
 		res := vmtest.Boot(b, vmtest.Guest{
-			Binaries: map[string]string{"/usr/local/bin/ublkserve": vmtest.GoBuild(b, "./tests/vm/ublk/ublkserve")},
-			Tools:    []string{"fio"},
-			Timeout:  15 * time.Minute,
-			Env:      map[string]string{"RT": runtime, "ROUNDS": rounds, "MODES": modes},
+			Binaries:  map[string]string{"/usr/local/bin/ublkserve": vmtest.GoBuild(b, "./tests/vm/ublk/ublkserve")},
+			Tools:     []string{"fio"},
+			Timeout:   15 * time.Minute,
+			MemoryMiB: 2048, // the engine's volume and the loop device's file live in RAM
+			Env:       map[string]string{"RT": runtime, "ROUNDS": rounds, "MODES": modes},
 			Script: prelude + `
 bench() { # bench DEV KIND ROUND
 	for rw in randread randwrite; do
@@ -329,7 +330,7 @@ while [ $r -lt $ROUNDS ]; do
 	done
 	# The ceiling: the kernel's loop device over a file on the same
 	# guest file system as the engine's volume.
-	[ -f /tmp/loop.img ] || dd if=/dev/urandom of=/tmp/loop.img bs=1M count=256 2>/dev/null
+	[ -f /tmp/loop.img ] || dd if=/dev/urandom of=/tmp/loop.img bs=1M count=256
 	losetup /dev/loop0 /tmp/loop.img
 	bench /dev/loop0 loop $r
 	losetup -d /dev/loop0
