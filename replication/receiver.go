@@ -149,21 +149,6 @@ func (v *rvol) releaseLocked() {
 	v.held = 0
 }
 
-func (v *rvol) applied(lsn uint64, size int64) {
-	v.tmu.Lock()
-	defer v.tmu.Unlock()
-	if lsn <= v.committed {
-		return
-	}
-	v.tail = append(v.tail, tailEnt{lsn, size})
-	v.tailBytes += size
-	for len(v.tail) > 0 && v.tailBytes > v.tailCap {
-		v.tailBytes -= v.tail[0].size
-		v.tail = v.tail[1:]
-	}
-	v.syncHoldLocked()
-}
-
 func (v *rvol) commit(lsn uint64) {
 	v.tmu.Lock()
 	defer v.tmu.Unlock()
@@ -322,6 +307,7 @@ type rconn struct {
 	xfer        *rxfer
 	lineageDone bool
 	rv          *rvol
+	batch       rbatch // the apply path's batch (receiver_apply.go)
 }
 
 func (rc *rconn) send(m *Msg) error {

@@ -1,6 +1,7 @@
 package replication
 
 import (
+	"encoding/binary"
 	"fmt"
 	"time"
 
@@ -18,28 +19,12 @@ func (rc *rconn) loop() error {
 		if err != nil {
 			return err
 		}
-		if m.Volume != rc.volume {
-			rc.refuse(CodeProtocol, "volume changed within a session")
-			return ErrBadFrame
-		}
-		if err := rc.fence.Check(m.Epoch, m.Session); err != nil {
-			rc.refuse(CodeStaleSession, err.Error())
-			return err
-		}
-		// The server may have moved this volume to a newer epoch since the
-		// session began: the old primary is refused before anything is applied.
-		tgt, ok := rc.r.cfg.Lookup(rc.volume)
-		if !ok || tgt.Epoch != m.Epoch {
-			rc.refuse(CodeStaleEpoch, fmt.Sprintf("message epoch %d, replica epoch %d", m.Epoch, tgt.Epoch), "replica_epoch", tgt.Epoch, "type", m.Type.String())
-			return ErrStaleEpoch
-		}
-		if tgt.PrimaryID != rc.tgt.PrimaryID {
-			rc.refuse(CodeWrongPrimary, fmt.Sprintf("session of %q, the assignment now names %q", rc.tgt.PrimaryID, tgt.PrimaryID), "type", m.Type.String())
-			return ErrWrongPrimary
+		if f := rc.admit(m); f != nil {
+			return rc.refuseWith(f)
 		}
 		switch m.Type {
 		case MsgRecord:
-			if err := rc.applyRecord(m); err != nil {
+			if err := rc.applyRecords(m); err != nil {
 				return err
 			}
 		case MsgBarrier:
@@ -92,33 +77,158 @@ func (rc *rconn) loop() error {
 	}
 }
 
-func (rc *rconn) applyRecord(m *Msg) error {
+// refusal is a refusal not sent yet: a batch applies the records before
+// the refused one first, as one-at-a-time apply would have.
+type refusal struct {
+	code, msg string
+	attrs     []any
+	err       error
+}
+
+func (rc *rconn) refuseWith(f *refusal) error {
+	rc.refuse(f.code, f.msg, f.attrs...)
+	return f.err
+}
+
+// admit checks a message against the session: its volume, fence, and the
+// server's current epoch and primary for the volume.
+func (rc *rconn) admit(m *Msg) *refusal {
+	if m.Volume != rc.volume {
+		return &refusal{code: CodeProtocol, msg: "volume changed within a session", err: ErrBadFrame}
+	}
+	if err := rc.fence.Check(m.Epoch, m.Session); err != nil {
+		return &refusal{code: CodeStaleSession, msg: err.Error(), err: err}
+	}
+	// The server may have moved this volume to a newer epoch since the
+	// session began: the old primary is refused before anything is applied.
+	tgt, ok := rc.r.cfg.Lookup(rc.volume)
+	if !ok || tgt.Epoch != m.Epoch {
+		return &refusal{code: CodeStaleEpoch, msg: fmt.Sprintf("message epoch %d, replica epoch %d", m.Epoch, tgt.Epoch),
+			attrs: []any{"replica_epoch", tgt.Epoch, "type", m.Type.String()}, err: ErrStaleEpoch}
+	}
+	if tgt.PrimaryID != rc.tgt.PrimaryID {
+		return &refusal{code: CodeWrongPrimary, msg: fmt.Sprintf("session of %q, the assignment now names %q", rc.tgt.PrimaryID, tgt.PrimaryID),
+			attrs: []any{"type", m.Type.String()}, err: ErrWrongPrimary}
+	}
+	return nil
+}
+
+// Bounds of one batch of the replica: its records' data is copied out of
+// the frame buffer (which the next read reuses) into the batch's arena.
+const (
+	batchArena = 512 << 10
+	batchRecs  = 256
+)
+
+// rbatch is the batch being collected (reused across batches).
+type rbatch struct {
+	recs  []wal.Record
+	arena []byte
+}
+
+// applyRecords applies the record m and every record frame after it that
+// is already buffered (complete) on the connection, as one batch: one
+// ApplyRecords call (one WAL write for the batch) instead of one per
+// record; the barrier that follows syncs them all at once. Each record
+// is checked as it is read (session, epoch, LSN sequence, validity); the
+// first that fails is refused after the records before it are applied,
+// and nothing after it is. A record is never held back waiting for more
+// data: the batch ends with what the connection has.
+func (rc *rconn) applyRecords(m *Msg) error {
+	b := &rc.batch
+	if b.arena == nil {
+		b.arena = make([]byte, 0, batchArena)
+	}
+	next := rc.tgt.Vol.HeadLSN() + 1
+	for {
+		rec, skip, f := rc.record(m, next)
+		if f != nil {
+			if err := rc.applyBatch(); err != nil {
+				return err
+			}
+			return rc.refuseWith(f)
+		}
+		if !skip {
+			if len(rec.Payload) > cap(b.arena)-len(b.arena) {
+				if err := rc.applyBatch(); err != nil {
+					return err
+				}
+			}
+			if len(rec.Payload) > cap(b.arena) {
+				// Larger than the arena: alone, straight from the frame.
+				b.recs = append(b.recs, rec)
+				if err := rc.applyBatch(); err != nil {
+					return err
+				}
+			} else {
+				o := len(b.arena)
+				b.arena = append(b.arena, rec.Payload...)
+				rec.Payload = b.arena[o:len(b.arena):len(b.arena)]
+				b.recs = append(b.recs, rec)
+			}
+			next++
+		}
+		if len(b.recs) >= batchRecs || !rc.recordBuffered() {
+			return rc.applyBatch()
+		}
+		var err error
+		if m, err = rc.mr.Read(); err != nil {
+			if aerr := rc.applyBatch(); aerr != nil {
+				return aerr
+			}
+			return err
+		}
+		if f := rc.admit(m); f != nil {
+			if err := rc.applyBatch(); err != nil {
+				return err
+			}
+			return rc.refuseWith(f)
+		}
+	}
+}
+
+// recordBuffered reports whether the next frame is a record that is
+// entirely in the read buffer (reading it cannot block).
+func (rc *rconn) recordBuffered() bool {
+	r := rc.mr.r
+	if r.Buffered() < headerSize {
+		return false
+	}
+	h, err := r.Peek(headerSize)
+	if err != nil || MsgType(h[4]) != MsgRecord {
+		return false
+	}
+	volLen := int(binary.BigEndian.Uint16(h[6:]))
+	payLen := int(binary.BigEndian.Uint32(h[40:]))
+	return r.Buffered() >= headerSize+volLen+payLen+trailerSize
+}
+
+// record decodes and checks the record m, next being the LSN the batch
+// expects: a duplicate (catch-up overlap) is skipped; a gap, a bad
+// record or a failure to note the lineage is a refusal.
+func (rc *rconn) record(m *Msg, next uint64) (wal.Record, bool, *refusal) {
 	body, err := DecodeRecordBody(m.Payload)
 	if err != nil {
-		rc.refuse(CodeProtocol, err.Error())
-		return err
+		return wal.Record{}, false, &refusal{code: CodeProtocol, msg: err.Error(), err: err}
 	}
-	vol := rc.tgt.Vol
 	lsn := m.LSNFrom
-	head := vol.HeadLSN()
-	if lsn <= head {
-		return nil // duplicate (catch-up overlap): skipped
+	if lsn < next {
+		return wal.Record{}, true, nil // duplicate (catch-up overlap): skipped
 	}
-	if lsn != head+1 {
-		rc.refuse(CodeGap, fmt.Sprintf("record LSN %d after head %d", lsn, head), "lsn", lsn, "head", head)
-		return fmt.Errorf("replication: LSN gap: got %d, head %d", lsn, head)
+	if lsn != next {
+		return wal.Record{}, false, &refusal{code: CodeGap, msg: fmt.Sprintf("record LSN %d after head %d", lsn, next-1),
+			attrs: []any{"lsn", lsn, "head", next - 1}, err: fmt.Errorf("replication: LSN gap: got %d, head %d", lsn, next-1)}
 	}
 	rec := wal.Record{LSN: lsn, Epoch: body.Epoch, Type: wal.RecordType(body.Type), Offset: body.Offset, Length: body.Length, Payload: body.Data}
 	// Validated (overflow-safe, against this volume's size and block
 	// size) before anything is stored: a bad record never reaches the
 	// WAL, the lineage file or the transfer's live set.
-	if err := vol.ValidateRecord(rec); err != nil {
-		rc.refuse(CodeProtocol, err.Error(), "lsn", lsn, "offset", body.Offset, "length", body.Length)
-		return fmt.Errorf("%w: %v", ErrBadFrame, err)
+	if err := rc.tgt.Vol.ValidateRecord(rec); err != nil {
+		return rec, false, &refusal{code: CodeProtocol, msg: err.Error(), attrs: []any{"lsn", lsn, "offset", body.Offset, "length", body.Length},
+			err: fmt.Errorf("%w: %v", ErrBadFrame, err)}
 	}
 	if err := rc.noteLineage(lsn); err != nil {
-		rc.refuse(CodeApply, err.Error())
-		return err
+		return rec, false, &refusal{code: CodeApply, msg: err.Error(), err: err}
 	}
 	if x := rc.xfer; x != nil && body.Type == RecSnapshot {
 		// A base transfer is under way: blocks not yet transferred still
@@ -131,13 +241,35 @@ func (rc *rconn) applyRecord(m *Msg) error {
 		rc.log.Warn(EvSnapshotSkipped, "lsn", lsn, "reason", "base_transfer_in_progress", "transfer", x.st.Kind.String(),
 			"reset_lsn", x.st.ResetLSN)
 	}
-	if err := vol.ApplyRecord(rec); err != nil {
+	return rec, false, nil
+}
+
+// applyBatch applies the collected records and empties the batch. The
+// records the volume applied are noted (tail retention, the transfer's
+// live set) even when a later one of the batch fails.
+func (rc *rconn) applyBatch() error {
+	b := &rc.batch
+	if len(b.recs) == 0 {
+		return nil
+	}
+	n, err := rc.tgt.Vol.ApplyRecords(b.recs)
+	rc.rv.appliedRun(b.recs[:n])
+	if x := rc.xfer; x != nil {
+		for _, rec := range b.recs[:n] {
+			if t := uint8(rec.Type); rec.LSN > x.st.ResetLSN && t != RecBarrier && !isSnapshotRec(t) {
+				x.live.mark(rec.Offset, int64(rec.Length))
+			}
+		}
+	}
+	var lsn uint64
+	if err != nil {
+		lsn = b.recs[min(n, len(b.recs)-1)].LSN
+	}
+	clear(b.recs) // no payload (frame buffer) kept alive
+	b.recs, b.arena = b.recs[:0], b.arena[:0]
+	if err != nil {
 		rc.refuse(CodeApply, err.Error(), "lsn", lsn)
 		return fmt.Errorf("replication: apply LSN %d: %w", lsn, err)
-	}
-	rc.rv.applied(lsn, int64(len(body.Data))+64)
-	if x := rc.xfer; x != nil && lsn > x.st.ResetLSN && body.Type != RecBarrier && !isSnapshotRec(body.Type) {
-		x.live.mark(body.Offset, int64(body.Length))
 	}
 	return nil
 }
@@ -174,4 +306,26 @@ func (rc *rconn) stopBarrier() {
 	rc.bdone = true
 	rc.bcond.Broadcast()
 	rc.bmu.Unlock()
+}
+
+// appliedRun notes applied records under one lock (see applied).
+func (v *rvol) appliedRun(recs []wal.Record) {
+	if len(recs) == 0 {
+		return
+	}
+	v.tmu.Lock()
+	defer v.tmu.Unlock()
+	for _, rec := range recs {
+		if rec.LSN <= v.committed {
+			continue
+		}
+		size := int64(len(rec.Payload)) + 64
+		v.tail = append(v.tail, tailEnt{rec.LSN, size})
+		v.tailBytes += size
+	}
+	for len(v.tail) > 0 && v.tailBytes > v.tailCap {
+		v.tailBytes -= v.tail[0].size
+		v.tail = v.tail[1:]
+	}
+	v.syncHoldLocked()
 }
