@@ -462,9 +462,11 @@ func (v *Volume) appendBatch(recs []wal.Record, res []batchRes) (int, error) {
 	if used >= flushHighWater(v.walSize) {
 		v.kick()
 	}
-	if err := v.writeBatch(recs[:n], res[:n]); err != nil {
+	if w, err := v.writeBatch(recs[:n], res[:n]); err != nil {
+		// The first w records were written (a crash may keep them) but
+		// are not complete: the volume stops here.
 		v.fail(err)
-		return 0, ioError(fmt.Errorf("append LSNs %d-%d: %w", recs[0].LSN, recs[n-1].LSN, err))
+		return w, ioError(fmt.Errorf("append LSNs %d-%d: %w", recs[0].LSN+uint64(w), recs[n-1].LSN, err))
 	}
 	for i := range recs[:n] {
 		rec, start := &recs[i], res[i].start
@@ -484,14 +486,15 @@ func (v *Volume) appendBatch(recs []wal.Record, res []batchRes) (int, error) {
 
 // writeBatch writes the reserved records: each run of records that lie
 // back to back in the file goes out in one pwrite; a record placed after
-// the ring's end gets its padding header first, as in writeRecord.
-func (v *Volume) writeBatch(recs []wal.Record, res []batchRes) error {
+// the ring's end gets its padding header first, as in writeRecord. On an
+// error it returns how many records were written before it.
+func (v *Volume) writeBatch(recs []wal.Record, res []batchRes) (int, error) {
 	for i := 0; i < len(recs); {
 		if res[i].gap >= wal.HeaderSize {
 			var hdr [wal.HeaderSize]byte
 			wal.PutHeader(hdr[:], wal.Record{Type: wal.Padding, LSN: recs[i].LSN, Gen: recs[i].Gen, Length: uint32(res[i].gap - wal.HeaderSize)}, nil)
 			if _, err := v.walF.WriteAt(hdr[:], v.ring.Phys(res[i].resStart)); err != nil {
-				return err
+				return i, err
 			}
 		}
 		phys := v.ring.Phys(res[i].start)
@@ -510,11 +513,11 @@ func (v *Volume) writeBatch(recs []wal.Record, res []batchRes) error {
 		_, err := v.walF.WriteAt(buf, phys)
 		putBuf(bp)
 		if err != nil {
-			return err
+			return i, err
 		}
 		i = j
 	}
-	return nil
+	return len(recs), nil
 }
 
 // markDoneRun marks n consecutive records from LSN first complete, record

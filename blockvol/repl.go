@@ -176,7 +176,10 @@ func (v *Volume) ApplyRecord(rec wal.Record) error {
 // It returns how many records were applied: recs[:n] each whole, none of
 // recs[n:]. A record that fails ValidateRecord (or breaks the LSN
 // sequence) is refused with an error wrapping blockdev.ErrInvalid and
-// nothing after it is applied; the records before it are. Like
+// nothing after it is applied; the records before it are. A failed WAL
+// write fails the volume; n then counts the records written before it
+// (not readable, but a crash may keep them, as it may any record not yet
+// synced). Like
 // ApplyRecord it does not make anything durable: Flush does, and
 // DurableLSN moves only then.
 func (v *Volume) ApplyRecords(recs []wal.Record) (int, error) {
