@@ -2,6 +2,7 @@ package replication
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"io"
 	"net"
@@ -12,6 +13,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/blockd/blockd/blockvol"
 )
@@ -23,6 +25,7 @@ import (
 const (
 	benchChildEnv     = "BLOCKD_BENCH_REPLICA_CHILD"      // the replica volume's directory
 	benchChildProfEnv = "BLOCKD_BENCH_REPLICA_CPUPROFILE" // the child's CPU profile of the measured phase
+	benchChildBatch   = "BLOCKD_BENCH_REPLICA_BATCH"      // the child's batchRecs (1: one record at a time)
 )
 
 func TestMain(m *testing.M) {
@@ -47,6 +50,9 @@ func cpuMicros() int64 {
 // exits at EOF.
 func replicaChild(dir string) int {
 	const size = 1 << 30
+	if s := os.Getenv(benchChildBatch); s != "" {
+		fmt.Sscan(s, &batchRecs)
+	}
 	rv, err := blockvol.Create(dir, blockvol.Options{Size: size})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "replica child:", err)
@@ -95,10 +101,10 @@ type replicaProc struct {
 	addr string
 }
 
-func startReplicaProc(b *testing.B, dir, prof string) *replicaProc {
+func startReplicaProc(b *testing.B, dir, prof string, env ...string) *replicaProc {
 	b.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), benchChildEnv+"="+dir, benchChildProfEnv+"="+prof)
+	cmd.Env = append(append(os.Environ(), benchChildEnv+"="+dir, benchChildProfEnv+"="+prof), env...)
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
 	if err != nil {
@@ -269,4 +275,105 @@ func BenchmarkReplicationTax(b *testing.B) {
 		len(syncR), where, med(rf1s), med(syncs), med(syncR), med(bes), med(beR))
 	fmt.Printf("CPU per replicated write (sync_all, median): primary %.1f µs, replica %.1f µs, replica/primary %.2f (goal <= 0.50); RF=1 %.1f µs\n",
 		med(pUS), med(rUS), med(rUS)/med(pUS), med(rf1US))
+}
+
+// BenchmarkReceiverApply: the replica's own CPU per 4 KiB record, batched
+// apply against one record at a time (batchRecs=1) in the same run, with
+// the receiver in a child process fed pre-framed records over loopback:
+// groups of 32 records and a barrier, as sync_all's flushes make them,
+// the answers read as they come. Rounds alternate the two modes on fresh
+// volumes; the medians are reported. BLOCKD_BENCH_CPUPROFILE=prefix
+// writes prefix.apply, the batched replica's CPU profile of round 0.
+func BenchmarkReceiverApply(b *testing.B) {
+	const ops, group = 40000, 32
+	rounds := 3
+	if s := os.Getenv("BLOCKD_BENCH_ROUNDS"); s != "" {
+		fmt.Sscan(s, &rounds)
+	}
+	prof := os.Getenv("BLOCKD_BENCH_CPUPROFILE") // prefix: the batched replica's profile of round 0
+	run := func(batch int) (usPerRec, recPerSec float64) {
+		var rprof string
+		if batch > 1 && prof != "" {
+			rprof, prof = prof+".apply", ""
+		}
+		rp := startReplicaProc(b, replicaBenchDir(b), rprof, fmt.Sprintf("%s=%d", benchChildBatch, batch))
+		defer rp.stop(b)
+		c, err := net.Dial("tcp", rp.addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		mr := NewMsgReader(c)
+		frame := func(dst *bytes.Buffer, m *Msg) {
+			m.Volume, m.Epoch, m.Session = "bench", 1, 1
+			if err := WriteFrame(dst, m); err != nil {
+				b.Fatal(err)
+			}
+		}
+		var hb bytes.Buffer
+		frame(&hb, &Msg{Type: MsgHello, Payload: Hello{PrimaryID: testPrimaryID, TargetServerID: "r", RegionSize: 65536}.Encode()})
+		if _, err := c.Write(hb.Bytes()); err != nil {
+			b.Fatal(err)
+		}
+		if m, err := mr.Read(); err != nil || m.Type != MsgHelloResp {
+			b.Fatalf("hello: %v %v", m, err)
+		}
+		done := make(chan error, 1)
+		go func() {
+			for {
+				m, err := mr.Read()
+				if err != nil {
+					done <- err
+					return
+				}
+				if m.Type != MsgBarrierResp {
+					done <- fmt.Errorf("replica answered %s", m.Type)
+					return
+				}
+				if m.LSNTo >= ops {
+					done <- nil
+					return
+				}
+			}
+		}()
+		data := make([]byte, 4096)
+		blocks := int64(1<<30) / 4096
+		var buf bytes.Buffer
+		r0 := rp.cpu(b, "begin")
+		start := time.Now()
+		for lsn := uint64(1); lsn <= ops; {
+			buf.Reset()
+			for k := 0; k < group && lsn <= ops; k, lsn = k+1, lsn+1 {
+				data[0], data[1] = byte(lsn), byte(lsn>>8)
+				frame(&buf, &Msg{Type: MsgRecord, LSNFrom: lsn, LSNTo: lsn, Payload: RecordBody{Type: RecWrite, Epoch: 1,
+					Offset: int64(lsn*7919) % blocks * 4096, Length: 4096, Data: data}.Encode(nil)})
+			}
+			frame(&buf, &Msg{Type: MsgBarrier, LSNTo: lsn - 1})
+			if _, err := c.Write(buf.Bytes()); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if err := <-done; err != nil {
+			b.Fatal(err)
+		}
+		el := time.Since(start)
+		r1 := rp.cpu(b, "end")
+		return float64(r1-r0) / ops, ops / el.Seconds()
+	}
+	var bUS, sUS, bRate, sRate []float64
+	for i := 0; i < b.N*rounds; i++ {
+		u1, t1 := run(1)
+		u2, t2 := run(batchRecs)
+		fmt.Printf("round %d: replica CPU per record: one at a time %.2f µs (%.0f records/s), batched %.2f µs (%.0f records/s), ratio %.2f\n", i, u1, t1, u2, t2, u2/u1)
+		sUS, bUS, sRate, bRate = append(sUS, u1), append(bUS, u2), append(sRate, t1), append(bRate, t2)
+	}
+	med := func(x []float64) float64 {
+		x = slices.Clone(x)
+		slices.Sort(x)
+		return x[len(x)/2]
+	}
+	b.ReportMetric(med(sUS), "single_us/rec")
+	b.ReportMetric(med(bUS), "batch_us/rec")
+	fmt.Printf("replica apply (median of %d rounds): one at a time %.2f µs/record %.0f records/s; batched %.2f µs/record %.0f records/s; CPU ratio %.2f\n",
+		len(bUS), med(sUS), med(sRate), med(bUS), med(bRate), med(bUS)/med(sUS))
 }

@@ -115,10 +115,11 @@ func (rc *rconn) admit(m *Msg) *refusal {
 
 // Bounds of one batch of the replica: its records' data is copied out of
 // the frame buffer (which the next read reuses) into the batch's arena.
-const (
-	batchArena = 512 << 10
-	batchRecs  = 256
-)
+const batchArena = 512 << 10
+
+// batchRecs bounds the records of one batch (a var: 1 is one-at-a-time
+// apply, for benchmarks).
+var batchRecs = 256
 
 // rbatch is the batch being collected (reused across batches).
 type rbatch struct {
