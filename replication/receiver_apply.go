@@ -3,6 +3,7 @@ package replication
 import (
 	"encoding/binary"
 	"fmt"
+	"hash/crc32"
 	"time"
 
 	"github.com/blockd/blockd/wal"
@@ -113,74 +114,69 @@ func (rc *rconn) admit(m *Msg) *refusal {
 	return nil
 }
 
-// Bounds of one batch of the replica: its records' data is copied out of
-// the frame buffer (which the next read reuses) into the batch's arena.
-const batchArena = 512 << 10
-
 // batchRecs bounds the records of one batch (a var: 1 is one-at-a-time
 // apply, for benchmarks).
 var batchRecs = 256
 
 // rbatch is the batch being collected (reused across batches).
 type rbatch struct {
-	recs  []wal.Record
-	arena []byte
+	recs []wal.Record
 }
 
 // applyRecords applies the record m and every record frame after it that
-// is already buffered (complete) on the connection, as one batch: one
+// is already complete in the connection's read buffer, as one batch: one
 // ApplyRecords call (one WAL write for the batch) instead of one per
-// record; the barrier that follows syncs them all at once. Each record
-// is checked as it is read (session, epoch, LSN sequence, validity); the
-// first that fails is refused after the records before it are applied,
-// and nothing after it is. A record is never held back waiting for more
-// data: the batch ends with what the connection has.
+// record; the barrier that follows syncs them all at once. The frames
+// after m are parsed where they lie in the read buffer (no copy: their
+// payloads go from there into the WAL write) and consumed once the batch
+// is applied. Each record is checked as it is parsed (frame CRC,
+// session, epoch, LSN sequence, validity); the first that fails is
+// refused after the records before it are applied, and nothing after it
+// is. A record is never held back waiting for more data: the batch ends
+// with what the connection has.
 func (rc *rconn) applyRecords(m *Msg) error {
 	b := &rc.batch
-	if b.arena == nil {
-		b.arena = make([]byte, 0, batchArena)
+	br := rc.mr.r
+	var buffered []byte
+	if n := br.Buffered(); n > 0 {
+		buffered, _ = br.Peek(n) // no read: n bytes are buffered
+	}
+	used := 0
+	finish := func() error {
+		err := rc.applyBatch()
+		br.Discard(used)
+		return err
 	}
 	next := rc.tgt.Vol.HeadLSN() + 1
 	for {
 		rec, skip, f := rc.record(m, next)
 		if f != nil {
-			if err := rc.applyBatch(); err != nil {
+			if err := finish(); err != nil {
 				return err
 			}
 			return rc.refuseWith(f)
 		}
 		if !skip {
-			if len(rec.Payload) > cap(b.arena)-len(b.arena) {
-				if err := rc.applyBatch(); err != nil {
-					return err
-				}
-			}
-			if len(rec.Payload) > cap(b.arena) {
-				// Larger than the arena: alone, straight from the frame.
-				b.recs = append(b.recs, rec)
-				if err := rc.applyBatch(); err != nil {
-					return err
-				}
-			} else {
-				o := len(b.arena)
-				b.arena = append(b.arena, rec.Payload...)
-				rec.Payload = b.arena[o:len(b.arena):len(b.arena)]
-				b.recs = append(b.recs, rec)
-			}
+			b.recs = append(b.recs, rec)
 			next++
 		}
-		if len(b.recs) >= batchRecs || !rc.recordBuffered() {
-			return rc.applyBatch()
+		if len(b.recs) >= batchRecs {
+			return finish()
 		}
-		var err error
-		if m, err = rc.mr.Read(); err != nil {
-			if aerr := rc.applyBatch(); aerr != nil {
+		nm, n, err := parseRecordFrame(buffered[used:])
+		used += n
+		if err != nil {
+			if aerr := finish(); aerr != nil {
 				return aerr
 			}
 			return err
 		}
+		if nm == nil {
+			return finish()
+		}
+		m = nm
 		if f := rc.admit(m); f != nil {
-			if err := rc.applyBatch(); err != nil {
+			if err := finish(); err != nil {
 				return err
 			}
 			return rc.refuseWith(f)
@@ -188,20 +184,30 @@ func (rc *rconn) applyRecords(m *Msg) error {
 	}
 }
 
-// recordBuffered reports whether the next frame is a record that is
-// entirely in the read buffer (reading it cannot block).
-func (rc *rconn) recordBuffered() bool {
-	r := rc.mr.r
-	if r.Buffered() < headerSize {
-		return false
+// parseRecordFrame parses the record frame at the start of buf in place
+// (its payload aliases buf), checking it as MsgReader.Read does. It
+// returns a nil message when buf does not start with a complete record
+// frame (another type, or not all of it buffered yet), and on a bad frame
+// an error and the frame's length (it is consumed, as Read would).
+func parseRecordFrame(buf []byte) (*Msg, int, error) {
+	if len(buf) < headerSize || MsgType(buf[4]) != MsgRecord {
+		return nil, 0, nil
 	}
-	h, err := r.Peek(headerSize)
-	if err != nil || MsgType(h[4]) != MsgRecord {
-		return false
+	m, volLen, payLen, err := parseHeader(buf[:headerSize])
+	if err != nil {
+		return nil, headerSize, err
 	}
-	volLen := int(binary.BigEndian.Uint16(h[6:]))
-	payLen := int(binary.BigEndian.Uint32(h[40:]))
-	return r.Buffered() >= headerSize+volLen+payLen+trailerSize
+	n := headerSize + volLen + payLen + trailerSize
+	if len(buf) < n {
+		return nil, 0, nil
+	}
+	body := buf[headerSize : n-trailerSize]
+	if got, want := binary.BigEndian.Uint32(buf[n-trailerSize:]), crc32.Checksum(buf[:n-trailerSize], castagnoli); got != want {
+		return nil, n, fmt.Errorf("%w: got %08x want %08x", ErrBadCRC, got, want)
+	}
+	m.Volume = string(body[:volLen])
+	m.Payload = body[volLen : volLen+payLen : volLen+payLen]
+	return m, n, nil
 }
 
 // record decodes and checks the record m, next being the LSN the batch
@@ -266,8 +272,8 @@ func (rc *rconn) applyBatch() error {
 	if err != nil {
 		lsn = b.recs[min(n, len(b.recs)-1)].LSN
 	}
-	clear(b.recs) // no payload (frame buffer) kept alive
-	b.recs, b.arena = b.recs[:0], b.arena[:0]
+	clear(b.recs) // no payload (read buffer) kept alive
+	b.recs = b.recs[:0]
 	if err != nil {
 		rc.refuse(CodeApply, err.Error(), "lsn", lsn)
 		return fmt.Errorf("replication: apply LSN %d: %w", lsn, err)

@@ -3,6 +3,7 @@ package replication
 import (
 	"bytes"
 	"testing"
+	"time"
 )
 
 // recMsg is the record frame rawPrimary.record sends, for a batch.
@@ -79,5 +80,32 @@ func TestReceiverBatchRefusesFromTheBadRecord(t *testing.T) {
 	m := rp.recv()
 	if m.Type != MsgBarrierResp || m.LSNTo != h+2 || rn.vol.DurableLSN() != h+2 {
 		t.Fatalf("barrier answer %s lsn %d (durable %d), want %d", m.Type, m.LSNTo, rn.vol.DurableLSN(), h+2)
+	}
+}
+
+// A frame whose CRC fails inside a batch ends the session as it does
+// alone; the records before it are applied, the ones after it are not.
+func TestReceiverBatchBadCRC(t *testing.T) {
+	rn := newNode(t, testVolSize)
+	_, log := newCapture()
+	rs := startReplServer(t, "srv-r", log)
+	rs.set("v1", rn.vol, 3, "")
+	rp, m := dialRaw(t, rs.addr, 3, 400, "srv-r")
+	if m.Type != MsgHelloResp {
+		t.Fatalf("hello answered with %s", m.Type)
+	}
+	good := encodeFrames(t, rp.recMsg(1, 1), rp.recMsg(2, 2))
+	bad := encodeFrames(t, rp.recMsg(3, 3))
+	bad[len(bad)/2] ^= 0xff // a payload byte: the frame CRC fails
+	after := encodeFrames(t, rp.recMsg(4, 4))
+	if _, err := rp.c.Write(append(append(good, bad...), after...)); err != nil {
+		t.Fatal(err)
+	}
+	rp.c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	if m, err := rp.mr.Read(); err == nil {
+		t.Fatalf("session still served after a bad frame: got %s", m.Type)
+	}
+	if got := rn.vol.HeadLSN(); got != 2 {
+		t.Fatalf("head %d, want 2", got)
 	}
 }
