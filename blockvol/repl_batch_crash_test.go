@@ -122,13 +122,36 @@ func TestPowerCutApplyRecords(t *testing.T) {
 		}
 		if want := image(h); !bytes.Equal(got, want) {
 			for b := 0; b < nblocks; b++ {
-				if !bytes.Equal(got[b*4096:(b+1)*4096], want[b*4096:(b+1)*4096]) {
-					t.Fatalf("cycle %d (cut %+v): block %d differs from the image of records 1..%d (durable %d, last %d)", c, cut, b, h, durable, last)
+				g := got[b*4096 : (b+1)*4096]
+				if bytes.Equal(g, want[b*4096:(b+1)*4096]) {
+					continue
 				}
+				// The flusher punches every pending zero range, also one
+				// whose record a crash then loses (the engine's per-block
+				// contract allows the trimmed version): a block may read
+				// as zeroes when a zero record after h covers it. The
+				// primary's catch-up from h+1 replays that record and
+				// every later one in order.
+				if bytes.Equal(g, make([]byte, 4096)) && zeroedAfter(recs[h-baseLSN:], int64(b)*4096) {
+					copy(want[b*4096:], g)
+					continue
+				}
+				t.Fatalf("cycle %d (cut %+v): block %d differs from the image of records 1..%d (durable %d, last %d); zero %v, zeroed after: %v",
+					c, cut, b, h, durable, last, bytes.Equal(g, make([]byte, 4096)), zeroedAfter(recs[h-baseLSN:], int64(b)*4096))
 			}
 		}
 		base, baseLSN, recs = got, h, nil
 	}
 	v.Close()
 	t.Logf("%d cycles (%d with torn writes), %d batches, %d flushes", cycles, torn, batches, flushes)
+}
+
+// zeroedAfter reports whether a zero record of recs covers offset off.
+func zeroedAfter(recs []wal.Record, off int64) bool {
+	for _, r := range recs {
+		if r.Type == wal.Zero && off >= r.Offset && off < r.Offset+int64(r.Length) {
+			return true
+		}
+	}
+	return false
 }
