@@ -226,7 +226,12 @@ func runRF2(b *testing.B, mode Durability, ops int, inproc bool, prof string) ta
 // by getrusage of its own process around the measured phase and printed
 // per replicated write (µs): the primary's figure includes the 32 writer
 // goroutines of the benchmark itself (a small loop) and both include
-// their volume's flusher. BLOCKD_BENCH_REPLICA_INPROC=1 runs the replica
+// their volume's flusher. Over loopback the kernel may process part of
+// the receive side of TCP in the sender's context, so some of the
+// replica's network cost can be charged to the primary. Both volumes are
+// fresh: their WALs are written for the first time (fallocated, so each
+// fdatasync also converts extents), which costs more kernel CPU per
+// record than a WAL's later laps. BLOCKD_BENCH_REPLICA_INPROC=1 runs the replica
 // in this process instead (the CPU split is then not available).
 // BLOCKD_BENCH_CPUPROFILE=prefix writes prefix.primary and
 // prefix.replica: CPU profiles of the first sync_all phase.
