@@ -389,3 +389,160 @@ func (x *lsnIndex) trim(lsn, pos uint64) {
 		x.first = 0
 	}
 }
+
+// batchMax bounds the log bytes one appendBatch writes with one pwrite
+// (its buffer stays in bufPool).
+const batchMax = pooledMax
+
+// batchRes is one record's reservation in appendBatch.
+type batchRes struct {
+	start, resStart uint64
+	gap             int64
+}
+
+// appendBatch appends records with fixed LSNs and epochs (the replica),
+// recs[0].LSN being the next LSN and the rest consecutive, in one
+// reservation under appendMu and as few pwrites as their log positions
+// allow (one, unless the ring wraps inside the batch): the dirty map, the
+// zero set and the completion are updated after the data is written, as
+// appendRecord does for one record. Only Write, Zero and Barrier records
+// come here, each at most pooledMax bytes of payload.
+//
+// It reserves without waiting: the records that fit in the log now are
+// appended and their number returned; the first that does not fit is left
+// for the next call. When not even the first fits it is appended on its
+// own by appendRecord, which waits (bounded) for the flusher to make room.
+// A failed write fails the volume (as appendRecord does): what a crash
+// leaves of a torn batch is a prefix of whole records, the rest failing
+// its CRC at recovery, and nothing of it is reported durable before the
+// WAL's fdatasync.
+func (v *Volume) appendBatch(recs []wal.Record, res []batchRes) (int, error) {
+	v.appendMu.Lock()
+	if err := v.failErr(); err != nil {
+		v.appendMu.Unlock()
+		return 0, err
+	}
+	if recs[0].LSN != v.nextLSN {
+		want := v.nextLSN
+		v.appendMu.Unlock()
+		return 0, fmt.Errorf("apply record LSN %d, expected %d: %w", recs[0].LSN, want, blockdev.ErrInvalid)
+	}
+	n, bytes := 0, 0
+	for n < len(recs) {
+		rec := &recs[n]
+		size := rec.Size()
+		if n > 0 && bytes+size > batchMax {
+			break
+		}
+		start, gap := v.ring.Place(v.head, size)
+		if start+uint64(size)-v.tailPos.Load() > uint64(v.walSize) || v.nextLSN-v.comp.doneRelaxed() >= compWindow-1 {
+			break
+		}
+		rec.Gen = v.gen
+		res[n] = batchRes{start: start, resStart: v.head, gap: gap}
+		v.nextLSN++
+		v.head = start + uint64(size)
+		v.index.add(rec.LSN, res[n].resStart)
+		if v.feed != nil {
+			v.feed.push(*rec)
+		}
+		bytes += size + int(gap)
+		n++
+	}
+	if n == 0 {
+		v.appendMu.Unlock()
+		if _, err := v.appendRecord(recs[0], true); err != nil {
+			return 0, err
+		}
+		return 1, nil
+	}
+	v.headLSN.Store(recs[n-1].LSN)
+	used := v.head - v.ckptPos.Load()
+	v.appendMu.Unlock()
+	if used >= flushHighWater(v.walSize) {
+		v.kick()
+	}
+	if w, err := v.writeBatch(recs[:n], res[:n]); err != nil {
+		// The first w records were written (a crash may keep them) but
+		// are not complete: the volume stops here.
+		v.fail(err)
+		return w, ioError(fmt.Errorf("append LSNs %d-%d: %w", recs[0].LSN+uint64(w), recs[n-1].LSN, err))
+	}
+	for i := range recs[:n] {
+		rec, start := &recs[i], res[i].start
+		if v.trace != nil {
+			v.trace("append lsn=%d gen=%d %s blk=%d n=%d start=%d", rec.LSN, rec.Gen, rec.Type, rec.Offset>>v.bshift, rec.Length>>v.bshift, start)
+		}
+		switch rec.Type {
+		case wal.Write:
+			v.dirty.putRange(uint64(rec.Offset)>>v.bshift, uint64(rec.Length)>>v.bshift, start+wal.HeaderSize, uint64(v.bs))
+		case wal.Zero:
+			v.zeros.add(uint64(rec.Offset)>>v.bshift, uint64(rec.Offset+int64(rec.Length))>>v.bshift, start)
+		}
+	}
+	v.comp.markDoneRun(recs[0].LSN, n, func(i int) uint64 { return res[i].start + uint64(recs[i].Size()) })
+	return n, nil
+}
+
+// writeBatch writes the reserved records: each run of records that lie
+// back to back in the file goes out in one pwrite; a record placed after
+// the ring's end gets its padding header first, as in writeRecord. On an
+// error it returns how many records were written before it.
+func (v *Volume) writeBatch(recs []wal.Record, res []batchRes) (int, error) {
+	for i := 0; i < len(recs); {
+		if res[i].gap >= wal.HeaderSize {
+			var hdr [wal.HeaderSize]byte
+			wal.PutHeader(hdr[:], wal.Record{Type: wal.Padding, LSN: recs[i].LSN, Gen: recs[i].Gen, Length: uint32(res[i].gap - wal.HeaderSize)}, nil)
+			if _, err := v.walF.WriteAt(hdr[:], v.ring.Phys(res[i].resStart)); err != nil {
+				return i, err
+			}
+		}
+		phys := v.ring.Phys(res[i].start)
+		total := recs[i].Size()
+		j := i + 1
+		for j < len(recs) && res[j].gap == 0 && v.ring.Phys(res[j].start) == phys+int64(total) {
+			total += recs[j].Size()
+			j++
+		}
+		bp := getBuf(total)
+		buf := *bp
+		o := 0
+		for k := i; k < j; k++ {
+			o += wal.EncodeInto(buf[o:], recs[k])
+		}
+		_, err := v.walF.WriteAt(buf, phys)
+		putBuf(bp)
+		if err != nil {
+			return i, err
+		}
+		i = j
+	}
+	return len(recs), nil
+}
+
+// markDoneRun marks n consecutive records from LSN first complete, record
+// i ending at end(i), under one lock.
+func (c *completion) markDoneRun(first uint64, n int, end func(int) uint64) {
+	c.mu.Lock()
+	for i := 0; i < n; i++ {
+		lsn := first + uint64(i)
+		if lsn != c.done+1 {
+			c.ends[lsn&compMask] = end(i)
+			continue
+		}
+		c.done, c.doneEnd = lsn, end(i)
+		for {
+			k := (c.done + 1) & compMask
+			e := c.ends[k]
+			if e == 0 {
+				break
+			}
+			c.ends[k] = 0
+			c.done++
+			c.doneEnd = e
+		}
+	}
+	c.doneA.Store(c.done)
+	c.cond.Broadcast()
+	c.mu.Unlock()
+}

@@ -1,6 +1,7 @@
 package blockvol
 
 import (
+	"math/bits"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -262,3 +263,38 @@ func (v *Volume) forStripes(first, n uint64, fn func(*stripe)) {
 		fn(&v.stripes[i])
 	}
 }
+
+// stripeSet is a set of stripes, locked together in ascending order (the
+// lock order of forStripes) by a batch that touches many blocks.
+type stripeSet [nStripes / 64]uint64
+
+func (s *stripeSet) add(first, n uint64) {
+	if n >= nStripes {
+		for i := range s {
+			s[i] = ^uint64(0)
+		}
+		return
+	}
+	for b := first; b < first+n; b++ {
+		i := b % nStripes
+		s[i/64] |= 1 << (i % 64)
+	}
+}
+
+func (v *Volume) lockStripeSet(s *stripeSet) {
+	for w, bits := range s {
+		for ; bits != 0; bits &= bits - 1 {
+			v.stripes[w*64+bits0(bits)].Lock()
+		}
+	}
+}
+
+func (v *Volume) unlockStripeSet(s *stripeSet) {
+	for w, bits := range s {
+		for ; bits != 0; bits &= bits - 1 {
+			v.stripes[w*64+bits0(bits)].Unlock()
+		}
+	}
+}
+
+func bits0(x uint64) int { return bits.TrailingZeros64(x) }

@@ -165,6 +165,119 @@ func (v *Volume) ApplyRecord(rec wal.Record) error {
 	return nil
 }
 
+// ApplyRecords applies records received from the primary, in order, as
+// ApplyRecord would one after the other, but in as few WAL writes as
+// their log positions allow: records of one batch go to the WAL in one
+// pwrite and the dirty map and completion are updated once the write is
+// done. recs[0].LSN must be HeadLSN()+1 and the LSNs consecutive.
+// Snapshot records are applied one at a time at their place in the
+// sequence (they take the volume's exclusive lock).
+//
+// It returns how many records were applied: recs[:n] each whole, none of
+// recs[n:]. A record that fails ValidateRecord (or breaks the LSN
+// sequence) is refused with an error wrapping blockdev.ErrInvalid and
+// nothing after it is applied; the records before it are. A failed WAL
+// write fails the volume; n then counts the records written before it
+// (not readable, but a crash may keep them, as it may any record not yet
+// synced). Like
+// ApplyRecord it does not make anything durable: Flush does, and
+// DurableLSN moves only then.
+func (v *Volume) ApplyRecords(recs []wal.Record) (int, error) {
+	done := 0
+	for done < len(recs) {
+		if t := recs[done].Type; t == wal.Snapshot || t == wal.SnapshotDelete {
+			if err := v.applySnapshotRecord(recs[done]); err != nil {
+				return done, err
+			}
+			done++
+			continue
+		}
+		end := done + 1
+		for end < len(recs) && recs[end].Type != wal.Snapshot && recs[end].Type != wal.SnapshotDelete {
+			end++
+		}
+		n, err := v.applyRun(recs[done:end])
+		done += n
+		if err != nil {
+			return done, err
+		}
+	}
+	return done, nil
+}
+
+// applyRun applies a run of records without snapshot records: each is
+// validated before any of them is stored, and the valid prefix is
+// appended in batches under the stripes of every block it touches.
+func (v *Volume) applyRun(recs []wal.Record) (int, error) {
+	v.ioMu.RLock()
+	defer v.ioMu.RUnlock()
+	if v.closed.Load() {
+		return 0, fmt.Errorf("blockvol: apply records: %w", blockdev.ErrClosed)
+	}
+	if err := v.failErr(); err != nil {
+		return 0, fmt.Errorf("blockvol: apply records: %w", err)
+	}
+	valid := len(recs)
+	var bad error
+	next := v.headLSN.Load() + 1
+	for i := range recs {
+		rec := &recs[i]
+		if rec.LSN != next+uint64(i) {
+			valid, bad = i, fmt.Errorf("blockvol: apply record LSN %d, expected %d: %w", rec.LSN, next+uint64(i), blockdev.ErrInvalid)
+			break
+		}
+		if err := v.validateRecord(*rec); err != nil {
+			valid, bad = i, fmt.Errorf("blockvol: apply record LSN %d: %v: %w", rec.LSN, err, blockdev.ErrInvalid)
+			break
+		}
+		if rec.Type == wal.Write && rec.Length > pooledMax {
+			// A large write: on its own (two pwrites, no staging copy).
+			valid = i
+			break
+		}
+	}
+	done := 0
+	if valid == 0 && bad == nil {
+		// recs[0] is a large write.
+		if err := v.applyOneLocked(recs[0]); err != nil {
+			return 0, err
+		}
+		return 1, nil
+	}
+	var set stripeSet
+	for _, rec := range recs[:valid] {
+		if rec.Type != wal.Barrier {
+			set.add(uint64(rec.Offset)>>v.bshift, uint64(rec.Length)>>v.bshift)
+		}
+	}
+	v.lockStripeSet(&set)
+	defer v.unlockStripeSet(&set)
+	res := make([]batchRes, valid)
+	for done < valid {
+		n, err := v.appendBatch(recs[done:valid], res[done:valid])
+		done += n
+		if err != nil {
+			return done, fmt.Errorf("blockvol: apply records: %w", err)
+		}
+	}
+	return done, bad
+}
+
+// applyOneLocked appends one validated non-snapshot record under its
+// stripes; the caller holds ioMu (shared).
+func (v *Volume) applyOneLocked(rec wal.Record) error {
+	var first, nb uint64
+	if rec.Type != wal.Barrier {
+		first, nb = uint64(rec.Offset)>>v.bshift, uint64(rec.Length)>>v.bshift
+		v.lockStripes(first, nb)
+		defer v.unlockStripes(first, nb)
+	}
+	if _, err := v.appendRecord(rec, true); err != nil {
+		return fmt.Errorf("blockvol: apply record: %w", err)
+	}
+	return nil
+}
+
 // Epoch is the persisted epoch.
 func (v *Volume) Epoch() uint64 { return v.epoch.Load() }
 

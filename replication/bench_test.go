@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"os"
-	"sort"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -78,61 +77,6 @@ func randWriteQD32(b *testing.B, dev blockdev.Device, ops int) float64 {
 	}
 	wg.Wait()
 	return float64(ops) / time.Since(start).Seconds()
-}
-
-// BenchmarkReplicationTax: 4k randwrite QD32, flush every 32 writes, RF=2
-// sync_all over loopback against RF=1 (the bare volume) in the same run.
-// Rounds alternate RF=1 and RF=2 on fresh volumes (the disk of a shared
-// VM drifts); the median ratio is reported. Both volumes of RF=2 share
-// this machine's disk and cores unless BLOCKD_BENCH_REPLICA_DIR points
-// the replica elsewhere.
-func BenchmarkReplicationTax(b *testing.B) {
-	const size = 1 << 30
-	ops := 40000
-	rounds := 3
-	if s := os.Getenv("BLOCKD_BENCH_ROUNDS"); s != "" {
-		fmt.Sscan(s, &rounds)
-	}
-	var ratios, rf1s, rf2s []float64
-	for i := 0; i < b.N*rounds; i++ {
-		v1 := benchVol(b, size)
-		randWriteQD32(b, v1, 2000) // warm
-		rf1 := randWriteQD32(b, v1, ops)
-		v1.Close()
-
-		pv, rv := benchVol(b, size), benchVolIn(b, replicaBenchDir(b), size)
-		log := quietLog()
-		rec := NewReceiver(ReceiverConfig{ServerID: "r", Logger: log, Lookup: func(string) (ReplicaTarget, bool) {
-			return ReplicaTarget{Vol: rv, Epoch: 1, PrimaryID: testPrimaryID}, true
-		}})
-		ln := mustListen(b)
-		go rec.Serve(ln)
-		mode := SyncAll
-		if os.Getenv("BLOCKD_BENCH_BEST_EFFORT") != "" {
-			mode = BestEffort
-		}
-		p, err := NewPrimary(pv, PrimaryConfig{Volume: "bench", ServerID: testPrimaryID, Epoch: 1, Durability: mode, Replicas: []Peer{{"r", ln.Addr().String()}}, Logger: log})
-		if err != nil {
-			b.Fatal(err)
-		}
-		benchWaitInSync(b, p)
-		randWriteQD32(b, p, 2000)
-		rf2 := randWriteQD32(b, p, ops)
-		p.Close()
-		rec.Close()
-		pv.Close()
-		rv.Close()
-		fmt.Printf("round %d: RF=1 %.0f IOPS, RF=2 sync_all %.0f IOPS, ratio %.2f\n", i, rf1, rf2, rf2/rf1)
-		ratios, rf1s, rf2s = append(ratios, rf2/rf1), append(rf1s, rf1), append(rf2s, rf2)
-	}
-	sort.Float64s(ratios)
-	sort.Float64s(rf1s)
-	sort.Float64s(rf2s)
-	med := func(x []float64) float64 { return x[len(x)/2] }
-	b.ReportMetric(med(rf1s), "rf1_iops")
-	b.ReportMetric(med(rf2s), "rf2_iops")
-	b.ReportMetric(med(ratios), "rf2/rf1")
-	fmt.Printf("replication tax (median of %d rounds): RF=1 %.0f IOPS, RF=2 sync_all %.0f IOPS, ratio %.2f (goal >= 0.80)\n", len(ratios), med(rf1s), med(rf2s), med(ratios))
 }
 
 func benchWaitInSync(b *testing.B, p *Primary) {
