@@ -431,7 +431,9 @@ func (v *Volume) appendBatch(recs []wal.Record, res []batchRes) (int, error) {
 	for n < len(recs) {
 		rec := &recs[n]
 		size := rec.Size()
-		if n > 0 && bytes+size > batchMax {
+		if n > 0 && bytes+size > batchMax || int64(size) > v.walSize/2 {
+			// Too large for this WAL: appendRecord refuses it, as it
+			// does one record at a time.
 			break
 		}
 		start, gap := v.ring.Place(v.head, size)

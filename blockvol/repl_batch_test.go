@@ -175,3 +175,24 @@ func TestApplyRecordsLargeWrite(t *testing.T) {
 		t.Fatal("write after the large one reads back wrong")
 	}
 }
+
+// A record larger than half this replica's WAL is refused in a batch as
+// it is alone (ErrTooLarge), also when the WAL is empty and it would fit
+// (a replica's WAL may be smaller than its primary's); the records before
+// it are applied.
+func TestApplyRecordsTooLargeForThisWAL(t *testing.T) {
+	v, _ := newVol(t, 1<<20, 64<<10)
+	head := v.HeadLSN()
+	big := writeRec(head+1, 0, 12, 5) // 48 KiB of payload
+	if _, err := v.ApplyRecords([]wal.Record{big}); !errors.Is(err, blockdev.ErrTooLarge) {
+		t.Fatalf("alone in a batch: %v, want ErrTooLarge", err)
+	}
+	if err := v.ApplyRecord(big); !errors.Is(err, blockdev.ErrTooLarge) {
+		t.Fatalf("one at a time: %v, want ErrTooLarge", err)
+	}
+	recs := []wal.Record{writeRec(head+1, 20, 1, 6), writeRec(head+2, 0, 12, 7)}
+	n, err := v.ApplyRecords(recs)
+	if n != 1 || !errors.Is(err, blockdev.ErrTooLarge) {
+		t.Fatalf("after a small record: applied %d, %v; want 1 and ErrTooLarge", n, err)
+	}
+}
