@@ -41,25 +41,32 @@ func (c *completion) init(done, end uint64) {
 
 func (c *completion) markDone(lsn, end uint64) {
 	c.mu.Lock()
+	if c.completeLocked(lsn, end) {
+		c.doneA.Store(c.done)
+		c.cond.Broadcast()
+	}
+	c.mu.Unlock()
+}
+
+// completeLocked records that record lsn ended at end. When it is the
+// next one after done, done advances over it and over every later record
+// already complete, and it reports true; otherwise the end waits in ends.
+func (c *completion) completeLocked(lsn, end uint64) bool {
 	if lsn != c.done+1 {
 		c.ends[lsn&compMask] = end
-		c.mu.Unlock()
-		return
+		return false
 	}
 	c.done, c.doneEnd = lsn, end
 	for {
 		i := (c.done + 1) & compMask
 		e := c.ends[i]
 		if e == 0 {
-			break
+			return true
 		}
 		c.ends[i] = 0
 		c.done++
 		c.doneEnd = e
 	}
-	c.doneA.Store(c.done)
-	c.cond.Broadcast()
-	c.mu.Unlock()
 }
 
 func (c *completion) get() (uint64, uint64) {
@@ -527,22 +534,7 @@ func (v *Volume) writeBatch(recs []wal.Record, res []batchRes) (int, error) {
 func (c *completion) markDoneRun(first uint64, n int, end func(int) uint64) {
 	c.mu.Lock()
 	for i := 0; i < n; i++ {
-		lsn := first + uint64(i)
-		if lsn != c.done+1 {
-			c.ends[lsn&compMask] = end(i)
-			continue
-		}
-		c.done, c.doneEnd = lsn, end(i)
-		for {
-			k := (c.done + 1) & compMask
-			e := c.ends[k]
-			if e == 0 {
-				break
-			}
-			c.ends[k] = 0
-			c.done++
-			c.doneEnd = e
-		}
+		c.completeLocked(first+uint64(i), end(i))
 	}
 	c.doneA.Store(c.done)
 	c.cond.Broadcast()
