@@ -105,6 +105,8 @@ func (m *Master) apiClient(addrs []string) *api.Client {
 
 // raftTransport is raft's TCP transport, over TLS between masters when
 // configured: both ends present a master certificate and accept only one.
+// A refused handshake (a plain raft client, another CA, a non-master
+// certificate) is logged as raft_tls_refused with its reason.
 func (m *Master) raftTransport(bind string, advertise net.Addr) (*raft.NetworkTransport, error) {
 	if m.cfg.TLS == nil {
 		return raft.NewTCPTransport(bind, advertise, 3, 10*time.Second, &slogWriter{log: m.log})
@@ -114,7 +116,8 @@ func (m *Master) raftTransport(bind string, advertise net.Addr) (*raft.NetworkTr
 		return nil, err
 	}
 	sl := &tlsStream{
-		ln:     tlsauth.NewListener(ln, m.cfg.TLS.ServerConfig(tlsauth.Expect(tlsauth.KindMaster, ""))),
+		ln: tlsauth.NewLoggingListener(ln, m.cfg.TLS.ServerConfig(tlsauth.Expect(tlsauth.KindMaster, "")),
+			tlsauth.ListenOptions{Log: m.log, Event: "raft_tls_refused", PlainReply: raftPlainReply}),
 		addr:   advertise,
 		client: m.cfg.TLS.ClientConfig(tlsauth.Expect(tlsauth.KindMaster, "")),
 	}
@@ -122,6 +125,18 @@ func (m *Master) raftTransport(bind string, advertise net.Addr) (*raft.NetworkTr
 		sl.addr = ln.Addr()
 	}
 	return raft.NewNetworkTransport(sl, 3, 10*time.Second, &slogWriter{log: m.log}), nil
+}
+
+// raftPlainReply is what a plain hashicorp/raft peer reads at a raft port
+// that requires TLS: one RPC response in raft's msgpack framing, the
+// error string and then an empty response, so its RPC fails with this
+// reason instead of an EOF.
+var raftPlainReply = msgpackRPCError("blockd: this raft port requires mutual TLS: start every master with --tls-cert, --tls-key and --tls-ca (blockd tls init --master NAME)")
+
+func msgpackRPCError(msg string) []byte {
+	b := []byte{0xda, byte(len(msg) >> 8), byte(len(msg))} // str16 (raw16 in the old msgpack spec)
+	b = append(b, msg...)
+	return append(b, 0x80) // the response: an empty map
 }
 
 // tlsStream is a raft.StreamLayer over mutual TLS.

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/replication"
 	"github.com/blockd/blockd/tlsauth"
 )
 
@@ -52,13 +54,28 @@ func (s *Server) masterClient() *api.Client {
 	return api.NewClientTLS(s.cfg.Masters, s.cfg.TLS.ClientConfig(check))
 }
 
-// replListener wraps the replication listener: servers' certificates only.
+// replListener wraps the replication listener: servers' certificates only;
+// a refused handshake (a plain client, another CA, a client certificate)
+// is logged as replication_tls_refused with its reason.
 func (s *Server) replListener(ln net.Listener) net.Listener {
 	if s.cfg.TLS == nil {
 		return ln
 	}
-	return tlsauth.NewListener(ln, s.cfg.TLS.ServerConfig(tlsauth.Expect(tlsauth.KindServer, "")))
+	return tlsauth.NewLoggingListener(ln, s.cfg.TLS.ServerConfig(tlsauth.Expect(tlsauth.KindServer, "")),
+		tlsauth.ListenOptions{Log: s.log, Event: "replication_tls_refused", PlainReply: replPlainReply})
 }
+
+// replPlainReply is what a plain replication peer reads at a replication
+// port that requires TLS: a MsgError frame, so its Hello fails with this
+// reason ("peer refused: protocol: ...") instead of an EOF.
+var replPlainReply = func() []byte {
+	var b bytes.Buffer
+	_ = replication.WriteFrame(&b, &replication.Msg{Type: replication.MsgError, Volume: "-", Payload: replication.ErrorBody{
+		Code:    replication.CodeProtocol,
+		Message: "this replication port requires mutual TLS: start every server with --tls-cert, --tls-key and --tls-ca (blockd tls init --server ID)",
+	}.Encode()})
+	return b.Bytes()
+}()
 
 // peerIDs remembers, from the latest assignments, which server IDs the
 // master placed at each replication address, for the dialer's check.

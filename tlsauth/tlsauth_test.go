@@ -1,10 +1,13 @@
 package tlsauth
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"io"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -191,6 +194,61 @@ func TestGarbageInsteadOfClientHello(t *testing.T) {
 	herr := c.(*Conn).Handshake()
 	if herr == nil || !strings.Contains(Describe(herr), "not TLS") {
 		t.Fatalf("garbage: %v (%s)", herr, Describe(herr))
+	}
+}
+
+// TestLoggingListenerNamesThePlainClient: a listener for a protocol with
+// no TLS negotiation of its own (raft, replication) logs a failed
+// handshake once, with a reason that names a plain client, Read's error
+// says the same, and the plain client reads the listener's PlainReply.
+func TestLoggingListenerNamesThePlainClient(t *testing.T) {
+	dir := initDir(t, InitOptions{Servers: []string{"s1"}})
+	s1 := load(t, dir, Identity{KindServer, "s1"})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var logs bytes.Buffer
+	reply := []byte("use TLS\n")
+	tl := NewLoggingListener(ln, s1.ServerConfig(nil), ListenOptions{Log: slog.New(slog.NewTextHandler(&logs, nil)),
+		Event: "raft_tls_refused", PlainReply: reply})
+	plain, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer plain.Close()
+	// the first bytes of a plain hashicorp/raft RequestVote: rpc type 1, msgpack map
+	if _, err := plain.Write([]byte{1, 0x86, 0xa9, 'R', 'P', 'C', 'H', 'e', 'a', 'd', 'e', 'r'}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := tl.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_, rerr := c.Read(make([]byte, 1))
+	_, werr := c.Write([]byte{0})
+	for _, err := range []error{rerr, werr} {
+		if err == nil || !strings.Contains(err.Error(), "refused: not TLS: the first bytes are not a TLS ClientHello (a plain client?)") {
+			t.Fatalf("plain client, Read/Write error: %v", err)
+		}
+		var rh tls.RecordHeaderError
+		if !errors.As(err, &rh) {
+			t.Fatalf("the error does not wrap tls.RecordHeaderError: %v", err)
+		}
+	}
+	out := logs.String()
+	if strings.Count(out, "msg=raft_tls_refused") != 1 || !strings.Contains(out, "remote=127.0.0.1:") ||
+		!strings.Contains(out, "a plain client?") || !strings.Contains(out, "level=WARN") {
+		t.Fatalf("want one raft_tls_refused warning naming a plain client, got:\n%s", out)
+	}
+	t.Logf("logged: %s", strings.TrimSpace(out))
+	_ = plain.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got := make([]byte, 64)
+	n, err := io.ReadAtLeast(plain, got, len(reply))
+	if err != nil || !bytes.Equal(got[:n], reply) {
+		t.Fatalf("plain client read %q, %v; want the plain reply %q", got[:n], err, reply)
 	}
 }
 
