@@ -65,6 +65,15 @@ for wl, what, subj, peer, kind, goal in goals:
     rel = "<=" if kind == "cpu" else ">="
     print(f"| {what} | {names[wl]} | {a:.1f} | {peer} {b:.1f} | {r:.2f}x | {rel} {goal}x | {'met' if ok else 'MISSED'} |")
 print()
+if "blockd" in servers and "blockd-base" in servers:
+    # A before/after pair in the same run (BLOCKD_BASE_BIN).
+    print("| blockd against blockd-base (same run) | blockd IOPS | blockd-base IOPS | IOPS ratio | blockd CPU µs/IO | blockd-base CPU µs/IO | CPU ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for wl in order:
+        (a, ac, _), (b, bc, _) = g(wl, "blockd"), g(wl, "blockd-base")
+        if b and bc:
+            print(f"| {names[wl]} | {a:.0f} | {b:.0f} | {a / b:.2f}x | {ac:.1f} | {bc:.1f} | {ac / bc:.2f}x |")
+    print()
 if "randwrite" in rows:
     for s in servers:
         rss = g("randwrite", s)[2]

@@ -43,9 +43,14 @@
 # (bytes of the export touched, default 256MiB), SIZE (export size in
 # bytes, default 1GiB; the memory goal is stated for 10GiB), SETTLE_MAX (s,
 # default 30), WORKLOADS (default: all), BLOCKD_BIN (a prebuilt blockd to
-# use instead of building ./cmd/blockd), BENCH_DIR (default
-# /var/tmp/blockd-bench), SERVERS (default "blockd nbdfile nbdkit qemu-nbd";
-# "none" runs only the null and TLS comparisons),
+# use instead of building ./cmd/blockd), BLOCKD_BASE_BIN (another blockd,
+# e.g. built at the commit before a change: it runs as the server
+# "blockd-base" beside "blockd", alternating with it in the same run, and
+# the tables end with blockd / blockd-base for every workload; the pair is
+# what a before/after comparison on a noisy machine needs), BENCH_DIR
+# (default /var/tmp/blockd-bench), SERVERS (default "blockd nbdfile nbdkit
+# qemu-nbd", plus blockd-base with BLOCKD_BASE_BIN; "none" runs only the
+# null and TLS comparisons),
 # PROFILE=1 writes CPU profiles of nbdfile and blockd (if it supports
 # BLOCKD_CPUPROFILE) under $BENCH_DIR.
 set -euo pipefail
@@ -63,6 +68,9 @@ NULL=${NULL:-1}
 TLS=${TLS:-1}
 CLK_TCK=$(getconf CLK_TCK)
 [ "$SERVERS" = none ] && SERVERS=""
+if [ -n "${BLOCKD_BASE_BIN:-}" ] && [[ " $SERVERS " != *" blockd-base "* ]] && [[ " $SERVERS " == *" blockd "* ]]; then
+  SERVERS=${SERVERS/blockd/blockd blockd-base}
+fi
 TLS_WRAP=()
 if [ "$TLS" = 1 ] && [ "$(id -u)" = 0 ]; then
   command -v unshare >/dev/null || { echo "bench: unshare missing (util-linux), needed for fio over TLS as root" >&2; exit 1; }
@@ -80,6 +88,10 @@ have_blockd=0
 if [ -n "${BLOCKD_BIN:-}" ]; then
   cp "$BLOCKD_BIN" "$BENCH_DIR/bin/blockd" # a prebuilt blockd (before/after runs)
 fi
+if [[ " $SERVERS " == *" blockd-base "* ]]; then
+  [ -n "${BLOCKD_BASE_BIN:-}" ] || { echo "bench: server blockd-base needs BLOCKD_BASE_BIN" >&2; exit 1; }
+  cp "$BLOCKD_BASE_BIN" "$BENCH_DIR/bin/blockd-base"
+fi
 if { [ -n "${BLOCKD_BIN:-}" ] || go build -o "$BENCH_DIR/bin/blockd" ./cmd/blockd 2>/dev/null; } &&
   "$BENCH_DIR/bin/blockd" serve --help >/dev/null 2>&1; then
   have_blockd=1
@@ -88,10 +100,10 @@ else
   SERVERS=${SERVERS//blockd/}
 fi
 
-declare -A PORT=([blockd]=10950 [nbdfile]=10951 [nbdkit]=10952 [qemu-nbd]=10953 [nbdnull]=10954 [kitnull]=10955
+declare -A PORT=([blockd-base]=10960 [blockd]=10950 [nbdfile]=10951 [nbdkit]=10952 [qemu-nbd]=10953 [nbdnull]=10954 [kitnull]=10955
   [tplain]=10956 [tblockd]=10957 [tkit]=10958 [tkplain]=10959)
 declare -A PID=()
-declare -A EXPORT=([blockd]=vol0 [nbdfile]=vol0 [nbdkit]="" [qemu-nbd]=vol0 [nbdnull]=vol0 [kitnull]=""
+declare -A EXPORT=([blockd-base]=vol0 [blockd]=vol0 [nbdfile]=vol0 [nbdkit]="" [qemu-nbd]=vol0 [nbdnull]=vol0 [kitnull]=""
   [tplain]=vol0 [tblockd]=vol0 [tkit]="" [tkplain]="")
 
 # fio_to SERVER ARGS...: fio's nbd engine at SERVER. The TLS servers get
@@ -124,9 +136,9 @@ start_server() { # name
   local s=$1 d="$BENCH_DIR/$1" p=${PORT[$1]}
   mkdir -p "$d"
   case $s in
-  blockd)
+  blockd | blockd-base)
     BLOCKD_CPUPROFILE=$([ "$PROFILE" = 1 ] && echo "$d/cpu.pprof" || true) \
-      "$BENCH_DIR/bin/blockd" serve --data "$d/data" --nbd "127.0.0.1:$p" \
+      "$BENCH_DIR/bin/$s" serve --data "$d/data" --nbd "127.0.0.1:$p" \
       --api "127.0.0.1:$((p + 100))" --volume "vol0:$SIZE" >"$d/log" 2>&1 &
     ;;
   nbdfile)

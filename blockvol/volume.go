@@ -68,7 +68,10 @@ const (
 //     twice are then paced by the batch rhythm above instead of stalling.
 //     The master's presets derive their WAL sizes from the same figure
 //     (master.DefaultWALSize). It is
-//     reserved with fallocate at create, so appends never hit ENOSPC. It is
+//     reserved with fallocate at create, so appends never hit ENOSPC, and
+//     written with zeros once, in the background, by Open (walfill.go:
+//     fallocated space costs every fdatasync of the first lap an extent
+//     conversion). It is
 //     capped at twice the volume size (a log larger than that buys
 //     nothing for a small volume) and never below MinWALSize.
 //   - Measured on the shared 2-core development VM (load ~11 from other
@@ -176,6 +179,7 @@ type Volume struct {
 	role atomic.Pointer[string]
 
 	snaps snapSet // snapshot.go
+	fill  walFill // walfill.go
 	// ckptCeil (non-zero): the flusher checkpoints nothing at or past
 	// this LSN (a snapshot delete keeps its record after the checkpoint
 	// until its metadata is committed). Set by appendRecord.
@@ -262,11 +266,11 @@ func Create(dir string, o Options) (*Volume, error) {
 	}
 	// Without a superblock, any WAL or extent file is the leftover of a
 	// create that did not finish: start over.
-	for _, n := range []string{WALFile, ExtentFile} {
+	for _, n := range []string{WALFile, WALFilledFile, ExtentFile} {
 		_ = fs.Remove(filepath.Join(dir, n))
 	}
 	if err := createFiles(fs, dir, &sb); err != nil {
-		for _, n := range []string{SuperblockFile, WALFile, ExtentFile} {
+		for _, n := range []string{SuperblockFile, WALFile, WALFilledFile, ExtentFile} {
 			_ = fs.Remove(filepath.Join(dir, n))
 		}
 		return nil, fmt.Errorf("blockvol: create %s: %w", dir, mapNoSpace(err))
@@ -294,6 +298,8 @@ func createFiles(fs vfs.FS, dir string, sb *superblock) error {
 	if err := mk(ExtentFile, func(f vfs.File) error { return f.Truncate(sb.Size) }); err != nil {
 		return err
 	}
+	// Reserved here (a full disk fails the create at once); Open then
+	// zero-fills it in the background (walfill.go).
 	if err := mk(WALFile, func(f vfs.File) error { return f.Allocate(0, sb.WALSize) }); err != nil {
 		return err
 	}
@@ -332,6 +338,7 @@ func Open(dir string, o Options) (*Volume, error) {
 		return nil, fmt.Errorf("blockvol: open %s: %w", dir, err)
 	}
 	go v.flusher()
+	v.startWALFill() // walfill.go
 	return v, nil
 }
 

@@ -24,6 +24,7 @@ func scratchVol(b *testing.B, size int64) (*blockvol.Volume, func()) {
 		os.RemoveAll(dir)
 		b.Fatal(err)
 	}
+	<-v.WALFilled() // the fill's writes would share the disk with the copy
 	return v, func() { v.Close(); os.RemoveAll(dir) }
 }
 

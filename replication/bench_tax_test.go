@@ -58,6 +58,7 @@ func replicaChild(dir string) int {
 		fmt.Fprintln(os.Stderr, "replica child:", err)
 		return 1
 	}
+	<-rv.WALFilled()
 	rec := NewReceiver(ReceiverConfig{ServerID: "r", Logger: quietLog(), Lookup: func(string) (ReplicaTarget, bool) {
 		return ReplicaTarget{Vol: rv, Epoch: 1, PrimaryID: testPrimaryID}, true
 	}})
@@ -229,9 +230,9 @@ func runRF2(b *testing.B, mode Durability, ops int, inproc bool, prof string) ta
 // their volume's flusher. Over loopback the kernel may process part of
 // the receive side of TCP in the sender's context, so some of the
 // replica's network cost can be charged to the primary. Both volumes are
-// fresh: their WALs are written for the first time (fallocated, so each
-// fdatasync also converts extents), which costs more kernel CPU per
-// record than a WAL's later laps. BLOCKD_BENCH_REPLICA_INPROC=1 runs the replica
+// fresh, and the benchmark waits for their WALs' zero fill (blockvol's
+// walfill.go) before it measures, so each fdatasync finds its WAL
+// written, as in a WAL's later laps. BLOCKD_BENCH_REPLICA_INPROC=1 runs the replica
 // in this process instead (the CPU split is then not available).
 // BLOCKD_BENCH_CPUPROFILE=prefix writes prefix.primary and
 // prefix.replica: CPU profiles of the first sync_all phase.

@@ -11,6 +11,11 @@ import (
 
 const baseChunk = 1 << 20
 
+// baseHdrLen is the size of a BaseChunk's header (its payload before the
+// data): sendBase reads the data right behind it in one buffer, so the
+// payload is sent from where it was read, without a copy.
+var baseHdrLen = int64(len(BaseChunk{}.Encode(nil)))
+
 func (s *session) baseRemaining() bool { return s.kind != TransferNone && s.progress < s.nRegions }
 
 func (s *session) region(i int64) int64 {
@@ -21,6 +26,7 @@ func (s *session) region(i int64) int64 {
 }
 
 // sendBase sends the next run of contiguous regions (up to baseChunk).
+// buf holds baseHdrLen+baseChunk bytes.
 func (s *session) sendBase(buf, zero []byte) error {
 	p := s.r.p
 	rs := p.cfg.RegionSize
@@ -37,7 +43,7 @@ func (s *session) sendBase(buf, zero []byte) error {
 		s.r.prog.setBase(s.progress, rs)
 		return nil
 	}
-	data := buf[:length]
+	data := buf[baseHdrLen : baseHdrLen+length]
 	hole := s.isHole(off, length)
 	if !hole {
 		if err := p.vol.ReadAt(data, off); err != nil {
@@ -49,12 +55,16 @@ func (s *session) sendBase(buf, zero []byte) error {
 	c := BaseChunk{Offset: off, Length: uint32(length), Done: s.progress}
 	if hole || string(data) == string(zero[:length]) {
 		c.Zero = true
-	} else {
-		c.Data = data
-		s.baseBytes += length
-		s.r.baseBytes.Add(length)
+		return s.write(&Msg{Type: MsgBase, Payload: c.Encode(buf[:0])})
 	}
-	return s.write(&Msg{Type: MsgBase, Payload: c.Encode(make([]byte, 0, 32+len(c.Data)))})
+	s.baseBytes += length
+	s.r.baseBytes.Add(length)
+	// The header is encoded in front of the data (c.Data left nil):
+	// the payload is the buffer as read.
+	if hdr := c.Encode(buf[:0]); int64(len(hdr)) != baseHdrLen {
+		return fmt.Errorf("base chunk header of %d bytes, want %d", len(hdr), baseHdrLen)
+	}
+	return s.write(&Msg{Type: MsgBase, Payload: buf[:baseHdrLen+length]})
 }
 
 // isHole reports whether [off, off+length) reads as zeroes by the

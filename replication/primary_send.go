@@ -116,7 +116,7 @@ func (s *session) escalate(why string) error {
 func (s *session) live() error {
 	r, p := s.r, s.r.p
 	var zero [baseChunk]byte
-	buf := make([]byte, baseChunk)
+	buf := make([]byte, baseHdrLen+baseChunk) // sendBase's; the rest use buf[baseHdrLen:]
 	for {
 		r.qmu.Lock()
 		for len(r.queue) == 0 && !r.overflow && !s.failed() &&
@@ -166,7 +166,7 @@ func (s *session) live() error {
 			// snapshots; a replica that did not list its own (an older
 			// one) is sent them only after a rebuild.
 			if !s.snapsSent && (s.replicaSnapsKnown || s.kind == TransferRebuild) {
-				if err := s.sendSnapshots(buf, zero[:]); err != nil {
+				if err := s.sendSnapshots(buf[baseHdrLen:], zero[:]); err != nil {
 					return err
 				}
 				s.snapsSent = true

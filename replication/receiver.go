@@ -483,6 +483,7 @@ func (r *Receiver) handle(c net.Conn) {
 	rc.bcond = sync.NewCond(&rc.bmu)
 	go rc.barrierWorker()
 	defer rc.stopBarrier()
+	defer rc.waitPersist() // no state write of this session outlives it
 
 	resp, err := rc.helloResp(h, m.LSNFrom)
 	if err != nil {
@@ -619,6 +620,10 @@ type rxfer struct {
 	bytes     int64
 	lastDone  int64
 	startTime time.Time
+	// A resume point being persisted in the background (persistAsync):
+	// its result, and the progress it records.
+	persisting  chan error
+	persistDone int64
 }
 
 const stateFile = "repl-transfer.json"
@@ -693,6 +698,9 @@ func (rc *rconn) removeState() error {
 }
 
 func (rc *rconn) begin(b Begin) error {
+	if err := rc.waitPersist(); err != nil {
+		return err
+	}
 	vol := rc.tgt.Vol
 	x := &rxfer{live: newSectorSet(vol.Size()), startTime: time.Now()}
 	if b.Resume {
@@ -772,31 +780,72 @@ func (rc *rconn) base(c BaseChunk) error {
 	x.bytes += int64(len(c.Data))
 	x.lastDone = max(x.lastDone, c.Done)
 	if x.unsynced >= progressEvery {
-		return rc.persistProgress()
+		return rc.persistAsync()
 	}
 	return nil
 }
 
-func (rc *rconn) persistProgress() error {
+// persistAsync persists a resume point (the base data synced, then the
+// progress in the state file, then MsgProgress to the primary) in the
+// background, so that the replica goes on reading and writing base data
+// while the extent's fdatasync of the last progressEvery bytes runs: a
+// rebuild then costs about what its disk writes cost, not the transfer
+// plus every sync one after the other. The point recorded is
+// the progress when it starts (every chunk up to it has been written, so
+// the sync, which starts later, covers it); base writes carry on during
+// the sync (ReplWriteBase and ReplSyncBase are both I/Os of the volume).
+// At most one runs: the next one, MsgDone, a new Begin and the end of the
+// session wait for it (waitPersist), and its error fails the session
+// there, before anything more is promised.
+func (rc *rconn) persistAsync() error {
 	x := rc.xfer
-	if err := rc.tgt.Vol.ReplSyncBase(); err != nil {
-		return fmt.Errorf("replication: sync base: %w", err)
+	if err := rc.waitPersist(); err != nil {
+		return err
 	}
 	x.unsynced = 0
 	if x.lastDone == x.st.Progress {
 		return nil
 	}
-	x.st.Progress = x.lastDone
-	if err := rc.saveState(&x.st); err != nil {
-		return err
+	st := x.st // the goroutine's copy: only Progress differs while it runs
+	st.Progress = x.lastDone
+	ch := make(chan error, 1)
+	x.persisting, x.persistDone = ch, st.Progress
+	go func() {
+		if err := rc.tgt.Vol.ReplSyncBase(); err != nil {
+			ch <- fmt.Errorf("replication: sync base: %w", err)
+			return
+		}
+		if err := rc.saveState(&st); err != nil {
+			ch <- err
+			return
+		}
+		ch <- rc.send(&Msg{Type: MsgProgress, LSNTo: uint64(st.Progress)})
+	}()
+	return nil
+}
+
+// waitPersist waits for the background persist of the current transfer,
+// if any, and returns its error.
+func (rc *rconn) waitPersist() error {
+	x := rc.xfer
+	if x == nil || x.persisting == nil {
+		return nil
 	}
-	return rc.send(&Msg{Type: MsgProgress, LSNTo: uint64(x.st.Progress)})
+	err := <-x.persisting
+	x.persisting = nil
+	if err == nil {
+		x.st.Progress = x.persistDone
+	}
+	return err
 }
 
 func (rc *rconn) done(achieved uint64) error {
 	x := rc.xfer
 	if x == nil {
 		return fmt.Errorf("replication: done outside a transfer")
+	}
+	if err := rc.waitPersist(); err != nil {
+		return err
 	}
 	vol := rc.tgt.Vol
 	if h := vol.HeadLSN(); h < achieved {
