@@ -253,7 +253,7 @@ func payloadInfo(p wal.SnapshotPayload, lsn uint64) SnapshotInfo {
 // dirty map and zero set are empty and the extent is the volume's content.
 func (v *Volume) flushAllLocked() error {
 	flushed := func() bool {
-		return v.ckptLSN.Load() >= v.comp.doneRelaxed() && v.dirty.len() == 0 && v.zeros.n.Load() == 0
+		return v.ckptLSN.Load() >= v.comp.doneRelaxed() && v.dirty.len() == 0 && v.zeros.n.Load() == 0 && v.slots.npending.Load() == 0
 	}
 	for i := 0; !flushed(); i++ {
 		progressed, err := v.flushCycle()
@@ -549,7 +549,7 @@ func (v *Volume) recoverSnapshotRecord(pos uint64, rec wal.Record) error {
 			return nil // listed, or created and deleted since
 		}
 		if v.dirty.len() > 0 || v.zeros.n.Load() > 0 {
-			if err := v.applyToExtent(pos); err != nil {
+			if err := v.applyToExtent(pos, ^uint64(0)); err != nil {
 				return fmt.Errorf("flush before snapshot %q: %w", p.Name, err)
 			}
 			v.sb.CheckpointLSN, v.sb.CheckpointPos = rec.LSN-1, pos
