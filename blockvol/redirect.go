@@ -842,7 +842,7 @@ func (v *Volume) resolveRedirects(list []recRedirect) (int, uint64, error) {
 				if m, err := v.dataFile(r.rp.Slot(i)).ReadAt(buf[:s.chunk], o); err != nil && m < int(s.chunk) {
 					return 0, 0, fmt.Errorf("read redirected data of LSN %d at %d: %w", r.lsn, o, err)
 				}
-				ok = wal.Checksum(buf[:s.chunk]) == r.rp.CRC(i)
+				ok = wal.ChunkSum(buf[:s.chunk]) == r.rp.CRC(i)
 			}
 		}
 		valid[k] = ok
@@ -924,7 +924,7 @@ func (v *Volume) redirectAsWrite(rec wal.Record, buf []byte) (wal.Record, error)
 		if m, err = v.dataFile(rp.Slot(i)).ReadAt(buf[o:o+s.chunk], rec.Offset+o); m == int(s.chunk) {
 			err = nil
 		}
-		if err == nil && wal.Checksum(buf[o:o+s.chunk]) != rp.CRC(i) {
+		if err == nil && wal.ChunkSum(buf[o:o+s.chunk]) != rp.CRC(i) {
 			bad = i
 		}
 	}

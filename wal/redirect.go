@@ -3,12 +3,25 @@ package wal
 import (
 	"encoding/binary"
 	"fmt"
+	"math/bits"
+
+	"github.com/zeebo/xxh3"
 )
+
+// ChunkSum is the checksum of one chunk of a redirected write: the low 32
+// bits of its XXH3-64, xor the high ones. It only has to tell a chunk's
+// data from torn or overwritten data, like the records' CRC32C, and runs
+// at about twice its speed on this hardware (36 against 16 GB/s on 64 KiB,
+// AVX2), where it is the largest cost of a large write after the copy.
+func ChunkSum(b []byte) uint32 {
+	h := xxh3.Hash(b)
+	return uint32(h) ^ uint32(bits.RotateLeft64(h, 32))
+}
 
 // RedirectPayload is the payload of a Redirect record. The data of
 // [Offset, Offset+DataLen) was written in chunks of ChunkSize bytes, each
 // to one of two places (slot 0 or slot 1, one bit per chunk in Slots,
-// lowest bit first), with the CRC32C of each chunk's data in CRCs.
+// lowest bit first), with each chunk's ChunkSum in CRCs.
 // Layout, little endian:
 //
 //	0  uint8  payload version (2)
@@ -18,7 +31,7 @@ import (
 //	8  uint32 chunk size in bytes (a power of two)
 //	12 uint32 reserved (0)
 //	16 slot bits, ceil(chunks/8) bytes
-//	   then one uint32 CRC32C per chunk
+//	   then one uint32 ChunkSum per chunk
 type RedirectPayload struct {
 	DataLen   uint32
 	ChunkSize uint32
@@ -45,7 +58,7 @@ func (p RedirectPayload) Chunks() int {
 // Slot is the slot of chunk i.
 func (p RedirectPayload) Slot(i int) uint8 { return (p.Slots[i/8] >> (i % 8)) & 1 }
 
-// CRC is the CRC32C of chunk i's data.
+// CRC is the ChunkSum of chunk i's data.
 func (p RedirectPayload) CRC(i int) uint32 { return binary.LittleEndian.Uint32(p.CRCs[4*i:]) }
 
 // RedirectPayloadLen is the payload size for data of n bytes in chunks of
@@ -68,7 +81,7 @@ func EncodeRedirect(b []byte, data []byte, chunk uint32, slots []uint8) {
 	}
 	crcs := b[redirectFixed+(n+7)/8:]
 	for i := 0; i < n; i++ {
-		binary.LittleEndian.PutUint32(crcs[4*i:], Checksum(data[i*int(chunk):(i+1)*int(chunk)]))
+		binary.LittleEndian.PutUint32(crcs[4*i:], ChunkSum(data[i*int(chunk):(i+1)*int(chunk)]))
 	}
 }
 
