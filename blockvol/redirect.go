@@ -6,7 +6,7 @@ package blockvol
 // large writes that halves the disk's bandwidth. A large write that covers
 // whole chunks (redirChunk bytes, aligned) instead writes its data once,
 // straight into a data file, and logs only a Redirect record naming where
-// the data went and the data's CRC.
+// the data went, with a checksum per chunk (wal.ChunkSum).
 //
 // Writing in place would break the crash contract: a torn large write
 // that no flush covered would be neither wholly present nor wholly absent,
@@ -27,13 +27,13 @@ package blockvol
 //     or the old slot (a flip) when it is.
 //
 // Recovery replays a Redirect whose LSN the superblock's DurableLSN
-// covers as it is (its data was synced, and no later write touched it: see
-// below); any other Redirect only if its data still has the CRC the
-// record names, and skips it otherwise, so a torn or overwritten one is
-// wholly absent. Records after it are still replayed: every later record
-// of the same chunk is itself a Redirect, checked the same way.
+// covers as it is (its data was synced before its record); any other only
+// if each of its chunks still has the checksum the record names or is
+// covered by a later replayed Redirect, and skips it otherwise, so a torn
+// or overwritten, never-flushed one is wholly absent (resolveRedirects).
+// Records after it are still replayed.
 //
-// Rules that keep those CRC checks meaningful:
+// Rules that keep those checks meaningful:
 //
 //   - A redirect happens only on a chunk with no dirty block and no
 //     pending zero range, and never while the volume has snapshots (their
@@ -41,8 +41,8 @@ package blockvol
 //   - Before a small write or a zero range goes into a chunk whose newest
 //     Redirect is not covered by the persisted DurableLSN, that Redirect is
 //     made durable and the DurableLSN persisted (settleRange): the flusher
-//     will later write the small write into the slot, which changes the
-//     slot's CRC.
+//     will later write the small write into the slot, which changes its
+//     checksum.
 //   - An in-place overwrite of record X by record Y registers (X, Y)
 //     under regMu, where the WAL sync chooses how far it goes: no sync
 //     then covers X without Y (chooseSyncLSN waits until Y is complete),
@@ -813,7 +813,7 @@ func (v *Volume) collectRedirect(list []recRedirect, pos uint64, rec wal.Record)
 // resolveRedirects decides, after the scan, which Redirect records
 // recovery applies, and applies them in LSN order. One the persisted
 // DurableLSN covers is applied as it is. Any other needs each of its
-// chunks to hold the data its CRC names, or to be covered by a later
+// chunks to hold the data its checksum names, or to be covered by a later
 // record that is applied: an in-place overwrite destroys an older
 // record's data only in the chunks it rewrites, and makes it durable only
 // together with itself (chooseSyncLSN), so a flushed record whose other
@@ -866,7 +866,7 @@ func (v *Volume) resolveRedirects(list []recRedirect) (int, uint64, error) {
 				v.trace("recover redirect lsn=%d chunk %d+%d DISCARDED", r.lsn, c0, nc)
 			}
 			v.log.Info("engine_recovery_redirect_discarded", "lsn", r.lsn, "offset", r.off, "length", r.rp.DataLen,
-				"reason", "its data does not match the record's CRCs (torn, or overwritten and never flushed)")
+				"reason", "its data does not match the record's checksums (torn, or overwritten and never flushed)")
 			continue
 		}
 		if v.trace != nil {
