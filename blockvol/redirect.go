@@ -48,9 +48,11 @@ package blockvol
 //     then covers X without Y (chooseSyncLSN waits until Y is complete),
 //     or a flush could promise X while Y destroyed its data. A redirect
 //     deciding under regMu counts what a running sync chose as durable.
-//   - Readers of a chunk with pending redirects hold its chunk lock
-//     shared, an in-place overwrite holds it exclusively, so no read sees
-//     half of one.
+//   - Readers of the data files hold the chunk locks of what they read
+//     shared (once the volume has ever redirected), and every redirect's
+//     data write and every punch of an old slot hold them exclusively: a
+//     reader that chose a slot reads it whole, never half of an in-place
+//     overwrite nor a slot punched or rewritten under it.
 //   - A volume that stops being primary settles everything first, so a
 //     replica never holds unsettled redirects.
 //
@@ -357,11 +359,9 @@ func (v *Volume) readData(p []byte, off int64) error {
 		}
 		return nil
 	}
-	if s.npending.Load() > 0 {
-		// An in-place overwrite may be under way in these chunks.
-		s.chunkLocks(off, int64(len(p)), func(l *sync.RWMutex) { l.RLock() })
-		defer s.chunkLocks(off, int64(len(p)), func(l *sync.RWMutex) { l.RUnlock() })
-	}
+	// The slots are chosen, and read, under the chunk locks.
+	s.chunkLocks(off, int64(len(p)), func(l *sync.RWMutex) { l.RLock() })
+	defer s.chunkLocks(off, int64(len(p)), func(l *sync.RWMutex) { l.RUnlock() })
 	return v.slotRuns(off, int64(len(p)), func(f vfs.File, o, n int64) error {
 		q := p[o-off : o-off+n]
 		if m, err := f.ReadAt(q, o); err != nil && m < len(q) {
@@ -483,9 +483,7 @@ func (v *Volume) writeRedirect(p []byte, off int64) (uint64, error) {
 			if v.trace != nil {
 				v.trace("redirect chunks %d+%d slots %v inplace %v dur %d", c0, nc, slots, inPlace, dur)
 			}
-			if inPlace {
-				s.chunkLocks(off, int64(n), func(l *sync.RWMutex) { l.Lock() })
-			}
+			s.chunkLocks(off, int64(n), func(l *sync.RWMutex) { l.Lock() })
 			var err error
 			for i := 0; i < nc && err == nil; {
 				j := i + 1
@@ -497,9 +495,7 @@ func (v *Volume) writeRedirect(p []byte, off int64) (uint64, error) {
 				i = j
 			}
 			s.unsynced.Store(true)
-			if inPlace {
-				s.chunkLocks(off, int64(n), func(l *sync.RWMutex) { l.Unlock() })
-			}
+			s.chunkLocks(off, int64(n), func(l *sync.RWMutex) { l.Unlock() })
 			return err
 		},
 		applied: func(r wal.Record, pos uint64) {
@@ -736,7 +732,13 @@ func (v *Volume) punchOldSlots(chunks []uint64) {
 	per := uint64(s.chunk >> v.bshift)
 	for _, c := range chunks {
 		first := c * per
+		cl := &s.locks[c%nChunkLock]
 		if !v.tryLockStripes(first, per) {
+			retry = append(retry, c)
+			continue
+		}
+		if !cl.TryLock() {
+			v.unlockStripes(first, per)
 			retry = append(retry, c)
 			continue
 		}
@@ -752,6 +754,7 @@ func (v *Volume) punchOldSlots(chunks []uint64) {
 				v.log.Warn("engine_redirect_punch_failed", "chunk", c, "slot", other, "err", err)
 			}
 		}
+		cl.Unlock()
 		v.unlockStripes(first, per)
 	}
 	if len(retry) > 0 {

@@ -3,8 +3,13 @@ package blockvol
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"math/rand/v2"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/blockd/blockd/wal"
 )
@@ -142,4 +147,114 @@ func TestRedirectReadRecords(t *testing.T) {
 	if err := v.ValidateRecord(rec); err == nil {
 		t.Fatal("a replica accepted a redirect record")
 	}
+}
+
+// Readers racing large writes (flips, in-place overwrites), small writes
+// into the same chunks, flushes and the flusher's checkpoints and punches
+// always read whole blocks: every block they read is one write's block
+// (or zeroes), never a mix and never a punched hole under a live slot.
+func TestRedirectConcurrentReads(t *testing.T) {
+	const size = 4 << 20
+	v, _ := newVol(t, size, 1<<20)
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	var tag atomic.Uint32
+	errc := make(chan error, 8)
+	fill := func(buf []byte, first uint64) {
+		tg := tag.Add(1)
+		for b := 0; b < len(buf)/4096; b++ {
+			for s := 0; s < spb; s++ {
+				fillSector(buf[b*4096+s*512:], tg, first+uint64(b), s)
+			}
+		}
+	}
+	for w := 0; w < 2; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(w), 3))
+			buf := make([]byte, 512<<10)
+			for i := 0; !stop.Load(); i++ {
+				// Writer 0: large writes over the first 512 KiB, rarely
+				// flushed, so most overwrite the last one in place.
+				// Writer 1: a mix over the whole volume.
+				var off int64
+				var n int
+				switch {
+				case w == 0:
+					n = (2 + r.IntN(7)) * (64 << 10)
+					off = r.Int64N(int64(8-n/(64<<10))+1) * (64 << 10)
+				case r.IntN(4) == 0:
+					n = 4096 * (1 + r.IntN(3))
+					off = r.Int64N(size/4096-4) * 4096
+				default:
+					n = (2 + r.IntN(7)) * (64 << 10)
+					off = r.Int64N(size/(64<<10)-8) * (64 << 10)
+				}
+				fill(buf[:n], uint64(off/4096))
+				if err := v.WriteAt(buf[:n], off, w == 1 && i%5 == 0); err != nil {
+					errc <- err
+					return
+				}
+				if w == 1 {
+					time.Sleep(2 * time.Millisecond) // leave writer 0 unflushed stretches
+				}
+				if (w == 0 && i%50 == 49) || (w == 1 && i%7 == 0) {
+					if err := v.Flush(); err != nil {
+						errc <- err
+						return
+					}
+				}
+			}
+		}(w)
+	}
+	for rd := 0; rd < 2; rd++ {
+		wg.Add(1)
+		go func(rd int) {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(rd), 9))
+			buf := make([]byte, 256<<10)
+			for !stop.Load() {
+				n := 4096 * (1 + r.IntN(64))
+				off := r.Int64N(size/4096-64) * 4096
+				if rd == 0 {
+					off = r.Int64N(64) * 4096 // where writer 0 overwrites
+				}
+				if err := v.ReadAt(buf[:n], off); err != nil {
+					errc <- err
+					return
+				}
+				for b := 0; b < n/4096; b++ {
+					blk := uint64(off/4096) + uint64(b)
+					var first uint32
+					for s := 0; s < spb; s++ {
+						tg, err := decodeSector(buf[b*4096+s*512:], blk, s)
+						if err != nil {
+							errc <- err
+							return
+						}
+						if s == 0 {
+							first = tg
+						} else if tg != first {
+							errc <- fmt.Errorf("block %d mixes writes %d and %d", blk, first, tg)
+							return
+						}
+					}
+				}
+			}
+		}(rd)
+	}
+	time.Sleep(3 * time.Second)
+	stop.Store(true)
+	wg.Wait()
+	select {
+	case err := <-errc:
+		t.Fatal(err)
+	default:
+	}
+	st := v.Stats()
+	if st.RedirectWrites == 0 {
+		t.Fatal("no large write was redirected")
+	}
+	t.Logf("%d writes, %d redirected, %d settles", tag.Load(), st.RedirectWrites, st.RedirectSettles)
 }
