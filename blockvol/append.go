@@ -345,6 +345,38 @@ func (v *Volume) writeRecord(rec wal.Record, start, resStart uint64, gap int64) 
 	return err
 }
 
+// waitLogSpace waits, bounded like a writer, until a record of size bytes
+// fits in the log, nudging the flusher: for callers that then append with
+// the flusher stopped (flushMu held), which no space could come back to.
+func (v *Volume) waitLogSpace(size int) error {
+	deadline := time.Now().Add(v.fullTO)
+	for {
+		v.appendMu.Lock()
+		start, _ := v.ring.Place(v.head, size)
+		ok := start+uint64(size)-v.tailPos.Load() <= uint64(v.walSize)
+		ch := v.spaceCh
+		v.appendMu.Unlock()
+		if ok {
+			return nil
+		}
+		if err := v.failErr(); err != nil {
+			return err
+		}
+		v.kick()
+		wait := time.Until(deadline)
+		if wait <= 0 {
+			return v.walFullError()
+		}
+		t := time.NewTimer(min(wait, 50*time.Millisecond))
+		select {
+		case <-ch:
+		case <-t.C:
+		case <-v.stop:
+		}
+		t.Stop()
+	}
+}
+
 func (v *Volume) walFullError() error {
 	if p := v.flushErr.Load(); p != nil {
 		return ioError(fmt.Errorf("WAL full for %v, flusher failing: %w", v.fullTO, *p))

@@ -421,7 +421,9 @@ func (v *Volume) redirectable(off int64, n int) bool {
 	if s.off || n < redirMin || off&(s.chunk-1) != 0 || int64(n)&(s.chunk-1) != 0 {
 		return false
 	}
-	if wal.RedirectPayloadLen(uint32(n), uint32(s.chunk)) > wal.MaxRedirectPayload || v.latestSnap() != nil {
+	// At most what one WAL record may carry: replicas take the write as
+	// one Write record in a log of the same size.
+	if n > v.maxRecordPayload() || wal.RedirectPayloadLen(uint32(n), uint32(s.chunk)) > wal.MaxRedirectPayload || v.latestSnap() != nil {
 		return false
 	}
 	first := uint64(off >> v.bshift)

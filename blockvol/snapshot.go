@@ -275,6 +275,13 @@ func (v *Volume) snapshotCreateLocked(info SnapshotInfo, rec wal.Record, fixed b
 	if err := v.flushAllLocked(); err != nil {
 		return SnapshotInfo{}, err
 	}
+	// The record is appended with the flusher stopped, which alone frees
+	// log space: wait for room first (a retention hold may keep the log
+	// full until replication moves it, and only the flusher then moves
+	// the tail).
+	if err := v.waitLogSpace(rec.Size()); err != nil {
+		return SnapshotInfo{}, err
+	}
 	v.flushMu.Lock()
 	defer v.flushMu.Unlock()
 	lsn := v.headLSN.Load() + 1
