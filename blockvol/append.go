@@ -122,8 +122,28 @@ func (v *Volume) syncWAL(target uint64) error {
 	}
 	g.syncing = true
 	g.mu.Unlock()
-	lsn, end := c.get()
-	err := v.walF.Sync()
+	// No in-place redirect may be between choosing its slot and
+	// completing while the LSN this sync covers is chosen (redirect.go).
+	lsn, end, err := v.chooseSyncLSN()
+	if err != nil {
+		g.mu.Lock()
+		g.syncing = false
+		g.cond.Broadcast()
+		g.mu.Unlock()
+		return err
+	}
+	if v.slots.unsynced.Swap(false) {
+		// Redirected data of records this sync covers: before the log.
+		if err = v.shF.Sync(); err == nil {
+			err = v.extF.Sync()
+		}
+		if err != nil {
+			err = fmt.Errorf("sync redirected data: %w", err)
+		}
+	}
+	if err == nil {
+		err = v.walF.Sync()
+	}
 	g.syncs.Add(1)
 	g.mu.Lock()
 	g.syncing = false
@@ -176,6 +196,23 @@ func putBuf(bp *[]byte) {
 // assigned unless fixedLSN (replica side: it must be the next LSN).
 // rec.Epoch is the volume's epoch unless fixedLSN.
 func (v *Volume) appendRecord(rec wal.Record, fixedLSN bool) (uint64, error) {
+	return v.appendRecordWith(rec, fixedLSN, nil)
+}
+
+// recordHook lets a redirected write (redirect.go) run its steps inside
+// appendRecord: feedAs is what the record feed gets instead of rec;
+// before runs once the LSN is reserved, before the record is written (it
+// may fill in rec's payload, whose size is fixed); applied runs where a
+// Write updates the dirty map, before the record completes; done runs
+// after completion or failure, once before ran (or is nil).
+type recordHook struct {
+	feedAs  *wal.Record
+	before  func(lsn uint64, payload []byte) error
+	applied func(rec wal.Record, start uint64)
+	done    func()
+}
+
+func (v *Volume) appendRecordWith(rec wal.Record, fixedLSN bool, hook *recordHook) (uint64, error) {
 	size := rec.Size()
 	if int64(size) > v.walSize/2 {
 		return 0, fmt.Errorf("record of %d bytes too large for a %d-byte WAL: %w", size, v.walSize, blockdev.ErrTooLarge)
@@ -237,13 +274,27 @@ func (v *Volume) appendRecord(rec wal.Record, fixedLSN bool) (uint64, error) {
 	if v.feed != nil {
 		// A copy into the feed (no subscriber code runs here), before the
 		// head moves: a record at or below HeadLSN is always in the feed.
-		v.feed.push(rec)
+		if hook != nil && hook.feedAs != nil {
+			fr := *hook.feedAs
+			fr.LSN, fr.Epoch, fr.Gen = rec.LSN, rec.Epoch, rec.Gen
+			v.feed.push(fr)
+		} else {
+			v.feed.push(rec)
+		}
 	}
 	v.headLSN.Store(rec.LSN)
 	used := v.head - v.ckptPos.Load()
 	v.appendMu.Unlock()
 	if used >= flushHighWater(v.walSize) {
 		v.kick()
+	}
+	if hook != nil && hook.before != nil {
+		defer hook.done()
+		if err := hook.before(rec.LSN, rec.Payload); err != nil {
+			// The LSN is reserved and will never complete: stop.
+			v.fail(err)
+			return 0, ioError(fmt.Errorf("append LSN %d: write data: %w", rec.LSN, err))
+		}
 	}
 
 	if err := v.writeRecord(rec, start, resStart, gap); err != nil {
@@ -259,6 +310,8 @@ func (v *Volume) appendRecord(rec wal.Record, fixedLSN bool) (uint64, error) {
 		v.dirty.putRange(uint64(rec.Offset)>>v.bshift, uint64(rec.Length)>>v.bshift, dataPos, uint64(v.bs))
 	case wal.Zero:
 		v.zeros.add(uint64(rec.Offset)>>v.bshift, uint64(rec.Offset+int64(rec.Length))>>v.bshift, start)
+	case wal.Redirect:
+		hook.applied(rec, start)
 	}
 	v.comp.markDone(rec.LSN, start+uint64(size))
 	return rec.LSN, nil
@@ -290,6 +343,38 @@ func (v *Volume) writeRecord(rec wal.Record, start, resStart uint64, gap int64) 
 	}
 	_, err := v.walF.WriteAt(hdr[:], phys)
 	return err
+}
+
+// waitLogSpace waits, bounded like a writer, until a record of size bytes
+// fits in the log, nudging the flusher: for callers that then append with
+// the flusher stopped (flushMu held), which no space could come back to.
+func (v *Volume) waitLogSpace(size int) error {
+	deadline := time.Now().Add(v.fullTO)
+	for {
+		v.appendMu.Lock()
+		start, _ := v.ring.Place(v.head, size)
+		ok := start+uint64(size)-v.tailPos.Load() <= uint64(v.walSize)
+		ch := v.spaceCh
+		v.appendMu.Unlock()
+		if ok {
+			return nil
+		}
+		if err := v.failErr(); err != nil {
+			return err
+		}
+		v.kick()
+		wait := time.Until(deadline)
+		if wait <= 0 {
+			return v.walFullError()
+		}
+		t := time.NewTimer(min(wait, 50*time.Millisecond))
+		select {
+		case <-ch:
+		case <-t.C:
+		case <-v.stop:
+		}
+		t.Stop()
+	}
 }
 
 func (v *Volume) walFullError() error {

@@ -95,20 +95,47 @@ func (d *dirtyMap) len() int64 { return d.n.Load() }
 type dirtyEnt struct{ block, pos uint64 }
 
 // collect appends, sorted by block, the entries with a version before
-// position before.
-func (d *dirtyMap) collect(dst []dirtyEnt, before uint64) []dirtyEnt {
+// position before whose newest version lies before durEnd, and returns
+// the lowest older version before position before of an entry whose
+// newest lies at or after durEnd (^0: none).
+func (d *dirtyMap) collect(dst []dirtyEnt, before, durEnd uint64) ([]dirtyEnt, uint64) {
+	cut := ^uint64(0)
 	for i := range d.shards {
 		s := &d.shards[i]
 		s.mu.RLock()
 		for b, v := range s.m {
-			if v.pos < before || (v.old != 0 && v.old < before) {
+			if !(v.pos < before || (v.old != 0 && v.old < before)) {
+				continue
+			}
+			if v.pos < durEnd {
 				dst = append(dst, dirtyEnt{b, v.pos})
+			} else if v.old != 0 && v.old < cut {
+				cut = v.old
 			}
 		}
 		s.mu.RUnlock()
 	}
 	sort.Slice(dst, func(i, j int) bool { return dst[i].block < dst[j].block })
-	return dst
+	return dst, cut
+}
+
+// removeOlder deletes the entries of blocks [first, end) whose newest
+// version lies before pos (recovery: a redirected write superseded them).
+func (d *dirtyMap) removeOlder(first, end, pos uint64) {
+	if d.n.Load() == 0 {
+		return
+	}
+	var removed int64
+	for b := first; b < end; b++ {
+		s := d.shard(b)
+		s.mu.Lock()
+		if v, ok := s.m[b]; ok && v.pos < pos {
+			delete(s.m, b)
+			removed++
+		}
+		s.mu.Unlock()
+	}
+	d.n.Add(-removed)
 }
 
 // removeFn deletes the entries for which drop is true.
@@ -192,10 +219,54 @@ func (z *zeroSet) cover(b uint64) (uint64, bool) {
 	return pos, ok
 }
 
-func (z *zeroSet) collect() []zeroRange {
+// overlaps reports whether any range touches blocks [start, end).
+func (z *zeroSet) overlaps(start, end uint64) bool {
 	z.mu.RLock()
 	defer z.mu.RUnlock()
-	return append([]zeroRange(nil), z.r...)
+	for _, r := range z.r {
+		if r.start < end && start < r.end {
+			return true
+		}
+	}
+	return false
+}
+
+// carve removes blocks [start, end) from every range older than pos
+// (recovery: a redirected write there superseded them), splitting ranges
+// that cover more.
+func (z *zeroSet) carve(start, end, pos uint64) {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	var out []zeroRange
+	for _, r := range z.r {
+		if r.pos >= pos || r.end <= start || end <= r.start {
+			out = append(out, r)
+			continue
+		}
+		if r.start < start {
+			out = append(out, zeroRange{r.start, start, r.pos})
+		}
+		if end < r.end {
+			out = append(out, zeroRange{end, r.end, r.pos})
+		}
+	}
+	z.r = out
+	z.n.Store(int32(len(z.r)))
+}
+
+func (z *zeroSet) collect() []zeroRange { return z.collectBelow(^uint64(0)) }
+
+// collectBelow returns the ranges whose record lies before position end.
+func (z *zeroSet) collectBelow(end uint64) []zeroRange {
+	z.mu.RLock()
+	defer z.mu.RUnlock()
+	var out []zeroRange
+	for _, r := range z.r {
+		if r.pos < end {
+			out = append(out, r)
+		}
+	}
+	return out
 }
 
 func (z *zeroSet) remove(done []zeroRange) {
@@ -233,6 +304,26 @@ type stripe struct {
 
 func (v *Volume) lockStripes(first, n uint64) {
 	v.forStripes(first, n, func(s *stripe) { s.Lock() })
+}
+
+// tryLockStripes locks the stripes of blocks [first, first+n) if none is
+// held, without waiting (the flusher must never wait for a writer).
+func (v *Volume) tryLockStripes(first, n uint64) bool {
+	var got []*stripe
+	ok := true
+	v.forStripes(first, n, func(s *stripe) {
+		if ok && s.TryLock() {
+			got = append(got, s)
+		} else {
+			ok = false
+		}
+	})
+	if !ok {
+		for _, s := range got {
+			s.Unlock()
+		}
+	}
+	return ok
 }
 
 func (v *Volume) unlockStripes(first, n uint64) {
@@ -298,3 +389,9 @@ func (v *Volume) unlockStripeSet(s *stripeSet) {
 }
 
 func bits0(x uint64) int { return bits.TrailingZeros64(x) }
+
+// collectAll is every entry, sorted by block.
+func collectAll(d *dirtyMap) []dirtyEnt {
+	ents, _ := d.collect(nil, ^uint64(0), ^uint64(0))
+	return ents
+}

@@ -185,6 +185,11 @@ func (v *Volume) setSizes(size, pending int64, id uint64) error {
 		if err := v.extF.Sync(); err != nil {
 			return fmt.Errorf("sync extent: %w", ioError(err))
 		}
+		// The shadow (sparse) follows; Open sizes it again anyway.
+		if err := v.shF.Truncate(want); err != nil {
+			return fmt.Errorf("grow shadow: %w", mapNoSpace(err))
+		}
+		v.growSlots(want)
 	}
 	v.superMu.Lock()
 	old := v.sb
@@ -207,6 +212,7 @@ func (v *Volume) setSizes(size, pending int64, id uint64) error {
 		if err := v.extF.Truncate(want); err == nil {
 			_ = v.extF.Sync()
 		}
+		_ = v.shF.Truncate(want)
 	}
 	return nil
 }

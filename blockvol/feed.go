@@ -30,6 +30,7 @@ type RecordFeed struct {
 	lostFrom uint64 // first LSN lost since the last Take (0: none)
 	lostTo   uint64
 	closed   bool
+	noData   bool // SetPayloads(false)
 }
 
 // feedMaxBytes bounds the payload gathered in a feed between two Takes.
@@ -53,6 +54,20 @@ func (v *Volume) SubscribeRecords() (*RecordFeed, error) {
 	v.feed = f
 	return f, nil
 }
+
+// SetPayloads says whether the subscriber needs the records' payloads.
+// Without (a primary with no replica to ship to), push keeps a record's
+// header only and copies no data: a record whose payload is shorter than
+// its Length (Elided) was pushed so, and cannot be shipped.
+func (f *RecordFeed) SetPayloads(want bool) {
+	f.mu.Lock()
+	f.noData = !want
+	f.mu.Unlock()
+}
+
+// Elided reports whether rec came out of a feed without its payload
+// (SetPayloads(false)).
+func Elided(rec wal.Record) bool { return wal.HasData(rec.Type) && len(rec.Payload) != int(rec.Length) }
 
 // Ready is signalled (buffered, one token) when records were added.
 func (f *RecordFeed) Ready() <-chan struct{} { return f.ready }
@@ -104,6 +119,10 @@ func (f *RecordFeed) push(rec wal.Record) {
 	if f.closed {
 		f.mu.Unlock()
 		return
+	}
+	if f.noData && rec.Type == wal.Write {
+		n = 0
+		rec.Payload = rec.Payload[:0:0]
 	}
 	// Once a record is lost every later one is too, until the next Take:
 	// what Take returns is always contiguous, then the lost range.

@@ -164,3 +164,43 @@ func TestRecordFeedCoversHead(t *testing.T) {
 	}
 	t.Logf("%d records checked", seen)
 }
+
+// Without a replica to ship to, the feed copies no data: a record comes
+// out as its header, marked Elided; a redirected large write comes out as
+// the Write it stands for, with its data, once payloads are wanted again.
+func TestRecordFeedWithoutPayloads(t *testing.T) {
+	v, _ := newVol(t, 4<<20, 1<<20)
+	f, err := v.SubscribeRecords()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.SetPayloads(false)
+	if err := v.WriteAt(pattern(1, 4096), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	big := pattern(2, 256<<10)
+	if err := v.WriteAt(big, 1<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	recs, lost := f.Take(nil)
+	if lost.From != 0 || len(recs) != 2 {
+		t.Fatalf("took %d records, lost %+v", len(recs), lost)
+	}
+	for _, r := range recs {
+		if !Elided(r) || r.Type != wal.Write {
+			t.Fatalf("record LSN %d type %v with %d of %d payload bytes: want an elided write", r.LSN, r.Type, len(r.Payload), r.Length)
+		}
+	}
+	f.Recycle(recs)
+	f.SetPayloads(true)
+	if err := v.WriteAt(big, 2<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	recs, _ = f.Take(nil)
+	if len(recs) != 1 || Elided(recs[0]) || recs[0].Type != wal.Write || !bytes.Equal(recs[0].Payload, big) {
+		t.Fatalf("took %d records; want the large write with its data", len(recs))
+	}
+	if v.Stats().RedirectWrites != 2 {
+		t.Fatalf("large writes redirected: %d, want 2", v.Stats().RedirectWrites)
+	}
+}

@@ -31,7 +31,7 @@ func (v *Volume) flusher() {
 			idle = h == lastHead
 			lastHead = h
 			_, end := v.comp.get()
-			if !idle && end-v.ckptPos.Load() < flushHighWater(v.walSize) && v.zeros.n.Load() < 32 {
+			if !idle && end-v.ckptPos.Load() < flushHighWater(v.walSize) && v.zeros.n.Load() < 32 && !v.redirectsDue() {
 				continue
 			}
 		}
@@ -69,7 +69,7 @@ func (v *Volume) flushEpisode(drain bool) {
 			break
 		}
 		_, end := v.comp.get()
-		if (!drain || v.headLSN.Load() != head0) && end-v.ckptPos.Load() < flushLowWater(v.walSize) && v.zeros.n.Load() < 32 {
+		if (!drain || v.headLSN.Load() != head0) && end-v.ckptPos.Load() < flushLowWater(v.walSize) && v.zeros.n.Load() < 32 && !v.redirectsDue() {
 			break
 		}
 		select {
@@ -126,8 +126,34 @@ func (v *Volume) flushCycle() (bool, error) {
 			target, targetEnd = c-1, end
 		}
 	}
+	var ents []dirtyEnt
 	if target > ckLSN {
-		if err := v.applyToExtent(targetEnd); err != nil {
+		// A block whose newest version is not durable yet is not written
+		// (a crash may lose that record, and the extent would then hold
+		// part of a multi-block write); the checkpoint stays before its
+		// older version in the batch instead. That version was complete
+		// before the sync above, so this only holds back what the next
+		// cycle takes. Both come from one pass over the dirty map: a
+		// writer replacing a version between two passes would slip
+		// through both.
+		var cut uint64
+		ents, cut = v.dirty.collect(nil, targetEnd, durEnd)
+		if cut < targetEnd {
+			t, e, err := v.lsnEndingBy(ckLSN, ckPos, cut, target)
+			if err != nil {
+				return false, err
+			}
+			if e > cut {
+				t, e = ckLSN, ckPos
+			}
+			if v.trace != nil {
+				v.trace("batch cut to lsn=%d end=%d before an undurable block version at %d", t, e, cut)
+			}
+			target, targetEnd = t, e
+		}
+	}
+	if target > ckLSN {
+		if err := v.applyCollected(ents, durEnd); err != nil {
 			return false, err
 		}
 	}
@@ -145,15 +171,24 @@ func (v *Volume) flushCycle() (bool, error) {
 	if target == ckLSN && newTailLSN == tailLSN {
 		return false, nil
 	}
+	// The slot bits as of target go first (redirect.go).
+	if err := v.stageSlots(target, target); err != nil {
+		return false, fmt.Errorf("checkpoint LSN %d: %w", target, err)
+	}
 	v.superMu.Lock()
 	v.sb.CheckpointLSN, v.sb.CheckpointPos = target, targetEnd
 	v.sb.TailLSN, v.sb.TailPos = newTailLSN, newTailPos
-	v.sb.DurableLSN = durLSN
+	// Never lower: a settle (redirect.go) may have persisted a higher one
+	// since durLSN was read, and records up to it count on it.
+	trusted := max(v.sb.DurableLSN, v.slots.capTrust(durLSN))
+	v.sb.DurableLSN = trusted
 	err := v.persistSuperblock()
 	v.superMu.Unlock()
 	if err != nil {
 		return false, fmt.Errorf("checkpoint LSN %d: %w", target, err)
 	}
+	v.slots.trustLSN.Store(trusted)
+	v.commitSlots(target)
 	if v.trace != nil {
 		v.trace("checkpoint lsn=%d pos=%d tail=%d/%d dur=%d", target, targetEnd, newTailLSN, newTailPos, durLSN)
 	}
@@ -181,11 +216,20 @@ func (v *Volume) flushCycle() (bool, error) {
 // Entries older than an applied zero range, wherever they lie and whenever
 // they were added, are dropped after the punch is synced: once the range is
 // removed nothing else would hide them from readers.
-func (v *Volume) applyToExtent(end uint64) error {
-	ents := v.dirty.collect(nil, end)
-	zr := v.zeros.collect()
+//
+// Only durable versions (log position before durEnd) are written and only
+// durable zero ranges applied: what a crash may still lose must not reach
+// the extent, where it would outlive its record, for part of its blocks.
+func (v *Volume) applyToExtent(end, durEnd uint64) error {
+	ents, _ := v.dirty.collect(nil, end, durEnd)
+	return v.applyCollected(ents, durEnd)
+}
+
+// applyCollected is applyToExtent for entries already collected.
+func (v *Volume) applyCollected(ents []dirtyEnt, durEnd uint64) error {
+	zr := v.zeros.collectBelow(durEnd)
 	if v.trace != nil {
-		v.trace("flush end=%d ents=%v zr=%v", end, ents, zr)
+		v.trace("flush durable end=%d ents=%v zr=%v", durEnd, ents, zr)
 	}
 	// Snapshots first: the newest one keeps what is about to be
 	// overwritten (durably) before the extent changes.
@@ -194,7 +238,7 @@ func (v *Volume) applyToExtent(end uint64) error {
 	}
 	for _, z := range zr {
 		off, n := int64(z.start)<<v.bshift, int64(z.end-z.start)<<v.bshift
-		if err := v.extF.PunchHole(off, n); err != nil {
+		if err := v.punchData(off, n); err != nil {
 			return fmt.Errorf("punch extent [%d,+%d): %w", off, n, err)
 		}
 	}
@@ -202,16 +246,21 @@ func (v *Volume) applyToExtent(end uint64) error {
 		return err
 	}
 	if len(ents) > 0 || len(zr) > 0 {
-		if err := v.extF.Sync(); err != nil {
+		if err := v.syncData(); err != nil {
 			return fmt.Errorf("sync extent: %w", err)
 		}
 	}
-	// Entries first, zero ranges after (see classify).
-	v.dirty.flushed(ents)
+	// Readers must find, at every step, the newest version or something
+	// equal to it (see classify): first the entries an applied zero range
+	// hides (the range still answers for them), then the ranges (newer
+	// entries still answer for their blocks), and only then the written
+	// entries. Dropping written entries first let a read between the
+	// steps see the zero range instead of the write that followed it.
 	if len(zr) > 0 {
 		v.dirty.removeFn(func(b, pos uint64) bool { return superseded(zr, dirtyEnt{b, pos}) })
 	}
 	v.zeros.remove(zr)
+	v.dirty.flushed(ents)
 	return nil
 }
 
@@ -294,7 +343,7 @@ func (v *Volume) copyPass(w []dirtyEnt) error {
 			m++
 		}
 		first := w[byBlock[k]].block
-		if _, err := v.extF.WriteAt(stage[uint64(k)*bs:uint64(m)*bs], int64(first)<<v.bshift); err != nil {
+		if err := v.writeData(stage[uint64(k)*bs:uint64(m)*bs], int64(first)<<v.bshift); err != nil {
 			return fmt.Errorf("flusher write extent block %d: %w", first, err)
 		}
 		v.flushWrites.Add(1)

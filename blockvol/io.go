@@ -136,13 +136,9 @@ func (v *Volume) classify(b uint64) (int, uint64) {
 	return srcExtent, 0
 }
 
-func (v *Volume) readExtent(p []byte, off int64) error {
-	n, err := v.extF.ReadAt(p, off)
-	if err != nil && n < len(p) {
-		return fmt.Errorf("read extent at %d: %w", off, err)
-	}
-	return nil
-}
+// readExtent reads the volume's data files (each chunk from its slot:
+// redirect.go), not the WAL.
+func (v *Volume) readExtent(p []byte, off int64) error { return v.readData(p, off) }
 
 // WriteAt writes p at off. It returns once the write is in the WAL (page
 // cache) and visible to reads; with fua, once it is durable.
@@ -168,6 +164,17 @@ func (v *Volume) write(p []byte, off int64) (uint64, error) {
 	nb := last - first + 1
 	v.lockStripes(first, nb)
 	defer v.unlockStripes(first, nb)
+	if v.redirectable(off, len(p)) {
+		lsn, err := v.writeRedirect(p, off)
+		if err == nil {
+			v.stats.redirectWrites.Add(1)
+			v.stats.redirectBytes.Add(uint64(len(p)))
+		}
+		return lsn, err
+	}
+	if err := v.settleRange(first, nb); err != nil {
+		return 0, err
+	}
 	payload := p
 	if off&(bs-1) != 0 || int64(len(p))&(bs-1) != 0 {
 		// Read-modify-write of the partial edge blocks, under the
@@ -217,7 +224,8 @@ func (v *Volume) maxRecordPayload() int {
 }
 
 // Flush makes every write acknowledged before it durable (one WAL
-// fdatasync, shared with concurrent flushes).
+// fdatasync, shared with concurrent flushes, after the data files' when
+// large writes went there: redirect.go).
 func (v *Volume) Flush() error {
 	v.ioMu.RLock()
 	defer v.ioMu.RUnlock()
@@ -278,7 +286,10 @@ func (v *Volume) zero(off, length int64) error {
 		n := min(alEnd-s, maxZero)
 		first, nb := uint64(s>>v.bshift), uint64(n>>v.bshift)
 		v.lockStripes(first, nb)
-		_, err := v.appendRecord(wal.Record{Type: wal.Zero, Offset: s, Length: uint32(n)}, false)
+		err := v.settleRange(first, nb)
+		if err == nil {
+			_, err = v.appendRecord(wal.Record{Type: wal.Zero, Offset: s, Length: uint32(n)}, false)
+		}
 		v.unlockStripes(first, nb)
 		if err != nil {
 			return err
@@ -324,7 +335,7 @@ func (v *Volume) BlockStatus(off, length int64) ([]blockdev.Extent, error) {
 	if overlay && end-start > blockStatusMax {
 		end = start + blockStatusMax
 	}
-	alloc, err := v.extF.Allocated(start, end-start)
+	alloc, err := v.allocatedData(start, end-start)
 	if err != nil {
 		return nil, fmt.Errorf("blockvol: block-status: %w", ioError(err))
 	}

@@ -22,6 +22,7 @@ func (v *Volume) recover() error {
 	t0 := time.Now()
 	v.index.reset(sb.TailLSN, sb.TailPos)
 	replayed, skipped := 0, 0
+	var redirs []recRedirect
 	res, err := wal.Scan(v.walF, v.ring, wal.ScanOptions{
 		From: sb.TailPos, FirstLSN: sb.TailLSN, MaxGen: sb.Gen, GenLSN: sb.GenLSN,
 	}, func(pos uint64, rec wal.Record) error {
@@ -45,12 +46,21 @@ func (v *Volume) recover() error {
 			if err := v.recoverSnapshotRecord(pos, rec); err != nil {
 				return fmt.Errorf("WAL record LSN %d (%s) at %d: %w", rec.LSN, rec.Type, pos, err)
 			}
+		case wal.Redirect:
+			var err error
+			if redirs, err = v.collectRedirect(redirs, pos, rec); err != nil {
+				return fmt.Errorf("WAL record LSN %d (%s) at %d: %w", rec.LSN, rec.Type, pos, err)
+			}
 		}
 		replayed++
 		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("recovery scan: %w", err)
+	}
+	discarded, firstDiscarded, err := v.resolveRedirects(redirs)
+	if err != nil {
+		return fmt.Errorf("recovery: %w", err)
 	}
 	if res.LastLSN < sb.CheckpointLSN {
 		return fmt.Errorf("%w: WAL ends at LSN %d at position %d, before the checkpoint LSN %d: %v",
@@ -83,13 +93,20 @@ func (v *Volume) recover() error {
 		v.log.Info("engine_recovery", "records_replayed", replayed, "records_retained", skipped,
 			"checkpoint_lsn", sb.CheckpointLSN, "head_lsn", res.LastLSN, "end_pos", res.End,
 			"dirty_blocks", v.dirty.len(), "zero_ranges", v.zeros.n.Load(),
+			"redirects_pending", v.slots.npending.Load(), "redirects_discarded", discarded,
 			"reason", reason, "gen", sb.Gen, "duration", time.Since(t0))
 	}
 	if torn {
 		v.log.Info("engine_recovery_tail_discarded", "pos", res.End, "lsn", res.LastLSN+1, "reason", reason)
 	}
 	// Everything recovered counts as durable from now on: it is on disk
-	// (it was read back), and the sync below covers the page cache.
+	// (it was read back), and the syncs below cover the page cache; the
+	// redirected data first, as at every sync (redirect.go).
+	if v.slots.npending.Load() > 0 {
+		if err := v.syncData(); err != nil {
+			return fmt.Errorf("sync redirected data after recovery: %w", err)
+		}
+	}
 	if err := v.walF.Sync(); err != nil {
 		return fmt.Errorf("sync WAL after recovery: %w", err)
 	}
@@ -101,10 +118,17 @@ func (v *Volume) recover() error {
 	sb.Gen++
 	sb.GenLSN = res.LastLSN + 1
 	sb.DurableLSN = res.LastLSN
+	if discarded > 0 {
+		// A discarded redirect stays in the log: DurableLSN must not
+		// cover it (see checkpointDiscarded).
+		sb.DurableLSN = firstDiscarded - 1
+		v.slots.trustCap.Store(firstDiscarded - 1)
+	}
 	v.gen = sb.Gen
 	if err := v.persistSuperblock(); err != nil {
 		return fmt.Errorf("persist WAL generation: %w", err)
 	}
+	v.slots.trustLSN.Store(sb.DurableLSN)
 	return nil
 }
 
@@ -119,6 +143,9 @@ func (v *Volume) checkRecord(rec wal.Record) error {
 	case wal.Barrier:
 	case wal.Snapshot, wal.SnapshotDelete:
 		return v.validateSnapshotRecord(rec)
+	case wal.Redirect:
+		_, err := v.checkRedirect(rec)
+		return err
 	default:
 		return fmt.Errorf("unexpected record type %s", rec.Type)
 	}

@@ -51,9 +51,19 @@ func (v *Volume) ReadRecords(fromLSN uint64, fn func(wal.Record) error) error {
 		return fmt.Errorf("blockvol: read records: %w", err)
 	}
 	next := fromLSN
+	var rbuf []byte
 	res, err := wal.Scan(v.walF, v.ring, wal.ScanOptions{
 		From: pos, FirstLSN: fromLSN, MaxLSN: done, Limit: doneEnd - pos,
 	}, func(_ uint64, rec wal.Record) error {
+		if rec.Type == wal.Redirect {
+			// A large write whose data went to the data files: replicas
+			// get the Write it stands for.
+			w, err := v.redirectAsWrite(rec, rbuf)
+			if err != nil {
+				return err
+			}
+			rec, rbuf = w, w.Payload
+		}
 		if err := fn(rec); err != nil {
 			return err
 		}
@@ -125,6 +135,8 @@ func (v *Volume) validateRecord(rec wal.Record) error {
 		return nil
 	case wal.Snapshot, wal.SnapshotDelete:
 		return v.validateSnapshotRecord(rec)
+	case wal.Redirect:
+		return fmt.Errorf("redirect record: its data is in the primary's files, a replica takes the write itself")
 	default:
 		return fmt.Errorf("unexpected record type %s", rec.Type)
 	}
@@ -294,6 +306,13 @@ func (v *Volume) SetEpochRole(epoch uint64, role string) error {
 	defer v.ioMu.RUnlock()
 	if v.closed.Load() {
 		return fmt.Errorf("blockvol: set epoch: %w", blockdev.ErrClosed)
+	}
+	if role != "primary" {
+		// A replica holds no unsettled redirect (redirect.go): the
+		// records it applies next go into the same chunks.
+		if err := v.settleAll(); err != nil {
+			return fmt.Errorf("blockvol: set role %s: settle redirected writes: %w", role, err)
+		}
 	}
 	v.superMu.Lock()
 	defer v.superMu.Unlock()

@@ -35,11 +35,14 @@ func (v *Volume) ReplResetHead(lsn uint64) error {
 	if err := v.syncWAL(done); err != nil {
 		return fmt.Errorf("blockvol: reset head: %w", err)
 	}
-	if err := v.applyToExtent(doneEnd); err != nil {
+	if err := v.applyToExtent(doneEnd, doneEnd); err != nil {
 		return fmt.Errorf("blockvol: reset head: checkpoint: %w", ioError(err))
 	}
-	if err := v.extF.Sync(); err != nil {
+	if err := v.syncData(); err != nil {
 		return fmt.Errorf("blockvol: reset head: sync extent: %w", ioError(err))
+	}
+	if err := v.foldAllSlots(lsn); err != nil {
+		return fmt.Errorf("blockvol: reset head: %w", ioError(err))
 	}
 	v.appendMu.Lock()
 	defer v.appendMu.Unlock()
@@ -75,6 +78,8 @@ func (v *Volume) ReplResetHead(lsn uint64) error {
 	}
 	v.gen = v.sb.Gen
 	v.superMu.Unlock()
+	v.slots.trustLSN.Store(lsn)
+	v.commitAllSlots(lsn)
 	v.nextLSN = lsn + 1
 	v.headLSN.Store(lsn)
 	v.index.reset(lsn+1, head)
@@ -113,7 +118,7 @@ func (v *Volume) ReplWriteBase(off int64, p []byte) error {
 	if err := v.cowRange(off, int64(len(p)), false); err != nil {
 		return fmt.Errorf("blockvol: base write off=%d len=%d: %w", off, len(p), ioError(err))
 	}
-	if _, err := v.extF.WriteAt(p, off); err != nil {
+	if err := v.writeData(p, off); err != nil {
 		return fmt.Errorf("blockvol: base write off=%d len=%d: %w", off, len(p), ioError(err))
 	}
 	return nil
@@ -132,7 +137,7 @@ func (v *Volume) ReplZeroBase(off, n int64) error {
 	if err := v.cowRange(off, n, true); err != nil {
 		return fmt.Errorf("blockvol: base zero off=%d len=%d: %w", off, n, ioError(err))
 	}
-	if err := v.extF.PunchHole(off, n); err != nil {
+	if err := v.punchData(off, n); err != nil {
 		return fmt.Errorf("blockvol: base zero off=%d len=%d: %w", off, n, ioError(err))
 	}
 	return nil
@@ -145,7 +150,7 @@ func (v *Volume) ReplSyncBase() error {
 	if v.closed.Load() {
 		return fmt.Errorf("blockvol: sync base: %w", blockdev.ErrClosed)
 	}
-	if err := v.extF.Sync(); err != nil {
+	if err := v.syncData(); err != nil {
 		return fmt.Errorf("blockvol: sync base: %w", ioError(err))
 	}
 	return nil

@@ -253,7 +253,7 @@ func payloadInfo(p wal.SnapshotPayload, lsn uint64) SnapshotInfo {
 // dirty map and zero set are empty and the extent is the volume's content.
 func (v *Volume) flushAllLocked() error {
 	flushed := func() bool {
-		return v.ckptLSN.Load() >= v.comp.doneRelaxed() && v.dirty.len() == 0 && v.zeros.n.Load() == 0
+		return v.ckptLSN.Load() >= v.comp.doneRelaxed() && v.dirty.len() == 0 && v.zeros.n.Load() == 0 && v.slots.npending.Load() == 0
 	}
 	for i := 0; !flushed(); i++ {
 		progressed, err := v.flushCycle()
@@ -273,6 +273,13 @@ func (v *Volume) flushAllLocked() error {
 // fixed on a replica). The caller holds opMu and ioMu exclusively.
 func (v *Volume) snapshotCreateLocked(info SnapshotInfo, rec wal.Record, fixed bool, origin string) (SnapshotInfo, error) {
 	if err := v.flushAllLocked(); err != nil {
+		return SnapshotInfo{}, err
+	}
+	// The record is appended with the flusher stopped, which alone frees
+	// log space: wait for room first (a retention hold may keep the log
+	// full until replication moves it, and only the flusher then moves
+	// the tail).
+	if err := v.waitLogSpace(rec.Size()); err != nil {
 		return SnapshotInfo{}, err
 	}
 	v.flushMu.Lock()
@@ -549,7 +556,7 @@ func (v *Volume) recoverSnapshotRecord(pos uint64, rec wal.Record) error {
 			return nil // listed, or created and deleted since
 		}
 		if v.dirty.len() > 0 || v.zeros.n.Load() > 0 {
-			if err := v.applyToExtent(pos); err != nil {
+			if err := v.applyToExtent(pos, ^uint64(0)); err != nil {
 				return fmt.Errorf("flush before snapshot %q: %w", p.Name, err)
 			}
 			v.sb.CheckpointLSN, v.sb.CheckpointPos = rec.LSN-1, pos

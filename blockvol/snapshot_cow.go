@@ -100,7 +100,7 @@ func (v *Volume) allocatedBlocks(start, end uint64) ([]uint64, error) {
 			return nil, nil
 		}
 	}
-	rs, err := v.extF.Allocated(off, n)
+	rs, err := v.allocatedData(off, n)
 	if err != nil {
 		return nil, fmt.Errorf("snapshot copy-on-write: extent allocation: %w", err)
 	}

@@ -203,7 +203,7 @@ func (r *SnapshotReader) BlockStatus(off, length int64) ([]blockdev.Extent, erro
 	if err != nil {
 		return nil, fmt.Errorf("blockvol: snapshot %q: block-status: %w", r.s.info.Name, err)
 	}
-	alloc, err := v.extF.Allocated(start, end-start)
+	alloc, err := v.allocatedData(start, end-start)
 	if err != nil {
 		return nil, fmt.Errorf("blockvol: snapshot %q: block-status: %w", r.s.info.Name, ioError(err))
 	}

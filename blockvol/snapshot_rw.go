@@ -174,7 +174,7 @@ func (v *Volume) ChangedRanges(from, to string) ([]Range, error) {
 	// it drops a block from the dirty map, so nothing falls in between.
 	var rs []blockRange
 	if to == "" {
-		for _, e := range v.dirty.collect(nil, ^uint64(0)) {
+		for _, e := range collectAll(&v.dirty) {
 			rs = append(rs, blockRange{e.block, e.block + 1})
 		}
 		for _, z := range v.zeros.collect() {

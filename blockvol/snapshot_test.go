@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/blockd/blockd/blockdev"
 	"github.com/blockd/blockd/vfs"
@@ -522,4 +523,37 @@ func TestSnapshotConcurrentOperations(t *testing.T) {
 			t.Fatalf("snapshot %q: %v", in.Name, err)
 		}
 	}
+}
+
+// A snapshot is created with the flusher stopped, and only the flusher
+// frees log space: when a retention hold keeps the log full, the create
+// waits for room before it stops the flusher, so the hold's release lets
+// it through (it used to wait out the WAL-full timeout and fail).
+func TestSnapshotCreateWaitsForLogSpace(t *testing.T) {
+	v, _ := newVol(t, 8<<20, 256<<10)
+	v.fullTO = 3 * time.Second
+	v.HoldRetention("test", v.HeadLSN()+1)
+	// Fill the log with 4 KiB writes, then to the last few bytes with
+	// trims (40-byte records), so the snapshot record does not fit.
+	buf := make([]byte, 4096)
+	free := func() int64 { st := v.Stats(); return st.WALSizeBytes - st.WALUsedBytes }
+	for i := 0; free() > 4136+200; i++ {
+		if err := v.WriteAt(buf, int64(i%2000)*4096, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; free() >= 100; i++ {
+		if err := v.Trim(int64(i%2000)*4096, 4096); err != nil {
+			t.Fatal(err)
+		}
+	}
+	go func() {
+		time.Sleep(500 * time.Millisecond)
+		v.ReleaseRetention("test")
+	}()
+	t0 := time.Now()
+	if _, err := v.CreateSnapshot("s1", SnapshotOptions{}); err != nil {
+		t.Fatalf("create with the log full until the hold goes: %v (after %v)", err, time.Since(t0))
+	}
+	t.Logf("created %v after the hold was set", time.Since(t0))
 }

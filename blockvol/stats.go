@@ -18,6 +18,9 @@ type engineStats struct {
 	syncs             atomic.Uint64 // WAL fdatasyncs that made records durable
 	syncedRecords     atomic.Uint64 // records those syncs made durable
 	batch             [len(BatchBuckets) + 1]atomic.Uint64
+	redirectWrites    atomic.Uint64 // large writes written once (redirect.go)
+	redirectBytes     atomic.Uint64
+	redirectSettles   atomic.Uint64 // DurableLSN persisted for a small write after a redirect
 }
 
 // observeBatch records one group commit that made n records durable.
@@ -46,6 +49,10 @@ type Stats struct {
 	// (not cumulative).
 	GroupCommits, GroupCommitRecords uint64
 	BatchCounts                      [len(BatchBuckets) + 1]uint64
+	// RedirectWrites and RedirectBytes count large writes whose data was
+	// written once, outside the WAL; RedirectSettles the times a small
+	// write into such a chunk had to persist the durable LSN first.
+	RedirectWrites, RedirectBytes, RedirectSettles uint64
 }
 
 // FlusherLag is how many LSNs the flusher has yet to checkpoint.
@@ -68,6 +75,8 @@ func (v *Volume) Stats() Stats {
 		WALUsedBytes: min(used, v.walSize), WALSizeBytes: v.walSize,
 		BackPressureWaits: v.stats.backPressureWaits.Load(),
 		GroupCommits:      v.stats.syncs.Load(), GroupCommitRecords: v.stats.syncedRecords.Load(),
+		RedirectWrites: v.stats.redirectWrites.Load(), RedirectBytes: v.stats.redirectBytes.Load(),
+		RedirectSettles: v.stats.redirectSettles.Load(),
 	}
 	for i := range st.BatchCounts {
 		st.BatchCounts[i] = v.stats.batch[i].Load()

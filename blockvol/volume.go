@@ -116,6 +116,9 @@ type Options struct {
 	// WALFullTimeout bounds how long a write waits for WAL space (0 =
 	// 30 s default).
 	WALFullTimeout time.Duration
+	// NoRedirect sends every write through the WAL, large ones too
+	// (benchmarks and tests compare the two; see redirect.go).
+	NoRedirect bool
 }
 
 // Volume is one open volume. All methods are safe for concurrent use.
@@ -132,6 +135,8 @@ type Volume struct {
 	fullTO  time.Duration
 
 	walF, extF, sbF vfs.File
+	shF             vfs.File  // the extent's second slot (redirect.go)
+	slots           slotState // redirect.go
 
 	// ioMu is held shared by every I/O and exclusively by Drain and Close.
 	ioMu   sync.RWMutex
@@ -266,11 +271,11 @@ func Create(dir string, o Options) (*Volume, error) {
 	}
 	// Without a superblock, any WAL or extent file is the leftover of a
 	// create that did not finish: start over.
-	for _, n := range []string{WALFile, WALFilledFile, ExtentFile} {
+	for _, n := range []string{WALFile, WALFilledFile, ExtentFile, ShadowFile, SlotsFile} {
 		_ = fs.Remove(filepath.Join(dir, n))
 	}
 	if err := createFiles(fs, dir, &sb); err != nil {
-		for _, n := range []string{SuperblockFile, WALFile, WALFilledFile, ExtentFile} {
+		for _, n := range []string{SuperblockFile, WALFile, WALFilledFile, ExtentFile, ShadowFile, SlotsFile} {
 			_ = fs.Remove(filepath.Join(dir, n))
 		}
 		return nil, fmt.Errorf("blockvol: create %s: %w", dir, mapNoSpace(err))
@@ -333,7 +338,11 @@ func Open(dir string, o Options) (*Volume, error) {
 	if v.fullTO <= 0 {
 		v.fullTO = walFullTimeout
 	}
-	if err := v.open(); err != nil {
+	err := v.open(o.NoRedirect)
+	if err == nil {
+		err = v.checkpointDiscarded()
+	}
+	if err != nil {
 		v.closeFiles()
 		return nil, fmt.Errorf("blockvol: open %s: %w", dir, err)
 	}
@@ -342,7 +351,7 @@ func Open(dir string, o Options) (*Volume, error) {
 	return v, nil
 }
 
-func (v *Volume) open() error {
+func (v *Volume) open(noRedirect bool) error {
 	var err error
 	if v.sbF, err = v.fs.OpenFile(filepath.Join(v.dir, SuperblockFile), os.O_RDWR, 0); err != nil {
 		return err
@@ -379,6 +388,9 @@ func (v *Volume) open() error {
 		return fmt.Errorf("%w: WAL is %d bytes, superblock says %d", ErrCorrupt, st.Size(), v.walSize)
 	}
 	v.dirty.init()
+	if err := v.openSlots(noRedirect); err != nil {
+		return err
+	}
 	if err := v.loadSnapshots(); err != nil {
 		return err
 	}
@@ -461,7 +473,7 @@ func (v *Volume) Close() error {
 
 func (v *Volume) closeFiles() error {
 	var errs []error
-	for _, f := range []vfs.File{v.walF, v.extF, v.sbF} {
+	for _, f := range []vfs.File{v.walF, v.extF, v.shF, v.sbF} {
 		if f != nil {
 			errs = append(errs, f.Close())
 		}

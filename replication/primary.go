@@ -394,9 +394,18 @@ func (p *Primary) refreshShipLocked() {
 		list = append(list, r)
 	}
 	sort.Slice(list, func(i, j int) bool { return list[i].id < list[j].id })
+	// With no replica the feed copies no data (a 1 MiB write would cost
+	// a 1 MiB copy for nothing). It asks for data before a replica is
+	// listed; records pushed before that are not shipped (pumpLocked).
+	if len(list) > 0 {
+		p.feed.SetPayloads(true)
+	}
 	p.smu.Lock()
 	p.shipReps = list
 	p.smu.Unlock()
+	if len(list) == 0 {
+		p.feed.SetPayloads(false)
+	}
 }
 
 // findEpochStart returns the first LSN of the volume's log written in

@@ -94,6 +94,22 @@ func (p *Primary) pumpSoon() {
 func (p *Primary) pumpLocked() {
 	var lost blockvol.Lost
 	p.shipRecs, lost = p.feed.Take(p.shipRecs[:0])
+	if lost.From == 0 {
+		// Records taken without their data (pushed while there was no
+		// replica) go to a replica listed since as a lost range: it
+		// catches up from the WAL.
+		p.smu.Lock()
+		n := len(p.shipReps)
+		p.smu.Unlock()
+		for i, rec := range p.shipRecs {
+			if n > 0 && blockvol.Elided(rec) {
+				lost = blockvol.Lost{From: rec.LSN, To: p.shipRecs[len(p.shipRecs)-1].LSN}
+				p.feed.Recycle(p.shipRecs[i:])
+				p.shipRecs = p.shipRecs[:i]
+				break
+			}
+		}
+	}
 	if len(p.shipRecs) > 0 {
 		p.shipItems = p.shipBatch(p.shipRecs, p.shipItems[:0])
 		p.feed.Recycle(p.shipRecs)

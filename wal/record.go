@@ -13,7 +13,8 @@
 //	7  uint8  format version (1)
 //	8  uint32 length: Write: payload bytes; Zero: bytes zeroed;
 //	          Padding: bytes skipped after the header; Barrier: 0;
-//	          Snapshot, SnapshotDelete: payload bytes (see snapshot.go)
+//	          Snapshot, SnapshotDelete, Redirect: payload bytes (see
+//	          snapshot.go, redirect.go)
 //	12 uint32 gen: the volume's WAL generation (bumped at every open) that
 //	          wrote the record; it never decreases along a valid log, so a
 //	          stale record left behind by an earlier life is not mistaken
@@ -62,6 +63,12 @@ const (
 	Snapshot RecordType = 5
 	// SnapshotDelete deletes the snapshot its payload names.
 	SnapshotDelete RecordType = 6
+	// Redirect is a large write whose data was written once, straight
+	// to the volume's data files, instead of into the log: its payload
+	// (a RedirectPayload) says where the data went and carries the
+	// data's CRC, so that recovery can tell whole data from torn.
+	// Offset is the byte offset of the data.
+	Redirect RecordType = 7
 )
 
 func (t RecordType) String() string {
@@ -78,6 +85,8 @@ func (t RecordType) String() string {
 		return "snapshot"
 	case SnapshotDelete:
 		return "snapshot-delete"
+	case Redirect:
+		return "redirect"
 	}
 	return fmt.Sprintf("type(%d)", uint8(t))
 }
@@ -110,16 +119,16 @@ func align(n int) int { return (n + Align - 1) &^ (Align - 1) }
 // payloadLen is the number of bytes stored after the header.
 func payloadLen(t RecordType, length uint32) int {
 	switch t {
-	case Write, Padding, Snapshot, SnapshotDelete:
+	case Write, Padding, Snapshot, SnapshotDelete, Redirect:
 		return int(length)
 	}
 	return 0
 }
 
 // HasData reports whether records of type t carry Length payload bytes
-// covered by the CRC (Write and the snapshot records).
+// covered by the CRC (Write, the snapshot records and Redirect).
 func HasData(t RecordType) bool {
-	return t == Write || t == Snapshot || t == SnapshotDelete
+	return t == Write || t == Snapshot || t == SnapshotDelete || t == Redirect
 }
 
 // EncodedSize is the number of log bytes a record of this type and length
@@ -131,7 +140,7 @@ func EncodedSize(t RecordType, length uint32) int {
 // Size is EncodedSize for r.
 func (r Record) Size() int { return EncodedSize(r.Type, r.Length) }
 
-func validType(t RecordType) bool { return t >= Write && t <= SnapshotDelete }
+func validType(t RecordType) bool { return t >= Write && t <= Redirect }
 
 // PutHeader writes r's header into hdr (at least HeaderSize bytes) with a
 // CRC over the header and payload. For records with data (HasData)
@@ -212,6 +221,9 @@ func DecodeHeader(hdr []byte) (Record, int, error) {
 	}
 	if (r.Type == Snapshot || r.Type == SnapshotDelete) && (r.Length > MaxSnapshotPayload || r.Offset != 0) {
 		return Record{}, 0, fmt.Errorf("%w: %s record with length %d offset %d", ErrCorrupt, r.Type, r.Length, r.Offset)
+	}
+	if r.Type == Redirect && (r.Length < redirectFixed || r.Length > MaxRedirectPayload) {
+		return Record{}, 0, fmt.Errorf("%w: redirect record with length %d", ErrCorrupt, r.Length)
 	}
 	if r.Type != Padding && r.Offset < 0 {
 		return Record{}, 0, fmt.Errorf("%w: negative offset", ErrCorrupt)

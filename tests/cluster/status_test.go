@@ -32,12 +32,15 @@ func TestStatusAndWatchDuringRebuild(t *testing.T) {
 	primary, replica := info.Primary.ServerID, info.Replicas[0].ServerID
 	nbdAddr := c.nbd[primary]
 	c.waitExport(nbdAddr, "w")
-	// 48 MiB of data, far beyond the 4 MiB WAL: the replica cannot catch up
-	// from the log once it has lost everything.
+	// 48 MiB of data through the 4 MiB WAL: the replica cannot catch up
+	// from the log once it has lost everything. The writes start 4 KiB
+	// past each MiB: chunk-aligned large writes would be written once,
+	// outside the log, whose few bytes per write would then retain them
+	// all (and a wiped replica would rightly catch up from it).
 	for i := 0; i < 48; i += 8 {
 		var cmds []string
 		for j := i; j < i+8; j++ {
-			cmds = append(cmds, fmt.Sprintf("write -P 0x%02x %d 1M", j+1, j<<20))
+			cmds = append(cmds, fmt.Sprintf("write -P 0x%02x %d 1M", j+1, j<<20+4096))
 		}
 		if out, err := c.qemuIO(nbdAddr, "w", append(cmds, "flush")...); err != nil {
 			t.Fatalf("qemu-io: %v\n%s", err, out)

@@ -1,0 +1,265 @@
+package blockvol
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/blockd/blockd/wal"
+)
+
+func fillPattern(n int, seed byte) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = seed + byte(i*7+i/4096)
+	}
+	return b
+}
+
+// A large aligned write goes around the WAL: one small record, the data
+// once in a data file; reads, a reopen, a small write and a trim into
+// its chunk, block status and the checkpoint all see the same bytes, and
+// the old slot's space is given back.
+func TestRedirectBasics(t *testing.T) {
+	v, dir := newVol(t, 8<<20, 4<<20)
+	big := fillPattern(1<<20, 1)
+	if err := v.WriteAt(big, 1<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	st := v.Stats()
+	if st.RedirectWrites != 1 || st.RedirectBytes != 1<<20 {
+		t.Fatalf("stats after one 1 MiB write: %+v", st)
+	}
+	// The WAL holds a record of tens of bytes, not a MiB.
+	if used := st.WALUsedBytes; used > 4096 {
+		t.Fatalf("WAL holds %d bytes after a redirected write", used)
+	}
+	got := make([]byte, 1<<20)
+	if err := v.ReadAt(got, 1<<20); err != nil || !bytes.Equal(got, big) {
+		t.Fatalf("read back: %v, equal %v", err, bytes.Equal(got, big))
+	}
+	// A small write into the redirected chunk settles the redirect first.
+	small := fillPattern(4096, 9)
+	if err := v.WriteAt(small, 1<<20+8192, false); err != nil {
+		t.Fatal(err)
+	}
+	if v.Stats().RedirectSettles != 1 {
+		t.Fatalf("settles: %d, want 1", v.Stats().RedirectSettles)
+	}
+	copy(big[8192:], small)
+	if err := v.Trim(1<<20+512<<10, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	clear(big[512<<10 : 576<<10])
+	check := func(what string) {
+		t.Helper()
+		if err := v.ReadAt(got, 1<<20); err != nil || !bytes.Equal(got, big) {
+			t.Fatalf("%s: %v, equal %v", what, err, bytes.Equal(got, big))
+		}
+		ext, err := v.BlockStatus(1<<20, 1<<20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var holes int64
+		for _, e := range ext {
+			if e.Hole {
+				holes += e.Length
+			}
+		}
+		if holes != 64<<10 {
+			t.Fatalf("%s: block status %v: %d bytes of holes, want 64 KiB", what, ext, holes)
+		}
+	}
+	check("before the checkpoint")
+	if err := v.ReplCheckpoint(); err != nil {
+		t.Fatal(err)
+	}
+	check("after the checkpoint")
+	if v.slots.npending.Load() != 0 {
+		t.Fatalf("%d redirects pending after a checkpoint", v.slots.npending.Load())
+	}
+	// One copy of the data on disk: the slot not in use was punched.
+	ext, _ := v.extF.Allocated(0, 8<<20)
+	sh, _ := v.shF.Allocated(0, 8<<20)
+	var total int64
+	for _, r := range append(ext, sh...) {
+		total += r.Len
+	}
+	if total > 1<<20 {
+		t.Fatalf("%d bytes allocated in extent+shadow for 1 MiB written (extent %v shadow %v)", total, ext, sh)
+	}
+	v.Close()
+	v, err := Open(dir, Options{Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	check("after reopen")
+	// Unaligned writes take the WAL, and so do writes larger than one
+	// record of this WAL may carry (a quarter of it): a replica with the
+	// same WAL takes the write as one Write record.
+	if err := v.WriteAt(fillPattern(1<<20, 3), 1<<20+4096, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.WriteAt(fillPattern(2<<20, 4), 4<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	if n := v.Stats().RedirectWrites; n != 0 {
+		t.Fatalf("%d unaligned or too large writes were redirected", n)
+	}
+}
+
+// Replication reads a redirected write back as the Write it stands for;
+// once a later write overwrote its data in place, reading it says so
+// (ErrNotRetained), so the replica gets a full transfer instead of wrong
+// bytes.
+func TestRedirectReadRecords(t *testing.T) {
+	v, _ := newVol(t, 8<<20, 4<<20)
+	v.pauseFlusher.Store(true) // the records stay in the log, unsynced
+	first := fillPattern(256<<10, 5)
+	if err := v.WriteAt(first, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	lsn := v.HeadLSN()
+	var got []wal.Record
+	if err := v.ReadRecords(lsn, func(r wal.Record) error {
+		r.Payload = append([]byte(nil), r.Payload...)
+		got = append(got, r)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got[0].Type != wal.Write || got[0].Offset != 0 || !bytes.Equal(got[0].Payload, first) {
+		t.Fatalf("read back %d records (first type %v)", len(got), got[0].Type)
+	}
+	// Not durable yet: the next write of the same chunks goes in place.
+	if err := v.WriteAt(fillPattern(256<<10, 6), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	err := v.ReadRecords(lsn, func(wal.Record) error { return nil })
+	if !errors.Is(err, ErrNotRetained) || !strings.Contains(err.Error(), "overwritten since") {
+		t.Fatalf("reading an overwritten redirect: %v, want ErrNotRetained", err)
+	}
+	t.Logf("refusal: %v", err)
+	// A replica never takes a Redirect record itself.
+	rec := wal.Record{LSN: v.HeadLSN() + 1, Type: wal.Redirect, Offset: 0, Length: 32, Payload: make([]byte, 32)}
+	if err := v.ValidateRecord(rec); err == nil {
+		t.Fatal("a replica accepted a redirect record")
+	}
+}
+
+// Readers racing large writes (flips, in-place overwrites), small writes
+// into the same chunks, flushes and the flusher's checkpoints and punches
+// always read whole blocks: every block they read is one write's block
+// (or zeroes), never a mix and never a punched hole under a live slot.
+func TestRedirectConcurrentReads(t *testing.T) {
+	const size = 4 << 20
+	v, _ := newVol(t, size, 1<<20)
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	var tag atomic.Uint32
+	errc := make(chan error, 8)
+	fill := func(buf []byte, first uint64) {
+		tg := tag.Add(1)
+		for b := 0; b < len(buf)/4096; b++ {
+			for s := 0; s < spb; s++ {
+				fillSector(buf[b*4096+s*512:], tg, first+uint64(b), s)
+			}
+		}
+	}
+	for w := 0; w < 2; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(w), 3))
+			buf := make([]byte, 512<<10)
+			for i := 0; !stop.Load(); i++ {
+				// Writer 0: large writes over the first 512 KiB, rarely
+				// flushed, so most overwrite the last one in place.
+				// Writer 1: a mix over the whole volume.
+				var off int64
+				var n int
+				switch {
+				case w == 0:
+					n = (2 + r.IntN(7)) * (64 << 10)
+					off = r.Int64N(int64(8-n/(64<<10))+1) * (64 << 10)
+				case r.IntN(4) == 0:
+					n = 4096 * (1 + r.IntN(3))
+					off = r.Int64N(size/4096-4) * 4096
+				default:
+					n = (2 + r.IntN(7)) * (64 << 10)
+					off = r.Int64N(size/(64<<10)-8) * (64 << 10)
+				}
+				fill(buf[:n], uint64(off/4096))
+				if err := v.WriteAt(buf[:n], off, w == 1 && i%5 == 0); err != nil {
+					errc <- err
+					return
+				}
+				if w == 1 {
+					time.Sleep(2 * time.Millisecond) // leave writer 0 unflushed stretches
+				}
+				if (w == 0 && i%50 == 49) || (w == 1 && i%7 == 0) {
+					if err := v.Flush(); err != nil {
+						errc <- err
+						return
+					}
+				}
+			}
+		}(w)
+	}
+	for rd := 0; rd < 2; rd++ {
+		wg.Add(1)
+		go func(rd int) {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(rd), 9))
+			buf := make([]byte, 256<<10)
+			for !stop.Load() {
+				n := 4096 * (1 + r.IntN(64))
+				off := r.Int64N(size/4096-64) * 4096
+				if rd == 0 {
+					off = r.Int64N(64) * 4096 // where writer 0 overwrites
+				}
+				if err := v.ReadAt(buf[:n], off); err != nil {
+					errc <- err
+					return
+				}
+				for b := 0; b < n/4096; b++ {
+					blk := uint64(off/4096) + uint64(b)
+					var first uint32
+					for s := 0; s < spb; s++ {
+						tg, err := decodeSector(buf[b*4096+s*512:], blk, s)
+						if err != nil {
+							errc <- err
+							return
+						}
+						if s == 0 {
+							first = tg
+						} else if tg != first {
+							errc <- fmt.Errorf("block %d mixes writes %d and %d", blk, first, tg)
+							return
+						}
+					}
+				}
+			}
+		}(rd)
+	}
+	time.Sleep(3 * time.Second)
+	stop.Store(true)
+	wg.Wait()
+	select {
+	case err := <-errc:
+		t.Fatal(err)
+	default:
+	}
+	st := v.Stats()
+	if st.RedirectWrites == 0 {
+		t.Fatal("no large write was redirected")
+	}
+	t.Logf("%d writes, %d redirected, %d settles", tag.Load(), st.RedirectWrites, st.RedirectSettles)
+}
