@@ -462,8 +462,30 @@ func (v *Volume) writeRedirect(p []byte, off int64) (uint64, error) {
 		before: func(lsn uint64, pl []byte) error {
 			// The LSN is reserved; choose the slots and write the data.
 			s.regMu.Lock()
-			// Durable, or about to be: a running sync may have chosen.
-			dur := max(v.durLSN.Load(), s.syncingLSN)
+			dur := v.durLSN.Load()
+			for {
+				// A chunk whose newest redirect a running sync chose but
+				// did not finish has no slot free: wait for that sync.
+				var busy uint64
+				s.mu.Lock()
+				for i := range slots {
+					if p := s.pending[c0+uint64(i)]; len(p) > 0 {
+						if x := p[len(p)-1].lsn; x > dur && x <= s.syncingLSN {
+							busy = max(busy, x)
+						}
+					}
+				}
+				s.mu.Unlock()
+				if busy == 0 {
+					break
+				}
+				s.regMu.Unlock()
+				if err := v.syncWAL(busy); err != nil {
+					return err
+				}
+				s.regMu.Lock()
+				dur = v.durLSN.Load()
+			}
 			over := ^uint64(0)
 			s.mu.Lock()
 			for i := range slots {
@@ -639,7 +661,7 @@ func (v *Volume) settle(lsn uint64) error {
 // role).
 func (v *Volume) settleAll() error {
 	s := &v.slots
-	if m := s.maxPendLSN.Load(); s.npending.Load() > 0 && m > s.trustLSN.Load() {
+	if m := min(s.maxPendLSN.Load(), v.headLSN.Load()); s.npending.Load() > 0 && m > s.trustLSN.Load() {
 		return v.settle(m)
 	}
 	return nil

@@ -165,6 +165,9 @@ func (v *Volume) ApplyRecord(rec wal.Record) error {
 	if err := v.validateRecord(rec); err != nil {
 		return fmt.Errorf("blockvol: apply record LSN %d: %v: %w", rec.LSN, err, blockdev.ErrInvalid)
 	}
+	if err := v.settleAll(); err != nil {
+		return fmt.Errorf("blockvol: apply record: %w", err)
+	}
 	var first, nb uint64
 	if rec.Type != wal.Barrier {
 		first, nb = uint64(rec.Offset)>>v.bshift, uint64(rec.Length)>>v.bshift
@@ -227,6 +230,12 @@ func (v *Volume) applyRun(recs []wal.Record) (int, error) {
 		return 0, fmt.Errorf("blockvol: apply records: %w", blockdev.ErrClosed)
 	}
 	if err := v.failErr(); err != nil {
+		return 0, fmt.Errorf("blockvol: apply records: %w", err)
+	}
+	// A redirect a client write made while the role changed may still
+	// be unsettled: the records applied next may go into its chunks
+	// (redirect.go). Two atomic loads when there is none.
+	if err := v.settleAll(); err != nil {
 		return 0, fmt.Errorf("blockvol: apply records: %w", err)
 	}
 	valid := len(recs)

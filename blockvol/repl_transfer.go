@@ -80,6 +80,11 @@ func (v *Volume) ReplResetHead(lsn uint64) error {
 	v.superMu.Unlock()
 	v.slots.trustLSN.Store(lsn)
 	v.commitAllSlots(lsn)
+	v.slots.regMu.Lock()
+	v.slots.syncingLSN = lsn
+	v.slots.overwrites = v.slots.overwrites[:0]
+	v.slots.regMu.Unlock()
+	v.slots.maxPendLSN.Store(0)
 	v.nextLSN = lsn + 1
 	v.headLSN.Store(lsn)
 	v.index.reset(lsn+1, head)

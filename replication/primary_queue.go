@@ -94,24 +94,15 @@ func (p *Primary) pumpSoon() {
 func (p *Primary) pumpLocked() {
 	var lost blockvol.Lost
 	p.shipRecs, lost = p.feed.Take(p.shipRecs[:0])
-	if lost.From == 0 {
-		// Records taken without their data (pushed while there was no
-		// replica) go to a replica listed since as a lost range: it
-		// catches up from the WAL.
-		p.smu.Lock()
-		n := len(p.shipReps)
-		p.smu.Unlock()
-		for i, rec := range p.shipRecs {
-			if n > 0 && blockvol.Elided(rec) {
-				lost = blockvol.Lost{From: rec.LSN, To: p.shipRecs[len(p.shipRecs)-1].LSN}
-				p.feed.Recycle(p.shipRecs[i:])
-				p.shipRecs = p.shipRecs[:i]
-				break
-			}
-		}
-	}
 	if len(p.shipRecs) > 0 {
-		p.shipItems = p.shipBatch(p.shipRecs, p.shipItems[:0])
+		var stop int
+		p.shipItems, stop = p.shipBatch(p.shipRecs, p.shipItems[:0])
+		if stop < len(p.shipRecs) {
+			// Records taken without their data (pushed while there was
+			// no replica) go to a replica listed since as a lost range,
+			// with everything after them: it catches up from the WAL.
+			lost = blockvol.Lost{From: p.shipRecs[stop].LSN, To: max(lost.To, p.shipRecs[len(p.shipRecs)-1].LSN)}
+		}
 		p.feed.Recycle(p.shipRecs)
 	}
 	if lost.From != 0 {
@@ -120,14 +111,21 @@ func (p *Primary) pumpLocked() {
 }
 
 // shipBatch marks and queues recs (in LSN order) and returns items for
-// reuse.
-func (p *Primary) shipBatch(recs []wal.Record, items []*item) []*item {
+// reuse, and the index of the first record it did not ship: one without
+// its data (blockvol.Elided) while there are replicas to ship to, decided
+// on the same list of replicas it ships to (len(recs) when all went).
+func (p *Primary) shipBatch(recs []wal.Record, items []*item) ([]*item, int) {
 	var bytes int64
 	p.smu.Lock()
 	reps := p.shipReps
-	for _, rec := range recs {
+	stop := len(recs)
+	for i, rec := range recs {
 		if rec.Type == wal.Padding {
 			continue
+		}
+		if len(reps) > 0 && blockvol.Elided(rec) {
+			stop = i
+			break
 		}
 		bytes += int64(recordBodyHeader + len(rec.Payload))
 		p.lastLSN = rec.LSN
@@ -158,7 +156,7 @@ func (p *Primary) shipBatch(recs []wal.Record, items []*item) []*item {
 	}
 	releaseAll(items) // the shipper's own references
 	clear(items)
-	return items
+	return items, stop
 }
 
 // feedLost handles records the feed dropped because the shipper fell
