@@ -46,8 +46,10 @@ package blockvol
 //   - An in-place overwrite of record X by record Y registers (X, Y)
 //     under regMu, where the WAL sync chooses how far it goes: no sync
 //     then covers X without Y (chooseSyncLSN waits until Y is complete),
-//     or a flush could promise X while Y destroyed its data. A redirect
-//     deciding under regMu counts what a running sync chose as durable.
+//     or a flush could promise X while Y destroyed its data. A chunk whose
+//     newest redirect a running sync has chosen but not finished has no
+//     free slot (that record is neither durable yet nor safe to lose):
+//     the redirect waits for that sync, then decides.
 //   - Readers of the data files hold the chunk locks of what they read
 //     shared (once the volume has ever redirected), and every redirect's
 //     data write and every punch of an old slot hold them exclusively: a
@@ -100,8 +102,9 @@ type slotState struct {
 	locks  [nChunkLock]sync.RWMutex
 	// regMu orders in-place overwrites against the WAL sync's choice of
 	// LSN (see the top of the file). Under it: syncingLSN, the highest
-	// LSN a sync has chosen to make durable (a redirect counts those as
-	// durable already), and overwrites, the (X, Y) pairs.
+	// LSN a sync has chosen to make durable (a redirect of a chunk whose
+	// newest record lies between the durable LSN and it waits for that
+	// sync), and overwrites, the (X, Y) pairs.
 	regMu      sync.Mutex
 	syncingLSN uint64
 	overwrites []overwrite
