@@ -1,0 +1,294 @@
+package blockvol
+
+// The redirect state's persistence (see redirect.go): the shadow file
+// and the slots file, staged before each checkpoint's superblock and
+// committed after it, and the punch of slots no longer used.
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+
+	"github.com/blockd/blockd/vfs"
+	"github.com/blockd/blockd/wal"
+)
+
+// openSlots opens (creating when missing: volumes made before redirects
+// existed have none) the shadow file and loads the slots file.
+func (v *Volume) openSlots(noRedirect bool) error {
+	s := &v.slots
+	s.chunk = max(redirChunk, v.bs)
+	for 1<<s.cshift < s.chunk {
+		s.cshift++
+	}
+	s.off = noRedirect
+	s.pending = make(map[uint64][]pendRedir)
+	name := filepath.Join(v.dir, ShadowFile)
+	f, err := v.fs.OpenFile(name, os.O_RDWR, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		if f, err = v.fs.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o644); err == nil {
+			err = v.fs.SyncDir(v.dir)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("open shadow file: %w", err)
+	}
+	v.shF = f
+	limit := v.limit.Load()
+	if err := v.shF.Truncate(limit); err != nil {
+		return fmt.Errorf("size shadow file: %w", err)
+	}
+	words := v.slotWords(limit)
+	s.persisted = make([]uint64, words)
+	s.cur = make([]atomic.Uint64, words)
+	b, err := vfs.ReadFile(v.fs, filepath.Join(v.dir, SlotsFile))
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	case err != nil:
+		return fmt.Errorf("read slots file: %w", err)
+	}
+	bits, lsn, err := decodeSlots(b, s.chunk)
+	if err != nil {
+		return fmt.Errorf("%w: slots file: %v", ErrCorrupt, err)
+	}
+	// lsn is the checkpoint it was written with; checkpoints that cover
+	// no redirect leave the file as it is, so it may be older.
+	copy(s.persisted, bits)
+	any := false
+	for i, w := range s.persisted {
+		s.cur[i].Store(w)
+		any = any || w != 0
+	}
+	s.active.Store(any)
+	s.stagedLSN = lsn
+	return nil
+}
+
+func (v *Volume) slotWords(size int64) int {
+	chunks := (size + v.slots.chunk - 1) >> v.slots.cshift
+	return int((chunks + 63) / 64)
+}
+
+// growSlots makes room for a larger size (inside Drain).
+func (v *Volume) growSlots(size int64) {
+	s := &v.slots
+	words := v.slotWords(size)
+	if words <= len(s.cur) {
+		return
+	}
+	cur := make([]atomic.Uint64, words)
+	for i := range s.cur {
+		cur[i].Store(s.cur[i].Load())
+	}
+	s.cur = cur
+	s.mu.Lock()
+	s.persisted = append(s.persisted, make([]uint64, words-len(s.persisted))...)
+	s.mu.Unlock()
+}
+
+// The slots file: magic, version, chunk size, LSN, bitmap length and a
+// CRC32C over everything before it, then the bitmap (little endian words).
+var slotsMagic = [8]byte{'B', 'L', 'K', 'D', 'S', 'L', 'O', 'T'}
+
+const slotsHeader = 32
+
+func encodeSlots(bits []uint64, chunk int64, lsn uint64) []byte {
+	b := make([]byte, slotsHeader+8*len(bits))
+	copy(b, slotsMagic[:])
+	le := binary.LittleEndian
+	le.PutUint32(b[8:], 1)
+	le.PutUint32(b[12:], uint32(chunk))
+	le.PutUint64(b[16:], lsn)
+	le.PutUint32(b[24:], uint32(len(bits)))
+	for i, w := range bits {
+		le.PutUint64(b[slotsHeader+8*i:], w)
+	}
+	le.PutUint32(b[28:], wal.Checksum(append(b[:28:28], b[slotsHeader:]...)))
+	return b
+}
+
+func decodeSlots(b []byte, chunk int64) ([]uint64, uint64, error) {
+	le := binary.LittleEndian
+	if len(b) < slotsHeader || [8]byte(b[:8]) != slotsMagic || le.Uint32(b[8:]) != 1 {
+		return nil, 0, errors.New("bad magic or version")
+	}
+	if c := le.Uint32(b[12:]); int64(c) != chunk {
+		return nil, 0, fmt.Errorf("chunk size %d, volume uses %d", c, chunk)
+	}
+	n := int(le.Uint32(b[24:]))
+	if len(b) != slotsHeader+8*n {
+		return nil, 0, fmt.Errorf("%d bytes for %d words", len(b), n)
+	}
+	if le.Uint32(b[28:]) != wal.Checksum(append(append([]byte(nil), b[:28]...), b[slotsHeader:]...)) {
+		return nil, 0, errors.New("CRC mismatch")
+	}
+	bits := make([]uint64, n)
+	for i := range bits {
+		bits[i] = le.Uint64(b[slotsHeader+8*i:])
+	}
+	return bits, le.Uint64(b[16:]), nil
+}
+
+// stageSlots computes the slot bits as of LSN target (every pending
+// redirect up to it applied) and writes the slots file, marked fileLSN
+// (the checkpoint LSN it goes with), before the checkpoint that covers
+// target is persisted. It does nothing when no pending redirect is that
+// old.
+func (v *Volume) stageSlots(target, fileLSN uint64) error {
+	s := &v.slots
+	if s.npending.Load() == 0 {
+		return nil
+	}
+	s.mu.Lock()
+	var bits []uint64
+	for c, p := range s.pending {
+		for _, r := range p {
+			if r.lsn > target {
+				break
+			}
+			if bits == nil {
+				bits = append([]uint64(nil), s.persisted...)
+			}
+			setBit(bits, c, r.slot)
+		}
+	}
+	s.mu.Unlock()
+	if bits == nil {
+		return nil
+	}
+	if err := vfs.WriteFileAtomic(v.fs, filepath.Join(v.dir, SlotsFile), encodeSlots(bits, s.chunk, fileLSN), 0o644); err != nil {
+		return fmt.Errorf("write slots file: %w", err)
+	}
+	s.mu.Lock()
+	s.staged, s.stagedLSN = bits, fileLSN
+	s.mu.Unlock()
+	return nil
+}
+
+// commitSlots runs after the checkpoint at target is persisted: the
+// staged bits become the persisted ones and the redirects up to target
+// stop being pending. Chunks left with nothing pending have their other
+// slot punched (space only: nothing reads it).
+func (v *Volume) commitSlots(target uint64) {
+	s := &v.slots
+	s.mu.Lock()
+	if s.staged == nil || s.stagedLSN != target {
+		s.mu.Unlock()
+		return
+	}
+	s.persisted, s.staged = s.staged, nil
+	if v.trace != nil {
+		v.trace("commit slots target=%d persisted=%x", target, s.persisted)
+	}
+	var pruned, bytes int64
+	for c, p := range s.pending {
+		k := 0
+		for k < len(p) && p[k].lsn <= target {
+			if p[k].bytes > 0 {
+				pruned++
+				bytes += p[k].bytes
+			}
+			k++
+		}
+		if k == 0 {
+			continue
+		}
+		if k == len(p) {
+			delete(s.pending, c)
+			s.punch = append(s.punch, c)
+		} else {
+			s.pending[c] = append(p[:0:0], p[k:]...)
+		}
+	}
+	s.npending.Add(-pruned)
+	s.pendBytes.Add(-bytes)
+	punch := s.punch
+	s.punch = nil
+	s.mu.Unlock()
+	v.punchOldSlots(punch)
+}
+
+// punchOldSlots gives back the space of the slot a chunk no longer uses,
+// for chunks with nothing pending whose writers are not busy (stripes
+// taken with TryLock: the flusher never waits for a writer). Busy ones
+// are retried after the next checkpoint.
+func (v *Volume) punchOldSlots(chunks []uint64) {
+	s := &v.slots
+	var retry []uint64
+	per := uint64(s.chunk >> v.bshift)
+	for _, c := range chunks {
+		first := c * per
+		cl := &s.locks[c%nChunkLock]
+		if !v.tryLockStripes(first, per) {
+			retry = append(retry, c)
+			continue
+		}
+		if !cl.TryLock() {
+			v.unlockStripes(first, per)
+			retry = append(retry, c)
+			continue
+		}
+		s.mu.Lock()
+		idle := len(s.pending[c]) == 0 && s.slot(c) == bit(s.persisted, c)
+		s.mu.Unlock()
+		if idle {
+			other := 1 - s.slot(c)
+			if v.trace != nil {
+				v.trace("punch chunk %d slot %d", c, other)
+			}
+			if err := v.dataFile(other).PunchHole(int64(c)<<s.cshift, s.chunk); err != nil {
+				v.log.Warn("engine_redirect_punch_failed", "chunk", c, "slot", other, "err", err)
+			}
+		}
+		cl.Unlock()
+		v.unlockStripes(first, per)
+	}
+	if len(retry) > 0 {
+		s.mu.Lock()
+		s.punch = append(s.punch, retry...)
+		s.mu.Unlock()
+	}
+}
+
+// foldAllSlots persists every pending redirect as the slot state at LSN
+// lsn (ReplResetHead: everything complete is checkpointed).
+func (v *Volume) foldAllSlots(lsn uint64) error {
+	s := &v.slots
+	if s.npending.Load() == 0 {
+		return nil
+	}
+	return v.stageSlots(^uint64(0), lsn)
+}
+
+// commitAllSlots is commitSlots for foldAllSlots.
+func (v *Volume) commitAllSlots(lsn uint64) {
+	s := &v.slots
+	s.mu.Lock()
+	if s.staged == nil {
+		s.mu.Unlock()
+		return
+	}
+	for c := range s.pending {
+		s.punch = append(s.punch, c)
+	}
+	clear(s.pending)
+	s.persisted, s.staged = s.staged, nil
+	s.npending.Store(0)
+	s.pendBytes.Store(0)
+	punch := s.punch
+	s.punch = nil
+	s.mu.Unlock()
+	v.punchOldSlots(punch)
+}
+
+// redirectsDue reports whether pending redirects should be checkpointed
+// now: they bound recovery's work (each unsettled one is read back and
+// checked) and the memory of the pending map.
+func (v *Volume) redirectsDue() bool {
+	return v.slots.pendBytes.Load() >= int64(flushHighWater(v.walSize))
+}
