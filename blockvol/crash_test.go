@@ -182,20 +182,7 @@ func crashWriter(v *Volume, m *crashModel, lo, hi int, r *rand.Rand, ops int, un
 			if !trim {
 				tag = m.nextTag()
 			}
-			for s := s0; s < s0+ns; s++ {
-				fillSector(buf[(s-s0)*512:], tag, uint64(s/spb), s%spb)
-			}
-			// Record the new versions before issuing: a write cut off
-			// by the power loss may or may not be present.
-			first, last := s0/spb, (s0+ns-1)/spb
-			for b := first; b <= last; b++ {
-				bm := &m.blocks[b]
-				nv := bm.history[len(bm.history)-1]
-				for s := max(s0, b*spb); s < min(s0+ns, (b+1)*spb); s++ {
-					nv[s%spb] = tag
-				}
-				bm.history = append(bm.history, nv)
-			}
+			blocks, _ := m.addVersions(buf, s0, ns, tag)
 			var err error
 			if trim {
 				if r.IntN(2) == 0 {
@@ -210,11 +197,37 @@ func crashWriter(v *Volume, m *crashModel, lo, hi int, r *rand.Rand, ops int, un
 				return
 			}
 			if fua {
-				for b := first; b <= last; b++ {
-					m.blocks[b].durable = len(m.blocks[b].history) - 1
-				}
+				m.markDurable(blocks)
 			}
 		}
+	}
+}
+
+// addVersions fills buf with write tag's sectors [s0, s0+ns) and records
+// the version it makes of each block it touches, before the write is
+// issued (a write cut off by the power loss may or may not be present).
+// It returns those blocks and the index of each one's new version.
+func (m *crashModel) addVersions(buf []byte, s0, ns int, tag uint32) (blocks, idx []int) {
+	for s := s0; s < s0+ns; s++ {
+		fillSector(buf[(s-s0)*512:], tag, uint64(s/spb), s%spb)
+	}
+	for b := s0 / spb; b <= (s0+ns-1)/spb; b++ {
+		bm := &m.blocks[b]
+		nv := bm.history[len(bm.history)-1]
+		for s := max(s0, b*spb); s < min(s0+ns, (b+1)*spb); s++ {
+			nv[s%spb] = tag
+		}
+		bm.history = append(bm.history, nv)
+		blocks = append(blocks, b)
+		idx = append(idx, len(bm.history)-1)
+	}
+	return blocks, idx
+}
+
+// markDurable records that the newest version of each block is durable.
+func (m *crashModel) markDurable(blocks []int) {
+	for _, b := range blocks {
+		m.blocks[b].durable = len(m.blocks[b].history) - 1
 	}
 }
 

@@ -135,21 +135,8 @@ func redirWriter(v *Volume, m *redirModel, lo, hi int, r *rand.Rand, ops int) {
 		if !trim {
 			tag = m.nextTag()
 		}
-		for s := s0; s < s0+ns; s++ {
-			fillSector(buf[(s-s0)*512:], tag, uint64(s/spb), s%spb)
-		}
-		first, last := s0/spb, (s0+ns-1)/spb
 		w := redirWrite{tag: tag}
-		for b := first; b <= last; b++ {
-			bm := &m.blocks[b]
-			nv := bm.history[len(bm.history)-1]
-			for s := max(s0, b*spb); s < min(s0+ns, (b+1)*spb); s++ {
-				nv[s%spb] = tag
-			}
-			bm.history = append(bm.history, nv)
-			w.blocks = append(w.blocks, b)
-			w.idx = append(w.idx, len(bm.history)-1)
-		}
+		w.blocks, w.idx = m.addVersions(buf, s0, ns, tag)
 		m.mu.Lock()
 		m.writes = append(m.writes, w)
 		m.mu.Unlock()
@@ -163,9 +150,7 @@ func redirWriter(v *Volume, m *redirModel, lo, hi int, r *rand.Rand, ops int) {
 			return
 		}
 		if fua {
-			for b := first; b <= last; b++ {
-				m.blocks[b].durable = len(m.blocks[b].history) - 1
-			}
+			m.markDurable(w.blocks)
 		}
 	}
 }
