@@ -272,35 +272,13 @@ func TestPowerCutRandomized(t *testing.T) {
 				crashWriter(v, m, w*per, (w+1)*per, wr, opsPer, uniform)
 			}(w)
 		}
-		cut := CutOptions{}
-		switch r.IntN(4) {
-		case 0:
-			cut = CutOptions{}
-		case 1:
-			cut = CutOptions{KeepProb: 1, Tear: true}
-		case 2:
-			cut = CutOptions{KeepProb: 0.5, Tear: true}
-		case 3:
-			cut = CutOptions{KeepProb: 0.9}
-		}
-		cut.Rand = rand.New(rand.NewPCG(r.Uint64(), 7))
+		cut := CutOptions(randomCut(r))
 		clean := r.IntN(20) == 0 || os.Getenv("CRASH_ALL_CLEAN") != ""
 		var newFS *vfs.CrashFS
 		if !clean {
 			// Cut after a random number of file operations (or when the
 			// writers are done).
-			target := fs.Ops() + int64(r.IntN(300))
-			doneCh := make(chan struct{})
-			go func() { wg.Wait(); close(doneCh) }()
-		wait:
-			for fs.Ops() < target {
-				select {
-				case <-doneCh:
-					break wait
-				default:
-					time.Sleep(20 * time.Microsecond)
-				}
-			}
+			waitOps(fs, fs.Ops()+int64(r.IntN(300)), &wg, 20*time.Microsecond)
 			newFS = fs.PowerCut(vfs.CutOptions(cut))
 			// The machine is gone: stop the old instance's goroutines
 			// at once instead of letting them wait out their timeouts.
@@ -340,6 +318,38 @@ func TestPowerCutRandomized(t *testing.T) {
 		}
 	}
 	t.Logf("%d cycles (%d with torn writes) in %v, %d tags; %d size-limited flush batches in the last %d trace lines", cycles, torn, time.Since(start), m.tag, batches, len(tr.lines))
+}
+
+// randomCut is one of the power cuts the crash tests draw: every unsynced
+// write dropped, all kept with the last one torn, half kept with tearing,
+// or 90% kept.
+func randomCut(r *rand.Rand) vfs.CutOptions {
+	var cut vfs.CutOptions
+	switch r.IntN(4) {
+	case 1:
+		cut = vfs.CutOptions{KeepProb: 1, Tear: true}
+	case 2:
+		cut = vfs.CutOptions{KeepProb: 0.5, Tear: true}
+	case 3:
+		cut = vfs.CutOptions{KeepProb: 0.9}
+	}
+	cut.Rand = rand.New(rand.NewPCG(r.Uint64(), 7))
+	return cut
+}
+
+// waitOps waits until fs has done target file operations, or until the
+// workload in wg has ended: the moment a crash test cuts the power.
+func waitOps(fs interface{ Ops() int64 }, target int64, wg *sync.WaitGroup, poll time.Duration) {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	for fs.Ops() < target {
+		select {
+		case <-done:
+			return
+		default:
+			time.Sleep(poll)
+		}
+	}
 }
 
 // CutOptions mirrors vfs.CutOptions (kept local for brevity above).

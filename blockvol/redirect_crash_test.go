@@ -209,31 +209,11 @@ func TestPowerCutRedirect(t *testing.T) {
 				redirWriter(v, m, w*chunksPer*per, (w+1)*chunksPer*per, wr, opsPer)
 			}(w)
 		}
-		cut := vfs.CutOptions{}
-		switch r.IntN(4) {
-		case 1:
-			cut = vfs.CutOptions{KeepProb: 1, Tear: true}
-		case 2:
-			cut = vfs.CutOptions{KeepProb: 0.5, Tear: true}
-		case 3:
-			cut = vfs.CutOptions{KeepProb: 0.9}
-		}
-		cut.Rand = rand.New(rand.NewPCG(r.Uint64(), 7))
+		cut := randomCut(r)
 		clean := r.IntN(20) == 0
 		newFS := fs
 		if !clean {
-			target := fs.Ops() + int64(r.IntN(400))
-			doneCh := make(chan struct{})
-			go func() { wg.Wait(); close(doneCh) }()
-		wait:
-			for fs.Ops() < target {
-				select {
-				case <-doneCh:
-					break wait
-				default:
-					time.Sleep(20 * time.Microsecond)
-				}
-			}
+			waitOps(fs, fs.Ops()+int64(r.IntN(400)), &wg, 20*time.Microsecond)
 			newFS = fs.PowerCut(cut)
 			v.fail(errors.New("test: power cut"))
 			wg.Wait()

@@ -270,18 +270,7 @@ func TestPowerCutSnapshots(t *testing.T) {
 		}()
 		clean := r.IntN(10) == 0
 		if !clean {
-			target := fs.Ops() + int64(r.IntN(400))
-			doneCh := make(chan struct{})
-			go func() { wg.Wait(); close(doneCh) }()
-		wait:
-			for fs.Ops() < target {
-				select {
-				case <-doneCh:
-					break wait
-				default:
-					time.Sleep(20 * time.Microsecond)
-				}
-			}
+			waitOps(fs, fs.Ops()+int64(r.IntN(400)), &wg, 20*time.Microsecond)
 			var cut vfs.CutOptions
 			switch r.IntN(3) {
 			case 1:

@@ -253,28 +253,8 @@ func TestPowerCutWALFill(t *testing.T) {
 				crashWriter(v, m, w*per, (w+1)*per, wr, opsPer, uniform)
 			}(w)
 		}
-		var cut vfs.CutOptions
-		switch r.IntN(4) {
-		case 1:
-			cut = vfs.CutOptions{KeepProb: 1, Tear: true}
-		case 2:
-			cut = vfs.CutOptions{KeepProb: 0.5, Tear: true}
-		case 3:
-			cut = vfs.CutOptions{KeepProb: 0.9}
-		}
-		cut.Rand = rand.New(rand.NewPCG(r.Uint64(), 7))
-		target := fs.Ops() + int64(r.IntN(40))
-		doneCh := make(chan struct{})
-		go func() { wg.Wait(); close(doneCh) }()
-	wait:
-		for fs.Ops() < target {
-			select {
-			case <-doneCh:
-				break wait
-			default:
-				time.Sleep(10 * time.Microsecond)
-			}
-		}
+		cut := randomCut(r)
+		waitOps(fs, fs.Ops()+int64(r.IntN(40)), &wg, 10*time.Microsecond)
 		select {
 		case <-v.WALFilled():
 		default:
