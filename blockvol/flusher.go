@@ -39,6 +39,9 @@ func (v *Volume) flusher() {
 			continue
 		}
 		v.flushEpisode(idle)
+		if idle {
+			v.punchBacklog(punchIdleBatch) // redirect_slots.go: old slots wait for an idle volume
+		}
 	}
 }
 

@@ -123,7 +123,10 @@ type slotState struct {
 	pending   map[uint64][]pendRedir // chunk -> redirects after the checkpoint, LSN order
 	staged    []uint64               // persisted bits being written (stageSlots..commitSlots)
 	stagedLSN uint64
-	punch     []uint64 // chunks whose other slot holds nothing anyone needs
+	// The punch backlog: chunks whose other slot holds nothing anyone
+	// needs, oldest first (see queuePunchLocked).
+	punch  []uint64
+	queued map[uint64]struct{}
 }
 
 // overwrite: record y overwrote record x's data in place; no sync may

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math/bits"
 	"os"
 	"path/filepath"
 	"sync/atomic"
@@ -27,6 +28,7 @@ func (v *Volume) openSlots(noRedirect bool) error {
 	}
 	s.off = noRedirect
 	s.pending = make(map[uint64][]pendRedir)
+	s.queued = make(map[uint64]struct{})
 	name := filepath.Join(v.dir, ShadowFile)
 	f, err := v.fs.OpenFile(name, os.O_RDWR, 0)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -48,7 +50,7 @@ func (v *Volume) openSlots(noRedirect bool) error {
 	b, err := vfs.ReadFile(v.fs, filepath.Join(v.dir, SlotsFile))
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		return nil
+		return v.queueLeftoverSlots()
 	case err != nil:
 		return fmt.Errorf("read slots file: %w", err)
 	}
@@ -66,6 +68,38 @@ func (v *Volume) openSlots(noRedirect bool) error {
 	}
 	s.active.Store(any)
 	s.stagedLSN = lsn
+	return v.queueLeftoverSlots()
+}
+
+// queueLeftoverSlots puts every chunk whose other slot may still hold
+// data on the punch backlog: a crash, or a stop, can come before an old
+// slot is punched. For a chunk in slot 1 that is its extent range; for a
+// chunk in slot 0, its shadow range where the shadow has data at all.
+// Recovery may then make some of them pending again; the punch checks
+// that when it runs.
+func (v *Volume) queueLeftoverSlots() error {
+	s := &v.slots
+	limit := v.limit.Load()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, w := range s.persisted {
+		for w != 0 {
+			b := uint64(bits.TrailingZeros64(w))
+			w &^= 1 << b
+			s.queuePunchLocked(uint64(i)*64 + b)
+		}
+	}
+	data, err := v.shF.Allocated(0, limit)
+	if err != nil {
+		return fmt.Errorf("shadow file: %w", err)
+	}
+	for _, r := range data {
+		for c := uint64(r.Off >> s.cshift); c <= uint64((r.Off+r.Len-1)>>s.cshift); c++ {
+			if bit(s.persisted, c) == 0 {
+				s.queuePunchLocked(c)
+			}
+		}
+	}
 	return nil
 }
 
@@ -200,17 +234,77 @@ func (v *Volume) commitSlots(target uint64) {
 		}
 		if k == len(p) {
 			delete(s.pending, c)
-			s.punch = append(s.punch, c)
+			s.queuePunchLocked(c)
 		} else {
 			s.pending[c] = append(p[:0:0], p[k:]...)
 		}
 	}
 	s.npending.Add(-pruned)
 	s.pendBytes.Add(-bytes)
-	punch := s.punch
-	s.punch = nil
+	punch := s.overBacklogLocked(v.limit.Load())
 	s.mu.Unlock()
 	v.punchOldSlots(punch)
+}
+
+// Old slots are not punched at once. A chunk rewritten by large writes
+// flips between its two slots, and a flip into a punched slot makes the
+// filesystem allocate (and, mounted with discard, the punch itself sends
+// a discard to the device): under a stream of 1 MiB overwrites, punching
+// at every checkpoint cost a third of the server's CPU. So the punches
+// wait in a backlog, given back when the volume goes idle (the flusher's
+// idle tick), when it closes, and whenever the backlog passes a quarter
+// of the volume's size: then the newest entries go first, down to three
+// quarters of that bound, because under cyclic overwrites the chunk
+// written last is the one rewritten last. The space a volume may use
+// beyond its data while large writes keep coming is therefore bounded
+// by a quarter of its size.
+const punchBacklogDiv = 4
+
+// queuePunchLocked adds chunk c to the punch backlog once. Caller holds mu.
+func (s *slotState) queuePunchLocked(c uint64) {
+	if _, ok := s.queued[c]; ok {
+		return
+	}
+	s.queued[c] = struct{}{}
+	s.punch = append(s.punch, c)
+}
+
+// takePunchLocked removes the newest n chunks of the backlog and returns
+// them. Caller holds mu.
+func (s *slotState) takePunchLocked(n int) []uint64 {
+	n = min(n, len(s.punch))
+	out := append([]uint64(nil), s.punch[len(s.punch)-n:]...)
+	s.punch = s.punch[:len(s.punch)-n]
+	for _, c := range out {
+		delete(s.queued, c)
+	}
+	return out
+}
+
+// overBacklogLocked takes what the backlog holds beyond its bound for a
+// volume of size bytes (see punchBacklogDiv). Caller holds mu.
+func (s *slotState) overBacklogLocked(size int64) []uint64 {
+	bound := max(int(size/punchBacklogDiv>>s.cshift), 1)
+	if len(s.punch) <= bound {
+		return nil
+	}
+	return s.takePunchLocked(len(s.punch) - bound*3/4)
+}
+
+// punchIdleBatch bounds the punches of one idle tick, so that a flusher
+// busy giving back a large backlog answers resumed writes within a tick.
+const punchIdleBatch = 1024
+
+// punchBacklog punches up to n chunks of the backlog that are still idle
+// (the flusher's idle tick; Close takes them all).
+func (v *Volume) punchBacklog(n int) {
+	s := &v.slots
+	s.mu.Lock()
+	punch := s.takePunchLocked(n)
+	s.mu.Unlock()
+	if len(punch) > 0 {
+		v.punchOldSlots(punch)
+	}
 }
 
 // punchOldSlots gives back the space of the slot a chunk no longer uses,
@@ -250,7 +344,9 @@ func (v *Volume) punchOldSlots(chunks []uint64) {
 	}
 	if len(retry) > 0 {
 		s.mu.Lock()
-		s.punch = append(s.punch, retry...)
+		for _, c := range retry {
+			s.queuePunchLocked(c)
+		}
 		s.mu.Unlock()
 	}
 }
@@ -274,14 +370,13 @@ func (v *Volume) commitAllSlots(lsn uint64) {
 		return
 	}
 	for c := range s.pending {
-		s.punch = append(s.punch, c)
+		s.queuePunchLocked(c)
 	}
 	clear(s.pending)
 	s.persisted, s.staged = s.staged, nil
 	s.npending.Store(0)
 	s.pendBytes.Store(0)
-	punch := s.punch
-	s.punch = nil
+	punch := s.overBacklogLocked(v.limit.Load())
 	s.mu.Unlock()
 	v.punchOldSlots(punch)
 }

@@ -5,12 +5,15 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/blockd/blockd/vfs"
 	"github.com/blockd/blockd/wal"
 )
 
@@ -84,15 +87,9 @@ func TestRedirectBasics(t *testing.T) {
 	if v.slots.npending.Load() != 0 {
 		t.Fatalf("%d redirects pending after a checkpoint", v.slots.npending.Load())
 	}
-	// One copy of the data on disk: the slot not in use was punched.
-	ext, _ := v.extF.Allocated(0, 8<<20)
-	sh, _ := v.shF.Allocated(0, 8<<20)
-	var total int64
-	for _, r := range append(ext, sh...) {
-		total += r.Len
-	}
-	if total > 1<<20 {
-		t.Fatalf("%d bytes allocated in extent+shadow for 1 MiB written (extent %v shadow %v)", total, ext, sh)
+	// One copy of the data on disk.
+	if total := allocated(t, v, 8<<20); total > 1<<20 {
+		t.Fatalf("%d bytes allocated in extent+shadow for 1 MiB written", total)
 	}
 	v.Close()
 	v, err := Open(dir, Options{Logger: testLogger(t)})
@@ -262,4 +259,169 @@ func TestRedirectConcurrentReads(t *testing.T) {
 		t.Fatal("no large write was redirected")
 	}
 	t.Logf("%d writes, %d redirected, %d settles", tag.Load(), st.RedirectWrites, st.RedirectSettles)
+}
+
+// allocated is the space extent and shadow take in [0, size).
+func allocated(t *testing.T, v *Volume, size int64) int64 {
+	t.Helper()
+	var total int64
+	for _, f := range []vfs.File{v.extF, v.shF} {
+		rs, err := f.Allocated(0, size)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range rs {
+			total += r.Len
+		}
+	}
+	return total
+}
+
+// waitAllocated waits (up to a generous deadline: the flusher's idle tick
+// does the work) until extent and shadow take at most want bytes.
+func waitAllocated(t *testing.T, v *Volume, size, want int64, what string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		got := allocated(t, v, size)
+		if got <= want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %d bytes allocated, want at most %d", what, got, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A chunk rewritten by large writes flips between its slots; the slot it
+// left is not punched at the checkpoint (a flip back into a punched slot
+// makes the filesystem allocate again) but once the volume is idle, at
+// Close, and, after a crash, once the reopened volume is idle.
+func TestRedirectOldSlotsPunchedWhenIdle(t *testing.T) {
+	const size = 8 << 20
+	v, dir := newVol(t, size, 4<<20)
+	v.pauseFlusher.Store(true) // the test checkpoints; no idle tick either
+	write := func(v *Volume, seed byte) {
+		t.Helper()
+		if err := v.WriteAt(fillPattern(1<<20, seed), 1<<20, false); err != nil {
+			t.Fatal(err)
+		}
+		if err := v.ReplCheckpoint(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(v, 1) // into the shadow (slot 1): the extent's slot is the durable one
+	write(v, 2) // back into the extent
+	if got := allocated(t, v, size); got != 2<<20 {
+		t.Fatalf("after a flip and a checkpoint: %d bytes allocated, want both slots (2 MiB): the old slot waits for an idle volume", got)
+	}
+	v.pauseFlusher.Store(false)
+	waitAllocated(t, v, size, 1<<20, "idle volume")
+
+	// A stop before the idle tick: Close gives the space back.
+	v.pauseFlusher.Store(true)
+	write(v, 3)
+	if got := allocated(t, v, size); got != 2<<20 {
+		t.Fatalf("after another flip: %d bytes allocated, want 2 MiB", got)
+	}
+	// What a crash leaves: a copy of the files as they are now.
+	crashed := filepath.Join(t.TempDir(), "crashed")
+	copyDirSparse(t, dir, crashed)
+	if err := v.Close(); err != nil {
+		t.Fatal(err)
+	}
+	v, err := Open(dir, Options{Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.pauseFlusher.Store(true)
+	if got := allocated(t, v, size); got != 1<<20 {
+		t.Fatalf("after Close: %d bytes allocated, want 1 MiB", got)
+	}
+	v.Close()
+
+	// After the crash the reopened volume finds the old slot and punches
+	// it once idle; the data reads back.
+	v, err = Open(crashed, Options{Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	waitAllocated(t, v, size, 1<<20, "reopened after a crash")
+	got := make([]byte, 1<<20)
+	if err := v.ReadAt(got, 1<<20); err != nil || !bytes.Equal(got, fillPattern(1<<20, 3)) {
+		t.Fatalf("read back after the crash: %v, equal %v", err, bytes.Equal(got, fillPattern(1<<20, 3)))
+	}
+}
+
+// copyDirSparse copies the regular files of src into a new dst, holes
+// kept as holes (what a SIGKILL leaves on disk: the page cache is the
+// file's content).
+func copyDirSparse(t *testing.T, src, dst string) {
+	t.Helper()
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ents, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if !e.Type().IsRegular() {
+			continue
+		}
+		in, err := vfs.Default.OpenFile(filepath.Join(src, e.Name()), os.O_RDONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fi, err := os.Stat(filepath.Join(src, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := vfs.Default.OpenFile(filepath.Join(dst, e.Name()), os.O_RDWR|os.O_CREATE, 0o644)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := out.Truncate(fi.Size()); err != nil {
+			t.Fatal(err)
+		}
+		rs, err := in.Allocated(0, fi.Size())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range rs {
+			buf := make([]byte, r.Len)
+			if _, err := in.ReadAt(buf, r.Off); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := out.WriteAt(buf, r.Off); err != nil {
+				t.Fatal(err)
+			}
+		}
+		in.Close()
+		out.Close()
+	}
+}
+
+// Past its bound (a quarter of the volume) the backlog gives back its
+// newest entries first, down to three quarters of the bound.
+func TestPunchBacklogBound(t *testing.T) {
+	s := &slotState{cshift: 16, queued: make(map[uint64]struct{})}
+	const size = 64 << 20 // 1024 chunks: the bound is 256
+	for c := uint64(0); c < 256; c++ {
+		s.queuePunchLocked(c)
+		s.queuePunchLocked(c) // once only
+	}
+	if got := s.overBacklogLocked(size); got != nil {
+		t.Fatalf("at the bound: took %v", got)
+	}
+	s.queuePunchLocked(1000)
+	got := s.overBacklogLocked(size)
+	if len(got) != 257-192 || got[len(got)-1] != 1000 || got[0] != 256-(257-192)+1 {
+		t.Fatalf("over the bound: took %d chunks %v..., want the newest 65", len(got), got[:3])
+	}
+	if len(s.punch) != 192 || len(s.queued) != 192 {
+		t.Fatalf("left %d queued (%d in the set), want 192", len(s.punch), len(s.queued))
+	}
 }

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"sync"
@@ -461,6 +462,7 @@ func (v *Volume) Close() error {
 					break
 				}
 			}
+			v.punchBacklog(math.MaxInt)
 		}
 	}
 	errs = append(errs, v.closeFiles())
