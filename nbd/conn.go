@@ -23,7 +23,9 @@ const readBufferSize = 256 << 10
 type conn struct {
 	srv    *Server
 	nc     net.Conn
-	br     *bufio.Reader
+	br     *bufio.Reader // reads src through fill
+	src    io.Reader     // the connection's byte stream: nc, or TLS's reader
+	fill   fillLimiter
 	remote string
 	done   chan struct{}
 
@@ -66,13 +68,54 @@ func newConn(s *Server, nc net.Conn) *conn {
 	c := &conn{
 		srv:    s,
 		nc:     nc,
-		br:     bufio.NewReaderSize(nc, readBufferSize),
 		remote: nc.RemoteAddr().String(),
 		done:   make(chan struct{}),
 	}
+	c.setSource(nc)
 	c.out.nc = nc
 	c.latency.Store(2 * inlineMaxLatency) // start cautious: hand off
 	return c
+}
+
+// setSource makes r the connection's byte stream (STARTTLS replaces it).
+func (c *conn) setSource(r io.Reader) {
+	c.src = r
+	c.fill = fillLimiter{r: r}
+	c.br = bufio.NewReaderSize(&c.fill, readBufferSize)
+}
+
+// Large write payloads are read straight from the stream into the
+// request's buffer: through the bufio.Reader every byte was copied once
+// more (8% of the CPU of 1 MiB writes). After such a payload the next
+// fill of the buffer reads only a request header, so that the buffer does
+// not take (and copy) the start of the payload behind it.
+const directReadMin = 64 << 10
+
+// fillLimiter caps the reads the bufio.Reader makes while limit > 0.
+type fillLimiter struct {
+	r     io.Reader
+	limit int
+}
+
+func (f *fillLimiter) Read(p []byte) (int, error) {
+	if f.limit > 0 && len(p) > f.limit {
+		p = p[:f.limit]
+	}
+	return f.r.Read(p)
+}
+
+// readPayload reads a write's payload into p.
+func (c *conn) readPayload(p []byte) error {
+	if len(p) < directReadMin {
+		_, err := io.ReadFull(c.br, p)
+		return err
+	}
+	k, _ := c.br.Read(p[:min(c.br.Buffered(), len(p))]) // what the buffer holds already
+	if _, err := io.ReadFull(c.src, p[k:]); err != nil {
+		return err
+	}
+	c.fill.limit = wire.RequestSize
+	return nil
 }
 
 // releaseExport gives the selected export back (Export.Release) once the
@@ -268,6 +311,7 @@ func (c *conn) readRequest() (*request, string) {
 		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 			return nil, c.readStopReason(err)
 		}
+		c.fill.limit = 0
 		if m := binary.BigEndian.Uint32(hdr[0:]); m != wire.MagicRequest {
 			c.srv.log.Warn("nbd_bad_request_magic", "remote", c.remote, "magic", fmt.Sprintf("%#x", m), "action", "closing the connection")
 			return nil, "bad request magic"
@@ -293,7 +337,7 @@ func (c *conn) readRequest() (*request, string) {
 				continue
 			}
 			r.buf = getBuf(int(r.length))
-			if _, err := io.ReadFull(c.br, *r.buf); err != nil {
+			if err := c.readPayload(*r.buf); err != nil {
 				putBuf(r.buf)
 				return nil, c.readStopReason(err)
 			}

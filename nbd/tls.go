@@ -101,7 +101,7 @@ func (c *conn) startTLS() error {
 	c.mu.Lock()
 	c.nc = tc
 	c.mu.Unlock()
-	c.br = bufio.NewReaderSize(&readAhead{tc: tc, bc: bc}, readBufferSize)
+	c.setSource(&readAhead{tc: tc, bc: bc})
 	c.out.nc = tc
 	c.srv.log.Info("nbd_tls_established", "remote", c.remote, "client", c.peer.Subject.CommonName,
 		"version", tls.VersionName(st.Version))
