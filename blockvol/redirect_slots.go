@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"math/bits"
 	"os"
 	"path/filepath"
 	"sync/atomic"
@@ -79,23 +78,29 @@ func (v *Volume) openSlots(noRedirect bool) error {
 // that when it runs.
 func (v *Volume) queueLeftoverSlots() error {
 	s := &v.slots
-	limit := v.limit.Load()
+	if !s.active.Load() {
+		// No chunk in slot 1: only the shadow can hold leftovers.
+		return v.queueLeftoversIn(v.shF, 0)
+	}
+	if err := v.queueLeftoversIn(v.extF, 1); err != nil {
+		return err
+	}
+	return v.queueLeftoversIn(v.shF, 0)
+}
+
+// queueLeftoversIn queues the chunks in slot `in` (persisted) that have
+// data in f, the data file of the other slot.
+func (v *Volume) queueLeftoversIn(f vfs.File, in uint8) error {
+	s := &v.slots
+	data, err := f.Allocated(0, v.limit.Load())
+	if err != nil {
+		return fmt.Errorf("find old redirect slots: %w", err)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for i, w := range s.persisted {
-		for w != 0 {
-			b := uint64(bits.TrailingZeros64(w))
-			w &^= 1 << b
-			s.queuePunchLocked(uint64(i)*64 + b)
-		}
-	}
-	data, err := v.shF.Allocated(0, limit)
-	if err != nil {
-		return fmt.Errorf("shadow file: %w", err)
-	}
 	for _, r := range data {
 		for c := uint64(r.Off >> s.cshift); c <= uint64((r.Off+r.Len-1)>>s.cshift); c++ {
-			if bit(s.persisted, c) == 0 {
+			if bit(s.persisted, c) == in {
 				s.queuePunchLocked(c)
 			}
 		}

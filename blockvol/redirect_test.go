@@ -302,9 +302,11 @@ func TestRedirectOldSlotsPunchedWhenIdle(t *testing.T) {
 	const size = 8 << 20
 	v, dir := newVol(t, size, 4<<20)
 	v.pauseFlusher.Store(true) // the test checkpoints; no idle tick either
-	write := func(v *Volume, seed byte) {
+	var writeAt func(v *Volume, seed byte, off int64)
+	write := func(v *Volume, seed byte) { writeAt(v, seed, 1<<20) }
+	writeAt = func(v *Volume, seed byte, off int64) {
 		t.Helper()
-		if err := v.WriteAt(fillPattern(1<<20, seed), 1<<20, false); err != nil {
+		if err := v.WriteAt(fillPattern(1<<20, seed), off, false); err != nil {
 			t.Fatal(err)
 		}
 		if err := v.ReplCheckpoint(); err != nil {
@@ -319,11 +321,15 @@ func TestRedirectOldSlotsPunchedWhenIdle(t *testing.T) {
 	v.pauseFlusher.Store(false)
 	waitAllocated(t, v, size, 1<<20, "idle volume")
 
-	// A stop before the idle tick: Close gives the space back.
+	// A stop before the idle tick: Close gives the space back. Chunk A
+	// (at 1 MiB) ends in slot 1 with its old data in the extent, chunk B
+	// (at 4 MiB) in slot 0 with its old data in the shadow.
 	v.pauseFlusher.Store(true)
 	write(v, 3)
-	if got := allocated(t, v, size); got != 2<<20 {
-		t.Fatalf("after another flip: %d bytes allocated, want 2 MiB", got)
+	writeAt(v, 4, 4<<20)
+	writeAt(v, 5, 4<<20)
+	if got := allocated(t, v, size); got != 4<<20 {
+		t.Fatalf("after more flips: %d bytes allocated, want 4 MiB", got)
 	}
 	// What a crash leaves: a copy of the files as they are now.
 	crashed := filepath.Join(t.TempDir(), "crashed")
@@ -336,8 +342,8 @@ func TestRedirectOldSlotsPunchedWhenIdle(t *testing.T) {
 		t.Fatal(err)
 	}
 	v.pauseFlusher.Store(true)
-	if got := allocated(t, v, size); got != 1<<20 {
-		t.Fatalf("after Close: %d bytes allocated, want 1 MiB", got)
+	if got := allocated(t, v, size); got != 2<<20 {
+		t.Fatalf("after Close: %d bytes allocated, want 2 MiB", got)
 	}
 	v.Close()
 
@@ -348,10 +354,15 @@ func TestRedirectOldSlotsPunchedWhenIdle(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer v.Close()
-	waitAllocated(t, v, size, 1<<20, "reopened after a crash")
+	waitAllocated(t, v, size, 2<<20, "reopened after a crash")
 	got := make([]byte, 1<<20)
-	if err := v.ReadAt(got, 1<<20); err != nil || !bytes.Equal(got, fillPattern(1<<20, 3)) {
-		t.Fatalf("read back after the crash: %v, equal %v", err, bytes.Equal(got, fillPattern(1<<20, 3)))
+	for _, c := range []struct {
+		off  int64
+		seed byte
+	}{{1 << 20, 3}, {4 << 20, 5}} {
+		if err := v.ReadAt(got, c.off); err != nil || !bytes.Equal(got, fillPattern(1<<20, c.seed)) {
+			t.Fatalf("read back at %d after the crash: %v, equal %v", c.off, err, bytes.Equal(got, fillPattern(1<<20, c.seed)))
+		}
 	}
 }
 
