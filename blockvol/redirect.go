@@ -125,8 +125,9 @@ type slotState struct {
 	stagedLSN uint64
 	// The punch backlog: chunks whose other slot holds nothing anyone
 	// needs, oldest first (see queuePunchLocked).
-	punch  []uint64
-	queued map[uint64]struct{}
+	punch    []uint64
+	queued   map[uint64]struct{}
+	punchDiv atomic.Int64 // tests: the backlog's bound is size/punchDiv (0: punchBacklogDiv)
 }
 
 // overwrite: record y overwrote record x's data in place; no sync may

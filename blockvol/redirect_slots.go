@@ -287,9 +287,14 @@ func (s *slotState) takePunchLocked(n int) []uint64 {
 }
 
 // overBacklogLocked takes what the backlog holds beyond its bound for a
-// volume of size bytes (see punchBacklogDiv). Caller holds mu.
+// volume of size bytes (see punchBacklogDiv; tests may set punchDiv).
+// Caller holds mu.
 func (s *slotState) overBacklogLocked(size int64) []uint64 {
-	bound := max(int(size/punchBacklogDiv>>s.cshift), 1)
+	div := int64(punchBacklogDiv)
+	if d := s.punchDiv.Load(); d > 0 {
+		div = d
+	}
+	bound := max(int(size/div>>s.cshift), 1)
 	if len(s.punch) <= bound {
 		return nil
 	}
