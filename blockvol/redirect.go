@@ -69,7 +69,9 @@ package blockvol
 // redirect_recovery.go recovery's decisions and catch-up's reading back.
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"sync"
 	"sync/atomic"
 
@@ -188,6 +190,28 @@ func (v *Volume) dataFile(slot uint8) vfs.File {
 		return v.shF
 	}
 	return v.extF
+}
+
+// writeSlot writes a redirect's data into a slot's file, around the page
+// cache when the file and the buffer allow it (vfs.DirectWriter): the
+// data is written once, by the device, not copied into the page cache
+// first. The durability is the same: a flush syncs the data files.
+func (v *Volume) writeSlot(slot uint8, p []byte, off int64) error {
+	f := v.dataFile(slot)
+	if d, ok := f.(vfs.DirectWriter); ok {
+		n, err := d.WriteAtDirect(p, off)
+		if !errors.Is(err, vfs.ErrNoDirect) {
+			if err == nil && n < len(p) {
+				err = io.ErrShortWrite
+			}
+			if err == nil {
+				v.stats.redirectDirect.Add(uint64(n))
+			}
+			return err
+		}
+	}
+	_, err := f.WriteAt(p, off)
+	return err
 }
 
 // slotRuns calls fn for each run of [off, off+n) whose chunks are in the
@@ -404,7 +428,7 @@ func (v *Volume) writeRedirect(p []byte, off int64) (uint64, error) {
 					j++
 				}
 				o := int64(i) << s.cshift
-				_, err = v.dataFile(slots[i]).WriteAt(p[o:int64(j)<<s.cshift], off+o)
+				err = v.writeSlot(slots[i], p[o:int64(j)<<s.cshift], off+o)
 				i = j
 			}
 			s.unsynced.Store(true)

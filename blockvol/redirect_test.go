@@ -39,6 +39,11 @@ func TestRedirectBasics(t *testing.T) {
 	if st.RedirectWrites != 1 || st.RedirectBytes != 1<<20 {
 		t.Fatalf("stats after one 1 MiB write: %+v", st)
 	}
+	// On a real filesystem with an aligned buffer the data goes around
+	// the page cache (vfs.DirectWriter).
+	if st.RedirectDirectBytes != 1<<20 {
+		t.Fatalf("direct bytes after one 1 MiB write: %d, want all of it", st.RedirectDirectBytes)
+	}
 	// The WAL holds a record of tens of bytes, not a MiB.
 	if used := st.WALUsedBytes; used > 4096 {
 		t.Fatalf("WAL holds %d bytes after a redirected write", used)

@@ -20,6 +20,7 @@ type engineStats struct {
 	batch             [len(BatchBuckets) + 1]atomic.Uint64
 	redirectWrites    atomic.Uint64 // large writes written once (redirect.go)
 	redirectBytes     atomic.Uint64
+	redirectDirect    atomic.Uint64 // of those bytes, written around the page cache
 	redirectSettles   atomic.Uint64 // DurableLSN persisted for a small write after a redirect
 }
 
@@ -53,6 +54,10 @@ type Stats struct {
 	// written once, outside the WAL; RedirectSettles the times a small
 	// write into such a chunk had to persist the durable LSN first.
 	RedirectWrites, RedirectBytes, RedirectSettles uint64
+	// RedirectDirectBytes: of RedirectBytes, those written around the page
+	// cache (O_DIRECT; the others went through it: the filesystem or the
+	// buffer did not allow a direct write).
+	RedirectDirectBytes uint64
 }
 
 // FlusherLag is how many LSNs the flusher has yet to checkpoint.
@@ -76,7 +81,7 @@ func (v *Volume) Stats() Stats {
 		BackPressureWaits: v.stats.backPressureWaits.Load(),
 		GroupCommits:      v.stats.syncs.Load(), GroupCommitRecords: v.stats.syncedRecords.Load(),
 		RedirectWrites: v.stats.redirectWrites.Load(), RedirectBytes: v.stats.redirectBytes.Load(),
-		RedirectSettles: v.stats.redirectSettles.Load(),
+		RedirectSettles: v.stats.redirectSettles.Load(), RedirectDirectBytes: v.stats.redirectDirect.Load(),
 	}
 	for i := range st.BatchCounts {
 		st.BatchCounts[i] = v.stats.batch[i].Load()

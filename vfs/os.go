@@ -43,14 +43,21 @@ func (osFS) SyncDir(dir string) error {
 // pread to a reused descriptor) and uses the raw descriptor for the calls
 // os.File lacks (fdatasync, fallocate, lseek).
 type osFile struct {
-	f  *os.File
-	fd int
+	f      *os.File
+	fd     int
+	direct direct // direct.go
 }
 
 func (o *osFile) ReadAt(p []byte, off int64) (int, error)  { return o.f.ReadAt(p, off) }
 func (o *osFile) WriteAt(p []byte, off int64) (int, error) { return o.f.WriteAt(p, off) }
 
-func (o *osFile) Close() error { return o.f.Close() }
+func (o *osFile) Close() error {
+	err := o.f.Close()
+	if derr := o.closeDirect(); err == nil {
+		err = derr
+	}
+	return err
+}
 
 func (o *osFile) Sync() error {
 	for {
