@@ -51,6 +51,9 @@
 # (default /var/tmp/blockd-bench), SERVERS (default "blockd nbdfile nbdkit
 # qemu-nbd", plus blockd-base with BLOCKD_BASE_BIN; "none" runs only the
 # null and TLS comparisons),
+# BLOCKD_FLAGS (extra `blockd serve` flags for the server "blockd" only,
+# e.g. --direct-io; with BLOCKD_BASE_BIN set to the same binary the pair
+# compares the flag in one run),
 # PROFILE=1 writes CPU profiles of nbdfile and blockd (if it supports
 # BLOCKD_CPUPROFILE) under $BENCH_DIR.
 set -euo pipefail
@@ -139,7 +142,8 @@ start_server() { # name
   blockd | blockd-base)
     BLOCKD_CPUPROFILE=$([ "$PROFILE" = 1 ] && echo "$d/cpu.pprof" || true) \
       "$BENCH_DIR/bin/$s" serve --data "$d/data" --nbd "127.0.0.1:$p" \
-      --api "127.0.0.1:$((p + 100))" --volume "vol0:$SIZE" >"$d/log" 2>&1 &
+      --api "127.0.0.1:$((p + 100))" --volume "vol0:$SIZE" \
+      $([ "$s" = blockd ] && echo "${BLOCKD_FLAGS:-}") >"$d/log" 2>&1 &
     ;;
   nbdfile)
     "$BENCH_DIR/bin/nbdfile" -file "$d/disk.img" -size "$SIZE" -listen "127.0.0.1:$p" \

@@ -130,6 +130,7 @@ type slotState struct {
 	punch    []uint64
 	queued   map[uint64]struct{}
 	punchDiv atomic.Int64 // tests: the backlog's bound is size/punchDiv (0: punchBacklogDiv)
+	direct   bool         // Options.DirectIO: writeSlot tries O_DIRECT
 }
 
 // overwrite: record y overwrote record x's data in place; no sync may
@@ -192,13 +193,14 @@ func (v *Volume) dataFile(slot uint8) vfs.File {
 	return v.extF
 }
 
-// writeSlot writes a redirect's data into a slot's file, around the page
-// cache when the file and the buffer allow it (vfs.DirectWriter): the
-// data is written once, by the device, not copied into the page cache
-// first. The durability is the same: a flush syncs the data files.
+// writeSlot writes a redirect's data into a slot's file; with
+// Options.DirectIO around the page cache when the file and the buffer
+// allow it (vfs.DirectWriter): the data is written once, by the device,
+// not copied into the page cache first. The durability is the same: a
+// flush syncs the data files.
 func (v *Volume) writeSlot(slot uint8, p []byte, off int64) error {
 	f := v.dataFile(slot)
-	if d, ok := f.(vfs.DirectWriter); ok {
+	if d, ok := f.(vfs.DirectWriter); ok && v.slots.direct {
 		n, err := d.WriteAtDirect(p, off)
 		if !errors.Is(err, vfs.ErrNoDirect) {
 			if err == nil && n < len(p) {

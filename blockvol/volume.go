@@ -120,6 +120,12 @@ type Options struct {
 	// NoRedirect sends every write through the WAL, large ones too
 	// (benchmarks and tests compare the two; see redirect.go).
 	NoRedirect bool
+	// DirectIO writes the data of large writes around the page cache
+	// (O_DIRECT, where the filesystem allows it; redirect.go writeSlot).
+	// It saves the server a memory copy of every byte and keeps guest
+	// data its own page cache already holds out of the server's, but
+	// reads of that data then come from the device.
+	DirectIO bool
 }
 
 // Volume is one open volume. All methods are safe for concurrent use.
@@ -339,6 +345,7 @@ func Open(dir string, o Options) (*Volume, error) {
 	if v.fullTO <= 0 {
 		v.fullTO = walFullTimeout
 	}
+	v.slots.direct = o.DirectIO
 	err := v.open(o.NoRedirect)
 	if err == nil {
 		err = v.checkpointDiscarded()

@@ -96,7 +96,7 @@ func (s *Server) ensureVolume(a api.VolumeAssignment) (*hosted, error) {
 	}
 	dir := filepath.Join(s.volumesDir(), a.Volume)
 	opts := blockvol.Options{Size: a.SizeBytes, BlockSize: a.BlockSize, WALSize: a.WALSizeBytes,
-		FS: s.cfg.FS, Logger: s.log}
+		FS: s.cfg.FS, Logger: s.log, DirectIO: s.cfg.DirectIO}
 	var vol *blockvol.Volume
 	var err error
 	if blockvol.ExistsOn(s.cfg.FS, dir) {

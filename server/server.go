@@ -65,6 +65,9 @@ type Config struct {
 	// it takes the device over with every request failing (EPERM) rather
 	// than leaving it queued. 0 means 90 s.
 	UblkRecoveryWait time.Duration
+	// DirectIO writes large writes' data around the page cache
+	// (blockvol.Options.DirectIO) on every volume this server hosts.
+	DirectIO bool
 	// TLS, when set, secures NBD (STARTTLS required), replication (mutual
 	// TLS, certificates checked against server IDs) and heartbeats
 	// (tls.go). Its certificate must name ServerID.

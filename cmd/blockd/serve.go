@@ -40,6 +40,7 @@ func init() {
 			logFormatFlag(),
 			&cli.StringFlag{Name: "log-file", Usage: "log file (default DATA/blockd.log); - logs everything to the terminal instead"},
 			overprovisionFlag(),
+			directIOFlag,
 			tlsFlags()[0], tlsFlags()[1], tlsFlags()[2], insecureFlag,
 		},
 		Action: serve,
@@ -61,11 +62,15 @@ func init() {
 			&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			logFormatFlag(),
+			directIOFlag,
 			tlsFlags()[0], tlsFlags()[1], tlsFlags()[2], insecureFlag,
 		},
 		Action: runServer,
 	})
 }
+
+// directIOFlag: large writes' data around the page cache (server.Config.DirectIO).
+var directIOFlag = &cli.BoolFlag{Name: "direct-io", Usage: "write the data of large aligned writes with O_DIRECT: less server CPU per byte and no second copy of guest data in the server's page cache, but reads of that data come from the disk"}
 
 // parseVolumeSpec splits NAME:SIZE (human units) and checks both parts,
 // so that a bad --volume fails before anything starts.
@@ -140,7 +145,7 @@ func serve(c *cli.Context) error {
 	srv, err := server.New(server.Config{DataDir: filepath.Join(data, "server"), ServerID: serveServerID, TLS: creds, EmbeddedMaster: creds != nil,
 		Listen: listen, NBD: c.String("nbd"), DeferNBD: true, Masters: []string{m.APIAddr()}, Logger: log,
 		Metrics:          serveMetrics(c, m), // one /metrics on the API address for both
-		UblkRecoveryWait: ublkWait, AdvertiseHTTP: m.APIAddr()})
+		UblkRecoveryWait: ublkWait, AdvertiseHTTP: m.APIAddr(), DirectIO: c.Bool("direct-io")})
 	if err != nil {
 		return err
 	}
@@ -315,7 +320,8 @@ func runServer(c *cli.Context) error {
 		Listen: c.String("listen"), NBD: c.String("nbd"), AdvertiseAddr: c.String("advertise"),
 		AdvertiseNBD: c.String("advertise-nbd"), Masters: api.ParseAddrs(c.String("master")),
 		HTTP: c.String("http"), AdvertiseHTTP: c.String("advertise-http"),
-		CapacityBytes: capacity, Logger: log, UblkRecoveryWait: ublkWait, MetricsAddr: c.String("metrics")})
+		CapacityBytes: capacity, Logger: log, UblkRecoveryWait: ublkWait, MetricsAddr: c.String("metrics"),
+		DirectIO: c.Bool("direct-io")})
 	if err != nil {
 		return err
 	}

@@ -31,6 +31,7 @@ type server struct {
 	cmd     *exec.Cmd
 	log     *bytes.Buffer
 	exited  chan struct{}
+	flags   []string // extra `blockd serve` flags
 }
 
 const volSize = 1 << 30
@@ -38,9 +39,9 @@ const volSize = 1 << 30
 func freePort(t *testing.T) string { return testenv.FreeAddr(t) }
 
 // startServer starts a server on a fresh data directory.
-func startServer(t *testing.T) *server {
+func startServer(t *testing.T, flags ...string) *server {
 	t.Helper()
-	s := &server{t: t, dataDir: t.TempDir()}
+	s := &server{t: t, dataDir: t.TempDir(), flags: flags}
 	s.start()
 	t.Cleanup(func() { s.stop() })
 	return s
@@ -50,8 +51,9 @@ func (s *server) start() {
 	t := s.t
 	t.Helper()
 	s.addr, s.apiAddr = freePort(t), freePort(t)
-	s.cmd = exec.Command(blockdBin, "serve", "--log-file", "-", "--data", s.dataDir, "--nbd", s.addr, "--api", s.apiAddr,
-		"--volume", fmt.Sprintf("vol0:%d", volSize))
+	args := append([]string{"serve", "--log-file", "-", "--data", s.dataDir, "--nbd", s.addr, "--api", s.apiAddr,
+		"--volume", fmt.Sprintf("vol0:%d", volSize)}, s.flags...)
+	s.cmd = exec.Command(blockdBin, args...)
 	s.log = &bytes.Buffer{}
 	s.cmd.Stdout, s.cmd.Stderr = s.log, s.log
 	if err := s.cmd.Start(); err != nil {
