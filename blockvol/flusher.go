@@ -30,6 +30,9 @@ func (v *Volume) flusher() {
 			h := v.headLSN.Load()
 			idle = h == lastHead
 			lastHead = h
+			if !v.pauseFlusher.Load() {
+				v.punchDue(idle) // redirect_slots.go: old slots, outside any checkpoint
+			}
 			_, end := v.comp.get()
 			if !idle && end-v.ckptPos.Load() < flushHighWater(v.walSize) && v.zeros.n.Load() < 32 && !v.redirectsDue() {
 				continue
@@ -39,9 +42,6 @@ func (v *Volume) flusher() {
 			continue
 		}
 		v.flushEpisode(idle)
-		if idle {
-			v.punchBacklog(punchIdleBatch) // redirect_slots.go: old slots wait for an idle volume
-		}
 	}
 }
 

@@ -61,8 +61,8 @@ package blockvol
 // The checkpoint persists the slot bits (slots file, written atomically)
 // before the superblock; a slots file newer than the superblock's
 // checkpoint is harmless, since replaying a Redirect again is idempotent.
-// Once a chunk's slot is persisted and nothing is pending, the flusher
-// punches the other slot to give its space back.
+// Once a chunk's slot is persisted and nothing is pending, its other slot
+// goes on a punch backlog, given back later (redirect_slots.go says when).
 //
 // This file has the state, the write path and the settles;
 // redirect_slots.go the persistence of the slot bits and the punches;
@@ -74,6 +74,7 @@ import (
 	"io"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/blockd/blockd/vfs"
 	"github.com/blockd/blockd/wal"
@@ -215,6 +216,40 @@ func (v *Volume) writeSlot(slot uint8, p []byte, off int64) error {
 	_, err := f.WriteAt(p, off)
 	return err
 }
+
+// writeSlotRetry is writeSlot, retried when the disk is full: the space
+// the write needs may be the volume's own old slots (redirect_slots.go).
+// It punches the backlog, and when that is empty it waits (boundedly)
+// for a checkpoint, which turns pending chunks into punchable ones. The
+// caller holds the chunk locks of the range, so none of its own chunks
+// is punched under it, and the range has no dirty block, so the
+// checkpoint does not wait for it.
+func (v *Volume) writeSlotRetry(slot uint8, p []byte, off int64) error {
+	s := &v.slots
+	for attempt := 0; ; attempt++ {
+		err := v.writeSlot(slot, p, off)
+		if err == nil || !isNoSpace(err) || attempt == diskFullRetries {
+			return err
+		}
+		s.mu.Lock()
+		punch := s.takePunchLocked(len(s.punch))
+		s.mu.Unlock()
+		v.log.Warn("engine_redirect_disk_full", "offset", off, "length", len(p), "attempt", attempt+1,
+			"punching_old_slots", len(punch), "err", err)
+		if len(punch) > 0 {
+			v.punchOldSlots(punch)
+			continue
+		}
+		ck := v.ckptLSN.Load()
+		v.kick()
+		for t0 := time.Now(); v.ckptLSN.Load() == ck && time.Since(t0) < time.Second && v.failErr() == nil; {
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+}
+
+// diskFullRetries bounds writeSlotRetry's attempts after the first.
+const diskFullRetries = 4
 
 // slotRuns calls fn for each run of [off, off+n) whose chunks are in the
 // same slot, in order.
@@ -430,7 +465,7 @@ func (v *Volume) writeRedirect(p []byte, off int64) (uint64, error) {
 					j++
 				}
 				o := int64(i) << s.cshift
-				err = v.writeSlot(slots[i], p[o:int64(j)<<s.cshift], off+o)
+				err = v.writeSlotRetry(slots[i], p[o:int64(j)<<s.cshift], off+o)
 				i = j
 			}
 			s.unsynced.Store(true)

@@ -78,23 +78,40 @@ func (v *Volume) openSlots(noRedirect bool) error {
 // that when it runs.
 func (v *Volume) queueLeftoverSlots() error {
 	s := &v.slots
-	if !s.active.Load() {
-		// No chunk in slot 1: only the shadow can hold leftovers.
-		return v.queueLeftoversIn(v.shF, 0)
+	limit := v.limit.Load()
+	nchunks := uint64((limit + s.chunk - 1) >> s.cshift)
+	// The extent under each run of slot-1 chunks (few: only large writes
+	// flip chunks), then the shadow under slot-0 chunks.
+	for c := uint64(0); c < nchunks; {
+		if c%64 == 0 && s.persisted[c/64] == 0 {
+			c += 64
+			continue
+		}
+		if bit(s.persisted, c) == 0 {
+			c++
+			continue
+		}
+		e := c
+		for e < nchunks && bit(s.persisted, e) == 1 {
+			e++
+		}
+		v.queueLeftoversIn(v.extF, 1, int64(c)<<s.cshift, min(int64(e)<<s.cshift, limit))
+		c = e
 	}
-	if err := v.queueLeftoversIn(v.extF, 1); err != nil {
-		return err
-	}
-	return v.queueLeftoversIn(v.shF, 0)
+	v.queueLeftoversIn(v.shF, 0, 0, limit)
+	return nil
 }
 
-// queueLeftoversIn queues the chunks in slot `in` (persisted) that have
-// data in f, the data file of the other slot.
-func (v *Volume) queueLeftoversIn(f vfs.File, in uint8) error {
+// queueLeftoversIn queues the chunks of [from, to) in slot `in`
+// (persisted) that have data in f, the data file of the other slot. A
+// failure only costs space: it is logged, and the volume opens.
+func (v *Volume) queueLeftoversIn(f vfs.File, in uint8, from, to int64) {
 	s := &v.slots
-	data, err := f.Allocated(0, v.limit.Load())
+	data, err := f.Allocated(from, to-from)
 	if err != nil {
-		return fmt.Errorf("find old redirect slots: %w", err)
+		v.log.Warn("engine_redirect_slot_scan_failed", "slot", 1-in, "err", err,
+			"effect", "old slots there keep their space until rewritten")
+		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -105,7 +122,6 @@ func (v *Volume) queueLeftoversIn(f vfs.File, in uint8) error {
 			}
 		}
 	}
-	return nil
 }
 
 func (v *Volume) slotWords(size int64) int {
@@ -246,9 +262,7 @@ func (v *Volume) commitSlots(target uint64) {
 	}
 	s.npending.Add(-pruned)
 	s.pendBytes.Add(-bytes)
-	punch := s.overBacklogLocked(v.limit.Load())
 	s.mu.Unlock()
-	v.punchOldSlots(punch)
 }
 
 // Old slots are not punched at once. A chunk rewritten by large writes
@@ -256,14 +270,21 @@ func (v *Volume) commitSlots(target uint64) {
 // filesystem allocate (and, mounted with discard, the punch itself sends
 // a discard to the device): under a stream of 1 MiB overwrites, punching
 // at every checkpoint cost a third of the server's CPU. So the punches
-// wait in a backlog, given back when the volume goes idle (the flusher's
-// idle tick), when it closes, and whenever the backlog passes a quarter
-// of the volume's size: then the newest entries go first, down to three
-// quarters of that bound, because under cyclic overwrites the chunk
-// written last is the one rewritten last. The space a volume may use
-// beyond its data while large writes keep coming is therefore bounded
-// by a quarter of its size.
+// wait in a backlog. The flusher's tick (punchDue) gives it back, in
+// batches outside any checkpoint, when the volume is idle, and whenever
+// the backlog passes a quarter of the volume's size: then the newest
+// entries go first, down to three quarters of that bound, because under
+// cyclic overwrites the chunk written last is the one rewritten last.
+// Close punches a bounded part (the Open scan finds the rest), and a
+// large write that finds the disk full punches the backlog and tries
+// once more (writeSlotRetry). The space a volume may use beyond its data
+// while large writes keep coming is therefore a quarter of its size, plus
+// the redirects not yet checkpointed (at most half the WAL).
 const punchBacklogDiv = 4
+
+// closePunchMax bounds Close's share of the backlog (256 MiB of 64 KiB
+// chunks, well under a second): a large backlog must not hold up a stop.
+const closePunchMax = 4 * punchIdleBatch
 
 // queuePunchLocked adds chunk c to the punch backlog once. Caller holds mu.
 func (s *slotState) queuePunchLocked(c uint64) {
@@ -286,27 +307,64 @@ func (s *slotState) takePunchLocked(n int) []uint64 {
 	return out
 }
 
-// overBacklogLocked takes what the backlog holds beyond its bound for a
-// volume of size bytes (see punchBacklogDiv; tests may set punchDiv).
-// Caller holds mu.
-func (s *slotState) overBacklogLocked(size int64) []uint64 {
+// overBoundLocked is how many chunks of the backlog should be punched
+// now for a volume of size bytes: none up to the bound (see
+// punchBacklogDiv; tests may set punchDiv), else down to three quarters
+// of it. Caller holds mu.
+func (s *slotState) overBoundLocked(size int64) int {
 	div := int64(punchBacklogDiv)
 	if d := s.punchDiv.Load(); d > 0 {
 		div = d
 	}
 	bound := max(int(size/div>>s.cshift), 1)
 	if len(s.punch) <= bound {
-		return nil
+		return 0
 	}
-	return s.takePunchLocked(len(s.punch) - bound*3/4)
+	return len(s.punch) - bound*3/4
 }
 
-// punchIdleBatch bounds the punches of one idle tick, so that a flusher
-// busy giving back a large backlog answers resumed writes within a tick.
+// punchIdleBatch is one batch of the flusher's punches: flushMu is held
+// per batch, so a Drain (or a checkpoint) waits for one batch at most.
 const punchIdleBatch = 1024
 
-// punchBacklog punches up to n chunks of the backlog that are still idle
-// (the flusher's idle tick; Close takes them all).
+// punchDue is the flusher's share of the backlog on each tick: one batch
+// when the volume is idle, and what passes the bound, batch by batch.
+func (v *Volume) punchDue(idle bool) {
+	s := &v.slots
+	if idle {
+		v.punchBatch(func() []uint64 { return s.takePunchLocked(punchIdleBatch) })
+	}
+	s.mu.Lock()
+	over := s.overBoundLocked(v.limit.Load())
+	s.mu.Unlock()
+	// Busy chunks go back on the backlog: the number of batches is fixed
+	// up front so that they cannot keep this loop going.
+	for n := (over + punchIdleBatch - 1) / punchIdleBatch; n > 0; n-- {
+		if !v.punchBatch(func() []uint64 { return s.takePunchLocked(min(s.overBoundLocked(v.limit.Load()), punchIdleBatch)) }) {
+			break
+		}
+	}
+}
+
+// punchBatch punches the chunks take returns (called with mu held), under
+// flushMu: Drain and Expand (growSlots) must not find a punch running.
+// It reports whether there was anything to punch.
+func (v *Volume) punchBatch(take func() []uint64) bool {
+	v.flushMu.Lock()
+	defer v.flushMu.Unlock()
+	s := &v.slots
+	s.mu.Lock()
+	punch := take()
+	s.mu.Unlock()
+	if len(punch) == 0 {
+		return false
+	}
+	v.punchOldSlots(punch)
+	return true
+}
+
+// punchBacklog punches up to n chunks of the backlog (Close, after the
+// flusher stopped).
 func (v *Volume) punchBacklog(n int) {
 	s := &v.slots
 	s.mu.Lock()
@@ -320,7 +378,8 @@ func (v *Volume) punchBacklog(n int) {
 // punchOldSlots gives back the space of the slot a chunk no longer uses,
 // for chunks with nothing pending whose writers are not busy (stripes
 // taken with TryLock: the flusher never waits for a writer). Busy ones
-// are retried after the next checkpoint.
+// go back on the backlog; chunks redirected again since they were queued
+// are dropped (their next checkpoint queues them again).
 func (v *Volume) punchOldSlots(chunks []uint64) {
 	s := &v.slots
 	var retry []uint64
@@ -386,9 +445,7 @@ func (v *Volume) commitAllSlots(lsn uint64) {
 	s.persisted, s.staged = s.staged, nil
 	s.npending.Store(0)
 	s.pendBytes.Store(0)
-	punch := s.overBacklogLocked(v.limit.Load())
 	s.mu.Unlock()
-	v.punchOldSlots(punch)
 }
 
 // redirectsDue reports whether pending redirects should be checkpointed

@@ -427,11 +427,11 @@ func TestPunchBacklogBound(t *testing.T) {
 		s.queuePunchLocked(c)
 		s.queuePunchLocked(c) // once only
 	}
-	if got := s.overBacklogLocked(size); got != nil {
-		t.Fatalf("at the bound: took %v", got)
+	if n := s.overBoundLocked(size); n != 0 {
+		t.Fatalf("at the bound: %d to punch", n)
 	}
 	s.queuePunchLocked(1000)
-	got := s.overBacklogLocked(size)
+	got := s.takePunchLocked(s.overBoundLocked(size))
 	if len(got) != 257-192 || got[len(got)-1] != 1000 || got[0] != 256-(257-192)+1 {
 		t.Fatalf("over the bound: took %d chunks %v..., want the newest 65", len(got), got[:3])
 	}

@@ -13,7 +13,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"os"
 	"path/filepath"
 	"sync"
@@ -469,7 +468,7 @@ func (v *Volume) Close() error {
 					break
 				}
 			}
-			v.punchBacklog(math.MaxInt)
+			v.punchBacklog(closePunchMax)
 		}
 	}
 	errs = append(errs, v.closeFiles())

@@ -89,7 +89,7 @@ func (c *conn) setSource(r io.Reader) {
 // more (8% of the CPU of 1 MiB writes). After such a payload the next
 // fill of the buffer reads only a request header, so that the buffer does
 // not take (and copy) the start of the payload behind it.
-const directReadMin = 64 << 10
+const directReadMin = 128 << 10 // above inlineMaxLen: an inline request keeps its reply batching
 
 // fillLimiter caps the reads the bufio.Reader makes while limit > 0.
 type fillLimiter struct {
