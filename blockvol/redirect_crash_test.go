@@ -209,6 +209,31 @@ func TestPowerCutRedirect(t *testing.T) {
 				redirWriter(v, m, w*chunksPer*per, (w+1)*chunksPer*per, wr, opsPer)
 			}(w)
 		}
+		// Every other cycle the backlog's bound is one chunk, and a
+		// goroutine runs the flusher's punches (punchDue) all along, as
+		// ticks would: old slots are punched while writers run and the
+		// power is cut. The other cycles punch at Close and after
+		// reopens only (the default bound, ticks too rare to fire).
+		punching := make(chan struct{})
+		punched := make(chan struct{})
+		if c%2 == 1 {
+			v.slots.punchDiv.Store(1 << 30)
+			pr := rand.New(rand.NewPCG(r.Uint64(), 99))
+			go func(v *Volume) {
+				defer close(punched)
+				for {
+					select {
+					case <-punching:
+						return
+					default:
+					}
+					v.punchDue(pr.IntN(2) == 0)
+					time.Sleep(50 * time.Microsecond)
+				}
+			}(v)
+		} else {
+			close(punched)
+		}
 		cut := randomCut(r)
 		clean := r.IntN(20) == 0
 		newFS := fs
@@ -217,9 +242,13 @@ func TestPowerCutRedirect(t *testing.T) {
 			newFS = fs.PowerCut(cut)
 			v.fail(errors.New("test: power cut"))
 			wg.Wait()
+			close(punching)
+			<-punched
 			v.Close()
 		} else {
 			wg.Wait()
+			close(punching)
+			<-punched
 			if err := v.Close(); err != nil {
 				t.Fatalf("cycle %d: clean close: %v", c, err)
 			}
@@ -234,13 +263,6 @@ func TestPowerCutRedirect(t *testing.T) {
 		v, err = openTraced("/vol", o, tr)
 		if err != nil {
 			t.Fatalf("cycle %d: recovery failed (cut %+v): %v", c, cut, err)
-		}
-		if c%2 == 0 {
-			// Every other cycle punches old slots at every checkpoint
-			// (a backlog bound of one chunk), the others keep the
-			// default bound: punches then come at Close, on an idle
-			// tick, and after a reopen.
-			v.slots.punchDiv.Store(1 << 30)
 		}
 		if e := h.find("engine_recovery"); e != nil {
 			if n, ok := e["redirects_discarded"].(int64); ok {
