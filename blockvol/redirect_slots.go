@@ -27,7 +27,6 @@ func (v *Volume) openSlots(noRedirect bool) error {
 	}
 	s.off = noRedirect
 	s.pending = make(map[uint64][]pendRedir)
-	s.queued = make(map[uint64]struct{})
 	name := filepath.Join(v.dir, ShadowFile)
 	f, err := v.fs.OpenFile(name, os.O_RDWR, 0)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -288,10 +287,14 @@ const closePunchMax = 4 * punchIdleBatch
 
 // queuePunchLocked adds chunk c to the punch backlog once. Caller holds mu.
 func (s *slotState) queuePunchLocked(c uint64) {
-	if _, ok := s.queued[c]; ok {
+	w := int(c / 64)
+	if w >= len(s.queued) {
+		s.queued = append(s.queued, make([]uint64, w+1-len(s.queued))...)
+	}
+	if s.queued[w]&(1<<(c%64)) != 0 {
 		return
 	}
-	s.queued[c] = struct{}{}
+	s.queued[w] |= 1 << (c % 64)
 	s.punch = append(s.punch, c)
 }
 
@@ -302,7 +305,7 @@ func (s *slotState) takePunchLocked(n int) []uint64 {
 	out := append([]uint64(nil), s.punch[len(s.punch)-n:]...)
 	s.punch = s.punch[:len(s.punch)-n]
 	for _, c := range out {
-		delete(s.queued, c)
+		s.queued[c/64] &^= 1 << (c % 64)
 	}
 	return out
 }
