@@ -129,7 +129,7 @@ type slotState struct {
 	// The punch backlog: chunks whose other slot holds nothing anyone
 	// needs, oldest first (see queuePunchLocked).
 	punch    []uint64
-	queued   []uint64 // bit per chunk: on punch (a bitmap: a map cost ~50 bytes a chunk)
+	queued   []uint64     // bit per chunk: on punch (a bitmap: a map cost ~50 bytes a chunk)
 	punchDiv atomic.Int64 // tests: the backlog's bound is size/punchDiv (0: punchBacklogDiv)
 	direct   bool         // Options.DirectIO: writeSlot tries O_DIRECT
 }
