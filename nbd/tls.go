@@ -104,7 +104,7 @@ func (c *conn) startTLS() error {
 	c.setSource(&readAhead{tc: tc, bc: bc})
 	c.out.nc = tc
 	c.srv.log.Info("nbd_tls_established", "remote", c.remote, "client", c.peer.Subject.CommonName,
-		"version", tls.VersionName(st.Version))
+		"version", tls.VersionName(st.Version), "cipher", tls.CipherSuiteName(st.CipherSuite))
 	return nil
 }
 
