@@ -45,7 +45,8 @@ func cpuMicros() int64 {
 }
 
 // replicaChild serves one replica volume: it prints its address, then
-// answers "begin"/"end" lines on stdin with its CPU time in µs (and
+// answers "begin"/"end" lines on stdin with its CPU time in µs and its
+// volume's group commits and the records they covered (and
 // starts/stops its CPU profile when benchChildProfEnv names a file) and
 // exits at EOF.
 func replicaChild(dir string) int {
@@ -87,7 +88,8 @@ func replicaChild(dir string) int {
 				os.Setenv(benchChildProfEnv, "") // one profile: the first measured phase
 			}
 		}
-		fmt.Println(cpuMicros())
+		st := rv.Stats()
+		fmt.Println(cpuMicros(), st.GroupCommits, st.GroupCommitRecords)
 	}
 	rec.Close()
 	rv.Close()
@@ -128,15 +130,21 @@ func startReplicaProc(b *testing.B, dir, prof string, env ...string) *replicaPro
 	return rp
 }
 
-// cpu sends cmd ("begin" or "end") and returns the child's CPU µs.
-func (rp *replicaProc) cpu(b *testing.B, cmd string) int64 {
+// childSample is what the child answers: its CPU µs and its volume's
+// group commits (WAL fdatasyncs) and the records they covered.
+type childSample struct {
+	us, syncs, syncRecs int64
+}
+
+// cpu sends cmd ("begin" or "end") and returns the child's sample.
+func (rp *replicaProc) cpu(b *testing.B, cmd string) childSample {
 	fmt.Fprintln(rp.in, cmd)
 	if !rp.out.Scan() {
 		b.Fatalf("replica child: no answer to %s: %v", cmd, rp.out.Err())
 	}
-	var us int64
-	fmt.Sscan(rp.out.Text(), &us)
-	return us
+	var c childSample
+	fmt.Sscan(rp.out.Text(), &c.us, &c.syncs, &c.syncRecs)
+	return c
 }
 
 func (rp *replicaProc) stop(b *testing.B) {
@@ -147,9 +155,13 @@ func (rp *replicaProc) stop(b *testing.B) {
 }
 
 // taxRun is one measured phase: IOPS and CPU µs per write of the
-// primary's process and of the replica's.
+// primary's process and of the replica's, and where the flushes' time
+// went (see BenchmarkReplicationTax).
 type taxRun struct {
 	iops, primaryUS, replicaUS float64
+	flushUS, localUS, waitUS   float64 // mean per flush: all of it, the local fdatasync, the wait after it
+	barrierUS                  float64 // mean per measured barrier
+	replicaSyncs, syncRecs     int64   // the replica's group commits and their records
 }
 
 // runRF2 measures RF=2 in mode against a replica in a child process
@@ -189,14 +201,17 @@ func runRF2(b *testing.B, mode Durability, ops int, inproc bool, prof string) ta
 			pprof.StartCPUProfile(pf)
 		}
 	}
-	var r0 int64
+	var r0, r1 childSample
 	if rp != nil {
 		r0 = rp.cpu(b, "begin")
 	}
+	n0, l0, w0 := p.flushTime.n.Load(), p.flushTime.localNs.Load(), p.flushTime.waitNs.Load()
+	b0 := p.Replicas()[0].Barrier
 	c0 := cpuMicros()
-	iops := randWriteQD32(b, p, ops)
+	iops, flushUS := randWriteQD32Flush(b, p, ops)
 	c1 := cpuMicros()
-	var r1 int64
+	b1 := p.Replicas()[0].Barrier
+	n1, l1, w1 := p.flushTime.n.Load(), p.flushTime.localNs.Load(), p.flushTime.waitNs.Load()
 	if rp != nil {
 		r1 = rp.cpu(b, "end")
 	}
@@ -212,7 +227,15 @@ func runRF2(b *testing.B, mode Durability, ops int, inproc bool, prof string) ta
 		rp.stop(b)
 	}
 	pv.Close()
-	return taxRun{iops: iops, primaryUS: float64(c1-c0) / float64(ops), replicaUS: float64(r1-r0) / float64(ops)}
+	tr := taxRun{iops: iops, primaryUS: float64(c1-c0) / float64(ops), replicaUS: float64(r1.us-r0.us) / float64(ops),
+		flushUS: flushUS, replicaSyncs: r1.syncs - r0.syncs, syncRecs: r1.syncRecs - r0.syncRecs}
+	if n := n1 - n0; n > 0 {
+		tr.localUS, tr.waitUS = float64(l1-l0)/float64(n)/1e3, float64(w1-w0)/float64(n)/1e3
+	}
+	if n := b1.Count - b0.Count; n > 0 {
+		tr.barrierUS = (b1.SumSec - b0.SumSec) / float64(n) * 1e6
+	}
+	return tr
 }
 
 // BenchmarkReplicationTax: 4k randwrite QD32, flush every 32 writes, RF=2
@@ -236,8 +259,19 @@ func runRF2(b *testing.B, mode Durability, ops int, inproc bool, prof string) ta
 // in this process instead (the CPU split is then not available).
 // BLOCKD_BENCH_CPUPROFILE=prefix writes prefix.primary and
 // prefix.replica: CPU profiles of the first sync_all phase.
+// BLOCKD_BENCH_OPS sets the writes of each measured phase (40,000).
+//
+// Each sync_all round also prints where a flush's time goes: the
+// primary's local fdatasync, then its wait for the replica's answer
+// after it; the barrier round trip as the primary measures it (send to
+// answer, a sample of one outstanding barrier at a time); and the
+// replica's WAL fdatasyncs in the phase (its group commits) with the
+// records each covered.
 func BenchmarkReplicationTax(b *testing.B) {
 	ops := 40000
+	if s := os.Getenv("BLOCKD_BENCH_OPS"); s != "" {
+		fmt.Sscan(s, &ops)
+	}
 	rounds := 3
 	if s := os.Getenv("BLOCKD_BENCH_ROUNDS"); s != "" {
 		fmt.Sscan(s, &rounds)
@@ -249,7 +283,7 @@ func BenchmarkReplicationTax(b *testing.B) {
 		v1 := benchVol(b, 1<<30)
 		randWriteQD32(b, v1, 2000) // warm
 		c0 := cpuMicros()
-		rf1 := randWriteQD32(b, v1, ops)
+		rf1, rf1Flush := randWriteQD32Flush(b, v1, ops)
 		rf1cpu := float64(cpuMicros()-c0) / float64(ops)
 		v1.Close()
 
@@ -258,6 +292,8 @@ func BenchmarkReplicationTax(b *testing.B) {
 		be := runRF2(b, BestEffort, ops, inproc, "")
 		fmt.Printf("round %d: RF=1 %.0f IOPS (%.1f µs CPU/write); RF=2 sync_all %.0f IOPS, ratio %.2f, CPU/write primary %.1f µs replica %.1f µs (%.2fx); RF=2 best_effort %.0f IOPS, ratio %.2f\n",
 			i, rf1, rf1cpu, sa.iops, sa.iops/rf1, sa.primaryUS, sa.replicaUS, sa.replicaUS/sa.primaryUS, be.iops, be.iops/rf1)
+		fmt.Printf("round %d: flush latency: RF=1 %.0f µs; sync_all %.0f µs = local fdatasync %.0f µs, then the replica %.0f µs; barrier round trip %.0f µs; replica fdatasyncs %d (%.0f records each)\n",
+			i, rf1Flush, sa.flushUS, sa.localUS, sa.waitUS, sa.barrierUS, sa.replicaSyncs, float64(sa.syncRecs)/float64(max(sa.replicaSyncs, 1)))
 		rf1s, syncs, bes = append(rf1s, rf1), append(syncs, sa.iops), append(bes, be.iops)
 		syncR, beR = append(syncR, sa.iops/rf1), append(beR, be.iops/rf1)
 		pUS, rUS, rf1US = append(pUS, sa.primaryUS), append(rUS, sa.replicaUS), append(rf1US, rf1cpu)
@@ -364,7 +400,7 @@ func BenchmarkReceiverApply(b *testing.B) {
 		}
 		el := time.Since(start)
 		r1 := rp.cpu(b, "end")
-		return float64(r1-r0) / ops, ops / el.Seconds()
+		return float64(r1.us-r0.us) / ops, ops / el.Seconds()
 	}
 	var bUS, sUS, bRate, sRate []float64
 	for i := 0; i < b.N*rounds; i++ {

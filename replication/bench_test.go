@@ -47,7 +47,14 @@ func benchVolIn(b *testing.B, dir string, size int64) *blockvol.Volume {
 // randWriteQD32 runs ops 4 KiB random writes from 32 concurrent workers
 // and issues a Flush after every 32nd write; it returns IOPS.
 func randWriteQD32(b *testing.B, dev blockdev.Device, ops int) float64 {
-	var next atomic.Int64
+	iops, _ := randWriteQD32Flush(b, dev, ops)
+	return iops
+}
+
+// randWriteQD32Flush is randWriteQD32 that also returns the flushes'
+// mean latency in µs.
+func randWriteQD32Flush(b *testing.B, dev blockdev.Device, ops int) (iops, flushUS float64) {
+	var next, flushNs, flushes atomic.Int64
 	var wg sync.WaitGroup
 	blocks := dev.Size() / 4096
 	start := time.Now()
@@ -68,16 +75,23 @@ func randWriteQD32(b *testing.B, dev blockdev.Device, ops int) float64 {
 					return
 				}
 				if i%32 == 0 {
+					t := time.Now()
 					if err := dev.Flush(); err != nil {
 						b.Error(err)
 						return
 					}
+					flushNs.Add(int64(time.Since(t)))
+					flushes.Add(1)
 				}
 			}
 		}(w)
 	}
 	wg.Wait()
-	return float64(ops) / time.Since(start).Seconds()
+	iops = float64(ops) / time.Since(start).Seconds()
+	if n := flushes.Load(); n > 0 {
+		flushUS = float64(flushNs.Load()) / float64(n) / 1e3
+	}
+	return iops, flushUS
 }
 
 func benchWaitInSync(b *testing.B, p *Primary) {

@@ -126,6 +126,8 @@ type Primary struct {
 
 	bmThrough atomic.Uint64 // persisted bitmaps cover records up to here
 	bmCkpt    atomic.Uint64
+
+	flushTime flushTiming // primary_device.go
 }
 
 // NewPrimary subscribes to vol's record feed (one Primary per volume at a

@@ -6,6 +6,7 @@ package replication
 import (
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/blockd/blockd/blockdev"
@@ -96,10 +97,27 @@ func (p *Primary) sync() error {
 	lsn := p.vol.HeadLSN()
 	p.pump()               // records up to lsn are in the feed: queue them now
 	p.requestBarriers(lsn) // replicas fsync while we do
+	t0 := time.Now()
 	if err := p.vol.Flush(); err != nil {
 		return err
 	}
-	return p.waitDurable(lsn)
+	t1 := time.Now()
+	err := p.waitDurable(lsn)
+	p.flushTime.add(t1.Sub(t0), time.Since(t1))
+	return err
+}
+
+// flushTiming splits the flushes' latency (sync): the local fdatasync
+// (group commit), then the wait for the durability rule after it (the
+// replicas' barrier answers not in yet). Benchmarks read it.
+type flushTiming struct {
+	n, localNs, waitNs atomic.Int64
+}
+
+func (t *flushTiming) add(local, wait time.Duration) {
+	t.n.Add(1)
+	t.localNs.Add(int64(local))
+	t.waitNs.Add(int64(wait))
 }
 
 func (p *Primary) requestBarriers(lsn uint64) {
