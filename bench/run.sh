@@ -48,7 +48,9 @@
 # "blockd-base" beside "blockd", alternating with it in the same run, and
 # the tables end with blockd / blockd-base for every workload; the pair is
 # what a before/after comparison on a noisy machine needs), BENCH_DIR
-# (default /var/tmp/blockd-bench), SERVERS (default "blockd nbdfile nbdkit
+# (default /var/tmp/blockd-bench), BENCH_PORT_BASE (default 10950: the
+# servers listen on it and the 10 ports above it, their APIs 100 higher;
+# two runs at once need bases 20 apart), SERVERS (default "blockd nbdfile nbdkit
 # qemu-nbd", plus blockd-base with BLOCKD_BASE_BIN; "none" runs only the
 # null and TLS comparisons),
 # BLOCKD_FLAGS (extra `blockd serve` flags for the server "blockd" only,
@@ -103,8 +105,9 @@ else
   SERVERS=${SERVERS//blockd/}
 fi
 
-declare -A PORT=([blockd-base]=10960 [blockd]=10950 [nbdfile]=10951 [nbdkit]=10952 [qemu-nbd]=10953 [nbdnull]=10954 [kitnull]=10955
-  [tplain]=10956 [tblockd]=10957 [tkit]=10958 [tkplain]=10959)
+P0=${BENCH_PORT_BASE:-10950}
+declare -A PORT=([blockd-base]=$((P0 + 10)) [blockd]=$P0 [nbdfile]=$((P0 + 1)) [nbdkit]=$((P0 + 2)) [qemu-nbd]=$((P0 + 3))
+  [nbdnull]=$((P0 + 4)) [kitnull]=$((P0 + 5)) [tplain]=$((P0 + 6)) [tblockd]=$((P0 + 7)) [tkit]=$((P0 + 8)) [tkplain]=$((P0 + 9)))
 declare -A PID=()
 declare -A EXPORT=([blockd-base]=vol0 [blockd]=vol0 [nbdfile]=vol0 [nbdkit]="" [qemu-nbd]=vol0 [nbdnull]=vol0 [kitnull]=""
   [tplain]=vol0 [tblockd]=vol0 [tkit]="" [tkplain]="")
