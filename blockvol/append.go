@@ -115,6 +115,12 @@ func (v *Volume) syncWAL(target uint64) error {
 			g.mu.Unlock()
 			return nil
 		}
+		if err := v.failErr(); err != nil {
+			// A sync failed while this one waited: nothing more may
+			// be promised (see below).
+			g.mu.Unlock()
+			return err
+		}
 		if !g.syncing {
 			break
 		}
@@ -141,10 +147,20 @@ func (v *Volume) syncWAL(target uint64) error {
 			err = fmt.Errorf("sync redirected data: %w", err)
 		}
 	}
+	if v.trace != nil {
+		v.trace("sync lsn=%d", lsn)
+	}
 	if err == nil {
 		err = v.walF.Sync()
 	}
 	g.syncs.Add(1)
+	if err != nil {
+		// After a failed fsync the page cache state is unknown
+		// (fsyncgate), and the next fdatasync of the file would
+		// report success: stop before the waiters wake, or one of
+		// them would lead that sync and promise the lost records.
+		v.fail(err)
+	}
 	g.mu.Lock()
 	g.syncing = false
 	if err == nil && lsn > g.durLSN {
@@ -154,10 +170,10 @@ func (v *Volume) syncWAL(target uint64) error {
 	}
 	g.cond.Broadcast()
 	g.mu.Unlock()
+	if v.trace != nil {
+		v.trace("sync done lsn=%d err=%v", lsn, err)
+	}
 	if err != nil {
-		// After a failed fsync the page cache state is unknown
-		// (fsyncgate): stop rather than promise anything.
-		v.fail(err)
 		return ioError(fmt.Errorf("sync WAL: %w", err))
 	}
 	return nil
