@@ -187,6 +187,12 @@ func (rc *rawClient) connect(name string, structured bool) goInfo {
 
 func (rc *rawClient) request(typ, flags uint16, handle, off uint64, length uint32, payload []byte) {
 	rc.t.Helper()
+	rc.write(rc.frame(typ, flags, handle, off, length, payload))
+}
+
+// frame encodes a request (and records a simple-reply read's length) for
+// a test that sends several in one write.
+func (rc *rawClient) frame(typ, flags uint16, handle, off uint64, length uint32, payload []byte) []byte {
 	b := make([]byte, wire.RequestSize, wire.RequestSize+len(payload))
 	binary.BigEndian.PutUint32(b[0:], wire.MagicRequest)
 	binary.BigEndian.PutUint16(b[4:], flags)
@@ -199,7 +205,7 @@ func (rc *rawClient) request(typ, flags uint16, handle, off uint64, length uint3
 		rc.reads[handle] = length
 		rc.mu.Unlock()
 	}
-	rc.write(append(b, payload...))
+	return append(b, payload...)
 }
 
 type reply struct {

@@ -57,6 +57,7 @@ type conn struct {
 	stopReason string // under readMu
 	waiting    atomic.Int32
 	nworkers   int // under readMu
+	aloneRun   int // under readMu: requests in a row that arrived alone (inlineSyncOK)
 	workers    sync.WaitGroup
 
 	out      sender
@@ -241,8 +242,12 @@ func (c *conn) worker() {
 			c.out.flushDeferred()
 			return
 		}
-		c.out.busy.Add(1)
-		if c.inlineOK(r) {
+		if c.out.busy.Add(1) == 1 && c.br.Buffered() == 0 {
+			c.aloneRun++
+		} else {
+			c.aloneRun = 0
+		}
+		if c.inlineOK(r) || c.inlineSyncOK(r) {
 			// Fast request on a fast device: execute it here, keep
 			// reading; no hand-off, no wake-up, replies written in one
 			// batch when the input drains.
@@ -286,6 +291,33 @@ func (c *conn) inlineOK(r *request) bool {
 		return false
 	}
 	return c.latency.Load() < inlineMaxLatency
+}
+
+// A synchronous client (QD1: each request sent after the previous reply,
+// as fio's write+fsync loop or a database's log writer) gains nothing from
+// a hand-off: there is no next request to read while a flush or FUA write
+// waits for its fdatasync, and the hand-off costs two goroutine wake-ups
+// per request (the next reader, then this worker parking on readMu).
+// Once inlineSyncRun requests in a row have arrived alone (nothing else
+// executing, nothing buffered behind them), flushes and FUA writes up to
+// inlineMaxLen run on the reading worker too. One request that arrives
+// with company ends the run, so a deep queue keeps its hand-offs: at
+// worst one request of a client that deepens its queue waits for one
+// sync before it is read. Group commit still joins the flushes of many
+// connections: the sync's leader is whichever caller comes first.
+const inlineSyncRun = 4
+
+func (c *conn) inlineSyncOK(r *request) bool {
+	if c.aloneRun < inlineSyncRun {
+		return false
+	}
+	switch r.typ {
+	case wire.CmdFlush:
+		return true
+	case wire.CmdWrite:
+		return r.flags&wire.CmdFlagFUA != 0 && r.length <= inlineMaxLen
+	}
+	return false
 }
 
 func (c *conn) timedExec(r *request) {

@@ -9,7 +9,8 @@ import (
 
 // memDev is a small in-memory blockdev.Device for protocol tests: sparse
 // 4 KiB blocks, counters for flush/FUA, an optional read failure and an
-// optional gate that holds reads at one offset until released.
+// optional gate that holds reads at one offset until released, and one
+// that holds the next flush.
 type memDev struct {
 	mu      sync.Mutex
 	size    int64
@@ -24,6 +25,9 @@ type memDev struct {
 	gateAt     int64 // -1: none
 	gate       chan struct{}
 	gated      chan struct{} // receives when a gated read is waiting
+
+	flushGate  chan struct{} // when set, the next Flush waits for it to close
+	flushGated chan struct{} // receives when that Flush is waiting
 }
 
 const memBlock = 4096
@@ -94,7 +98,13 @@ func (d *memDev) WriteAt(p []byte, off int64, fua bool) error {
 func (d *memDev) Flush() error {
 	d.mu.Lock()
 	d.flushes++
+	gate, gated := d.flushGate, d.flushGated
+	d.flushGate = nil
 	d.mu.Unlock()
+	if gate != nil {
+		gated <- struct{}{}
+		<-gate
+	}
 	return nil
 }
 

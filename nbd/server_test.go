@@ -709,3 +709,84 @@ func TestInlineAdaptsToSlowDevice(t *testing.T) {
 		t.Fatal(r)
 	}
 }
+
+// TestSyncClientFlushesInline: a client that sends each request after the
+// previous reply gets its flushes and FUA writes executed on the reading
+// worker (no hand-off); a client that sends requests in a burst gets the
+// hand-off back, so a read overtakes a slow flush.
+func TestSyncClientFlushesInline(t *testing.T) {
+	ts := startMem(t)
+	rc := dialRaw(t, "tcp", ts.addr)
+	rc.connect("vol0", true)
+	h := uint64(0)
+	do := func(typ, flags uint16, off uint64, length uint32, payload []byte) {
+		t.Helper()
+		h++
+		rc.request(typ, flags, h, off, length, payload)
+		if r := rc.readReply(); r.errno != 0 || r.handle != h {
+			t.Fatalf("request %d: %+v", h, r)
+		}
+	}
+	for i := 0; i < 8; i++ { // a synchronous write+flush loop, and FUA writes
+		do(wire.CmdWrite, 0, uint64(i)*4096, 4096, pattern(4096, byte(i)))
+		do(wire.CmdFlush, 0, 0, 0, nil)
+		do(wire.CmdWrite, wire.CmdFlagFUA, uint64(i)*4096, 4096, pattern(4096, byte(i+1)))
+	}
+	gateFlush := func() chan struct{} {
+		g := make(chan struct{})
+		ts.dev.mu.Lock()
+		ts.dev.flushGate, ts.dev.flushGated = g, make(chan struct{}, 1)
+		ts.dev.mu.Unlock()
+		return g
+	}
+	gateRead := func(off int64) {
+		ts.dev.mu.Lock()
+		ts.dev.gateAt, ts.dev.gate, ts.dev.gated = off, make(chan struct{}), make(chan struct{}, 1)
+		ts.dev.mu.Unlock()
+	}
+
+	// Inline: the read sent behind a waiting flush is not read (so not
+	// executed) until the flush is done.
+	fg := gateFlush()
+	rc.request(wire.CmdFlush, 0, 100, 0, 0, nil)
+	<-ts.dev.flushGated
+	gateRead(1 << 20)
+	rc.request(wire.CmdRead, 0, 101, 1<<20, 4096, nil)
+	select {
+	case <-ts.dev.gated:
+		t.Fatal("a synchronous client's flush was handed off: the read behind it ran while it waited")
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(fg)
+	<-ts.dev.gated // the read runs once the flush is done
+	close(ts.dev.gate)
+	for _, want := range []uint64{100, 101} {
+		if r := rc.readReply(); r.errno != 0 || r.handle != want {
+			t.Fatalf("reply %+v, want handle %d", r, want)
+		}
+	}
+
+	// A burst ends the synchronous run: the flush behind three writes is
+	// handed off and a read overtakes it.
+	fg = gateFlush()
+	var burst []byte
+	for i := 0; i < 3; i++ {
+		burst = append(burst, rc.frame(wire.CmdWrite, 0, uint64(200+i), uint64(i)*4096, 4096, pattern(4096, 9))...)
+	}
+	burst = append(burst, rc.frame(wire.CmdFlush, 0, 203, 0, 0, nil)...)
+	rc.write(burst)
+	<-ts.dev.flushGated
+	for i := 0; i < 3; i++ { // in any order: they may have been handed off
+		if r := rc.readReply(); r.errno != 0 || r.handle < 200 || r.handle > 202 {
+			t.Fatalf("burst write reply %+v", r)
+		}
+	}
+	rc.request(wire.CmdRead, 0, 204, 0, 4096, nil)
+	if r := rc.readReply(); r.errno != 0 || r.handle != 204 {
+		t.Fatalf("reply %+v: the read did not overtake the waiting flush", r)
+	}
+	close(fg)
+	if r := rc.readReply(); r.errno != 0 || r.handle != 203 {
+		t.Fatalf("flush reply %+v", r)
+	}
+}
