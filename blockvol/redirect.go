@@ -131,6 +131,7 @@ type slotState struct {
 	punch    []uint64
 	queued   []uint64     // bit per chunk: on punch (a bitmap: a map cost ~50 bytes a chunk)
 	punchDiv atomic.Int64 // tests: the backlog's bound is size/punchDiv (0: punchBacklogDiv)
+	pendMax  atomic.Int64 // tests: pendBytes that call for a checkpoint (0: pendingLimit's default)
 	direct   bool         // Options.DirectIO: writeSlot tries O_DIRECT
 }
 
@@ -543,7 +544,7 @@ func (v *Volume) redirectApplied(c0 uint64, slots []uint8, lsn, pos uint64, byte
 		s.setCur(c0+uint64(i), sl)
 	}
 	s.mu.Unlock()
-	if s.pendBytes.Load() >= int64(flushHighWater(v.walSize)) {
+	if v.redirectsDue() {
 		v.kick()
 	}
 }
