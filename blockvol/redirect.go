@@ -113,6 +113,7 @@ type slotState struct {
 
 	npending   atomic.Int64  // pending redirect records
 	pendBytes  atomic.Int64  // data bytes of pending redirect records
+	pendChunks atomic.Int64  // chunks with pending redirects: len(pending)
 	maxPendLSN atomic.Uint64 // newest pending redirect
 	trustLSN   atomic.Uint64 // the superblock's persisted DurableLSN
 	// trustCap (non-zero): DurableLSN may not be persisted above it, as
@@ -131,7 +132,7 @@ type slotState struct {
 	punch    []uint64
 	queued   []uint64     // bit per chunk: on punch (a bitmap: a map cost ~50 bytes a chunk)
 	punchDiv atomic.Int64 // tests: the backlog's bound is size/punchDiv (0: punchBacklogDiv)
-	pendMax  atomic.Int64 // tests: pendBytes that call for a checkpoint (0: pendingLimit's default)
+	pendMax  atomic.Int64 // tests: pendBytes that call for a checkpoint (0: redirectsDue's limits)
 	direct   bool         // Options.DirectIO: writeSlot tries O_DIRECT
 }
 
@@ -531,6 +532,9 @@ func (v *Volume) redirectApplied(c0 uint64, slots []uint8, lsn, pos uint64, byte
 		pr := pendRedir{lsn: lsn, pos: pos, slot: sl}
 		if i == 0 {
 			pr.bytes = bytes
+		}
+		if len(s.pending[c]) == 0 {
+			s.pendChunks.Add(1)
 		}
 		s.pending[c] = append(s.pending[c], pr)
 	}

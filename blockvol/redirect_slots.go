@@ -254,6 +254,7 @@ func (v *Volume) commitSlots(target uint64) {
 		}
 		if k == len(p) {
 			delete(s.pending, c)
+			s.pendChunks.Add(-1)
 			s.queuePunchLocked(c)
 		} else {
 			s.pending[c] = append(p[:0:0], p[k:]...)
@@ -448,30 +449,34 @@ func (v *Volume) commitAllSlots(lsn uint64) {
 	s.persisted, s.staged = s.staged, nil
 	s.npending.Store(0)
 	s.pendBytes.Store(0)
+	s.pendChunks.Store(0)
 	s.mu.Unlock()
 }
 
 // redirectsDue reports whether pending redirects should be checkpointed
-// now: they bound recovery's work (each unsettled one is read back and
-// checked) and the memory of the pending map.
+// now. A checkpoint fdatasyncs the data files, so checkpointing often
+// turns a stream of large writes that the client never flushes into
+// writeback at disk speed, which a plain NBD server over a file never
+// does. Two things bound how long they may wait:
+//   - recovery's work: it reads back and checks the newest unflushed
+//     redirect of each chunk (older ones only where a newer one fails),
+//     so the chunks with pending redirects may hold at most
+//     redirectPendingMax (or half the WAL if that is more): about 3 s of
+//     reading for 1 GiB on a 350 MB/s disk, and nothing for writes a
+//     flush covered;
+//   - the pending map's memory: one entry (about 40 bytes) per chunk per
+//     write, so the writes' bytes, rewrites counted again, may reach
+//     redirectRewriteMax times that (16 GiB: about 10 MiB of entries).
 func (v *Volume) redirectsDue() bool {
-	return v.slots.pendBytes.Load() >= v.slots.pendingLimit(v.walSize)
-}
-
-// redirectPendingMax: the large writes' bytes (counted per write, so
-// rewrites count again) that may wait for a checkpoint. A checkpoint
-// fdatasyncs the data files, so a low limit turns a stream of writes the
-// client never flushed into writeback at disk speed. The cost of a high
-// one is bounded:
-// recovery reads back and checks only the newest unflushed redirect of
-// each chunk (about 3 s for 1 GiB on a 350 MB/s disk, and nothing for
-// writes a flush covered), and the pending map holds about 40 bytes per
-// chunk per write (under 1 MiB).
-const redirectPendingMax = 1 << 30
-
-func (s *slotState) pendingLimit(walSize int64) int64 {
+	s := &v.slots
 	if m := s.pendMax.Load(); m > 0 {
-		return m
+		return s.pendBytes.Load() >= m
 	}
-	return max(int64(flushHighWater(walSize)), redirectPendingMax)
+	limit := max(int64(flushHighWater(v.walSize)), redirectPendingMax)
+	return s.pendChunks.Load()<<s.cshift > limit || s.pendBytes.Load() >= limit*redirectRewriteMax
 }
+
+const (
+	redirectPendingMax = 1 << 30
+	redirectRewriteMax = 16
+)

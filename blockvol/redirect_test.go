@@ -490,3 +490,47 @@ func TestRedirectDirectIO(t *testing.T) {
 	defer v.Close()
 	check("after a reopen")
 }
+
+// TestRewritesDoNotCallForCheckpoint: large writes that rewrite the same
+// chunks, never flushed, do not call for a checkpoint (which would
+// fdatasync the data files) until the chunks they cover pass the limit;
+// the old rule, half the WAL counted per write, called for one after two
+// of them. A checkpoint then clears the pending count, and the last
+// version reads back after a reopen.
+func TestRewritesDoNotCallForCheckpoint(t *testing.T) {
+	v, dir := newVol(t, 8<<20, 4<<20)
+	v.pauseFlusher.Store(true)
+	for i := 0; i < 64; i++ {
+		if err := v.WriteAt(fillPattern(1<<20, byte(i)), 1<<20, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := &v.slots
+	if n, b := s.pendChunks.Load(), s.pendBytes.Load(); n != 16 || b != 64<<20 {
+		t.Fatalf("pending: %d chunks, %d bytes; want 16 chunks (1 MiB) and 64 MiB of writes", n, b)
+	}
+	if v.redirectsDue() {
+		t.Fatalf("64 rewrites of one MiB call for a checkpoint: half the WAL is %d bytes, the chunks hold 1 MiB", flushHighWater(v.walSize))
+	}
+	if err := v.ReplCheckpoint(); err != nil {
+		t.Fatal(err)
+	}
+	if n, b := s.pendChunks.Load(), s.pendBytes.Load(); n != 0 || b != 0 {
+		t.Fatalf("after a checkpoint: %d chunks, %d bytes pending", n, b)
+	}
+	if err := v.Close(); err != nil {
+		t.Fatal(err)
+	}
+	v, err := Open(dir, Options{Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	got := make([]byte, 1<<20)
+	if err := v.ReadAt(got, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, fillPattern(1<<20, 63)) {
+		t.Fatal("the last rewrite did not read back after a reopen")
+	}
+}
