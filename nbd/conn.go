@@ -56,8 +56,9 @@ type conn struct {
 	stopped    bool   // under readMu: no more requests will be read
 	stopReason string // under readMu
 	waiting    atomic.Int32
-	nworkers   int // under readMu
-	aloneRun   int // under readMu: requests in a row that arrived alone (inlineSyncOK)
+	nworkers   int             // under readMu
+	aloneRun   int             // under readMu: requests in a row that arrived alone (inlineSyncOK)
+	raw        syscall.RawConn // the socket under any TLS, for inputWaiting; nil if not a syscall.Conn
 	workers    sync.WaitGroup
 
 	out      sender
@@ -74,6 +75,9 @@ func newConn(s *Server, nc net.Conn) *conn {
 	}
 	c.setSource(nc)
 	c.out.nc = nc
+	if sc, ok := nc.(syscall.Conn); ok {
+		c.raw, _ = sc.SyscallConn()
+	}
 	c.latency.Store(2 * inlineMaxLatency) // start cautious: hand off
 	return c
 }
@@ -247,12 +251,23 @@ func (c *conn) worker() {
 		} else {
 			c.aloneRun = 0
 		}
-		if c.inlineOK(r) || c.inlineSyncOK(r) {
+		if c.inlineOK(r) {
 			// Fast request on a fast device: execute it here, keep
 			// reading; no hand-off, no wake-up, replies written in one
 			// batch when the input drains.
 			r.deferFlush = true
 			c.timedExec(r)
+			continue
+		}
+		if c.inlineSyncOK(r) {
+			r.deferFlush = true
+			c.timedExec(r)
+			if c.inputWaiting() {
+				// A request came while the sync ran: the client has
+				// more than one outstanding (two fsync streams on one
+				// connection arrive alone by turns), so hand off again.
+				c.aloneRun = 0
+			}
 			continue
 		}
 		// Possibly slow: let another worker read on while this one
@@ -301,9 +316,11 @@ func (c *conn) inlineOK(r *request) bool {
 // Once inlineSyncRun requests in a row have arrived alone (nothing else
 // executing, nothing buffered behind them), flushes and FUA writes up to
 // inlineMaxLen run on the reading worker too. One request that arrives
-// with company ends the run, so a deep queue keeps its hand-offs: at
-// worst one request of a client that deepens its queue waits for one
-// sync before it is read. Group commit still joins the flushes of many
+// with company ends the run, and so does a request that came while an
+// inline sync ran (two fsync streams on one connection arrive alone by
+// turns): so a deeper queue keeps its hand-offs, and at worst one request
+// of a client that deepens its queue waits for one sync before it is
+// read. Group commit still joins the flushes of many
 // connections: the sync's leader is whichever caller comes first.
 const inlineSyncRun = 4
 
@@ -318,6 +335,25 @@ func (c *conn) inlineSyncOK(r *request) bool {
 		return r.flags&wire.CmdFlagFUA != 0 && r.length <= inlineMaxLen
 	}
 	return false
+}
+
+// inputWaiting reports whether more of the stream has arrived: buffered,
+// or in the socket (peeked, not read; a TLS connection's own buffer is
+// not seen, which only keeps an inline run going).
+func (c *conn) inputWaiting() bool {
+	if c.br.Buffered() > 0 {
+		return true
+	}
+	if c.raw == nil {
+		return false
+	}
+	n := 0
+	_ = c.raw.Read(func(fd uintptr) bool {
+		var b [1]byte
+		n, _, _ = syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		return true
+	})
+	return n > 0
 }
 
 func (c *conn) timedExec(r *request) {

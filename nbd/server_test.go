@@ -789,4 +789,38 @@ func TestSyncClientFlushesInline(t *testing.T) {
 	if r := rc.readReply(); r.errno != 0 || r.handle != 203 {
 		t.Fatalf("flush reply %+v", r)
 	}
+
+	// Two fsync streams on one connection: each flush arrives alone, but
+	// while the other one's inline sync runs. Once a request has come
+	// during an inline sync the run ends: the next flush is handed off
+	// and a read overtakes it.
+	for i := 0; i < 8; i++ {
+		do(wire.CmdWrite, 0, uint64(i)*4096, 4096, pattern(4096, byte(i)))
+		do(wire.CmdFlush, 0, 0, 0, nil)
+	}
+	fg = gateFlush()
+	rc.request(wire.CmdFlush, 0, 300, 0, 0, nil) // inline: the run is long
+	<-ts.dev.flushGated
+	rc.request(wire.CmdFlush, 0, 301, 0, 0, nil) // the other stream's, waiting unread
+	time.Sleep(20 * time.Millisecond)            // in the socket before the sync ends
+	fg2 := make(chan struct{})
+	ts.dev.mu.Lock()
+	ts.dev.flushGate, ts.dev.flushGated = fg2, make(chan struct{}, 1)
+	ts.dev.mu.Unlock()
+	close(fg)
+	if r := rc.readReply(); r.errno != 0 || r.handle != 300 {
+		t.Fatalf("reply %+v, want the first flush", r)
+	}
+	<-ts.dev.flushGated // flush 301 waits
+	rc.request(wire.CmdRead, 0, 302, 0, 4096, nil)
+	_ = rc.nc.SetReadDeadline(time.Now().Add(5 * time.Second)) // inline, the read would wait for ever
+	r, err := rc.tryReadReply()
+	if err != nil || r.errno != 0 || r.handle != 302 {
+		t.Fatalf("reply %+v, %v: the read waited behind the second stream's flush (still inline)", r, err)
+	}
+	_ = rc.nc.SetReadDeadline(time.Now().Add(60 * time.Second))
+	close(fg2)
+	if r := rc.readReply(); r.errno != 0 || r.handle != 301 {
+		t.Fatalf("flush reply %+v", r)
+	}
 }
