@@ -72,6 +72,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -178,13 +179,14 @@ func setBit(bits []uint64, c uint64, slot uint8) {
 }
 
 // durableSlotLocked is the slot of chunk c that no crash may lose (see the
-// top of the file). Caller holds mu.
+// top of the file). Caller holds mu. The chunk's pending list is in LSN
+// order; a client that never flushes rewrites a chunk many times between
+// checkpoints, so the newest entry at or below durLSN is found by binary
+// search, not by a walk from the end.
 func (s *slotState) durableSlotLocked(c uint64, durLSN uint64) uint8 {
 	p := s.pending[c]
-	for i := len(p) - 1; i >= 0; i-- {
-		if p[i].lsn <= durLSN {
-			return p[i].slot
-		}
+	if i := sort.Search(len(p), func(i int) bool { return p[i].lsn > durLSN }); i > 0 {
+		return p[i-1].slot
 	}
 	return bit(s.persisted, c)
 }

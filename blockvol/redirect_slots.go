@@ -279,7 +279,7 @@ func (v *Volume) commitSlots(target uint64) {
 // large write that finds the disk full punches the backlog and tries
 // once more (writeSlotRetry). The space a volume may use beyond its data
 // while large writes keep coming is therefore a quarter of its size, plus
-// the redirects not yet checkpointed (at most half the WAL).
+// the chunks of redirects not yet checkpointed (redirectsDue).
 const punchBacklogDiv = 4
 
 // closePunchMax bounds Close's share of the backlog (256 MiB of 64 KiB
@@ -458,15 +458,18 @@ func (v *Volume) commitAllSlots(lsn uint64) {
 // turns a stream of large writes that the client never flushes into
 // writeback at disk speed, which a plain NBD server over a file never
 // does. Two things bound how long they may wait:
-//   - recovery's work: it reads back and checks the newest unflushed
-//     redirect of each chunk (older ones only where a newer one fails),
-//     so the chunks with pending redirects may hold at most
-//     redirectPendingMax (or half the WAL if that is more): about 3 s of
-//     reading for 1 GiB on a 350 MB/s disk, and nothing for writes a
-//     flush covered;
+//   - recovery's work: it reads back and checks the newest redirect of
+//     each chunk that the persisted DurableLSN does not cover (older ones
+//     only where a newer one fails; a flush syncs the WAL but does not
+//     persist DurableLSN, so flushed redirects are checked too), so the
+//     chunks with pending redirects may hold at most redirectPendingMax
+//     (or half the WAL if that is more): about 3 s of reading for 1 GiB
+//     on a 350 MB/s disk. They are also the space the volume uses twice;
 //   - the pending map's memory: one entry (about 40 bytes) per chunk per
 //     write, so the writes' bytes, rewrites counted again, may reach
-//     redirectRewriteMax times that (16 GiB: about 10 MiB of entries).
+//     redirectRewriteMax times that (16 GiB with WALs up to 2 GiB: about
+//     10 MiB of entries). durableSlotLocked finds its entry in a chunk's
+//     list by binary search, so long lists cost writes little.
 func (v *Volume) redirectsDue() bool {
 	s := &v.slots
 	if m := s.pendMax.Load(); m > 0 {
